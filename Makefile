@@ -1,0 +1,38 @@
+# Set-up, demo, tests and benchmarks. Every target installs what it needs into .venv/.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/fedjax_core/proto/*.proto)
+
+.PHONY: install demo test test-slow bench proto lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: install
+	$(PY) -u scripts/demo.py
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-slow: install
+	$(PY) -m pytest -q -ra -m slow
+
+bench: install
+	$(PY) -u benchmarks/bench.py
+
+proto: install
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+
+lint: install
+	$(PY) -m compileall -q fedjax_core envoy director tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info

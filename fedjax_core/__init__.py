@@ -1,0 +1,28 @@
+"""fedjax_core: a director/envoy federated-learning platform for JAX/Flax.
+
+The notebook API is imported lazily, so the director and envoy daemons never import JAX.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Federation": "fedjax_core.api.federation",
+    "FLExperiment": "fedjax_core.api.experiment",
+    "ExperimentFailed": "fedjax_core.api.experiment",
+    "ModelInterface": "fedjax_core.api.interfaces",
+    "TaskInterface": "fedjax_core.api.interfaces",
+    "DataInterface": "fedjax_core.api.interfaces",
+    "CustomTrainState": "fedjax_core.api.train_state",
+    "ShardDescriptor": "fedjax_core.shard_descriptor",
+    "DummyShardDescriptor": "fedjax_core.shard_descriptor",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fedjax_core' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""The notebook-side API: Federation, FLExperiment and the model/task/data interfaces."""

@@ -1,0 +1,190 @@
+"""``FLExperiment``: submit an experiment, follow its metrics, and pull its models back."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import cloudpickle
+import grpc
+
+from fedjax_core import bundle as bundle_io
+from fedjax_core import records as r
+from fedjax_core import serde
+from fedjax_core.api.federation import Federation
+from fedjax_core.api.interfaces import DataInterface, ModelInterface, TaskInterface
+from fedjax_core.api.model_tensors import state_to_tensors, tensors_to_state
+from fedjax_core.proto import federation_service_pb2 as fed_pb
+from fedjax_core.tensors import assemble, iter_chunks, spec_of
+from fedjax_core.transport import raise_domain_error
+
+DEVICE_POLICIES = ("CPU_ONLY", "CUDA_PREFERRED")
+BUNDLE_CHUNK = 1 << 20
+
+
+class ExperimentFailed(RuntimeError):
+    pass
+
+
+def local_modules(root: Path) -> list[ModuleType]:
+    """Modules imported from files under ``root`` (the notebook's folder), not installed packages.
+
+    cloudpickle pickles these by value, so code in modules beside the notebook reaches the envoys.
+    """
+    root = root.resolve()
+    installed = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix)}
+    out = []
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not file or name == "__main__" or name.split(".")[0] == "fedjax_core":
+            continue
+        path = Path(file).resolve()
+        if path.is_relative_to(root) and not any(path.is_relative_to(p) for p in installed):
+            out.append(module)
+    return out
+
+
+class FLExperiment:
+    def __init__(self, federation: Federation, experiment_name: str = "experiment", serializer_plugin: Any = None):
+        self.federation = federation
+        self.experiment_name = experiment_name
+        self.serializer_plugin = serializer_plugin
+        self.model_interface: ModelInterface | None = None
+        self.history: list[r.MetricEvent] = []
+
+    # ---------------------------------------------------------------- start
+    def start(self, *, model_provider: ModelInterface, task_keeper: TaskInterface, data_loader: DataInterface,
+              rounds_to_train: int, opt_treatment: str = "RESET", device_assignment_policy: str = "CPU_ONLY",
+              best_metric: str | None = None, higher_is_better: bool | None = None, aggregation: str = "fedavg",
+              envoys: Iterable[str] | None = None, pickle_by_value: Iterable[ModuleType] = (),
+              pip_install_options: Any = None) -> int:
+        """Submit the experiment; returns its place in the director's queue (0: running now).
+
+        ``pip_install_options`` is accepted for seed compatibility and ignored: envoys never
+        install packages for an experiment.
+        """
+        if not isinstance(model_provider, ModelInterface):
+            raise TypeError(f"model_provider must be a ModelInterface, got {type(model_provider).__name__}")
+        if not isinstance(task_keeper, TaskInterface):
+            raise TypeError(f"task_keeper must be a TaskInterface, got {type(task_keeper).__name__}")
+        if not isinstance(data_loader, DataInterface):
+            raise TypeError(f"data_loader must be a DataInterface, got {type(data_loader).__name__}")
+        if not isinstance(rounds_to_train, int) or isinstance(rounds_to_train, bool) or rounds_to_train < 1:
+            raise ValueError(f"rounds_to_train must be an integer >= 1, got {rounds_to_train!r}")
+        if opt_treatment not in r.OPT_TREATMENTS:
+            raise ValueError(f"opt_treatment {opt_treatment!r} is not one of {', '.join(r.OPT_TREATMENTS)}")
+        if device_assignment_policy not in DEVICE_POLICIES:
+            raise ValueError(f"device_assignment_policy {device_assignment_policy!r} is not one of "
+                             f"{', '.join(DEVICE_POLICIES)}")
+        task_keeper.check()
+        tensors = state_to_tensors(model_provider.model)
+        specs = tuple(spec_of(name, array) for name, array in tensors.items())
+        payload = self._pickle({"model_interface": model_provider, "task_interface": task_keeper,
+                                "data_interface": data_loader}, pickle_by_value)
+        bundle = bundle_io.pack({"experiment": self.experiment_name,
+                                 "device_assignment_policy": device_assignment_policy}, payload)
+        header = r.ExperimentHeader(
+            name=self.experiment_name, rounds=rounds_to_train, opt_treatment=opt_treatment, aggregation=aggregation,
+            best_metric=best_metric or "",
+            best_higher_is_better=True if higher_is_better is None else bool(higher_is_better),
+            bundle_size=len(bundle), envoys=tuple(envoys or ()), submitter=self.federation.client_id,
+            model_spec=specs,
+        )
+
+        def requests():
+            yield fed_pb.SubmitExperimentRequest(header=serde.header_to_proto(header))
+            for offset in range(0, len(bundle), BUNDLE_CHUNK):
+                yield fed_pb.SubmitExperimentRequest(bundle_data=bundle[offset:offset + BUNDLE_CHUNK])
+            for chunk in iter_chunks(tensors):
+                yield fed_pb.SubmitExperimentRequest(chunk=serde.chunk_to_proto(chunk))
+
+        try:
+            reply = self.federation.stub.SubmitExperiment(requests(), timeout=600)
+        except grpc.RpcError as exc:
+            raise_domain_error(exc)
+            raise self.federation.connection_error(exc) from None
+        self.model_interface = model_provider
+        self.history = []
+        return reply.queue_position
+
+    @staticmethod
+    def _pickle(objects: dict, extra_modules: Iterable[ModuleType]) -> bytes:
+        modules = list({id(m): m for m in [*local_modules(Path(os.getcwd())), *extra_modules]}.values())
+        for module in modules:
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return cloudpickle.dumps(objects)
+        finally:
+            for module in modules:
+                cloudpickle.unregister_pickle_by_value(module)
+
+    # --------------------------------------------------------------- follow
+    def get_experiment_status(self) -> r.ExperimentStatus:
+        return serde.status_from_proto(self.federation.call(
+            "GetExperimentStatus", fed_pb.GetExperimentStatusRequest(name=self.experiment_name)))
+
+    def stream_metrics(self, tensorboard_logs: bool = True, log_dir: str | Path = "logs", progress: bool = True,
+                       live_table: bool = True) -> list[dict]:
+        """Follow the experiment to its end: a progress bar per round, a table of aggregated metrics,
+        TensorBoard curves under ``log_dir``. Returns the table's rows; raises ExperimentFailed on failure."""
+        from fedjax_core.api.progress import MetricsView
+
+        view = MetricsView(self, Path(log_dir) / self.experiment_name if tensorboard_logs else None,
+                           progress=progress, live_table=live_table)
+        request = fed_pb.StreamMetricsRequest(experiment_name=self.experiment_name)
+        try:
+            for msg in self.federation.stub.StreamMetrics(request):
+                event = serde.metric_event_from_proto(msg)
+                if event.experiment_done:
+                    view.close()
+                    if event.state == "failed":
+                        raise ExperimentFailed(f"experiment {self.experiment_name!r} failed: "
+                                               f"{self.get_experiment_status().error}")
+                    return view.rows
+                self.history.append(event)
+                view.add(event)
+        except grpc.RpcError as exc:
+            view.close()
+            raise_domain_error(exc)
+            raise self.federation.connection_error(exc) from None
+        view.close()
+        return view.rows
+
+    def wait(self, timeout_s: float = math.inf) -> r.ExperimentStatus:
+        """Block until the experiment finishes or fails (metrics streamed silently)."""
+        request = fed_pb.StreamMetricsRequest(experiment_name=self.experiment_name)
+        for msg in self.federation.stub.StreamMetrics(request, timeout=None if math.isinf(timeout_s) else timeout_s):
+            if msg.experiment_done:
+                break
+        return self.get_experiment_status()
+
+    # --------------------------------------------------------------- models
+    def _template(self):
+        if self.model_interface is None:
+            raise RuntimeError("this FLExperiment has no model template: call start() first, or "
+                               "set_model_template(state) to read models of an experiment started elsewhere")
+        return self.model_interface.model
+
+    def set_model_template(self, state: Any) -> None:
+        self.model_interface = ModelInterface(model=state)
+
+    def _get_model(self, which: str):
+        request = fed_pb.GetModelRequest(experiment_name=self.experiment_name, which=which)
+        try:
+            tensors = assemble(serde.chunk_from_proto(c) for c in self.federation.stub.GetModel(request, timeout=600))
+        except grpc.RpcError as exc:
+            raise_domain_error(exc)
+            raise self.federation.connection_error(exc) from None
+        return tensors_to_state(self._template(), tensors)
+
+    def get_best_model(self):
+        """The aggregated model with the best aggregated validation metric, as a state like the template."""
+        return self._get_model("best")
+
+    def get_last_model(self):
+        """The last aggregated model."""
+        return self._get_model("last")

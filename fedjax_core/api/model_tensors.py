@@ -1,0 +1,62 @@
+"""A flax train state <-> named numpy tensors (pytree path -> array), against a template.
+
+Names are the state's pytree paths joined by '/', e.g. ``params/Conv_0/kernel``,
+``opt_state/0/trace/Dense_0/bias``, ``step``. Restoring goes against a template state, so
+the structure, static fields (``apply_fn``, ``tx``) and dtypes always come from the
+template, and any mismatch names the offending path.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization, traverse_util
+
+from fedjax_core.tensors import TensorError
+
+S = TypeVar("S")
+
+
+def _flat(state: Any) -> dict[str, Any]:
+    return traverse_util.flatten_dict(serialization.to_state_dict(state), keep_empty_nodes=True, sep="/")
+
+
+def _is_tensor(leaf: Any) -> bool:
+    if leaf is traverse_util.empty_node or leaf is None:
+        return False
+    try:
+        return np.asarray(leaf).dtype.kind in "biuf"
+    except (TypeError, ValueError):
+        return False
+
+
+def state_to_tensors(state: Any) -> dict[str, np.ndarray]:
+    """Every numeric leaf of ``state`` as a numpy array, with the dtype JAX itself holds it in."""
+    return {name: np.asarray(jax.device_get(jnp.asarray(leaf))) for name, leaf in _flat(state).items() if _is_tensor(leaf)}
+
+
+def tensors_to_state(template: S, tensors: Mapping[str, np.ndarray]) -> S:
+    """``template`` with the leaves named in ``tensors`` replaced; others keep the template's values."""
+    flat = _flat(template)
+    for name, array in tensors.items():
+        if name not in flat or not _is_tensor(flat[name]):
+            raise TensorError(f"tensor {name!r} is not a leaf of the model state "
+                              f"(leaves look like {next(iter(flat), '-')!r})")
+        want = np.asarray(jax.device_get(jnp.asarray(flat[name])))
+        if want.shape != array.shape or want.dtype != array.dtype:
+            raise TensorError(f"tensor {name!r}: got {array.dtype}{list(array.shape)}, "
+                              f"the model has {want.dtype}{list(want.shape)}")
+        flat[name] = jnp.asarray(array)
+    return serialization.from_state_dict(template, traverse_util.unflatten_dict(flat, sep="/"))
+
+
+def canonicalize(state: S) -> S:
+    """Numeric leaves as strongly typed JAX arrays, so rounds restored from the wire hit the same jit cache."""
+    flat = _flat(state)
+    for name, leaf in flat.items():
+        if _is_tensor(leaf):
+            flat[name] = jnp.asarray(np.asarray(jax.device_get(jnp.asarray(leaf))))
+    return serialization.from_state_dict(state, traverse_util.unflatten_dict(flat, sep="/"))

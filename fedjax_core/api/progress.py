@@ -1,0 +1,106 @@
+"""What ``stream_metrics`` shows: a progress bar per round, a live table, TensorBoard curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from fedjax_core import records as r
+from fedjax_core.metrics_log import ExperimentLogger
+
+_SHORT = {r.STAGE_AGGREGATED: "agg_val", r.STAGE_TRAIN: "train", r.STAGE_LOCAL: "local_val"}
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
+    except ImportError:
+        return False
+
+
+class MetricsView:
+    def __init__(self, experiment, log_dir: Path | None, progress: bool, live_table: bool):
+        status = experiment.get_experiment_status()
+        self.n_envoys = max(len(status.envoys), 1)
+        self.rounds = status.rounds
+        self.logger = ExperimentLogger(log_dir) if log_dir is not None else None
+        self.progress = progress
+        self.notebook = _in_notebook() and live_table
+        self.rows: list[dict] = []
+        self._bar = None
+        self._bar_round = -1
+        self._printed: set[int] = set()
+        self._table = None
+
+    def _row(self, round_: int) -> dict:
+        while len(self.rows) <= round_:
+            self.rows.append({"round": len(self.rows)})
+        return self.rows[round_]
+
+    def add(self, event: r.MetricEvent) -> None:
+        if self.logger is not None:
+            self.logger.log(event)
+        if event.envoy:
+            self._advance(event.round)
+            return
+        row = self._row(event.round)
+        if event.stage == r.STAGE_ROUND:
+            row["round_time_s"] = round(event.round_time_s, 3)
+        else:
+            for m in event.metrics:
+                row[f"{_SHORT.get(event.stage, event.stage)}/{m.name}"] = m.value
+        final_validation = event.stage == r.STAGE_AGGREGATED and event.round >= self.rounds
+        if event.stage == r.STAGE_ROUND or final_validation:
+            self._show(event.round)
+
+    def _advance(self, round_: int) -> None:
+        if not self.progress:
+            return
+        if round_ != self._bar_round:
+            if self._bar is not None:
+                self._bar.close()
+            per_envoy = 3 if round_ < self.rounds else 1
+            label = f"round {round_}/{self.rounds - 1}" if round_ < self.rounds else "final validation"
+            self._bar = tqdm(total=self.n_envoys * per_envoy, desc=label, unit="step", leave=False)
+            self._bar_round = round_
+        self._bar.update(1)
+
+    def _show(self, round_: int) -> None:
+        if self.notebook:
+            from IPython.display import HTML, display
+
+            html = HTML(self.html())
+            if self._table is None:
+                self._table = display(html, display_id=True)
+            else:
+                self._table.update(html)
+        elif round_ not in self._printed:
+            self._printed.add(round_)
+            row = self.rows[round_]
+            cells = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            tqdm.write(cells)
+
+    def columns(self) -> list[str]:
+        cols: list[str] = []
+        for row in self.rows:
+            cols += [k for k in row if k not in cols]
+        return cols
+
+    def html(self) -> str:
+        cols = self.columns()
+        head = "".join(f"<th>{c}</th>" for c in cols)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{row[c]:.4f}</td>" if isinstance(row.get(c), float) else f"<td>{row.get(c, '')}</td>"
+                             for c in cols) + "</tr>"
+            for row in self.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.logger is not None:
+            self.logger.close()

@@ -1,0 +1,134 @@
+"""``fedjax`` (also ``python -m fedjax_core``): start a director or an envoy, or make certificates.
+
+    fedjax director start -c director_config.yaml [--disable-tls]
+    fedjax envoy start -n NAME -c envoy_config.yaml -dh HOST -dp PORT [--disable-tls]
+    fedjax pki init|certify ...
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from fedjax_core.config import ConfigError, DirectorConfig, EnvoyConfig, load_config
+
+
+def _tls_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--disable-tls", action="store_true", help="plaintext gRPC (trusted networks only)")
+    parser.add_argument("--root-cert-path", "-rc", help="federation root CA (overrides the config's tls section)")
+    parser.add_argument("--public-cert-path", "-pc", help="this party's certificate")
+    parser.add_argument("--private-key-path", "-pk", help="this party's private key")
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedjax", description="Federated learning for JAX/Flax: director, envoys, PKI.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="component", required=True)
+
+    director = sub.add_parser("director", help="the coordinating service").add_subparsers(dest="action", required=True)
+    d_start = director.add_parser("start", help="serve until stopped (SIGTERM/SIGINT)")
+    d_start.add_argument("-c", "--director-config-path", dest="config", required=True)
+    _tls_args(d_start)
+
+    envoy = sub.add_parser("envoy", help="a data owner's daemon").add_subparsers(dest="action", required=True)
+    e_start = envoy.add_parser("start", help="register the shard and run experiments until stopped")
+    e_start.add_argument("-n", "--shard-name", dest="name", required=True)
+    e_start.add_argument("-c", "--envoy-config-path", dest="config", required=True)
+    e_start.add_argument("-dh", "--director-host", default="localhost")
+    e_start.add_argument("-dp", "--director-port", type=_port, default=50055)
+    _tls_args(e_start)
+
+    pki = sub.add_parser("pki", help="certificates for mTLS").add_subparsers(dest="action", required=True)
+    p_init = pki.add_parser("init", help="create the federation's root CA")
+    p_init.add_argument("--dir", default="pki", help="folder for the CA and certificates")
+    p_cert = pki.add_parser("certify", help="issue a certificate for one party")
+    p_cert.add_argument("--dir", default="pki")
+    p_cert.add_argument("--name", required=True, help="the party's name (director host, envoy name, api)")
+    p_cert.add_argument("--san", action="append", default=[], help="extra DNS name or IP (repeatable)")
+    return parser
+
+
+def _tls(args, config_tls, config_dir: Path):
+    from fedjax_core.config import resolve_path
+    from fedjax_core.transport import TLSFiles
+
+    if args.disable_tls:
+        return None
+    paths = [args.root_cert_path, args.public_cert_path, args.private_key_path]
+    if any(paths):
+        if not all(paths):
+            raise ConfigError("give all three of --root-cert-path, --public-cert-path and --private-key-path")
+        return TLSFiles(*(Path(p).resolve() for p in paths))
+    if config_tls is None:
+        raise ConfigError("TLS is on by default, but no certificates were given: add a `tls:` section to the "
+                          "config (root_certificate, certificate, private_key; see `fedjax pki`), pass "
+                          "--root-cert-path/--public-cert-path/--private-key-path, or pass --disable-tls")
+    return TLSFiles(resolve_path(config_tls.root_certificate, config_dir),
+                    resolve_path(config_tls.certificate, config_dir), resolve_path(config_tls.private_key, config_dir))
+
+
+def _director_start(args) -> int:
+    from fedjax_core.director.server import run_director
+
+    config = load_config(args.config, DirectorConfig)
+    config_dir = Path(args.config).resolve().parent
+    run_director(config, _tls(args, config.tls, config_dir))
+    return 0
+
+
+def _envoy_start(args) -> int:
+    from fedjax_core.envoy.daemon import EnvoyDaemon
+
+    config = load_config(args.config, EnvoyConfig)
+    config_dir = Path(args.config).resolve().parent
+    tls = _tls(args, config.tls, config_dir)
+    try:
+        daemon = EnvoyDaemon(args.name, config, config_dir, args.director_host, args.director_port, tls)
+    except (ValueError, ImportError, FileNotFoundError) as exc:
+        raise ConfigError(f"{args.config}: shard_descriptor: {exc}") from None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.request_stop())
+    daemon.run()
+    return 0
+
+
+def _pki(args) -> int:
+    from fedjax_core import pki
+
+    if args.action == "init":
+        print(f"root CA written to {pki.init_ca(Path(args.dir))}")
+    else:
+        cert, key = pki.certify(Path(args.dir), args.name, args.san)
+        print(f"certificate {cert}\nprivate key {key}\nroot CA     {Path(args.dir) / 'root_ca.crt'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    handlers = {("director", "start"): _director_start, ("envoy", "start"): _envoy_start}
+    handler = handlers.get((args.component, args.action), _pki)
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"fedjax {args.component}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as exc:
+        print(f"fedjax {args.component}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Director and envoy configuration: pydantic models validated once, before any side effect.
+
+Keys keep the seed tutorial's names (``settings.listen_port``, ``shard_descriptor.template``,
+``params.cuda_devices``...). Unknown keys are refused, and every error names the dotted
+YAML key, what was given and what is expected.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and how to fix it."""
+
+
+def _shape_entry(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+        raise ValueError(f"a shape entry must be a non-negative integer such as '32', got {value!r}")
+    return str(value).strip()
+
+
+ShapeEntry = Annotated[str, BeforeValidator(_shape_entry)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSConfig(_Model):
+    """Paths to PEM files (relative paths resolve against the config file's folder)."""
+
+    root_certificate: str
+    certificate: str
+    private_key: str
+
+
+class DirectorSettings(_Model):
+    listen_host: str = "localhost"
+    listen_port: int = Field(50055, ge=0, le=65535)
+    sample_shape: list[ShapeEntry]
+    target_shape: list[ShapeEntry]
+    envoy_health_check_period: float = Field(5.0, gt=0)
+    state_dir: str = "director_state"
+    log_dir: str = "logs"
+    max_workers: int = Field(64, ge=8)
+
+
+class DirectorConfig(_Model):
+    settings: DirectorSettings
+    tls: TLSConfig | None = None
+
+
+class EnvoyParams(_Model):
+    cuda_devices: list[Annotated[int, Field(ge=0)]] = []
+    jax_preallocate: bool = False
+    jax_memory_fraction: float | None = Field(None, gt=0, le=1)
+    work_dir: str = "envoy_workspace"
+
+
+class ShardDescriptorConfig(_Model):
+    template: str = Field(pattern=r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$")
+    params: dict[str, Any] = {}
+
+
+class EnvoyConfig(_Model):
+    params: EnvoyParams = EnvoyParams()
+    optional_plugin_components: dict[str, Any] = {}
+    shard_descriptor: ShardDescriptorConfig
+    tls: TLSConfig | None = None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_config(path: str | Path, model: type[M]) -> M:
+    """Read and validate a YAML config; raise ConfigError naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path.resolve()} (check the -c/--config path)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(model, err) for err in exc.errors()]
+        raise ConfigError(f"{path}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def _describe(model: type[BaseModel], err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, err["loc"][:-1])
+        return f"{key}: unknown key; allowed here: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    return f"{key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+        for candidate in getattr(current, "__args__", ()):  # Optional[Model]
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                current = candidate
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    """``value`` as an absolute path, relative ones taken from ``base``."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()

@@ -1,0 +1,55 @@
+"""Director server factory and the long-running ``fedjax director start`` entry point."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from fedjax_core.config import DirectorConfig
+from fedjax_core.director.core import Director
+from fedjax_core.director.servicer import EnvoyServicer, FederationServicer
+from fedjax_core.proto import envoy_service_pb2_grpc as env_grpc
+from fedjax_core.proto import federation_service_pb2_grpc as fed_grpc
+from fedjax_core.transport import SERVER_OPTIONS, TLSFiles, server_credentials
+
+log = logging.getLogger("fedjax.director")
+
+
+def create_server(director: Director, host: str, port: int, tls: TLSFiles | None,
+                  max_workers: int = 64) -> tuple[grpc.Server, int]:
+    """A started-ready gRPC server for ``director``; returns ``(server, bound_port)`` (port 0 picks one)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="director"),
+                         options=SERVER_OPTIONS)
+    env_grpc.add_EnvoyServiceServicer_to_server(EnvoyServicer(director), server)
+    fed_grpc.add_FederationServiceServicer_to_server(FederationServicer(director), server)
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}: the port is taken or the host is not local "
+                      "(change settings.listen_host / settings.listen_port)")
+    return server, bound
+
+
+def run_director(config: DirectorConfig, tls: TLSFiles | None) -> None:
+    """Serve until SIGTERM/SIGINT, then stop gracefully."""
+    s = config.settings
+    director = Director(state_dir=Path(s.state_dir).resolve(), log_dir=Path(s.log_dir).resolve(),
+                        sample_shape=s.sample_shape, target_shape=s.target_shape,
+                        health_check_period=s.envoy_health_check_period)
+    server, port = create_server(director, s.listen_host, s.listen_port, tls, s.max_workers)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    log.info("director listening on %s:%d (%s); state in %s; TensorBoard logs in %s",
+             s.listen_host, port, "mTLS" if tls else "plaintext, TLS disabled", director.state_dir, director.log_dir)
+    print(f"DIRECTOR READY {s.listen_host}:{port}", flush=True)
+    stop.wait()
+    log.info("director stopping")
+    director.wake_all()  # long-polls and streams return now instead of at their timeout
+    server.stop(grace=2).wait()
+    director.close()

@@ -1,0 +1,177 @@
+"""The director's durable state in SQLite: envoys, experiments, accepted updates, metric events.
+
+Every write is one transaction, so a director killed at any point restarts from a
+consistent picture. Large blobs (code bundles, models) live as files beside the database;
+rows only point at them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from fedjax_core import records as r
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS envoys (
+    name TEXT PRIMARY KEY, shard_info TEXT NOT NULL, last_seen REAL NOT NULL, registered_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS experiments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL, header TEXT NOT NULL,
+    state TEXT NOT NULL, envoys TEXT NOT NULL DEFAULT '[]', current_round INTEGER NOT NULL DEFAULT 0,
+    best_round INTEGER NOT NULL DEFAULT -1, best_value REAL, best_metric TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT '', submitted_at REAL NOT NULL, started_at REAL, finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS updates (
+    experiment TEXT NOT NULL, round INTEGER NOT NULL, envoy TEXT NOT NULL, weight REAL NOT NULL,
+    path TEXT NOT NULL, nbytes INTEGER NOT NULL, PRIMARY KEY (experiment, round, envoy)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, experiment TEXT NOT NULL, round INTEGER NOT NULL,
+    envoy TEXT NOT NULL, stage TEXT NOT NULL, metrics TEXT NOT NULL, weight REAL NOT NULL,
+    ts REAL NOT NULL, round_time_s REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_by_experiment ON events (experiment, id);
+"""
+
+
+def _header_to_json(h: r.ExperimentHeader) -> str:
+    return json.dumps(dataclasses.asdict(h))
+
+
+def _header_from_json(text: str) -> r.ExperimentHeader:
+    d = json.loads(text)
+    d["envoys"] = tuple(d["envoys"])
+    d["model_spec"] = tuple(r.TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in d["model_spec"])
+    return r.ExperimentHeader(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentRow:
+    name: str
+    header: r.ExperimentHeader
+    state: str
+    envoys: tuple[str, ...]
+    current_round: int
+    best_round: int
+    best_value: float | None
+    best_metric: str
+    error: str
+    submitted_at: float
+
+    def status(self) -> r.ExperimentStatus:
+        return r.ExperimentStatus(
+            name=self.name, state=self.state, current_round=self.current_round,
+            rounds=self.header.rounds, envoys=self.envoys, best_round=self.best_round,
+            best_value=float("nan") if self.best_value is None else self.best_value,
+            error=self.error, submitted_at=self.submitted_at, best_metric=self.best_metric,
+        )
+
+
+class Store:
+    """Thread-safe access to the director database (one connection, one lock)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock, self._db:
+            return self._db.execute(sql, args)
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # envoys
+    def upsert_envoy(self, name: str, info: r.ShardInfo) -> None:
+        now = time.time()
+        self._write(
+            "INSERT INTO envoys (name, shard_info, last_seen, registered_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET shard_info = excluded.shard_info, last_seen = excluded.last_seen",
+            (name, json.dumps(dataclasses.asdict(info)), now, now),
+        )
+
+    def touch_envoy(self, name: str) -> bool:
+        return self._write("UPDATE envoys SET last_seen = ? WHERE name = ?", (time.time(), name)).rowcount > 0
+
+    def envoys(self) -> list[tuple[str, r.ShardInfo, float]]:
+        out = []
+        for name, info, last_seen in self._read("SELECT name, shard_info, last_seen FROM envoys ORDER BY name"):
+            d = json.loads(info)
+            for key in ("sample_shape", "target_shape", "devices"):
+                d[key] = tuple(d[key])
+            out.append((name, r.ShardInfo(**d), last_seen))
+        return out
+
+    # experiments
+    def add_experiment(self, header: r.ExperimentHeader) -> None:
+        self._write(
+            "INSERT INTO experiments (name, header, state, submitted_at, best_metric) VALUES (?, ?, 'queued', ?, ?)",
+            (header.name, _header_to_json(header), time.time(), header.best_metric),
+        )
+
+    def update_experiment(self, name: str, **fields) -> None:
+        if "envoys" in fields:
+            fields["envoys"] = json.dumps(list(fields["envoys"]))
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._write(f"UPDATE experiments SET {sets} WHERE name = ?", (*fields.values(), name))
+
+    def experiments(self, state: str | None = None) -> list[ExperimentRow]:
+        sql = ("SELECT name, header, state, envoys, current_round, best_round, best_value, best_metric, "
+               "error, submitted_at FROM experiments")
+        rows = self._read(sql + (" WHERE state = ?" if state else "") + " ORDER BY seq", (state,) if state else ())
+        return [
+            ExperimentRow(name=n, header=_header_from_json(h), state=s, envoys=tuple(json.loads(e)),
+                          current_round=cr, best_round=br, best_value=bv, best_metric=bm, error=err,
+                          submitted_at=sa)
+            for n, h, s, e, cr, br, bv, bm, err, sa in rows
+        ]
+
+    def experiment(self, name: str) -> ExperimentRow | None:
+        return next((row for row in self.experiments() if row.name == name), None)
+
+    # updates of the round in progress
+    def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int) -> None:
+        self._write("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?)", (experiment, round_, envoy, weight, str(path), nbytes))
+
+    def updates(self, experiment: str, round_: int) -> list[tuple[str, float, Path, int]]:
+        rows = self._read("SELECT envoy, weight, path, nbytes FROM updates WHERE experiment = ? AND round = ?",
+                          (experiment, round_))
+        return [(e, w, Path(p), n) for e, w, p, n in rows]
+
+    def drop_updates(self, experiment: str, round_: int) -> None:
+        self._write("DELETE FROM updates WHERE experiment = ? AND round = ?", (experiment, round_))
+
+    # metric events
+    def add_event(self, experiment: str, event: r.MetricEvent, weight: float = 0.0) -> None:
+        metrics = json.dumps([[m.task, m.name, m.value] for m in event.metrics])
+        self._write(
+            "INSERT INTO events (experiment, round, envoy, stage, metrics, weight, ts, round_time_s) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (experiment, event.round, event.envoy, event.stage, metrics, weight, event.timestamp, event.round_time_s),
+        )
+
+    def events(self, experiment: str, after_id: int = 0, round_: int | None = None) -> list[tuple[int, r.MetricEvent, float]]:
+        sql = "SELECT id, round, envoy, stage, metrics, weight, ts, round_time_s FROM events WHERE experiment = ? AND id > ?"
+        args: tuple = (experiment, after_id)
+        if round_ is not None:
+            sql += " AND round = ?"
+            args += (round_,)
+        out = []
+        for id_, rnd, envoy, stage, metrics, weight, ts, rts in self._read(sql + " ORDER BY id", args):
+            ms = tuple(r.Metric(t, n, v) for t, n, v in json.loads(metrics))
+            out.append((id_, r.MetricEvent(round=rnd, envoy=envoy, stage=stage, metrics=ms, timestamp=ts,
+                                           round_time_s=rts), weight))
+        return out

@@ -1,0 +1,105 @@
+"""The envoy side of the EnvoyService: typed calls with reconnection, used by daemon and worker."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from fedjax_core import records as r
+from fedjax_core import serde
+from fedjax_core.proto import envoy_service_pb2 as env_pb
+from fedjax_core.proto import envoy_service_pb2_grpc as env_grpc
+from fedjax_core.tensors import assemble, iter_chunks
+from fedjax_core.transport import TLSFiles, call_with_retry, open_channel
+
+
+class EnvoyClient:
+    def __init__(self, envoy_name: str, host: str, port: int, tls: TLSFiles | None,
+                 stop: threading.Event | None = None, retry_s: float = 3600.0):
+        self.envoy_name = envoy_name
+        self.address = f"{host}:{port}"
+        self._channel = open_channel(host, port, tls)
+        self._stub = env_grpc.EnvoyServiceStub(self._channel)
+        self._stop = stop or threading.Event()
+        self._retry_s = retry_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _retry(self, fn, what: str):
+        return call_with_retry(fn, f"{what} at {self.address}", self._retry_s, stop=self._stop.is_set,
+                               wait=self._stop.wait)
+
+    def register(self, info: r.ShardInfo, retry_s: float | None = None) -> float:
+        req = env_pb.RegisterEnvoyRequest(envoy_name=self.envoy_name, shard_info=serde.shard_info_to_proto(info))
+        fn = lambda: self._stub.RegisterEnvoy(req, timeout=10).health_check_period_s  # noqa: E731
+        return fn() if retry_s == 0 else self._retry(fn, "register")
+
+    def heartbeat(self) -> bool:
+        return self._stub.Heartbeat(env_pb.HeartbeatRequest(envoy_name=self.envoy_name), timeout=10).known
+
+    def experiments(self) -> "ExperimentStream":
+        """Experiment names, pushed by the director as they are assigned (one open stream)."""
+        return ExperimentStream(self._stub.WaitExperiment(env_pb.WaitExperimentRequest(envoy_name=self.envoy_name)))
+
+    def download_bundle(self, experiment: str, path: Path) -> None:
+        def fetch():
+            tmp = path.with_suffix(".partial")
+            with open(tmp, "wb") as f:
+                req = env_pb.GetExperimentBundleRequest(envoy_name=self.envoy_name, experiment_name=experiment)
+                for chunk in self._stub.GetExperimentBundle(req, timeout=600):
+                    f.write(chunk.data)
+            tmp.replace(path)
+        self._retry(fetch, "download the experiment bundle")
+
+    def wait_task(self, experiment: str, max_wait_s: float = 30.0) -> r.Task:
+        req = env_pb.WaitTaskRequest(envoy_name=self.envoy_name, experiment_name=experiment, max_wait_s=max_wait_s)
+        return self._retry(lambda: serde.task_from_proto(self._stub.WaitTask(req, timeout=max_wait_s + 30)),
+                           "wait for a task")
+
+    def round_model(self, experiment: str, round_: int) -> dict[str, np.ndarray]:
+        req = env_pb.GetRoundModelRequest(envoy_name=self.envoy_name, experiment_name=experiment, round=round_)
+        return self._retry(lambda: assemble(serde.chunk_from_proto(c) for c in self._stub.GetRoundModel(req, timeout=600)),
+                           "download the round's model")
+
+    def report_metrics(self, experiment: str, round_: int, stage: str, metrics: Mapping[str, Mapping[str, float]],
+                       sample_count: int) -> None:
+        req = env_pb.ReportMetricsRequest(
+            envoy_name=self.envoy_name, experiment_name=experiment, round=round_, stage=stage,
+            sample_count=sample_count,
+            metrics=serde.metrics_to_proto([r.Metric(task, name, value)
+                                            for task, values in metrics.items() for name, value in values.items()]),
+        )
+        self._retry(lambda: self._stub.ReportMetrics(req, timeout=60), "report metrics")
+
+    def upload(self, experiment: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray]) -> int:
+        header = env_pb.UploadUpdateRequest.Header(envoy_name=self.envoy_name, experiment_name=experiment,
+                                                   round=round_, train_sample_count=sample_count)
+
+        def requests():
+            yield env_pb.UploadUpdateRequest(header=header)
+            for chunk in iter_chunks(tensors):
+                yield env_pb.UploadUpdateRequest(chunk=serde.chunk_to_proto(chunk))
+
+        return self._retry(lambda: self._stub.UploadUpdate(requests(), timeout=600).bytes_received, "upload the update")
+
+    def report_failure(self, experiment: str, error: str) -> None:
+        req = env_pb.ReportFailureRequest(envoy_name=self.envoy_name, experiment_name=experiment, error=error)
+        self._stub.ReportFailure(req, timeout=30)
+
+
+
+class ExperimentStream:
+    """Iterates experiment names from an open WaitExperiment call; ``cancel()`` ends it."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def __iter__(self) -> Iterator[str]:
+        for msg in self._call:
+            yield msg.experiment_name
+
+    def cancel(self) -> None:
+        self._call.cancel()

@@ -1,0 +1,157 @@
+"""The envoy daemon: registers its shard, stays in touch, and runs one worker per experiment.
+
+It never imports JAX. Work arrives on one server-streaming call (no polling); when the
+director is unreachable the daemon reconnects with capped exponential backoff.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+
+from fedjax_core import records as r
+from fedjax_core.config import EnvoyConfig, EnvoyParams
+from fedjax_core.envoy.client import EnvoyClient
+from fedjax_core.shard_descriptor import ShardDescriptor, load_shard_descriptor
+from fedjax_core.transport import Backoff, TLSFiles
+
+log = logging.getLogger("fedjax.envoy")
+
+
+def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Path) -> dict[str, str]:
+    """The worker's environment: device choice and JAX/TF memory settings, before JAX starts."""
+    env = dict(base)
+    if params.cuda_devices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in params.cuda_devices)
+        env.pop("JAX_PLATFORMS", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true" if params.jax_preallocate else "false"
+    if params.jax_memory_fraction is not None:
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{params.jax_memory_fraction:.3f}"
+    else:
+        env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+    env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"  # tensorflow-datasets must not grab the GPU beside JAX
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(extra_path), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def shard_info(shard: ShardDescriptor, params: EnvoyParams) -> r.ShardInfo:
+    sizes = shard.split_sizes()
+    devices = tuple(f"cuda:{d}" for d in params.cuda_devices) or ("cpu",)
+    return r.ShardInfo(description=shard.dataset_description, sample_shape=tuple(map(str, shard.sample_shape)),
+                       target_shape=tuple(map(str, shard.target_shape)), train_size=int(sizes["train"]),
+                       valid_size=int(sizes["valid"]), hostname=socket.gethostname(), devices=devices)
+
+
+class EnvoyDaemon:
+    def __init__(self, name: str, config: EnvoyConfig, config_dir: Path, host: str, port: int,
+                 tls: TLSFiles | None):
+        self.name, self.config, self.config_dir = name, config, config_dir.resolve()
+        self.host, self.port, self.tls = host, port, tls
+        self.stop = threading.Event()
+        self.work_dir = Path(config.params.work_dir).resolve() / name
+        self.shard = load_shard_descriptor(config.shard_descriptor.template, config.shard_descriptor.params,
+                                           self.config_dir)
+        self.info = shard_info(self.shard, config.params)
+        self.client = EnvoyClient(name, host, port, tls, stop=self.stop)
+        self._worker: subprocess.Popen | None = None
+        self._worker_lock = threading.Lock()
+        self._registered = threading.Event()
+        self._stream = None
+        self.period = 5.0
+
+    def run(self) -> None:
+        """Serve until ``stop`` is set: register, listen for experiments, reconnect on failure."""
+        log.info("envoy %s: shard %s (%d train / %d valid)", self.name, self.info.description,
+                 self.info.train_size, self.info.valid_size)
+        heartbeats = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
+        heartbeats.start()
+        backoff = Backoff()
+        while not self.stop.is_set():
+            try:
+                self.period = self.client.register(self.info, retry_s=0)
+                self._registered.set()
+                backoff.reset()
+                log.info("envoy %s registered with the director at %s:%d", self.name, self.host, self.port)
+                print(f"ENVOY READY {self.name}", flush=True)
+                self._stream = self.client.experiments()
+                for experiment in self._stream:
+                    self._start_experiment(experiment)
+            except grpc.RpcError as exc:
+                self._registered.clear()
+                if self.stop.is_set():
+                    break
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      grpc.StatusCode.CANCELLED):
+                    raise RuntimeError(f"director refused envoy {self.name!r}: {exc.details()}") from None
+                delay = backoff.next_delay()
+                log.warning("envoy %s: director at %s:%d unreachable (%s); retrying in %.1fs",
+                            self.name, self.host, self.port, exc.code().name, delay)
+                self.stop.wait(delay)
+        self.shutdown()
+
+    def _heartbeats(self) -> None:
+        while not self.stop.wait(self.period):
+            if not self._registered.is_set():
+                continue
+            try:
+                if not self.client.heartbeat():
+                    self.client.register(self.info, retry_s=0)
+            except grpc.RpcError as exc:
+                log.debug("heartbeat failed: %s", exc.code().name)
+
+    def _start_experiment(self, experiment: str) -> None:
+        with self._worker_lock:
+            if self._worker is not None and self._worker.poll() is None:
+                if getattr(self._worker, "experiment", None) == experiment:
+                    return  # pushed again after a reconnect; the worker carries on
+                self._worker.wait()
+            exp_dir = self.work_dir / experiment
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            bundle_path = exp_dir / "bundle.bin"
+            self.client.download_bundle(experiment, bundle_path)
+            spec = {
+                "envoy_name": self.name, "experiment": experiment, "bundle_path": str(bundle_path),
+                "director_host": self.host, "director_port": self.port,
+                "tls": [str(p) for p in (self.tls.root_certificate, self.tls.certificate, self.tls.private_key)]
+                if self.tls else None,
+                "shard_template": self.config.shard_descriptor.template,
+                "shard_params": self.config.shard_descriptor.params, "shard_base_dir": str(self.config_dir),
+            }
+            spec_path = exp_dir / "worker.json"
+            spec_path.write_text(json.dumps(spec))
+            env = worker_environment(self.config.params, dict(os.environ), self.config_dir)
+            log.info("envoy %s: starting worker for experiment %r", self.name, experiment)
+            self._worker = subprocess.Popen([sys.executable, "-m", "fedjax_core.envoy.worker", str(spec_path)], env=env)
+            self._worker.experiment = experiment  # type: ignore[attr-defined]
+            threading.Thread(target=self._reap, args=(self._worker, experiment), daemon=True).start()
+
+    def _reap(self, worker: subprocess.Popen, experiment: str) -> None:
+        code = worker.wait()
+        log.info("envoy %s: worker for %r exited with code %d", self.name, experiment, code)
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler: ends the experiment stream so ``run`` returns."""
+        self.stop.set()
+        if self._stream is not None:
+            self._stream.cancel()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        with self._worker_lock:
+            if self._worker is not None and self._worker.poll() is None:
+                self._worker.terminate()
+                try:
+                    self._worker.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._worker.kill()
+        self.client.close()

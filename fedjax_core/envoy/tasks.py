@@ -1,0 +1,45 @@
+"""Calling the user's registered tasks and normalising what they return."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedjax_core.api.interfaces import TaskInterface
+
+
+class TaskResultError(TypeError):
+    pass
+
+
+def run_task(ti: TaskInterface, name: str, state: Any, loader: Any, device: str, optimizer: Any,
+             round_num: int) -> tuple[Any, dict[str, float]]:
+    """Run task ``name``; returns ``(state_after, metrics)``.
+
+    A task may update ``state`` in place (the seed's ``state.update_state(new_state)``) and
+    return a dict of metrics, or return ``(new_state, metrics)``.
+    """
+    fn = ti.get_task(name)
+    contract = ti.task_contract[name]
+    kwargs: dict[str, Any] = {contract["model"]: state, contract["data_loader"]: loader, contract["device"]: device}
+    if contract["optimizer"] is not None:
+        kwargs[contract["optimizer"]] = optimizer
+    if contract.get("round_num") is not None:
+        kwargs[contract["round_num"]] = round_num
+    kwargs.update(ti.task_settings.get(name, {}))
+    result = fn(**kwargs)
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Mapping):
+        new_state, metrics = result
+    elif isinstance(result, Mapping):
+        new_state, metrics = state, result
+    else:
+        raise TaskResultError(
+            f"task {name!r} returned {type(result).__name__}; return a dict of metrics "
+            "(after state.update_state(new_state)) or a tuple (new_state, metrics)")
+    return new_state, {key: _scalar(name, key, value) for key, value in metrics.items()}
+
+
+def _scalar(task: str, key: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TaskResultError(f"task {task!r} metric {key!r} is {type(value).__name__}, not a number") from None

@@ -1,0 +1,124 @@
+"""The per-experiment worker: the only envoy process that imports JAX.
+
+Started by the envoy daemon with the device and memory environment of the envoy config,
+it loads the experiment bundle once, keeps its jit cache for every round, and exits when
+the experiment ends, which hands accelerator memory back.
+
+    python -m fedjax_core.envoy.worker SPEC.json
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from fedjax_core import bundle as bundle_io
+from fedjax_core import records as r
+from fedjax_core.envoy.client import EnvoyClient
+from fedjax_core.shard_descriptor import load_shard_descriptor
+from fedjax_core.transport import TLSFiles
+
+
+def _device_for(policy: str) -> str:
+    import jax
+
+    if policy == "CUDA_PREFERRED" and jax.default_backend() == "gpu":
+        return f"cuda:{jax.devices()[0].id}"
+    return "cpu"
+
+
+def run_experiment(client: EnvoyClient, experiment: str, objects: dict[str, Any], policy: str) -> None:
+    import jax
+
+    model_interface, ti, data = objects["model_interface"], objects["task_interface"], objects["data_interface"]
+    device = _device_for(policy)
+    with jax.default_device(jax.devices("cpu")[0]) if policy == "CPU_ONLY" else contextlib.nullcontext():
+        _round_loop(client, experiment, model_interface, ti, data, device)
+
+
+def _round_loop(client: EnvoyClient, experiment: str, model_interface, ti, data, device: str) -> None:
+    from fedjax_core.api.model_tensors import canonicalize, state_to_tensors, tensors_to_state
+    from fedjax_core.envoy.tasks import run_task
+
+    template = canonicalize(model_interface.model)
+    local_state = template
+    train_loader, valid_loader = data.get_train_loader(), data.get_valid_loader()
+    n_train, n_valid = int(data.get_train_data_size()), int(data.get_valid_data_size())
+
+    def validate(state, round_: int) -> dict[str, dict[str, float]]:
+        out = {}
+        for name in ti.validation_tasks:
+            _, out[name] = run_task(ti, name, state, valid_loader, device, model_interface.optimizer, round_)
+        return out
+
+    while True:
+        task = client.wait_task(experiment)
+        if task.kind == "none":
+            continue
+        if task.kind == "finished":
+            print(f"[worker {client.envoy_name}] experiment {experiment!r} finished", flush=True)
+            return
+        received = client.round_model(experiment, task.round)
+        if task.opt_treatment == "CONTINUE_LOCAL":
+            state = tensors_to_state(local_state, received)
+        else:
+            state = tensors_to_state(template, received)
+            if task.opt_treatment == "RESET" and hasattr(state, "tx"):
+                state = canonicalize(state.replace(opt_state=state.tx.init(state.params), step=0))
+        client.report_metrics(experiment, task.round, r.STAGE_AGGREGATED, validate(state, task.round), n_valid)
+        if task.kind == "validate":
+            continue
+        train_metrics = {}
+        for name in ti.train_tasks:
+            state, train_metrics[name] = run_task(ti, name, state, train_loader, device, model_interface.optimizer,
+                                                  task.round)
+        client.report_metrics(experiment, task.round, r.STAGE_TRAIN, train_metrics, n_train)
+        client.report_metrics(experiment, task.round, r.STAGE_LOCAL, validate(state, task.round), n_valid)
+        local_state = state
+        tensors = state_to_tensors(state)
+        missing = [n for n in task.upload_tensors if n not in tensors]
+        if missing:
+            raise RuntimeError(f"the trained state lacks tensors {missing[:3]}: did a task change the model's structure?")
+        client.upload(experiment, task.round, n_train, {n: tensors[n] for n in task.upload_tensors})
+        print(f"[worker {client.envoy_name}] round {task.round} done: "
+              + ", ".join(f"{k}={v:.4f}" for m in train_metrics.values() for k, v in m.items()), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    tls = TLSFiles(*map(Path, spec["tls"])) if spec.get("tls") else None
+    client = EnvoyClient(spec["envoy_name"], spec["director_host"], spec["director_port"], tls)
+    experiment = spec["experiment"]
+    try:
+        bundle = bundle_io.read(Path(spec["bundle_path"]))
+        for warning in bundle_io.check_versions(bundle.meta):
+            print(f"[worker {spec['envoy_name']}] version note: {warning}", flush=True)
+        policy = bundle.meta.get("device_assignment_policy", "CUDA_PREFERRED")
+        if policy == "CPU_ONLY":
+            os.environ["JAX_PLATFORMS"] = "cpu"
+        sys.path.insert(0, spec["shard_base_dir"])
+        import cloudpickle
+
+        objects = cloudpickle.loads(bundle.payload)
+        shard = load_shard_descriptor(spec["shard_template"], spec["shard_params"], Path(spec["shard_base_dir"]))
+        objects["data_interface"].shard_descriptor = shard
+        run_experiment(client, experiment, objects, policy)
+        return 0
+    except Exception as exc:  # report anything to the notebook, then exit non-zero
+        text = traceback.format_exc()
+        print(f"[worker {spec['envoy_name']}] experiment {experiment!r} failed:\n{text}", file=sys.stderr, flush=True)
+        try:
+            client.report_failure(experiment, f"{type(exc).__name__}: {exc}\n{text[-3000:]}")
+        except Exception as report_exc:  # the director may be gone; the envoy log keeps the traceback
+            print(f"[worker] could not report the failure: {report_exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

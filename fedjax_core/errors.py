@@ -1,0 +1,21 @@
+"""Domain errors. The gRPC layer maps each to its own status code in one place."""
+
+
+class FedError(Exception):
+    """Base of the errors a caller can act on; the message says what to do."""
+
+
+class NotFoundError(FedError):
+    """An envoy, experiment or model that does not exist."""
+
+
+class InvalidRequestError(FedError):
+    """A malformed request: bad tensor, bad header, bad name."""
+
+
+class AlreadyExistsError(FedError):
+    """A name that is already taken."""
+
+
+class PreconditionError(FedError):
+    """A request that is well formed but not valid now (wrong round, not a collaborator...)."""

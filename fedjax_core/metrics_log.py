@@ -1,0 +1,42 @@
+"""TensorBoard curves for one experiment, written with tensorboardX.
+
+Layout: ``<log_dir>/<experiment>/aggregated`` and ``<log_dir>/<experiment>/<envoy>`` are
+separate runs sharing the tags ``<stage>/<metric>`` (and ``round/...`` for timings and
+bytes), so TensorBoard draws each envoy and the aggregate as overlaid curves per chart.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tensorboardX import SummaryWriter
+
+from fedjax_core import records as r
+
+AGGREGATED_RUN = "aggregated"
+
+
+def scalar_tag(event: r.MetricEvent, metric: r.Metric) -> str:
+    if event.stage == r.STAGE_ROUND:
+        return f"round/{metric.name}"
+    return f"{event.stage}/{metric.name}"
+
+
+class ExperimentLogger:
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self._writers: dict[str, SummaryWriter] = {}
+
+    def log(self, event: r.MetricEvent) -> None:
+        run = event.envoy or AGGREGATED_RUN
+        if run not in self._writers:
+            self._writers[run] = SummaryWriter(logdir=str(self.log_dir / run), flush_secs=5)
+        writer = self._writers[run]
+        for metric in event.metrics:
+            writer.add_scalar(scalar_tag(event, metric), metric.value, global_step=event.round,
+                              walltime=event.timestamp or None)
+        writer.flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()

@@ -1,0 +1,184 @@
+from fedjax_core.proto import tensors_pb2 as _tensors_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ShardInfo(_message.Message):
+    __slots__ = ("description", "sample_shape", "target_shape", "train_size", "valid_size", "hostname", "devices")
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VALID_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    description: str
+    sample_shape: _containers.RepeatedScalarFieldContainer[str]
+    target_shape: _containers.RepeatedScalarFieldContainer[str]
+    train_size: int
+    valid_size: int
+    hostname: str
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, description: _Optional[str] = ..., sample_shape: _Optional[_Iterable[str]] = ..., target_shape: _Optional[_Iterable[str]] = ..., train_size: _Optional[int] = ..., valid_size: _Optional[int] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RegisterEnvoyRequest(_message.Message):
+    __slots__ = ("envoy_name", "shard_info")
+    ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INFO_FIELD_NUMBER: _ClassVar[int]
+    envoy_name: str
+    shard_info: ShardInfo
+    def __init__(self, envoy_name: _Optional[str] = ..., shard_info: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
+
+class RegisterEnvoyResponse(_message.Message):
+    __slots__ = ("health_check_period_s",)
+    HEALTH_CHECK_PERIOD_S_FIELD_NUMBER: _ClassVar[int]
+    health_check_period_s: float
+    def __init__(self, health_check_period_s: _Optional[float] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("envoy_name",)
+    ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+    envoy_name: str
+    def __init__(self, envoy_name: _Optional[str] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+
+class WaitExperimentRequest(_message.Message):
+    __slots__ = ("envoy_name",)
+    ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+    envoy_name: str
+    def __init__(self, envoy_name: _Optional[str] = ...) -> None: ...
+
+class WaitExperimentResponse(_message.Message):
+    __slots__ = ("experiment_name",)
+    EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    experiment_name: str
+    def __init__(self, experiment_name: _Optional[str] = ...) -> None: ...
+
+class GetExperimentBundleRequest(_message.Message):
+    __slots__ = ("envoy_name", "experiment_name")
+    ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    envoy_name: str
+    experiment_name: str
+    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ...) -> None: ...
+
+class BundleChunk(_message.Message):
+    __slots__ = ("data", "total_size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    total_size: int
+    def __init__(self, data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class WaitTaskRequest(_message.Message):
+    __slots__ = ("envoy_name", "experiment_name", "max_wait_s")
+    ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    envoy_name: str
+    experiment_name: str
+    max_wait_s: float
+    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
+
+class WaitTaskResponse(_message.Message):
+    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        NONE: _ClassVar[WaitTaskResponse.Kind]
+        TRAIN: _ClassVar[WaitTaskResponse.Kind]
+        VALIDATE: _ClassVar[WaitTaskResponse.Kind]
+        FINISHED: _ClassVar[WaitTaskResponse.Kind]
+    NONE: WaitTaskResponse.Kind
+    TRAIN: WaitTaskResponse.Kind
+    VALIDATE: WaitTaskResponse.Kind
+    FINISHED: WaitTaskResponse.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    OPT_TREATMENT_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    kind: WaitTaskResponse.Kind
+    round: int
+    opt_treatment: str
+    upload_tensors: _containers.RepeatedScalarFieldContainer[str]
+    message: str
+    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class GetRoundModelRequest(_message.Message):
+    __slots__ = ("envoy_name", "experiment_name", "round")
+    ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    envoy_name: str
+    experiment_name: str
+    round: int
+    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class ReportMetricsRequest(_message.Message):
+    __slots__ = ("envoy_name", "experiment_name", "round", "metrics", "sample_count", "stage")
+    ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    envoy_name: str
+    experiment_name: str
+    round: int
+    metrics: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.Metric]
+    sample_count: int
+    stage: str
+    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., round: _Optional[int] = ..., metrics: _Optional[_Iterable[_Union[_tensors_pb2.Metric, _Mapping]]] = ..., sample_count: _Optional[int] = ..., stage: _Optional[str] = ...) -> None: ...
+
+class ReportMetricsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UploadUpdateRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    class Header(_message.Message):
+        __slots__ = ("envoy_name", "experiment_name", "round", "train_sample_count")
+        ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+        EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+        ROUND_FIELD_NUMBER: _ClassVar[int]
+        TRAIN_SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+        envoy_name: str
+        experiment_name: str
+        round: int
+        train_sample_count: int
+        def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., round: _Optional[int] = ..., train_sample_count: _Optional[int] = ...) -> None: ...
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UploadUpdateRequest.Header
+    chunk: _tensors_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[UploadUpdateRequest.Header, _Mapping]] = ..., chunk: _Optional[_Union[_tensors_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class UploadUpdateResponse(_message.Message):
+    __slots__ = ("bytes_received",)
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    bytes_received: int
+    def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
+
+class ReportFailureRequest(_message.Message):
+    __slots__ = ("envoy_name", "experiment_name", "error")
+    ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    envoy_name: str
+    experiment_name: str
+    error: str
+    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ReportFailureResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

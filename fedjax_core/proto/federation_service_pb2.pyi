@@ -1,0 +1,159 @@
+from fedjax_core.proto import tensors_pb2 as _tensors_pb2
+from fedjax_core.proto import envoy_service_pb2 as _envoy_service_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetDatasetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetDatasetInfoResponse(_message.Message):
+    __slots__ = ("sample_shape", "target_shape")
+    SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    sample_shape: _containers.RepeatedScalarFieldContainer[str]
+    target_shape: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sample_shape: _Optional[_Iterable[str]] = ..., target_shape: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetShardRegistryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EnvoyEntry(_message.Message):
+    __slots__ = ("name", "shard_info", "is_online", "last_seen", "current_experiment")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INFO_FIELD_NUMBER: _ClassVar[int]
+    IS_ONLINE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shard_info: _envoy_service_pb2.ShardInfo
+    is_online: bool
+    last_seen: float
+    current_experiment: str
+    def __init__(self, name: _Optional[str] = ..., shard_info: _Optional[_Union[_envoy_service_pb2.ShardInfo, _Mapping]] = ..., is_online: _Optional[bool] = ..., last_seen: _Optional[float] = ..., current_experiment: _Optional[str] = ...) -> None: ...
+
+class GetShardRegistryResponse(_message.Message):
+    __slots__ = ("envoys",)
+    ENVOYS_FIELD_NUMBER: _ClassVar[int]
+    envoys: _containers.RepeatedCompositeFieldContainer[EnvoyEntry]
+    def __init__(self, envoys: _Optional[_Iterable[_Union[EnvoyEntry, _Mapping]]] = ...) -> None: ...
+
+class ExperimentHeader(_message.Message):
+    __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    OPT_TREATMENT_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    BEST_METRIC_FIELD_NUMBER: _ClassVar[int]
+    BEST_HIGHER_IS_BETTER_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ENVOYS_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rounds: int
+    opt_treatment: str
+    aggregation: str
+    best_metric: str
+    best_higher_is_better: bool
+    bundle_size: int
+    envoys: _containers.RepeatedScalarFieldContainer[str]
+    submitter: str
+    model_spec: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorSpec]
+    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., aggregation: _Optional[str] = ..., best_metric: _Optional[str] = ..., best_higher_is_better: _Optional[bool] = ..., bundle_size: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class SubmitExperimentRequest(_message.Message):
+    __slots__ = ("header", "bundle_data", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_DATA_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ExperimentHeader
+    bundle_data: bytes
+    chunk: _tensors_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[ExperimentHeader, _Mapping]] = ..., bundle_data: _Optional[bytes] = ..., chunk: _Optional[_Union[_tensors_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class SubmitExperimentResponse(_message.Message):
+    __slots__ = ("queue_position",)
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    queue_position: int
+    def __init__(self, queue_position: _Optional[int] = ...) -> None: ...
+
+class ListExperimentsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListExperimentsResponse(_message.Message):
+    __slots__ = ("experiments",)
+    EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
+    experiments: _containers.RepeatedCompositeFieldContainer[ExperimentStatus]
+    def __init__(self, experiments: _Optional[_Iterable[_Union[ExperimentStatus, _Mapping]]] = ...) -> None: ...
+
+class GetExperimentStatusRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ExperimentStatus(_message.Message):
+    __slots__ = ("name", "state", "current_round", "rounds", "envoys", "best_round", "best_value", "error", "submitted_at", "best_metric")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    ENVOYS_FIELD_NUMBER: _ClassVar[int]
+    BEST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    BEST_VALUE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    BEST_METRIC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    current_round: int
+    rounds: int
+    envoys: _containers.RepeatedScalarFieldContainer[str]
+    best_round: int
+    best_value: float
+    error: str
+    submitted_at: float
+    best_metric: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., best_round: _Optional[int] = ..., best_value: _Optional[float] = ..., error: _Optional[str] = ..., submitted_at: _Optional[float] = ..., best_metric: _Optional[str] = ...) -> None: ...
+
+class StreamMetricsRequest(_message.Message):
+    __slots__ = ("experiment_name",)
+    EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    experiment_name: str
+    def __init__(self, experiment_name: _Optional[str] = ...) -> None: ...
+
+class MetricEvent(_message.Message):
+    __slots__ = ("round", "envoy", "stage", "metrics", "timestamp", "experiment_done", "state", "round_time_s")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ENVOY_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_DONE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    envoy: str
+    stage: str
+    metrics: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.Metric]
+    timestamp: float
+    experiment_done: bool
+    state: str
+    round_time_s: float
+    def __init__(self, round: _Optional[int] = ..., envoy: _Optional[str] = ..., stage: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_tensors_pb2.Metric, _Mapping]]] = ..., timestamp: _Optional[float] = ..., experiment_done: _Optional[bool] = ..., state: _Optional[str] = ..., round_time_s: _Optional[float] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("experiment_name", "which")
+    EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    WHICH_FIELD_NUMBER: _ClassVar[int]
+    experiment_name: str
+    which: str
+    def __init__(self, experiment_name: _Optional[str] = ..., which: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,115 @@
+"""Typed records for what crosses the wire. Plain, immutable, numpy-free."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STAGE_AGGREGATED = "aggregated_model_validation"
+STAGE_TRAIN = "train"
+STAGE_LOCAL = "locally_tuned_model_validation"
+STAGE_ROUND = "round"
+STAGES = (STAGE_AGGREGATED, STAGE_TRAIN, STAGE_LOCAL)
+
+OPT_TREATMENTS = ("RESET", "CONTINUE_LOCAL", "CONTINUE_GLOBAL")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model leaf: its pytree path, dtype name and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorChunk:
+    """A slice of one tensor's raw bytes; ``spec`` is set on the tensor's first chunk."""
+
+    name: str
+    offset: int
+    data: bytes
+    spec: TensorSpec | None = None
+
+
+@dataclass(frozen=True)
+class Metric:
+    task: str
+    name: str
+    value: float
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What an envoy tells the director about its local shard (never the data)."""
+
+    description: str
+    sample_shape: tuple[str, ...]
+    target_shape: tuple[str, ...]
+    train_size: int
+    valid_size: int
+    hostname: str = ""
+    devices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EnvoyEntry:
+    name: str
+    shard_info: ShardInfo
+    is_online: bool
+    last_seen: float
+    current_experiment: str = ""
+
+
+@dataclass(frozen=True)
+class ExperimentHeader:
+    """Everything the director needs to run an experiment, except the opaque code bundle."""
+
+    name: str
+    rounds: int
+    opt_treatment: str
+    aggregation: str = "fedavg"
+    best_metric: str = ""
+    best_higher_is_better: bool = True
+    bundle_size: int = 0
+    envoys: tuple[str, ...] = ()
+    submitter: str = ""
+    model_spec: tuple[TensorSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExperimentStatus:
+    name: str
+    state: str
+    current_round: int
+    rounds: int
+    envoys: tuple[str, ...]
+    best_round: int = -1
+    best_value: float = float("nan")
+    error: str = ""
+    submitted_at: float = 0.0
+    best_metric: str = ""
+
+
+@dataclass(frozen=True)
+class MetricEvent:
+    """Metrics of one envoy (or the aggregate, envoy == "") for one stage of one round."""
+
+    round: int
+    envoy: str
+    stage: str
+    metrics: tuple[Metric, ...] = ()
+    timestamp: float = 0.0
+    experiment_done: bool = False
+    state: str = ""
+    round_time_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a worker is told to do next."""
+
+    kind: str  # "none", "train", "validate", "finished"
+    round: int = 0
+    opt_treatment: str = ""
+    upload_tensors: tuple[str, ...] = field(default_factory=tuple)
+    message: str = ""

@@ -1,0 +1,141 @@
+"""Record <-> protobuf conversions, one ``x_to_proto`` / ``x_from_proto`` pair per record.
+
+The only module besides the transport that imports generated proto code.
+"""
+from __future__ import annotations
+
+from fedjax_core import records as r
+from fedjax_core.proto import envoy_service_pb2 as env_pb
+from fedjax_core.proto import federation_service_pb2 as fed_pb
+from fedjax_core.proto import tensors_pb2 as t_pb
+
+_TASK_KINDS = {
+    "none": env_pb.WaitTaskResponse.NONE,
+    "train": env_pb.WaitTaskResponse.TRAIN,
+    "validate": env_pb.WaitTaskResponse.VALIDATE,
+    "finished": env_pb.WaitTaskResponse.FINISHED,
+}
+_TASK_KIND_NAMES = {v: k for k, v in _TASK_KINDS.items()}
+
+
+def spec_to_proto(spec: r.TensorSpec) -> t_pb.TensorSpec:
+    return t_pb.TensorSpec(name=spec.name, dtype=spec.dtype, shape=list(spec.shape))
+
+
+def spec_from_proto(msg: t_pb.TensorSpec) -> r.TensorSpec:
+    return r.TensorSpec(name=msg.name, dtype=msg.dtype, shape=tuple(int(d) for d in msg.shape))
+
+
+def chunk_to_proto(chunk: r.TensorChunk) -> t_pb.TensorChunk:
+    msg = t_pb.TensorChunk(name=chunk.name, offset=chunk.offset, data=chunk.data)
+    if chunk.spec is not None:
+        msg.spec.CopyFrom(spec_to_proto(chunk.spec))
+    return msg
+
+
+def chunk_from_proto(msg: t_pb.TensorChunk) -> r.TensorChunk:
+    spec = spec_from_proto(msg.spec) if msg.HasField("spec") else None
+    return r.TensorChunk(name=msg.name, offset=int(msg.offset), data=bytes(msg.data), spec=spec)
+
+
+def metrics_to_proto(metrics: tuple[r.Metric, ...] | list[r.Metric]) -> list[t_pb.Metric]:
+    return [t_pb.Metric(task=m.task, name=m.name, value=float(m.value)) for m in metrics]
+
+
+def metrics_from_proto(msgs) -> tuple[r.Metric, ...]:
+    return tuple(r.Metric(task=m.task, name=m.name, value=float(m.value)) for m in msgs)
+
+
+def shard_info_to_proto(info: r.ShardInfo) -> env_pb.ShardInfo:
+    return env_pb.ShardInfo(
+        description=info.description, sample_shape=list(info.sample_shape),
+        target_shape=list(info.target_shape), train_size=info.train_size,
+        valid_size=info.valid_size, hostname=info.hostname, devices=list(info.devices),
+    )
+
+
+def shard_info_from_proto(msg: env_pb.ShardInfo) -> r.ShardInfo:
+    return r.ShardInfo(
+        description=msg.description, sample_shape=tuple(msg.sample_shape),
+        target_shape=tuple(msg.target_shape), train_size=int(msg.train_size),
+        valid_size=int(msg.valid_size), hostname=msg.hostname, devices=tuple(msg.devices),
+    )
+
+
+def envoy_entry_to_proto(entry: r.EnvoyEntry) -> fed_pb.EnvoyEntry:
+    return fed_pb.EnvoyEntry(
+        name=entry.name, shard_info=shard_info_to_proto(entry.shard_info), is_online=entry.is_online,
+        last_seen=entry.last_seen, current_experiment=entry.current_experiment,
+    )
+
+
+def envoy_entry_from_proto(msg: fed_pb.EnvoyEntry) -> r.EnvoyEntry:
+    return r.EnvoyEntry(
+        name=msg.name, shard_info=shard_info_from_proto(msg.shard_info), is_online=msg.is_online,
+        last_seen=msg.last_seen, current_experiment=msg.current_experiment,
+    )
+
+
+def header_to_proto(h: r.ExperimentHeader) -> fed_pb.ExperimentHeader:
+    return fed_pb.ExperimentHeader(
+        name=h.name, rounds=h.rounds, opt_treatment=h.opt_treatment, aggregation=h.aggregation,
+        best_metric=h.best_metric, best_higher_is_better=h.best_higher_is_better,
+        bundle_size=h.bundle_size, envoys=list(h.envoys), submitter=h.submitter,
+        model_spec=[spec_to_proto(s) for s in h.model_spec],
+    )
+
+
+def header_from_proto(msg: fed_pb.ExperimentHeader) -> r.ExperimentHeader:
+    return r.ExperimentHeader(
+        name=msg.name, rounds=int(msg.rounds), opt_treatment=msg.opt_treatment,
+        aggregation=msg.aggregation, best_metric=msg.best_metric,
+        best_higher_is_better=msg.best_higher_is_better, bundle_size=int(msg.bundle_size),
+        envoys=tuple(msg.envoys), submitter=msg.submitter,
+        model_spec=tuple(spec_from_proto(s) for s in msg.model_spec),
+    )
+
+
+def status_to_proto(s: r.ExperimentStatus) -> fed_pb.ExperimentStatus:
+    return fed_pb.ExperimentStatus(
+        name=s.name, state=s.state, current_round=s.current_round, rounds=s.rounds,
+        envoys=list(s.envoys), best_round=s.best_round, best_value=s.best_value, error=s.error,
+        submitted_at=s.submitted_at, best_metric=s.best_metric,
+    )
+
+
+def status_from_proto(msg: fed_pb.ExperimentStatus) -> r.ExperimentStatus:
+    return r.ExperimentStatus(
+        name=msg.name, state=msg.state, current_round=int(msg.current_round), rounds=int(msg.rounds),
+        envoys=tuple(msg.envoys), best_round=int(msg.best_round), best_value=msg.best_value,
+        error=msg.error, submitted_at=msg.submitted_at, best_metric=msg.best_metric,
+    )
+
+
+def metric_event_to_proto(e: r.MetricEvent) -> fed_pb.MetricEvent:
+    return fed_pb.MetricEvent(
+        round=e.round, envoy=e.envoy, stage=e.stage, metrics=metrics_to_proto(e.metrics),
+        timestamp=e.timestamp, experiment_done=e.experiment_done, state=e.state,
+        round_time_s=e.round_time_s,
+    )
+
+
+def metric_event_from_proto(msg: fed_pb.MetricEvent) -> r.MetricEvent:
+    return r.MetricEvent(
+        round=int(msg.round), envoy=msg.envoy, stage=msg.stage, metrics=metrics_from_proto(msg.metrics),
+        timestamp=msg.timestamp, experiment_done=msg.experiment_done, state=msg.state,
+        round_time_s=msg.round_time_s,
+    )
+
+
+def task_to_proto(t: r.Task) -> env_pb.WaitTaskResponse:
+    return env_pb.WaitTaskResponse(
+        kind=_TASK_KINDS[t.kind], round=t.round, opt_treatment=t.opt_treatment,
+        upload_tensors=list(t.upload_tensors), message=t.message,
+    )
+
+
+def task_from_proto(msg: env_pb.WaitTaskResponse) -> r.Task:
+    return r.Task(
+        kind=_TASK_KIND_NAMES[msg.kind], round=int(msg.round), opt_treatment=msg.opt_treatment,
+        upload_tensors=tuple(msg.upload_tensors), message=msg.message,
+    )

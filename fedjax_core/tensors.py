@@ -1,0 +1,261 @@
+"""Named raw tensor buffers: dtype allow-list, chunking and the model file format.
+
+A model is a flat mapping ``pytree path -> numpy array``. It travels as a stream of
+:class:`TensorChunk` and rests on disk as a *model file*: the tensors' raw bytes one
+after another, then a JSON footer listing each tensor's spec and offset, then the
+footer's length (8 bytes, little endian). Writing streams front to back, reading maps
+slices lazily, and nothing here ever unpickles.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from fedjax_core.records import TensorChunk, TensorSpec
+
+ALLOWED_DTYPES = frozenset(
+    ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+     "float16", "float32", "float64"]
+)
+CHUNK_BYTES = 1 << 20
+_MAGIC = b"FJXMODEL1\n"
+_FOOTER_LEN = struct.Struct("<Q")
+
+
+class TensorError(ValueError):
+    """A tensor that does not match what the experiment's model says it must be."""
+
+
+def spec_of(name: str, array: np.ndarray) -> TensorSpec:
+    """The spec of ``array``; refuses dtypes outside the allow-list, naming the path."""
+    dtype = np.dtype(array.dtype).name
+    if dtype not in ALLOWED_DTYPES:
+        raise TensorError(
+            f"tensor {name!r} has dtype {dtype}, which cannot cross the wire; "
+            f"allowed: {', '.join(sorted(ALLOWED_DTYPES))} (cast it, e.g. to float32)"
+        )
+    return TensorSpec(name=name, dtype=dtype, shape=tuple(int(d) for d in array.shape))
+
+
+def check_spec(spec: TensorSpec) -> None:
+    """Refuse specs with unknown dtypes or negative dimensions."""
+    if spec.dtype not in ALLOWED_DTYPES:
+        raise TensorError(f"tensor {spec.name!r}: dtype {spec.dtype!r} is not allowed")
+    if any(d < 0 for d in spec.shape):
+        raise TensorError(f"tensor {spec.name!r}: negative dimension in shape {spec.shape}")
+
+
+def nbytes_of(spec: TensorSpec) -> int:
+    return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+
+
+def iter_chunks(tensors: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES) -> Iterator[TensorChunk]:
+    """Split named arrays into chunks of at most ``chunk_bytes``; every tensor gets one or more."""
+    for name, array in tensors.items():
+        spec = spec_of(name, array)
+        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        yield from _chunks_of(spec, memoryview(data), chunk_bytes)
+
+
+def _chunks_of(spec: TensorSpec, data: memoryview, chunk_bytes: int) -> Iterator[TensorChunk]:
+    yield TensorChunk(name=spec.name, offset=0, data=bytes(data[:chunk_bytes]), spec=spec)
+    for offset in range(chunk_bytes, len(data), chunk_bytes):
+        yield TensorChunk(name=spec.name, offset=offset, data=bytes(data[offset:offset + chunk_bytes]))
+
+
+class ModelFileWriter:
+    """Writes a model file front to back from whole arrays or streamed chunks, atomically.
+
+    Chunks are checked against ``expected`` specs when given: unknown names, wrong dtype or
+    shape, out-of-order offsets, overlong data and missing tensors all raise TensorError.
+    """
+
+    def __init__(self, path: Path, expected: Mapping[str, TensorSpec] | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(self.path.name + ".partial")
+        self._file = open(self._tmp, "wb")
+        self._file.write(_MAGIC)
+        self._expected = dict(expected) if expected is not None else None
+        self._entries: dict[str, dict] = {}
+        self._current: str | None = None
+        self.bytes_written = 0
+
+    def add_array(self, name: str, array: np.ndarray) -> None:
+        for chunk in iter_chunks({name: np.asarray(array)}):
+            self.add_chunk(chunk)
+
+    def add_chunk(self, chunk: TensorChunk) -> None:
+        if chunk.spec is not None:
+            self._start_tensor(chunk)
+        entry = self._entries.get(chunk.name)
+        if entry is None or chunk.name != self._current:
+            raise TensorError(
+                f"chunk for tensor {chunk.name!r} arrived out of order: a tensor's first chunk "
+                "carries its spec and its chunks come together"
+            )
+        if chunk.offset != entry["received"]:
+            raise TensorError(
+                f"tensor {chunk.name!r}: chunk at offset {chunk.offset}, expected {entry['received']}"
+            )
+        if entry["received"] + len(chunk.data) > entry["nbytes"]:
+            raise TensorError(
+                f"tensor {chunk.name!r}: more data than its shape {tuple(entry['shape'])} "
+                f"of {entry['dtype']} holds ({entry['nbytes']} bytes)"
+            )
+        self._file.write(chunk.data)
+        entry["received"] += len(chunk.data)
+        self.bytes_written += len(chunk.data)
+
+    def _start_tensor(self, chunk: TensorChunk) -> None:
+        spec = chunk.spec
+        assert spec is not None
+        if spec.name != chunk.name:
+            raise TensorError(f"chunk names {chunk.name!r} but its spec names {spec.name!r}")
+        check_spec(spec)
+        if self._expected is not None:
+            want = self._expected.get(spec.name)
+            if want is None:
+                raise TensorError(
+                    f"tensor {spec.name!r} is not part of this model's update "
+                    f"(expected {len(self._expected)} tensors such as {next(iter(self._expected), '-')!r})"
+                )
+            if (want.dtype, tuple(want.shape)) != (spec.dtype, tuple(spec.shape)):
+                raise TensorError(
+                    f"tensor {spec.name!r}: got {spec.dtype}{list(spec.shape)}, "
+                    f"the model has {want.dtype}{list(want.shape)}"
+                )
+        if spec.name in self._entries:
+            raise TensorError(f"tensor {spec.name!r} sent twice")
+        self._close_current()
+        self._entries[spec.name] = {
+            "name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape),
+            "offset": self._file.tell(), "nbytes": nbytes_of(spec), "received": 0,
+        }
+        self._current = spec.name
+
+    def _close_current(self) -> None:
+        if self._current is not None:
+            entry = self._entries[self._current]
+            if entry["received"] != entry["nbytes"]:
+                raise TensorError(
+                    f"tensor {self._current!r}: got {entry['received']} of {entry['nbytes']} bytes"
+                )
+
+    def commit(self) -> list[TensorSpec]:
+        """Check completeness, write the footer and move the file into place."""
+        self._close_current()
+        if self._expected is not None:
+            missing = sorted(set(self._expected) - set(self._entries))
+            if missing:
+                raise TensorError(f"update is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        footer = json.dumps(
+            [{k: e[k] for k in ("name", "dtype", "shape", "offset", "nbytes")} for e in self._entries.values()]
+        ).encode()
+        self._file.write(footer)
+        self._file.write(_FOOTER_LEN.pack(len(footer)))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        return [TensorSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in self._entries.values()]
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ModelFileWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def write_model_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    with ModelFileWriter(path) as writer:
+        for name, array in tensors.items():
+            writer.add_array(name, array)
+        writer.commit()
+
+
+class ModelFile:
+    """Read access to a model file: specs, lazily mapped arrays, and chunk streams."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            if f.read(len(_MAGIC)) != _MAGIC:
+                raise TensorError(f"{self.path} is not a model file")
+            f.seek(-_FOOTER_LEN.size, os.SEEK_END)
+            (footer_len,) = _FOOTER_LEN.unpack(f.read(_FOOTER_LEN.size))
+            f.seek(-_FOOTER_LEN.size - footer_len, os.SEEK_END)
+            self._entries = {e["name"]: e for e in json.loads(f.read(footer_len))}
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [TensorSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in self._entries.values()]
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.array(name)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e["nbytes"] for e in self._entries.values())
+
+    def array(self, name: str) -> np.ndarray:
+        """One tensor, memory-mapped (read-only) rather than loaded."""
+        e = self._entries[name]
+        dtype = np.dtype(e["dtype"]).newbyteorder("<")
+        if e["nbytes"] == 0:
+            return np.zeros(e["shape"], dtype=dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=e["offset"], shape=tuple(e["shape"]))
+
+    def arrays(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        return {n: np.array(self.array(n)) for n in (names if names is not None else self._entries)}
+
+    def iter_chunks(self, names: Iterable[str] | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[TensorChunk]:
+        """Stream tensors straight from disk, holding one chunk in memory at a time."""
+        with open(self.path, "rb") as f:
+            for name in names if names is not None else self._entries:
+                e = self._entries[name]
+                spec = TensorSpec(e["name"], e["dtype"], tuple(e["shape"]))
+                f.seek(e["offset"])
+                first = True
+                offset = 0
+                while first or offset < e["nbytes"]:
+                    data = f.read(min(chunk_bytes, e["nbytes"] - offset))
+                    yield TensorChunk(name=name, offset=offset, data=data, spec=spec if first else None)
+                    offset += len(data)
+                    first = False
+
+
+def assemble(chunks: Iterable[TensorChunk]) -> dict[str, np.ndarray]:
+    """Rebuild named arrays from a chunk stream (client side, where the model fits in memory)."""
+    buffers: dict[str, bytearray] = {}
+    specs: dict[str, TensorSpec] = {}
+    for chunk in chunks:
+        if chunk.spec is not None:
+            check_spec(chunk.spec)
+            specs[chunk.name] = chunk.spec
+            buffers[chunk.name] = bytearray()
+        if chunk.name not in buffers or chunk.offset != len(buffers[chunk.name]):
+            raise TensorError(f"tensor {chunk.name!r}: chunk out of order")
+        buffers[chunk.name] += chunk.data
+    out = {}
+    for name, buf in buffers.items():
+        spec = specs[name]
+        if len(buf) != nbytes_of(spec):
+            raise TensorError(f"tensor {name!r}: got {len(buf)} of {nbytes_of(spec)} bytes")
+        out[name] = np.frombuffer(bytes(buf), dtype=np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape)
+    return out

@@ -1,0 +1,140 @@
+"""Real director and envoy processes for tests: free loopback ports, readiness by log line, cleanup."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-subset"
+FEDJAX = [sys.executable, "-m", "fedjax_core"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A child process whose output is collected line by line, so tests wait on what it prints."""
+
+    def __init__(self, args: Sequence[str], cwd: Path | None = None, env: dict | None = None, name: str = ""):
+        self.name = name or Path(args[0]).name
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(list(args), cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 120.0) -> re.Match:
+        """Wait until a printed line matches ``pattern``; fail with the output if the process dies first."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if m := regex.search(line):
+                        return m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"{self.name}: no line matching {pattern!r}; output:\n" + "\n".join(self.lines))
+                self._cond.wait(timeout=min(left, 1.0))
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        return self.proc.returncode
+
+
+def write_director_config(path: Path, port: int, **settings) -> Path:
+    config = {"settings": {"listen_host": "127.0.0.1", "listen_port": port, "sample_shape": ["32", "32", "3"],
+                           "target_shape": ["1"], "envoy_health_check_period": 1,
+                           "state_dir": str(path.parent / "director_state"), "log_dir": str(path.parent / "logs"),
+                           **settings}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def write_envoy_config(path: Path, rank: int, world: int, **params) -> Path:
+    config = {"params": {"cuda_devices": [], "work_dir": str(path.parent / "envoy_workspace"), **params},
+              "optional_plugin_components": {},
+              "shard_descriptor": {"template": "cifar10_shard_descriptor.CIFAR10ShardDescriptor",
+                                   "params": {"rank_worldsize": f"{rank}, {world}", "data_dir": str(SHARED_DATA)}}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Stack:
+    """A director and envoys on loopback, started with the CLI; ``stop()`` ends every process."""
+
+    def __init__(self, workdir: Path, n_envoys: int = 2, port: int | None = None):
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.processes: list[Process] = []
+        self.director_config = write_director_config(workdir / "director_config.yaml", self.port)
+        for i in range(n_envoys):
+            config = write_envoy_config(workdir / f"envoy_{i + 1}.yaml", i + 1, n_envoys)
+            # the shard descriptor module lives in the tutorial's envoy folder
+            (workdir / "cifar10_shard_descriptor.py").write_text((REPO / "envoy" / "cifar10_shard_descriptor.py").read_text())
+            self.envoy_configs = [*getattr(self, "envoy_configs", []), config]
+        self.director: Process | None = None
+
+    def start_director(self) -> Process:
+        self.director = Process([*FEDJAX, "director", "start", "-c", str(self.director_config), "--disable-tls"],
+                                cwd=self.workdir, name="director")
+        self.processes.append(self.director)
+        self.director.wait_for(r"DIRECTOR READY")
+        return self.director
+
+    def start_envoy(self, index: int) -> Process:
+        name = f"env{index + 1}"
+        p = Process([*FEDJAX, "envoy", "start", "-n", name, "-c", str(self.envoy_configs[index]),
+                     "-dh", "127.0.0.1", "-dp", str(self.port), "--disable-tls"], cwd=self.workdir, name=name)
+        self.processes.append(p)
+        return p
+
+    def start(self) -> Stack:
+        self.start_director()
+        envoys = [self.start_envoy(i) for i in range(len(self.envoy_configs))]
+        for e in envoys:
+            e.wait_for(r"ENVOY READY")
+        return self
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            p.stop()
+
+    def logs(self) -> str:
+        return "\n\n".join(f"===== {p.name} =====\n{p.output()}" for p in self.processes)
