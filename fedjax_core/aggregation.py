@@ -50,10 +50,13 @@ def _is_float(dtype: str) -> bool:
 def fedavg() -> Aggregator:
     """Federated averaging weighted by each envoy's training-sample count."""
     dtypes: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
 
     def init(specs: Sequence[TensorSpec]) -> AggregationState:
         dtypes.clear()
         dtypes.update({s.name: s.dtype for s in specs})
+        shapes.clear()
+        shapes.update({s.name: tuple(s.shape) for s in specs})
         sums = {s.name: np.zeros(s.shape, np.float64) for s in specs if _is_float(s.dtype)}
         return AggregationState(sums=sums, maxima={}, total_weight=0.0, count=0)
 
@@ -61,7 +64,12 @@ def fedavg() -> Aggregator:
         if not weight > 0:
             raise AggregationError(f"an update's weight (training-sample count) must be > 0, got {weight}")
         for name in dtypes:
-            x = tensors[name]
+            try:
+                x = tensors[name]
+            except KeyError:
+                raise AggregationError(f"update lacks tensor {name!r}") from None
+            if tuple(x.shape) != shapes[name]:
+                raise AggregationError(f"tensor {name!r} has shape {tuple(x.shape)}, expected {shapes[name]}")
             if name in state.sums:
                 state.sums[name] += np.multiply(x, weight, dtype=np.float64)
             elif name in state.maxima:

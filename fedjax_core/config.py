@@ -40,7 +40,7 @@ class TLSConfig(_Model):
 
 class DirectorSettings(_Model):
     listen_host: str = "localhost"
-    listen_port: int = Field(50055, ge=0, le=65535)
+    listen_port: int = Field(50055, ge=0, le=65535, strict=True)
     sample_shape: list[ShapeEntry]
     target_shape: list[ShapeEntry]
     envoy_health_check_period: float = Field(5.0, gt=0)
@@ -55,9 +55,9 @@ class DirectorConfig(_Model):
 
 
 class EnvoyParams(_Model):
-    cuda_devices: list[Annotated[int, Field(ge=0)]] = []
+    cuda_devices: list[Annotated[int, Field(ge=0, strict=True)]] = []
     jax_preallocate: bool = False
-    jax_memory_fraction: float | None = Field(None, gt=0, le=1)
+    jax_memory_fraction: float | None = Field(None, gt=0, le=1, strict=True)
     work_dir: str = "envoy_workspace"
 
 

@@ -191,13 +191,19 @@ class ModelFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        size = self.path.stat().st_size
         with open(self.path, "rb") as f:
-            if f.read(len(_MAGIC)) != _MAGIC:
+            if f.read(len(_MAGIC)) != _MAGIC or size < len(_MAGIC) + _FOOTER_LEN.size:
                 raise TensorError(f"{self.path} is not a model file")
             f.seek(-_FOOTER_LEN.size, os.SEEK_END)
             (footer_len,) = _FOOTER_LEN.unpack(f.read(_FOOTER_LEN.size))
+            if footer_len > size - len(_MAGIC) - _FOOTER_LEN.size:
+                raise TensorError(f"{self.path} is truncated or damaged (its footer does not fit)")
             f.seek(-_FOOTER_LEN.size - footer_len, os.SEEK_END)
-            self._entries = {e["name"]: e for e in json.loads(f.read(footer_len))}
+            try:
+                self._entries = {e["name"]: e for e in json.loads(f.read(footer_len))}
+            except (ValueError, KeyError, TypeError):
+                raise TensorError(f"{self.path} is truncated or damaged (unreadable footer)") from None
 
     @property
     def specs(self) -> list[TensorSpec]:

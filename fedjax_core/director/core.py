@@ -132,7 +132,12 @@ class Director:
         return self.health_check_period
 
     def heartbeat(self, name: str) -> bool:
-        return self.store.touch_envoy(name)
+        known = self.store.touch_envoy(name)
+        if known and self._run is None:
+            with self._cond:  # a queued experiment may have been waiting for this envoy
+                self._resume_or_start_next()
+                self._cond.notify_all()
+        return known
 
     def _online(self, last_seen: float) -> bool:
         return self._clock() - last_seen <= 2.5 * self.health_check_period

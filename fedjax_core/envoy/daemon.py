@@ -100,8 +100,8 @@ class EnvoyDaemon:
         self.shutdown()
 
     def _heartbeats(self) -> None:
-        while not self.stop.wait(self.period):
-            if not self._registered.is_set():
+        while not self.stop.is_set():
+            if not self._registered.wait(timeout=self.period) or self.stop.wait(self.period):
                 continue
             try:
                 if not self.client.heartbeat():

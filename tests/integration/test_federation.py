@@ -1,30 +1,197 @@
-"""End to end: a real director and two envoy processes talking gRPC on loopback."""
+"""End to end: a real director and two envoy processes talking gRPC on loopback.
+
+One federation serves the experiments of this module one after another, as a director
+serves a lab's experiments.
+"""
+from __future__ import annotations
+
+import os
+
 import numpy as np
 import pytest
 
-from fedjax_core import Federation, FLExperiment, ModelInterface
+from fedjax_core import ExperimentFailed, Federation, FLExperiment, ModelInterface, TaskInterface
+from fedjax_core import records as r
+from fedjax_core.api.interfaces import TaskError
+from fedjax_core.errors import NotFoundError
 from fl_experiment import SubsetDataset, create_train_state, evaluate, make_tasks
+from processes import SHARED_DATA, Stack, free_port
+
+LIMIT = 256  # samples per split per envoy: enough to learn, quick on two CPU cores
 
 
-def run(stack, name, rounds=2, opt_treatment="CONTINUE_GLOBAL", style="inplace", limit=256):
-    fed = Federation(client_id="api", director_node_fqdn="127.0.0.1", director_port=stack.port, tls=False)
-    state = create_train_state()
-    exp = FLExperiment(federation=fed, experiment_name=name)
-    exp.start(model_provider=ModelInterface(model=state, optimizer=None), task_keeper=make_tasks(style),
-              data_loader=SubsetDataset(limit=limit), rounds_to_train=rounds, opt_treatment=opt_treatment,
-              device_assignment_policy="CPU_ONLY")
+@pytest.fixture(scope="module")
+def fed_stack(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("federation"))
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        print(stack.logs())  # shown by pytest for failing tests
+
+
+@pytest.fixture
+def federation(fed_stack):
+    fed = Federation(client_id="api", director_node_fqdn="127.0.0.1", director_port=fed_stack.port, tls=False)
+    yield fed
+    fed.close()
+
+
+def run(federation, name, rounds=2, opt_treatment="CONTINUE_GLOBAL", style="inplace", tasks=None):
+    exp = FLExperiment(federation=federation, experiment_name=name)
+    exp.start(model_provider=ModelInterface(model=create_train_state(), optimizer=None),
+              task_keeper=tasks or make_tasks(style), data_loader=SubsetDataset(limit=LIMIT),
+              rounds_to_train=rounds, opt_treatment=opt_treatment, device_assignment_policy="CPU_ONLY")
     rows = exp.stream_metrics(tensorboard_logs=False, progress=False)
-    return fed, exp, rows
+    return exp, rows
 
 
-def test_two_envoys_train_and_return_models(stack):
-    fed, exp, rows = run(stack, "e2e", rounds=2)
-    registry = fed.get_shard_registry()
+def per_envoy(exp, stage, metric):
+    """{round: {envoy: value}} of one metric from the streamed per-envoy events."""
+    out: dict[int, dict[str, float]] = {}
+    for e in exp.history:
+        if e.envoy and e.stage == stage:
+            for m in e.metrics:
+                if m.name == metric:
+                    out.setdefault(e.round, {})[e.envoy] = m.value
+    return out
+
+
+def envoy_validation_sets():
+    """The envoys' validation splits (shards 1/2 and 2/2 of test_batch), cut like SubsetDataset."""
+    import sys
+
+    sys.path.insert(0, str(SHARED_DATA.parents[2] / "main" / "envoy"))
+    from cifar10_shard_descriptor import CIFAR10ShardDescriptor
+
+    return [{k: v[:LIMIT] for k, v in CIFAR10ShardDescriptor(f"{i}, 2", str(SHARED_DATA)).get_split("valid").items()}
+            for i in (1, 2)]
+
+
+def union_accuracy(state, valid_sets):
+    correct = sum(evaluate(state, v) * len(v["label"]) for v in valid_sets)
+    return correct / sum(len(v["label"]) for v in valid_sets)
+
+
+def test_registry_lists_both_shards(federation):
+    registry = federation.get_shard_registry()
     assert sorted(registry) == ["env1", "env2"]
     assert registry["env1"]["shard_info"]["n_samples"] == {"train": 2585, "valid": 509}
+    assert registry["env2"]["shard_info"]["n_samples"] == {"train": 2585, "valid": 508}
+    assert all(entry["is_online"] for entry in registry.values())
+    sample, target = federation.get_dummy_shard_descriptor(size=10).get_dataset("train")[0]
+    assert sample.shape == (32, 32, 3) and target.shape == (1,)
+
+
+def test_inplace_tasks_train_compile_once_and_return_best_and_last(federation, fed_stack):
+    exp, rows = run(federation, "inplace", rounds=3, style="inplace")
     status = exp.get_experiment_status()
-    assert status.state == "finished", stack.logs()
-    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert status.state == "finished" and status.current_round == 3
+    assert [row["round"] for row in rows] == [0, 1, 2, 3]  # three training rounds + the final validation
+    # every aggregated model, the last one included, was validated
+    assert all("agg_val/validation_accuracy" in row for row in rows)
+
+    # compile once: one worker process per envoy for the whole experiment, whose jit step traced once
+    pids, traces = per_envoy(exp, r.STAGE_TRAIN, "pid"), per_envoy(exp, r.STAGE_TRAIN, "traces")
+    for envoy in ("env1", "env2"):
+        assert len({pids[rnd][envoy] for rnd in range(3)}) == 1
+        assert [traces[rnd][envoy] for rnd in range(3)] == [1.0, 1.0, 1.0]
+    assert pids[0]["env1"] != pids[0]["env2"]
+
+    # best and last come back as usable states whose local evaluation matches the director's metric
+    valid_sets = envoy_validation_sets()
     best, last = exp.get_best_model(), exp.get_last_model()
-    assert status.best_round in (1, 2)
-    print(rows)
+    assert 1 <= status.best_round <= 3
+    assert union_accuracy(best, valid_sets) == pytest.approx(status.best_value, abs=1e-6)
+    assert union_accuracy(last, valid_sets) == pytest.approx(rows[3]["agg_val/validation_accuracy"], abs=1e-6)
+    assert status.best_value == pytest.approx(max(row["agg_val/validation_accuracy"] for row in rows[1:]), abs=1e-9)
+    assert rows[status.best_round]["agg_val/validation_accuracy"] == pytest.approx(status.best_value)
+
+    # FedAvg of two equal-size shards: the aggregated model is the mean of the envoys' models,
+    # so it differs from the initial model, and its step is the max of the envoys' steps
+    initial = create_train_state()
+    assert not np.allclose(last.params["Dense_1"]["kernel"], initial.params["Dense_1"]["kernel"])
+    assert int(last.step) == 3 * (LIMIT // 64)
+
+
+def test_returning_tasks_train_too(federation):
+    exp, rows = run(federation, "returning", rounds=2, style="returning")
+    assert exp.get_experiment_status().state == "finished"
+    # the trained state came back through the (new_state, metrics) return value
+    assert per_envoy(exp, r.STAGE_TRAIN, "trace_norm_at_start")[1]["env1"] > 0
+    assert int(exp.get_last_model().step) == 2 * (LIMIT // 64)
+
+
+def test_opt_treatments_are_observably_different(federation):
+    norms, bytes_sent = {}, {}
+    for treatment in ("RESET", "CONTINUE_LOCAL", "CONTINUE_GLOBAL"):
+        exp, rows = run(federation, f"opt-{treatment.lower()}", rounds=3, opt_treatment=treatment)
+        norms[treatment] = per_envoy(exp, r.STAGE_TRAIN, "trace_norm_at_start")
+        bytes_sent[treatment] = [m.value for e in exp.history if e.stage == r.STAGE_ROUND
+                                 for m in e.metrics if m.name == "bytes_sent"]
+    # RESET: every round starts from a fresh optimizer state
+    assert all(v == 0.0 for rnd in norms["RESET"].values() for v in rnd.values())
+    # CONTINUE_LOCAL: each envoy continues its own momentum, so the envoys differ
+    for rnd in (1, 2):
+        local = norms["CONTINUE_LOCAL"][rnd]
+        assert local["env1"] > 0 and local["env2"] > 0 and local["env1"] != local["env2"]
+    # CONTINUE_GLOBAL: both start from the same averaged momentum
+    for rnd in (1, 2):
+        glob = norms["CONTINUE_GLOBAL"][rnd]
+        assert glob["env1"] > 0 and glob["env1"] == pytest.approx(glob["env2"], rel=1e-6)
+    # only CONTINUE_GLOBAL moves optimizer state over the wire
+    assert bytes_sent["RESET"] == bytes_sent["CONTINUE_LOCAL"]
+    assert all(g > 1.9 * r_ for g, r_ in zip(bytes_sent["CONTINUE_GLOBAL"], bytes_sent["RESET"]))
+
+
+def test_experiments_queue_while_one_runs(federation):
+    first, second = (FLExperiment(federation=federation, experiment_name=n) for n in ("queue-a", "queue-b"))
+    kwargs = dict(task_keeper=make_tasks(), data_loader=SubsetDataset(limit=LIMIT), rounds_to_train=1,
+                  device_assignment_policy="CPU_ONLY")
+    assert first.start(model_provider=ModelInterface(model=create_train_state()), **kwargs) == 0
+    assert second.start(model_provider=ModelInterface(model=create_train_state()), **kwargs) == 1
+    assert second.get_experiment_status().state == "queued"
+    assert {s.name: s.state for s in federation.list_experiments()}["queue-b"] == "queued"
+    assert second.wait(timeout_s=300).state == "finished"
+    assert first.get_experiment_status().state == "finished"
+
+
+def test_failing_task_fails_the_experiment_with_its_message(federation):
+    TI = make_tasks()
+
+    @TI.register_fl_task(model="state", data_loader="dataset", device="device")
+    def validate(state, dataset, device):
+        raise ValueError("labels look wrong")
+
+    with pytest.raises(ExperimentFailed, match="labels look wrong"):
+        run(federation, "failing", rounds=1, tasks=TI)
+    assert "labels look wrong" in FLExperiment(federation, "failing").get_experiment_status().error
+
+
+def test_bad_notebook_calls_get_clear_errors(federation):
+    exp = FLExperiment(federation=federation, experiment_name="never")
+    model = ModelInterface(model=create_train_state())
+    with pytest.raises(TaskError, match="no training task"):
+        TI = TaskInterface()
+
+        @TI.register_fl_task(model="state", data_loader="dataset", device="device")
+        def validate(state, dataset, device):
+            return {}
+
+        exp.start(model_provider=model, task_keeper=TI, data_loader=SubsetDataset(), rounds_to_train=1)
+    with pytest.raises(TaskError, match="has no task 'evaluate'; registered tasks: train, validate"):
+        make_tasks().get_task("evaluate")
+    with pytest.raises(ValueError, match="opt_treatment 'GLOBAL'"):
+        exp.start(model_provider=model, task_keeper=make_tasks(), data_loader=SubsetDataset(), rounds_to_train=1,
+                  opt_treatment="GLOBAL")
+    with pytest.raises(ValueError, match="rounds_to_train"):
+        exp.start(model_provider=model, task_keeper=make_tasks(), data_loader=SubsetDataset(), rounds_to_train=0)
+    with pytest.raises(NotFoundError, match="no experiment named 'never'"):
+        exp.get_experiment_status()
+
+
+def test_unreachable_director_is_a_clear_error():
+    port = free_port()
+    with pytest.raises(ConnectionError, match=f"cannot reach the director at 127.0.0.1:{port}"):
+        Federation(director_node_fqdn="127.0.0.1", director_port=port, tls=False, timeout_s=2)

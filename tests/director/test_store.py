@@ -1,0 +1,231 @@
+"""fedjax_core.director.store: the director's SQLite state, and that it survives a restart."""
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from fedjax_core import records as r
+from fedjax_core.director.store import Store
+
+
+def _info(n: int = 1) -> r.ShardInfo:
+    return r.ShardInfo(description=f"cifar10 shard {n} of 2", sample_shape=("32", "32", "3"), target_shape=("1",),
+                       train_size=2585 + n, valid_size=508 + n, hostname=f"host{n}", devices=("cuda:0", "cuda:1"))
+
+
+def _header(name: str, rounds: int = 3) -> r.ExperimentHeader:
+    return r.ExperimentHeader(
+        name=name, rounds=rounds, opt_treatment="CONTINUE_GLOBAL", aggregation="fedavg", best_metric="valid_acc",
+        best_higher_is_better=False, bundle_size=12345, envoys=("env_one", "env_two"), submitter="api",
+        model_spec=(r.TensorSpec("params/Dense_0/kernel", "float32", (256, 10)),
+                    r.TensorSpec("opt_state/count", "int32", ())),
+    )
+
+
+def _event(round_: int, envoy: str, stage: str = r.STAGE_TRAIN, value: float = 0.5) -> r.MetricEvent:
+    return r.MetricEvent(round=round_, envoy=envoy, stage=stage,
+                         metrics=(r.Metric(stage, "acc", value), r.Metric(stage, "loss", 1 / 3)),
+                         timestamp=1_700_000_000.25 + round_, round_time_s=0.125 * (round_ + 1))
+
+
+@pytest.fixture
+def path(tmp_path) -> Path:
+    return tmp_path / "state" / "director.sqlite"
+
+
+@pytest.fixture
+def store(path):
+    s = Store(path)
+    yield s
+    s.close()
+
+
+# ---------------------------------------------------------------------- envoys
+def test_upsert_envoy_and_list(store):
+    before = time.time()
+    store.upsert_envoy("env_two", _info(2))
+    store.upsert_envoy("env_one", _info(1))
+    envoys = store.envoys()
+    assert [name for name, _, _ in envoys] == ["env_one", "env_two"]  # by name
+    assert envoys[0][1] == _info(1)
+    assert envoys[1][1] == _info(2)
+    assert all(before <= seen <= time.time() for _, _, seen in envoys)
+
+
+def test_upsert_replaces_shard_info(store):
+    store.upsert_envoy("env_one", _info(1))
+    store.upsert_envoy("env_one", _info(7))
+    envoys = store.envoys()
+    assert len(envoys) == 1
+    assert envoys[0][1] == _info(7)
+
+
+def test_touch_envoy(store):
+    assert store.touch_envoy("ghost") is False
+    store.upsert_envoy("env_one", _info(1))
+    (_, _, first), = store.envoys()
+    assert store.touch_envoy("env_one") is True
+    (_, _, second), = store.envoys()
+    assert second >= first
+    assert store.envoys()[0][1] == _info(1)
+
+
+# ----------------------------------------------------------------- experiments
+def test_add_and_read_experiment(store):
+    h = _header("exp1")
+    store.add_experiment(h)
+    row = store.experiment("exp1")
+    assert row is not None
+    assert row.header == h
+    assert row.state == "queued"
+    assert row.envoys == ()
+    assert row.current_round == 0 and row.best_round == -1 and row.best_value is None
+    assert row.best_metric == "valid_acc"
+    assert row.error == ""
+    assert store.experiment("nope") is None
+
+
+def test_experiment_names_are_unique(store):
+    store.add_experiment(_header("exp1"))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_experiment(_header("exp1"))
+    assert len(store.experiments()) == 1
+
+
+def test_update_experiment(store):
+    store.add_experiment(_header("exp1"))
+    store.update_experiment("exp1", state="running", envoys=("env_two", "env_one"), current_round=2,
+                            best_round=1, best_value=0.8125, error="")
+    row = store.experiment("exp1")
+    assert row.state == "running"
+    assert row.envoys == ("env_two", "env_one")
+    assert (row.current_round, row.best_round, row.best_value) == (2, 1, 0.8125)
+    status = row.status()
+    assert status == r.ExperimentStatus(name="exp1", state="running", current_round=2, rounds=3,
+                                        envoys=("env_two", "env_one"), best_round=1, best_value=0.8125,
+                                        error="", submitted_at=row.submitted_at, best_metric="valid_acc")
+
+
+def test_status_without_best_value_is_nan(store):
+    store.add_experiment(_header("exp1"))
+    status = store.experiment("exp1").status()
+    assert status.best_value != status.best_value  # NaN
+
+
+def test_experiments_listed_in_submission_order_and_filtered_by_state(store):
+    names = ["zeta", "alpha", "mid"]
+    for n in names:
+        store.add_experiment(_header(n))
+    store.update_experiment("alpha", state="running")
+    store.update_experiment("zeta", state="finished")
+    assert [row.name for row in store.experiments()] == names  # submission order, not alphabetical
+    assert [row.name for row in store.experiments("queued")] == ["mid"]
+    assert [row.name for row in store.experiments("running")] == ["alpha"]
+    assert [row.name for row in store.experiments("finished")] == ["zeta"]
+    assert store.experiments("failed") == []
+    submitted = [row.submitted_at for row in store.experiments()]
+    assert submitted == sorted(submitted)
+
+
+# --------------------------------------------------------------------- updates
+def test_updates_add_list_drop(store, tmp_path):
+    store.add_update("exp1", 0, "env_one", 2585.0, tmp_path / "u1.fjm", 1000)
+    store.add_update("exp1", 0, "env_two", 2586.0, tmp_path / "u2.fjm", 2000)
+    store.add_update("exp1", 1, "env_one", 10.0, tmp_path / "u3.fjm", 3000)
+    store.add_update("exp2", 0, "env_one", 11.0, tmp_path / "u4.fjm", 4000)
+    got = sorted(store.updates("exp1", 0))
+    assert got == [("env_one", 2585.0, tmp_path / "u1.fjm", 1000), ("env_two", 2586.0, tmp_path / "u2.fjm", 2000)]
+    assert all(isinstance(p, Path) for _, _, p, _ in got)
+    assert store.updates("exp1", 1) == [("env_one", 10.0, tmp_path / "u3.fjm", 3000)]
+    store.drop_updates("exp1", 0)
+    assert store.updates("exp1", 0) == []
+    assert len(store.updates("exp1", 1)) == 1  # other rounds and experiments untouched
+    assert len(store.updates("exp2", 0)) == 1
+
+
+def test_an_envoy_has_one_update_per_round(store, tmp_path):
+    store.add_update("exp1", 0, "env_one", 1.0, tmp_path / "a", 1)
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_update("exp1", 0, "env_one", 2.0, tmp_path / "b", 2)
+    assert store.updates("exp1", 0) == [("env_one", 1.0, tmp_path / "a", 1)]
+
+
+# ---------------------------------------------------------------------- events
+def test_events_add_and_list(store):
+    e0 = _event(0, "env_one", r.STAGE_AGGREGATED, 0.1)
+    e1 = _event(0, "env_one", r.STAGE_TRAIN, 0.2)
+    e2 = _event(1, "", r.STAGE_ROUND, 0.3)
+    store.add_event("exp1", e0, weight=508)
+    store.add_event("exp1", e1, weight=2585)
+    store.add_event("exp2", _event(0, "env_two"))
+    store.add_event("exp1", e2)
+    rows = store.events("exp1")
+    assert [ev for _, ev, _ in rows] == [e0, e1, e2]
+    assert [w for _, _, w in rows] == [508.0, 2585.0, 0.0]
+    ids = [i for i, _, _ in rows]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+
+
+def test_events_after_id(store):
+    events = [_event(k // 2, f"env{k % 2}", value=k / 10) for k in range(6)]
+    for e in events:
+        store.add_event("exp1", e)
+    rows = store.events("exp1")
+    cut = rows[2][0]
+    assert [ev for _, ev, _ in store.events("exp1", after_id=cut)] == events[3:]
+    assert store.events("exp1", after_id=rows[-1][0]) == []
+
+
+def test_events_round_filter(store):
+    events = [_event(k // 2, f"env{k % 2}", value=k / 10) for k in range(6)]
+    for e in events:
+        store.add_event("exp1", e)
+    assert [ev for _, ev, _ in store.events("exp1", round_=1)] == events[2:4]
+    assert [ev for _, ev, _ in store.events("exp1", round_=0)] == events[:2]
+    first_round_2 = store.events("exp1", round_=2)[0][0]
+    assert [ev for _, ev, _ in store.events("exp1", after_id=first_round_2, round_=2)] == events[5:]
+    assert store.events("exp1", round_=9) == []
+
+
+# --------------------------------------------------------------------- restart
+def test_data_survives_close_and_reopen(path, tmp_path):
+    s = Store(path)
+    s.upsert_envoy("env_one", _info(1))
+    s.add_experiment(_header("exp1", rounds=5))
+    s.add_experiment(_header("exp2"))
+    s.update_experiment("exp1", state="running", envoys=("env_one",), current_round=3, best_round=2,
+                        best_value=0.75, error="")
+    s.add_update("exp1", 3, "env_one", 2585.0, tmp_path / "u.fjm", 4096)
+    e = _event(2, "", r.STAGE_ROUND, 0.75)
+    s.add_event("exp1", e, weight=3)
+    s.close()
+
+    s2 = Store(path)
+    try:
+        assert s2.envoys()[0][:2] == ("env_one", _info(1))
+        assert [row.name for row in s2.experiments()] == ["exp1", "exp2"]
+        row = s2.experiment("exp1")
+        assert row.header == _header("exp1", rounds=5)
+        assert (row.state, row.envoys, row.current_round, row.best_round, row.best_value) == \
+            ("running", ("env_one",), 3, 2, 0.75)
+        assert s2.experiments("running")[0].name == "exp1"
+        assert s2.updates("exp1", 3) == [("env_one", 2585.0, tmp_path / "u.fjm", 4096)]
+        (first_id, ev, w), = s2.events("exp1")
+        assert ev == e and w == 3.0
+        # New rows keep counting after the old ones.
+        s2.add_event("exp1", _event(3, "env_one"))
+        s2.add_experiment(_header("exp3"))
+        assert s2.events("exp1")[-1][0] > first_id
+        assert [row.name for row in s2.experiments()] == ["exp1", "exp2", "exp3"]
+    finally:
+        s2.close()
+
+
+def test_store_creates_parent_folders(tmp_path):
+    path = tmp_path / "a" / "b" / "director.sqlite"
+    s = Store(path)
+    s.close()
+    assert path.is_file()

@@ -1,0 +1,159 @@
+"""The tutorial notebook, executed end to end against the tutorial's own start scripts.
+
+A director and two envoys are started through ``director/start_director.sh`` and
+``envoy/start_envoy.sh`` (copies in tmp_path, so ports and state never clash with anything
+running from the repository), then ``workspace/FLAX_CIFAR10_CNN.ipynb`` runs headless with
+nbclient in a copy of ``workspace/``, so its TensorBoard logs land in tmp_path too.
+
+Environment knobs:
+- ``FEDJAX_TEST_ROUNDS`` (default 3): federated rounds the notebook trains;
+- ``FEDJAX_WRITE_DOCS=1``: save the notebook's figure as ``docs/cifar10_curves.png`` in the
+  repository (otherwise it goes to tmp_path).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from processes import REPO, SHARED_DATA, Process, free_port
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOK = REPO / "workspace" / "FLAX_CIFAR10_CNN.ipynb"
+ROUNDS = int(os.environ.get("FEDJAX_TEST_ROUNDS", "3"))
+EXPERIMENT = "notebook_cifar10"
+
+
+def _copy_tutorial(tmp_path: Path, port: int) -> tuple[Path, Path]:
+    """Copies of director/ and envoy/ with a free port and an absolute data_dir; nothing left over from runs."""
+    leftovers = shutil.ignore_patterns("director_state", "logs", "envoy_workspace", "__pycache__")
+    director_dir = Path(shutil.copytree(REPO / "director", tmp_path / "director", ignore=leftovers))
+    envoy_dir = Path(shutil.copytree(REPO / "envoy", tmp_path / "envoy", ignore=leftovers))
+
+    config_path = director_dir / "director_config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["settings"]["listen_port"] = port
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    for name in ("envoy_config.yaml", "envoy_config_2.yaml"):
+        config_path = envoy_dir / name
+        config = yaml.safe_load(config_path.read_text())
+        config["shard_descriptor"]["params"]["data_dir"] = str(SHARED_DATA)
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return director_dir, envoy_dir
+
+
+def _text_outputs(nb) -> str:
+    """Everything the notebook printed (stdout streams and plain-text results), in cell order."""
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stdout":
+                parts.append(out["text"])
+            elif out.get("output_type") in ("execute_result", "display_data") and "text/plain" in out.get("data", {}):
+                parts.append(out["data"]["text/plain"] + "\n")
+    return "".join(parts)
+
+
+def _value(text: str, key: str) -> float:
+    match = re.search(rf"^{key}=(\S+)$", text, re.MULTILINE)
+    assert match, f"the notebook printed no {key}=... line; its output:\n{text}"
+    return float(match.group(1))
+
+
+@pytest.mark.timeout(900)
+def test_tutorial_notebook_runs_against_the_shipped_scripts(tmp_path, monkeypatch):
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"CIFAR-10 subset not found at {SHARED_DATA}")
+    port = free_port()
+    director_dir, envoy_dir = _copy_tutorial(tmp_path, port)
+    # The copies live outside the repository, so the scripts cannot find ../.venv/bin/fedjax themselves.
+    env = {"FEDJAX_BIN": str(Path(sys.executable).parent / "fedjax")}
+
+    workdir = tmp_path / "workspace"
+    workdir.mkdir()
+    shutil.copy(NOTEBOOK, workdir / NOTEBOOK.name)
+    write_docs = os.environ.get("FEDJAX_WRITE_DOCS") == "1"
+    plot_path = REPO / "docs" / "cifar10_curves.png" if write_docs else tmp_path / "cifar10_curves.png"
+
+    processes: list[Process] = []
+    started = time.monotonic()
+    try:
+        director = Process([str(director_dir / "start_director.sh")], env=env, name="director")
+        processes.append(director)
+        director.wait_for(r"DIRECTOR READY")
+        for name, config in (("env_one", "envoy_config.yaml"), ("env_two", "envoy_config_2.yaml")):
+            processes.append(Process([str(envoy_dir / "start_envoy.sh"), name, config, "-dh", "127.0.0.1",
+                                      "-dp", str(port)], env=env, name=name))
+        for envoy in processes[1:]:
+            envoy.wait_for(r"ENVOY READY")
+        stack_ready = time.monotonic()
+
+        # nbclient starts the kernel with this process's environment.
+        monkeypatch.setenv("FEDJAX_DIRECTOR_HOST", "127.0.0.1")
+        monkeypatch.setenv("FEDJAX_DIRECTOR_PORT", str(port))
+        monkeypatch.setenv("FEDJAX_ROUNDS", str(ROUNDS))
+        monkeypatch.setenv("FEDJAX_EXPERIMENT", EXPERIMENT)
+        monkeypatch.setenv("FEDJAX_CIFAR10_DIR", str(SHARED_DATA))
+        monkeypatch.setenv("FEDJAX_PLOT_PATH", str(plot_path))
+        # The envoys' workers run on CPU (cuda_devices: []); so does the notebook's own check.
+        monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+        monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+
+        nb = nbformat.read(NOTEBOOK, as_version=4)
+        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                         resources={"metadata": {"path": str(workdir)}})
+        try:
+            client.execute()
+        finally:
+            nbformat.write(nb, tmp_path / "executed.ipynb")
+        finished = time.monotonic()
+    except BaseException:
+        for p in processes:
+            print(f"===== {p.name} =====\n{p.output()}")
+        raise
+    finally:
+        for p in reversed(processes):
+            p.stop()
+
+    text = _text_outputs(nb)
+    print(text)
+    print(f"stack start {stack_ready - started:.1f}s, notebook {finished - stack_ready:.1f}s")
+
+    # every round completed
+    status = re.search(r"state=(\w+), current_round=(\d+), rounds=(\d+)", text)
+    assert status, text
+    assert status.group(1) == "finished", text
+    assert int(status.group(2)) == ROUNDS and int(status.group(3)) == ROUNDS, text
+
+    # the per-round table: round 0 validates the initial model, round ROUNDS the final aggregate
+    per_round = {int(m.group(1)): float(m.group(2))
+                 for m in re.finditer(r"^round (\d+)\s+agg_val_acc=(\S+)", text, re.MULTILINE)}
+    assert sorted(per_round) == list(range(ROUNDS + 1)), text
+    assert max(per_round[r] for r in range(1, ROUNDS + 1)) > per_round[0], per_round
+    assert per_round[ROUNDS] > per_round[0], per_round
+
+    # the best model, returned into the notebook and evaluated there, scores what the director reported
+    best_round = int(_value(text, "BEST_ROUND"))
+    director_acc = _value(text, "DIRECTOR_VALIDATION_ACCURACY")
+    notebook_acc = _value(text, "NOTEBOOK_VALIDATION_ACCURACY")
+    assert 1 <= best_round <= ROUNDS
+    assert abs(notebook_acc - director_acc) < 1e-6, (notebook_acc, director_acc)
+    assert abs(per_round[best_round] - director_acc) < 1e-4, (per_round, director_acc)
+    assert director_acc == pytest.approx(max(per_round[r] for r in range(1, ROUNDS + 1)), abs=1e-4)
+    assert _value(text, "TEST_ACCURACY") > 0.1
+
+    # TensorBoard event files beside the notebook (and the director's own)
+    assert list((workdir / "logs" / EXPERIMENT).rglob("events.out.tfevents.*")), list(workdir.rglob("*"))
+    assert list((director_dir / "logs" / EXPERIMENT).rglob("events.out.tfevents.*"))
+    # the figure
+    assert plot_path.is_file() and plot_path.stat().st_size > 10_000
+    assert any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))

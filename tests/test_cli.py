@@ -1,0 +1,142 @@
+"""``python -m fedjax_core``: configuration mistakes end with exit 2 and a message that says what to fix.
+
+Also: the director and envoy daemons never import JAX.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+DIRECTOR_YAML = """\
+settings:
+  listen_host: 127.0.0.1
+  listen_port: 0
+  sample_shape: ['32', '32', '3']
+  target_shape: ['1']
+"""
+
+ENVOY_YAML = """\
+params:
+  cuda_devices: []
+optional_plugin_components: {}
+shard_descriptor:
+  template: TEMPLATE
+  params:
+    rank_worldsize: 1, 2
+"""
+
+
+def fedjax(cwd: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "-m", "fedjax_core", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _assert_clean_exit(proc: subprocess.CompletedProcess, code: int = 2) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_director_missing_config_file(tmp_path):
+    proc = fedjax(tmp_path, "director", "start", "-c", "missing_config.yaml", "--disable-tls")
+    _assert_clean_exit(proc)
+    assert str(tmp_path / "missing_config.yaml") in proc.stderr
+    assert not (tmp_path / "director_state").exists()
+
+
+def test_director_unknown_key(tmp_path):
+    config = _write(tmp_path / "d.yaml", DIRECTOR_YAML.replace("listen_port:", "listen_prot:"))
+    proc = fedjax(tmp_path, "director", "start", "-c", str(config), "--disable-tls")
+    _assert_clean_exit(proc)
+    assert "settings.listen_prot" in proc.stderr
+    assert "unknown key" in proc.stderr
+    assert "listen_port" in proc.stderr
+    assert not (tmp_path / "director_state").exists()  # validated before any side effect
+
+
+def test_director_wrong_type(tmp_path):
+    config = _write(tmp_path / "d.yaml", DIRECTOR_YAML.replace("listen_port: 0", "listen_port: abc"))
+    proc = fedjax(tmp_path, "director", "start", "-c", str(config), "--disable-tls")
+    _assert_clean_exit(proc)
+    assert "settings.listen_port" in proc.stderr
+    assert "abc" in proc.stderr
+
+
+def test_director_without_tls_needs_disable_tls(tmp_path):
+    config = _write(tmp_path / "d.yaml", DIRECTOR_YAML)
+    proc = fedjax(tmp_path, "director", "start", "-c", str(config))
+    _assert_clean_exit(proc)
+    assert "--disable-tls" in proc.stderr
+    assert "fedjax pki" in proc.stderr
+    assert "DIRECTOR READY" not in proc.stdout
+    assert not (tmp_path / "director_state").exists()
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "http"])
+def test_envoy_bad_director_port(tmp_path, port):
+    config = _write(tmp_path / "e.yaml", ENVOY_YAML.replace("TEMPLATE", "nosuch.Descriptor"))
+    proc = fedjax(tmp_path, "envoy", "start", "-n", "env1", "-c", str(config), "-dp", port, "--disable-tls")
+    _assert_clean_exit(proc)
+    assert "usage:" in proc.stderr  # argparse's error, before anything starts
+    assert "-dp/--director-port" in proc.stderr
+    assert port in proc.stderr
+
+
+def test_envoy_unknown_shard_module(tmp_path):
+    template = "no_such_descriptor_module.MyShardDescriptor"
+    config = _write(tmp_path / "e.yaml", ENVOY_YAML.replace("TEMPLATE", template))
+    proc = fedjax(tmp_path, "envoy", "start", "-n", "env1", "-c", str(config), "--disable-tls")
+    _assert_clean_exit(proc)
+    assert template in proc.stderr
+    assert "shard_descriptor" in proc.stderr
+
+
+def test_envoy_unknown_shard_class(tmp_path):
+    (tmp_path / "my_descriptors.py").write_text("X = 1\n")
+    template = "my_descriptors.MissingDescriptor"
+    config = _write(tmp_path / "e.yaml", ENVOY_YAML.replace("TEMPLATE", template))
+    proc = fedjax(tmp_path, "envoy", "start", "-n", "env1", "-c", str(config), "--disable-tls")
+    _assert_clean_exit(proc)
+    assert template in proc.stderr
+    assert "MissingDescriptor" in proc.stderr
+
+
+def test_envoy_without_tls_needs_disable_tls(tmp_path):
+    config = _write(tmp_path / "e.yaml", ENVOY_YAML.replace("TEMPLATE", "nosuch.Descriptor"))
+    proc = fedjax(tmp_path, "envoy", "start", "-n", "env1", "-c", str(config))
+    _assert_clean_exit(proc)
+    assert "--disable-tls" in proc.stderr
+
+
+def test_partial_tls_flags_are_refused(tmp_path):
+    config = _write(tmp_path / "d.yaml", DIRECTOR_YAML)
+    proc = fedjax(tmp_path, "director", "start", "-c", str(config), "-rc", "ca.crt")
+    _assert_clean_exit(proc)
+    assert "--public-cert-path" in proc.stderr and "--private-key-path" in proc.stderr
+
+
+def test_daemons_never_import_jax():
+    code = textwrap.dedent("""
+        import sys
+        import fedjax_core.director.server
+        import fedjax_core.envoy.daemon
+        import fedjax_core.cli
+        import fedjax_core
+        heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax'))
+        print('HEAVY=' + ','.join(heavy))
+        assert 'jax' not in sys.modules
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY=\n" in proc.stdout, proc.stdout
