@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     director = sub.add_parser("director", help="the coordinating service").add_subparsers(dest="action", required=True)
     d_start = director.add_parser("start", help="serve until stopped (SIGTERM/SIGINT)")
     d_start.add_argument("-c", "--director-config-path", dest="config", required=True)
+    d_start.add_argument("-p", "--listen-port", type=_port, help="overrides settings.listen_port")
+    d_start.add_argument("--listen-host", help="overrides settings.listen_host")
     _tls_args(d_start)
 
     envoy = sub.add_parser("envoy", help="a data owner's daemon").add_subparsers(dest="action", required=True)
@@ -83,6 +85,9 @@ def _director_start(args) -> int:
     from fedjax_core.director.server import run_director
 
     config = load_config(args.config, DirectorConfig)
+    overrides = {k: v for k, v in (("listen_port", args.listen_port), ("listen_host", args.listen_host)) if v}
+    if overrides:
+        config = config.model_copy(update={"settings": config.settings.model_copy(update=overrides)})
     config_dir = Path(args.config).resolve().parent
     run_director(config, _tls(args, config.tls, config_dir))
     return 0

@@ -58,7 +58,7 @@ class EnvoyParams(_Model):
     cuda_devices: list[Annotated[int, Field(ge=0, strict=True)]] = []
     jax_preallocate: bool = False
     jax_memory_fraction: float | None = Field(None, gt=0, le=1, strict=True)
-    work_dir: str = "envoy_workspace"
+    work_dir: str = "envoy_workspace"  # relative to the config file
 
 
 class ShardDescriptorConfig(_Model):

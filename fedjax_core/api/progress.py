@@ -28,6 +28,7 @@ class MetricsView:
         self.rounds = status.rounds
         self.logger = ExperimentLogger(log_dir) if log_dir is not None else None
         self.progress = progress
+        self.live_table = live_table
         self.notebook = _in_notebook() and live_table
         self.rows: list[dict] = []
         self._bar = None
@@ -77,7 +78,7 @@ class MetricsView:
                 self._table = display(html, display_id=True)
             else:
                 self._table.update(html)
-        elif round_ not in self._printed:
+        elif self.live_table and round_ not in self._printed:
             self._printed.add(round_)
             row = self.rows[round_]
             cells = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from fedjax_core import records as r
-from fedjax_core.config import EnvoyConfig, EnvoyParams
+from fedjax_core.config import EnvoyConfig, EnvoyParams, resolve_path
 from fedjax_core.envoy.client import EnvoyClient
 from fedjax_core.shard_descriptor import ShardDescriptor, load_shard_descriptor
 from fedjax_core.transport import Backoff, TLSFiles
@@ -58,7 +58,7 @@ class EnvoyDaemon:
         self.name, self.config, self.config_dir = name, config, config_dir.resolve()
         self.host, self.port, self.tls = host, port, tls
         self.stop = threading.Event()
-        self.work_dir = Path(config.params.work_dir).resolve() / name
+        self.work_dir = resolve_path(config.params.work_dir, self.config_dir) / name
         self.shard = load_shard_descriptor(config.shard_descriptor.template, config.shard_descriptor.params,
                                            self.config_dir)
         self.info = shard_info(self.shard, config.params)

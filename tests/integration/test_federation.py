@@ -38,13 +38,22 @@ def federation(fed_stack):
     fed.close()
 
 
-def run(federation, name, rounds=2, opt_treatment="CONTINUE_GLOBAL", style="inplace", tasks=None):
+def run(federation, name, rounds=2, opt_treatment="CONTINUE_GLOBAL", style="inplace", tasks=None, log_dir=None):
     exp = FLExperiment(federation=federation, experiment_name=name)
     exp.start(model_provider=ModelInterface(model=create_train_state(), optimizer=None),
               task_keeper=tasks or make_tasks(style), data_loader=SubsetDataset(limit=LIMIT),
               rounds_to_train=rounds, opt_treatment=opt_treatment, device_assignment_policy="CPU_ONLY")
-    rows = exp.stream_metrics(tensorboard_logs=False, progress=False)
+    rows = exp.stream_metrics(tensorboard_logs=log_dir is not None, log_dir=log_dir or "logs", progress=False)
     return exp, rows
+
+
+def scalars(run_dir):
+    """{tag: [steps]} read back from a TensorBoard run directory with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def per_envoy(exp, stage, metric):
@@ -84,8 +93,8 @@ def test_registry_lists_both_shards(federation):
     assert sample.shape == (32, 32, 3) and target.shape == (1,)
 
 
-def test_inplace_tasks_train_compile_once_and_return_best_and_last(federation, fed_stack):
-    exp, rows = run(federation, "inplace", rounds=3, style="inplace")
+def test_inplace_tasks_train_compile_once_and_return_best_and_last(federation, fed_stack, tmp_path):
+    exp, rows = run(federation, "inplace", rounds=3, style="inplace", log_dir=tmp_path / "notebook_logs")
     status = exp.get_experiment_status()
     assert status.state == "finished" and status.current_round == 3
     assert [row["round"] for row in rows] == [0, 1, 2, 3]  # three training rounds + the final validation
@@ -195,3 +204,20 @@ def test_unreachable_director_is_a_clear_error():
     port = free_port()
     with pytest.raises(ConnectionError, match=f"cannot reach the director at 127.0.0.1:{port}"):
         Federation(director_node_fqdn="127.0.0.1", director_port=port, tls=False, timeout_s=2)
+
+
+def test_tensorboard_has_every_round_for_each_envoy_and_the_aggregate(federation, fed_stack, tmp_path):
+    run(federation, "tensorboard", rounds=2, log_dir=tmp_path / "logs")
+    validated, trained = [0, 1, 2], [0, 1]
+    for root in (fed_stack.workdir / "logs" / "tensorboard", tmp_path / "logs" / "tensorboard"):  # director, notebook
+        assert sorted(p.name for p in root.iterdir()) == ["aggregated", "env1", "env2"]
+        for envoy in ("env1", "env2"):
+            tags = scalars(root / envoy)
+            assert tags["aggregated_model_validation/validation_accuracy"] == validated
+            assert tags["train/train_acc"] == trained
+            assert tags["locally_tuned_model_validation/validation_accuracy"] == trained
+        tags = scalars(root / "aggregated")
+        assert tags["aggregated_model_validation/validation_accuracy"] == validated
+        assert tags["train/train_acc"] == trained
+        for tag in ("round/time_s", "round/bytes_received", "round/bytes_sent", "round/envoys_reported"):
+            assert tags[tag] == trained
