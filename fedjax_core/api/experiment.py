@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,7 +21,7 @@ from fedjax_core.api.interfaces import DataInterface, ModelInterface, TaskInterf
 from fedjax_core.api.model_tensors import state_to_tensors, tensors_to_state
 from fedjax_core.proto import federation_service_pb2 as fed_pb
 from fedjax_core.tensors import assemble, iter_chunks, spec_of
-from fedjax_core.transport import raise_domain_error
+from fedjax_core.transport import RETRYABLE, Backoff, raise_domain_error
 
 DEVICE_POLICIES = ("CPU_ONLY", "CUDA_PREFERRED")
 BUNDLE_CHUNK = 1 << 20
@@ -135,30 +136,51 @@ class FLExperiment:
 
         view = MetricsView(self, Path(log_dir) / self.experiment_name if tensorboard_logs else None,
                            progress=progress, live_table=live_table)
-        request = fed_pb.StreamMetricsRequest(experiment_name=self.experiment_name)
         try:
-            for msg in self.federation.stub.StreamMetrics(request):
-                event = serde.metric_event_from_proto(msg)
+            for event in self._events():
                 if event.experiment_done:
-                    view.close()
                     if event.state == "failed":
                         raise ExperimentFailed(f"experiment {self.experiment_name!r} failed: "
                                                f"{self.get_experiment_status().error}")
-                    return view.rows
+                    break
                 self.history.append(event)
                 view.add(event)
-        except grpc.RpcError as exc:
+        finally:
             view.close()
-            raise_domain_error(exc)
-            raise self.federation.connection_error(exc) from None
-        view.close()
         return view.rows
 
-    def wait(self, timeout_s: float = math.inf) -> r.ExperimentStatus:
-        """Block until the experiment finishes or fails (metrics streamed silently)."""
+    def _events(self, timeout_s: float = math.inf, reconnect_s: float = 120.0) -> Iterator[r.MetricEvent]:
+        """The experiment's events in order, riding out a director restart of up to ``reconnect_s``.
+
+        The director replays every event from the start on each call, so after a reconnect the
+        ones already seen are skipped.
+        """
         request = fed_pb.StreamMetricsRequest(experiment_name=self.experiment_name)
-        for msg in self.federation.stub.StreamMetrics(request, timeout=None if math.isinf(timeout_s) else timeout_s):
-            if msg.experiment_done:
+        deadline = time.monotonic() + timeout_s
+        seen, backoff, down_since = 0, Backoff(), None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"experiment {self.experiment_name!r} did not finish within {timeout_s}s")
+            try:
+                call = self.federation.stub.StreamMetrics(request, timeout=None if math.isinf(remaining) else remaining)
+                for index, msg in enumerate(call):
+                    down_since = None
+                    if index >= seen:
+                        seen += 1
+                        yield serde.metric_event_from_proto(msg)
+                return
+            except grpc.RpcError as exc:
+                raise_domain_error(exc)
+                down_since = down_since or time.monotonic()
+                if exc.code() not in RETRYABLE or time.monotonic() - down_since > reconnect_s:
+                    raise self.federation.connection_error(exc) from None
+                time.sleep(backoff.next_delay())
+
+    def wait(self, timeout_s: float = math.inf) -> r.ExperimentStatus:
+        """Block until the experiment finishes or fails (no output); returns its status."""
+        for event in self._events(timeout_s):
+            if event.experiment_done:
                 break
         return self.get_experiment_status()
 

@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS events (
     ts REAL NOT NULL, round_time_s REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS events_by_experiment ON events (experiment, id);
+-- one event per (round, envoy, stage): a report retried after a lost reply is not counted twice
+CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events (experiment, round, envoy, stage);
 """
 
 
@@ -158,7 +160,7 @@ class Store:
     def add_event(self, experiment: str, event: r.MetricEvent, weight: float = 0.0) -> None:
         metrics = json.dumps([[m.task, m.name, m.value] for m in event.metrics])
         self._write(
-            "INSERT INTO events (experiment, round, envoy, stage, metrics, weight, ts, round_time_s) "
+            "INSERT OR IGNORE INTO events (experiment, round, envoy, stage, metrics, weight, ts, round_time_s) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (experiment, event.round, event.envoy, event.stage, metrics, weight, event.timestamp, event.round_time_s),
         )
