@@ -74,6 +74,8 @@ class ExperimentHeader:
     envoys: tuple[str, ...] = ()
     submitter: str = ""
     model_spec: tuple[TensorSpec, ...] = ()
+    min_envoys: int = 0  # results needed to close a round at its deadline; 0 means every envoy
+    round_timeout_s: float = 0.0  # 0 means rounds wait for every envoy
 
 
 @dataclass(frozen=True)

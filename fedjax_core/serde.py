@@ -81,7 +81,8 @@ def header_to_proto(h: r.ExperimentHeader) -> fed_pb.ExperimentHeader:
         name=h.name, rounds=h.rounds, opt_treatment=h.opt_treatment, aggregation=h.aggregation,
         best_metric=h.best_metric, best_higher_is_better=h.best_higher_is_better,
         bundle_size=h.bundle_size, envoys=list(h.envoys), submitter=h.submitter,
-        model_spec=[spec_to_proto(s) for s in h.model_spec],
+        model_spec=[spec_to_proto(s) for s in h.model_spec], min_envoys=h.min_envoys,
+        round_timeout_s=h.round_timeout_s,
     )
 
 
@@ -91,7 +92,8 @@ def header_from_proto(msg: fed_pb.ExperimentHeader) -> r.ExperimentHeader:
         aggregation=msg.aggregation, best_metric=msg.best_metric,
         best_higher_is_better=msg.best_higher_is_better, bundle_size=int(msg.bundle_size),
         envoys=tuple(msg.envoys), submitter=msg.submitter,
-        model_spec=tuple(spec_from_proto(s) for s in msg.model_spec),
+        model_spec=tuple(spec_from_proto(s) for s in msg.model_spec), min_envoys=int(msg.min_envoys),
+        round_timeout_s=msg.round_timeout_s,
     )
 
 

@@ -1,6 +1,9 @@
 """A small Flax CNN experiment on CIFAR-10 shards, in the seed tutorial's style, for tests."""
 from __future__ import annotations
 
+import os
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,10 +116,11 @@ def make_tasks(style: str = "inplace") -> TaskInterface:
     @TI.add_kwargs(batch_size=64)
     @TI.register_fl_task(model="state", data_loader="dataset", optimizer="optimizer", device="device")
     def train(state, dataset, optimizer, device, batch_size=32, loss_fn=None, warmup=False):
+        time.sleep(float(os.environ.get("FEDJAX_TEST_TRAIN_DELAY_S", "0")))  # a deliberately slow envoy
         start_norm = trace_norm(state)
         new_state, acc = train_epoch(state, dataset, batch_size)
         metrics = {"train_acc": acc, "trace_norm_at_start": start_norm, "traces": float(TRACES["update"]),
-                   "pid": float(__import__("os").getpid())}
+                   "pid": float(os.getpid())}
         if style == "inplace":
             state.update_state(new_state)
             return metrics

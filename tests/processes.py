@@ -53,16 +53,17 @@ class Stack:
         self.director.wait_for(r"DIRECTOR READY")
         return self.director
 
-    def start_envoy(self, index: int) -> Process:
+    def start_envoy(self, index: int, env: dict | None = None) -> Process:
         name = f"env{index + 1}"
         p = Process([*FEDJAX, "envoy", "start", "-n", name, "-c", str(self.envoy_configs[index]),
-                     "-dh", "127.0.0.1", "-dp", str(self.port), "--disable-tls"], cwd=self.workdir, name=name)
+                     "-dh", "127.0.0.1", "-dp", str(self.port), "--disable-tls"], cwd=self.workdir, name=name, env=env)
         self.processes.append(p)
         return p
 
-    def start(self) -> Stack:
+    def start(self, envoy_env: dict[int, dict] | None = None) -> Stack:
+        """Director, then every envoy (``envoy_env`` adds environment variables per envoy index)."""
         self.start_director()
-        envoys = [self.start_envoy(i) for i in range(len(self.envoy_configs))]
+        envoys = [self.start_envoy(i, (envoy_env or {}).get(i)) for i in range(len(self.envoy_configs))]
         for e in envoys:
             e.wait_for(r"ENVOY READY")
         return self

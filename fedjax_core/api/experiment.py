@@ -61,9 +61,12 @@ class FLExperiment:
     def start(self, *, model_provider: ModelInterface, task_keeper: TaskInterface, data_loader: DataInterface,
               rounds_to_train: int, opt_treatment: str = "RESET", device_assignment_policy: str = "CPU_ONLY",
               best_metric: str | None = None, higher_is_better: bool | None = None, aggregation: str = "fedavg",
-              envoys: Iterable[str] | None = None, pickle_by_value: Iterable[ModuleType] = (),
-              pip_install_options: Any = None) -> int:
+              envoys: Iterable[str] | None = None, min_envoys: int = 0, round_timeout_s: float = 0.0,
+              pickle_by_value: Iterable[ModuleType] = (), pip_install_options: Any = None) -> int:
         """Submit the experiment; returns its place in the director's queue (0: running now).
+
+        A round closes when every envoy has reported, or, with ``round_timeout_s`` > 0, at that
+        deadline if at least ``min_envoys`` (0: all) have; otherwise the experiment fails.
 
         ``pip_install_options`` is accepted for seed compatibility and ignored: envoys never
         install packages for an experiment.
@@ -93,7 +96,7 @@ class FLExperiment:
             best_metric=best_metric or "",
             best_higher_is_better=True if higher_is_better is None else bool(higher_is_better),
             bundle_size=len(bundle), envoys=tuple(envoys or ()), submitter=self.federation.client_id,
-            model_spec=specs,
+            model_spec=specs, min_envoys=int(min_envoys), round_timeout_s=float(round_timeout_s),
         )
 
         def requests():

@@ -86,6 +86,8 @@ class Director:
         self._closed = False
         with self._cond:
             self._resume_or_start_next()
+        self._deadlines = threading.Thread(target=self._watch_deadlines, daemon=True, name="round-deadlines")
+        self._deadlines.start()
 
     def wake_all(self) -> None:
         """Release every waiter: the director is shutting down."""
@@ -222,6 +224,10 @@ class Director:
             raise InvalidRequestError("the model has no 'params' tensors: pass a flax TrainState as the model")
         for envoy in h.envoys:
             _check_name("envoy", envoy)
+        if h.min_envoys < 0 or (h.envoys and h.min_envoys > len(h.envoys)):
+            raise InvalidRequestError(f"min_envoys must be between 0 (all) and the number of envoys, got {h.min_envoys}")
+        if h.round_timeout_s < 0:
+            raise InvalidRequestError(f"round_timeout_s must be >= 0 (0: no deadline), got {h.round_timeout_s}")
 
     # ------------------------------------------------------------- lifecycle
     def _resume_or_start_next(self) -> None:
@@ -392,8 +398,33 @@ class Director:
             self._cond.notify_all()
 
     # ------------------------------------------------------------ rounds
-    def _maybe_close_round(self, run: _Run) -> None:
-        if not set(run.envoys) <= run.done:
+    def _watch_deadlines(self) -> None:
+        """Close (or fail) a round whose deadline passed; sleeps until the next deadline or a change."""
+        with self._cond:
+            while not self._closed:
+                run = self._run
+                if run is None or not run.header.round_timeout_s:
+                    self._cond.wait()
+                    continue
+                left = run.started_at + run.header.round_timeout_s - self._clock()
+                if left > 0:
+                    self._cond.wait(timeout=left)
+                    continue
+                self._close_at_deadline(run)
+                self._cond.notify_all()
+
+    def _close_at_deadline(self, run: _Run) -> None:
+        needed = max(run.header.min_envoys or len(run.envoys), 1)
+        if len(run.done) >= needed:
+            self._maybe_close_round(run, force=True)
+            return
+        missing = ", ".join(sorted(set(run.envoys) - run.done))
+        self._finish(run, "failed", error=(
+            f"round {run.round} reached its {run.header.round_timeout_s:g}s deadline with {len(run.done)} of "
+            f"{len(run.envoys)} envoys reporting (min_envoys={needed}); no result from: {missing}"))
+
+    def _maybe_close_round(self, run: _Run, force: bool = False) -> None:
+        if not force and not set(run.envoys) <= run.done:
             return
         name, now = run.row.name, self._clock()
         round_events = self.store.events(name, round_=run.round)

@@ -19,6 +19,7 @@ import grpc
 from fedjax_core import records as r
 from fedjax_core.config import EnvoyConfig, EnvoyParams, resolve_path
 from fedjax_core.envoy.client import EnvoyClient
+from fedjax_core.errors import FedError
 from fedjax_core.shard_descriptor import ShardDescriptor, load_shard_descriptor
 from fedjax_core.transport import Backoff, TLSFiles
 
@@ -85,7 +86,10 @@ class EnvoyDaemon:
                 print(f"ENVOY READY {self.name}", flush=True)
                 self._stream = self.client.experiments()
                 for experiment in self._stream:
-                    self._start_experiment(experiment)
+                    try:
+                        self._start_experiment(experiment)
+                    except FedError as exc:  # e.g. the experiment ended before this envoy got to it
+                        log.warning("envoy %s: cannot start experiment %r: %s", self.name, experiment, exc)
             except grpc.RpcError as exc:
                 self._registered.clear()
                 if self.stop.is_set():
@@ -136,8 +140,16 @@ class EnvoyDaemon:
             threading.Thread(target=self._reap, args=(self._worker, experiment), daemon=True).start()
 
     def _reap(self, worker: subprocess.Popen, experiment: str) -> None:
+        """Wait for a worker; if it died without a word, tell the director so the experiment does not hang."""
         code = worker.wait()
         log.info("envoy %s: worker for %r exited with code %d", self.name, experiment, code)
+        if code == 0 or self.stop.is_set():
+            return
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        try:
+            self.client.report_failure(experiment, f"the worker process {how} (see the envoy's log)")
+        except grpc.RpcError:
+            pass  # already reported by the worker itself, or the experiment is over
 
     def request_stop(self) -> None:
         """Safe from a signal handler: ends the experiment stream so ``run`` returns."""

@@ -19,6 +19,7 @@ from typing import Any
 from fedjax_core import bundle as bundle_io
 from fedjax_core import records as r
 from fedjax_core.envoy.client import EnvoyClient
+from fedjax_core.errors import PreconditionError
 from fedjax_core.shard_descriptor import load_shard_descriptor
 from fedjax_core.transport import TLSFiles
 
@@ -37,54 +38,77 @@ def run_experiment(client: EnvoyClient, experiment: str, objects: dict[str, Any]
     model_interface, ti, data = objects["model_interface"], objects["task_interface"], objects["data_interface"]
     device = _device_for(policy)
     with jax.default_device(jax.devices("cpu")[0]) if policy == "CPU_ONLY" else contextlib.nullcontext():
-        _round_loop(client, experiment, model_interface, ti, data, device)
+        _Rounds(client, experiment, model_interface, ti, data, device).run()
 
 
-def _round_loop(client: EnvoyClient, experiment: str, model_interface, ti, data, device: str) -> None:
-    from fedjax_core.api.model_tensors import canonicalize, state_to_tensors, tensors_to_state
-    from fedjax_core.envoy.tasks import run_task
+class _Rounds:
+    """Runs the rounds of one experiment in this process, keeping state (and jit caches) between them."""
 
-    template = canonicalize(model_interface.model)
-    local_state = template
-    train_loader, valid_loader = data.get_train_loader(), data.get_valid_loader()
-    n_train, n_valid = int(data.get_train_data_size()), int(data.get_valid_data_size())
+    def __init__(self, client: EnvoyClient, experiment: str, model_interface, ti, data, device: str):
+        from fedjax_core.api.model_tensors import canonicalize
 
-    def validate(state, round_: int) -> dict[str, dict[str, float]]:
-        out = {}
-        for name in ti.validation_tasks:
-            _, out[name] = run_task(ti, name, state, valid_loader, device, model_interface.optimizer, round_)
-        return out
+        self.client, self.experiment, self.ti, self.device = client, experiment, ti, device
+        self.optimizer = model_interface.optimizer
+        self.template = canonicalize(model_interface.model)
+        self.local_state = self.template  # kept between rounds for CONTINUE_LOCAL
+        self.train_loader, self.valid_loader = data.get_train_loader(), data.get_valid_loader()
+        self.n_train, self.n_valid = int(data.get_train_data_size()), int(data.get_valid_data_size())
 
-    while True:
-        task = client.wait_task(experiment)
-        if task.kind == "none":
-            continue
-        if task.kind == "finished":
-            print(f"[worker {client.envoy_name}] experiment {experiment!r} finished", flush=True)
-            return
-        received = client.round_model(experiment, task.round)
+    def run(self) -> None:
+        while True:
+            task = self.client.wait_task(self.experiment)
+            if task.kind == "finished":
+                print(f"[worker {self.client.envoy_name}] experiment {self.experiment!r} finished", flush=True)
+                return
+            if task.kind == "none":
+                continue
+            try:
+                self._round(task)
+            except PreconditionError as exc:  # the round closed at its deadline without us, or moved on
+                print(f"[worker {self.client.envoy_name}] round {task.round} went on without this envoy: {exc}",
+                      flush=True)
+
+    def _run_tasks(self, names: list[str], state, loader, round_: int):
+        from fedjax_core.envoy.tasks import run_task
+
+        metrics = {}
+        for name in names:
+            after, metrics[name] = run_task(self.ti, name, state, loader, self.device, self.optimizer, round_)
+            if name in self.ti.train_tasks:
+                state = after
+        return state, metrics
+
+    def _starting_state(self, task: r.Task):
+        from fedjax_core.api.model_tensors import canonicalize, tensors_to_state
+
+        received = self.client.round_model(self.experiment, task.round)
         if task.opt_treatment == "CONTINUE_LOCAL":
-            state = tensors_to_state(local_state, received)
-        else:
-            state = tensors_to_state(template, received)
-            if task.opt_treatment == "RESET" and hasattr(state, "tx"):
-                state = canonicalize(state.replace(opt_state=state.tx.init(state.params), step=0))
-        client.report_metrics(experiment, task.round, r.STAGE_AGGREGATED, validate(state, task.round), n_valid)
+            return tensors_to_state(self.local_state, received)
+        state = tensors_to_state(self.template, received)
+        if task.opt_treatment == "RESET" and hasattr(state, "tx"):
+            state = canonicalize(state.replace(opt_state=state.tx.init(state.params), step=0))
+        return state
+
+    def _round(self, task: r.Task) -> None:
+        from fedjax_core.api.model_tensors import state_to_tensors
+
+        exp, rnd = self.experiment, task.round
+        state = self._starting_state(task)
+        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, rnd)
+        self.client.report_metrics(exp, rnd, r.STAGE_AGGREGATED, validation, self.n_valid)
         if task.kind == "validate":
-            continue
-        train_metrics = {}
-        for name in ti.train_tasks:
-            state, train_metrics[name] = run_task(ti, name, state, train_loader, device, model_interface.optimizer,
-                                                  task.round)
-        client.report_metrics(experiment, task.round, r.STAGE_TRAIN, train_metrics, n_train)
-        client.report_metrics(experiment, task.round, r.STAGE_LOCAL, validate(state, task.round), n_valid)
-        local_state = state
+            return
+        state, train_metrics = self._run_tasks(self.ti.train_tasks, state, self.train_loader, rnd)
+        self.client.report_metrics(exp, rnd, r.STAGE_TRAIN, train_metrics, self.n_train)
+        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, rnd)
+        self.client.report_metrics(exp, rnd, r.STAGE_LOCAL, validation, self.n_valid)
+        self.local_state = state
         tensors = state_to_tensors(state)
         missing = [n for n in task.upload_tensors if n not in tensors]
         if missing:
             raise RuntimeError(f"the trained state lacks tensors {missing[:3]}: did a task change the model's structure?")
-        client.upload(experiment, task.round, n_train, {n: tensors[n] for n in task.upload_tensors})
-        print(f"[worker {client.envoy_name}] round {task.round} done: "
+        self.client.upload(exp, rnd, self.n_train, {n: tensors[n] for n in task.upload_tensors})
+        print(f"[worker {self.client.envoy_name}] round {rnd} done: "
               + ", ".join(f"{k}={v:.4f}" for m in train_metrics.values() for k, v in m.items()), flush=True)
 
 

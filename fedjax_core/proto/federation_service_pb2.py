@@ -26,7 +26,7 @@ from fedjax_core.proto import tensors_pb2 as fedjax__core_dot_proto_dot_tensors_
 from fedjax_core.proto import envoy_service_pb2 as fedjax__core_dot_proto_dot_envoy__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*fedjax_core/proto/federation_service.proto\x12\x06\x66\x65\x64jax\x1a\x1f\x66\x65\x64jax_core/proto/tensors.proto\x1a%fedjax_core/proto/envoy_service.proto\"\x17\n\x15GetDatasetInfoRequest\"D\n\x16GetDatasetInfoResponse\x12\x14\n\x0csample_shape\x18\x01 \x03(\t\x12\x14\n\x0ctarget_shape\x18\x02 \x03(\t\"\x19\n\x17GetShardRegistryRequest\"\x83\x01\n\nEnvoyEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\nshard_info\x18\x02 \x01(\x0b\x32\x11.fedjax.ShardInfo\x12\x11\n\tis_online\x18\x03 \x01(\x08\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\x12\x1a\n\x12\x63urrent_experiment\x18\x05 \x01(\t\">\n\x18GetShardRegistryResponse\x12\"\n\x06\x65nvoys\x18\x01 \x03(\x0b\x32\x12.fedjax.EnvoyEntry\"\xf0\x01\n\x10\x45xperimentHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x03\x12\x15\n\ropt_treatment\x18\x03 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x65st_metric\x18\x05 \x01(\t\x12\x1d\n\x15\x62\x65st_higher_is_better\x18\x06 \x01(\x08\x12\x13\n\x0b\x62undle_size\x18\x07 \x01(\x03\x12\x0e\n\x06\x65nvoys\x18\x08 \x03(\t\x12\x11\n\tsubmitter\x18\t \x01(\t\x12&\n\nmodel_spec\x18\n \x03(\x0b\x32\x12.fedjax.TensorSpec\"\x8a\x01\n\x17SubmitExperimentRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedjax.ExperimentHeaderH\x00\x12\x15\n\x0b\x62undle_data\x18\x02 \x01(\x0cH\x00\x12$\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x13.fedjax.TensorChunkH\x00\x42\x06\n\x04item\"2\n\x18SubmitExperimentResponse\x12\x16\n\x0equeue_position\x18\x01 \x01(\x03\"\x18\n\x16ListExperimentsRequest\"H\n\x17ListExperimentsResponse\x12-\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x18.fedjax.ExperimentStatus\"*\n\x1aGetExperimentStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc8\x01\n\x10\x45xperimentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x03\x12\x0e\n\x06rounds\x18\x04 \x01(\x03\x12\x0e\n\x06\x65nvoys\x18\x05 \x03(\t\x12\x12\n\nbest_round\x18\x06 \x01(\x03\x12\x12\n\nbest_value\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x14\n\x0csubmitted_at\x18\t \x01(\x01\x12\x13\n\x0b\x62\x65st_metric\x18\n \x01(\t\"/\n\x14StreamMetricsRequest\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\"\xac\x01\n\x0bMetricEvent\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05\x65nvoy\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x1f\n\x07metrics\x18\x04 \x03(\x0b\x32\x0e.fedjax.Metric\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\x12\x17\n\x0f\x65xperiment_done\x18\x06 \x01(\x08\x12\r\n\x05state\x18\x07 \x01(\t\x12\x14\n\x0cround_time_s\x18\x08 \x01(\x01\"9\n\x0fGetModelRequest\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\x12\r\n\x05which\x18\x02 \x01(\t2\xbf\x04\n\x11\x46\x65\x64\x65rationService\x12O\n\x0eGetDatasetInfo\x12\x1d.fedjax.GetDatasetInfoRequest\x1a\x1e.fedjax.GetDatasetInfoResponse\x12U\n\x10GetShardRegistry\x12\x1f.fedjax.GetShardRegistryRequest\x1a .fedjax.GetShardRegistryResponse\x12W\n\x10SubmitExperiment\x12\x1f.fedjax.SubmitExperimentRequest\x1a .fedjax.SubmitExperimentResponse(\x01\x12R\n\x0fListExperiments\x12\x1e.fedjax.ListExperimentsRequest\x1a\x1f.fedjax.ListExperimentsResponse\x12S\n\x13GetExperimentStatus\x12\".fedjax.GetExperimentStatusRequest\x1a\x18.fedjax.ExperimentStatus\x12\x44\n\rStreamMetrics\x12\x1c.fedjax.StreamMetricsRequest\x1a\x13.fedjax.MetricEvent0\x01\x12:\n\x08GetModel\x12\x17.fedjax.GetModelRequest\x1a\x13.fedjax.TensorChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*fedjax_core/proto/federation_service.proto\x12\x06\x66\x65\x64jax\x1a\x1f\x66\x65\x64jax_core/proto/tensors.proto\x1a%fedjax_core/proto/envoy_service.proto\"\x17\n\x15GetDatasetInfoRequest\"D\n\x16GetDatasetInfoResponse\x12\x14\n\x0csample_shape\x18\x01 \x03(\t\x12\x14\n\x0ctarget_shape\x18\x02 \x03(\t\"\x19\n\x17GetShardRegistryRequest\"\x83\x01\n\nEnvoyEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\nshard_info\x18\x02 \x01(\x0b\x32\x11.fedjax.ShardInfo\x12\x11\n\tis_online\x18\x03 \x01(\x08\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\x12\x1a\n\x12\x63urrent_experiment\x18\x05 \x01(\t\">\n\x18GetShardRegistryResponse\x12\"\n\x06\x65nvoys\x18\x01 \x03(\x0b\x32\x12.fedjax.EnvoyEntry\"\x9d\x02\n\x10\x45xperimentHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x03\x12\x15\n\ropt_treatment\x18\x03 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x65st_metric\x18\x05 \x01(\t\x12\x1d\n\x15\x62\x65st_higher_is_better\x18\x06 \x01(\x08\x12\x13\n\x0b\x62undle_size\x18\x07 \x01(\x03\x12\x0e\n\x06\x65nvoys\x18\x08 \x03(\t\x12\x11\n\tsubmitter\x18\t \x01(\t\x12&\n\nmodel_spec\x18\n \x03(\x0b\x32\x12.fedjax.TensorSpec\x12\x12\n\nmin_envoys\x18\x0b \x01(\x03\x12\x17\n\x0fround_timeout_s\x18\x0c \x01(\x01\"\x8a\x01\n\x17SubmitExperimentRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedjax.ExperimentHeaderH\x00\x12\x15\n\x0b\x62undle_data\x18\x02 \x01(\x0cH\x00\x12$\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x13.fedjax.TensorChunkH\x00\x42\x06\n\x04item\"2\n\x18SubmitExperimentResponse\x12\x16\n\x0equeue_position\x18\x01 \x01(\x03\"\x18\n\x16ListExperimentsRequest\"H\n\x17ListExperimentsResponse\x12-\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x18.fedjax.ExperimentStatus\"*\n\x1aGetExperimentStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xc8\x01\n\x10\x45xperimentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x03\x12\x0e\n\x06rounds\x18\x04 \x01(\x03\x12\x0e\n\x06\x65nvoys\x18\x05 \x03(\t\x12\x12\n\nbest_round\x18\x06 \x01(\x03\x12\x12\n\nbest_value\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x14\n\x0csubmitted_at\x18\t \x01(\x01\x12\x13\n\x0b\x62\x65st_metric\x18\n \x01(\t\"/\n\x14StreamMetricsRequest\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\"\xac\x01\n\x0bMetricEvent\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05\x65nvoy\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x1f\n\x07metrics\x18\x04 \x03(\x0b\x32\x0e.fedjax.Metric\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\x12\x17\n\x0f\x65xperiment_done\x18\x06 \x01(\x08\x12\r\n\x05state\x18\x07 \x01(\t\x12\x14\n\x0cround_time_s\x18\x08 \x01(\x01\"9\n\x0fGetModelRequest\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\x12\r\n\x05which\x18\x02 \x01(\t2\xbf\x04\n\x11\x46\x65\x64\x65rationService\x12O\n\x0eGetDatasetInfo\x12\x1d.fedjax.GetDatasetInfoRequest\x1a\x1e.fedjax.GetDatasetInfoResponse\x12U\n\x10GetShardRegistry\x12\x1f.fedjax.GetShardRegistryRequest\x1a .fedjax.GetShardRegistryResponse\x12W\n\x10SubmitExperiment\x12\x1f.fedjax.SubmitExperimentRequest\x1a .fedjax.SubmitExperimentResponse(\x01\x12R\n\x0fListExperiments\x12\x1e.fedjax.ListExperimentsRequest\x1a\x1f.fedjax.ListExperimentsResponse\x12S\n\x13GetExperimentStatus\x12\".fedjax.GetExperimentStatusRequest\x1a\x18.fedjax.ExperimentStatus\x12\x44\n\rStreamMetrics\x12\x1c.fedjax.StreamMetricsRequest\x1a\x13.fedjax.MetricEvent0\x01\x12:\n\x08GetModel\x12\x17.fedjax.GetModelRequest\x1a\x13.fedjax.TensorChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSHARDREGISTRYRESPONSE']._serialized_start=382
   _globals['_GETSHARDREGISTRYRESPONSE']._serialized_end=444
   _globals['_EXPERIMENTHEADER']._serialized_start=447
-  _globals['_EXPERIMENTHEADER']._serialized_end=687
-  _globals['_SUBMITEXPERIMENTREQUEST']._serialized_start=690
-  _globals['_SUBMITEXPERIMENTREQUEST']._serialized_end=828
-  _globals['_SUBMITEXPERIMENTRESPONSE']._serialized_start=830
-  _globals['_SUBMITEXPERIMENTRESPONSE']._serialized_end=880
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=882
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=906
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=908
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=980
-  _globals['_GETEXPERIMENTSTATUSREQUEST']._serialized_start=982
-  _globals['_GETEXPERIMENTSTATUSREQUEST']._serialized_end=1024
-  _globals['_EXPERIMENTSTATUS']._serialized_start=1027
-  _globals['_EXPERIMENTSTATUS']._serialized_end=1227
-  _globals['_STREAMMETRICSREQUEST']._serialized_start=1229
-  _globals['_STREAMMETRICSREQUEST']._serialized_end=1276
-  _globals['_METRICEVENT']._serialized_start=1279
-  _globals['_METRICEVENT']._serialized_end=1451
-  _globals['_GETMODELREQUEST']._serialized_start=1453
-  _globals['_GETMODELREQUEST']._serialized_end=1510
-  _globals['_FEDERATIONSERVICE']._serialized_start=1513
-  _globals['_FEDERATIONSERVICE']._serialized_end=2088
+  _globals['_EXPERIMENTHEADER']._serialized_end=732
+  _globals['_SUBMITEXPERIMENTREQUEST']._serialized_start=735
+  _globals['_SUBMITEXPERIMENTREQUEST']._serialized_end=873
+  _globals['_SUBMITEXPERIMENTRESPONSE']._serialized_start=875
+  _globals['_SUBMITEXPERIMENTRESPONSE']._serialized_end=925
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=927
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=951
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=953
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=1025
+  _globals['_GETEXPERIMENTSTATUSREQUEST']._serialized_start=1027
+  _globals['_GETEXPERIMENTSTATUSREQUEST']._serialized_end=1069
+  _globals['_EXPERIMENTSTATUS']._serialized_start=1072
+  _globals['_EXPERIMENTSTATUS']._serialized_end=1272
+  _globals['_STREAMMETRICSREQUEST']._serialized_start=1274
+  _globals['_STREAMMETRICSREQUEST']._serialized_end=1321
+  _globals['_METRICEVENT']._serialized_start=1324
+  _globals['_METRICEVENT']._serialized_end=1496
+  _globals['_GETMODELREQUEST']._serialized_start=1498
+  _globals['_GETMODELREQUEST']._serialized_end=1555
+  _globals['_FEDERATIONSERVICE']._serialized_start=1558
+  _globals['_FEDERATIONSERVICE']._serialized_end=2133
 # @@protoc_insertion_point(module_scope)

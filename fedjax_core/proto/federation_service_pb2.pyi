@@ -45,7 +45,7 @@ class GetShardRegistryResponse(_message.Message):
     def __init__(self, envoys: _Optional[_Iterable[_Union[EnvoyEntry, _Mapping]]] = ...) -> None: ...
 
 class ExperimentHeader(_message.Message):
-    __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec")
+    __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec", "min_envoys", "round_timeout_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     OPT_TREATMENT_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,8 @@ class ExperimentHeader(_message.Message):
     ENVOYS_FIELD_NUMBER: _ClassVar[int]
     SUBMITTER_FIELD_NUMBER: _ClassVar[int]
     MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
+    MIN_ENVOYS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     rounds: int
     opt_treatment: str
@@ -66,7 +68,9 @@ class ExperimentHeader(_message.Message):
     envoys: _containers.RepeatedScalarFieldContainer[str]
     submitter: str
     model_spec: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorSpec]
-    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., aggregation: _Optional[str] = ..., best_metric: _Optional[str] = ..., best_higher_is_better: _Optional[bool] = ..., bundle_size: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ...) -> None: ...
+    min_envoys: int
+    round_timeout_s: float
+    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., aggregation: _Optional[str] = ..., best_metric: _Optional[str] = ..., best_higher_is_better: _Optional[bool] = ..., bundle_size: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., min_envoys: _Optional[int] = ..., round_timeout_s: _Optional[float] = ...) -> None: ...
 
 class SubmitExperimentRequest(_message.Message):
     __slots__ = ("header", "bundle_data", "chunk")
