@@ -120,7 +120,8 @@ def make_tasks(style: str = "inplace") -> TaskInterface:
         start_norm = trace_norm(state)
         new_state, acc = train_epoch(state, dataset, batch_size)
         metrics = {"train_acc": acc, "trace_norm_at_start": start_norm, "traces": float(TRACES["update"]),
-                   "pid": float(os.getpid())}
+                   "pid": float(os.getpid()), "on_gpu": float(jax.default_backend() == "gpu"),
+                   "device_is_cuda": float(str(device).startswith("cuda"))}
         if style == "inplace":
             state.update_state(new_state)
             return metrics

@@ -1,6 +1,7 @@
 """Real director and envoy processes for tests: free loopback ports, readiness by log line, cleanup."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import yaml
 from fedjax_core.local import Process, free_port  # noqa: F401  (re-exported for tests)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "cifar10-subset"
+SHARED_DATA = Path(os.environ.get("FEDJAX_CIFAR10_DIR", REPO.parent / "shared" / "data" / "cifar10-subset"))
 FEDJAX = [sys.executable, "-m", "fedjax_core"]
 
 
@@ -34,13 +35,13 @@ def write_envoy_config(path: Path, rank: int, world: int, **params) -> Path:
 class Stack:
     """A director and envoys on loopback, started with the CLI; ``stop()`` ends every process."""
 
-    def __init__(self, workdir: Path, n_envoys: int = 2, port: int | None = None):
+    def __init__(self, workdir: Path, n_envoys: int = 2, port: int | None = None, envoy_params: dict | None = None):
         self.workdir = workdir
         self.port = port or free_port()
         self.processes: list[Process] = []
         self.director_config = write_director_config(workdir / "director_config.yaml", self.port)
         for i in range(n_envoys):
-            config = write_envoy_config(workdir / f"envoy_{i + 1}.yaml", i + 1, n_envoys)
+            config = write_envoy_config(workdir / f"envoy_{i + 1}.yaml", i + 1, n_envoys, **(envoy_params or {}))
             # the shard descriptor module lives in the tutorial's envoy folder
             (workdir / "cifar10_shard_descriptor.py").write_text((REPO / "envoy" / "cifar10_shard_descriptor.py").read_text())
             self.envoy_configs = [*getattr(self, "envoy_configs", []), config]
