@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/fedjax_core/proto/*.proto)
 
-.PHONY: install demo test test-slow bench proto lint clean
+.PHONY: install demo test bench proto lint clean
 
 install: $(STAMP)
 
@@ -21,9 +21,6 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -ra
-
-test-slow: install
-	$(PY) -m pytest -q -ra -m slow
 
 bench: install
 	$(PY) -u benchmarks/bench.py
