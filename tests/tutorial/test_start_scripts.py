@@ -1,0 +1,88 @@
+"""The tutorial's start scripts: from their own folder or anywhere, with clear failures."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from processes import REPO, SHARED_DATA, Process, free_port
+
+FEDJAX_BIN = str(Path(sys.executable).parent / "fedjax")
+
+
+def copy_tutorial(tmp_path: Path, port: int) -> tuple[Path, Path]:
+    """director/ and envoy/ copied out of the repository, on a free port, reading the shared data."""
+    skip = shutil.ignore_patterns("director_state", "logs", "envoy_workspace", "__pycache__")
+    director = Path(shutil.copytree(REPO / "director", tmp_path / "director", ignore=skip))
+    envoy = Path(shutil.copytree(REPO / "envoy", tmp_path / "envoy", ignore=skip))
+    config = yaml.safe_load((director / "director_config.yaml").read_text())
+    config["settings"]["listen_port"] = port
+    (director / "director_config.yaml").write_text(yaml.safe_dump(config))
+    for name in ("envoy_config.yaml", "envoy_config_2.yaml"):
+        config = yaml.safe_load((envoy / name).read_text())
+        config["shard_descriptor"]["params"]["data_dir"] = str(SHARED_DATA)
+        (envoy / name).write_text(yaml.safe_dump(config))
+    return director, envoy
+
+
+def run_script(args, cwd, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_scripts_start_from_their_own_folder_and_a_second_envoy_from_another_copy(tmp_path):
+    port = free_port()
+    director_dir, envoy_dir = copy_tutorial(tmp_path, port)
+    second_copy = Path(shutil.copytree(envoy_dir, tmp_path / "elsewhere" / "envoy"))
+    env = {"FEDJAX_BIN": FEDJAX_BIN}
+    processes = []
+    try:
+        director = Process(["./start_director.sh"], cwd=director_dir, env=env, name="director")
+        processes.append(director)
+        director.wait_for("DIRECTOR READY")
+        assert f"TensorBoard logs in {director_dir}/logs" in director.output()
+        processes.append(Process(["./start_envoy.sh", "env_one", "envoy_config.yaml", "-dp", str(port)],
+                                 cwd=envoy_dir, env=env, name="env_one"))
+        processes.append(Process([str(second_copy / "start_envoy.sh"), "env_two", "envoy_config_2.yaml",
+                                  "-dh", "127.0.0.1", "-dp", str(port)], cwd=tmp_path, env=env, name="env_two"))
+        for envoy in processes[1:]:
+            envoy.wait_for("ENVOY READY")
+        assert f"work files in {second_copy}/envoy_workspace/env_two" in processes[2].output()
+
+        from fedjax_core import Federation
+
+        registry = Federation(director_node_fqdn="127.0.0.1", director_port=port, tls=False).get_shard_registry()
+        assert {name: entry["shard_info"]["n_samples"]["train"] for name, entry in registry.items()} == \
+            {"env_one": 2585, "env_two": 2585}
+    finally:
+        for p in reversed(processes):
+            p.stop()
+
+
+def test_missing_config_is_a_clear_error(tmp_path):
+    result = run_script([str(REPO / "envoy" / "start_envoy.sh"), "env_one", "no_such.yaml"], cwd=tmp_path)
+    assert result.returncode == 1
+    assert "envoy config not found" in result.stderr and "no_such.yaml" in result.stderr
+    result = run_script([str(REPO / "director" / "start_director.sh")], cwd=tmp_path,
+                        env={"DIRECTOR_CONFIG": str(tmp_path / "missing.yaml")})
+    assert result.returncode == 1 and "director config not found" in result.stderr
+
+
+def test_missing_install_is_a_clear_error(tmp_path):
+    """Copies outside the repository find no .venv; with no fedjax on PATH they say to run make install."""
+    director_dir, envoy_dir = copy_tutorial(tmp_path, free_port())
+    env = {"FEDJAX_BIN": str(tmp_path / "nowhere" / "fedjax"), "PATH": "/usr/bin:/bin"}
+    for args, cwd in ((["./start_director.sh"], director_dir),
+                      (["./start_envoy.sh", "env_one", "envoy_config.yaml"], envoy_dir)):
+        result = run_script(args, cwd=cwd, env=env)
+        assert result.returncode == 1
+        assert "fedjax is not installed: run 'make install'" in result.stderr
+
+
+def test_usage_without_arguments(tmp_path):
+    result = run_script([str(REPO / "envoy" / "start_envoy.sh")], cwd=tmp_path)
+    assert result.returncode == 2 and "usage:" in result.stderr
