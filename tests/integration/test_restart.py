@@ -66,3 +66,18 @@ def jax_leaves(tree):
     import jax
 
     return jax.tree_util.tree_leaves(tree)
+
+
+def test_envoy_started_before_the_director_waits_and_registers(tmp_path):
+    from processes import Stack
+
+    stack = Stack(tmp_path, n_envoys=1)
+    try:
+        envoy = stack.start_envoy(0)
+        envoy.wait_for(r"director at 127\.0\.0\.1:\d+ unreachable \(UNAVAILABLE\); retrying in")
+        stack.start_director()
+        envoy.wait_for("ENVOY READY env1")
+        fed = Federation(director_node_fqdn="127.0.0.1", director_port=stack.port, tls=False)
+        assert fed.get_shard_registry()["env1"]["is_online"]
+    finally:
+        stack.stop()
