@@ -12,6 +12,11 @@ STAGES = (STAGE_AGGREGATED, STAGE_TRAIN, STAGE_LOCAL)
 OPT_TREATMENTS = ("RESET", "CONTINUE_LOCAL", "CONTINUE_GLOBAL")
 
 
+def default_higher_is_better(metric: str) -> bool:
+    """Losses and errors go down; everything else (accuracy, AUC...) goes up."""
+    return not any(word in metric.lower() for word in ("loss", "error", "perplexity"))
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One model leaf: its pytree path, dtype name and shape."""

@@ -19,6 +19,7 @@ from fedjax_core import serde
 from fedjax_core.api.federation import Federation
 from fedjax_core.api.interfaces import DataInterface, ModelInterface, TaskInterface
 from fedjax_core.api.model_tensors import state_to_tensors, tensors_to_state
+from fedjax_core.records import default_higher_is_better
 from fedjax_core.proto import federation_service_pb2 as fed_pb
 from fedjax_core.tensors import assemble, iter_chunks, spec_of
 from fedjax_core.transport import RETRYABLE, Backoff, raise_domain_error
@@ -84,6 +85,8 @@ class FLExperiment:
         if device_assignment_policy not in DEVICE_POLICIES:
             raise ValueError(f"device_assignment_policy {device_assignment_policy!r} is not one of "
                              f"{', '.join(DEVICE_POLICIES)}")
+        if higher_is_better is not None and not best_metric:
+            raise ValueError("higher_is_better needs best_metric: name the validation metric it applies to")
         task_keeper.check()
         tensors = state_to_tensors(model_provider.model)
         specs = tuple(spec_of(name, array) for name, array in tensors.items())
@@ -94,7 +97,8 @@ class FLExperiment:
         header = r.ExperimentHeader(
             name=self.experiment_name, rounds=rounds_to_train, opt_treatment=opt_treatment, aggregation=aggregation,
             best_metric=best_metric or "",
-            best_higher_is_better=True if higher_is_better is None else bool(higher_is_better),
+            best_higher_is_better=(default_higher_is_better(best_metric or "") if higher_is_better is None
+                                   else bool(higher_is_better)),
             bundle_size=len(bundle), envoys=tuple(envoys or ()), submitter=self.federation.client_id,
             model_spec=specs, min_envoys=int(min_envoys), round_timeout_s=float(round_timeout_s),
         )

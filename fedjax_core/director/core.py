@@ -7,7 +7,6 @@ long-polls, metric streams) the moment something changes: nothing here sleeps a 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import shutil
 import threading
@@ -33,11 +32,6 @@ def _check_name(kind: str, name: str) -> None:
             f"{kind} name {name!r} is not valid: use 1-128 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit"
         )
-
-
-def default_higher_is_better(metric: str) -> bool:
-    """Losses and errors go down; everything else (accuracy, AUC...) goes up."""
-    return not any(word in metric.lower() for word in ("loss", "error", "err", "perplexity"))
 
 
 def upload_names(header: r.ExperimentHeader) -> tuple[str, ...]:
@@ -338,9 +332,6 @@ class Director:
                        metrics: tuple[r.Metric, ...], sample_count: int) -> None:
         if stage not in r.STAGES:
             raise InvalidRequestError(f"unknown stage {stage!r}; expected one of {', '.join(r.STAGES)}")
-        for m in metrics:
-            if not math.isfinite(m.value):
-                raise InvalidRequestError(f"metric {m.task}/{m.name} is {m.value}; metrics must be finite numbers")
         with self._cond:
             run = self._running(envoy, experiment)
             if round_ != run.round:
@@ -500,7 +491,7 @@ class Director:
         if not values:
             return
         value = values[0]
-        higher = run.header.best_higher_is_better if row.header.best_metric else default_higher_is_better(metric_name)
+        higher = run.header.best_higher_is_better if row.header.best_metric else r.default_higher_is_better(metric_name)
         better = row.best_value is None or (value > row.best_value if higher else value < row.best_value)
         if better:
             tmp = self._best_path(run.row.name).with_suffix(".partial")

@@ -6,6 +6,7 @@ serves a lab's experiments.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -38,11 +39,13 @@ def federation(fed_stack):
     fed.close()
 
 
-def run(federation, name, rounds=2, opt_treatment="CONTINUE_GLOBAL", style="inplace", tasks=None, log_dir=None):
+def run(federation, name, rounds=2, opt_treatment="CONTINUE_GLOBAL", style="inplace", tasks=None, log_dir=None,
+        **start_kwargs):
     exp = FLExperiment(federation=federation, experiment_name=name)
     exp.start(model_provider=ModelInterface(model=create_train_state(), optimizer=None),
               task_keeper=tasks or make_tasks(style), data_loader=SubsetDataset(limit=LIMIT),
-              rounds_to_train=rounds, opt_treatment=opt_treatment, device_assignment_policy="CPU_ONLY")
+              rounds_to_train=rounds, opt_treatment=opt_treatment, device_assignment_policy="CPU_ONLY",
+              **start_kwargs)
     rows = exp.stream_metrics(tensorboard_logs=log_dir is not None, log_dir=log_dir or "logs", progress=False)
     return exp, rows
 
@@ -65,6 +68,21 @@ def per_envoy(exp, stage, metric):
                 if m.name == metric:
                     out.setdefault(e.round, {})[e.envoy] = m.value
     return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_until(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
 
 
 def envoy_validation_sets():
@@ -107,6 +125,8 @@ def test_inplace_tasks_train_compile_once_and_return_best_and_last(federation, f
         assert len({pids[rnd][envoy] for rnd in range(3)}) == 1
         assert [traces[rnd][envoy] for rnd in range(3)] == [1.0, 1.0, 1.0]
     assert pids[0]["env1"] != pids[0]["env2"]
+    # ... which exits when the experiment ends (handing its memory back)
+    wait_until(lambda: not any(alive(int(pids[0][e])) for e in ("env1", "env2")), timeout_s=60)
 
     # best and last come back as usable states whose local evaluation matches the director's metric
     valid_sets = envoy_validation_sets()
@@ -124,12 +144,18 @@ def test_inplace_tasks_train_compile_once_and_return_best_and_last(federation, f
     assert int(last.step) == 3 * (LIMIT // 64)
 
 
-def test_returning_tasks_train_too(federation):
-    exp, rows = run(federation, "returning", rounds=2, style="returning")
-    assert exp.get_experiment_status().state == "finished"
+def test_returning_tasks_train_too_and_best_metric_is_overridable(federation):
+    # perversely keep the model with the *lowest* validation accuracy, to see the override act
+    exp, rows = run(federation, "returning", rounds=3, style="returning", best_metric="validation_accuracy",
+                    higher_is_better=False)
+    status = exp.get_experiment_status()
+    assert status.state == "finished"
+    accuracies = [row["agg_val/validation_accuracy"] for row in rows[1:]]
+    assert status.best_value == pytest.approx(min(accuracies), abs=1e-9)
+    assert status.best_round == 1 + accuracies.index(min(accuracies))
     # the trained state came back through the (new_state, metrics) return value
     assert per_envoy(exp, r.STAGE_TRAIN, "trace_norm_at_start")[1]["env1"] > 0
-    assert int(exp.get_last_model().step) == 2 * (LIMIT // 64)
+    assert int(exp.get_last_model().step) == 3 * (LIMIT // 64)
 
 
 def test_opt_treatments_are_observably_different(federation):
@@ -194,6 +220,9 @@ def test_bad_notebook_calls_get_clear_errors(federation):
     with pytest.raises(ValueError, match="opt_treatment 'GLOBAL'"):
         exp.start(model_provider=model, task_keeper=make_tasks(), data_loader=SubsetDataset(), rounds_to_train=1,
                   opt_treatment="GLOBAL")
+    with pytest.raises(ValueError, match="higher_is_better needs best_metric"):
+        exp.start(model_provider=model, task_keeper=make_tasks(), data_loader=SubsetDataset(), rounds_to_train=1,
+                  higher_is_better=False)
     with pytest.raises(ValueError, match="rounds_to_train"):
         exp.start(model_provider=model, task_keeper=make_tasks(), data_loader=SubsetDataset(), rounds_to_train=0)
     with pytest.raises(NotFoundError, match="no experiment named 'never'"):

@@ -1,0 +1,29 @@
+"""The worker's environment: device choice and JAX/TF memory settings from the envoy config."""
+import os
+
+from fedjax_core.config import EnvoyParams
+from fedjax_core.envoy.daemon import worker_environment
+
+
+def env_for(tmp_path, **params):
+    base = {"PATH": "/usr/bin", "PYTHONPATH": "/existing", "JAX_PLATFORMS": "cuda",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+    return worker_environment(EnvoyParams(**params), base, tmp_path)
+
+
+def test_no_cuda_devices_means_cpu_only_and_no_preallocation(tmp_path):
+    env = env_for(tmp_path)
+    assert env["JAX_PLATFORMS"] == "cpu" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env  # an inherited fraction does not leak in
+    assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+    assert env["PYTHONPATH"] == os.pathsep.join([str(tmp_path), "/existing"])
+    assert env["PATH"] == "/usr/bin"
+
+
+def test_gpus_preallocation_and_fraction(tmp_path):
+    env = env_for(tmp_path, cuda_devices=[1, 3], jax_preallocate=True, jax_memory_fraction=0.45)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1,3"
+    assert "JAX_PLATFORMS" not in env  # JAX picks the GPU backend itself
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.450"
