@@ -47,6 +47,17 @@ def _is_float(dtype: str) -> bool:
     return np.issubdtype(np.dtype(dtype), np.floating)
 
 
+_BLOCK = 1 << 20  # elements folded at a time: bounds the float64 temporary to 8 MiB
+
+
+def _add_scaled(total: np.ndarray, x: np.ndarray, weight: float) -> None:
+    """``total += weight * x`` in float64, block by block, so no tensor-sized temporary is made."""
+    flat_total, flat_x = total.reshape(-1), np.asarray(x).reshape(-1)
+    for start in range(0, flat_total.size, _BLOCK):
+        block = slice(start, start + _BLOCK)
+        flat_total[block] += np.multiply(flat_x[block], weight, dtype=np.float64)
+
+
 def fedavg() -> Aggregator:
     """Federated averaging weighted by each envoy's training-sample count."""
     dtypes: dict[str, str] = {}
@@ -71,7 +82,7 @@ def fedavg() -> Aggregator:
             if tuple(x.shape) != shapes[name]:
                 raise AggregationError(f"tensor {name!r} has shape {tuple(x.shape)}, expected {shapes[name]}")
             if name in state.sums:
-                state.sums[name] += np.multiply(x, weight, dtype=np.float64)
+                _add_scaled(state.sums[name], x, float(weight))
             elif name in state.maxima:
                 np.maximum(state.maxima[name], x, out=state.maxima[name])
             else:
@@ -84,7 +95,8 @@ def fedavg() -> Aggregator:
         out: dict[str, np.ndarray] = {}
         for name, dtype in dtypes.items():
             if name in state.sums:
-                out[name] = (state.sums[name] / state.total_weight).astype(dtype)
+                out[name] = np.empty(state.sums[name].shape, dtype)
+                np.divide(state.sums[name], state.total_weight, out=out[name], casting="unsafe")
             else:
                 out[name] = state.maxima[name].astype(dtype)
         return out

@@ -88,8 +88,14 @@ class ModelFileWriter:
         self.bytes_written = 0
 
     def add_array(self, name: str, array: np.ndarray) -> None:
-        for chunk in iter_chunks({name: np.asarray(array)}):
-            self.add_chunk(chunk)
+        """Write a whole tensor straight from its buffer (no chunk copies)."""
+        array = np.asarray(array)
+        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        spec = spec_of(name, array)
+        self.add_chunk(TensorChunk(name=name, offset=0, data=b"", spec=spec))
+        self._file.write(data.reshape(-1).view(np.uint8))
+        self._entries[name]["received"] = nbytes_of(spec)
+        self.bytes_written += nbytes_of(spec)
 
     def add_chunk(self, chunk: TensorChunk) -> None:
         if chunk.spec is not None:
@@ -249,19 +255,25 @@ class ModelFile:
 def assemble(chunks: Iterable[TensorChunk]) -> dict[str, np.ndarray]:
     """Rebuild named arrays from a chunk stream (client side, where the model fits in memory)."""
     buffers: dict[str, bytearray] = {}
+    filled: dict[str, int] = {}
     specs: dict[str, TensorSpec] = {}
     for chunk in chunks:
         if chunk.spec is not None:
             check_spec(chunk.spec)
             specs[chunk.name] = chunk.spec
-            buffers[chunk.name] = bytearray()
-        if chunk.name not in buffers or chunk.offset != len(buffers[chunk.name]):
+            buffers[chunk.name] = bytearray(nbytes_of(chunk.spec))  # filled in place, copied once
+            filled[chunk.name] = 0
+        if chunk.name not in buffers or chunk.offset != filled[chunk.name]:
             raise TensorError(f"tensor {chunk.name!r}: chunk out of order")
-        buffers[chunk.name] += chunk.data
+        end = chunk.offset + len(chunk.data)
+        if end > len(buffers[chunk.name]):
+            raise TensorError(f"tensor {chunk.name!r}: more data than its shape holds")
+        buffers[chunk.name][chunk.offset:end] = chunk.data
+        filled[chunk.name] = end
     out = {}
     for name, buf in buffers.items():
         spec = specs[name]
-        if len(buf) != nbytes_of(spec):
-            raise TensorError(f"tensor {name!r}: got {len(buf)} of {nbytes_of(spec)} bytes")
-        out[name] = np.frombuffer(bytes(buf), dtype=np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape)
+        if filled[name] != len(buf):
+            raise TensorError(f"tensor {name!r}: got {filled[name]} of {len(buf)} bytes")
+        out[name] = np.frombuffer(buf, dtype=np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape)
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fedjax_core import records as r
 from fedjax_core.aggregation import AggregationError, AggregationState, Aggregator, get_aggregator
+from fedjax_core.director.memory import release_free_memory
 from fedjax_core.director.store import ExperimentRow, Store
 from fedjax_core.metrics_log import ExperimentLogger
 from fedjax_core.errors import (AlreadyExistsError, InvalidRequestError, NotFoundError,
@@ -417,7 +418,7 @@ class Director:
     def _maybe_close_round(self, run: _Run, force: bool = False) -> None:
         if not force and not set(run.envoys) <= run.done:
             return
-        name, now = run.row.name, self._clock()
+        name = run.row.name
         round_events = self.store.events(name, round_=run.round)
         aggregates = self._aggregate_metrics(run.round, [(e, w) for _, e, w in round_events if e.envoy])
         for event in aggregates:
@@ -437,6 +438,8 @@ class Director:
             for spec in previous.specs:  # tensors that do not travel keep their initial values
                 writer.add_array(spec.name, new_model.get(spec.name, previous.array(spec.name)))
             writer.commit()
+        del new_model
+        now = self._clock()  # the round's time includes aggregating and storing its model
         seconds = now - run.started_at
         summary = r.MetricEvent(
             round=run.round, envoy="", stage=r.STAGE_ROUND, timestamp=now, round_time_s=seconds,
@@ -453,6 +456,7 @@ class Director:
         row = self.store.experiment(name)
         assert row is not None
         self._run = self._new_run(row, run.round + 1)
+        release_free_memory()
 
     @staticmethod
     def _aggregate_metrics(round_: int, events: list[tuple[r.MetricEvent, float]]) -> list[r.MetricEvent]:

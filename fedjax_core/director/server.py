@@ -11,6 +11,7 @@ import grpc
 
 from fedjax_core.config import DirectorConfig
 from fedjax_core.director.core import Director
+from fedjax_core.director.memory import limit_arenas
 from fedjax_core.director.servicer import EnvoyServicer, FederationServicer
 from fedjax_core.proto import envoy_service_pb2_grpc as env_grpc
 from fedjax_core.proto import federation_service_pb2_grpc as fed_grpc
@@ -37,6 +38,7 @@ def create_server(director: Director, host: str, port: int, tls: TLSFiles | None
 def run_director(config: DirectorConfig, tls: TLSFiles | None) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully."""
     s = config.settings
+    limit_arenas()
     director = Director(state_dir=Path(s.state_dir).resolve(), log_dir=Path(s.log_dir).resolve(),
                         sample_shape=s.sample_shape, target_shape=s.target_shape,
                         health_check_period=s.envoy_health_check_period)

@@ -72,7 +72,7 @@ class EnvoyDaemon:
 
     def run(self) -> None:
         """Serve until ``stop`` is set: register, listen for experiments, reconnect on failure."""
-        log.info("envoy %s: shard %s (%d train / %d valid)", self.name, self.info.description,
+        log.info("envoy %s: %s; %d train / %d valid samples", self.name, self.info.description,
                  self.info.train_size, self.info.valid_size)
         heartbeats = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
         heartbeats.start()

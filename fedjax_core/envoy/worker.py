@@ -86,7 +86,7 @@ class _Rounds:
             return tensors_to_state(self.local_state, received)
         state = tensors_to_state(self.template, received)
         if task.opt_treatment == "RESET" and hasattr(state, "tx"):
-            state = canonicalize(state.replace(opt_state=state.tx.init(state.params), step=0))
+            state = state.replace(opt_state=canonicalize(state.tx.init(state.params)), step=self.template.step)
         return state
 
     def _round(self, task: r.Task) -> None:

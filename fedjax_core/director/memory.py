@@ -1,0 +1,35 @@
+"""Keeping the director's resident memory near one model's worth (glibc only; a no-op elsewhere).
+
+Uploads arrive on many gRPC threads; glibc gives each thread its own malloc arena and keeps
+what is freed there, so without these the resident size grows with the number of envoys
+even though no update is held (see benchmarks/README.md).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+_M_ARENA_MAX = -8
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
+_LIBC = _load_libc()
+
+
+def limit_arenas(count: int = 2) -> None:
+    """Cap malloc arenas before the server starts its threads."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_ARENA_MAX, count)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap back to the OS, e.g. after a round's updates were folded and dropped."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
