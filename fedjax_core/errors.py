@@ -17,5 +17,9 @@ class AlreadyExistsError(FedError):
     """A name that is already taken."""
 
 
+class PermissionDeniedError(FedError):
+    """An authenticated peer asking for something its certificate does not allow."""
+
+
 class PreconditionError(FedError):
     """A request that is well formed but not valid now (wrong round, not a collaborator...)."""

@@ -17,7 +17,7 @@ from typing import TypeVar
 import grpc
 
 from fedjax_core.errors import (AlreadyExistsError, FedError, InvalidRequestError, NotFoundError,
-                                PreconditionError)
+                                PermissionDeniedError, PreconditionError)
 
 MAX_MESSAGE_BYTES = 8 << 20  # chunks are 1 MiB; nothing near gRPC's limits ever travels
 CHANNEL_OPTIONS = [
@@ -38,6 +38,7 @@ _STATUS_OF = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
 }
 _ERROR_OF = {code: cls for cls, code in _STATUS_OF.items()}
 
@@ -76,9 +77,14 @@ def open_channel(host: str, port: int, tls: TLSFiles | None) -> grpc.Channel:
 
 
 def _abort(context: grpc.ServicerContext, exc: FedError):
-    code = next(code for cls, code in _STATUS_OF.items() if isinstance(exc, cls)) \
-        if any(isinstance(exc, cls) for cls in _STATUS_OF) else grpc.StatusCode.UNKNOWN
+    code = next((code for cls, code in _STATUS_OF.items() if isinstance(exc, cls)), grpc.StatusCode.UNKNOWN)
     context.abort(code, str(exc))
+
+
+def peer_common_name(context: grpc.ServicerContext) -> str | None:
+    """The common name of the client certificate (mTLS), or None on a plaintext connection."""
+    names = context.auth_context().get("x509_common_name")
+    return names[0].decode() if names else None
 
 
 def maps_errors(method: Callable) -> Callable:

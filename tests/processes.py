@@ -33,31 +33,59 @@ def write_envoy_config(path: Path, rank: int, world: int, **params) -> Path:
 
 
 class Stack:
-    """A director and envoys on loopback, started with the CLI; ``stop()`` ends every process."""
+    """A director and envoys on loopback, started with the CLI; ``stop()`` ends every process.
 
-    def __init__(self, workdir: Path, n_envoys: int = 2, port: int | None = None, envoy_params: dict | None = None):
+    With ``tls=True`` a PKI is made in ``workdir/pki`` (a certificate per envoy, one for the
+    director and one for the notebook, ``api``) and every party talks mTLS.
+    """
+
+    def __init__(self, workdir: Path, n_envoys: int = 2, port: int | None = None, envoy_params: dict | None = None,
+                 tls: bool = False):
         self.workdir = workdir
         self.port = port or free_port()
         self.processes: list[Process] = []
+        self.pki = workdir / "pki" if tls else None
         self.director_config = write_director_config(workdir / "director_config.yaml", self.port)
-        for i in range(n_envoys):
-            config = write_envoy_config(workdir / f"envoy_{i + 1}.yaml", i + 1, n_envoys, **(envoy_params or {}))
-            # the shard descriptor module lives in the tutorial's envoy folder
-            (workdir / "cifar10_shard_descriptor.py").write_text((REPO / "envoy" / "cifar10_shard_descriptor.py").read_text())
-            self.envoy_configs = [*getattr(self, "envoy_configs", []), config]
+        # the shard descriptor module lives in the tutorial's envoy folder
+        (workdir / "cifar10_shard_descriptor.py").write_text((REPO / "envoy" / "cifar10_shard_descriptor.py").read_text())
+        self.envoy_configs = [write_envoy_config(workdir / f"envoy_{i + 1}.yaml", i + 1, n_envoys, **(envoy_params or {}))
+                              for i in range(n_envoys)]
+        if self.pki is not None:
+            from fedjax_core import pki
+
+            pki.init_ca(self.pki)
+            for name, config in [("director", self.director_config), ("api", None),
+                                 *((f"env{i + 1}", c) for i, c in enumerate(self.envoy_configs))]:
+                pki.certify(self.pki, name)
+                if config is not None:
+                    add_tls_section(config, self.pki, name)
         self.director: Process | None = None
 
+    @property
+    def tls_flag(self) -> list[str]:
+        return [] if self.pki else ["--disable-tls"]
+
+    def federation(self):
+        """A notebook-side connection to this stack's director."""
+        from fedjax_core import Federation
+
+        if self.pki is None:
+            return Federation(director_node_fqdn="127.0.0.1", director_port=self.port, tls=False)
+        return Federation(director_node_fqdn="127.0.0.1", director_port=self.port, tls=True,
+                          cert_chain=str(self.pki / "root_ca.crt"), api_cert=str(self.pki / "api.crt"),
+                          api_private_key=str(self.pki / "api.key"))
+
     def start_director(self) -> Process:
-        self.director = Process([*FEDJAX, "director", "start", "-c", str(self.director_config), "--disable-tls"],
+        self.director = Process([*FEDJAX, "director", "start", "-c", str(self.director_config), *self.tls_flag],
                                 cwd=self.workdir, name="director")
         self.processes.append(self.director)
         self.director.wait_for(r"DIRECTOR READY")
         return self.director
 
-    def start_envoy(self, index: int, env: dict | None = None) -> Process:
-        name = f"env{index + 1}"
+    def start_envoy(self, index: int, env: dict | None = None, name: str | None = None) -> Process:
+        name = name or f"env{index + 1}"
         p = Process([*FEDJAX, "envoy", "start", "-n", name, "-c", str(self.envoy_configs[index]),
-                     "-dh", "127.0.0.1", "-dp", str(self.port), "--disable-tls"], cwd=self.workdir, name=name, env=env)
+                     "-dh", "127.0.0.1", "-dp", str(self.port), *self.tls_flag], cwd=self.workdir, name=name, env=env)
         self.processes.append(p)
         return p
 
@@ -75,3 +103,10 @@ class Stack:
 
     def logs(self) -> str:
         return "\n\n".join(f"===== {p.name} =====\n{p.output()}" for p in self.processes)
+
+
+def add_tls_section(config_path: Path, pki_dir: Path, name: str) -> None:
+    config = yaml.safe_load(config_path.read_text())
+    config["tls"] = {"root_certificate": str(pki_dir / "root_ca.crt"), "certificate": str(pki_dir / f"{name}.crt"),
+                     "private_key": str(pki_dir / f"{name}.key")}
+    config_path.write_text(yaml.safe_dump(config))

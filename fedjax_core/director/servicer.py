@@ -7,19 +7,24 @@ import grpc
 
 from fedjax_core import serde
 from fedjax_core.director.core import Director
-from fedjax_core.errors import InvalidRequestError
+from fedjax_core.errors import InvalidRequestError, PermissionDeniedError
 from fedjax_core.proto import envoy_service_pb2 as env_pb
 from fedjax_core.proto import envoy_service_pb2_grpc as env_grpc
 from fedjax_core.proto import federation_service_pb2 as fed_pb
 from fedjax_core.proto import federation_service_pb2_grpc as fed_grpc
-from fedjax_core.transport import maps_errors
+from fedjax_core.transport import maps_errors, peer_common_name
 
 BUNDLE_CHUNK = 1 << 20
 MAX_LONG_POLL_S = 30.0
 
 
-def _is_active(context: grpc.ServicerContext):
-    return context.is_active
+def _check_envoy_identity(context: grpc.ServicerContext, envoy_name: str) -> None:
+    """Under mTLS an envoy (and its worker) may act only under the name its certificate carries."""
+    common_name = peer_common_name(context)
+    if common_name is not None and common_name != envoy_name:
+        raise PermissionDeniedError(
+            f"the client certificate is for {common_name!r}, not for envoy {envoy_name!r}: give each envoy "
+            f"its own certificate (fedjax pki certify --name {envoy_name})")
 
 
 class EnvoyServicer(env_grpc.EnvoyServiceServicer):
@@ -28,15 +33,18 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
     @maps_errors
     def RegisterEnvoy(self, request, context):
+        _check_envoy_identity(context, request.envoy_name)
         period = self.director.register_envoy(request.envoy_name, serde.shard_info_from_proto(request.shard_info))
         return env_pb.RegisterEnvoyResponse(health_check_period_s=period)
 
     @maps_errors
     def Heartbeat(self, request, context):
+        _check_envoy_identity(context, request.envoy_name)
         return env_pb.HeartbeatResponse(known=self.director.heartbeat(request.envoy_name))
 
     @maps_errors
     def WaitExperiment(self, request, context):
+        _check_envoy_identity(context, request.envoy_name)
         sent = None
         while context.is_active():
             name = self.director.wait_experiment(request.envoy_name, sent, timeout=MAX_LONG_POLL_S)
@@ -46,6 +54,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
     @maps_errors
     def GetExperimentBundle(self, request, context):
+        _check_envoy_identity(context, request.envoy_name)
         path = self.director.experiment_bundle(request.envoy_name, request.experiment_name)
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -54,16 +63,19 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
     @maps_errors
     def WaitTask(self, request, context):
+        _check_envoy_identity(context, request.envoy_name)
         wait = min(max(request.max_wait_s, 0.0), MAX_LONG_POLL_S)
         return serde.task_to_proto(self.director.wait_task(request.envoy_name, request.experiment_name, wait))
 
     @maps_errors
     def GetRoundModel(self, request, context):
+        _check_envoy_identity(context, request.envoy_name)
         for chunk in self.director.round_model(request.envoy_name, request.experiment_name, request.round):
             yield serde.chunk_to_proto(chunk)
 
     @maps_errors
     def ReportMetrics(self, request, context):
+        _check_envoy_identity(context, request.envoy_name)
         self.director.report_metrics(request.envoy_name, request.experiment_name, request.round, request.stage,
                                      serde.metrics_from_proto(request.metrics), request.sample_count)
         return env_pb.ReportMetricsResponse()
@@ -74,6 +86,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         if first is None or not first.HasField("header"):
             raise InvalidRequestError("an update stream must start with its header")
         h = first.header
+        _check_envoy_identity(context, h.envoy_name)
 
         def chunks() -> Iterator:
             for msg in request_iterator:
@@ -86,6 +99,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
     @maps_errors
     def ReportFailure(self, request, context):
+        _check_envoy_identity(context, request.envoy_name)
         self.director.report_failure(request.envoy_name, request.experiment_name, request.error)
         return env_pb.ReportFailureResponse()
 
