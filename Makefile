@@ -29,7 +29,7 @@ proto: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 
 lint: install
-	$(PY) -m compileall -q fedjax_core envoy director tests scripts
+	$(PY) -m pyflakes $$(git ls-files '*.py' | grep -v '_pb2')
 
 clean:
 	rm -rf $(VENV) build *.egg-info
