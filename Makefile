@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PROTOS := $(wildcard protos/fedjax_core/proto/*.proto)
+PROTOS := $(wildcard protos/fedjax_proto/*.proto)
 
 .PHONY: install demo test bench proto lint clean
 

@@ -5,9 +5,9 @@ The only module besides the transport that imports generated proto code.
 from __future__ import annotations
 
 from fedjax_core import records as r
-from fedjax_core.proto import envoy_service_pb2 as env_pb
-from fedjax_core.proto import federation_service_pb2 as fed_pb
-from fedjax_core.proto import tensors_pb2 as t_pb
+from fedjax_proto import envoy_service_pb2 as env_pb
+from fedjax_proto import federation_service_pb2 as fed_pb
+from fedjax_proto import tensors_pb2 as t_pb
 
 _TASK_KINDS = {
     "none": env_pb.WaitTaskResponse.NONE,

@@ -17,8 +17,8 @@ from fedjax_core import records as r
 from fedjax_core.api.federation import Federation
 from fedjax_core.director.core import Director
 from fedjax_core.director.server import create_server
-from fedjax_core.proto import federation_service_pb2 as fed_pb
-from fedjax_core.proto import federation_service_pb2_grpc as fed_grpc
+from fedjax_proto import federation_service_pb2 as fed_pb
+from fedjax_proto import federation_service_pb2_grpc as fed_grpc
 from fedjax_core.transport import TLSFiles
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PROTO_DIR = REPO / "protos" / "fedjax_core" / "proto"
-GENERATED_DIR = REPO / "fedjax_core" / "proto"
+PROTO_DIR = REPO / "protos" / "fedjax_proto"
+GENERATED_DIR = REPO / "fedjax_proto"
 
 
 def _generate(out: Path) -> None:
@@ -24,7 +24,7 @@ def _generate(out: Path) -> None:
 
 def test_generated_code_is_up_to_date(tmp_path):
     _generate(tmp_path)
-    fresh_dir = tmp_path / "fedjax_core" / "proto"
+    fresh_dir = tmp_path / "fedjax_proto"
     fresh = {p.name: p.read_bytes() for p in fresh_dir.iterdir() if p.is_file()}
     checked_in = {p.name: p.read_bytes() for p in GENERATED_DIR.iterdir()
                   if p.is_file() and p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))}
@@ -34,6 +34,6 @@ def test_generated_code_is_up_to_date(tmp_path):
     stale = sorted(name for name in set(fresh) & set(checked_in) if fresh[name] != checked_in[name])
     orphans = sorted(set(checked_in) - set(fresh))
     assert not (missing or stale or orphans), (
-        "fedjax_core/proto/ is out of date with protos/: "
+        "fedjax_proto/ is out of date with protos/: "
         f"missing {missing}, differing {stale}, without a .proto {orphans}. Run `make proto` and commit the result."
     )

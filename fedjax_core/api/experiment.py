@@ -11,21 +11,18 @@ from types import ModuleType
 from typing import Any
 
 import cloudpickle
-import grpc
 
 from fedjax_core import bundle as bundle_io
 from fedjax_core import records as r
-from fedjax_core import serde
+from fedjax_core.api.client import DirectorUnreachable
 from fedjax_core.api.federation import Federation
 from fedjax_core.api.interfaces import DataInterface, ModelInterface, TaskInterface
 from fedjax_core.api.model_tensors import state_to_tensors, tensors_to_state
 from fedjax_core.records import default_higher_is_better
-from fedjax_core.proto import federation_service_pb2 as fed_pb
-from fedjax_core.tensors import assemble, iter_chunks, spec_of
-from fedjax_core.transport import RETRYABLE, Backoff, raise_domain_error
+from fedjax_core.tensors import spec_of
+from fedjax_core.transport import Backoff
 
 DEVICE_POLICIES = ("CPU_ONLY", "CUDA_PREFERRED")
-BUNDLE_CHUNK = 1 << 20
 
 
 class ExperimentFailed(RuntimeError):
@@ -103,21 +100,10 @@ class FLExperiment:
             model_spec=specs, min_envoys=int(min_envoys), round_timeout_s=float(round_timeout_s),
         )
 
-        def requests():
-            yield fed_pb.SubmitExperimentRequest(header=serde.header_to_proto(header))
-            for offset in range(0, len(bundle), BUNDLE_CHUNK):
-                yield fed_pb.SubmitExperimentRequest(bundle_data=bundle[offset:offset + BUNDLE_CHUNK])
-            for chunk in iter_chunks(tensors):
-                yield fed_pb.SubmitExperimentRequest(chunk=serde.chunk_to_proto(chunk))
-
-        try:
-            reply = self.federation.stub.SubmitExperiment(requests(), timeout=600)
-        except grpc.RpcError as exc:
-            raise_domain_error(exc)
-            raise self.federation.connection_error(exc) from None
+        position = self.federation.client.submit(header, bundle, tensors)
         self.model_interface = model_provider
         self.history = []
-        return reply.queue_position
+        return position
 
     @staticmethod
     def _pickle(objects: dict, extra_modules: Iterable[ModuleType]) -> bytes:
@@ -132,8 +118,7 @@ class FLExperiment:
 
     # --------------------------------------------------------------- follow
     def get_experiment_status(self) -> r.ExperimentStatus:
-        return serde.status_from_proto(self.federation.call(
-            "GetExperimentStatus", fed_pb.GetExperimentStatusRequest(name=self.experiment_name)))
+        return self.federation.client.status(self.experiment_name)
 
     def stream_metrics(self, tensorboard_logs: bool = True, log_dir: str | Path = "logs", progress: bool = True,
                        live_table: bool = True) -> list[dict]:
@@ -162,7 +147,6 @@ class FLExperiment:
         The director replays every event from the start on each call, so after a reconnect the
         ones already seen are skipped.
         """
-        request = fed_pb.StreamMetricsRequest(experiment_name=self.experiment_name)
         deadline = time.monotonic() + timeout_s
         seen, backoff, down_since = 0, Backoff(), None
         while True:
@@ -170,18 +154,17 @@ class FLExperiment:
             if remaining <= 0:
                 raise TimeoutError(f"experiment {self.experiment_name!r} did not finish within {timeout_s}s")
             try:
-                call = self.federation.stub.StreamMetrics(request, timeout=None if math.isinf(remaining) else remaining)
-                for index, msg in enumerate(call):
+                for index, event in enumerate(self.federation.client.events(
+                        self.experiment_name, timeout_s=None if math.isinf(remaining) else remaining)):
                     down_since = None
                     if index >= seen:
                         seen += 1
-                        yield serde.metric_event_from_proto(msg)
+                        yield event
                 return
-            except grpc.RpcError as exc:
-                raise_domain_error(exc)
+            except DirectorUnreachable as exc:
                 down_since = down_since or time.monotonic()
-                if exc.code() not in RETRYABLE or time.monotonic() - down_since > reconnect_s:
-                    raise self.federation.connection_error(exc) from None
+                if not exc.retryable or time.monotonic() - down_since > reconnect_s:
+                    raise
                 time.sleep(backoff.next_delay())
 
     def wait(self, timeout_s: float = math.inf) -> r.ExperimentStatus:
@@ -202,13 +185,7 @@ class FLExperiment:
         self.model_interface = ModelInterface(model=state)
 
     def _get_model(self, which: str):
-        request = fed_pb.GetModelRequest(experiment_name=self.experiment_name, which=which)
-        try:
-            tensors = assemble(serde.chunk_from_proto(c) for c in self.federation.stub.GetModel(request, timeout=600))
-        except grpc.RpcError as exc:
-            raise_domain_error(exc)
-            raise self.federation.connection_error(exc) from None
-        return tensors_to_state(self._template(), tensors)
+        return tensors_to_state(self._template(), self.federation.client.model(self.experiment_name, which))
 
     def get_best_model(self):
         """The aggregated model with the best aggregated validation metric, as a state like the template."""

@@ -3,14 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
-
 from fedjax_core import records as r
-from fedjax_core import serde
-from fedjax_core.proto import federation_service_pb2 as fed_pb
-from fedjax_core.proto import federation_service_pb2_grpc as fed_grpc
+from fedjax_core.api.client import FederationClient
 from fedjax_core.shard_descriptor import DummyShardDescriptor
-from fedjax_core.transport import TLSFiles, open_channel, raise_domain_error
+from fedjax_core.transport import TLSFiles
 
 
 class Federation:
@@ -33,33 +29,13 @@ class Federation:
                 raise ValueError("Federation(tls=True) needs cert_chain, api_cert and api_private_key "
                                  "(made by `fedjax pki`), or tls=False for a director started with --disable-tls")
             tls_files = TLSFiles(Path(cert_chain), Path(api_cert), Path(api_private_key))
-        self.channel = open_channel(director_node_fqdn, self.director_port, tls_files)
-        self.stub = fed_grpc.FederationServiceStub(self.channel)
-        self.sample_shape, self.target_shape = self._dataset_info()
-
-    def call(self, method: str, request, timeout: float | None = None):
-        """One unary call; connection problems become a ConnectionError saying what to check."""
-        try:
-            return getattr(self.stub, method)(request, timeout=timeout or self.timeout_s)
-        except grpc.RpcError as exc:
-            raise_domain_error(exc)
-            raise self.connection_error(exc) from None
-
-    def connection_error(self, exc: grpc.RpcError) -> ConnectionError:
-        return ConnectionError(
-            f"cannot reach the director at {self.director_node_fqdn}:{self.director_port} "
-            f"({exc.code().name}: {exc.details()}). Is it running? Check director_node_fqdn, director_port and "
-            "that tls= matches how the director was started.")
-
-    def _dataset_info(self) -> tuple[list[str], list[str]]:
-        info = self.call("GetDatasetInfo", fed_pb.GetDatasetInfoRequest())
-        return list(info.sample_shape), list(info.target_shape)
+        self.client = FederationClient(director_node_fqdn, self.director_port, tls_files, timeout_s)
+        self.sample_shape, self.target_shape = self.client.dataset_info()
 
     def get_shard_registry(self) -> dict[str, dict]:
         """Per envoy: shard info, whether it is online, when it was last seen, its current experiment."""
-        reply = self.call("GetShardRegistry", fed_pb.GetShardRegistryRequest())
         out = {}
-        for entry in (serde.envoy_entry_from_proto(e) for e in reply.envoys):
+        for entry in self.client.shard_registry():
             info = entry.shard_info
             out[entry.name] = {
                 "shard_info": {"description": info.description, "n_samples": {"train": info.train_size,
@@ -77,8 +53,7 @@ class Federation:
         return DummyShardDescriptor(self.sample_shape, self.target_shape, size)
 
     def list_experiments(self) -> list[r.ExperimentStatus]:
-        reply = self.call("ListExperiments", fed_pb.ListExperimentsRequest())
-        return [serde.status_from_proto(s) for s in reply.experiments]
+        return self.client.experiments()
 
     def close(self) -> None:
-        self.channel.close()
+        self.client.close()

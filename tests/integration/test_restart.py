@@ -6,7 +6,6 @@ import signal
 
 from fedjax_core import Federation, FLExperiment, ModelInterface
 from fedjax_core import records as r
-from fedjax_core.proto import federation_service_pb2 as fed_pb
 from fl_experiment import SubsetDataset, create_train_state, make_tasks
 
 ROUNDS = 4
@@ -20,8 +19,8 @@ def test_director_killed_mid_experiment_resumes_and_keeps_best_and_last(stack):
               device_assignment_policy="CPU_ONLY")
 
     # follow the raw stream until the first round has closed, then kill the director outright
-    for msg in fed.stub.StreamMetrics(fed_pb.StreamMetricsRequest(experiment_name="survivor")):
-        if msg.stage == r.STAGE_ROUND:
+    for event in fed.client.events("survivor"):
+        if event.stage == r.STAGE_ROUND:
             break
     os.killpg(stack.director.proc.pid, signal.SIGKILL)
     stack.director.proc.wait()

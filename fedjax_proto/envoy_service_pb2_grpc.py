@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from fedjax_core.proto import envoy_service_pb2 as fedjax__core_dot_proto_dot_envoy__service__pb2
-from fedjax_core.proto import tensors_pb2 as fedjax__core_dot_proto_dot_tensors__pb2
+from fedjax_proto import envoy_service_pb2 as fedjax__proto_dot_envoy__service__pb2
+from fedjax_proto import tensors_pb2 as fedjax__proto_dot_tensors__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fedjax_core/proto/envoy_service_pb2_grpc.py depends on'
+        + ' but the generated code in fedjax_proto/envoy_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,48 +37,48 @@ class EnvoyServiceStub:
         """
         self.RegisterEnvoy = channel.unary_unary(
                 '/fedjax.EnvoyService/RegisterEnvoy',
-                request_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.RegisterEnvoyRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.RegisterEnvoyResponse.FromString,
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.RegisterEnvoyRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_envoy__service__pb2.RegisterEnvoyResponse.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/fedjax.EnvoyService/Heartbeat',
-                request_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.HeartbeatResponse.FromString,
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_envoy__service__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.WaitExperiment = channel.unary_stream(
                 '/fedjax.EnvoyService/WaitExperiment',
-                request_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.WaitExperimentRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.WaitExperimentResponse.FromString,
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.WaitExperimentRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_envoy__service__pb2.WaitExperimentResponse.FromString,
                 _registered_method=True)
         self.GetExperimentBundle = channel.unary_stream(
                 '/fedjax.EnvoyService/GetExperimentBundle',
-                request_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.GetExperimentBundleRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.BundleChunk.FromString,
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.GetExperimentBundleRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_envoy__service__pb2.BundleChunk.FromString,
                 _registered_method=True)
         self.WaitTask = channel.unary_unary(
                 '/fedjax.EnvoyService/WaitTask',
-                request_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.WaitTaskRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.WaitTaskResponse.FromString,
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.WaitTaskRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_envoy__service__pb2.WaitTaskResponse.FromString,
                 _registered_method=True)
         self.GetRoundModel = channel.unary_stream(
                 '/fedjax.EnvoyService/GetRoundModel',
-                request_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.GetRoundModelRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_tensors__pb2.TensorChunk.FromString,
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.GetRoundModelRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_tensors__pb2.TensorChunk.FromString,
                 _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
                 '/fedjax.EnvoyService/ReportMetrics',
-                request_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.ReportMetricsRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.ReportMetricsResponse.FromString,
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.ReportMetricsRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_envoy__service__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
         self.UploadUpdate = channel.stream_unary(
                 '/fedjax.EnvoyService/UploadUpdate',
-                request_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.UploadUpdateRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.UploadUpdateResponse.FromString,
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.UploadUpdateRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_envoy__service__pb2.UploadUpdateResponse.FromString,
                 _registered_method=True)
         self.ReportFailure = channel.unary_unary(
                 '/fedjax.EnvoyService/ReportFailure',
-                request_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.ReportFailureRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.ReportFailureResponse.FromString,
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.ReportFailureRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_envoy__service__pb2.ReportFailureResponse.FromString,
                 _registered_method=True)
 
 
@@ -146,48 +146,48 @@ def add_EnvoyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterEnvoy': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterEnvoy,
-                    request_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.RegisterEnvoyRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.RegisterEnvoyResponse.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.RegisterEnvoyRequest.FromString,
+                    response_serializer=fedjax__proto_dot_envoy__service__pb2.RegisterEnvoyResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.HeartbeatRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.HeartbeatRequest.FromString,
+                    response_serializer=fedjax__proto_dot_envoy__service__pb2.HeartbeatResponse.SerializeToString,
             ),
             'WaitExperiment': grpc.unary_stream_rpc_method_handler(
                     servicer.WaitExperiment,
-                    request_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.WaitExperimentRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.WaitExperimentResponse.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.WaitExperimentRequest.FromString,
+                    response_serializer=fedjax__proto_dot_envoy__service__pb2.WaitExperimentResponse.SerializeToString,
             ),
             'GetExperimentBundle': grpc.unary_stream_rpc_method_handler(
                     servicer.GetExperimentBundle,
-                    request_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.GetExperimentBundleRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.BundleChunk.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.GetExperimentBundleRequest.FromString,
+                    response_serializer=fedjax__proto_dot_envoy__service__pb2.BundleChunk.SerializeToString,
             ),
             'WaitTask': grpc.unary_unary_rpc_method_handler(
                     servicer.WaitTask,
-                    request_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.WaitTaskRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.WaitTaskResponse.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.WaitTaskRequest.FromString,
+                    response_serializer=fedjax__proto_dot_envoy__service__pb2.WaitTaskResponse.SerializeToString,
             ),
             'GetRoundModel': grpc.unary_stream_rpc_method_handler(
                     servicer.GetRoundModel,
-                    request_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.GetRoundModelRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_tensors__pb2.TensorChunk.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.GetRoundModelRequest.FromString,
+                    response_serializer=fedjax__proto_dot_tensors__pb2.TensorChunk.SerializeToString,
             ),
             'ReportMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportMetrics,
-                    request_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.ReportMetricsRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.ReportMetricsResponse.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.ReportMetricsRequest.FromString,
+                    response_serializer=fedjax__proto_dot_envoy__service__pb2.ReportMetricsResponse.SerializeToString,
             ),
             'UploadUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadUpdate,
-                    request_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.UploadUpdateRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.UploadUpdateResponse.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.UploadUpdateRequest.FromString,
+                    response_serializer=fedjax__proto_dot_envoy__service__pb2.UploadUpdateResponse.SerializeToString,
             ),
             'ReportFailure': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportFailure,
-                    request_deserializer=fedjax__core_dot_proto_dot_envoy__service__pb2.ReportFailureRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_envoy__service__pb2.ReportFailureResponse.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.ReportFailureRequest.FromString,
+                    response_serializer=fedjax__proto_dot_envoy__service__pb2.ReportFailureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,8 +215,8 @@ class EnvoyService:
             request,
             target,
             '/fedjax.EnvoyService/RegisterEnvoy',
-            fedjax__core_dot_proto_dot_envoy__service__pb2.RegisterEnvoyRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_envoy__service__pb2.RegisterEnvoyResponse.FromString,
+            fedjax__proto_dot_envoy__service__pb2.RegisterEnvoyRequest.SerializeToString,
+            fedjax__proto_dot_envoy__service__pb2.RegisterEnvoyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -242,8 +242,8 @@ class EnvoyService:
             request,
             target,
             '/fedjax.EnvoyService/Heartbeat',
-            fedjax__core_dot_proto_dot_envoy__service__pb2.HeartbeatRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_envoy__service__pb2.HeartbeatResponse.FromString,
+            fedjax__proto_dot_envoy__service__pb2.HeartbeatRequest.SerializeToString,
+            fedjax__proto_dot_envoy__service__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -269,8 +269,8 @@ class EnvoyService:
             request,
             target,
             '/fedjax.EnvoyService/WaitExperiment',
-            fedjax__core_dot_proto_dot_envoy__service__pb2.WaitExperimentRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_envoy__service__pb2.WaitExperimentResponse.FromString,
+            fedjax__proto_dot_envoy__service__pb2.WaitExperimentRequest.SerializeToString,
+            fedjax__proto_dot_envoy__service__pb2.WaitExperimentResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -296,8 +296,8 @@ class EnvoyService:
             request,
             target,
             '/fedjax.EnvoyService/GetExperimentBundle',
-            fedjax__core_dot_proto_dot_envoy__service__pb2.GetExperimentBundleRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_envoy__service__pb2.BundleChunk.FromString,
+            fedjax__proto_dot_envoy__service__pb2.GetExperimentBundleRequest.SerializeToString,
+            fedjax__proto_dot_envoy__service__pb2.BundleChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -323,8 +323,8 @@ class EnvoyService:
             request,
             target,
             '/fedjax.EnvoyService/WaitTask',
-            fedjax__core_dot_proto_dot_envoy__service__pb2.WaitTaskRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_envoy__service__pb2.WaitTaskResponse.FromString,
+            fedjax__proto_dot_envoy__service__pb2.WaitTaskRequest.SerializeToString,
+            fedjax__proto_dot_envoy__service__pb2.WaitTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -350,8 +350,8 @@ class EnvoyService:
             request,
             target,
             '/fedjax.EnvoyService/GetRoundModel',
-            fedjax__core_dot_proto_dot_envoy__service__pb2.GetRoundModelRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_tensors__pb2.TensorChunk.FromString,
+            fedjax__proto_dot_envoy__service__pb2.GetRoundModelRequest.SerializeToString,
+            fedjax__proto_dot_tensors__pb2.TensorChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -377,8 +377,8 @@ class EnvoyService:
             request,
             target,
             '/fedjax.EnvoyService/ReportMetrics',
-            fedjax__core_dot_proto_dot_envoy__service__pb2.ReportMetricsRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_envoy__service__pb2.ReportMetricsResponse.FromString,
+            fedjax__proto_dot_envoy__service__pb2.ReportMetricsRequest.SerializeToString,
+            fedjax__proto_dot_envoy__service__pb2.ReportMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -404,8 +404,8 @@ class EnvoyService:
             request_iterator,
             target,
             '/fedjax.EnvoyService/UploadUpdate',
-            fedjax__core_dot_proto_dot_envoy__service__pb2.UploadUpdateRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_envoy__service__pb2.UploadUpdateResponse.FromString,
+            fedjax__proto_dot_envoy__service__pb2.UploadUpdateRequest.SerializeToString,
+            fedjax__proto_dot_envoy__service__pb2.UploadUpdateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -431,8 +431,8 @@ class EnvoyService:
             request,
             target,
             '/fedjax.EnvoyService/ReportFailure',
-            fedjax__core_dot_proto_dot_envoy__service__pb2.ReportFailureRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_envoy__service__pb2.ReportFailureResponse.FromString,
+            fedjax__proto_dot_envoy__service__pb2.ReportFailureRequest.SerializeToString,
+            fedjax__proto_dot_envoy__service__pb2.ReportFailureResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-from fedjax_core.proto import tensors_pb2 as _tensors_pb2
+from fedjax_proto import tensors_pb2 as _tensors_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from fedjax_core.proto import federation_service_pb2 as fedjax__core_dot_proto_dot_federation__service__pb2
-from fedjax_core.proto import tensors_pb2 as fedjax__core_dot_proto_dot_tensors__pb2
+from fedjax_proto import federation_service_pb2 as fedjax__proto_dot_federation__service__pb2
+from fedjax_proto import tensors_pb2 as fedjax__proto_dot_tensors__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fedjax_core/proto/federation_service_pb2_grpc.py depends on'
+        + ' but the generated code in fedjax_proto/federation_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,38 +37,38 @@ class FederationServiceStub:
         """
         self.GetDatasetInfo = channel.unary_unary(
                 '/fedjax.FederationService/GetDatasetInfo',
-                request_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetDatasetInfoRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetDatasetInfoResponse.FromString,
+                request_serializer=fedjax__proto_dot_federation__service__pb2.GetDatasetInfoRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_federation__service__pb2.GetDatasetInfoResponse.FromString,
                 _registered_method=True)
         self.GetShardRegistry = channel.unary_unary(
                 '/fedjax.FederationService/GetShardRegistry',
-                request_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetShardRegistryRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetShardRegistryResponse.FromString,
+                request_serializer=fedjax__proto_dot_federation__service__pb2.GetShardRegistryRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_federation__service__pb2.GetShardRegistryResponse.FromString,
                 _registered_method=True)
         self.SubmitExperiment = channel.stream_unary(
                 '/fedjax.FederationService/SubmitExperiment',
-                request_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.SubmitExperimentRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.SubmitExperimentResponse.FromString,
+                request_serializer=fedjax__proto_dot_federation__service__pb2.SubmitExperimentRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_federation__service__pb2.SubmitExperimentResponse.FromString,
                 _registered_method=True)
         self.ListExperiments = channel.unary_unary(
                 '/fedjax.FederationService/ListExperiments',
-                request_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.ListExperimentsRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.ListExperimentsResponse.FromString,
+                request_serializer=fedjax__proto_dot_federation__service__pb2.ListExperimentsRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_federation__service__pb2.ListExperimentsResponse.FromString,
                 _registered_method=True)
         self.GetExperimentStatus = channel.unary_unary(
                 '/fedjax.FederationService/GetExperimentStatus',
-                request_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetExperimentStatusRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.ExperimentStatus.FromString,
+                request_serializer=fedjax__proto_dot_federation__service__pb2.GetExperimentStatusRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_federation__service__pb2.ExperimentStatus.FromString,
                 _registered_method=True)
         self.StreamMetrics = channel.unary_stream(
                 '/fedjax.FederationService/StreamMetrics',
-                request_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.StreamMetricsRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.MetricEvent.FromString,
+                request_serializer=fedjax__proto_dot_federation__service__pb2.StreamMetricsRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_federation__service__pb2.MetricEvent.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_stream(
                 '/fedjax.FederationService/GetModel',
-                request_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=fedjax__core_dot_proto_dot_tensors__pb2.TensorChunk.FromString,
+                request_serializer=fedjax__proto_dot_federation__service__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_tensors__pb2.TensorChunk.FromString,
                 _registered_method=True)
 
 
@@ -124,38 +124,38 @@ def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetDatasetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDatasetInfo,
-                    request_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetDatasetInfoRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetDatasetInfoResponse.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_federation__service__pb2.GetDatasetInfoRequest.FromString,
+                    response_serializer=fedjax__proto_dot_federation__service__pb2.GetDatasetInfoResponse.SerializeToString,
             ),
             'GetShardRegistry': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShardRegistry,
-                    request_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetShardRegistryRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetShardRegistryResponse.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_federation__service__pb2.GetShardRegistryRequest.FromString,
+                    response_serializer=fedjax__proto_dot_federation__service__pb2.GetShardRegistryResponse.SerializeToString,
             ),
             'SubmitExperiment': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitExperiment,
-                    request_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.SubmitExperimentRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.SubmitExperimentResponse.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_federation__service__pb2.SubmitExperimentRequest.FromString,
+                    response_serializer=fedjax__proto_dot_federation__service__pb2.SubmitExperimentResponse.SerializeToString,
             ),
             'ListExperiments': grpc.unary_unary_rpc_method_handler(
                     servicer.ListExperiments,
-                    request_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.ListExperimentsRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.ListExperimentsResponse.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_federation__service__pb2.ListExperimentsRequest.FromString,
+                    response_serializer=fedjax__proto_dot_federation__service__pb2.ListExperimentsResponse.SerializeToString,
             ),
             'GetExperimentStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetExperimentStatus,
-                    request_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetExperimentStatusRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.ExperimentStatus.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_federation__service__pb2.GetExperimentStatusRequest.FromString,
+                    response_serializer=fedjax__proto_dot_federation__service__pb2.ExperimentStatus.SerializeToString,
             ),
             'StreamMetrics': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamMetrics,
-                    request_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.StreamMetricsRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_federation__service__pb2.MetricEvent.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_federation__service__pb2.StreamMetricsRequest.FromString,
+                    response_serializer=fedjax__proto_dot_federation__service__pb2.MetricEvent.SerializeToString,
             ),
             'GetModel': grpc.unary_stream_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=fedjax__core_dot_proto_dot_federation__service__pb2.GetModelRequest.FromString,
-                    response_serializer=fedjax__core_dot_proto_dot_tensors__pb2.TensorChunk.SerializeToString,
+                    request_deserializer=fedjax__proto_dot_federation__service__pb2.GetModelRequest.FromString,
+                    response_serializer=fedjax__proto_dot_tensors__pb2.TensorChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,8 +183,8 @@ class FederationService:
             request,
             target,
             '/fedjax.FederationService/GetDatasetInfo',
-            fedjax__core_dot_proto_dot_federation__service__pb2.GetDatasetInfoRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_federation__service__pb2.GetDatasetInfoResponse.FromString,
+            fedjax__proto_dot_federation__service__pb2.GetDatasetInfoRequest.SerializeToString,
+            fedjax__proto_dot_federation__service__pb2.GetDatasetInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -210,8 +210,8 @@ class FederationService:
             request,
             target,
             '/fedjax.FederationService/GetShardRegistry',
-            fedjax__core_dot_proto_dot_federation__service__pb2.GetShardRegistryRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_federation__service__pb2.GetShardRegistryResponse.FromString,
+            fedjax__proto_dot_federation__service__pb2.GetShardRegistryRequest.SerializeToString,
+            fedjax__proto_dot_federation__service__pb2.GetShardRegistryResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,8 +237,8 @@ class FederationService:
             request_iterator,
             target,
             '/fedjax.FederationService/SubmitExperiment',
-            fedjax__core_dot_proto_dot_federation__service__pb2.SubmitExperimentRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_federation__service__pb2.SubmitExperimentResponse.FromString,
+            fedjax__proto_dot_federation__service__pb2.SubmitExperimentRequest.SerializeToString,
+            fedjax__proto_dot_federation__service__pb2.SubmitExperimentResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -264,8 +264,8 @@ class FederationService:
             request,
             target,
             '/fedjax.FederationService/ListExperiments',
-            fedjax__core_dot_proto_dot_federation__service__pb2.ListExperimentsRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_federation__service__pb2.ListExperimentsResponse.FromString,
+            fedjax__proto_dot_federation__service__pb2.ListExperimentsRequest.SerializeToString,
+            fedjax__proto_dot_federation__service__pb2.ListExperimentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -291,8 +291,8 @@ class FederationService:
             request,
             target,
             '/fedjax.FederationService/GetExperimentStatus',
-            fedjax__core_dot_proto_dot_federation__service__pb2.GetExperimentStatusRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_federation__service__pb2.ExperimentStatus.FromString,
+            fedjax__proto_dot_federation__service__pb2.GetExperimentStatusRequest.SerializeToString,
+            fedjax__proto_dot_federation__service__pb2.ExperimentStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -318,8 +318,8 @@ class FederationService:
             request,
             target,
             '/fedjax.FederationService/StreamMetrics',
-            fedjax__core_dot_proto_dot_federation__service__pb2.StreamMetricsRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_federation__service__pb2.MetricEvent.FromString,
+            fedjax__proto_dot_federation__service__pb2.StreamMetricsRequest.SerializeToString,
+            fedjax__proto_dot_federation__service__pb2.MetricEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -345,8 +345,8 @@ class FederationService:
             request,
             target,
             '/fedjax.FederationService/GetModel',
-            fedjax__core_dot_proto_dot_federation__service__pb2.GetModelRequest.SerializeToString,
-            fedjax__core_dot_proto_dot_tensors__pb2.TensorChunk.FromString,
+            fedjax__proto_dot_federation__service__pb2.GetModelRequest.SerializeToString,
+            fedjax__proto_dot_tensors__pb2.TensorChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,5 @@
-from fedjax_core.proto import tensors_pb2 as _tensors_pb2
-from fedjax_core.proto import envoy_service_pb2 as _envoy_service_pb2
+from fedjax_proto import tensors_pb2 as _tensors_pb2
+from fedjax_proto import envoy_service_pb2 as _envoy_service_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

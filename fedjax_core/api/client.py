@@ -1,0 +1,96 @@
+"""The notebook side of the FederationService: typed calls over records, errors mapped once.
+
+``Federation`` and ``FLExperiment`` use this and never touch generated proto code.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import grpc
+import numpy as np
+
+from fedjax_core import records as r
+from fedjax_core import serde
+from fedjax_core.tensors import assemble, iter_chunks
+from fedjax_core.transport import RETRYABLE, TLSFiles, open_channel, raise_domain_error
+from fedjax_proto import federation_service_pb2 as fed_pb
+from fedjax_proto import federation_service_pb2_grpc as fed_grpc
+
+BUNDLE_CHUNK = 1 << 20
+LONG_CALL_S = 600.0
+
+
+class DirectorUnreachable(ConnectionError):
+    """The director did not answer; ``retryable`` when it may be restarting."""
+
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class FederationClient:
+    def __init__(self, host: str, port: int, tls: TLSFiles | None, timeout_s: float = 10.0):
+        self.address = f"{host}:{port}"
+        self.timeout_s = timeout_s
+        self._channel = open_channel(host, port, tls)
+        self._stub = fed_grpc.FederationServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _error(self, exc: grpc.RpcError) -> DirectorUnreachable:
+        raise_domain_error(exc)
+        return DirectorUnreachable(
+            f"cannot reach the director at {self.address} ({exc.code().name}: {exc.details()}). Is it running? "
+            "Check director_node_fqdn, director_port and that tls= matches how the director was started.",
+            retryable=exc.code() in RETRYABLE)
+
+    def _unary(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def dataset_info(self) -> tuple[list[str], list[str]]:
+        info = self._unary("GetDatasetInfo", fed_pb.GetDatasetInfoRequest())
+        return list(info.sample_shape), list(info.target_shape)
+
+    def shard_registry(self) -> list[r.EnvoyEntry]:
+        reply = self._unary("GetShardRegistry", fed_pb.GetShardRegistryRequest())
+        return [serde.envoy_entry_from_proto(e) for e in reply.envoys]
+
+    def experiments(self) -> list[r.ExperimentStatus]:
+        reply = self._unary("ListExperiments", fed_pb.ListExperimentsRequest())
+        return [serde.status_from_proto(s) for s in reply.experiments]
+
+    def status(self, name: str) -> r.ExperimentStatus:
+        return serde.status_from_proto(self._unary("GetExperimentStatus", fed_pb.GetExperimentStatusRequest(name=name)))
+
+    def submit(self, header: r.ExperimentHeader, bundle: bytes, tensors: Mapping[str, np.ndarray]) -> int:
+        """Stream header, code bundle and initial model; returns the queue position (0: running now)."""
+        def requests():
+            yield fed_pb.SubmitExperimentRequest(header=serde.header_to_proto(header))
+            for offset in range(0, len(bundle), BUNDLE_CHUNK):
+                yield fed_pb.SubmitExperimentRequest(bundle_data=bundle[offset:offset + BUNDLE_CHUNK])
+            for chunk in iter_chunks(tensors):
+                yield fed_pb.SubmitExperimentRequest(chunk=serde.chunk_to_proto(chunk))
+
+        try:
+            return self._stub.SubmitExperiment(requests(), timeout=LONG_CALL_S).queue_position
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def events(self, name: str, timeout_s: float | None = None) -> Iterator[r.MetricEvent]:
+        """Every event of experiment ``name`` from the start, then new ones, ending with a 'done' event."""
+        try:
+            for msg in self._stub.StreamMetrics(fed_pb.StreamMetricsRequest(experiment_name=name), timeout=timeout_s):
+                yield serde.metric_event_from_proto(msg)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def model(self, name: str, which: str) -> dict[str, np.ndarray]:
+        request = fed_pb.GetModelRequest(experiment_name=name, which=which)
+        try:
+            return assemble(serde.chunk_from_proto(c) for c in self._stub.GetModel(request, timeout=LONG_CALL_S))
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
