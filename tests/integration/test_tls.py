@@ -33,6 +33,17 @@ def test_experiment_over_mtls(tls_stack):
     assert "mTLS" in tls_stack.director.output()
 
 
+def test_envoy_certificate_cannot_drive_experiments(tls_stack):
+    from fedjax_core import Federation
+    from fedjax_core.errors import PermissionDeniedError
+
+    pki = tls_stack.pki
+    with pytest.raises(PermissionDeniedError, match="belongs to envoy 'env1'"):
+        Federation(director_node_fqdn="127.0.0.1", director_port=tls_stack.port, tls=True,
+                   cert_chain=str(pki / "root_ca.crt"), api_cert=str(pki / "env1.crt"),
+                   api_private_key=str(pki / "env1.key"))
+
+
 def test_envoy_cannot_use_another_envoys_name(tls_stack):
     impostor = tls_stack.start_envoy(1, name="env1")  # env2's certificate, env1's name
     assert impostor.proc.wait(timeout=60) != 0
