@@ -24,6 +24,8 @@ ALLOWED_DTYPES = frozenset(
      "float16", "float32", "float64"]
 )
 CHUNK_BYTES = 1 << 20
+MAX_DIMS = 32
+MAX_TENSOR_BYTES = 64 << 30
 _MAGIC = b"FJXMODEL1\n"
 _FOOTER_LEN = struct.Struct("<Q")
 
@@ -44,11 +46,15 @@ def spec_of(name: str, array: np.ndarray) -> TensorSpec:
 
 
 def check_spec(spec: TensorSpec) -> None:
-    """Refuse specs with unknown dtypes or negative dimensions."""
+    """Refuse specs with unknown dtypes, negative or absurd dimensions, or too many bytes."""
     if spec.dtype not in ALLOWED_DTYPES:
         raise TensorError(f"tensor {spec.name!r}: dtype {spec.dtype!r} is not allowed")
-    if any(d < 0 for d in spec.shape):
-        raise TensorError(f"tensor {spec.name!r}: negative dimension in shape {spec.shape}")
+    if len(spec.shape) > MAX_DIMS or any(not 0 <= d < 2**31 for d in spec.shape):
+        raise TensorError(f"tensor {spec.name!r}: shape {list(spec.shape)} is not valid "
+                          f"(at most {MAX_DIMS} dimensions, each from 0 to 2**31 - 1)")
+    if math.prod(max(d, 1) for d in spec.shape) * np.dtype(spec.dtype).itemsize > MAX_TENSOR_BYTES:
+        raise TensorError(f"tensor {spec.name!r}: shape {list(spec.shape)} is larger than "
+                          f"{MAX_TENSOR_BYTES >> 30} GiB")
 
 
 def nbytes_of(spec: TensorSpec) -> int:
@@ -237,9 +243,17 @@ class ModelFile:
         return {n: np.array(self.array(n)) for n in (names if names is not None else self._entries)}
 
     def iter_chunks(self, names: Iterable[str] | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[TensorChunk]:
-        """Stream tensors straight from disk, holding one chunk in memory at a time."""
-        with open(self.path, "rb") as f:
-            for name in names if names is not None else self._entries:
+        """Stream tensors straight from disk, one chunk in memory at a time.
+
+        The file is opened now, not at the first chunk, so the stream survives the file
+        being replaced or removed afterwards.
+        """
+        return self._chunks(open(self.path, "rb"), list(names) if names is not None else list(self._entries),
+                            chunk_bytes)
+
+    def _chunks(self, f, names: list[str], chunk_bytes: int) -> Iterator[TensorChunk]:
+        with f:
+            for name in names:
                 e = self._entries[name]
                 spec = TensorSpec(e["name"], e["dtype"], tuple(e["shape"]))
                 f.seek(e["offset"])

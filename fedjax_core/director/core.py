@@ -7,12 +7,18 @@ long-polls, metric streams) the moment something changes: nothing here sleeps a 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import os
 import re
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+log = logging.getLogger("fedjax.director")
 
 from fedjax_core import records as r
 from fedjax_core.aggregation import AggregationError, AggregationState, Aggregator, get_aggregator
@@ -25,10 +31,11 @@ from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, check_s
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_BUNDLE_BYTES = 2 << 30
+MAX_ROUND_TIMEOUT_S = 30 * 24 * 3600.0
 
 
 def _check_name(kind: str, name: str) -> None:
-    if not _NAME.match(name or ""):
+    if not _NAME.fullmatch(name or ""):
         raise InvalidRequestError(
             f"{kind} name {name!r} is not valid: use 1-128 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit"
@@ -53,6 +60,7 @@ class _Run:
     agg_state: AggregationState
     done: set[str]
     started_at: float
+    upload: frozenset[str] = frozenset()  # the tensors that travel each round
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -75,6 +83,9 @@ class Director:
         self.health_check_period = health_check_period
         self._clock = clock
         self.store = Store(self.state_dir / "director.sqlite")
+        for name in self.store.abandon_submissions():  # cut off by a crash: never queued
+            log.warning("dropping experiment %r: its submission did not complete before the director stopped", name)
+        shutil.rmtree(self.state_dir / "incoming", ignore_errors=True)
         self._cond = threading.Condition()
         self._run: _Run | None = None
         self._loggers: dict[str, ExperimentLogger] = {}
@@ -154,45 +165,50 @@ class Director:
     def submit_experiment(self, header: r.ExperimentHeader, bundle: Iterable[bytes],
                           chunks: Iterable[r.TensorChunk]) -> int:
         """Store a new experiment (code bundle + initial model) and queue it; returns its queue position."""
-        self._check_header(header)
-        exp_dir = self._exp_dir(header.name)
-        if exp_dir.exists():
-            shutil.rmtree(exp_dir)  # leftovers of a submission that never completed
-        exp_dir.mkdir(parents=True)
+        with self._cond:
+            self._check_header(header)
+            self.store.add_experiment(header, state="submitting")  # claims the name (UNIQUE)
+        staging = Path(tempfile.mkdtemp(prefix=f".{header.name}-", dir=self._staging_dir()))
         try:
-            size = self._write_bundle(header, bundle)
+            size = self._write_bundle(staging / "bundle.bin", bundle)
             if size != header.bundle_size:
                 raise InvalidRequestError(f"bundle is {size} bytes but the header announced {header.bundle_size}")
-            with ModelFileWriter(self._model_path(header.name, 0),
+            with ModelFileWriter(staging / self._model_path(header.name, 0).name,
                                  expected={s.name: s for s in header.model_spec}) as writer:
                 for chunk in chunks:
                     writer.add_chunk(chunk)
                 writer.commit()
-        except TensorError as exc:
-            shutil.rmtree(exp_dir, ignore_errors=True)
-            raise InvalidRequestError(f"initial model of {header.name!r}: {exc}") from None
-        except BaseException:
-            shutil.rmtree(exp_dir, ignore_errors=True)
+            target = self._exp_dir(header.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)  # leftovers of a crash: the name is ours now
+            os.replace(staging, target)
+        except BaseException as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            self.store.delete_experiment(header.name)
+            if isinstance(exc, TensorError):
+                raise InvalidRequestError(f"initial model of {header.name!r}: {exc}") from None
             raise
         with self._cond:
-            if self.store.experiment(header.name) is not None:
-                raise AlreadyExistsError(f"experiment {header.name!r} already exists; choose another experiment_name")
-            self.store.add_experiment(header)
+            self.store.update_experiment(header.name, state="queued")
             self._resume_or_start_next()
             self._cond.notify_all()
             queued = [row.name for row in self.store.experiments("queued")]
         return queued.index(header.name) + 1 if header.name in queued else 0
 
-    def _write_bundle(self, header: r.ExperimentHeader, bundle: Iterable[bytes]) -> int:
+    def _staging_dir(self) -> Path:
+        path = self.state_dir / "incoming"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @staticmethod
+    def _write_bundle(path: Path, bundle: Iterable[bytes]) -> int:
         size = 0
-        tmp = self.bundle_path(header.name).with_suffix(".partial")
-        with open(tmp, "wb") as f:
+        with open(path, "wb") as f:
             for piece in bundle:
                 size += len(piece)
                 if size > MAX_BUNDLE_BYTES:
                     raise InvalidRequestError("experiment bundle exceeds 2 GiB; keep data out of the bundle")
                 f.write(piece)
-        tmp.replace(self.bundle_path(header.name))
         return size
 
     def _check_header(self, h: r.ExperimentHeader) -> None:
@@ -217,45 +233,68 @@ class Director:
             raise InvalidRequestError(str(exc)) from None
         if not any(s.name.startswith("params/") for s in h.model_spec):
             raise InvalidRequestError("the model has no 'params' tensors: pass a flax TrainState as the model")
+        known = {name for name, _, _ in self.store.envoys()}
         for envoy in h.envoys:
             _check_name("envoy", envoy)
+            if envoy not in known:
+                raise InvalidRequestError(f"envoys: no envoy named {envoy!r} has registered; "
+                                          f"registered envoys: {', '.join(sorted(known)) or 'none'}")
+        if len(set(h.envoys)) != len(h.envoys):
+            raise InvalidRequestError(f"envoys lists an envoy twice: {list(h.envoys)}")
         if h.min_envoys < 0 or (h.envoys and h.min_envoys > len(h.envoys)):
             raise InvalidRequestError(f"min_envoys must be between 0 (all) and the number of envoys, got {h.min_envoys}")
-        if h.round_timeout_s < 0:
-            raise InvalidRequestError(f"round_timeout_s must be >= 0 (0: no deadline), got {h.round_timeout_s}")
+        if not (math.isfinite(h.round_timeout_s) and 0 <= h.round_timeout_s <= MAX_ROUND_TIMEOUT_S):
+            raise InvalidRequestError(f"round_timeout_s must be between 0 (no deadline) and {MAX_ROUND_TIMEOUT_S:g} "
+                                      f"seconds, got {h.round_timeout_s}")
 
     # ------------------------------------------------------------- lifecycle
     def _resume_or_start_next(self) -> None:
         """Pick up the running experiment after a restart, or start the oldest queued one."""
         if self._run is not None or self._closed:
             return
-        running = self.store.experiments("running")
-        if running:
-            self._run = self._rebuild_run(running[0])
+        for row in self.store.experiments("running"):  # after a restart
+            try:
+                self._run = self._rebuild_run(row)
+            except Exception as exc:  # a run that cannot be rebuilt must not block the director
+                self._fail_unstartable(row, exc)
+                continue
+            self._maybe_close_round(self._run)  # every result may have arrived before the restart
             return
         for row in self.store.experiments("queued"):
             online = [e.name for e in self.shard_registry() if e.is_online]
             envoys = row.header.envoys or tuple(online)
             if not envoys or not set(envoys) <= set(online):
                 return  # wait for its envoys to come online
+            row = dataclasses.replace(row, state="running", envoys=envoys)
+            try:
+                run = self._new_run(row, round_=0)
+            except Exception as exc:
+                self._fail_unstartable(row, exc)
+                continue
             self.store.update_experiment(row.name, state="running", envoys=envoys, started_at=self._clock())
-            row = self.store.experiment(row.name)
-            assert row is not None
-            self._run = self._new_run(row, round_=0)
+            self._run = run
             return
+
+    def _fail_unstartable(self, row: ExperimentRow, exc: Exception) -> None:
+        log.error("experiment %r cannot run: %s", row.name, exc)
+        self.store.update_experiment(row.name, state="failed", error=f"the director cannot run it: {exc}",
+                                     finished_at=self._clock())
 
     def _new_run(self, row: ExperimentRow, round_: int) -> _Run:
         aggregator = get_aggregator(row.header.aggregation)
-        specs = [s for s in row.header.model_spec if s.name in set(upload_names(row.header))]
-        return _Run(row=row, envoys=row.envoys, round=round_, aggregator=aggregator,
+        upload = frozenset(upload_names(row.header))
+        specs = [s for s in row.header.model_spec if s.name in upload]
+        return _Run(row=row, envoys=row.envoys, round=round_, aggregator=aggregator, upload=upload,
                     agg_state=aggregator.init(specs), done=set(), started_at=self._clock())
 
     def _rebuild_run(self, row: ExperimentRow) -> _Run:
         run = self._new_run(row, row.current_round)
         for envoy, weight, path, _ in self.store.updates(row.name, run.round):
-            if path.exists():
-                run.agg_state = run.aggregator.update(run.agg_state, ModelFile(path), weight)
-                run.done.add(envoy)
+            if not path.exists():  # lost with its file: that envoy uploads again
+                self.store.drop_update(row.name, run.round, envoy)
+                continue
+            run.agg_state = run.aggregator.update(run.agg_state, ModelFile(path), weight)
+            run.done.add(envoy)
         if run.kind == "validate":
             run.done |= {e.envoy for _, e, _ in self.store.events(row.name, round_=run.round)
                          if e.stage == r.STAGE_AGGREGATED and e.envoy}
@@ -320,9 +359,9 @@ class Director:
             if round_ != run.round:
                 raise PreconditionError(f"round {round_} is not the current round ({run.round}) of {experiment!r}")
             model = ModelFile(self._model_path(experiment, round_))
-            names = [n for n in model.names() if n in set(upload_names(run.header))]
+            chunks = model.iter_chunks([n for n in model.names() if n in run.upload])  # opens the file now
         sent = 0
-        for chunk in model.iter_chunks(names):
+        for chunk in chunks:
             sent += len(chunk.data)
             yield chunk
         with self._cond:
@@ -351,29 +390,34 @@ class Director:
         with self._cond:
             run = self._running(envoy, experiment)
             self._check_update_allowed(run, envoy, round_)
-            expected = {s.name: s for s in run.header.model_spec if s.name in set(upload_names(run.header))}
+            expected = {s.name: s for s in run.header.model_spec if s.name in run.upload}
         if sample_count <= 0:
             raise InvalidRequestError(
                 f"envoy {envoy!r} reported {sample_count} training samples; FedAvg needs a positive count "
                 "(check DataInterface.get_train_data_size)")
-        path = self._exp_dir(experiment) / f"round_{round_:04d}" / f"{envoy}.fjm"
+        spool = Path(tempfile.mkstemp(prefix=f".{envoy}-", suffix=".fjm", dir=self._staging_dir())[1])
         try:
-            with ModelFileWriter(path, expected=expected) as writer:
+            with ModelFileWriter(spool, expected=expected) as writer:
                 for chunk in chunks:
                     writer.add_chunk(chunk)
                 writer.commit()
+            with self._cond:
+                run = self._running(envoy, experiment)
+                self._check_update_allowed(run, envoy, round_)  # the round may have closed meanwhile
+                path = self._exp_dir(experiment) / f"round_{round_:04d}" / f"{envoy}.fjm"
+                path.parent.mkdir(exist_ok=True)
+                os.replace(spool, path)
+                received = writer.bytes_written
+                self.store.add_update(experiment, round_, envoy, float(sample_count), path, received)
+                run.agg_state = run.aggregator.update(run.agg_state, ModelFile(path), float(sample_count))
+                run.done.add(envoy)
+                run.bytes_in += received
+                self._maybe_close_round(run)
+                self._cond.notify_all()
         except TensorError as exc:
             raise InvalidRequestError(f"update from {envoy!r} for round {round_}: {exc}") from None
-        received = writer.bytes_written
-        with self._cond:
-            run = self._running(envoy, experiment)
-            self._check_update_allowed(run, envoy, round_)
-            run.agg_state = run.aggregator.update(run.agg_state, ModelFile(path), float(sample_count))
-            self.store.add_update(experiment, round_, envoy, float(sample_count), path, received)
-            run.done.add(envoy)
-            run.bytes_in += received
-            self._maybe_close_round(run)
-            self._cond.notify_all()
+        finally:
+            spool.unlink(missing_ok=True)
         return received
 
     def _check_update_allowed(self, run: _Run, envoy: str, round_: int) -> None:
@@ -402,7 +446,11 @@ class Director:
                 if left > 0:
                     self._cond.wait(timeout=left)
                     continue
-                self._close_at_deadline(run)
+                try:
+                    self._close_at_deadline(run)
+                except Exception:  # keep watching the next rounds whatever happened to this one
+                    log.exception("closing round %d of %r at its deadline failed", run.round, run.row.name)
+                    self._finish(run, "failed", error=f"closing round {run.round} at its deadline failed")
                 self._cond.notify_all()
 
     def _close_at_deadline(self, run: _Run) -> None:
@@ -558,6 +606,10 @@ class Director:
                                     timeout=wait_s)
 
     def model_chunks(self, name: str, which: str) -> Iterator[r.TensorChunk]:
+        with self._cond:  # resolve and open under the lock: a round closing meanwhile removes old files
+            return self._open_model(name, which)
+
+    def _open_model(self, name: str, which: str) -> Iterator[r.TensorChunk]:
         status = self.experiment_status(name)
         if which == "best":
             path = self._best_path(name)

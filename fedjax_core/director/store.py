@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from fedjax_core import records as r
+from fedjax_core.errors import AlreadyExistsError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS envoys (
@@ -118,11 +119,25 @@ class Store:
         return out
 
     # experiments
-    def add_experiment(self, header: r.ExperimentHeader) -> None:
-        self._write(
-            "INSERT INTO experiments (name, header, state, submitted_at, best_metric) VALUES (?, ?, 'queued', ?, ?)",
-            (header.name, _header_to_json(header), time.time(), header.best_metric),
-        )
+    def add_experiment(self, header: r.ExperimentHeader, state: str = "queued") -> None:
+        """Insert a new experiment; the name's UNIQUE constraint settles concurrent submissions."""
+        try:
+            self._write(
+                "INSERT INTO experiments (name, header, state, submitted_at, best_metric) VALUES (?, ?, ?, ?, ?)",
+                (header.name, _header_to_json(header), state, time.time(), header.best_metric),
+            )
+        except sqlite3.IntegrityError:
+            raise AlreadyExistsError(
+                f"experiment {header.name!r} already exists; choose another experiment_name") from None
+
+    def delete_experiment(self, name: str) -> None:
+        self._write("DELETE FROM experiments WHERE name = ?", (name,))
+
+    def abandon_submissions(self) -> list[str]:
+        """Remove experiments whose submission never completed (the director stopped mid-upload)."""
+        names = [n for (n,) in self._read("SELECT name FROM experiments WHERE state = 'submitting'")]
+        self._write("DELETE FROM experiments WHERE state = 'submitting'")
+        return names
 
     def update_experiment(self, name: str, **fields) -> None:
         if "envoys" in fields:
@@ -130,10 +145,13 @@ class Store:
         sets = ", ".join(f"{k} = ?" for k in fields)
         self._write(f"UPDATE experiments SET {sets} WHERE name = ?", (*fields.values(), name))
 
-    def experiments(self, state: str | None = None) -> list[ExperimentRow]:
+    def experiments(self, state: str | None = None, name: str | None = None) -> list[ExperimentRow]:
         sql = ("SELECT name, header, state, envoys, current_round, best_round, best_value, best_metric, "
                "error, submitted_at FROM experiments")
-        rows = self._read(sql + (" WHERE state = ?" if state else "") + " ORDER BY seq", (state,) if state else ())
+        where = [(col, value) for col, value in (("state", state), ("name", name)) if value is not None]
+        if where:
+            sql += " WHERE " + " AND ".join(f"{col} = ?" for col, _ in where)
+        rows = self._read(sql + " ORDER BY seq", tuple(value for _, value in where))
         return [
             ExperimentRow(name=n, header=_header_from_json(h), state=s, envoys=tuple(json.loads(e)),
                           current_round=cr, best_round=br, best_value=bv, best_metric=bm, error=err,
@@ -142,7 +160,8 @@ class Store:
         ]
 
     def experiment(self, name: str) -> ExperimentRow | None:
-        return next((row for row in self.experiments() if row.name == name), None)
+        rows = self.experiments(name=name)
+        return rows[0] if rows else None
 
     # updates of the round in progress
     def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int) -> None:
@@ -152,6 +171,9 @@ class Store:
         rows = self._read("SELECT envoy, weight, path, nbytes FROM updates WHERE experiment = ? AND round = ?",
                           (experiment, round_))
         return [(e, w, Path(p), n) for e, w, p, n in rows]
+
+    def drop_update(self, experiment: str, round_: int, envoy: str) -> None:
+        self._write("DELETE FROM updates WHERE experiment = ? AND round = ? AND envoy = ?", (experiment, round_, envoy))
 
     def drop_updates(self, experiment: str, round_: int) -> None:
         self._write("DELETE FROM updates WHERE experiment = ? AND round = ?", (experiment, round_))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedjax_core import records as r
+from fedjax_core.errors import AlreadyExistsError
 from fedjax_core.director.store import Store
 
 
@@ -90,7 +91,7 @@ def test_add_and_read_experiment(store):
 
 def test_experiment_names_are_unique(store):
     store.add_experiment(_header("exp1"))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(AlreadyExistsError, match="experiment 'exp1' already exists"):
         store.add_experiment(_header("exp1"))
     assert len(store.experiments()) == 1
 
