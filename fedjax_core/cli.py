@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedjax {args.component}: {exc}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
         print(f"fedjax {args.component}: {exc}", file=sys.stderr)
         return 1
 

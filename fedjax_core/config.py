@@ -46,7 +46,11 @@ class DirectorSettings(_Model):
     envoy_health_check_period: float = Field(5.0, gt=0)
     state_dir: str = "director_state"
     log_dir: str = "logs"
-    max_workers: int = Field(64, ge=8)
+    # Each envoy holds about two of these threads (its experiment stream, its worker's long-poll)
+    # and each following notebook one: size it for your federation.
+    max_workers: int = Field(128, ge=8, strict=True)
+    # Under mTLS, the certificate names allowed to use the notebook API (submit experiments).
+    submitters: list[str] = ["api"]
 
 
 class DirectorConfig(_Model):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_DAYS = 365
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -51,6 +53,9 @@ def init_ca(directory: Path) -> Path:
 
 def certify(directory: Path, name: str, sans: list[str] | tuple[str, ...] = ()) -> tuple[Path, Path]:
     """Issue ``<name>.crt``/``<name>.key`` signed by the CA in ``directory``, for client and server use."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"certificate name {name!r} is not valid: use letters, digits, '.', '_' or '-' "
+                         "(a host name or an envoy name)")
     ca_cert_path, ca_key_path = directory / "root_ca.crt", directory / "root_ca.key"
     if not ca_cert_path.exists():
         raise FileNotFoundError(f"no root CA in {directory}: run `fedjax pki init --dir {directory}` first")

@@ -82,6 +82,12 @@ class FLExperiment:
         if device_assignment_policy not in DEVICE_POLICIES:
             raise ValueError(f"device_assignment_policy {device_assignment_policy!r} is not one of "
                              f"{', '.join(DEVICE_POLICIES)}")
+        if isinstance(envoys, str):
+            raise TypeError(f"envoys must be a list of envoy names, e.g. [{envoys!r}], not a string")
+        if not isinstance(min_envoys, int) or isinstance(min_envoys, bool) or min_envoys < 0:
+            raise ValueError(f"min_envoys must be an integer >= 0 (0: every envoy), got {min_envoys!r}")
+        if not isinstance(round_timeout_s, (int, float)) or not 0 <= round_timeout_s < math.inf:
+            raise ValueError(f"round_timeout_s must be a number of seconds >= 0 (0: no deadline), got {round_timeout_s!r}")
         if higher_is_better is not None and not best_metric:
             raise ValueError("higher_is_better needs best_metric: name the validation metric it applies to")
         task_keeper.check()

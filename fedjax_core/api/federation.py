@@ -21,7 +21,10 @@ class Federation:
                  api_private_key: str | None = None, timeout_s: float = 10.0):
         self.client_id = client_id
         self.director_node_fqdn = director_node_fqdn
-        self.director_port = int(director_port)
+        try:
+            self.director_port = int(director_port)
+        except (TypeError, ValueError):
+            raise ValueError(f"director_port must be a port number such as 50055, got {director_port!r}") from None
         self.timeout_s = timeout_s
         tls_files = None
         if tls:

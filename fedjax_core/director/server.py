@@ -20,13 +20,13 @@ from fedjax_core.transport import SERVER_OPTIONS, TLSFiles, server_credentials
 log = logging.getLogger("fedjax.director")
 
 
-def create_server(director: Director, host: str, port: int, tls: TLSFiles | None,
-                  max_workers: int = 64) -> tuple[grpc.Server, int]:
+def create_server(director: Director, host: str, port: int, tls: TLSFiles | None, max_workers: int = 128,
+                  submitters: frozenset[str] = frozenset({"api"})) -> tuple[grpc.Server, int]:
     """A started-ready gRPC server for ``director``; returns ``(server, bound_port)`` (port 0 picks one)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="director"),
                          options=SERVER_OPTIONS)
     env_grpc.add_EnvoyServiceServicer_to_server(EnvoyServicer(director), server)
-    fed_grpc.add_FederationServiceServicer_to_server(FederationServicer(director), server)
+    fed_grpc.add_FederationServiceServicer_to_server(FederationServicer(director, submitters), server)
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
     if bound == 0:
@@ -42,7 +42,7 @@ def run_director(config: DirectorConfig, tls: TLSFiles | None) -> None:
     director = Director(state_dir=Path(s.state_dir).resolve(), log_dir=Path(s.log_dir).resolve(),
                         sample_shape=s.sample_shape, target_shape=s.target_shape,
                         health_check_period=s.envoy_health_check_period)
-    server, port = create_server(director, s.listen_host, s.listen_port, tls, s.max_workers)
+    server, port = create_server(director, s.listen_host, s.listen_port, tls, s.max_workers, frozenset(s.submitters))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -105,32 +105,33 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
 
 class FederationServicer(fed_grpc.FederationServiceServicer):
-    def __init__(self, director: Director):
+    def __init__(self, director: Director, submitters: frozenset[str] = frozenset({"api"})):
         self.director = director
+        self.submitters = submitters
 
-    def _check_not_an_envoy(self, context: grpc.ServicerContext) -> None:
-        """Under mTLS, envoy certificates cannot drive experiments: envoys run code, they never submit it."""
+    def _check_submitter(self, context: grpc.ServicerContext) -> None:
+        """Under mTLS only the certificates named in settings.submitters may use the notebook API."""
         common_name = peer_common_name(context)
-        if common_name is not None and common_name in {e.name for e in self.director.shard_registry()}:
+        if common_name is not None and common_name not in self.submitters:
             raise PermissionDeniedError(
-                f"the client certificate belongs to envoy {common_name!r}; use the notebook's own certificate "
-                "(fedjax pki certify --name api)")
+                f"the client certificate {common_name!r} may not use the notebook API; this director allows "
+                f"{', '.join(sorted(self.submitters))} (settings.submitters in its config)")
 
     @maps_errors
     def GetDatasetInfo(self, request, context):
-        self._check_not_an_envoy(context)
+        self._check_submitter(context)
         sample, target = self.director.dataset_info()
         return fed_pb.GetDatasetInfoResponse(sample_shape=list(sample), target_shape=list(target))
 
     @maps_errors
     def GetShardRegistry(self, request, context):
-        self._check_not_an_envoy(context)
+        self._check_submitter(context)
         return fed_pb.GetShardRegistryResponse(
             envoys=[serde.envoy_entry_to_proto(e) for e in self.director.shard_registry()])
 
     @maps_errors
     def SubmitExperiment(self, request_iterator, context):
-        self._check_not_an_envoy(context)
+        self._check_submitter(context)
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
             raise InvalidRequestError("an experiment submission must start with its header")
@@ -159,23 +160,23 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
 
     @maps_errors
     def ListExperiments(self, request, context):
-        self._check_not_an_envoy(context)
+        self._check_submitter(context)
         return fed_pb.ListExperimentsResponse(
             experiments=[serde.status_to_proto(s) for s in self.director.experiments()])
 
     @maps_errors
     def GetExperimentStatus(self, request, context):
-        self._check_not_an_envoy(context)
+        self._check_submitter(context)
         return serde.status_to_proto(self.director.experiment_status(request.name))
 
     @maps_errors
     def StreamMetrics(self, request, context):
-        self._check_not_an_envoy(context)
+        self._check_submitter(context)
         for event in self.director.stream_events(request.experiment_name, context.is_active):
             yield serde.metric_event_to_proto(event)
 
     @maps_errors
     def GetModel(self, request, context):
-        self._check_not_an_envoy(context)
+        self._check_submitter(context)
         for chunk in self.director.model_chunks(request.experiment_name, request.which):
             yield serde.chunk_to_proto(chunk)

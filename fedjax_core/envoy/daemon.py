@@ -76,6 +76,12 @@ class EnvoyDaemon:
                  self.info.train_size, self.info.valid_size)
         heartbeats = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
         heartbeats.start()
+        try:
+            self._serve()
+        finally:
+            self.shutdown()  # whatever ended the loop, no worker outlives its daemon
+
+    def _serve(self) -> None:
         backoff = Backoff()
         while not self.stop.is_set():
             try:
@@ -85,6 +91,8 @@ class EnvoyDaemon:
                 log.info("envoy %s registered with the director at %s:%d", self.name, self.host, self.port)
                 print(f"ENVOY READY {self.name}", flush=True)
                 self._stream = self.client.experiments()
+                if self.stop.is_set():  # a stop request raced with the (re)connection
+                    self._stream.cancel()
                 for experiment in self._stream:
                     try:
                         self._start_experiment(experiment)
@@ -101,7 +109,6 @@ class EnvoyDaemon:
                 log.warning("envoy %s: director at %s:%d unreachable (%s); retrying in %.1fs",
                             self.name, self.host, self.port, exc.code().name, delay)
                 self.stop.wait(delay)
-        self.shutdown()
 
     def _heartbeats(self) -> None:
         while not self.stop.is_set():
@@ -118,7 +125,9 @@ class EnvoyDaemon:
             if self._worker is not None and self._worker.poll() is None:
                 if getattr(self._worker, "experiment", None) == experiment:
                     return  # pushed again after a reconnect; the worker carries on
-                self._worker.wait()
+                # the director has moved on to another experiment: the old one is over for this envoy
+                log.warning("envoy %s: stopping the worker of %r for %r", self.name, self._worker.experiment, experiment)
+                _stop_process(self._worker)
             exp_dir = self.work_dir / experiment
             exp_dir.mkdir(parents=True, exist_ok=True)
             bundle_path = exp_dir / "bundle.bin"
@@ -130,6 +139,7 @@ class EnvoyDaemon:
                 if self.tls else None,
                 "shard_template": self.config.shard_descriptor.template,
                 "shard_params": self.config.shard_descriptor.params, "shard_base_dir": str(self.config_dir),
+                "parent_pid": os.getpid(),
             }
             spec_path = exp_dir / "worker.json"
             spec_path.write_text(json.dumps(spec))
@@ -161,9 +171,14 @@ class EnvoyDaemon:
         self.stop.set()
         with self._worker_lock:
             if self._worker is not None and self._worker.poll() is None:
-                self._worker.terminate()
-                try:
-                    self._worker.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self._worker.kill()
+                _stop_process(self._worker)
         self.client.close()
+
+
+def _stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

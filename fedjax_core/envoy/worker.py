@@ -9,8 +9,10 @@ the experiment ends, which hands accelerator memory back.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -112,8 +114,25 @@ class _Rounds:
               + ", ".join(f"{k}={v:.4f}" for m in train_metrics.values() for k, v in m.items()), flush=True)
 
 
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Exit when the envoy daemon dies (even by SIGKILL), so a restarted daemon never finds a twin."""
+    if parent_pid is None:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the daemon's shutdown still terminates us
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        sys.exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    _die_with_parent(spec.get("parent_pid"))
     tls = TLSFiles(*map(Path, spec["tls"])) if spec.get("tls") else None
     client = EnvoyClient(spec["envoy_name"], spec["director_host"], spec["director_port"], tls)
     experiment = spec["experiment"]

@@ -33,15 +33,19 @@ def test_experiment_over_mtls(tls_stack):
     assert "mTLS" in tls_stack.director.output()
 
 
-def test_envoy_certificate_cannot_drive_experiments(tls_stack):
-    from fedjax_core import Federation
+@pytest.mark.parametrize("name", ["env1", "env9", "director"])
+def test_only_the_notebooks_certificate_can_drive_experiments(tls_stack, name):
+    """Envoy certificates (registered or not yet) and the director's own cannot submit code."""
+    from fedjax_core import Federation, pki
     from fedjax_core.errors import PermissionDeniedError
 
-    pki = tls_stack.pki
-    with pytest.raises(PermissionDeniedError, match="belongs to envoy 'env1'"):
+    if name == "env9":
+        pki.certify(tls_stack.pki, name)  # issued, never registered
+    with pytest.raises(PermissionDeniedError, match=f"certificate '{name}' may not use the notebook API; "
+                                                    r"this director allows api \(settings.submitters"):
         Federation(director_node_fqdn="127.0.0.1", director_port=tls_stack.port, tls=True,
-                   cert_chain=str(pki / "root_ca.crt"), api_cert=str(pki / "env1.crt"),
-                   api_private_key=str(pki / "env1.key"))
+                   cert_chain=str(tls_stack.pki / "root_ca.crt"), api_cert=str(tls_stack.pki / f"{name}.crt"),
+                   api_private_key=str(tls_stack.pki / f"{name}.key"))
 
 
 def test_envoy_cannot_use_another_envoys_name(tls_stack):
