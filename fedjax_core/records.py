@@ -10,6 +10,7 @@ STAGE_ROUND = "round"
 STAGES = (STAGE_AGGREGATED, STAGE_TRAIN, STAGE_LOCAL)
 
 OPT_TREATMENTS = ("RESET", "CONTINUE_LOCAL", "CONTINUE_GLOBAL")
+TERMINAL_STATES = ("finished", "failed", "cancelled")
 
 
 def default_higher_is_better(metric: str) -> bool:

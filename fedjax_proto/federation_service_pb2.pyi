@@ -154,6 +154,12 @@ class MetricEvent(_message.Message):
     round_time_s: float
     def __init__(self, round: _Optional[int] = ..., envoy: _Optional[str] = ..., stage: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_tensors_pb2.Metric, _Mapping]]] = ..., timestamp: _Optional[float] = ..., experiment_done: _Optional[bool] = ..., state: _Optional[str] = ..., round_time_s: _Optional[float] = ...) -> None: ...
 
+class CancelExperimentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
 class GetModelRequest(_message.Message):
     __slots__ = ("experiment_name", "which")
     EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]

@@ -70,6 +70,11 @@ class FederationServiceStub:
                 request_serializer=fedjax__proto_dot_federation__service__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=fedjax__proto_dot_tensors__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.CancelExperiment = channel.unary_unary(
+                '/fedjax.FederationService/CancelExperiment',
+                request_serializer=fedjax__proto_dot_federation__service__pb2.CancelExperimentRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_federation__service__pb2.ExperimentStatus.FromString,
+                _registered_method=True)
 
 
 class FederationServiceServicer:
@@ -119,6 +124,13 @@ class FederationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelExperiment(self, request, context):
+        """Stops a queued or running experiment; its envoys' workers end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +168,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=fedjax__proto_dot_federation__service__pb2.GetModelRequest.FromString,
                     response_serializer=fedjax__proto_dot_tensors__pb2.TensorChunk.SerializeToString,
+            ),
+            'CancelExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExperiment,
+                    request_deserializer=fedjax__proto_dot_federation__service__pb2.CancelExperimentRequest.FromString,
+                    response_serializer=fedjax__proto_dot_federation__service__pb2.ExperimentStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -347,6 +364,33 @@ class FederationService:
             '/fedjax.FederationService/GetModel',
             fedjax__proto_dot_federation__service__pb2.GetModelRequest.SerializeToString,
             fedjax__proto_dot_tensors__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjax.FederationService/CancelExperiment',
+            fedjax__proto_dot_federation__service__pb2.CancelExperimentRequest.SerializeToString,
+            fedjax__proto_dot_federation__service__pb2.ExperimentStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,9 @@ class FederationClient:
     def status(self, name: str) -> r.ExperimentStatus:
         return serde.status_from_proto(self._unary("GetExperimentStatus", fed_pb.GetExperimentStatusRequest(name=name)))
 
+    def cancel(self, name: str) -> r.ExperimentStatus:
+        return serde.status_from_proto(self._unary("CancelExperiment", fed_pb.CancelExperimentRequest(name=name)))
+
     def submit(self, header: r.ExperimentHeader, bundle: bytes, tensors: Mapping[str, np.ndarray]) -> int:
         """Stream header, code bundle and initial model; returns the queue position (0: running now)."""
         def requests():

@@ -137,8 +137,8 @@ class FLExperiment:
         try:
             for event in self._events():
                 if event.experiment_done:
-                    if event.state == "failed":
-                        raise ExperimentFailed(f"experiment {self.experiment_name!r} failed: "
+                    if event.state != "finished":
+                        raise ExperimentFailed(f"experiment {self.experiment_name!r} {event.state}: "
                                                f"{self.get_experiment_status().error}")
                     break
                 self.history.append(event)
@@ -172,6 +172,10 @@ class FLExperiment:
                 if not exc.retryable or time.monotonic() - down_since > reconnect_s:
                     raise
                 time.sleep(backoff.next_delay())
+
+    def cancel(self) -> r.ExperimentStatus:
+        """Stop this experiment, queued or running; its envoys' workers end and free their devices."""
+        return self.federation.client.cancel(self.experiment_name)
 
     def wait(self, timeout_s: float = math.inf) -> r.ExperimentStatus:
         """Block until the experiment finishes or fails (no output); returns its status."""

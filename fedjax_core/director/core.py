@@ -342,7 +342,7 @@ class Director:
             row = self.store.experiment(experiment)
             if row is None:
                 raise NotFoundError(f"no experiment named {experiment!r}")
-            if row.state in ("finished", "failed"):
+            if row.state in r.TERMINAL_STATES:
                 return r.Task(kind="finished", message=f"experiment {experiment!r} is {row.state}")
             return r.Task(kind="none")
         if envoy not in run.envoys:
@@ -584,6 +584,22 @@ class Director:
             raise NotFoundError(f"no experiment named {name!r}")
         return row.status()
 
+    def cancel_experiment(self, name: str, by: str = "") -> r.ExperimentStatus:
+        """Stop a queued or running experiment; a running one's workers are told it is over."""
+        with self._cond:
+            row = self.store.experiment(name)
+            if row is None:
+                raise NotFoundError(f"no experiment named {name!r}")
+            if row.state in r.TERMINAL_STATES or row.state == "submitting":
+                raise PreconditionError(f"experiment {name!r} is {row.state}; only queued or running ones can be cancelled")
+            reason = f"cancelled by {by}" if by else "cancelled"
+            if self._run is not None and self._run.row.name == name:
+                self._finish(self._run, "cancelled", error=reason)
+            else:
+                self.store.update_experiment(name, state="cancelled", error=reason, finished_at=self._clock())
+            self._cond.notify_all()
+            return self.experiment_status(name)
+
     def stream_events(self, name: str, is_active: Callable[[], bool], wait_s: float = 1.0) -> Iterator[r.MetricEvent]:
         """Every event of ``name`` so far, then new ones as they come, then a final 'done' event."""
         self.experiment_status(name)
@@ -596,13 +612,13 @@ class Director:
             if rows:
                 continue
             status = self.experiment_status(name)
-            if status.state in ("finished", "failed") and not self.store.events(name, after_id=last_id):
+            if status.state in r.TERMINAL_STATES and not self.store.events(name, after_id=last_id):
                 yield r.MetricEvent(round=status.current_round, envoy="", stage="", experiment_done=True,
                                     state=status.state, timestamp=self._clock())
                 return
             with self._cond:
                 self._cond.wait_for(lambda: bool(self.store.events(name, after_id=last_id)) or self._closed
-                                    or self.experiment_status(name).state in ("finished", "failed"),
+                                    or self.experiment_status(name).state in r.TERMINAL_STATES,
                                     timeout=wait_s)
 
     def model_chunks(self, name: str, which: str) -> Iterator[r.TensorChunk]:

@@ -176,6 +176,12 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
             yield serde.metric_event_to_proto(event)
 
     @maps_errors
+    def CancelExperiment(self, request, context):
+        self._check_submitter(context)
+        by = peer_common_name(context) or "the notebook API"
+        return serde.status_to_proto(self.director.cancel_experiment(request.name, by=by))
+
+    @maps_errors
     def GetModel(self, request, context):
         self._check_submitter(context)
         for chunk in self.director.model_chunks(request.experiment_name, request.which):

@@ -23,12 +23,12 @@ def slow_stack(tmp_path_factory):
         print(stack.logs())
 
 
-def start(stack, name, min_envoys):
+def start(stack, name, min_envoys, round_timeout_s=DEADLINE_S):
     fed = Federation(director_node_fqdn="127.0.0.1", director_port=stack.port, tls=False)
     exp = FLExperiment(federation=fed, experiment_name=name)
     exp.start(model_provider=ModelInterface(model=create_train_state()), task_keeper=make_tasks(),
               data_loader=SubsetDataset(limit=128), rounds_to_train=1, device_assignment_policy="CPU_ONLY",
-              min_envoys=min_envoys, round_timeout_s=DEADLINE_S)
+              min_envoys=min_envoys, round_timeout_s=round_timeout_s)
     return exp
 
 
@@ -50,3 +50,17 @@ def test_too_few_results_at_the_deadline_fail_the_experiment(slow_stack):
     exp = start(slow_stack, "all-or-nothing", min_envoys=0)  # 0: every envoy must report
     with pytest.raises(ExperimentFailed, match=r"deadline with 1 of 2 envoys reporting .*no result from: env2"):
         exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
+
+
+def test_cancel_ends_an_experiment_stuck_on_a_slow_envoy(slow_stack):
+    exp = start(slow_stack, "stuck", min_envoys=0, round_timeout_s=0)
+    # no deadline: the round waits for env2, which sits in its task; the researcher gives up
+    exp.federation.client.events("stuck").__next__()  # the experiment is under way
+    status = exp.cancel()
+    assert status.state == "cancelled" and status.error == "cancelled by the notebook API"
+    with pytest.raises(ExperimentFailed, match="experiment 'stuck' cancelled"):
+        exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
+    from fedjax_core.errors import PreconditionError
+
+    with pytest.raises(PreconditionError, match="experiment 'stuck' is cancelled"):
+        exp.cancel()

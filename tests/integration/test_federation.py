@@ -188,8 +188,13 @@ def test_experiments_queue_while_one_runs(federation):
     assert second.start(model_provider=ModelInterface(model=create_train_state()), **kwargs) == 1
     assert second.get_experiment_status().state == "queued"
     assert {s.name: s.state for s in federation.list_experiments()}["queue-b"] == "queued"
+    third = FLExperiment(federation=federation, experiment_name="queue-c")
+    assert third.start(model_provider=ModelInterface(model=create_train_state()), **kwargs) == 2
+    assert third.cancel().state == "cancelled"  # withdrawn while queued: it never runs
     assert second.wait(timeout_s=300).state == "finished"
     assert first.get_experiment_status().state == "finished"
+    assert third.get_experiment_status().state == "cancelled"
+    assert not [e for e in third.federation.client.events("queue-c") if not e.experiment_done]
 
 
 def test_failing_task_fails_the_experiment_with_its_message(federation):
