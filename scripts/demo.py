@@ -16,7 +16,6 @@ from pathlib import Path
 
 import nbclient
 import nbformat
-from jupyter_client.manager import KernelManager
 
 from fedjax_core import Federation, FLExperiment
 from fedjax_core.local import Process, free_port
@@ -70,8 +69,7 @@ def main() -> int:
         os.environ.update(FEDJAX_DIRECTOR_HOST="localhost", FEDJAX_DIRECTOR_PORT=str(port),
                           FEDJAX_ROUNDS=str(ROUNDS), FEDJAX_EXPERIMENT=experiment)
         nb = nbformat.read(NOTEBOOK, as_version=4)
-        kernel = KernelManager(kernel_name="python3", transport="ipc")  # local sockets, not TCP ports
-        client = nbclient.NotebookClient(nb, km=kernel, timeout=1800,
+        client = nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
                                          resources={"metadata": {"path": str(NOTEBOOK.parent)}})
         try:
             client.execute()
