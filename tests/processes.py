@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -110,3 +111,18 @@ def add_tls_section(config_path: Path, pki_dir: Path, name: str) -> None:
     config["tls"] = {"root_certificate": str(pki_dir / "root_ca.crt"), "certificate": str(pki_dir / f"{name}.crt"),
                      "private_key": str(pki_dir / f"{name}.key")}
     config_path.write_text(yaml.safe_dump(config))
+
+
+def copy_tutorial(tmp_path: Path, port: int) -> tuple[Path, Path]:
+    """director/ and envoy/ copied out of the repository, on a free port, reading the shared data."""
+    skip = shutil.ignore_patterns("director_state", "logs", "envoy_workspace", "__pycache__")
+    director = Path(shutil.copytree(REPO / "director", tmp_path / "director", ignore=skip))
+    envoy = Path(shutil.copytree(REPO / "envoy", tmp_path / "envoy", ignore=skip))
+    config = yaml.safe_load((director / "director_config.yaml").read_text())
+    config["settings"]["listen_port"] = port
+    (director / "director_config.yaml").write_text(yaml.safe_dump(config))
+    for name in ("envoy_config.yaml", "envoy_config_2.yaml"):
+        config = yaml.safe_load((envoy / name).read_text())
+        config["shard_descriptor"]["params"]["data_dir"] = str(SHARED_DATA)
+        (envoy / name).write_text(yaml.safe_dump(config))
+    return director, envoy

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from processes import REPO, SHARED_DATA, Process, free_port
+from processes import REPO, SHARED_DATA, Process, copy_tutorial, free_port
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -30,25 +29,6 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOK = REPO / "workspace" / "FLAX_CIFAR10_CNN.ipynb"
 ROUNDS = int(os.environ.get("FEDJAX_TEST_ROUNDS", "3"))
 EXPERIMENT = "notebook_cifar10"
-
-
-def _copy_tutorial(tmp_path: Path, port: int) -> tuple[Path, Path]:
-    """Copies of director/ and envoy/ with a free port and an absolute data_dir; nothing left over from runs."""
-    leftovers = shutil.ignore_patterns("director_state", "logs", "envoy_workspace", "__pycache__")
-    director_dir = Path(shutil.copytree(REPO / "director", tmp_path / "director", ignore=leftovers))
-    envoy_dir = Path(shutil.copytree(REPO / "envoy", tmp_path / "envoy", ignore=leftovers))
-
-    config_path = director_dir / "director_config.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    config["settings"]["listen_port"] = port
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-    for name in ("envoy_config.yaml", "envoy_config_2.yaml"):
-        config_path = envoy_dir / name
-        config = yaml.safe_load(config_path.read_text())
-        config["shard_descriptor"]["params"]["data_dir"] = str(SHARED_DATA)
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return director_dir, envoy_dir
 
 
 def _text_outputs(nb) -> str:
@@ -74,7 +54,7 @@ def test_tutorial_notebook_runs_against_the_shipped_scripts(tmp_path, monkeypatc
     if not SHARED_DATA.is_dir():
         pytest.skip(f"CIFAR-10 subset not found at {SHARED_DATA}")
     port = free_port()
-    director_dir, envoy_dir = _copy_tutorial(tmp_path, port)
+    director_dir, envoy_dir = copy_tutorial(tmp_path, port)
     # The copies live outside the repository, so the scripts cannot find ../.venv/bin/fedjax themselves.
     env = {"FEDJAX_BIN": str(Path(sys.executable).parent / "fedjax")}
 

@@ -7,26 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
-from processes import REPO, SHARED_DATA, Process, free_port
+from processes import REPO, Process, copy_tutorial, free_port
 
 FEDJAX_BIN = str(Path(sys.executable).parent / "fedjax")
-
-
-def copy_tutorial(tmp_path: Path, port: int) -> tuple[Path, Path]:
-    """director/ and envoy/ copied out of the repository, on a free port, reading the shared data."""
-    skip = shutil.ignore_patterns("director_state", "logs", "envoy_workspace", "__pycache__")
-    director = Path(shutil.copytree(REPO / "director", tmp_path / "director", ignore=skip))
-    envoy = Path(shutil.copytree(REPO / "envoy", tmp_path / "envoy", ignore=skip))
-    config = yaml.safe_load((director / "director_config.yaml").read_text())
-    config["settings"]["listen_port"] = port
-    (director / "director_config.yaml").write_text(yaml.safe_dump(config))
-    for name in ("envoy_config.yaml", "envoy_config_2.yaml"):
-        config = yaml.safe_load((envoy / name).read_text())
-        config["shard_descriptor"]["params"]["data_dir"] = str(SHARED_DATA)
-        (envoy / name).write_text(yaml.safe_dump(config))
-    return director, envoy
 
 
 def run_script(args, cwd, env=None) -> subprocess.CompletedProcess:
