@@ -51,8 +51,10 @@ class MetricsView:
         if event.stage == r.STAGE_ROUND:
             row["round_time_s"] = round(event.round_time_s, 3)
         else:
-            for m in event.metrics:
-                row[f"{_SHORT.get(event.stage, event.stage)}/{m.name}"] = m.value
+            names = [m.name for m in event.metrics]
+            for m in event.metrics:  # two tasks reporting the same metric name keep apart
+                key = m.name if names.count(m.name) == 1 else f"{m.task}.{m.name}"
+                row[f"{_SHORT.get(event.stage, event.stage)}/{key}"] = m.value
         final_validation = event.stage == r.STAGE_AGGREGATED and event.round >= self.rounds
         if event.stage == r.STAGE_ROUND or final_validation:
             self._show(event.round)

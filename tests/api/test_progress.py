@@ -1,0 +1,28 @@
+"""The rows stream_metrics returns: one per round, aggregated metrics keyed by stage and name."""
+from types import SimpleNamespace
+
+from fedjax_core import records as r
+from fedjax_core.api.progress import MetricsView
+
+
+def view():
+    experiment = SimpleNamespace(get_experiment_status=lambda: SimpleNamespace(envoys=("a", "b"), rounds=1))
+    return MetricsView(experiment, log_dir=None, progress=False, live_table=False)
+
+
+def test_rows_collect_aggregates_and_round_times():
+    v = view()
+    v.add(r.MetricEvent(0, "a", r.STAGE_TRAIN, (r.Metric("train", "acc", 0.5),)))  # per envoy: not in rows
+    v.add(r.MetricEvent(0, "", r.STAGE_AGGREGATED, (r.Metric("validate", "acc", 0.1),)))
+    v.add(r.MetricEvent(0, "", r.STAGE_TRAIN, (r.Metric("train", "acc", 0.2),)))
+    v.add(r.MetricEvent(0, "", r.STAGE_ROUND, (r.Metric("round", "time_s", 1.25),), round_time_s=1.25))
+    v.add(r.MetricEvent(1, "", r.STAGE_AGGREGATED, (r.Metric("validate", "acc", 0.3),)))
+    assert v.rows == [{"round": 0, "agg_val/acc": 0.1, "train/acc": 0.2, "round_time_s": 1.25},
+                      {"round": 1, "agg_val/acc": 0.3}]
+
+
+def test_same_metric_name_from_two_tasks_keeps_both():
+    v = view()
+    v.add(r.MetricEvent(0, "", r.STAGE_AGGREGATED, (r.Metric("validate", "acc", 0.1),
+                                                      r.Metric("validate_ema", "acc", 0.4))))
+    assert v.rows == [{"round": 0, "agg_val/validate.acc": 0.1, "agg_val/validate_ema.acc": 0.4}]
