@@ -18,18 +18,17 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-log = logging.getLogger("fedjax.director")
-
 from fedjax_core import records as r
 from fedjax_core.aggregation import AggregationError, AggregationState, Aggregator, get_aggregator
 from fedjax_core.director.memory import release_free_memory
 from fedjax_core.director.store import ExperimentRow, Store
-from fedjax_core.metrics_log import ExperimentLogger
 from fedjax_core.errors import (AlreadyExistsError, InvalidRequestError, NotFoundError,
                                 PreconditionError)
+from fedjax_core.metrics_log import ExperimentLogger
 from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, check_spec
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+log = logging.getLogger("fedjax.director")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_BUNDLE_BYTES = 2 << 30
 MAX_ROUND_TIMEOUT_S = 30 * 24 * 3600.0
 
