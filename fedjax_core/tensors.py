@@ -65,8 +65,8 @@ def iter_chunks(tensors: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTE
     """Split named arrays into chunks of at most ``chunk_bytes``; every tensor gets one or more."""
     for name, array in tensors.items():
         spec = spec_of(name, array)
-        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-        yield from _chunks_of(spec, memoryview(data), chunk_bytes)
+        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+        yield from _chunks_of(spec, memoryview(data), chunk_bytes)  # each chunk is the only copy
 
 
 def _chunks_of(spec: TensorSpec, data: memoryview, chunk_bytes: int) -> Iterator[TensorChunk]:
