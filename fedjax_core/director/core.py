@@ -22,8 +22,7 @@ from fedjax_core import records as r
 from fedjax_core.aggregation import AggregationError, AggregationState, Aggregator, get_aggregator
 from fedjax_core.director.memory import release_free_memory
 from fedjax_core.director.store import ExperimentRow, Store
-from fedjax_core.errors import (AlreadyExistsError, InvalidRequestError, NotFoundError,
-                                PreconditionError)
+from fedjax_core.errors import InvalidRequestError, NotFoundError, PreconditionError
 from fedjax_core.metrics_log import ExperimentLogger
 from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, check_spec
 
@@ -211,9 +210,7 @@ class Director:
         return size
 
     def _check_header(self, h: r.ExperimentHeader) -> None:
-        _check_name("experiment", h.name)
-        if self.store.experiment(h.name) is not None:
-            raise AlreadyExistsError(f"experiment {h.name!r} already exists; choose another experiment_name")
+        _check_name("experiment", h.name)  # name clashes are the store's UNIQUE constraint's to report
         if h.rounds < 1:
             raise InvalidRequestError(f"rounds_to_train must be >= 1, got {h.rounds}")
         if h.opt_treatment not in r.OPT_TREATMENTS:
@@ -349,7 +346,7 @@ class Director:
         if envoy in run.done:
             return r.Task(kind="none")
         return r.Task(kind=run.kind, round=run.round, opt_treatment=run.header.opt_treatment,
-                      upload_tensors=upload_names(run.header))
+                      upload_tensors=tuple(sorted(run.upload)))
 
     def round_model(self, envoy: str, experiment: str, round_: int) -> Iterator[r.TensorChunk]:
         """Stream the model of ``round_`` to a worker: only the tensors its opt_treatment moves."""

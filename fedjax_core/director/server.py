@@ -13,9 +13,9 @@ from fedjax_core.config import DirectorConfig
 from fedjax_core.director.core import Director
 from fedjax_core.director.memory import limit_arenas
 from fedjax_core.director.servicer import EnvoyServicer, FederationServicer
+from fedjax_core.transport import SERVER_OPTIONS, TLSFiles, server_credentials
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 from fedjax_proto import federation_service_pb2_grpc as fed_grpc
-from fedjax_core.transport import SERVER_OPTIONS, TLSFiles, server_credentials
 
 log = logging.getLogger("fedjax.director")
 

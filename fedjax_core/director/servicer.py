@@ -8,11 +8,11 @@ import grpc
 from fedjax_core import serde
 from fedjax_core.director.core import Director
 from fedjax_core.errors import InvalidRequestError, PermissionDeniedError
+from fedjax_core.transport import maps_errors, peer_common_name
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 from fedjax_proto import federation_service_pb2 as fed_pb
 from fedjax_proto import federation_service_pb2_grpc as fed_grpc
-from fedjax_core.transport import maps_errors, peer_common_name
 
 BUNDLE_CHUNK = 1 << 20
 MAX_LONG_POLL_S = 30.0

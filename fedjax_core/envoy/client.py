@@ -9,10 +9,10 @@ import numpy as np
 
 from fedjax_core import records as r
 from fedjax_core import serde
-from fedjax_proto import envoy_service_pb2 as env_pb
-from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 from fedjax_core.tensors import assemble, iter_chunks
 from fedjax_core.transport import TLSFiles, call_with_retry, open_channel
+from fedjax_proto import envoy_service_pb2 as env_pb
+from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 
 
 class EnvoyClient:

@@ -65,6 +65,7 @@ class EnvoyDaemon:
         self.info = shard_info(self.shard, config.params)
         self.client = EnvoyClient(name, host, port, tls, stop=self.stop)
         self._worker: subprocess.Popen | None = None
+        self._worker_experiment: str | None = None
         self._worker_lock = threading.Lock()
         self._registered = threading.Event()
         self._stream = None
@@ -123,10 +124,10 @@ class EnvoyDaemon:
     def _start_experiment(self, experiment: str) -> None:
         with self._worker_lock:
             if self._worker is not None and self._worker.poll() is None:
-                if getattr(self._worker, "experiment", None) == experiment:
+                if self._worker_experiment == experiment:
                     return  # pushed again after a reconnect; the worker carries on
                 # the director has moved on to another experiment: the old one is over for this envoy
-                log.warning("envoy %s: stopping the worker of %r for %r", self.name, self._worker.experiment, experiment)
+                log.warning("envoy %s: stopping the worker of %r for %r", self.name, self._worker_experiment, experiment)
                 _stop_process(self._worker)
             exp_dir = self.work_dir / experiment
             exp_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ class EnvoyDaemon:
             env = worker_environment(self.config.params, dict(os.environ), self.config_dir)
             log.info("envoy %s: starting worker for experiment %r", self.name, experiment)
             self._worker = subprocess.Popen([sys.executable, "-m", "fedjax_core.envoy.worker", str(spec_path)], env=env)
-            self._worker.experiment = experiment  # type: ignore[attr-defined]
+            self._worker_experiment = experiment
             threading.Thread(target=self._reap, args=(self._worker, experiment), daemon=True).start()
 
     def _reap(self, worker: subprocess.Popen, experiment: str) -> None:

@@ -70,13 +70,14 @@ class _Rounds:
                 print(f"[worker {self.client.envoy_name}] round {task.round} went on without this envoy: {exc}",
                       flush=True)
 
-    def _run_tasks(self, names: list[str], state, loader, round_: int):
+    def _run_tasks(self, names: list[str], state, loader, round_: int, train: bool):
+        """Run ``names`` in order; training tasks hand their state on, validation tasks only measure."""
         from fedjax_core.envoy.tasks import run_task
 
         metrics = {}
         for name in names:
             after, metrics[name] = run_task(self.ti, name, state, loader, self.device, self.optimizer, round_)
-            if name in self.ti.train_tasks:
+            if train:
                 state = after
         return state, metrics
 
@@ -96,13 +97,13 @@ class _Rounds:
 
         exp, rnd = self.experiment, task.round
         state = self._starting_state(task)
-        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, rnd)
+        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, rnd, train=False)
         self.client.report_metrics(exp, rnd, r.STAGE_AGGREGATED, validation, self.n_valid)
         if task.kind == "validate":
             return
-        state, train_metrics = self._run_tasks(self.ti.train_tasks, state, self.train_loader, rnd)
+        state, train_metrics = self._run_tasks(self.ti.train_tasks, state, self.train_loader, rnd, train=True)
         self.client.report_metrics(exp, rnd, r.STAGE_TRAIN, train_metrics, self.n_train)
-        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, rnd)
+        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, rnd, train=False)
         self.client.report_metrics(exp, rnd, r.STAGE_LOCAL, validation, self.n_valid)
         self.local_state = state
         tensors = state_to_tensors(state)
