@@ -18,6 +18,15 @@ _LAZY = {
     "CustomTrainState": "fedjax_core.api.train_state",
     "ShardDescriptor": "fedjax_core.shard_descriptor",
     "DummyShardDescriptor": "fedjax_core.shard_descriptor",
+    "fedprox_term": "fedjax_core.api.fedprox",
+    "FedAvg": "fedjax_core.strategies",
+    "FedAvgM": "fedjax_core.strategies",
+    "FedAdam": "fedjax_core.strategies",
+    "FedYogi": "fedjax_core.strategies",
+    "FedAdagrad": "fedjax_core.strategies",
+    "FedMedian": "fedjax_core.strategies",
+    "FedTrimmedAvg": "fedjax_core.strategies",
+    "Krum": "fedjax_core.strategies",
 }
 __all__ = list(_LAZY)
 

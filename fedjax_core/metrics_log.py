@@ -6,6 +6,7 @@ bytes), so TensorBoard draws each envoy and the aggregate as overlaid curves per
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from tensorboardX import SummaryWriter
@@ -34,9 +35,36 @@ class ExperimentLogger:
         for metric in event.metrics:
             writer.add_scalar(scalar_tag(event, metric), metric.value, global_step=event.round,
                               walltime=event.timestamp or None)
+        if event.participants:
+            writer.add_text("round/participants", ", ".join(event.participants), global_step=event.round,
+                            walltime=event.timestamp or None)
         writer.flush()
 
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
         self._writers.clear()
+
+
+class Loggers:
+    """One ExperimentLogger per experiment under ``log_dir``, safe to use from any thread."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self._lock = threading.Lock()
+        self._loggers: dict[str, ExperimentLogger] = {}
+
+    def log(self, experiment: str, event: r.MetricEvent) -> None:
+        with self._lock:
+            if experiment not in self._loggers:
+                self._loggers[experiment] = ExperimentLogger(self.log_dir / experiment)
+            self._loggers[experiment].log(event)
+
+    def close(self, experiment: str | None = None) -> None:
+        """Close one experiment's writers, or every one."""
+        with self._lock:
+            names = [experiment] if experiment is not None else list(self._loggers)
+            for name in names:
+                logger = self._loggers.pop(name, None)
+                if logger is not None:
+                    logger.close()

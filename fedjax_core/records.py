@@ -2,15 +2,46 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-STAGE_AGGREGATED = "aggregated_model_validation"
-STAGE_TRAIN = "train"
-STAGE_LOCAL = "locally_tuned_model_validation"
-STAGE_ROUND = "round"
-STAGES = (STAGE_AGGREGATED, STAGE_TRAIN, STAGE_LOCAL)
 
-OPT_TREATMENTS = ("RESET", "CONTINUE_LOCAL", "CONTINUE_GLOBAL")
-TERMINAL_STATES = ("finished", "failed", "cancelled")
+class Stage(StrEnum):
+    """What a metric event measures. ROUND events carry the round's timings, bytes and participants."""
+
+    AGGREGATED = "aggregated_model_validation"
+    TRAIN = "train"
+    LOCAL = "locally_tuned_model_validation"
+    ROUND = "round"
+
+
+class State(StrEnum):
+    """An experiment's life: submitting -> queued -> running -> finished | failed | cancelled."""
+
+    SUBMITTING = "submitting"
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class TaskKind(StrEnum):
+    NONE = "none"          # nothing for this worker yet (or it sits this round out): ask again
+    TRAIN = "train"        # validate the round's model, train, validate, upload
+    VALIDATE = "validate"  # validate the final aggregated model only
+    FINISHED = "finished"  # the experiment is over for this envoy
+
+
+class OptTreatment(StrEnum):
+    RESET = "RESET"
+    CONTINUE_LOCAL = "CONTINUE_LOCAL"
+    CONTINUE_GLOBAL = "CONTINUE_GLOBAL"
+
+
+STAGE_AGGREGATED, STAGE_TRAIN, STAGE_LOCAL, STAGE_ROUND = Stage.AGGREGATED, Stage.TRAIN, Stage.LOCAL, Stage.ROUND
+STAGES = (Stage.AGGREGATED, Stage.TRAIN, Stage.LOCAL)  # the stages envoys report
+OPT_TREATMENTS = tuple(OptTreatment)
+TERMINAL_STATES = (State.FINISHED, State.FAILED, State.CANCELLED)
 
 
 def default_higher_is_better(metric: str) -> bool:
@@ -80,8 +111,13 @@ class ExperimentHeader:
     envoys: tuple[str, ...] = ()
     submitter: str = ""
     model_spec: tuple[TensorSpec, ...] = ()
-    min_envoys: int = 0  # results needed to close a round at its deadline; 0 means every envoy
-    round_timeout_s: float = 0.0  # 0 means rounds wait for every envoy
+    min_envoys: int = 0  # results needed to close a round at its deadline; 0 means every participant
+    round_timeout_s: float = 0.0  # 0 means rounds wait for every participant
+    aggregation_params: str = "{}"  # the strategy's parameters, JSON
+    envoys_per_round: int = 0  # participants sampled per round; 0: see envoys_fraction
+    envoys_fraction: float = 0.0  # participants per round as a fraction of the envoys; 0: every envoy
+    sampling_seed: int = 0
+    round_config: str = ""  # JSON list, one {task: {kwarg: value}} per training round; "" for none
 
 
 @dataclass(frozen=True)
@@ -96,6 +132,7 @@ class ExperimentStatus:
     error: str = ""
     submitted_at: float = 0.0
     best_metric: str = ""
+    participants: tuple[tuple[str, ...], ...] = ()  # the envoys selected for each round so far
 
 
 @dataclass(frozen=True)
@@ -110,14 +147,16 @@ class MetricEvent:
     experiment_done: bool = False
     state: str = ""
     round_time_s: float = 0.0
+    participants: tuple[str, ...] = ()  # on ROUND events: the envoys selected for the round
 
 
 @dataclass(frozen=True)
 class Task:
     """What a worker is told to do next."""
 
-    kind: str  # "none", "train", "validate", "finished"
+    kind: TaskKind
     round: int = 0
     opt_treatment: str = ""
     upload_tensors: tuple[str, ...] = field(default_factory=tuple)
     message: str = ""
+    task_kwargs: str = ""  # JSON {task: {kwarg: value}} from the experiment's round_config for this round

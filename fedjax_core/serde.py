@@ -10,10 +10,10 @@ from fedjax_proto import federation_service_pb2 as fed_pb
 from fedjax_proto import tensors_pb2 as t_pb
 
 _TASK_KINDS = {
-    "none": env_pb.WaitTaskResponse.NONE,
-    "train": env_pb.WaitTaskResponse.TRAIN,
-    "validate": env_pb.WaitTaskResponse.VALIDATE,
-    "finished": env_pb.WaitTaskResponse.FINISHED,
+    r.TaskKind.NONE: env_pb.WaitTaskResponse.NONE,
+    r.TaskKind.TRAIN: env_pb.WaitTaskResponse.TRAIN,
+    r.TaskKind.VALIDATE: env_pb.WaitTaskResponse.VALIDATE,
+    r.TaskKind.FINISHED: env_pb.WaitTaskResponse.FINISHED,
 }
 _TASK_KIND_NAMES = {v: k for k, v in _TASK_KINDS.items()}
 
@@ -82,7 +82,9 @@ def header_to_proto(h: r.ExperimentHeader) -> fed_pb.ExperimentHeader:
         best_metric=h.best_metric, best_higher_is_better=h.best_higher_is_better,
         bundle_size=h.bundle_size, envoys=list(h.envoys), submitter=h.submitter,
         model_spec=[spec_to_proto(s) for s in h.model_spec], min_envoys=h.min_envoys,
-        round_timeout_s=h.round_timeout_s,
+        round_timeout_s=h.round_timeout_s, aggregation_params=h.aggregation_params,
+        envoys_per_round=h.envoys_per_round, envoys_fraction=h.envoys_fraction, sampling_seed=h.sampling_seed,
+        round_config=h.round_config,
     )
 
 
@@ -93,7 +95,9 @@ def header_from_proto(msg: fed_pb.ExperimentHeader) -> r.ExperimentHeader:
         best_higher_is_better=msg.best_higher_is_better, bundle_size=int(msg.bundle_size),
         envoys=tuple(msg.envoys), submitter=msg.submitter,
         model_spec=tuple(spec_from_proto(s) for s in msg.model_spec), min_envoys=int(msg.min_envoys),
-        round_timeout_s=msg.round_timeout_s,
+        round_timeout_s=msg.round_timeout_s, aggregation_params=msg.aggregation_params or "{}",
+        envoys_per_round=int(msg.envoys_per_round), envoys_fraction=msg.envoys_fraction,
+        sampling_seed=int(msg.sampling_seed), round_config=msg.round_config,
     )
 
 
@@ -102,6 +106,7 @@ def status_to_proto(s: r.ExperimentStatus) -> fed_pb.ExperimentStatus:
         name=s.name, state=s.state, current_round=s.current_round, rounds=s.rounds,
         envoys=list(s.envoys), best_round=s.best_round, best_value=s.best_value, error=s.error,
         submitted_at=s.submitted_at, best_metric=s.best_metric,
+        participants=[fed_pb.RoundParticipants(round=i, envoys=list(p)) for i, p in enumerate(s.participants)],
     )
 
 
@@ -110,6 +115,7 @@ def status_from_proto(msg: fed_pb.ExperimentStatus) -> r.ExperimentStatus:
         name=msg.name, state=msg.state, current_round=int(msg.current_round), rounds=int(msg.rounds),
         envoys=tuple(msg.envoys), best_round=int(msg.best_round), best_value=msg.best_value,
         error=msg.error, submitted_at=msg.submitted_at, best_metric=msg.best_metric,
+        participants=tuple(tuple(p.envoys) for p in sorted(msg.participants, key=lambda p: p.round)),
     )
 
 
@@ -117,27 +123,31 @@ def metric_event_to_proto(e: r.MetricEvent) -> fed_pb.MetricEvent:
     return fed_pb.MetricEvent(
         round=e.round, envoy=e.envoy, stage=e.stage, metrics=metrics_to_proto(e.metrics),
         timestamp=e.timestamp, experiment_done=e.experiment_done, state=e.state,
-        round_time_s=e.round_time_s,
+        round_time_s=e.round_time_s, participants=list(e.participants),
     )
+
+
+def _stage(text: str) -> r.Stage | str:
+    return r.Stage(text) if text in r.Stage.__members__.values() else text
 
 
 def metric_event_from_proto(msg: fed_pb.MetricEvent) -> r.MetricEvent:
     return r.MetricEvent(
-        round=int(msg.round), envoy=msg.envoy, stage=msg.stage, metrics=metrics_from_proto(msg.metrics),
+        round=int(msg.round), envoy=msg.envoy, stage=_stage(msg.stage), metrics=metrics_from_proto(msg.metrics),
         timestamp=msg.timestamp, experiment_done=msg.experiment_done, state=msg.state,
-        round_time_s=msg.round_time_s,
+        round_time_s=msg.round_time_s, participants=tuple(msg.participants),
     )
 
 
 def task_to_proto(t: r.Task) -> env_pb.WaitTaskResponse:
     return env_pb.WaitTaskResponse(
         kind=_TASK_KINDS[t.kind], round=t.round, opt_treatment=t.opt_treatment,
-        upload_tensors=list(t.upload_tensors), message=t.message,
+        upload_tensors=list(t.upload_tensors), message=t.message, task_kwargs=t.task_kwargs,
     )
 
 
 def task_from_proto(msg: env_pb.WaitTaskResponse) -> r.Task:
     return r.Task(
         kind=_TASK_KIND_NAMES[msg.kind], round=int(msg.round), opt_treatment=msg.opt_treatment,
-        upload_tensors=tuple(msg.upload_tensors), message=msg.message,
+        upload_tensors=tuple(msg.upload_tensors), message=msg.message, task_kwargs=msg.task_kwargs,
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedjax_core.errors import InvalidRequestError
 from fedjax_core.records import TensorChunk, TensorSpec
 
 ALLOWED_DTYPES = frozenset(
@@ -30,7 +31,7 @@ _MAGIC = b"FJXMODEL1\n"
 _FOOTER_LEN = struct.Struct("<Q")
 
 
-class TensorError(ValueError):
+class TensorError(InvalidRequestError, ValueError):
     """A tensor that does not match what the experiment's model says it must be."""
 
 

@@ -91,7 +91,7 @@ class WaitTaskRequest(_message.Message):
     def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
 
 class WaitTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message")
+    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message", "task_kwargs")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NONE: _ClassVar[WaitTaskResponse.Kind]
@@ -107,12 +107,14 @@ class WaitTaskResponse(_message.Message):
     OPT_TREATMENT_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_TENSORS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TASK_KWARGS_FIELD_NUMBER: _ClassVar[int]
     kind: WaitTaskResponse.Kind
     round: int
     opt_treatment: str
     upload_tensors: _containers.RepeatedScalarFieldContainer[str]
     message: str
-    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...
+    task_kwargs: str
+    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., task_kwargs: _Optional[str] = ...) -> None: ...
 
 class GetRoundModelRequest(_message.Message):
     __slots__ = ("envoy_name", "experiment_name", "round")

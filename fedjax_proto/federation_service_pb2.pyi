@@ -45,7 +45,7 @@ class GetShardRegistryResponse(_message.Message):
     def __init__(self, envoys: _Optional[_Iterable[_Union[EnvoyEntry, _Mapping]]] = ...) -> None: ...
 
 class ExperimentHeader(_message.Message):
-    __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec", "min_envoys", "round_timeout_s")
+    __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec", "min_envoys", "round_timeout_s", "aggregation_params", "envoys_per_round", "envoys_fraction", "sampling_seed", "round_config")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     OPT_TREATMENT_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,11 @@ class ExperimentHeader(_message.Message):
     MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
     MIN_ENVOYS_FIELD_NUMBER: _ClassVar[int]
     ROUND_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    ENVOYS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    ENVOYS_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_SEED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_CONFIG_FIELD_NUMBER: _ClassVar[int]
     name: str
     rounds: int
     opt_treatment: str
@@ -70,7 +75,12 @@ class ExperimentHeader(_message.Message):
     model_spec: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorSpec]
     min_envoys: int
     round_timeout_s: float
-    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., aggregation: _Optional[str] = ..., best_metric: _Optional[str] = ..., best_higher_is_better: _Optional[bool] = ..., bundle_size: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., min_envoys: _Optional[int] = ..., round_timeout_s: _Optional[float] = ...) -> None: ...
+    aggregation_params: str
+    envoys_per_round: int
+    envoys_fraction: float
+    sampling_seed: int
+    round_config: str
+    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., aggregation: _Optional[str] = ..., best_metric: _Optional[str] = ..., best_higher_is_better: _Optional[bool] = ..., bundle_size: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., min_envoys: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., aggregation_params: _Optional[str] = ..., envoys_per_round: _Optional[int] = ..., envoys_fraction: _Optional[float] = ..., sampling_seed: _Optional[int] = ..., round_config: _Optional[str] = ...) -> None: ...
 
 class SubmitExperimentRequest(_message.Message):
     __slots__ = ("header", "bundle_data", "chunk")
@@ -105,7 +115,7 @@ class GetExperimentStatusRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ExperimentStatus(_message.Message):
-    __slots__ = ("name", "state", "current_round", "rounds", "envoys", "best_round", "best_value", "error", "submitted_at", "best_metric")
+    __slots__ = ("name", "state", "current_round", "rounds", "envoys", "best_round", "best_value", "error", "submitted_at", "best_metric", "participants")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +126,7 @@ class ExperimentStatus(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_AT_FIELD_NUMBER: _ClassVar[int]
     BEST_METRIC_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     current_round: int
@@ -126,7 +137,16 @@ class ExperimentStatus(_message.Message):
     error: str
     submitted_at: float
     best_metric: str
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., best_round: _Optional[int] = ..., best_value: _Optional[float] = ..., error: _Optional[str] = ..., submitted_at: _Optional[float] = ..., best_metric: _Optional[str] = ...) -> None: ...
+    participants: _containers.RepeatedCompositeFieldContainer[RoundParticipants]
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., best_round: _Optional[int] = ..., best_value: _Optional[float] = ..., error: _Optional[str] = ..., submitted_at: _Optional[float] = ..., best_metric: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[RoundParticipants, _Mapping]]] = ...) -> None: ...
+
+class RoundParticipants(_message.Message):
+    __slots__ = ("round", "envoys")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ENVOYS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    envoys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StreamMetricsRequest(_message.Message):
     __slots__ = ("experiment_name",)
@@ -135,7 +155,7 @@ class StreamMetricsRequest(_message.Message):
     def __init__(self, experiment_name: _Optional[str] = ...) -> None: ...
 
 class MetricEvent(_message.Message):
-    __slots__ = ("round", "envoy", "stage", "metrics", "timestamp", "experiment_done", "state", "round_time_s")
+    __slots__ = ("round", "envoy", "stage", "metrics", "timestamp", "experiment_done", "state", "round_time_s", "participants")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ENVOY_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +164,7 @@ class MetricEvent(_message.Message):
     EXPERIMENT_DONE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     round: int
     envoy: str
     stage: str
@@ -152,7 +173,8 @@ class MetricEvent(_message.Message):
     experiment_done: bool
     state: str
     round_time_s: float
-    def __init__(self, round: _Optional[int] = ..., envoy: _Optional[str] = ..., stage: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_tensors_pb2.Metric, _Mapping]]] = ..., timestamp: _Optional[float] = ..., experiment_done: _Optional[bool] = ..., state: _Optional[str] = ..., round_time_s: _Optional[float] = ...) -> None: ...
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., envoy: _Optional[str] = ..., stage: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_tensors_pb2.Metric, _Mapping]]] = ..., timestamp: _Optional[float] = ..., experiment_done: _Optional[bool] = ..., state: _Optional[str] = ..., round_time_s: _Optional[float] = ..., participants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CancelExperimentRequest(_message.Message):
     __slots__ = ("name",)

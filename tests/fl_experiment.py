@@ -115,11 +115,12 @@ def make_tasks(style: str = "inplace") -> TaskInterface:
 
     @TI.add_kwargs(batch_size=64)
     @TI.register_fl_task(model="state", data_loader="dataset", optimizer="optimizer", device="device")
-    def train(state, dataset, optimizer, device, batch_size=32, loss_fn=None, warmup=False):
+    def train(state, dataset, optimizer, device, batch_size=32, loss_fn=None, warmup=False, lr_scale=1.0):
         time.sleep(float(os.environ.get("FEDJAX_TEST_TRAIN_DELAY_S", "0")))  # a deliberately slow envoy
         start_norm = trace_norm(state)
         new_state, acc = train_epoch(state, dataset, batch_size)
         metrics = {"train_acc": acc, "trace_norm_at_start": start_norm, "traces": float(TRACES["update"]),
+                   "lr_scale": float(lr_scale), "batch_size": float(batch_size),
                    "pid": float(os.getpid()), "on_gpu": float(jax.default_backend() == "gpu"),
                    "device_is_cuda": float(str(device).startswith("cuda"))}
         if style == "inplace":

@@ -1,28 +1,29 @@
-"""fedjax_core.aggregation: the built-in strategies, checked against numpy references."""
+"""fedjax_core.aggregation: every built-in strategy against a numpy reference written another way."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats
 
-from fedjax_core.aggregation import STRATEGIES, AggregationError, fedavg, get_aggregator
+from fedjax_core import strategies as s
+from fedjax_core.aggregation import AggregationError, RoundUpdates, Upload, build
 from fedjax_core.records import TensorSpec
 from fedjax_core.tensors import ModelFile, spec_of, write_model_file
 
-WEIGHTS = (10, 37, 1000)
-FLOAT_SHAPES = {
-    "params/conv/kernel": (3, 3, 3, 8),
-    "params/conv/bias": (8,),
-    "params/dense/kernel": (17, 5),
-    "params/scalar": (),
-}
+WEIGHTS = (10, 37, 1000, 5, 64)
+PARAMS = {"params/conv/kernel": (3, 3, 3, 8), "params/conv/bias": (8,), "params/dense/kernel": (17, 5),
+          "params/scalar": ()}
+STRATEGIES = [s.FedAvg(), s.FedAvgM(), s.FedAdam(), s.FedYogi(), s.FedAdagrad(), s.FedMedian(),
+              s.FedTrimmedAvg(beta=0.2), s.Krum(num_malicious_clients=1, num_clients_to_keep=2)]
 
 
-def _updates(seed: int = 0) -> list[dict[str, np.ndarray]]:
+def _updates(n: int = len(WEIGHTS), seed: int = 0) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     out = []
-    for k in range(len(WEIGHTS)):
-        u = {name: (rng.standard_normal(shape) * (k + 1)).astype(np.float32) for name, shape in FLOAT_SHAPES.items()}
+    for k in range(n):
+        u = {name: (rng.standard_normal(shape) * (k + 1)).astype(np.float32) for name, shape in PARAMS.items()}
         u["params/half"] = (rng.standard_normal((4, 6)) * 3).astype(np.float16)
+        u["opt_state/trace"] = rng.standard_normal((7,)).astype(np.float32)  # float, but not params
         u["opt_state/step"] = np.asarray(rng.integers(0, 100), dtype=np.int32)
         u["opt_state/counts"] = rng.integers(-(2**40), 2**40, size=(5,), dtype=np.int64)
         u["opt_state/flags"] = rng.random((3, 2)) > 0.5
@@ -30,100 +31,137 @@ def _updates(seed: int = 0) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def _specs(update: dict[str, np.ndarray]) -> list[TensorSpec]:
-    return [spec_of(name, a) for name, a in update.items()]
+def _global(seed: int = 99) -> dict[str, np.ndarray]:
+    return {name: a * 0.5 for name, a in _updates(1, seed)[0].items()}
 
 
-def _fold(updates, weights=WEIGHTS, name="fedavg"):
-    agg = get_aggregator(name)
-    state = agg.init(_specs(updates[0]))
-    for u, w in zip(updates, weights):
-        state = agg.update(state, u, w)
-    return agg.finalize(state)
+def _specs(update):
+    return update.specs if isinstance(update, ModelFile) else [spec_of(name, a) for name, a in update.items()]
 
 
-def _reference(updates, weights=WEIGHTS) -> dict[str, np.ndarray]:
-    """The same rule written the other way round: stack, then numpy's weighted average / max."""
-    ref = {}
-    w = np.asarray(weights, dtype=np.float64)
-    for name in updates[0]:
-        stacked = np.stack([np.asarray(u[name]) for u in updates])
-        dtype = updates[0][name].dtype
-        if np.issubdtype(dtype, np.floating):
-            ref[name] = np.average(stacked.astype(np.float64), axis=0, weights=w).astype(dtype)
-        else:
-            ref[name] = stacked.max(axis=0)
-    return ref
+def _round(strategy, updates, weights=WEIGHTS, global_model=None, state=None):
+    """One round through the director's rule: fold the uploads, then aggregate."""
+    rule = build(strategy)
+    specs = _specs(updates[0])
+    global_model = global_model if global_model is not None else _global()
+    state = rule.init(specs) if state is None else state
+    round_updates = RoundUpdates(specs, fold_params=rule.folds_params)
+    for k, (u, w) in enumerate(zip(updates, weights)):
+        round_updates.add(Upload(f"envoy{k}", float(w), u))
+    return rule.aggregate(state, global_model, round_updates)
 
 
+def _rounds(strategy, n_rounds=3, weights=WEIGHTS):
+    """Several rounds, each starting from the last round's model: returns [x_0, x_1, ...] of params."""
+    x, state, models = _global(), None, []
+    models.append(x)
+    for t in range(n_rounds):
+        model, state = _round(strategy, _updates(len(weights), seed=t), weights, x, state)
+        x = model
+        models.append(model)
+    return models
+
+
+def _stack(updates, name):
+    return np.stack([np.asarray(u[name], np.float64) for u in updates])
+
+
+def _mean(updates, name, weights=WEIGHTS):
+    return np.average(_stack(updates, name), axis=0, weights=np.asarray(weights[:len(updates)], np.float64))
+
+
+def _tol(name):
+    return dict(rtol=2e-3, atol=2e-3) if name == "params/half" else dict(rtol=2e-5, atol=1e-6)
+
+
+def _assert_params(got, want):
+    for name in list(PARAMS) + ["params/half"]:
+        np.testing.assert_allclose(np.asarray(got[name], np.float64), want[name], err_msg=name, **_tol(name))
+
+
+# --------------------------------------------------------------------------- references
+def _server_opt_reference(strategy, n_rounds=3, weights=WEIGHTS):
+    """The pinned formulas, in float64, round by round."""
+    x = {n: np.asarray(a, np.float64) for n, a in _global().items()}
+    m = {n: np.zeros_like(a) for n, a in x.items()}
+    v = {n: np.zeros_like(a) for n, a in x.items()}
+    out = [x]
+    for t in range(n_rounds):
+        updates = _updates(len(weights), seed=t)
+        new = {}
+        for name in list(PARAMS) + ["params/half"]:
+            mean = _mean(updates, name, weights)
+            if isinstance(strategy, s.FedAvgM):
+                m[name] = strategy.server_momentum * m[name] + (x[name] - mean)
+                new[name] = x[name] - strategy.server_learning_rate * m[name]
+                continue
+            delta = mean - x[name]
+            beta_1 = 0.0 if isinstance(strategy, s.FedAdagrad) else strategy.beta_1
+            m[name] = beta_1 * m[name] + (1 - beta_1) * delta
+            if isinstance(strategy, s.FedAdam):
+                v[name] = strategy.beta_2 * v[name] + (1 - strategy.beta_2) * delta**2
+            elif isinstance(strategy, s.FedYogi):
+                v[name] = v[name] - (1 - strategy.beta_2) * delta**2 * np.sign(v[name] - delta**2)
+            else:
+                v[name] = v[name] + delta**2
+            new[name] = x[name] + strategy.eta * m[name] / (np.sqrt(v[name]) + strategy.tau)
+        x = new
+        out.append(x)
+    return out
+
+
+def _krum_reference(updates, weights, f, keep):
+    names = list(PARAMS) + ["params/half"]
+    flat = [np.concatenate([np.asarray(u[n], np.float64).ravel() for n in names]) for u in updates]
+    n = len(flat)
+    scores = []
+    for i in range(n):
+        d = sorted(float(np.sum((flat[i] - flat[j]) ** 2)) for j in range(n) if j != i)
+        scores.append(sum(d[:n - f - 2]))
+    chosen = sorted(np.argsort(scores, kind="stable")[:keep])
+    return chosen, {name: np.average(_stack([updates[i] for i in chosen], name), axis=0,
+                                     weights=[weights[i] for i in chosen]) for name in names}
+
+
+# ---------------------------------------------------------------------------------- FedAvg
 def test_fedavg_matches_numpy_weighted_mean_for_float_leaves():
     updates = _updates()
-    out = _fold(updates)
-    ref = _reference(updates)
-    assert set(out) == set(updates[0])
-    for name in list(FLOAT_SHAPES) + ["params/half"]:
-        assert out[name].shape == updates[0][name].shape, name
-        tol = 1e-3 if updates[0][name].dtype == np.float16 else 1e-6
-        np.testing.assert_allclose(out[name].astype(np.float64), ref[name].astype(np.float64), rtol=tol, atol=tol,
-                                   err_msg=name)
+    model, state = _round(s.FedAvg(), updates)
+    assert state == {}
+    _assert_params(model, {n: _mean(updates, n) for n in list(PARAMS) + ["params/half"]})
 
 
 def test_fedavg_is_weighted_not_plain_mean():
     # Two scalars, 0 and 1, with weights 1 and 3: the weighted mean is 0.75, the plain mean 0.5.
-    agg = fedavg()
-    state = agg.init([TensorSpec("w", "float32", ())])
-    state = agg.update(state, {"w": np.float32(0.0)}, 1)
-    state = agg.update(state, {"w": np.float32(1.0)}, 3)
-    assert float(agg.finalize(state)["w"]) == pytest.approx(0.75)
+    updates = [{"params/w": np.float32(0.0)}, {"params/w": np.float32(1.0)}]
+    model, _ = _round(s.FedAvg(), updates, weights=(1, 3), global_model={"params/w": np.float32(0)})
+    assert float(model["params/w"]) == pytest.approx(0.75)
 
 
-def test_fedavg_weights_dominate_by_sample_count():
-    # The 1000-sample update dominates: the result lies much closer to it than to the others.
+def test_result_dtype_and_shape_equal_the_inputs_for_every_strategy():
     updates = _updates()
-    out = _fold(updates)
-    kernel = "params/dense/kernel"
-    d_big = np.abs(out[kernel] - updates[2][kernel]).mean()
-    d_small = np.abs(out[kernel] - updates[0][kernel]).mean()
-    assert d_big < d_small / 10
+    for strategy in STRATEGIES:
+        model, _ = _round(strategy, updates)
+        for name, array in updates[0].items():
+            assert model[name].dtype == array.dtype, (strategy, name)
+            assert model[name].shape == array.shape, (strategy, name)
 
 
-def test_result_dtype_equals_input_dtype():
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda x: x.name)
+def test_integer_bool_and_non_param_leaves_keep_max_and_weighted_mean(strategy):
     updates = _updates()
-    out = _fold(updates)
-    for name, array in updates[0].items():
-        assert out[name].dtype == array.dtype, name
-        assert out[name].shape == array.shape, name
-
-
-def test_integer_and_bool_leaves_take_the_elementwise_max():
-    updates = _updates()
-    out = _fold(updates)
+    model, _ = _round(strategy, updates)
     for name in ("opt_state/step", "opt_state/counts", "opt_state/flags"):
-        expected = np.stack([u[name] for u in updates]).max(axis=0)
-        np.testing.assert_array_equal(out[name], expected, err_msg=name)
-    # A mean of the steps would not be the max (guard that the data exercises the rule).
-    steps = [int(u["opt_state/step"]) for u in updates]
-    assert len(set(steps)) > 1
-    assert int(out["opt_state/step"]) == max(steps)
-    # int64 counters beyond float32's exact range survive bit for bit.
-    assert np.abs(out["opt_state/counts"]).max() > 2**24
-
-
-def test_integer_max_is_elementwise_not_per_update():
-    agg = fedavg()
-    state = agg.init([TensorSpec("c", "int32", (3,)), TensorSpec("b", "bool", (3,))])
-    state = agg.update(state, {"c": np.array([5, 0, 2], np.int32), "b": np.array([True, False, False])}, 1)
-    state = agg.update(state, {"c": np.array([1, 7, 2], np.int32), "b": np.array([False, False, True])}, 100)
-    out = agg.finalize(state)
-    np.testing.assert_array_equal(out["c"], [5, 7, 2])
-    np.testing.assert_array_equal(out["b"], [True, False, True])
-    assert out["b"].dtype == np.bool_
+        np.testing.assert_array_equal(model[name], np.stack([u[name] for u in updates]).max(axis=0), err_msg=name)
+    assert np.abs(model["opt_state/counts"]).max() > 2**24  # int64 beyond float32's exact range, bit for bit
+    np.testing.assert_allclose(model["opt_state/trace"], _mean(updates, "opt_state/trace"), rtol=1e-6)
 
 
 def test_update_does_not_mutate_the_callers_arrays():
     updates = _updates()
     copies = [{k: v.copy() for k, v in u.items()} for u in updates]
-    _fold(updates)
+    for strategy in STRATEGIES:
+        _round(strategy, updates)
     for u, c in zip(updates, copies):
         for name in u:
             np.testing.assert_array_equal(u[name], c[name], err_msg=name)
@@ -131,61 +169,155 @@ def test_update_does_not_mutate_the_callers_arrays():
 
 @pytest.mark.parametrize("weight", [0, -1, -0.5, float("nan")])
 def test_non_positive_weight_is_refused(weight):
-    agg = fedavg()
-    state = agg.init([TensorSpec("w", "float32", (2,))])
+    updates = RoundUpdates([TensorSpec("params/w", "float32", (2,))])
     with pytest.raises(AggregationError, match="weight"):
-        agg.update(state, {"w": np.ones(2, np.float32)}, weight)
+        updates.add(Upload("a", weight, {"params/w": np.ones(2, np.float32)}))
 
 
-def test_finalize_without_update_is_refused():
-    agg = fedavg()
-    state = agg.init([TensorSpec("w", "float32", (2,))])
+def test_aggregate_without_update_is_refused():
+    rule = build(s.FedAvg())
     with pytest.raises(AggregationError, match="no update"):
-        agg.finalize(state)
+        rule.aggregate({}, {}, RoundUpdates([TensorSpec("params/w", "float32", (2,))]))
 
 
-def test_unknown_strategy_is_refused_listing_the_built_ins():
-    with pytest.raises(AggregationError) as info:
-        get_aggregator("fedmedian")
-    message = str(info.value)
-    assert "fedmedian" in message
-    assert STRATEGIES, "at least one built-in strategy"
-    for name in STRATEGIES:
-        assert name in message
+def test_update_lacking_a_tensor_or_with_a_wrong_shape_is_refused():
+    updates = RoundUpdates([TensorSpec("params/w", "float32", (2,))])
+    with pytest.raises(AggregationError, match="lacks tensor 'params/w'"):
+        updates.add(Upload("a", 1, {}))
+    with pytest.raises(AggregationError, match=r"shape \(3,\)"):
+        updates.add(Upload("a", 1, {"params/w": np.ones(3, np.float32)}))
 
 
-def test_strategy_names_are_case_insensitive():
-    updates = _updates()
-    a, b = _fold(updates, name="FedAvg"), _fold(updates, name="fedavg")
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-
-
-def test_folding_memory_mapped_model_files_equals_in_memory(tmp_path):
+def test_memory_mapped_model_files_aggregate_like_in_memory_arrays(tmp_path):
     updates = _updates(seed=3)
-    in_memory = _fold(updates)
-    files = []
+    mapped = []
     for k, u in enumerate(updates):
-        path = tmp_path / f"update_{k}.fjm"
-        write_model_file(path, u)
-        files.append(ModelFile(path))
-    mapped = [{name: mf.array(name) for name in mf.names()} for mf in files]
-    assert isinstance(mapped[0]["params/conv/kernel"], np.memmap)
-    from_files = _fold(mapped)
-    assert set(from_files) == set(in_memory)
-    for name in in_memory:
-        assert from_files[name].dtype == in_memory[name].dtype, name
-        np.testing.assert_array_equal(from_files[name], in_memory[name], err_msg=name)
-    # The model files stay untouched (read-only maps, the fold copies what it keeps).
-    for mf, u in zip(files, updates):
-        for name in u:
-            np.testing.assert_array_equal(mf.array(name), u[name], err_msg=name)
+        write_model_file(tmp_path / f"u{k}.fjm", u)
+        mapped.append(ModelFile(tmp_path / f"u{k}.fjm"))
+    assert isinstance(mapped[0].array("params/conv/kernel"), np.memmap)
+    for strategy in STRATEGIES:
+        a, _ = _round(strategy, updates)
+        b, _ = _round(strategy, mapped)
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{strategy.name} {name}")
 
 
-def test_init_resets_a_reused_aggregator():
-    agg = fedavg()
-    spec = [TensorSpec("w", "float32", ())]
-    state = agg.update(agg.init(spec), {"w": np.float32(10.0)}, 5)
-    agg.finalize(state)
-    state = agg.update(agg.init(spec), {"w": np.float32(2.0)}, 1)
-    assert float(agg.finalize(state)["w"]) == pytest.approx(2.0)
+# ----------------------------------------------------------------------- server optimizers
+@pytest.mark.parametrize("strategy", [s.FedAvgM(), s.FedAvgM(server_learning_rate=0.5, server_momentum=0.5),
+                                      s.FedAdam(), s.FedAdam(eta=0.01, beta_1=0.5, beta_2=0.9, tau=1e-3),
+                                      s.FedYogi(), s.FedAdagrad(), s.FedAdagrad(eta=0.3, tau=1e-2)],
+                         ids=repr)
+def test_server_optimizers_follow_their_formulas_over_rounds(strategy):
+    got, want = _rounds(strategy), _server_opt_reference(strategy)
+    for t in range(1, len(want)):
+        _assert_params(got[t], want[t])
+    assert not np.allclose(got[-1]["params/dense/kernel"], got[-2]["params/dense/kernel"])  # the data moves it
+
+
+@pytest.mark.parametrize("strategy", [s.FedAvgM(), s.FedAdam(), s.FedYogi(), s.FedAdagrad()], ids=repr)
+def test_server_optimizer_state_is_named_tensors_beside_the_params(strategy):
+    _, state = _round(strategy, _updates())
+    slots = ("momentum",) if isinstance(strategy, s.FedAvgM) else ("m", "v")
+    assert set(state) == {f"{slot}/{name}" for slot in slots for name in list(PARAMS) + ["params/half"]}
+    assert state["m/params/half" if "m" in slots else "momentum/params/half"].dtype == np.float32
+
+
+def test_fedavgm_without_momentum_at_rate_one_is_fedavg():
+    updates = _updates()
+    a, _ = _round(s.FedAvgM(server_learning_rate=1.0, server_momentum=0.0), updates)
+    b, _ = _round(s.FedAvg(), updates)
+    _assert_params(a, {n: np.asarray(b[n], np.float64) for n in b})
+
+
+@pytest.mark.parametrize("strategy", [s.FedAvgM(), s.FedAdam(), s.FedYogi(), s.FedAdagrad()], ids=repr)
+def test_uploads_identical_to_the_global_model_leave_it_unchanged(strategy):
+    x = _global()
+    model, _ = _round(strategy, [x, x, x], weights=(1, 2, 3), global_model=x)
+    for name in PARAMS:
+        np.testing.assert_array_equal(model[name], x[name], err_msg=name)
+
+
+# --------------------------------------------------------------------------- robust rules
+def test_fedmedian_is_the_unweighted_coordinate_median():
+    updates = _updates()
+    a, _ = _round(s.FedMedian(), updates)
+    b, _ = _round(s.FedMedian(), updates, weights=(1, 1, 1, 1, 10**6))  # weights do not matter
+    _assert_params(a, {n: np.median(_stack(updates, n), axis=0) for n in list(PARAMS) + ["params/half"]})
+    for name in PARAMS:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.2, 0.25, 0.4])
+def test_fedtrimmedavg_is_scipy_trim_mean(beta):
+    updates = _updates()
+    model, _ = _round(s.FedTrimmedAvg(beta=beta), updates)
+    _assert_params(model, {n: scipy.stats.trim_mean(_stack(updates, n), beta, axis=0)
+                           for n in list(PARAMS) + ["params/half"]})
+
+
+def test_fedtrimmedavg_drops_an_outlier_that_moves_the_mean():
+    updates = _updates()
+    updates[0] = {**updates[0], "params/conv/bias": np.full(8, 1e6, np.float32)}
+    trimmed, _ = _round(s.FedTrimmedAvg(beta=0.2), updates)
+    mean, _ = _round(s.FedAvg(), updates)
+    assert np.abs(trimmed["params/conv/bias"]).max() < 10 < np.abs(mean["params/conv/bias"]).max()
+
+
+@pytest.mark.parametrize("f, keep", [(0, 1), (1, 1), (1, 2), (0, 3)])
+def test_krum_matches_the_reference_choice_and_weighted_mean(f, keep):
+    updates = _updates()
+    from fedjax_core.aggregation import krum_choice
+
+    rule = build(s.Krum(num_malicious_clients=f, num_clients_to_keep=keep))
+    round_updates = RoundUpdates(_specs(updates[0]), fold_params=rule.folds_params)
+    for k, (u, w) in enumerate(zip(updates, WEIGHTS)):
+        round_updates.add(Upload(f"envoy{k}", float(w), u))
+    chosen, want = _krum_reference(updates, WEIGHTS, f, keep)
+    assert krum_choice(round_updates, f, keep) == list(chosen)
+    model, _ = rule.aggregate({}, _global(), round_updates)
+    _assert_params(model, want)
+
+
+def test_krum_never_keeps_a_far_outlier():
+    updates = _updates()
+    updates[2] = {n: (a * 1000 if n.startswith("params/") else a) for n, a in updates[2].items()}
+    model, _ = _round(s.Krum(num_malicious_clients=1, num_clients_to_keep=3), updates)
+    assert np.abs(model["params/dense/kernel"]).max() < 50 < np.abs(updates[2]["params/dense/kernel"]).max()
+
+
+def test_one_upload_gives_that_upload_for_the_averaging_and_robust_rules():
+    u = _updates(1)
+    for strategy in (s.FedAvg(), s.FedMedian(), s.FedTrimmedAvg(beta=0.4)):
+        model, _ = _round(strategy, u, weights=(7,))
+        for name in PARAMS:
+            np.testing.assert_allclose(model[name], u[0][name], rtol=1e-7, err_msg=f"{strategy.name} {name}")
+
+
+def test_one_upload_under_a_server_optimizer_follows_its_formula():
+    strategy = s.FedAdam()
+    got = _rounds(strategy, n_rounds=2, weights=(7,))
+    want = _server_opt_reference(strategy, n_rounds=2, weights=(7,))
+    _assert_params(got[2], want[2])
+
+
+def test_identical_uploads_give_that_upload_for_the_averaging_and_robust_rules():
+    u = _updates(1)[0]
+    for strategy in (s.FedAvg(), s.FedMedian(), s.FedTrimmedAvg(), s.Krum(num_malicious_clients=1)):
+        model, _ = _round(strategy, [u] * 5)
+        for name in PARAMS:
+            np.testing.assert_allclose(model[name], u[name], rtol=1e-6, err_msg=f"{strategy.name} {name}")
+
+
+@pytest.mark.parametrize("f, n, ok", [(0, 2, False), (0, 3, True), (1, 4, False), (1, 5, True), (2, 6, False)])
+def test_krum_refuses_rounds_of_at_most_2f_plus_2(f, n, ok):
+    strategy = s.Krum(num_malicious_clients=f)
+    if ok:
+        strategy.check_round_size(n)
+    else:
+        with pytest.raises(s.StrategyError, match=f"more than {2 * f + 2} uploads"):
+            strategy.check_round_size(n)
+
+
+def test_krum_refuses_keeping_more_than_a_round_has():
+    with pytest.raises(s.StrategyError, match="num_clients_to_keep=4"):
+        s.Krum(num_clients_to_keep=4).check_round_size(3)

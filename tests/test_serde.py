@@ -18,7 +18,7 @@ from fedjax_core import serde
 
 # Fields whose values are constrained to a vocabulary: a non-default member of it.
 _CHOICES = {
-    (r.Task, "kind"): ["train", "validate", "finished"],
+    (r.Task, "kind"): [r.TaskKind.TRAIN, r.TaskKind.VALIDATE, r.TaskKind.FINISHED],
     (r.ExperimentHeader, "opt_treatment"): ["CONTINUE_GLOBAL"],
     (r.MetricEvent, "stage"): [r.STAGE_LOCAL],
 }

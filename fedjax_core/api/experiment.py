@@ -1,11 +1,14 @@
 """``FLExperiment``: submit an experiment, follow its metrics, and pull its models back."""
 from __future__ import annotations
 
+import inspect
+import json
 import math
 import os
+import random
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,9 +19,10 @@ from fedjax_core import bundle as bundle_io
 from fedjax_core import records as r
 from fedjax_core.api.client import DirectorUnreachable
 from fedjax_core.api.federation import Federation
-from fedjax_core.api.interfaces import DataInterface, ModelInterface, TaskInterface
+from fedjax_core.api.interfaces import DataInterface, ModelInterface, TaskError, TaskInterface
 from fedjax_core.api.model_tensors import state_to_tensors, tensors_to_state
 from fedjax_core.records import default_higher_is_better
+from fedjax_core.strategies import Strategy, as_strategy
 from fedjax_core.tensors import spec_of
 from fedjax_core.transport import Backoff
 
@@ -47,6 +51,51 @@ def local_modules(root: Path) -> list[ModuleType]:
     return out
 
 
+def _sampling(envoys_per_round: int | float | None) -> tuple[int, float]:
+    """``(count, fraction)`` for the header: an int >= 1 is a count, a float in (0, 1] a fraction."""
+    if envoys_per_round is None:
+        return 0, 0.0
+    if isinstance(envoys_per_round, int) and not isinstance(envoys_per_round, bool) and envoys_per_round >= 1:
+        return envoys_per_round, 0.0
+    if isinstance(envoys_per_round, float) and 0 < envoys_per_round <= 1:
+        return 0, envoys_per_round
+    raise ValueError(f"envoys_per_round must be a count (an int >= 1) or a fraction of the envoys (a float in "
+                     f"(0, 1]), got {envoys_per_round!r}")
+
+
+def _round_config(fn: Callable | None, rounds: int, ti: TaskInterface) -> str:
+    """``fn`` evaluated for every training round, checked against the tasks, as a JSON list."""
+    if fn is None:
+        return ""
+    if not callable(fn):
+        raise TypeError(f"round_config must be a function round -> {{task_name: {{kwarg: value}}}}, "
+                        f"got {type(fn).__name__}")
+    entries = []
+    for round_ in range(rounds):
+        config = fn(round_) or {}
+        if not isinstance(config, Mapping):
+            raise TypeError(f"round_config({round_}) returned {type(config).__name__}; "
+                            "return a dict {task_name: {kwarg: value}}")
+        for task, kwargs in config.items():
+            ti.get_task(task)
+            if not isinstance(kwargs, Mapping):
+                raise TypeError(f"round_config({round_})[{task!r}] is {type(kwargs).__name__}; "
+                                "give each task a dict {kwarg: value}")
+            roles = {v for v in ti.task_contract[task].values() if v is not None}
+            for kwarg in kwargs:
+                if kwarg in roles or not ti.accepts(task, kwarg):
+                    raise TaskError(f"round_config({round_}) gives task {task!r} the keyword argument {kwarg!r}, "
+                                    "which it does not take (or which the platform fills in); its parameters are "
+                                    f"{list(inspect.signature(ti.get_task(task)).parameters)}")
+        try:
+            json.dumps(config, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"round_config({round_}) is not JSON ({exc}): use numbers, strings, bools, lists "
+                            "and dicts (convert numpy or JAX scalars with float() or int())") from None
+        entries.append({task: dict(kwargs) for task, kwargs in config.items()})
+    return json.dumps(entries, allow_nan=False)
+
+
 class FLExperiment:
     def __init__(self, federation: Federation, experiment_name: str = "experiment", serializer_plugin: Any = None):
         self.federation = federation
@@ -58,13 +107,22 @@ class FLExperiment:
     # ---------------------------------------------------------------- start
     def start(self, *, model_provider: ModelInterface, task_keeper: TaskInterface, data_loader: DataInterface,
               rounds_to_train: int, opt_treatment: str = "RESET", device_assignment_policy: str = "CPU_ONLY",
-              best_metric: str | None = None, higher_is_better: bool | None = None, aggregation: str = "fedavg",
-              envoys: Iterable[str] | None = None, min_envoys: int = 0, round_timeout_s: float = 0.0,
+              best_metric: str | None = None, higher_is_better: bool | None = None,
+              aggregation: Strategy | str = "fedavg", envoys: Iterable[str] | None = None,
+              envoys_per_round: int | float | None = None, sampling_seed: int | None = None,
+              round_config: Callable[[int], Mapping[str, Mapping[str, Any]]] | None = None,
+              min_envoys: int = 0, round_timeout_s: float = 0.0,
               pickle_by_value: Iterable[ModuleType] = (), pip_install_options: Any = None) -> int:
         """Submit the experiment; returns its place in the director's queue (0: running now).
 
-        A round closes when every envoy has reported, or, with ``round_timeout_s`` > 0, at that
-        deadline if at least ``min_envoys`` (0: all) have; otherwise the experiment fails.
+        ``aggregation``: a strategy from ``fedjax_core.strategies`` (``FedAdam(eta=0.1)``...) or its
+        name (``"fedavg"``). ``envoys_per_round``: a count, or a fraction of the experiment's envoys
+        (at least 1), sampled each round with ``sampling_seed`` (random when None; the status
+        records who took part). ``round_config(round) -> {task: {kwarg: value}}`` is evaluated
+        here for round = 0 .. rounds_to_train - 1 and overrides ``add_kwargs`` in that round.
+
+        A round closes when every participant has reported, or, with ``round_timeout_s`` > 0, at
+        that deadline if at least ``min_envoys`` (0: all) have; otherwise the experiment fails.
 
         ``pip_install_options`` is accepted for seed compatibility and ignored: envoys never
         install packages for an experiment.
@@ -90,7 +148,14 @@ class FLExperiment:
             raise ValueError(f"round_timeout_s must be a number of seconds >= 0 (0: no deadline), got {round_timeout_s!r}")
         if higher_is_better is not None and not best_metric:
             raise ValueError("higher_is_better needs best_metric: name the validation metric it applies to")
+        strategy = as_strategy(aggregation)
+        per_round, fraction = _sampling(envoys_per_round)
+        if sampling_seed is None:
+            sampling_seed = random.randrange(2**62)
+        elif not isinstance(sampling_seed, int) or isinstance(sampling_seed, bool) or not 0 <= sampling_seed < 2**63:
+            raise ValueError(f"sampling_seed must be an integer in [0, 2**63), got {sampling_seed!r}")
         task_keeper.check()
+        config = _round_config(round_config, rounds_to_train, task_keeper)
         tensors = state_to_tensors(model_provider.model)
         specs = tuple(spec_of(name, array) for name, array in tensors.items())
         payload = self._pickle({"model_interface": model_provider, "task_interface": task_keeper,
@@ -98,7 +163,9 @@ class FLExperiment:
         bundle = bundle_io.pack({"experiment": self.experiment_name,
                                  "device_assignment_policy": device_assignment_policy}, payload)
         header = r.ExperimentHeader(
-            name=self.experiment_name, rounds=rounds_to_train, opt_treatment=opt_treatment, aggregation=aggregation,
+            name=self.experiment_name, rounds=rounds_to_train, opt_treatment=opt_treatment,
+            aggregation=strategy.to_wire()[0], aggregation_params=strategy.to_wire()[1],
+            envoys_per_round=per_round, envoys_fraction=fraction, sampling_seed=sampling_seed, round_config=config,
             best_metric=best_metric or "",
             best_higher_is_better=(default_higher_is_better(best_metric or "") if higher_is_better is None
                                    else bool(higher_is_better)),

@@ -39,10 +39,15 @@ class TaskInterface:
         self.task_settings: dict[str, dict[str, Any]] = {}
 
     def register_fl_task(self, model: str, data_loader: str, device: str, optimizer: str | None = None,
-                         round_num: str | None = None) -> Callable[[Callable], Callable]:
-        """Decorator: register a task, mapping the platform's inputs to the function's parameter names."""
+                         round_num: str | None = None,
+                         global_model: str | None = None) -> Callable[[Callable], Callable]:
+        """Decorator: register a task, mapping the platform's inputs to the function's parameter names.
+
+        ``global_model`` names a parameter that receives the model the round started from
+        (for FedProx: ``loss + fedjax_core.fedprox_term(params, global_state.params, mu)``).
+        """
         contract = {"model": model, "data_loader": data_loader, "device": device, "optimizer": optimizer,
-                    "round_num": round_num}
+                    "round_num": round_num, "global_model": global_model}
 
         def decorator(fn: Callable) -> Callable:
             params = inspect.signature(fn).parameters
@@ -70,6 +75,11 @@ class TaskInterface:
             known = ", ".join(sorted(self.task_registry)) or "none"
             raise TaskError(f"the TaskInterface has no task {name!r}; registered tasks: {known}")
         return self.task_registry[name]
+
+    def accepts(self, name: str, kwarg: str) -> bool:
+        """Whether task ``name`` takes a keyword argument ``kwarg``."""
+        params = inspect.signature(self.get_task(name)).parameters
+        return kwarg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
     def set_task_kwargs(self, name: str, **task_kwargs: Any) -> None:
         self.get_task(name)

@@ -48,7 +48,7 @@ def run_director(config: DirectorConfig, tls: TLSFiles | None) -> None:
         signal.signal(sig, lambda *_: stop.set())
     server.start()
     log.info("director listening on %s:%d (%s); state in %s; TensorBoard logs in %s",
-             s.listen_host, port, "mTLS" if tls else "plaintext, TLS disabled", director.state_dir, director.log_dir)
+             s.listen_host, port, "mTLS" if tls else "plaintext, TLS disabled", director.state_dir, director.loggers.log_dir)
     print(f"DIRECTOR READY {s.listen_host}:{port}", flush=True)
     stop.wait()
     log.info("director stopping")

@@ -33,11 +33,15 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, experiment TEXT NOT NULL, round INTEGER NOT NULL,
     envoy TEXT NOT NULL, stage TEXT NOT NULL, metrics TEXT NOT NULL, weight REAL NOT NULL,
-    ts REAL NOT NULL, round_time_s REAL NOT NULL DEFAULT 0
+    ts REAL NOT NULL, round_time_s REAL NOT NULL DEFAULT 0, participants TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS events_by_experiment ON events (experiment, id);
 -- one event per (round, envoy, stage): a report retried after a lost reply is not counted twice
 CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events (experiment, round, envoy, stage);
+CREATE TABLE IF NOT EXISTS rounds (
+    experiment TEXT NOT NULL, round INTEGER NOT NULL, participants TEXT NOT NULL,
+    PRIMARY KEY (experiment, round)
+);
 """
 
 
@@ -65,12 +69,13 @@ class ExperimentRow:
     error: str
     submitted_at: float
 
-    def status(self) -> r.ExperimentStatus:
+    def status(self, participants: tuple[tuple[str, ...], ...] = ()) -> r.ExperimentStatus:
         return r.ExperimentStatus(
             name=self.name, state=self.state, current_round=self.current_round,
             rounds=self.header.rounds, envoys=self.envoys, best_round=self.best_round,
             best_value=float("nan") if self.best_value is None else self.best_value,
             error=self.error, submitted_at=self.submitted_at, best_metric=self.best_metric,
+            participants=participants,
         )
 
 
@@ -83,7 +88,14 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
         self._lock = threading.Lock()
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older director up to this schema."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        if "participants" not in columns:
+            self._db.execute("ALTER TABLE events ADD COLUMN participants TEXT NOT NULL DEFAULT '[]'")
 
     def close(self) -> None:
         with self._lock:
@@ -168,8 +180,8 @@ class Store:
         self._write("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?)", (experiment, round_, envoy, weight, str(path), nbytes))
 
     def updates(self, experiment: str, round_: int) -> list[tuple[str, float, Path, int]]:
-        rows = self._read("SELECT envoy, weight, path, nbytes FROM updates WHERE experiment = ? AND round = ?",
-                          (experiment, round_))
+        rows = self._read("SELECT envoy, weight, path, nbytes FROM updates WHERE experiment = ? AND round = ? "
+                          "ORDER BY rowid", (experiment, round_))  # the order they were folded in
         return [(e, w, Path(p), n) for e, w, p, n in rows]
 
     def drop_update(self, experiment: str, round_: int, envoy: str) -> None:
@@ -178,24 +190,38 @@ class Store:
     def drop_updates(self, experiment: str, round_: int) -> None:
         self._write("DELETE FROM updates WHERE experiment = ? AND round = ?", (experiment, round_))
 
+    # participants of each round
+    def record_participants(self, experiment: str, round_: int, envoys: tuple[str, ...]) -> tuple[str, ...]:
+        """Record a round's participants once; returns what is recorded (the first record wins)."""
+        self._write("INSERT OR IGNORE INTO rounds VALUES (?, ?, ?)", (experiment, round_, json.dumps(list(envoys))))
+        rows = self._read("SELECT participants FROM rounds WHERE experiment = ? AND round = ?", (experiment, round_))
+        return tuple(json.loads(rows[0][0]))
+
+    def participants(self, experiment: str) -> tuple[tuple[str, ...], ...]:
+        rows = self._read("SELECT participants FROM rounds WHERE experiment = ? ORDER BY round", (experiment,))
+        return tuple(tuple(json.loads(p)) for (p,) in rows)
+
     # metric events
-    def add_event(self, experiment: str, event: r.MetricEvent, weight: float = 0.0) -> None:
+    def add_event(self, experiment: str, event: r.MetricEvent, weight: float = 0.0) -> bool:
+        """Record an event; False when the same (round, envoy, stage) was recorded before."""
         metrics = json.dumps([[m.task, m.name, m.value] for m in event.metrics])
-        self._write(
-            "INSERT OR IGNORE INTO events (experiment, round, envoy, stage, metrics, weight, ts, round_time_s) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (experiment, event.round, event.envoy, event.stage, metrics, weight, event.timestamp, event.round_time_s),
-        )
+        return self._write(
+            "INSERT OR IGNORE INTO events (experiment, round, envoy, stage, metrics, weight, ts, round_time_s, "
+            "participants) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (experiment, event.round, event.envoy, event.stage, metrics, weight, event.timestamp, event.round_time_s,
+             json.dumps(list(event.participants))),
+        ).rowcount > 0
 
     def events(self, experiment: str, after_id: int = 0, round_: int | None = None) -> list[tuple[int, r.MetricEvent, float]]:
-        sql = "SELECT id, round, envoy, stage, metrics, weight, ts, round_time_s FROM events WHERE experiment = ? AND id > ?"
+        sql = ("SELECT id, round, envoy, stage, metrics, weight, ts, round_time_s, participants FROM events "
+               "WHERE experiment = ? AND id > ?")
         args: tuple = (experiment, after_id)
         if round_ is not None:
             sql += " AND round = ?"
             args += (round_,)
         out = []
-        for id_, rnd, envoy, stage, metrics, weight, ts, rts in self._read(sql + " ORDER BY id", args):
+        for id_, rnd, envoy, stage, metrics, weight, ts, rts, who in self._read(sql + " ORDER BY id", args):
             ms = tuple(r.Metric(t, n, v) for t, n, v in json.loads(metrics))
             out.append((id_, r.MetricEvent(round=rnd, envoy=envoy, stage=stage, metrics=ms, timestamp=ts,
-                                           round_time_s=rts), weight))
+                                           round_time_s=rts, participants=tuple(json.loads(who))), weight))
         return out

@@ -12,8 +12,13 @@ class TaskResultError(TypeError):
 
 
 def run_task(ti: TaskInterface, name: str, state: Any, loader: Any, device: str, optimizer: Any,
-             round_num: int) -> tuple[Any, dict[str, float]]:
+             round_num: int, round_kwargs: Mapping[str, Any] | None = None,
+             global_state: Any = None) -> tuple[Any, dict[str, float]]:
     """Run task ``name``; returns ``(state_after, metrics)``.
+
+    Keyword arguments: the task's ``add_kwargs``, overridden by ``round_kwargs`` (this round's
+    entry of the experiment's ``round_config``). A task registered with ``global_model=`` also
+    gets ``global_state``, the model the round started from.
 
     A task may update ``state`` in place (the seed's ``state.update_state(new_state)``) and
     return a dict of metrics, or return ``(new_state, metrics)``.
@@ -25,7 +30,10 @@ def run_task(ti: TaskInterface, name: str, state: Any, loader: Any, device: str,
         kwargs[contract["optimizer"]] = optimizer
     if contract.get("round_num") is not None:
         kwargs[contract["round_num"]] = round_num
+    if contract.get("global_model") is not None:
+        kwargs[contract["global_model"]] = global_state
     kwargs.update(ti.task_settings.get(name, {}))
+    kwargs.update(round_kwargs or {})
     result = fn(**kwargs)
     if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Mapping):
         new_state, metrics = result

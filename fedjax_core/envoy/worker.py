@@ -9,6 +9,7 @@ the experiment ends, which hands accelerator memory back.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import json
 import os
@@ -59,10 +60,10 @@ class _Rounds:
     def run(self) -> None:
         while True:
             task = self.client.wait_task(self.experiment)
-            if task.kind == "finished":
+            if task.kind == r.TaskKind.FINISHED:
                 print(f"[worker {self.client.envoy_name}] experiment {self.experiment!r} finished", flush=True)
                 return
-            if task.kind == "none":
+            if task.kind == r.TaskKind.NONE:
                 continue
             try:
                 self._round(task)
@@ -70,13 +71,15 @@ class _Rounds:
                 print(f"[worker {self.client.envoy_name}] round {task.round} went on without this envoy: {exc}",
                       flush=True)
 
-    def _run_tasks(self, names: list[str], state, loader, round_: int, train: bool):
+    def _run_tasks(self, names: list[str], state, loader, task: r.Task, train: bool, global_state):
         """Run ``names`` in order; training tasks hand their state on, validation tasks only measure."""
         from fedjax_core.envoy.tasks import run_task
 
+        round_kwargs = json.loads(task.task_kwargs) if task.task_kwargs else {}
         metrics = {}
         for name in names:
-            after, metrics[name] = run_task(self.ti, name, state, loader, self.device, self.optimizer, round_)
+            after, metrics[name] = run_task(self.ti, name, state, loader, self.device, self.optimizer, task.round,
+                                            round_kwargs.get(name), global_state)
             if train:
                 state = after
         return state, metrics
@@ -97,14 +100,15 @@ class _Rounds:
 
         exp, rnd = self.experiment, task.round
         state = self._starting_state(task)
-        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, rnd, train=False)
-        self.client.report_metrics(exp, rnd, r.STAGE_AGGREGATED, validation, self.n_valid)
-        if task.kind == "validate":
+        global_state = copy.copy(state)  # its own object: the seed's update_state() mutates `state` in place
+        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False, global_state)
+        self.client.report_metrics(exp, rnd, r.Stage.AGGREGATED, validation, self.n_valid)
+        if task.kind == r.TaskKind.VALIDATE:
             return
-        state, train_metrics = self._run_tasks(self.ti.train_tasks, state, self.train_loader, rnd, train=True)
-        self.client.report_metrics(exp, rnd, r.STAGE_TRAIN, train_metrics, self.n_train)
-        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, rnd, train=False)
-        self.client.report_metrics(exp, rnd, r.STAGE_LOCAL, validation, self.n_valid)
+        state, train_metrics = self._run_tasks(self.ti.train_tasks, state, self.train_loader, task, True, global_state)
+        self.client.report_metrics(exp, rnd, r.Stage.TRAIN, train_metrics, self.n_train)
+        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False, global_state)
+        self.client.report_metrics(exp, rnd, r.Stage.LOCAL, validation, self.n_valid)
         self.local_state = state
         tensors = state_to_tensors(state)
         missing = [n for n in task.upload_tensors if n not in tensors]

@@ -52,7 +52,7 @@ def test_updates_are_averaged_by_sample_count(tmp_path):
 def test_restart_after_every_update_but_before_the_close_finishes_the_round(tmp_path, monkeypatch):
     d = make_director(tmp_path)
     submit(d)
-    monkeypatch.setattr(Director, "_maybe_close_round", lambda self, run, force=False: None)  # killed right here
+    monkeypatch.setattr(Director, "_close", lambda self, run: None)  # killed right here
     d.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
     d.accept_update("b", "exp", 0, 10, iter_chunks(update(3.0)))
     d.close()
@@ -72,8 +72,10 @@ def test_a_straggler_whose_round_closed_meanwhile_is_told_so(tmp_path):
     def straggling_chunks():
         chunks = list(iter_chunks(update(2.0), chunk_bytes=8))
         yield chunks[0]
+        run = d._run
         with d._cond:  # the deadline closes round 0 while "b" is still uploading
-            d._close_at_deadline(d._run)
+            run.closing = True
+        d._close(run)
         yield from chunks[1:]
 
     with pytest.raises(PreconditionError, match="round 0 of 'exp' is not open"):

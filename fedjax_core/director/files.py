@@ -1,0 +1,105 @@
+"""Where the director keeps an experiment's files, and the atomic ways it writes them.
+
+Layout under ``state_dir``:
+``experiments/<name>/bundle.bin`` (the opaque code bundle), ``model_round_NNNN.fjm`` (the
+global model a round starts from), ``server_state_round_NNNN.fjm`` (the strategy's state
+beside it), ``model_best.fjm``, ``round_NNNN/<envoy>.fjm`` (spooled updates of the round in
+progress); ``incoming/`` holds partial uploads and submissions.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from fedjax_core.errors import InvalidRequestError
+
+MAX_BUNDLE_BYTES = 2 << 30
+
+
+class ExperimentFiles:
+    def __init__(self, state_dir: Path):
+        self.state_dir = Path(state_dir)
+        shutil.rmtree(self.incoming, ignore_errors=True)  # partial uploads of a director that stopped
+
+    @property
+    def incoming(self) -> Path:
+        return self.state_dir / "incoming"
+
+    def exp_dir(self, name: str) -> Path:
+        return self.state_dir / "experiments" / name
+
+    def model(self, name: str, round_: int) -> Path:
+        return self.exp_dir(name) / f"model_round_{round_:04d}.fjm"
+
+    def server_state(self, name: str, round_: int) -> Path:
+        return self.exp_dir(name) / f"server_state_round_{round_:04d}.fjm"
+
+    def best(self, name: str) -> Path:
+        return self.exp_dir(name) / "model_best.fjm"
+
+    def bundle(self, name: str) -> Path:
+        return self.exp_dir(name) / "bundle.bin"
+
+    def round_dir(self, name: str, round_: int) -> Path:
+        return self.exp_dir(name) / f"round_{round_:04d}"
+
+    def update(self, name: str, round_: int, envoy: str) -> Path:
+        return self.round_dir(name, round_) / f"{envoy}.fjm"
+
+    def staging_dir(self, name: str) -> Path:
+        """A fresh folder for a submission, moved into place whole by :meth:`install`."""
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.incoming))
+
+    def spool_path(self, envoy: str) -> Path:
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f".{envoy}-", suffix=".fjm", dir=self.incoming)
+        os.close(fd)
+        return Path(path)
+
+    @staticmethod
+    def drop_staging(staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def install(self, staging: Path, name: str) -> None:
+        target = self.exp_dir(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)  # leftovers of a crash: the name is ours now
+        os.replace(staging, target)
+
+    def keep_update(self, spool: Path, name: str, round_: int, envoy: str) -> Path:
+        path = self.update(name, round_, envoy)
+        path.parent.mkdir(exist_ok=True)
+        os.replace(spool, path)
+        return path
+
+    def copy_best(self, name: str, round_: int) -> None:
+        """model_round_r -> model_best, atomically."""
+        tmp = self.best(name).with_suffix(".partial")
+        shutil.copyfile(self.model(name, round_), tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(self.best(name))
+
+    def drop_round(self, name: str, round_: int) -> None:
+        """The spooled updates of a round that closed or was abandoned."""
+        shutil.rmtree(self.round_dir(name, round_), ignore_errors=True)
+
+    def drop_superseded(self, name: str, round_: int) -> None:
+        """The model and server state a closed round started from (model_best.fjm holds a copy if needed)."""
+        self.model(name, round_).unlink(missing_ok=True)
+        self.server_state(name, round_).unlink(missing_ok=True)
+
+
+def write_bundle(path: Path, pieces: Iterable[bytes]) -> int:
+    size = 0
+    with open(path, "wb") as f:
+        for piece in pieces:
+            size += len(piece)
+            if size > MAX_BUNDLE_BYTES:
+                raise InvalidRequestError("experiment bundle exceeds 2 GiB; keep data out of the bundle")
+            f.write(piece)
+    return size

@@ -1,0 +1,215 @@
+"""The round engine: a running experiment's round, folding its updates and closing it.
+
+Everything here is heavy work (folding tensors, reading spooled updates, writing models,
+strategy state and events) and runs *outside* the director's lock; a round's own
+``fold_lock`` orders its folds and its close. Closing round r of a training round:
+
+1. aggregate the envoys' metrics of round r; keep model_r as best if it beats the best so far;
+2. ``strategy.aggregate(state_r, model_r, updates) -> (model_{r+1}, state_{r+1})``;
+3. write model_{r+1} and state_{r+1} atomically, then record the round summary;
+4. advance current_round in the database (the commit point), then drop round r's files.
+
+A director killed anywhere in between restarts at round r, folds the stored updates again
+in the order they were first folded and closes the round to the same bytes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from fedjax_core import records as r
+from fedjax_core.aggregation import RoundUpdates, ServerStrategy, Upload, build
+from fedjax_core.director import rules
+from fedjax_core.director.files import ExperimentFiles
+from fedjax_core.director.memory import release_free_memory
+from fedjax_core.director.store import ExperimentRow, Store
+from fedjax_core.director.submission import RoundPlan, plan_rounds
+from fedjax_core.errors import PreconditionError
+from fedjax_core.metrics_log import Loggers
+from fedjax_core.tensors import ModelFile, ModelFileWriter
+
+log = logging.getLogger("fedjax.director")
+
+
+@dataclasses.dataclass
+class Run:
+    """The running experiment's round in progress (rebuilt from the store after a restart)."""
+
+    row: ExperimentRow
+    round: int
+    plan: RoundPlan
+    strategy: ServerStrategy
+    participants: tuple[str, ...]  # the envoys this round waits for
+    upload: frozenset[str]  # the tensors that travel each round
+    updates: RoundUpdates
+    started_at: float
+    done: set[str] = dataclasses.field(default_factory=set)
+    closing: bool = False  # set under the director's lock; no update is accepted after it
+    ended: bool = False  # the experiment finished, failed or was cancelled
+    bytes_in: int = 0
+    bytes_out: int = 0
+    fold_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def header(self) -> r.ExperimentHeader:
+        return self.row.header
+
+    @property
+    def name(self) -> str:
+        return self.row.name
+
+    @property
+    def envoys(self) -> tuple[str, ...]:
+        """Every envoy of the experiment (they all keep a worker, selected this round or not)."""
+        return self.row.envoys
+
+    @property
+    def kind(self) -> r.TaskKind:
+        return r.TaskKind.TRAIN if self.round < self.header.rounds else r.TaskKind.VALIDATE
+
+    @property
+    def complete(self) -> bool:
+        return set(self.participants) <= self.done
+
+    def task_kwargs(self) -> str:
+        return self.plan.round_kwargs[self.round] if self.round < self.header.rounds else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a close ended: the next round's run, or the experiment's final state."""
+
+    next_run: Run | None = None
+    state: r.State = r.State.RUNNING
+    error: str = ""
+
+
+class RoundEngine:
+    def __init__(self, store: Store, files: ExperimentFiles, loggers: Loggers, clock: Callable[[], float]):
+        self.store = store
+        self.files = files
+        self.loggers = loggers
+        self.clock = clock
+        self.fold_hook: Callable[[str, str], None] | None = None  # tests pause a fold here: (experiment, envoy)
+
+    # ------------------------------------------------------------------ runs
+    def new_run(self, row: ExperimentRow, round_: int) -> Run:
+        """The run of ``round_``; its participants are sampled (or read back) and recorded."""
+        plan = plan_rounds(row.header, row.envoys)
+        strategy = build(plan.strategy)
+        upload = frozenset(rules.upload_names(row.header))
+        if round_ < row.header.rounds:
+            chosen = rules.select_participants(row.envoys, plan.per_round, row.header.sampling_seed, round_)
+            participants = self.store.record_participants(row.name, round_, chosen)
+        else:  # after the last round every envoy validates the final model
+            participants = tuple(sorted(row.envoys))
+        specs = [s for s in row.header.model_spec if s.name in upload]
+        return Run(row=row, round=round_, plan=plan, strategy=strategy, participants=participants, upload=upload,
+                   updates=RoundUpdates(specs, fold_params=strategy.folds_params), started_at=self.clock())
+
+    def rebuild(self, row: ExperimentRow) -> Run:
+        """The run of a director that stopped mid-round: stored updates folded again, in their order."""
+        run = self.new_run(row, row.current_round)
+        for envoy, weight, path, _ in self.store.updates(row.name, run.round):
+            if not path.exists():  # lost with its file: that envoy uploads again
+                self.store.drop_update(row.name, run.round, envoy)
+                continue
+            run.updates.add(Upload(envoy, weight, ModelFile(path)))
+            run.done.add(envoy)
+        if run.kind == r.TaskKind.VALIDATE:
+            run.done |= {e.envoy for _, e, _ in self.store.events(row.name, round_=run.round)
+                         if e.stage == r.Stage.AGGREGATED and e.envoy}
+        return run
+
+    # ------------------------------------------------------------------ folding
+    def fold(self, run: Run, envoy: str, spool, weight: float, nbytes: int) -> None:
+        """Keep an envoy's spooled update and fold it in. The caller holds ``run.fold_lock``."""
+        path = self.files.keep_update(spool, run.name, run.round, envoy)
+        self.store.add_update(run.name, run.round, envoy, weight, path, nbytes)
+        if self.fold_hook is not None:
+            self.fold_hook(run.name, envoy)
+        run.updates.add(Upload(envoy, weight, ModelFile(path)))
+
+    # ------------------------------------------------------------------ closing
+    def close(self, run: Run) -> Outcome:
+        """Close ``run``'s round. The caller holds ``run.fold_lock`` and has set ``run.closing``."""
+        name = run.name
+        round_events = self.store.events(name, round_=run.round)
+        aggregates = rules.aggregate_metrics(run.round, [(e, w) for _, e, w in round_events if e.envoy])
+        for event in aggregates:
+            if self.store.add_event(name, event):
+                self.loggers.log(name, event)
+        self._update_best(run, aggregates)
+        if run.kind == r.TaskKind.VALIDATE:
+            return Outcome(state=r.State.FINISHED)
+        if run.updates.count == 0:
+            return Outcome(state=r.State.FAILED, error=f"round {run.round} closed without any update")
+        self._write_next_model(run)
+        now = self.clock()  # the round's time includes aggregating and storing its model
+        seconds = now - run.started_at
+        summary = r.MetricEvent(
+            round=run.round, envoy="", stage=r.Stage.ROUND, timestamp=now, round_time_s=seconds,
+            participants=run.participants,
+            metrics=(r.Metric("round", "time_s", seconds), r.Metric("round", "bytes_received", run.bytes_in),
+                     r.Metric("round", "bytes_sent", run.bytes_out),
+                     r.Metric("round", "envoys_reported", len(run.done)),
+                     r.Metric("round", "envoys_selected", len(run.participants))),
+        )
+        if self.store.add_event(name, summary):
+            self.loggers.log(name, summary)
+        self.store.update_experiment(name, current_round=run.round + 1)  # the commit point
+        self.store.drop_updates(name, run.round)
+        self.files.drop_round(name, run.round)
+        self.files.drop_superseded(name, run.round)
+        row = self.store.experiment(name)
+        assert row is not None
+        next_run = self.new_run(row, run.round + 1)
+        release_free_memory()
+        return Outcome(next_run=next_run)
+
+    def _write_next_model(self, run: Run) -> None:
+        name, round_ = run.name, run.round
+        previous = ModelFile(self.files.model(name, round_))
+        state_path = self.files.server_state(name, round_)
+        if round_ == 0:
+            state = run.strategy.init(list(run.updates.specs.values()))
+        elif state_path.exists():
+            state = ModelFile(state_path)
+        else:
+            raise PreconditionError(f"the strategy state of round {round_} is missing ({state_path})")
+        model, new_state = run.strategy.aggregate(state, previous, run.updates)
+        with ModelFileWriter(self.files.model(name, round_ + 1)) as writer:
+            for spec in previous.specs:  # tensors that do not travel keep their initial values
+                writer.add_array(spec.name, model.get(spec.name, previous.array(spec.name)))
+            writer.commit()
+        del model
+        with ModelFileWriter(self.files.server_state(name, round_ + 1)) as writer:
+            for key, array in new_state.items():
+                writer.add_array(key, np.asarray(array))
+            writer.commit()
+
+    def _update_best(self, run: Run, aggregates: list[r.MetricEvent]) -> None:
+        """Round r validated model_r; keep it as best if its metric beats the best so far (r >= 1)."""
+        if run.round < 1:
+            return
+        validation = next((e for e in aggregates if e.stage == r.Stage.AGGREGATED), None)
+        if validation is None or not validation.metrics:
+            return
+        row = self.store.experiment(run.name)
+        assert row is not None
+        metric = row.best_metric or rules.default_best_metric(validation.metrics)
+        value = rules.metric_value(validation.metrics, metric)
+        if value is None:
+            return
+        higher = (run.header.best_higher_is_better if row.header.best_metric
+                  else r.default_higher_is_better(metric))
+        if rules.is_better(value, row.best_value, higher):
+            self.files.copy_best(run.name, run.round)
+            self.store.update_experiment(run.name, best_round=run.round, best_value=value, best_metric=metric)
+        elif not row.best_metric:
+            self.store.update_experiment(run.name, best_metric=metric)
+

@@ -1,0 +1,82 @@
+"""Pure rules of a federation round: who takes part, what travels, how metrics combine, what is best."""
+from __future__ import annotations
+
+import math
+import random
+import time
+
+from fedjax_core import records as r
+
+
+def upload_names(header: r.ExperimentHeader) -> tuple[str, ...]:
+    """The tensors that travel each round: params always, optimizer state only for CONTINUE_GLOBAL."""
+    if header.opt_treatment == r.OptTreatment.CONTINUE_GLOBAL:
+        return tuple(s.name for s in header.model_spec)
+    return tuple(s.name for s in header.model_spec if s.name.startswith("params/"))
+
+
+def participants_per_round(header: r.ExperimentHeader, n_envoys: int) -> int:
+    """How many envoys train each round: ``envoys_per_round``, or ``floor(fraction x n)`` (at least 1), or all."""
+    if header.envoys_per_round:
+        return header.envoys_per_round
+    if header.envoys_fraction:
+        return max(1, math.floor(header.envoys_fraction * n_envoys))
+    return n_envoys
+
+
+def select_participants(envoys: tuple[str, ...], k: int, seed: int, round_: int) -> tuple[str, ...]:
+    """The ``k`` envoys that train in ``round_``: a seeded sample, the same for the same seed and round.
+
+    ``random.Random(f"{seed}/{round_}").sample(sorted(envoys), k)``, returned in name order.
+    """
+    ordered = sorted(envoys)
+    if k >= len(ordered):
+        return tuple(ordered)
+    return tuple(sorted(random.Random(f"{seed}/{round_}").sample(ordered, k)))
+
+
+def round_size_floor(header: r.ExperimentHeader, k: int) -> int:
+    """The fewest uploads a training round can close with: every participant, or min_envoys at a deadline."""
+    if header.round_timeout_s and header.min_envoys:
+        return min(header.min_envoys, k)
+    return k
+
+
+def aggregate_metrics(round_: int, events: list[tuple[r.MetricEvent, float]]) -> list[r.MetricEvent]:
+    """Per stage, each metric's mean over envoys weighted by their sample counts."""
+    out = []
+    for stage in r.STAGES:
+        sums: dict[tuple[str, str], list[float]] = {}
+        for event, weight in events:
+            if event.stage != stage:
+                continue
+            for m in event.metrics:
+                acc = sums.setdefault((m.task, m.name), [0.0, 0.0, 0.0, 0])
+                acc[0] += m.value * weight
+                acc[1] += weight
+                acc[2] += m.value
+                acc[3] += 1
+        if sums:
+            metrics = tuple(
+                r.Metric(task, metric, s / w if w > 0 else plain / n)
+                for (task, metric), (s, w, plain, n) in sums.items()
+            )
+            out.append(r.MetricEvent(round=round_, envoy="", stage=stage, metrics=metrics, timestamp=time.time()))
+    return out
+
+
+def default_best_metric(metrics: tuple[r.Metric, ...]) -> str:
+    """The first metric with 'acc' in its name, else the alphabetically first."""
+    names = [m.name for m in metrics]
+    return next((n for n in names if "acc" in n.lower()), sorted(names)[0])
+
+
+def metric_value(metrics: tuple[r.Metric, ...], name: str) -> float | None:
+    """The value of ``name`` (a metric name or ``task/metric``), or None."""
+    return next((m.value for m in metrics if m.name == name or f"{m.task}/{m.name}" == name), None)
+
+
+def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    if best is None:
+        return True
+    return value > best if higher_is_better else value < best

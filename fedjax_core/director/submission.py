@@ -1,0 +1,113 @@
+"""Checks of a submitted experiment header, and the round plan the director derives from it.
+
+Everything here is a pure function of the header and the registry, so a bad submission is
+refused before anything is stored, and a queued one is checked again when it starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Collection, Sequence
+
+from fedjax_core import records as r
+from fedjax_core.director.rules import participants_per_round, round_size_floor
+from fedjax_core.errors import InvalidRequestError
+from fedjax_core.strategies import Strategy, strategy_from_wire
+from fedjax_core.tensors import check_spec
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MAX_ROUND_TIMEOUT_S = 30 * 24 * 3600.0
+MAX_ROUND_CONFIG_BYTES = 1 << 20
+
+
+def check_name(kind: str, name: str) -> None:
+    if not NAME.fullmatch(name or ""):
+        raise InvalidRequestError(
+            f"{kind} name {name!r} is not valid: use 1-128 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    """How the experiment's rounds run on a given set of envoys."""
+
+    strategy: Strategy
+    per_round: int  # participants sampled each training round
+    round_kwargs: tuple[str, ...]  # per training round: JSON {task: {kwarg: value}}, or ""
+
+
+def check_header(h: r.ExperimentHeader, registered: Collection[str], online: Sequence[str]) -> None:
+    """Refuse a header that cannot run; every message names the setting and the fix."""
+    check_name("experiment", h.name)  # name clashes are the store's UNIQUE constraint's to report
+    if h.rounds < 1:
+        raise InvalidRequestError(f"rounds_to_train must be >= 1, got {h.rounds}")
+    if h.opt_treatment not in r.OPT_TREATMENTS:
+        raise InvalidRequestError(
+            f"opt_treatment {h.opt_treatment!r} is not one of {', '.join(r.OPT_TREATMENTS)}")
+    if not h.model_spec:
+        raise InvalidRequestError("the model has no tensors")
+    for spec in h.model_spec:
+        check_spec(spec)
+    if not any(s.name.startswith("params/") for s in h.model_spec):
+        raise InvalidRequestError("the model has no 'params' tensors: pass a flax TrainState as the model")
+    for envoy in h.envoys:
+        check_name("envoy", envoy)
+        if envoy not in registered:
+            raise InvalidRequestError(f"envoys: no envoy named {envoy!r} has registered; "
+                                      f"registered envoys: {', '.join(sorted(registered)) or 'none'}")
+    if len(set(h.envoys)) != len(h.envoys):
+        raise InvalidRequestError(f"envoys lists an envoy twice: {list(h.envoys)}")
+    if h.min_envoys < 0:
+        raise InvalidRequestError(f"min_envoys must be >= 0 (0: every participant), got {h.min_envoys}")
+    if not (math.isfinite(h.round_timeout_s) and 0 <= h.round_timeout_s <= MAX_ROUND_TIMEOUT_S):
+        raise InvalidRequestError(f"round_timeout_s must be between 0 (no deadline) and {MAX_ROUND_TIMEOUT_S:g} "
+                                  f"seconds, got {h.round_timeout_s}")
+    if h.envoys_per_round < 0:
+        raise InvalidRequestError(f"envoys_per_round must be >= 1, got {h.envoys_per_round}")
+    if not (math.isfinite(h.envoys_fraction) and 0 <= h.envoys_fraction <= 1):
+        raise InvalidRequestError(f"envoys_per_round as a fraction must be in (0, 1], got {h.envoys_fraction}")
+    if h.envoys_per_round and h.envoys_fraction:
+        raise InvalidRequestError("give envoys_per_round as a count or as a fraction, not both")
+    plan_rounds(h, h.envoys or tuple(online))
+
+
+def plan_rounds(h: r.ExperimentHeader, envoys: Sequence[str]) -> RoundPlan:
+    """The round plan on ``envoys`` (the experiment's, or the online ones when it names none)."""
+    strategy = strategy_from_wire(h.aggregation, h.aggregation_params)
+    round_kwargs = parse_round_config(h.round_config, h.rounds)
+    if not envoys:  # nothing to size against yet: checked again when the experiment starts
+        return RoundPlan(strategy=strategy, per_round=0, round_kwargs=round_kwargs)
+    per_round = participants_per_round(h, len(envoys))
+    if per_round > len(envoys):
+        raise InvalidRequestError(f"envoys_per_round={per_round}, but the experiment has {len(envoys)} envoys "
+                                  f"({', '.join(envoys)}): lower it or wait for more envoys")
+    if h.min_envoys > per_round:
+        raise InvalidRequestError(f"min_envoys={h.min_envoys} is more than the {per_round} envoys that take part "
+                                  "in each round: lower min_envoys or raise envoys_per_round")
+    strategy.check_round_size(round_size_floor(h, per_round))
+    return RoundPlan(strategy=strategy, per_round=per_round, round_kwargs=round_kwargs)
+
+
+def parse_round_config(text: str, rounds: int) -> tuple[str, ...]:
+    """Per training round, the JSON of ``{task: {kwarg: value}}`` ("" when there is no round_config)."""
+    if not text:
+        return ("",) * rounds
+    if len(text) > MAX_ROUND_CONFIG_BYTES:
+        raise InvalidRequestError(f"round_config is {len(text)} bytes; at most {MAX_ROUND_CONFIG_BYTES} are allowed")
+    try:
+        config = json.loads(text)
+    except ValueError:
+        raise InvalidRequestError("round_config is not valid JSON") from None
+    if not isinstance(config, list) or len(config) != rounds:
+        raise InvalidRequestError(f"round_config must list one entry per training round ({rounds}), "
+                                  f"got {len(config) if isinstance(config, list) else type(config).__name__}")
+    out = []
+    for round_, entry in enumerate(config):
+        if not isinstance(entry, dict) or not all(isinstance(v, dict) for v in entry.values()):
+            raise InvalidRequestError(f"round_config for round {round_} must map task names to "
+                                      f"{{kwarg: value}} dicts, got {json.dumps(entry)[:200]}")
+        out.append(json.dumps(entry, sort_keys=True) if entry else "")
+    return tuple(out)

@@ -1,0 +1,231 @@
+"""The round engine in-process: strategies with server state, sampling, per-round config, and a
+fold that runs outside the lock every other call needs."""
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from fedjax_core import records as r
+from fedjax_core import strategies as s
+from fedjax_core.director.core import Director
+from fedjax_core.director.rules import select_participants
+from fedjax_core.errors import InvalidRequestError, PreconditionError
+from fedjax_core.tensors import ModelFile, iter_chunks, spec_of
+
+INITIAL = {"params/w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "params/b": np.zeros(4, np.float32),
+           "step": np.array(0, np.int32)}
+INFO = r.ShardInfo("shard", ("32", "32", "3"), ("1",), 10, 5)
+
+
+def make_director(tmp_path, envoys=("a", "b")) -> Director:
+    d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60)
+    for envoy in envoys:
+        d.register_envoy(envoy, INFO)
+    return d
+
+
+def reopen(d: Director, tmp_path) -> Director:
+    d.close()
+    return Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60)
+
+
+def header(name="exp", strategy: s.Strategy = s.FedAvg(), **overrides) -> r.ExperimentHeader:
+    agg, params = strategy.to_wire()
+    fields = dict(name=name, rounds=3, opt_treatment="CONTINUE_GLOBAL", bundle_size=3, aggregation=agg,
+                  aggregation_params=params, model_spec=tuple(spec_of(n, a) for n, a in INITIAL.items()))
+    return r.ExperimentHeader(**{**fields, **overrides})
+
+
+def submit(d: Director, h: r.ExperimentHeader) -> None:
+    d.submit_experiment(h, [b"abc"], iter_chunks(INITIAL))
+
+
+def update(envoy: str, round_: int) -> dict[str, np.ndarray]:
+    """A deterministic upload per envoy and round."""
+    rng = np.random.default_rng([ord(envoy[0]), round_])
+    return {"params/w": rng.standard_normal((3, 4)).astype(np.float32),
+            "params/b": rng.standard_normal(4).astype(np.float32), "step": np.array(round_ + 1, np.int32)}
+
+
+def model_file(tmp_path, round_: int, name="exp") -> dict[str, np.ndarray]:
+    return ModelFile(tmp_path / "state" / "experiments" / name / f"model_round_{round_:04d}.fjm").arrays()
+
+
+def play_round(d: Director, round_: int, envoys=("a", "b"), name="exp") -> None:
+    for envoy in envoys:
+        d.accept_update(envoy, name, round_, 10 + ord(envoy[0]), iter_chunks(update(envoy, round_)))
+
+
+@pytest.mark.parametrize("strategy", [s.FedAdam(eta=0.05), s.FedYogi(), s.FedAvgM(), s.FedMedian()], ids=repr)
+def test_a_restart_between_rounds_resumes_bit_identically(tmp_path, strategy):
+    straight = make_director(tmp_path / "straight")
+    submit(straight, header(strategy=strategy))
+    for t in range(3):
+        play_round(straight, t)
+    want = model_file(tmp_path / "straight", 3)
+
+    d = make_director(tmp_path / "restarted")
+    submit(d, header(strategy=strategy))
+    play_round(d, 0)
+    play_round(d, 1, envoys=("a",))
+    d = reopen(d, tmp_path / "restarted")  # killed with one update of round 1 folded
+    play_round(d, 1, envoys=("b",))
+    d = reopen(d, tmp_path / "restarted")
+    play_round(d, 2)
+    got = model_file(tmp_path / "restarted", 3)
+    assert d.experiment_status("exp").current_round == 3
+    for name in want:
+        assert got[name].tobytes() == want[name].tobytes(), name
+    assert not np.array_equal(got["params/w"], model_file(tmp_path / "straight", 3)["params/w"] * 0)
+    straight.close()
+    d.close()
+
+
+def test_server_state_is_written_beside_each_round_model(tmp_path):
+    d = make_director(tmp_path)
+    submit(d, header(strategy=s.FedAdam()))
+    play_round(d, 0)
+    exp = tmp_path / "state" / "experiments" / "exp"
+    state = ModelFile(exp / "server_state_round_0001.fjm")
+    assert sorted(state.names()) == ["m/params/b", "m/params/w", "v/params/b", "v/params/w"]
+    assert not (exp / "model_round_0000.fjm").exists() and not (exp / "round_0000").exists()
+    d.close()
+
+
+def test_krum_that_cannot_work_is_refused_at_submission(tmp_path):
+    d = make_director(tmp_path)
+    with pytest.raises(InvalidRequestError, match="needs more than 2 uploads per round, but rounds can close with 2"):
+        submit(d, header(strategy=s.Krum()))
+    d.close()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(aggregation="fedsgd"), "unknown aggregation 'fedsgd'"),
+    (dict(aggregation="fedadam", aggregation_params='{"eta": -1}'), "eta must be > 0"),
+    (dict(envoys_per_round=3), "envoys_per_round=3, but the experiment has 2 envoys"),
+    (dict(envoys_fraction=1.5), r"fraction must be in \(0, 1\]"),
+    (dict(envoys_per_round=1, envoys_fraction=0.5), "not both"),
+    (dict(envoys_per_round=1, min_envoys=2, round_timeout_s=5), "min_envoys=2 is more than the 1 envoys"),
+    (dict(round_config="[{}]"), r"one entry per training round \(3\)"),
+    (dict(round_config='[1, 2, 3]'), "must map task names"),
+    (dict(round_config="x" * (1 << 21)), "at most"),
+])
+def test_bad_round_settings_are_refused_at_submission(tmp_path, overrides, message):
+    d = make_director(tmp_path)
+    with pytest.raises(InvalidRequestError, match=message):
+        submit(d, header(**overrides))
+    assert d.experiments() == []
+    d.close()
+
+
+def test_sampling_selects_what_the_seed_says_and_records_it(tmp_path):
+    envoys = ("a", "b", "c", "d")
+    d = make_director(tmp_path, envoys)
+    submit(d, header(envoys_per_round=2, sampling_seed=1234))
+    for t in range(3):
+        chosen = select_participants(envoys, 2, 1234, t)
+        left_out = sorted(set(envoys) - set(chosen))
+        assert d.wait_task(left_out[0], "exp", 0).kind == r.TaskKind.NONE  # sits the round out
+        with pytest.raises(PreconditionError, match=f"was not selected for round {t}"):
+            d.accept_update(left_out[0], "exp", t, 10, iter_chunks(update(left_out[0], t)))
+        assert d.wait_task(chosen[0], "exp", 0).kind == r.TaskKind.TRAIN
+        play_round(d, t, envoys=chosen)
+    status = d.experiment_status("exp")
+    assert status.participants == tuple(select_participants(envoys, 2, 1234, t) for t in range(3))
+    assert len(set(status.participants)) > 1  # the seed draws different pairs
+    summaries = [e for _, e, _ in d.store.events("exp") if e.stage == r.Stage.ROUND]
+    assert [e.participants for e in summaries] == list(status.participants)
+    # after the last round every envoy validates the final model
+    assert {e: d.wait_task(e, "exp", 0).kind for e in envoys} == dict.fromkeys(envoys, r.TaskKind.VALIDATE)
+    d.close()
+
+
+def test_a_fraction_samples_floor_of_it_and_at_least_one(tmp_path):
+    d = make_director(tmp_path, ("a", "b", "c"))
+    submit(d, header(envoys_fraction=0.2, sampling_seed=5))
+    assert len(d.experiment_status("exp").participants[0]) == 1
+    d.close()
+
+
+def test_round_config_reaches_each_rounds_task(tmp_path):
+    d = make_director(tmp_path)
+    config = [{"train": {"lr": 0.1 / (t + 1)}} for t in range(3)]
+    submit(d, header(round_config=json.dumps(config)))
+    for t in range(3):
+        task = d.wait_task("a", "exp", 0)
+        assert (task.round, json.loads(task.task_kwargs)) == (t, config[t])
+        play_round(d, t)
+    assert d.wait_task("a", "exp", 0).task_kwargs == ""  # final validation: add_kwargs only
+    d.close()
+
+
+def test_a_paused_fold_blocks_neither_heartbeats_nor_registry_reads(tmp_path):
+    d = make_director(tmp_path, ("a", "b", "c"))
+    submit(d, header(envoys=("a", "b")))
+    in_fold, release = threading.Event(), threading.Event()
+
+    def pause(experiment, envoy):
+        in_fold.set()
+        assert release.wait(30), "the test never released the fold"
+
+    d.engine.fold_hook = pause
+    uploader = threading.Thread(target=play_round, args=(d, 0, ("a",)))
+    uploader.start()
+    try:
+        assert in_fold.wait(30), "the fold did not start"
+        answers = {}
+
+        def calls():
+            answers["heartbeat"] = d.heartbeat("c")
+            answers["registry"] = sorted(e.name for e in d.shard_registry())
+            answers["status"] = d.experiment_status("exp").state
+            answers["task"] = d.wait_task("b", "exp", 0).kind
+            d.report_metrics("b", "exp", 0, r.Stage.TRAIN, (r.Metric("train", "acc", 0.5),), 10)
+            answers["metrics"] = True
+
+        caller = threading.Thread(target=calls)
+        caller.start()
+        caller.join(30)
+        assert not caller.is_alive(), "a call waited for the fold in progress"
+        assert answers == {"heartbeat": True, "registry": ["a", "b", "c"], "status": "running",
+                           "task": r.TaskKind.TRAIN, "metrics": True}
+    finally:
+        release.set()
+        uploader.join(30)
+    d.engine.fold_hook = None
+    play_round(d, 0, ("b",))
+    assert d.experiment_status("exp").current_round == 1
+    d.close()
+
+
+def test_a_paused_close_blocks_neither_heartbeats_nor_status(tmp_path, monkeypatch):
+    d = make_director(tmp_path)
+    submit(d, header())
+    in_close, release = threading.Event(), threading.Event()
+    real_close = d.engine.close
+
+    def paused_close(run):
+        in_close.set()
+        assert release.wait(30)
+        return real_close(run)
+
+    monkeypatch.setattr(d.engine, "close", paused_close)
+    closer = threading.Thread(target=play_round, args=(d, 0))
+    closer.start()
+    try:
+        assert in_close.wait(30)
+        result = {}
+        caller = threading.Thread(target=lambda: result.update(hb=d.heartbeat("a"), st=d.experiment_status("exp"),
+                                                               task=d.wait_task("a", "exp", 0).kind))
+        caller.start()
+        caller.join(30)
+        assert not caller.is_alive(), "a call waited for the round to close"
+        assert result["hb"] and result["st"].current_round == 0 and result["task"] == r.TaskKind.NONE
+    finally:
+        release.set()
+        closer.join(30)
+    assert d.experiment_status("exp").current_round == 1
+    d.close()
