@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/fedjax_proto/*.proto)
 
-.PHONY: install demo test bench proto lint clean
+.PHONY: install demo test test-slow bench bench-strategies proto lint clean
 
 install: $(STAMP)
 
@@ -22,8 +22,14 @@ demo: install
 test: install
 	$(PY) -m pytest -q -ra
 
+test-slow: install
+	$(PY) -m pytest -q -ra -m slow
+
 bench: install
 	$(PY) -u benchmarks/bench.py
+
+bench-strategies: install
+	$(PY) -u benchmarks/strategies.py
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)

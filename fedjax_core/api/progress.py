@@ -24,6 +24,7 @@ def _in_notebook() -> bool:
 class MetricsView:
     def __init__(self, experiment, log_dir: Path | None, progress: bool, live_table: bool):
         status = experiment.get_experiment_status()
+        self.experiment = experiment
         self.n_envoys = max(len(status.envoys), 1)
         self.rounds = status.rounds
         self.logger = ExperimentLogger(log_dir) if log_dir is not None else None
@@ -50,6 +51,8 @@ class MetricsView:
         row = self._row(event.round)
         if event.stage == r.STAGE_ROUND:
             row["round_time_s"] = round(event.round_time_s, 3)
+            if event.participants and len(event.participants) < self.n_envoys:  # a sampled round: say who
+                row["participants"] = ",".join(event.participants)
         else:
             names = [m.name for m in event.metrics]
             for m in event.metrics:  # two tasks reporting the same metric name keep apart
@@ -66,10 +69,17 @@ class MetricsView:
             if self._bar is not None:
                 self._bar.close()
             per_envoy = 3 if round_ < self.rounds else 1
-            label = f"round {round_}/{self.rounds - 1}" if round_ < self.rounds else "final validation"
-            self._bar = tqdm(total=self.n_envoys * per_envoy, desc=label, unit="step", leave=False)
+            label = f"round {round_} ({round_ + 1} of {self.rounds})" if round_ < self.rounds else "final validation"
+            self._bar = tqdm(total=self._participants(round_) * per_envoy, desc=label, unit="step", leave=False)
             self._bar_round = round_
         self._bar.update(1)
+
+    def _participants(self, round_: int) -> int:
+        """How many envoys report in ``round_``: its sampled participants, or every envoy."""
+        if round_ >= self.rounds:
+            return self.n_envoys
+        chosen = getattr(self.experiment.get_experiment_status(), "participants", ())
+        return len(chosen[round_]) if round_ < len(chosen) else self.n_envoys
 
     def _show(self, round_: int) -> None:
         if self.notebook:

@@ -253,5 +253,17 @@ def test_tensorboard_has_every_round_for_each_envoy_and_the_aggregate(federation
         tags = scalars(root / "aggregated")
         assert tags["aggregated_model_validation/validation_accuracy"] == validated
         assert tags["train/train_acc"] == trained
-        for tag in ("round/time_s", "round/bytes_received", "round/bytes_sent", "round/envoys_reported"):
+        for tag in ("round/time_s", "round/bytes_received", "round/bytes_sent", "round/envoys_reported",
+                    "round/envoys_selected"):
             assert tags[tag] == trained
+        assert participants_text(root / "aggregated") == {0: "env1, env2", 1: "env1, env2"}
+
+
+def participants_text(run_dir) -> dict[int, str]:
+    """{step: text} of the round/participants text summary, read with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    tag = next(t for t in acc.Tags()["tensors"] if t.startswith("round/participants"))
+    return {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)}
