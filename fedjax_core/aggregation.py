@@ -89,14 +89,15 @@ class RoundUpdates:
         if not upload.weight > 0:
             raise AggregationError(f"the update of {upload.envoy!r} has weight {upload.weight}; "
                                    "an update's weight (training-sample count) must be > 0")
-        for name, spec in self.specs.items():
-            try:
-                x = upload.tensors[name]
-            except KeyError:
-                raise AggregationError(f"the update of {upload.envoy!r} lacks tensor {name!r}") from None
-            if tuple(x.shape) != tuple(spec.shape):
+        for name, spec in self.specs.items():  # check everything before folding anything
+            if name not in upload.tensors:
+                raise AggregationError(f"the update of {upload.envoy!r} lacks tensor {name!r}")
+            shape = tuple(upload.tensors[name].shape)
+            if shape != tuple(spec.shape):
                 raise AggregationError(f"the update of {upload.envoy!r}: tensor {name!r} has shape "
-                                       f"{tuple(x.shape)}, expected {tuple(spec.shape)}")
+                                       f"{shape}, expected {tuple(spec.shape)}")
+        for name, spec in self.specs.items():
+            x = upload.tensors[name]
             if name in self._sums:
                 _add_scaled(self._sums[name], x, upload.weight)
             elif not is_float(spec.dtype):

@@ -228,6 +228,9 @@ class ModelFile:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.array(name)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
     @property
     def nbytes(self) -> int:
         return sum(e["nbytes"] for e in self._entries.values())

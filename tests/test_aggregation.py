@@ -321,3 +321,13 @@ def test_krum_refuses_rounds_of_at_most_2f_plus_2(f, n, ok):
 def test_krum_refuses_keeping_more_than_a_round_has():
     with pytest.raises(s.StrategyError, match="num_clients_to_keep=4"):
         s.Krum(num_clients_to_keep=4).check_round_size(3)
+
+
+def test_a_refused_update_leaves_the_running_sums_untouched():
+    specs = [TensorSpec("params/a", "float32", (2,)), TensorSpec("params/b", "float32", (2,))]
+    updates = RoundUpdates(specs)
+    updates.add(Upload("x", 1, {"params/a": np.ones(2, np.float32), "params/b": np.ones(2, np.float32)}))
+    with pytest.raises(AggregationError, match="'params/b' has shape"):  # 'a' is fine, 'b' is not
+        updates.add(Upload("y", 1, {"params/a": np.full(2, 9, np.float32), "params/b": np.ones(3, np.float32)}))
+    assert updates.count == 1
+    np.testing.assert_array_equal(updates.mean("params/a"), [1, 1])

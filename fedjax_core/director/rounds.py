@@ -28,7 +28,7 @@ from fedjax_core.director.files import ExperimentFiles
 from fedjax_core.director.memory import release_free_memory
 from fedjax_core.director.store import ExperimentRow, Store
 from fedjax_core.director.submission import RoundPlan, plan_rounds
-from fedjax_core.errors import PreconditionError
+from fedjax_core.errors import FedError, PreconditionError
 from fedjax_core.metrics_log import Loggers
 from fedjax_core.tensors import ModelFile, ModelFileWriter
 
@@ -129,10 +129,15 @@ class RoundEngine:
     def fold(self, run: Run, envoy: str, spool, weight: float, nbytes: int) -> None:
         """Keep an envoy's spooled update and fold it in. The caller holds ``run.fold_lock``."""
         path = self.files.keep_update(spool, run.name, run.round, envoy)
-        self.store.add_update(run.name, run.round, envoy, weight, path, nbytes)
-        if self.fold_hook is not None:
-            self.fold_hook(run.name, envoy)
-        run.updates.add(Upload(envoy, weight, ModelFile(path)))
+        self.store.add_update(run.name, run.round, envoy, weight, path, nbytes)  # first: a restart folds it again
+        try:
+            if self.fold_hook is not None:
+                self.fold_hook(run.name, envoy)
+            run.updates.add(Upload(envoy, weight, ModelFile(path)))  # checks everything before folding anything
+        except FedError:
+            self.store.drop_update(run.name, run.round, envoy)
+            path.unlink(missing_ok=True)
+            raise
 
     # ------------------------------------------------------------------ closing
     def close(self, run: Run) -> Outcome:
