@@ -2,7 +2,8 @@
 # Start a tutorial envoy: ./start_envoy.sh NAME CONFIG [more fedjax envoy start arguments]
 # e.g. ./start_envoy.sh env_one envoy_config.yaml
 #      ./start_envoy.sh env_two envoy_config_2.yaml -dh director.example.org -dp 50060
-# Plaintext by default, as in the seed; FEDJAX_TLS=1 uses the config's `tls:` section instead.
+# mTLS when the config has a `tls:` section, plaintext (as in the seed) when it has none;
+# FEDJAX_TLS=1 or FEDJAX_TLS=0 forces one or the other.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 NAME CONFIG [fedjax envoy start arguments...]" >&2
@@ -19,11 +20,20 @@ config="$(cd "$(dirname "$config")" && pwd)/$(basename "$config")"
 fedjax="${FEDJAX_BIN:-$here/../.venv/bin/fedjax}"
 [ -x "$fedjax" ] || fedjax="$(command -v fedjax || true)"
 if [ -z "$fedjax" ]; then
-  echo "start_envoy.sh: fedjax is not installed: run 'make install' in the repository root (or set FEDJAX_BIN)" >&2
+  echo "start_envoy.sh: fedjax is not installed here: run 'make install' in the repository root, put the fedjax command on PATH (pip install the fedjax-core package: README, 'Running on your own machines'), or set FEDJAX_BIN=/path/to/fedjax" >&2
   exit 1
 fi
-tls_flag=(--disable-tls)
-[ "${FEDJAX_TLS:-0}" = "1" ] && tls_flag=()
+# TLS when the config has a tls: section (or FEDJAX_TLS=1); plaintext otherwise (or with FEDJAX_TLS=0)
+if [ "${FEDJAX_TLS:-}" = "1" ]; then
+  tls_flag=(); tls_why="mTLS (FEDJAX_TLS=1)"
+elif [ "${FEDJAX_TLS:-}" = "0" ]; then
+  tls_flag=(--disable-tls); tls_why="plaintext (FEDJAX_TLS=0)"
+elif grep -q '^tls:' "$config"; then
+  tls_flag=(); tls_why="mTLS (the config has a tls: section; FEDJAX_TLS=0 for plaintext)"
+else
+  tls_flag=(--disable-tls); tls_why="plaintext (the config has no tls: section; see README, 'Running on your own machines')"
+fi
+echo "envoy: $tls_why"
 cd "$here"
 echo "envoy $name: config $config, work files in $here/envoy_workspace/$name"
 exec "$fedjax" envoy start -n "$name" -c "$config" -dh localhost -dp 50055 "${tls_flag[@]}" "$@"

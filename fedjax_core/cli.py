@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -52,33 +53,59 @@ def build_parser() -> argparse.ArgumentParser:
     e_start.add_argument("-dp", "--director-port", type=_port, default=50055)
     _tls_args(e_start)
 
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     pki = sub.add_parser("pki", help="certificates for mTLS").add_subparsers(dest="action", required=True)
-    p_init = pki.add_parser("init", help="create the federation's root CA")
+    p_init = pki.add_parser("init", help="create the federation's root CA", formatter_class=defaults,
+                            description="Create the federation's root CA (root_ca.crt, root_ca.key) in --dir.")
     p_init.add_argument("--dir", default="pki", help="folder for the CA and certificates")
-    p_cert = pki.add_parser("certify", help="issue a certificate for one party")
-    p_cert.add_argument("--dir", default="pki")
-    p_cert.add_argument("--name", required=True, help="the party's name (director host, envoy name, api)")
+    p_cert = pki.add_parser(
+        "certify", help="issue a certificate for one party", formatter_class=defaults,
+        description="Issue a certificate and key signed by the root CA in --dir: one for the director (its host "
+                    "name), one per envoy (its envoy name), and one named 'api' for the notebook "
+                    "(Federation(..., api_cert='pki/api.crt', api_private_key='pki/api.key')).")
+    p_cert.add_argument("--dir", default="pki", help="folder holding the root CA (from `fedjax pki init`); "
+                                                     "NAME.crt and NAME.key are written there")
+    p_cert.add_argument("--name", required=True, help="the party's name: the director's host name, an envoy's "
+                                                      "name, or 'api' for the notebook")
     p_cert.add_argument("--san", action="append", default=[], help="extra DNS name or IP (repeatable)")
     return parser
 
 
 def _tls(args, config_tls, config_dir: Path):
+    """The party's TLS files, or None for plaintext; logs which was chosen and why.
+
+    Each of --root-cert-path, --public-cert-path and --private-key-path overrides its
+    counterpart in the config's ``tls:`` section on its own.
+    """
     from fedjax_core.config import resolve_path
     from fedjax_core.transport import TLSFiles
 
+    log = logging.getLogger("fedjax")
     if args.disable_tls:
+        log.info("plaintext gRPC: --disable-tls was given")
         return None
-    paths = [args.root_cert_path, args.public_cert_path, args.private_key_path]
-    if any(paths):
-        if not all(paths):
-            raise ConfigError("give all three of --root-cert-path, --public-cert-path and --private-key-path")
-        return TLSFiles(*(Path(p).resolve() for p in paths))
-    if config_tls is None:
+    flags = {"root_certificate": args.root_cert_path, "certificate": args.public_cert_path,
+             "private_key": args.private_key_path}
+    names = {"root_certificate": "--root-cert-path", "certificate": "--public-cert-path",
+             "private_key": "--private-key-path"}
+    paths = {}
+    for key, flag_value in flags.items():
+        if flag_value:
+            paths[key] = Path(flag_value).resolve()
+        elif config_tls is not None:
+            paths[key] = resolve_path(getattr(config_tls, key), config_dir)
+    missing = [names[key] for key in flags if key not in paths]
+    if len(missing) == 3:
         raise ConfigError("TLS is on by default, but no certificates were given: add a `tls:` section to the "
                           "config (root_certificate, certificate, private_key; see `fedjax pki`), pass "
                           "--root-cert-path/--public-cert-path/--private-key-path, or pass --disable-tls")
-    return TLSFiles(resolve_path(config_tls.root_certificate, config_dir),
-                    resolve_path(config_tls.certificate, config_dir), resolve_path(config_tls.private_key, config_dir))
+    if missing:
+        raise ConfigError(f"TLS needs a root certificate, a certificate and a private key; {', '.join(missing)} "
+                          "missing: give it, or add a `tls:` section to the config")
+    source = ("the config's tls: section" if not any(flags.values())
+              else "the command line" + (" and the config's tls: section" if not all(flags.values()) else ""))
+    log.info("mTLS with certificate %s (from %s)", paths["certificate"], source)
+    return TLSFiles(paths["root_certificate"], paths["certificate"], paths["private_key"])
 
 
 def _director_start(args) -> int:
@@ -89,7 +116,7 @@ def _director_start(args) -> int:
     if overrides:
         config = config.model_copy(update={"settings": config.settings.model_copy(update=overrides)})
     config_dir = Path(args.config).resolve().parent
-    run_director(config, _tls(args, config.tls, config_dir))
+    run_director(config, _tls(args, config.tls, config_dir), config_dir)
     return 0
 
 
@@ -122,6 +149,8 @@ def _pki(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # gRPC's own C-core logging (TLS handshake noise from refused peers) only when debugging
+    os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if args.log_level == "DEBUG" else "NONE")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     handlers = {("director", "start"): _director_start, ("envoy", "start"): _envoy_start}
     handler = handlers.get((args.component, args.action), _pki)

@@ -70,3 +70,9 @@ class Process:
                 self.proc.wait()
         self._reader.join(timeout=5)
         return self.proc.returncode
+
+
+# Kernel arguments for notebooks run headless (make demo, the tests): ipykernel warns that a
+# local kernel "is running over TCP without encryption", which a user who did nothing wrong
+# need not read; real errors still show.
+QUIET_KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR"]

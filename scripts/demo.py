@@ -18,7 +18,7 @@ import nbclient
 import nbformat
 
 from fedjax_core import Federation, FLExperiment
-from fedjax_core.local import Process, free_port
+from fedjax_core.local import QUIET_KERNEL_ARGS, Process, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "workspace" / "FLAX_CIFAR10_CNN.ipynb"
@@ -69,7 +69,7 @@ def main() -> int:
         os.environ.update(FEDJAX_DIRECTOR_HOST="localhost", FEDJAX_DIRECTOR_PORT=str(port),
                           FEDJAX_ROUNDS=str(ROUNDS), FEDJAX_EXPERIMENT=experiment)
         nb = nbformat.read(NOTEBOOK, as_version=4)
-        client = nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3",
+        client = nbclient.NotebookClient(nb, timeout=1800, kernel_name="python3", extra_arguments=QUIET_KERNEL_ARGS,
                                          resources={"metadata": {"path": str(NOTEBOOK.parent)}})
         try:
             client.execute()

@@ -28,9 +28,26 @@ class DirectorUnreachable(ConnectionError):
         self.retryable = retryable
 
 
+def diagnose_connection(details: str, tls: bool) -> str:
+    """What a failed connection's details most likely mean, and what to do."""
+    if not tls and "Socket closed" in details:
+        return ("The director closed the connection at once: it most likely runs mTLS. Connect with "
+                "Federation(..., tls=True, cert_chain=..., api_cert=..., api_private_key=...) using the federation's "
+                "certificates (`fedjax pki certify --name api`).")
+    if tls and "WRONG_VERSION_NUMBER" in details:
+        return ("The TLS handshake met a plaintext server: the director was started with --disable-tls. Connect "
+                "with Federation(..., tls=False), or restart the director with TLS.")
+    if tls and ("CERTIFICATE_VERIFY_FAILED" in details or "certificate verify failed" in details.lower()):
+        return ("The director's certificate is not signed by cert_chain: use the root_ca.crt of the PKI that "
+                "issued the director's certificate.")
+    return ("Is it running? Check director_node_fqdn, director_port and that tls= matches how the director was "
+            "started.")
+
+
 class FederationClient:
     def __init__(self, host: str, port: int, tls: TLSFiles | None, timeout_s: float = 10.0):
         self.address = f"{host}:{port}"
+        self.tls = tls is not None
         self.timeout_s = timeout_s
         self._channel = open_channel(host, port, tls)
         self._stub = fed_grpc.FederationServiceStub(self._channel)
@@ -41,9 +58,8 @@ class FederationClient:
     def _error(self, exc: grpc.RpcError) -> DirectorUnreachable:
         raise_domain_error(exc)
         return DirectorUnreachable(
-            f"cannot reach the director at {self.address} ({exc.code().name}: {exc.details()}). Is it running? "
-            "Check director_node_fqdn, director_port and that tls= matches how the director was started.",
-            retryable=exc.code() in RETRYABLE)
+            f"cannot reach the director at {self.address} ({exc.code().name}: {exc.details()}). "
+            + diagnose_connection(exc.details() or "", self.tls), retryable=exc.code() in RETRYABLE)
 
     def _unary(self, method: str, request):
         try:

@@ -1,12 +1,14 @@
 """``FLExperiment``: submit an experiment, follow its metrics, and pull its models back."""
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import json
 import math
-import os
 import random
+import site
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -33,20 +35,25 @@ class ExperimentFailed(RuntimeError):
     pass
 
 
-def local_modules(root: Path) -> list[ModuleType]:
-    """Modules imported from files under ``root`` (the notebook's folder), not installed packages.
+def user_modules() -> list[ModuleType]:
+    """Imported modules that belong to no installed distribution, wherever their files live.
 
-    cloudpickle pickles these by value, so code in modules beside the notebook reaches the envoys.
+    These are the user's own code (beside the notebook, in ``../lib`` on ``sys.path``...):
+    cloudpickle pickles them by value, so they reach envoys that do not have them.
+    Installed packages (site-packages, the standard library, editable installs) travel by
+    reference and must be installed on the envoys.
     """
-    root = root.resolve()
-    installed = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix)}
+    installed_dirs = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, *site.getsitepackages(),
+                                                 site.getusersitepackages(), *sysconfig.get_paths().values())}
+    distributed = set(importlib.metadata.packages_distributions())
     out = []
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
-        if not file or name == "__main__" or name.split(".")[0] == "fedjax_core":
+        top = name.split(".")[0]
+        if not file or name == "__main__" or top in distributed or top == "fedjax_core":
             continue
         path = Path(file).resolve()
-        if path.is_relative_to(root) and not any(path.is_relative_to(p) for p in installed):
+        if not any(path.is_relative_to(d) for d in installed_dirs):
             out.append(module)
     return out
 
@@ -124,8 +131,10 @@ class FLExperiment:
         A round closes when every participant has reported, or, with ``round_timeout_s`` > 0, at
         that deadline if at least ``min_envoys`` (0: all) have; otherwise the experiment fails.
 
-        ``pip_install_options`` is accepted for seed compatibility and ignored: envoys never
-        install packages for an experiment.
+        Code reaches the envoys by cloudpickle: modules that belong to no installed distribution
+        (beside the notebook or anywhere on ``sys.path``) travel by value; ``pickle_by_value``
+        adds installed modules the envoys lack. ``pip_install_options`` is accepted for seed
+        compatibility and ignored: envoys never install packages for an experiment.
         """
         if not isinstance(model_provider, ModelInterface):
             raise TypeError(f"model_provider must be a ModelInterface, got {type(model_provider).__name__}")
@@ -180,7 +189,7 @@ class FLExperiment:
 
     @staticmethod
     def _pickle(objects: dict, extra_modules: Iterable[ModuleType]) -> bytes:
-        modules = list({id(m): m for m in [*local_modules(Path(os.getcwd())), *extra_modules]}.values())
+        modules = list({id(m): m for m in [*user_modules(), *extra_modules]}.values())
         for module in modules:
             cloudpickle.register_pickle_by_value(module)
         try:

@@ -13,7 +13,8 @@ class Federation:
     """A director and the envoys registered with it.
 
     ``tls=True`` (the default) needs ``cert_chain`` (the federation's root CA),
-    ``api_cert`` and ``api_private_key``, as made by ``fedjax pki``.
+    ``api_cert`` and ``api_private_key``, as made by ``fedjax pki``. Under mTLS the
+    certificate's name identifies the notebook and ``client_id`` is ignored.
     """
 
     def __init__(self, client_id: str = "api", director_node_fqdn: str = "localhost", director_port: int = 50055,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from fedjax_core.config import DirectorConfig
+from fedjax_core.config import DirectorConfig, resolve_path
 from fedjax_core.director.core import Director
 from fedjax_core.director.memory import limit_arenas
 from fedjax_core.director.servicer import EnvoyServicer, FederationServicer
@@ -35,11 +35,11 @@ def create_server(director: Director, host: str, port: int, tls: TLSFiles | None
     return server, bound
 
 
-def run_director(config: DirectorConfig, tls: TLSFiles | None) -> None:
-    """Serve until SIGTERM/SIGINT, then stop gracefully."""
+def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path) -> None:
+    """Serve until SIGTERM/SIGINT, then stop gracefully. Relative paths resolve against ``config_dir``."""
     s = config.settings
     limit_arenas()
-    director = Director(state_dir=Path(s.state_dir).resolve(), log_dir=Path(s.log_dir).resolve(),
+    director = Director(state_dir=resolve_path(s.state_dir, config_dir), log_dir=resolve_path(s.log_dir, config_dir),
                         sample_shape=s.sample_shape, target_shape=s.target_shape,
                         health_check_period=s.envoy_health_check_period)
     server, port = create_server(director, s.listen_host, s.listen_port, tls, s.max_workers, frozenset(s.submitters))

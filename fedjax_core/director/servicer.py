@@ -1,7 +1,10 @@
 """Thin gRPC servicers: translate protos to records, call the Director, translate back."""
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterator
+from typing import NoReturn
 
 import grpc
 
@@ -14,17 +17,39 @@ from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 from fedjax_proto import federation_service_pb2 as fed_pb
 from fedjax_proto import federation_service_pb2_grpc as fed_grpc
 
+log = logging.getLogger("fedjax.director")
 BUNDLE_CHUNK = 1 << 20
 MAX_LONG_POLL_S = 30.0
+
+
+class _Refusals:
+    """Logs each refused caller once (per certificate name, host and reason), so floods stay one line."""
+
+    def __init__(self):
+        self._seen: set[tuple[str, str, str]] = set()
+        self._lock = threading.Lock()
+
+    def refuse(self, context: grpc.ServicerContext, name: str, error: PermissionDeniedError) -> NoReturn:
+        host = context.peer().rsplit(":", 1)[0]
+        key = (name, host, str(error))
+        with self._lock:
+            first = key not in self._seen
+            self._seen.add(key)
+        if first:
+            log.warning("refused %s from %s (certificate %r): %s", context.peer(), host, name, error)
+        raise error
+
+
+_refusals = _Refusals()
 
 
 def _check_envoy_identity(context: grpc.ServicerContext, envoy_name: str) -> None:
     """Under mTLS an envoy (and its worker) may act only under the name its certificate carries."""
     common_name = peer_common_name(context)
     if common_name is not None and common_name != envoy_name:
-        raise PermissionDeniedError(
+        _refusals.refuse(context, common_name, PermissionDeniedError(
             f"the client certificate is for {common_name!r}, not for envoy {envoy_name!r}: give each envoy "
-            f"its own certificate (fedjax pki certify --name {envoy_name})")
+            f"its own certificate (fedjax pki certify --name {envoy_name})"))
 
 
 class EnvoyServicer(env_grpc.EnvoyServiceServicer):
@@ -113,9 +138,9 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         """Under mTLS only the certificates named in settings.submitters may use the notebook API."""
         common_name = peer_common_name(context)
         if common_name is not None and common_name not in self.submitters:
-            raise PermissionDeniedError(
+            _refusals.refuse(context, common_name, PermissionDeniedError(
                 f"the client certificate {common_name!r} may not use the notebook API; this director allows "
-                f"{', '.join(sorted(self.submitters))} (settings.submitters in its config)")
+                f"{', '.join(sorted(self.submitters))} (settings.submitters in its config)"))
 
     @maps_errors
     def GetDatasetInfo(self, request, context):

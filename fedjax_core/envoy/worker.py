@@ -119,6 +119,20 @@ class _Rounds:
               + ", ".join(f"{k}={v:.4f}" for m in train_metrics.values() for k, v in m.items()), flush=True)
 
 
+def unpickle_experiment(payload: bytes) -> dict[str, Any]:
+    """The notebook's interfaces; a module this envoy lacks is named, with the two ways to fix it."""
+    import cloudpickle
+
+    try:
+        return cloudpickle.loads(payload)
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            f"the experiment's code needs module {exc.name!r}, which this envoy cannot import. Install it on the "
+            f"envoy, or make its code travel with the experiment: in the notebook, `import {exc.name}` and pass "
+            f"FLExperiment.start(..., pickle_by_value=[{exc.name}]) (modules that belong to no installed "
+            "distribution travel that way already)", name=exc.name) from None
+
+
 def _die_with_parent(parent_pid: int | None) -> None:
     """Exit when the envoy daemon dies (even by SIGKILL), so a restarted daemon never finds a twin."""
     if parent_pid is None:
@@ -149,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if policy == "CPU_ONLY":
             os.environ["JAX_PLATFORMS"] = "cpu"
         sys.path.insert(0, spec["shard_base_dir"])
-        import cloudpickle
-
-        objects = cloudpickle.loads(bundle.payload)
+        objects = unpickle_experiment(bundle.payload)
         shard = load_shard_descriptor(spec["shard_template"], spec["shard_params"], Path(spec["shard_base_dir"]))
         objects["data_interface"].shard_descriptor = shard
         run_experiment(client, experiment, objects, policy)

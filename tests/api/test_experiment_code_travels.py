@@ -1,40 +1,65 @@
-"""Code from the notebook and from modules beside it reaches an envoy that has neither."""
+"""Code from the notebook and from the user's own modules, wherever they live, reaches an envoy
+that has neither; a module an envoy lacks is named in the error, with the fix."""
 import subprocess
 import sys
 import textwrap
 
 import cloudpickle
+import numpy
 
-from fedjax_core.api.experiment import FLExperiment, local_modules
+from fedjax_core.api.experiment import FLExperiment, user_modules
+from fedjax_core.envoy import worker
 
 
-def test_modules_beside_the_notebook_are_pickled_by_value(tmp_path, monkeypatch):
-    notebook_dir = tmp_path / "notebook"
+def _load_elsewhere(tmp_path, payload: bytes) -> subprocess.CompletedProcess:
+    """Unpickle ``payload`` in a fresh process, in a folder without the user's modules, and call its task with 5."""
+    (tmp_path / "payload.bin").write_bytes(payload)
+    envoy_dir = tmp_path / "envoy"
+    envoy_dir.mkdir(exist_ok=True)
+    script = ("import sys; from fedjax_core.envoy.worker import unpickle_experiment; "
+              "print(unpickle_experiment(open(sys.argv[1], 'rb').read())['task'](5))")
+    return subprocess.run([sys.executable, "-c", script, str(tmp_path / "payload.bin")], cwd=envoy_dir,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_module_outside_the_notebooks_folder_travels_by_value(tmp_path, monkeypatch):
+    notebook_dir, lib_dir = tmp_path / "notebook", tmp_path / "lib"
     notebook_dir.mkdir()
-    (notebook_dir / "my_helpers.py").write_text(textwrap.dedent("""
+    lib_dir.mkdir()
+    (lib_dir / "my_models.py").write_text(textwrap.dedent("""
         SCALE = 3
 
         def scaled(x):
             return x * SCALE
     """))
     monkeypatch.chdir(notebook_dir)
-    monkeypatch.syspath_prepend(str(notebook_dir))
-    import my_helpers
+    monkeypatch.syspath_prepend(str(lib_dir))  # the notebook does sys.path.append("../lib")
+    import my_models
 
-    assert my_helpers in local_modules(notebook_dir)
-    assert cloudpickle not in local_modules(notebook_dir)  # installed packages travel by reference
+    modules = user_modules()
+    assert my_models in modules
+    assert cloudpickle not in modules and numpy not in modules  # installed packages travel by reference
+    assert worker not in modules  # nor does the platform itself
 
-    def task(x):  # defined "in the notebook", calling into the module beside it
-        return my_helpers.scaled(x) + 1
+    def task(x):  # defined "in the notebook", calling into the module in ../lib
+        return my_models.scaled(x) + 1
 
-    payload = FLExperiment._pickle({"task": task}, ())
-    (tmp_path / "payload.bin").write_bytes(payload)
-    envoy_dir = tmp_path / "envoy"
-    envoy_dir.mkdir()
-    script = "import cloudpickle, sys; print(cloudpickle.loads(open(sys.argv[1], 'rb').read())['task'](5))"
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "payload.bin")], cwd=envoy_dir,
-                            capture_output=True, text=True, timeout=60)
+    result = _load_elsewhere(tmp_path, FLExperiment._pickle({"task": task}, ()))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "16"
     # registration is undone after pickling, so later pickles are unaffected
-    assert b"my_helpers" in cloudpickle.dumps(my_helpers.scaled)  # by reference again
+    assert b"my_models" in cloudpickle.dumps(my_models.scaled)  # by reference again
+
+
+def test_a_module_the_envoy_cannot_import_is_named_with_the_fix(tmp_path, monkeypatch):
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir()
+    (lib_dir / "only_here.py").write_text("def double(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(lib_dir))
+    import only_here
+
+    payload = cloudpickle.dumps({"task": only_here.double})  # by reference, as an installed module would be
+    result = _load_elsewhere(tmp_path, payload)
+    assert result.returncode != 0
+    assert "needs module 'only_here', which this envoy cannot import" in result.stderr
+    assert "pickle_by_value=[only_here]" in result.stderr

@@ -46,9 +46,38 @@ def test_only_the_notebooks_certificate_can_drive_experiments(tls_stack, name):
         Federation(director_node_fqdn="127.0.0.1", director_port=tls_stack.port, tls=True,
                    cert_chain=str(tls_stack.pki / "root_ca.crt"), api_cert=str(tls_stack.pki / f"{name}.crt"),
                    api_private_key=str(tls_stack.pki / f"{name}.key"))
+    tls_stack.director.wait_for(rf"refused ipv4:127\.0\.0\.1:\d+ from ipv4:127\.0\.0\.1 \(certificate '{name}'\): "
+                                "the client certificate")
 
 
 def test_envoy_cannot_use_another_envoys_name(tls_stack):
     impostor = tls_stack.start_envoy(1, name="env1")  # env2's certificate, env1's name
     assert impostor.proc.wait(timeout=60) != 0
     impostor.wait_for(r"certificate is for 'env2', not for envoy 'env1'")
+    tls_stack.director.wait_for(r"refused .* \(certificate 'env2'\): the client certificate is for 'env2'")
+
+
+def test_a_plaintext_notebook_against_an_mtls_director_is_told_to_use_tls(tls_stack):
+    from fedjax_core import Federation
+
+    with pytest.raises(ConnectionError, match=r"most likely runs mTLS\. Connect with Federation\(\.\.\., tls=True"):
+        Federation(director_node_fqdn="127.0.0.1", director_port=tls_stack.port, tls=False, timeout_s=5)
+    tls_stack.director.stop()
+    assert "Handshake failed" not in tls_stack.director.output()  # gRPC's own noise stays out of the default log
+
+
+def test_an_mtls_notebook_against_a_plaintext_director_is_told_to_use_plaintext(tmp_path):
+    from fedjax_core import Federation, pki
+
+    stack = Stack(tmp_path, n_envoys=0)
+    try:
+        stack.start_director()
+        pki.init_ca(tmp_path / "pki")
+        pki.certify(tmp_path / "pki", "api")
+        with pytest.raises(ConnectionError, match=r"met a plaintext server: the director was started with "
+                                                  r"--disable-tls\. Connect with Federation\(\.\.\., tls=False\)"):
+            Federation(director_node_fqdn="127.0.0.1", director_port=stack.port, tls=True, timeout_s=5,
+                       cert_chain=str(tmp_path / "pki" / "root_ca.crt"), api_cert=str(tmp_path / "pki" / "api.crt"),
+                       api_private_key=str(tmp_path / "pki" / "api.key"))
+    finally:
+        stack.stop()

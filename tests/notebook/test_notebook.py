@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from fedjax_core.local import QUIET_KERNEL_ARGS
 from processes import REPO, SHARED_DATA, Process, copy_tutorial, free_port
 
 nbformat = pytest.importorskip("nbformat")
@@ -89,7 +90,7 @@ def test_tutorial_notebook_runs_against_the_shipped_scripts(tmp_path, monkeypatc
         monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
 
         nb = nbformat.read(NOTEBOOK, as_version=4)
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", extra_arguments=QUIET_KERNEL_ARGS,
                                          resources={"metadata": {"path": str(workdir)}})
         try:
             client.execute()
@@ -137,3 +138,17 @@ def test_tutorial_notebook_runs_against_the_shipped_scripts(tmp_path, monkeypatc
     # the figure
     assert plot_path.is_file() and plot_path.stat().st_size > 10_000
     assert any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+
+
+def test_headless_kernels_do_not_warn_about_tcp_transport():
+    """make demo and this test start kernels with QUIET_KERNEL_ARGS: no warning the user need not read."""
+    import subprocess
+
+    script = ("import nbclient, nbformat; from fedjax_core.local import QUIET_KERNEL_ARGS as q\n"
+              "nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('print(6 * 7)')])\n"
+              "nbclient.NotebookClient(nb, kernel_name='python3', extra_arguments=q).execute()\n"
+              "print(nb.cells[0].outputs[0]['text'].strip())")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "42"
+    assert "without encryption" not in result.stderr

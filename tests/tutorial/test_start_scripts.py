@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from processes import REPO, Process, copy_tutorial, free_port
 
@@ -64,9 +65,73 @@ def test_missing_install_is_a_clear_error(tmp_path):
                       (["./start_envoy.sh", "env_one", "envoy_config.yaml"], envoy_dir)):
         result = run_script(args, cwd=cwd, env=env)
         assert result.returncode == 1
-        assert "fedjax is not installed: run 'make install'" in result.stderr
+        assert "fedjax is not installed here: run 'make install'" in result.stderr
 
 
 def test_usage_without_arguments(tmp_path):
     result = run_script([str(REPO / "envoy" / "start_envoy.sh")], cwd=tmp_path)
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_a_config_with_a_tls_section_runs_mtls_unless_plaintext_is_asked_for(tmp_path):
+    """The start scripts choose TLS from the config (a filled-in tls: section never runs plaintext
+    silently), say which they chose and why, and FEDJAX_TLS=0 forces plaintext."""
+    import yaml
+
+    from fedjax_core import Federation, pki
+
+    port = free_port()
+    director_dir, envoy_dir = copy_tutorial(tmp_path, port)
+    pki_dir = tmp_path / "pki"
+    pki.init_ca(pki_dir)
+    for name in ("localhost", "env_one", "api"):
+        pki.certify(pki_dir, name)
+    for config, name in ((director_dir / "director_config.yaml", "localhost"), (envoy_dir / "envoy_config.yaml", "env_one")):
+        data = yaml.safe_load(config.read_text())
+        data["tls"] = {"root_certificate": "../pki/root_ca.crt", "certificate": f"../pki/{name}.crt",
+                       "private_key": f"../pki/{name}.key"}  # relative to the config file
+        config.write_text(yaml.safe_dump(data))
+    env = {"FEDJAX_BIN": FEDJAX_BIN}
+    env.pop("FEDJAX_TLS", None)
+    processes = []
+    try:
+        director = Process(["./start_director.sh"], cwd=director_dir, env=env, name="director")
+        processes.append(director)
+        director.wait_for("DIRECTOR READY")
+        assert "director: mTLS (the config has a tls: section; FEDJAX_TLS=0 for plaintext)" in director.output()
+        assert f"mTLS with certificate {pki_dir}/localhost.crt (from the config's tls: section)" in director.output()
+        envoy = Process(["./start_envoy.sh", "env_one", "envoy_config.yaml", "-dp", str(port)], cwd=envoy_dir,
+                        env=env, name="env_one")
+        processes.append(envoy)
+        envoy.wait_for("ENVOY READY")
+        fed = Federation(director_node_fqdn="localhost", director_port=port, tls=True,
+                         cert_chain=str(pki_dir / "root_ca.crt"), api_cert=str(pki_dir / "api.crt"),
+                         api_private_key=str(pki_dir / "api.key"))
+        assert list(fed.get_shard_registry()) == ["env_one"]
+        fed.close()
+        for p in reversed(processes):
+            p.stop()
+        plain = Process(["./start_director.sh"], cwd=director_dir, env={**env, "FEDJAX_TLS": "0"}, name="plain")
+        processes.append(plain)
+        plain.wait_for("DIRECTOR READY")
+        assert "director: plaintext (FEDJAX_TLS=0)" in plain.output()
+        assert "plaintext gRPC: --disable-tls was given" in plain.output()
+    finally:
+        for p in reversed(processes):
+            p.stop()
+
+
+def test_each_certificate_flag_overrides_the_configs_tls_section_on_its_own(tmp_path):
+    from fedjax_core import pki
+    from fedjax_core.cli import _tls, build_parser
+    from fedjax_core.config import ConfigError, TLSConfig
+
+    pki.init_ca(tmp_path / "pki")
+    section = TLSConfig(root_certificate="pki/root_ca.crt", certificate="pki/old.crt", private_key="pki/old.key")
+    args = build_parser().parse_args(["envoy", "start", "-n", "e", "-c", "x.yaml", "-pc", "/elsewhere/new.crt",
+                                      "-pk", "/elsewhere/new.key"])
+    files = _tls(args, section, tmp_path)
+    assert (files.root_certificate, files.certificate, files.private_key) == (
+        tmp_path / "pki" / "root_ca.crt", Path("/elsewhere/new.crt"), Path("/elsewhere/new.key"))
+    with pytest.raises(ConfigError, match="--root-cert-path, --private-key-path missing"):
+        _tls(build_parser().parse_args(["envoy", "start", "-n", "e", "-c", "x.yaml", "-pc", "a.crt"]), None, tmp_path)
