@@ -112,9 +112,11 @@ class RoundUpdates:
     def count(self) -> int:
         return len(self.uploads)
 
-    def mean(self, name: str) -> np.ndarray:
-        """The sample-weighted mean of a folded float leaf, in float64."""
-        return self._sums[name] / self.total_weight
+    def mean(self, name: str, dtype: np.dtype | str = np.float64) -> np.ndarray:
+        """The sample-weighted mean of a folded float leaf, divided straight into ``dtype`` (no temporary)."""
+        out = np.empty(self._sums[name].shape, dtype)
+        np.divide(self._sums[name], self.total_weight, out=out, casting="unsafe")
+        return out
 
     def maximum(self, name: str) -> np.ndarray:
         return self._maxima[name]
@@ -133,20 +135,20 @@ class RoundUpdates:
 
 
 # --------------------------------------------------------------------------- combiners
-Combiner = Callable[[RoundUpdates, str], np.ndarray]  # (updates, leaf name) -> float64 array
+Combiner = Callable[[RoundUpdates, str, np.dtype], np.ndarray]  # (updates, leaf, out dtype) -> combined leaf
 
 
 def _blockwise(rule: Callable[[np.ndarray], np.ndarray]) -> Combiner:
-    def combine(updates: RoundUpdates, name: str) -> np.ndarray:
-        out = np.empty(int(np.prod(updates.specs[name].shape, dtype=np.int64)), np.float64)
+    def combine(updates: RoundUpdates, name: str, dtype: np.dtype) -> np.ndarray:
+        out = np.empty(int(np.prod(updates.specs[name].shape, dtype=np.int64)), dtype)
         for block, stack in updates.blocks(name):
             out[block] = rule(stack)
         return out.reshape(updates.specs[name].shape)
     return combine
 
 
-def _weighted_mean(updates: RoundUpdates, name: str) -> np.ndarray:
-    return updates.mean(name)
+def _weighted_mean(updates: RoundUpdates, name: str, dtype: np.dtype) -> np.ndarray:
+    return updates.mean(name, dtype)
 
 
 def _median(stack: np.ndarray) -> np.ndarray:
@@ -182,7 +184,7 @@ def krum_choice(updates: RoundUpdates, f: int, keep: int) -> list[int]:
 
 
 def _krum(f: int, keep: int) -> Combiner:
-    def combine(updates: RoundUpdates, name: str) -> np.ndarray:
+    def combine(updates: RoundUpdates, name: str, dtype: np.dtype) -> np.ndarray:
         if "krum" not in updates.cache:
             updates.cache["krum"] = krum_choice(updates, f, keep)
         chosen = updates.cache["krum"]
@@ -191,7 +193,7 @@ def _krum(f: int, keep: int) -> Combiner:
         out = np.zeros(updates.specs[name].shape, np.float64)
         for i, w in zip(chosen, weights):
             _add_scaled(out, ordered[i].tensors[name], float(w))
-        return out / weights.sum()
+        return np.divide(out, weights.sum(), out=np.empty(out.shape, dtype), casting="unsafe")
     return combine
 
 
@@ -199,7 +201,7 @@ def _krum(f: int, keep: int) -> Combiner:
 class ServerOptimizer(NamedTuple):
     """Per leaf: ``init(spec) -> state tensors``, ``update(name, x, target, state) -> (x_new, state)``.
 
-    ``x`` is the round's global leaf and ``target`` the combiner's result, both float64.
+    ``x`` is the round's global leaf (as stored) and ``target`` the combiner's result in float64.
     """
 
     init: Callable[[TensorSpec], dict[str, np.ndarray]]
@@ -214,14 +216,11 @@ def _zeros(*slots: str) -> Callable[[TensorSpec], dict[str, np.ndarray]]:
     return lambda spec: {f"{slot}/{spec.name}": np.zeros(spec.shape, _state_dtype(spec)) for slot in slots}
 
 
-def _no_optimizer() -> ServerOptimizer:
-    return ServerOptimizer(init=lambda spec: {}, update=lambda name, x, target, state: (target, {}))
-
-
 def _momentum(lr: float, beta: float) -> ServerOptimizer:
     """FedAvgM: v_t = β·v_{t−1} + (x_t − mean_t), x_{t+1} = x_t − η·v_t."""
     def update(name, x, target, state):
         key = f"momentum/{name}"
+        x = np.asarray(x, np.float64)
         v = beta * np.asarray(state[key], np.float64) + (x - target)
         return x - lr * v, {key: v.astype(state[key].dtype)}
     return ServerOptimizer(init=_zeros("momentum"), update=update)
@@ -232,6 +231,7 @@ def _fedopt(eta: float, beta_1: float, tau: float,
     """Reddi et al. 2021, Algorithm 2 (no bias correction): x_{t+1} = x_t + η·m_t / (√v_t + τ)."""
     def update(name, x, target, state):
         m_key, v_key = f"m/{name}", f"v/{name}"
+        x = np.asarray(x, np.float64)
         delta = target - x
         m = beta_1 * np.asarray(state[m_key], np.float64) + (1 - beta_1) * delta
         v = second_moment(np.asarray(state[v_key], np.float64), np.square(delta))
@@ -261,7 +261,7 @@ class ServerStrategy(NamedTuple):
     folds_params: bool  # whether RoundUpdates should fold params leaves into the running mean
 
 
-def _parts(strategy: s.Strategy) -> tuple[Combiner, ServerOptimizer]:
+def _parts(strategy: s.Strategy) -> tuple[Combiner, ServerOptimizer | None]:
     match strategy:
         case s.FedAvgM(server_learning_rate=lr, server_momentum=beta):
             return _weighted_mean, _momentum(lr, beta)
@@ -272,13 +272,13 @@ def _parts(strategy: s.Strategy) -> tuple[Combiner, ServerOptimizer]:
         case s.FedAdagrad(eta=eta, tau=tau):
             return _weighted_mean, _fedopt(eta, 0.0, tau, _adagrad_v)
         case s.FedMedian():
-            return _blockwise(_median), _no_optimizer()
+            return _blockwise(_median), None
         case s.FedTrimmedAvg(beta=beta):
-            return _blockwise(_trimmed_mean(beta)), _no_optimizer()
+            return _blockwise(_trimmed_mean(beta)), None
         case s.Krum(num_malicious_clients=f, num_clients_to_keep=keep):
-            return _krum(f, keep), _no_optimizer()
+            return _krum(f, keep), None
         case s.FedAvg():
-            return _weighted_mean, _no_optimizer()
+            return _weighted_mean, None
     raise AggregationError(f"no rule for strategy {strategy!r}")
 
 
@@ -287,6 +287,8 @@ def build(strategy: s.Strategy) -> ServerStrategy:
     combine, optimizer = _parts(strategy)
 
     def init(specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+        if optimizer is None:
+            return {}
         return {k: v for spec in specs if is_param(spec) for k, v in optimizer.init(spec).items()}
 
     def aggregate(state: Tensors, global_model: Tensors, updates: RoundUpdates):
@@ -298,10 +300,12 @@ def build(strategy: s.Strategy) -> ServerStrategy:
             if not is_float(spec.dtype):
                 model[name] = _cast(updates.maximum(name), spec.dtype)
             elif not is_param(spec):
-                model[name] = _cast(updates.mean(name), spec.dtype)
+                model[name] = updates.mean(name, spec.dtype)
+            elif optimizer is None:  # straight into the leaf's dtype: no model-sized float64 temporaries
+                model[name] = combine(updates, name, np.dtype(spec.dtype))
             else:
-                x = np.asarray(global_model[name], np.float64)
-                x_new, leaf_state = optimizer.update(name, x, combine(updates, name), state)
+                target = combine(updates, name, np.dtype(np.float64))
+                x_new, leaf_state = optimizer.update(name, global_model[name], target, state)
                 model[name] = _cast(x_new, spec.dtype)
                 new_state.update(leaf_state)
         return model, new_state
