@@ -32,6 +32,7 @@ import numpy as np
 from fedjax_core import strategies as s
 from fedjax_core.errors import InvalidRequestError
 from fedjax_core.records import TensorSpec
+from fedjax_core.tensors import is_float_dtype
 
 log = logging.getLogger("fedjax.aggregation")
 
@@ -45,7 +46,7 @@ class AggregationError(InvalidRequestError, ValueError):
 
 
 def is_float(dtype: str) -> bool:
-    return np.issubdtype(np.dtype(dtype), np.floating)
+    return is_float_dtype(dtype)
 
 
 def is_param(spec: TensorSpec) -> bool:

@@ -15,15 +15,15 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so np.dtype("bfloat16") works)
 import numpy as np
 
 from fedjax_core.errors import InvalidRequestError
 from fedjax_core.records import TensorChunk, TensorSpec
 
-ALLOWED_DTYPES = frozenset(
-    ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-     "float16", "float32", "float64"]
-)
+FLOAT_DTYPES = frozenset(["float16", "bfloat16", "float32", "float64"])
+ALLOWED_DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                            *FLOAT_DTYPES])
 CHUNK_BYTES = 1 << 20
 MAX_DIMS = 32
 MAX_TENSOR_BYTES = 64 << 30
@@ -33,6 +33,11 @@ _FOOTER_LEN = struct.Struct("<Q")
 
 class TensorError(InvalidRequestError, ValueError):
     """A tensor that does not match what the experiment's model says it must be."""
+
+
+def is_float_dtype(dtype: str | np.dtype) -> bool:
+    """Floating point, bfloat16 included (numpy does not count ml_dtypes' bfloat16 as np.floating)."""
+    return np.dtype(dtype).name in FLOAT_DTYPES
 
 
 def spec_of(name: str, array: np.ndarray) -> TensorSpec:

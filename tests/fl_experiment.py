@@ -25,9 +25,11 @@ class SmallCNN(nn.Module):
         return nn.Dense(10)(nn.relu(nn.Dense(32)(x)))
 
 
-def create_train_state(seed: int = 0, lr: float = 0.01, momentum: float = 0.9) -> CustomTrainState:
+def create_train_state(seed: int = 0, lr: float = 0.01, momentum: float = 0.9,
+                       param_dtype=jnp.float32) -> CustomTrainState:
     model = SmallCNN()
     params = unfreeze(model.init(jax.random.PRNGKey(seed), jnp.ones([1, 32, 32, 3]))["params"])
+    params = jax.tree_util.tree_map(lambda p: p.astype(param_dtype), params)
     tx = optax.sgd(lr, momentum)
     return CustomTrainState.create(apply_fn=model.apply, params=params, tx=tx, opt_vars=["trace"])
 

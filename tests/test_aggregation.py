@@ -331,3 +331,25 @@ def test_a_refused_update_leaves_the_running_sums_untouched():
         updates.add(Upload("y", 1, {"params/a": np.full(2, 9, np.float32), "params/b": np.ones(3, np.float32)}))
     assert updates.count == 1
     np.testing.assert_array_equal(updates.mean("params/a"), [1, 1])
+
+
+@pytest.mark.parametrize("strategy", [s.FedAvg(), s.FedAdam(eta=0.01), s.FedMedian()], ids=repr)
+def test_bfloat16_leaves_aggregate_in_float64_and_come_back_as_bfloat16(strategy):
+    import ml_dtypes
+
+    rng = np.random.default_rng(4)
+    updates = [{"params/w": rng.standard_normal((6, 5)).astype(ml_dtypes.bfloat16)} for _ in range(3)]
+    x = {"params/w": np.zeros((6, 5), ml_dtypes.bfloat16)}
+    model, state = _round(strategy, updates, weights=(1, 2, 3), global_model=x)
+    assert model["params/w"].dtype == ml_dtypes.bfloat16
+    stack = _stack(updates, "params/w")
+    if isinstance(strategy, s.FedMedian):
+        want = np.median(stack, axis=0)
+    elif isinstance(strategy, s.FedAvg):
+        want = np.average(stack, axis=0, weights=[1, 2, 3])
+    else:
+        delta = np.average(stack, axis=0, weights=[1, 2, 3])
+        want = 0.01 * (0.1 * delta) / (np.sqrt(0.01 * delta**2) + 1e-9)
+        assert state["m/params/w"].dtype == np.float32  # server state at least float32
+    np.testing.assert_allclose(np.asarray(model["params/w"], np.float64), want, rtol=1e-2, atol=1e-2)
+    assert model["params/w"].tobytes() == want.astype(ml_dtypes.bfloat16).tobytes()  # one rounding, from float64

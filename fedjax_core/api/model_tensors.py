@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
-from fedjax_core.tensors import TensorError
+from fedjax_core.tensors import ALLOWED_DTYPES, TensorError
 
 S = TypeVar("S")
 
@@ -24,18 +24,38 @@ def _flat(state: Any) -> dict[str, Any]:
     return traverse_util.flatten_dict(serialization.to_state_dict(state), keep_empty_nodes=True, sep="/")
 
 
+def _is_empty(leaf: Any) -> bool:
+    return leaf is traverse_util.empty_node or leaf is None
+
+
 def _is_tensor(leaf: Any) -> bool:
-    if leaf is traverse_util.empty_node or leaf is None:
+    if _is_empty(leaf):
         return False
     try:
-        return np.asarray(leaf).dtype.kind in "biuf"
+        return np.asarray(leaf).dtype.name in ALLOWED_DTYPES
     except (TypeError, ValueError):
         return False
 
 
 def state_to_tensors(state: Any) -> dict[str, np.ndarray]:
-    """Every numeric leaf of ``state`` as a numpy array, with the dtype JAX itself holds it in."""
-    return {name: np.asarray(jax.device_get(jnp.asarray(leaf))) for name, leaf in _flat(state).items() if _is_tensor(leaf)}
+    """Every leaf of ``state`` as a numpy array, with the dtype JAX itself holds it in.
+
+    A leaf the platform cannot send (complex numbers, strings, objects) is an error that names
+    its pytree path: it would otherwise be left out of every round without anyone knowing.
+    Static fields (``apply_fn``, ``tx``: ``pytree_node=False``) are not leaves and stay behind.
+    """
+    out = {}
+    for name, leaf in _flat(state).items():
+        if _is_empty(leaf):
+            continue
+        if not _is_tensor(leaf):
+            what = f"{type(leaf).__name__} of dtype {leaf.dtype}" if hasattr(leaf, "dtype") else type(leaf).__name__
+            raise TensorError(
+                f"state leaf {name!r} is {what}, which cannot cross the wire "
+                f"(allowed: {', '.join(sorted(ALLOWED_DTYPES))}): cast it, or make it a static field "
+                "(flax.struct.field(pytree_node=False))")
+        out[name] = np.asarray(jax.device_get(jnp.asarray(leaf)))
+    return out
 
 
 def tensors_to_state(template: S, tensors: Mapping[str, np.ndarray]) -> S:

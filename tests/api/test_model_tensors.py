@@ -1,0 +1,54 @@
+"""Model states <-> named tensors: every float width travels, and a leaf that cannot is named at start()."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from flax import struct
+from flax.training import train_state
+
+from fedjax_core.api.model_tensors import state_to_tensors, tensors_to_state
+from fedjax_core.tensors import ModelFile, TensorError, assemble, iter_chunks, spec_of, write_model_file
+
+
+def bf16_state():
+    params = {"dense": {"kernel": jnp.linspace(-1, 1, 12, dtype=jnp.bfloat16).reshape(3, 4),
+                        "bias": jnp.zeros(4, jnp.float16)}, "scale": jnp.ones((), jnp.float32)}
+    return train_state.TrainState.create(apply_fn=lambda *a: None, params=params, tx=optax.sgd(0.1, 0.9))
+
+
+def test_bfloat16_and_float16_leaves_travel_with_their_dtype(tmp_path):
+    tensors = state_to_tensors(bf16_state())
+    assert tensors["params/dense/kernel"].dtype == ml_dtypes.bfloat16
+    assert tensors["params/dense/bias"].dtype == np.float16
+    assert tensors["opt_state/0/trace/dense/kernel"].dtype == ml_dtypes.bfloat16  # momentum follows the params
+    assert spec_of("k", tensors["params/dense/kernel"]).dtype == "bfloat16"
+    back = assemble(iter_chunks(tensors, chunk_bytes=8))
+    write_model_file(tmp_path / "m.fjm", back)
+    from_file = ModelFile(tmp_path / "m.fjm").arrays()
+    for name, array in tensors.items():
+        assert from_file[name].dtype == array.dtype and from_file[name].tobytes() == array.tobytes(), name
+    restored = tensors_to_state(bf16_state(), {n: a * 2 for n, a in from_file.items() if n.startswith("params/")})
+    assert restored.params["dense"]["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(restored.params["dense"]["kernel"], np.float32),
+                                  np.asarray(tensors["params/dense/kernel"], np.float32) * 2)
+
+
+class WithExtras(train_state.TrainState):
+    note: str = struct.field(pytree_node=False, default="static fields stay behind")
+    phase: jax.Array | None = None
+
+
+@pytest.mark.parametrize("leaf, what", [(jnp.ones(2, jnp.complex64), "complex64"), (np.array(["a"]), "<U1")])
+def test_a_leaf_that_cannot_travel_is_named_not_skipped(leaf, what):
+    state = WithExtras.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=optax.sgd(0.1), phase=leaf)
+    with pytest.raises(TensorError, match=f"state leaf 'phase' is .* {what}, which cannot cross the wire"):
+        state_to_tensors(state)
+
+
+def test_static_fields_and_empty_optimizer_states_are_not_leaves():
+    state = WithExtras.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=optax.sgd(0.1))  # phase=None
+    assert sorted(state_to_tensors(state)) == ["params/w", "step"]
