@@ -15,13 +15,14 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so np.dtype("bfloat16") works)
+import ml_dtypes
 import numpy as np
 
 from fedjax_core.errors import InvalidRequestError
 from fedjax_core.records import TensorChunk, TensorSpec
 
-FLOAT_DTYPES = frozenset(["float16", "bfloat16", "float32", "float64"])
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)  # importing ml_dtypes registers it: np.dtype("bfloat16") works
+FLOAT_DTYPES = frozenset(["float16", BFLOAT16.name, "float32", "float64"])
 ALLOWED_DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                             *FLOAT_DTYPES])
 CHUNK_BYTES = 1 << 20
