@@ -6,9 +6,13 @@ Reads the standard CIFAR-10 binary layout (`cifar-10-batches-bin/data_batch_1.bi
 plane a row-major 32x32 image. Record counts come from file sizes, so the full archive
 (10,000 records per file) and smaller subsets are read the same way.
 
-Shard r of w is `numpy.array_split(split, w)[r - 1]` of each split: contiguous,
-near-equal, with no sample dropped. Only the shard's own records are decoded, and
-only on the first `get_split` call; `split_sizes()` needs no pixel read at all.
+Shard r of w is, by default (`partition: contiguous`), `numpy.array_split(split, w)[r - 1]`
+of each split: contiguous, near-equal, with no sample dropped. Non-IID and unbalanced
+shards (see `partition_indices`): `partition: dirichlet` (label skew, `alpha`),
+`partition: unbalanced` (sizes from a log-normal, `sigma`) and `partition: labels`
+(`labels_per_shard` classes each), all drawn from `seed`. Only the shard's own records
+are decoded, and only on the first `get_split` call; `split_sizes()` of a contiguous
+shard needs no pixel read at all (the other partitions read the label bytes).
 
 Where there is a network, `download: true` (with no usable `data_dir`) loads the
 data through tensorflow-datasets instead.
@@ -78,6 +82,70 @@ def shard_bounds(num_records: int, rank: int, world_size: int) -> tuple[int, int
     return start, stop
 
 
+PARTITIONS = ("contiguous", "dirichlet", "unbalanced", "labels")
+NUM_CLASSES = 10
+
+
+def partition_indices(labels: np.ndarray, rank: int, world_size: int, partition: str = "contiguous", *,
+                      alpha: float = 0.5, sigma: float = 1.0, labels_per_shard: int = 2, seed: int = 0,
+                      num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Sorted record indices of shard `rank` (1-based) of `world_size` of a split with these labels.
+
+    The shards of one (partition, parameters, seed, world size) are disjoint and together cover
+    the split. The draws depend on the seed and world size only, not on the split, so a
+    shard's train and valid splits share their skew:
+    - contiguous: `numpy.array_split(range(n), world_size)[rank - 1]`;
+    - dirichlet: per class c, proportions q_c ~ Dirichlet(alpha, ..., alpha) over the shards;
+      the class's records (shuffled) are cut at the cumulative proportions. Small alpha: few
+      classes per shard; large alpha: near IID;
+    - unbalanced: shard sizes proportional to w_r ~ LogNormal(0, sigma) (at least one record
+      each), over a seeded shuffle of the records;
+    - labels: shard i (0-based) holds classes (i * k + j) % num_classes for j < k
+      (k = labels_per_shard); each class's records are split evenly among its holders.
+    """
+    n = len(labels)
+    if partition == "contiguous":
+        return np.arange(*shard_bounds(n, rank, world_size))
+    rng = np.random.default_rng([seed, world_size])
+    if partition == "dirichlet":
+        if not alpha > 0:
+            raise ValueError(f"partition: dirichlet needs alpha > 0, got {alpha!r}")
+        proportions = rng.dirichlet([alpha] * world_size, size=num_classes)
+        parts = []
+        for c in range(num_classes):
+            members = np.random.default_rng([seed, world_size, c]).permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(proportions[c])[:-1] * len(members)).astype(np.int64)
+            parts.append(np.split(members, cuts)[rank - 1])
+        return np.sort(np.concatenate(parts))
+    if partition == "unbalanced":
+        if not sigma >= 0:
+            raise ValueError(f"partition: unbalanced needs sigma >= 0, got {sigma!r}")
+        if n < world_size:
+            raise ValueError(f"partition: unbalanced needs at least one record per shard: {n} records, "
+                             f"{world_size} shards")
+        weights = rng.lognormal(0.0, sigma, world_size)
+        sizes = 1 + np.floor(weights / weights.sum() * (n - world_size)).astype(np.int64)
+        sizes[np.argsort(-weights, kind="stable")[: n - sizes.sum()]] += 1  # hand out what flooring left
+        order = rng.permutation(n)
+        stop = np.cumsum(sizes)
+        return np.sort(order[stop[rank - 1] - sizes[rank - 1]:stop[rank - 1]])
+    if partition == "labels":
+        k = labels_per_shard
+        if not (isinstance(k, int) and 1 <= k <= num_classes) or world_size * k < num_classes:
+            raise ValueError(f"partition: labels needs labels_per_shard from 1 to {num_classes} with "
+                             f"world size x labels_per_shard >= {num_classes} so every class is held, "
+                             f"got labels_per_shard={k!r} for {world_size} shards")
+        holders = {c: [i for i in range(world_size) if c in {(i * k + j) % num_classes for j in range(k)}]
+                   for c in range(num_classes)}
+        parts = []
+        for c, holding in holders.items():
+            if rank - 1 in holding:
+                members = np.random.default_rng([seed, world_size, c]).permutation(np.flatnonzero(labels == c))
+                parts.append(np.array_split(members, len(holding))[holding.index(rank - 1)])
+        return np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+    raise ValueError(f"partition {partition!r} is not one of {', '.join(PARTITIONS)}")
+
+
 def count_records(path: Path) -> int:
     """Number of CIFAR-10 records in `path`, from its size alone; rejects truncated files."""
     size = path.stat().st_size
@@ -132,8 +200,18 @@ class CIFAR10ShardDescriptor(ShardDescriptor):
         data_dir: str | os.PathLike | None = None,
         download: bool = False,
         base_dir: str | os.PathLike | None = None,
+        partition: str = "contiguous",
+        alpha: float = 0.5,
+        sigma: float = 1.0,
+        labels_per_shard: int = 2,
+        seed: int = 0,
     ) -> None:
         self.rank, self.world_size = parse_rank_worldsize(rank_worldsize)
+        if partition not in PARTITIONS:
+            raise ValueError(f"partition {partition!r} is not one of {', '.join(PARTITIONS)}")
+        self.partition = partition
+        self._partition_args = {"alpha": alpha, "sigma": sigma, "labels_per_shard": labels_per_shard, "seed": seed}
+        self._indices: dict[str, np.ndarray] = {}
         self._cache: dict[str, dict[str, np.ndarray]] = {}
         # Per split: the files it is read from, with their record counts.
         self._files: dict[str, list[tuple[Path, int]]] = {}
@@ -186,14 +264,38 @@ class CIFAR10ShardDescriptor(ShardDescriptor):
         }
 
     def split_sizes(self) -> dict[str, int]:
-        """Records per split in this shard, from file sizes alone (local data)."""
+        """Records per split in this shard (contiguous local shards: from file sizes alone)."""
         if self.download:
             return {name: len(self.get_split(name)["label"]) for name in SPLIT_NAMES}
-        sizes = {}
-        for name in SPLIT_NAMES:
-            start, stop = shard_bounds(self._total_records(name), self.rank, self.world_size)
-            sizes[name] = stop - start
-        return sizes
+        return {name: len(self._shard_indices(name)) for name in SPLIT_NAMES}
+
+    def label_counts(self) -> list[int]:
+        """How many training records of each class (0-9) this shard holds."""
+        labels = self.get_split("train")["label"] if self.download else self._split_labels("train")[
+            self._shard_indices("train")]
+        return np.bincount(labels, minlength=NUM_CLASSES).tolist()
+
+    def _split_labels(self, split: str) -> np.ndarray:
+        """The label byte of every record of the whole split (no pixel decoded)."""
+        return np.concatenate([np.memmap(path, np.uint8, mode="r").reshape(-1, RECORD_BYTES)[:, 0].astype(np.int32)
+                               for path, _ in self._files[split]])
+
+    def _shard_indices(self, split: str) -> np.ndarray:
+        if split not in self._indices:
+            if self.partition == "contiguous":
+                self._indices[split] = np.arange(*shard_bounds(self._total_records(split), self.rank,
+                                                                self.world_size))
+            else:
+                self._indices[split] = self._partition(self._split_labels(split), split)
+        return self._indices[split]
+
+    def _partition(self, labels: np.ndarray, split: str) -> np.ndarray:
+        indices = partition_indices(labels, self.rank, self.world_size, self.partition, **self._partition_args)
+        if split == "train" and len(indices) == 0:
+            raise ValueError(f"partition {self.partition!r} with {self._partition_args} leaves shard {self.rank} of "
+                             f"{self.world_size} without training records: raise alpha or labels_per_shard, "
+                             "or change the seed")
+        return indices
 
     def _total_records(self, split: str) -> int:
         return sum(count for _, count in self._files[split])
@@ -213,6 +315,13 @@ class CIFAR10ShardDescriptor(ShardDescriptor):
 
     def _load_local(self, split: str) -> dict[str, np.ndarray]:
         """Read and decode only this shard's records, which may span several files."""
+        if self.partition != "contiguous":
+            files = [np.memmap(path, np.uint8, mode="r").reshape(-1, RECORD_BYTES) for path, _ in self._files[split]]
+            offsets = np.cumsum([0] + [count for _, count in self._files[split]])
+            indices = self._shard_indices(split)
+            records = [files[f][indices[(indices >= offsets[f]) & (indices < offsets[f + 1])] - offsets[f]]
+                       for f in range(len(files))]
+            return decode_records(np.concatenate(records))
         start, stop = shard_bounds(self._total_records(split), self.rank, self.world_size)
         chunks = []
         file_start = 0  # index of the file's first record within the whole split
@@ -255,10 +364,10 @@ class CIFAR10ShardDescriptor(ShardDescriptor):
             images, labels = tfds.as_numpy(
                 tfds.load("cifar10", split=tfds_split, batch_size=-1, as_supervised=True)
             )
-            start, stop = shard_bounds(len(labels), self.rank, self.world_size)
+            keep = self._partition(labels.astype(np.int32), name)
             splits[name] = {
-                "image": images[start:stop].astype(np.float32) / np.float32(255.0),
-                "label": labels[start:stop].astype(np.int32),
+                "image": images[keep].astype(np.float32) / np.float32(255.0),
+                "label": labels[keep].astype(np.int32),
             }
         return splits
 
@@ -273,6 +382,11 @@ class CIFAR10ShardDescriptor(ShardDescriptor):
     @property
     def dataset_description(self) -> str:
         shard = f"CIFAR-10 shard {self.rank} of {self.world_size}"
+        if self.partition != "contiguous":
+            shard += f" ({self.partition}, " + ", ".join(
+                f"{k}={v}" for k, v in self._partition_args.items()
+                if k == "seed" or k == {"dirichlet": "alpha", "unbalanced": "sigma", "labels": "labels_per_shard"}[
+                    self.partition]) + ")"
         if self.download:
             return f"{shard} from tensorflow-datasets 'cifar10'"
         sizes = self.split_sizes()

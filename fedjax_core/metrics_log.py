@@ -53,9 +53,13 @@ class Loggers:
         self.log_dir = Path(log_dir)
         self._lock = threading.Lock()
         self._loggers: dict[str, ExperimentLogger] = {}
+        self._ended: set[str] = set()
 
     def log(self, experiment: str, event: r.MetricEvent) -> None:
+        """Write ``event``; a late event of an experiment whose writers were closed is dropped."""
         with self._lock:
+            if experiment in self._ended:
+                return
             if experiment not in self._loggers:
                 self._loggers[experiment] = ExperimentLogger(self.log_dir / experiment)
             self._loggers[experiment].log(event)
@@ -63,6 +67,8 @@ class Loggers:
     def close(self, experiment: str | None = None) -> None:
         """Close one experiment's writers, or every one."""
         with self._lock:
+            if experiment is not None:
+                self._ended.add(experiment)
             names = [experiment] if experiment is not None else list(self._loggers)
             for name in names:
                 logger = self._loggers.pop(name, None)

@@ -86,6 +86,7 @@ class ShardInfo:
     valid_size: int
     hostname: str = ""
     devices: tuple[str, ...] = ()
+    label_counts: tuple[int, ...] = ()  # training records per class, when the descriptor says
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,12 @@ class Strategy:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise StrategyError(f"{type(self).__name__}({f.name}={value!r}): expected a finite number")
+            try:
+                finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            except OverflowError:  # an integer too large for a float
+                finite = False
+            if not finite:
+                raise StrategyError(f"{type(self).__name__}({f.name}={str(value)[:40]}): expected a finite number")
         self._check()
 
     def _check(self) -> None:

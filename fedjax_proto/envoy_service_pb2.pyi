@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ShardInfo(_message.Message):
-    __slots__ = ("description", "sample_shape", "target_shape", "train_size", "valid_size", "hostname", "devices")
+    __slots__ = ("description", "sample_shape", "target_shape", "train_size", "valid_size", "hostname", "devices", "label_counts")
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     TARGET_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class ShardInfo(_message.Message):
     VALID_SIZE_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     description: str
     sample_shape: _containers.RepeatedScalarFieldContainer[str]
     target_shape: _containers.RepeatedScalarFieldContainer[str]
@@ -24,7 +25,8 @@ class ShardInfo(_message.Message):
     valid_size: int
     hostname: str
     devices: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, description: _Optional[str] = ..., sample_shape: _Optional[_Iterable[str]] = ..., target_shape: _Optional[_Iterable[str]] = ..., train_size: _Optional[int] = ..., valid_size: _Optional[int] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ...) -> None: ...
+    label_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, description: _Optional[str] = ..., sample_shape: _Optional[_Iterable[str]] = ..., target_shape: _Optional[_Iterable[str]] = ..., train_size: _Optional[int] = ..., valid_size: _Optional[int] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., label_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterEnvoyRequest(_message.Message):
     __slots__ = ("envoy_name", "shard_info")

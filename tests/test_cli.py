@@ -140,3 +140,9 @@ def test_daemons_never_import_jax():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY=\n" in proc.stdout, proc.stdout
+
+
+def test_pki_help_says_what_each_option_does_and_its_default(tmp_path):
+    text = " ".join(fedjax(tmp_path, "pki", "certify", "--help").stdout.split())
+    assert "'api' for the notebook" in text and "(default: pki)" in text and "root CA" in text
+    assert "(default: pki)" in " ".join(fedjax(tmp_path, "pki", "init", "--help").stdout.split())

@@ -44,6 +44,7 @@ def test_names_select_defaults_case_insensitively():
     (lambda: s.FedAdam(eta=float("nan")), "expected a finite number"),
     (lambda: s.FedAdam(eta=True), "expected a finite number"),
     (lambda: s.FedAdam(eta="0.1"), "expected a finite number"),
+    (lambda: s.strategy_from_wire("fedadam", '{"eta": 1' + "0" * 400 + "}"), "expected a finite number"),
     (lambda: s.as_strategy(3), "aggregation must be a strategy"),
     (lambda: s.as_strategy("fedsgd"), "unknown aggregation 'fedsgd'; built-in strategies: fedavg, fedavgm"),
     (lambda: s.strategy_from_wire("fedadam", '{"lr": 1}'), "FedAdam has no parameter 'lr'; its parameters: eta"),

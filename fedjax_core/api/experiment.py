@@ -41,19 +41,27 @@ def user_modules() -> list[ModuleType]:
     These are the user's own code (beside the notebook, in ``../lib`` on ``sys.path``...):
     cloudpickle pickles them by value, so they reach envoys that do not have them.
     Installed packages (site-packages, the standard library, editable installs) travel by
-    reference and must be installed on the envoys.
+    reference and must be installed on the envoys. A user's module that shadows an installed
+    package's name (a ``utils.py`` beside the notebook) is the user's, and travels by value.
     """
-    installed_dirs = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, *site.getsitepackages(),
-                                                 site.getusersitepackages(), *sysconfig.get_paths().values())}
+    site_dirs = [Path(d) for d in {*site.getsitepackages(), site.getusersitepackages(),
+                                   sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}]
+    installed_dirs = {p.resolve() for p in (Path(sys.prefix), Path(sys.base_prefix), *site_dirs,
+                                            *map(Path, sysconfig.get_paths().values()))}
     distributed = set(importlib.metadata.packages_distributions())
+
+    def editable(top: str) -> bool:  # a distribution provides it, but not from site-packages
+        return top in distributed and not any((d / top).exists() or (d / f"{top}.py").exists()
+                                              or any(d.glob(f"{top}.*.so")) for d in site_dirs)
+
     out = []
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
         top = name.split(".")[0]
-        if not file or name == "__main__" or top in distributed or top == "fedjax_core":
+        if not file or name == "__main__" or top == "fedjax_core":
             continue
         path = Path(file).resolve()
-        if not any(path.is_relative_to(d) for d in installed_dirs):
+        if not any(path.is_relative_to(d) for d in installed_dirs) and not editable(top):
             out.append(module)
     return out
 

@@ -26,6 +26,7 @@ from fedjax_core.metrics_log import Loggers
 from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError
 
 log = logging.getLogger("fedjax.director")
+MAX_LABELS = 1 << 16
 
 
 class Director:
@@ -45,6 +46,7 @@ class Director:
         self._cond = threading.Condition()
         self._run: Run | None = None
         self._closed = False
+        self._waiting_reason: tuple[str, str] | None = None
         self._resume()
         with self._cond:
             self._start_next()
@@ -74,6 +76,9 @@ class Director:
                 f"{list(info.target_shape)}, but this federation expects {list(self.sample_shape)} and "
                 f"{list(self.target_shape)} (director settings sample_shape/target_shape)"
             )
+        if len(info.label_counts) > MAX_LABELS:
+            raise InvalidRequestError(f"envoy {name!r} reports {len(info.label_counts)} label counts; at most "
+                                      f"{MAX_LABELS} classes are supported")
         self.store.upsert_envoy(name, info)
         with self._cond:
             self._start_next()
@@ -163,12 +168,23 @@ class Director:
             row = dataclasses.replace(row, state=r.State.RUNNING, envoys=envoys)
             try:
                 run = self.engine.new_run(row, 0)
+            except InvalidRequestError as exc:
+                if not row.header.envoys:  # sized on the envoys online now: more may come
+                    self._log_waiting(row.name, str(exc))
+                    return
+                self._fail_unstartable(row, exc)
+                continue
             except Exception as exc:
                 self._fail_unstartable(row, exc)
                 continue
             self.store.update_experiment(row.name, state=r.State.RUNNING, envoys=envoys, started_at=self._clock())
             self._run = run
             return
+
+    def _log_waiting(self, name: str, reason: str) -> None:
+        if self._waiting_reason != (name, reason):
+            self._waiting_reason = (name, reason)
+            log.info("experiment %r waits for more envoys to come online: %s", name, reason)
 
     def _fail_unstartable(self, row: ExperimentRow, exc: Exception) -> None:
         log.error("experiment %r cannot run: %s", row.name, exc)
@@ -201,7 +217,8 @@ class Director:
         except Exception as exc:
             log.exception("closing round %d of %r failed", run.round, run.name)
             outcome = Outcome(state=r.State.FAILED, error=f"closing round {run.round} failed: {exc}")
-        if outcome is None:
+        if outcome is None:  # the experiment ended meanwhile
+            self._cleanup(run)
             return
         with self._cond:
             if self._run is run and not run.ended:
@@ -212,21 +229,34 @@ class Director:
             self._cond.notify_all()
         if outcome.next_run is None:
             self._cleanup(run)
+        else:  # nobody can ask for round r's files now: the current run is round r + 1
+            self.files.drop_round(run.name, run.round)
+            self.files.drop_superseded(run.name, run.round)
 
     def _finish(self, run: Run, state: r.State, error: str = "") -> None:
         """End ``run``'s experiment and start the next one. Holds the lock; call _cleanup(run) after it."""
         run.ended = True
-        self.store.update_experiment(run.name, state=state, error=error, finished_at=self._clock())
-        if error:
-            log.warning("experiment %r %s: %s", run.name, state, error)
         self._run = None
-        self._start_next()
+        try:
+            self.store.update_experiment(run.name, state=state, error=error, finished_at=self._clock())
+            if error:
+                log.warning("experiment %r %s: %s", run.name, state, error)
+        finally:
+            self._start_next()
 
     def _cleanup(self, run: Run) -> None:
-        """Drop an ended run's spooled updates, once no fold is using them. Without the lock."""
-        with run.fold_lock:
+        """Drop an ended run's spooled updates and close its writers. Without the lock.
+
+        If a fold or close holds the run's ``fold_lock``, it is left to that thread: each calls
+        this again after releasing the lock, and sees ``run.ended``, which is set first.
+        """
+        if not run.fold_lock.acquire(blocking=False):
+            return
+        try:
             self.store.drop_updates(run.name, run.round)
             self.files.drop_round(run.name, run.round)
+        finally:
+            run.fold_lock.release()
         self.loggers.close(run.name)
 
     # -------------------------------------------------------------- envoys
@@ -274,8 +304,9 @@ class Director:
         """Stream the model of ``round_`` to a worker: only the tensors its opt_treatment moves."""
         with self._cond:
             run = self._running(envoy, experiment)
-            if round_ != run.round:
-                raise PreconditionError(f"round {round_} is not the current round ({run.round}) of {experiment!r}")
+            if round_ != run.round or run.closing:
+                raise PreconditionError(f"round {round_} is not open: the current round of {experiment!r} is "
+                                        f"{run.round}{' (closing)' if run.closing else ''}")
             model = ModelFile(self.files.model(experiment, round_))
             chunks = model.iter_chunks([n for n in model.names() if n in run.upload])  # opens the file now
         sent = 0
@@ -343,12 +374,18 @@ class Director:
                         if self._run is run:
                             self._finish(run, r.State.FAILED,
                                          error=f"folding the update of {envoy!r} into round {round_} failed: {exc}")
-                    raise
-                with self._cond:
-                    run.done.add(envoy)
-                    run.bytes_in += received
-                    close = self._claim_close(run)
-                    self._cond.notify_all()
+                    fold_failed = exc
+                else:
+                    fold_failed = None
+                    with self._cond:
+                        run.done.add(envoy)
+                        run.bytes_in += received
+                        close = self._claim_close(run)
+                        self._cond.notify_all()
+            if run.ended:  # failed or cancelled meanwhile: clean up now that fold_lock is free
+                self._cleanup(run)
+            if fold_failed is not None:
+                raise fold_failed
         except TensorError as exc:
             raise InvalidRequestError(f"update from {envoy!r} for round {round_}: {exc}") from None
         finally:

@@ -76,7 +76,8 @@ class Run:
         return set(self.participants) <= self.done
 
     def task_kwargs(self) -> str:
-        return self.plan.round_kwargs[self.round] if self.round < self.header.rounds else ""
+        """This round's round_config entry; the final validation round uses the last training round's."""
+        return self.plan.round_kwargs[min(self.round, self.header.rounds - 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,12 +115,13 @@ class RoundEngine:
     def rebuild(self, row: ExperimentRow) -> Run:
         """The run of a director that stopped mid-round: stored updates folded again, in their order."""
         run = self.new_run(row, row.current_round)
-        for envoy, weight, path, _ in self.store.updates(row.name, run.round):
+        for envoy, weight, path, nbytes in self.store.updates(row.name, run.round):
             if not path.exists():  # lost with its file: that envoy uploads again
                 self.store.drop_update(row.name, run.round, envoy)
                 continue
             run.updates.add(Upload(envoy, weight, ModelFile(path)))
             run.done.add(envoy)
+            run.bytes_in += nbytes
         if run.kind == r.TaskKind.VALIDATE:
             run.done |= {e.envoy for _, e, _ in self.store.events(row.name, round_=run.round)
                          if e.stage == r.Stage.AGGREGATED and e.envoy}
@@ -140,8 +142,13 @@ class RoundEngine:
             raise
 
     # ------------------------------------------------------------------ closing
-    def close(self, run: Run) -> Outcome:
-        """Close ``run``'s round. The caller holds ``run.fold_lock`` and has set ``run.closing``."""
+    def close(self, run: Run) -> Outcome | None:
+        """Close ``run``'s round; None if the experiment ended meanwhile (cancelled, failed).
+
+        The caller holds ``run.fold_lock`` and has set ``run.closing``; once the next run is
+        installed it drops the round's files (:meth:`ExperimentFiles.drop_round`, ``drop_superseded``),
+        which workers and notebooks may still be opening until then.
+        """
         name = run.name
         round_events = self.store.events(name, round_=run.round)
         aggregates = rules.aggregate_metrics(run.round, [(e, w) for _, e, w in round_events if e.envoy])
@@ -164,12 +171,12 @@ class RoundEngine:
                      r.Metric("round", "envoys_reported", len(run.done)),
                      r.Metric("round", "envoys_selected", len(run.participants))),
         )
+        if run.ended:  # cancelled or failed while this round closed: do not advance it
+            return None
         if self.store.add_event(name, summary):
             self.loggers.log(name, summary)
         self.store.update_experiment(name, current_round=run.round + 1)  # the commit point
         self.store.drop_updates(name, run.round)
-        self.files.drop_round(name, run.round)
-        self.files.drop_superseded(name, run.round)
         row = self.store.experiment(name)
         assert row is not None
         next_run = self.new_run(row, run.round + 1)
@@ -184,6 +191,8 @@ class RoundEngine:
             state = run.strategy.init(list(run.updates.specs.values()))
         elif state_path.exists():
             state = ModelFile(state_path)
+        elif not run.plan.strategy.server_optimizer:  # stateless (and runs begun before state files existed)
+            state = {}
         else:
             raise PreconditionError(f"the strategy state of round {round_} is missing ({state_path})")
         model, new_state = run.strategy.aggregate(state, previous, run.updates)

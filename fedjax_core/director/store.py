@@ -125,8 +125,8 @@ class Store:
         out = []
         for name, info, last_seen in self._read("SELECT name, shard_info, last_seen FROM envoys ORDER BY name"):
             d = json.loads(info)
-            for key in ("sample_shape", "target_shape", "devices"):
-                d[key] = tuple(d[key])
+            for key in ("sample_shape", "target_shape", "devices", "label_counts"):
+                d[key] = tuple(d.get(key, ()))
             out.append((name, r.ShardInfo(**d), last_seen))
         return out
 

@@ -19,7 +19,7 @@ from fedjax_core.tensors import check_spec
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_ROUND_TIMEOUT_S = 30 * 24 * 3600.0
-MAX_ROUND_CONFIG_BYTES = 1 << 20
+MAX_ROUND_CONFIG_CHARS = 1 << 20
 
 
 def check_name(kind: str, name: str) -> None:
@@ -66,7 +66,7 @@ def check_header(h: r.ExperimentHeader, registered: Collection[str], online: Seq
         raise InvalidRequestError(f"round_timeout_s must be between 0 (no deadline) and {MAX_ROUND_TIMEOUT_S:g} "
                                   f"seconds, got {h.round_timeout_s}")
     if h.envoys_per_round < 0:
-        raise InvalidRequestError(f"envoys_per_round must be >= 1, got {h.envoys_per_round}")
+        raise InvalidRequestError(f"envoys_per_round must be >= 1 (0: every envoy), got {h.envoys_per_round}")
     if not (math.isfinite(h.envoys_fraction) and 0 <= h.envoys_fraction <= 1):
         raise InvalidRequestError(f"envoys_per_round as a fraction must be in (0, 1], got {h.envoys_fraction}")
     if h.envoys_per_round and h.envoys_fraction:
@@ -95,12 +95,13 @@ def parse_round_config(text: str, rounds: int) -> tuple[str, ...]:
     """Per training round, the JSON of ``{task: {kwarg: value}}`` ("" when there is no round_config)."""
     if not text:
         return ("",) * rounds
-    if len(text) > MAX_ROUND_CONFIG_BYTES:
-        raise InvalidRequestError(f"round_config is {len(text)} bytes; at most {MAX_ROUND_CONFIG_BYTES} are allowed")
+    if len(text) > MAX_ROUND_CONFIG_CHARS:
+        raise InvalidRequestError(f"round_config is {len(text)} characters of JSON; at most {MAX_ROUND_CONFIG_CHARS} "
+                                  "are allowed")
     try:
         config = json.loads(text)
-    except ValueError:
-        raise InvalidRequestError("round_config is not valid JSON") from None
+    except (ValueError, RecursionError):
+        raise InvalidRequestError("round_config is not valid JSON (or nests too deeply)") from None
     if not isinstance(config, list) or len(config) != rounds:
         raise InvalidRequestError(f"round_config must list one entry per training round ({rounds}), "
                                   f"got {len(config) if isinstance(config, list) else type(config).__name__}")

@@ -48,9 +48,11 @@ def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Pa
 def shard_info(shard: ShardDescriptor, params: EnvoyParams) -> r.ShardInfo:
     sizes = shard.split_sizes()
     devices = tuple(f"cuda:{d}" for d in params.cuda_devices) or ("cpu",)
+    counts = shard.label_counts() if hasattr(shard, "label_counts") else ()
     return r.ShardInfo(description=shard.dataset_description, sample_shape=tuple(map(str, shard.sample_shape)),
                        target_shape=tuple(map(str, shard.target_shape)), train_size=int(sizes["train"]),
-                       valid_size=int(sizes["valid"]), hostname=socket.gethostname(), devices=devices)
+                       valid_size=int(sizes["valid"]), hostname=socket.gethostname(), devices=devices,
+                       label_counts=tuple(int(n) for n in counts))
 
 
 class EnvoyDaemon:
@@ -75,6 +77,9 @@ class EnvoyDaemon:
         """Serve until ``stop`` is set: register, listen for experiments, reconnect on failure."""
         log.info("envoy %s: %s; %d train / %d valid samples", self.name, self.info.description,
                  self.info.train_size, self.info.valid_size)
+        if self.info.label_counts:
+            log.info("envoy %s: training records per label: %s", self.name,
+                     ", ".join(f"{label}: {n}" for label, n in enumerate(self.info.label_counts)))
         heartbeats = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
         heartbeats.start()
         try:

@@ -63,3 +63,26 @@ def test_a_module_the_envoy_cannot_import_is_named_with_the_fix(tmp_path, monkey
     assert result.returncode != 0
     assert "needs module 'only_here', which this envoy cannot import" in result.stderr
     assert "pickle_by_value=[only_here]" in result.stderr
+
+
+def test_a_module_shadowing_an_installed_name_travels_and_an_editable_install_does_not(tmp_path, monkeypatch):
+    import importlib.metadata
+    import site
+
+    from fedjax_core.api import experiment
+
+    lib, fake_site = tmp_path / "lib", tmp_path / "site-packages"
+    (fake_site / "utils_shadowed").mkdir(parents=True)  # an installed package of the same name
+    lib.mkdir()
+    (lib / "utils_shadowed.py").write_text("X = 1\n")
+    (lib / "editable_pkg.py").write_text("Y = 2\n")
+    monkeypatch.syspath_prepend(str(lib))
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(fake_site)])
+    monkeypatch.setattr(importlib.metadata, "packages_distributions",
+                        lambda: {"utils_shadowed": ["utils-dist"], "editable_pkg": ["my-editable-dist"]})
+    import editable_pkg
+    import utils_shadowed
+
+    modules = experiment.user_modules()
+    assert utils_shadowed in modules  # the user's file, not the installed package
+    assert editable_pkg not in modules  # pip install -e: the envoys install it too

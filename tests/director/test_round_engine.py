@@ -112,6 +112,7 @@ def test_krum_that_cannot_work_is_refused_at_submission(tmp_path):
     (dict(round_config="[{}]"), r"one entry per training round \(3\)"),
     (dict(round_config='[1, 2, 3]'), "must map task names"),
     (dict(round_config="x" * (1 << 21)), "at most"),
+    (dict(round_config="[" * 100_000 + "]" * 100_000), "not valid JSON"),
 ])
 def test_bad_round_settings_are_refused_at_submission(tmp_path, overrides, message):
     d = make_director(tmp_path)
@@ -158,7 +159,7 @@ def test_round_config_reaches_each_rounds_task(tmp_path):
         task = d.wait_task("a", "exp", 0)
         assert (task.round, json.loads(task.task_kwargs)) == (t, config[t])
         play_round(d, t)
-    assert d.wait_task("a", "exp", 0).task_kwargs == ""  # final validation: add_kwargs only
+    assert json.loads(d.wait_task("a", "exp", 0).task_kwargs) == config[2]  # final validation: the last round's
     d.close()
 
 
@@ -228,4 +229,80 @@ def test_a_paused_close_blocks_neither_heartbeats_nor_status(tmp_path, monkeypat
         release.set()
         closer.join(30)
     assert d.experiment_status("exp").current_round == 1
+    d.close()
+
+
+def pause_close(d: Director, monkeypatch):
+    """Make the next round close wait for ``release``; returns (in_close, release) events."""
+    in_close, release = threading.Event(), threading.Event()
+    real_close = d.engine.close
+
+    def paused_close(run):
+        in_close.set()
+        if not release.wait(30):  # the test blocked on the close it paused: make that visible
+            in_close.timed_out = True
+        return real_close(run)
+
+    in_close.timed_out = False
+    monkeypatch.setattr(d.engine, "close", paused_close)
+    return in_close, release
+
+
+def test_a_round_model_asked_for_while_the_round_closes_is_refused_and_old_files_go_after(tmp_path, monkeypatch):
+    d = make_director(tmp_path)
+    submit(d, header())
+    in_close, release = pause_close(d, monkeypatch)
+    closer = threading.Thread(target=play_round, args=(d, 0))
+    closer.start()
+    try:
+        assert in_close.wait(30)
+        with pytest.raises(PreconditionError, match=r"round 0 is not open: the current round of 'exp' is 0 \(closing\)"):
+            list(d.round_model("a", "exp", 0))
+        assert len(list(d.model_chunks("exp", "last"))) > 0  # the last model is still there to download
+    finally:
+        release.set()
+        closer.join(30)
+    assert not in_close.timed_out
+    exp = tmp_path / "state" / "experiments" / "exp"
+    assert not (exp / "model_round_0000.fjm").exists() and (exp / "model_round_0001.fjm").exists()
+    assert len(list(d.round_model("a", "exp", 1))) > 0
+    d.close()
+
+
+def test_a_cancel_while_a_round_closes_does_not_advance_it(tmp_path, monkeypatch):
+    d = make_director(tmp_path)
+    submit(d, header(envoys_per_round=1, sampling_seed=3))
+    in_close, release = pause_close(d, monkeypatch)
+    chosen = d.experiment_status("exp").participants[0]
+    closer = threading.Thread(target=play_round, args=(d, 0, chosen))
+    closer.start()
+    try:
+        assert in_close.wait(30)
+        assert d.cancel_experiment("exp").state == "cancelled"  # answers without waiting for the close
+    finally:
+        release.set()
+        closer.join(30)
+    assert not in_close.timed_out
+    status = d.experiment_status("exp")
+    assert (status.state, status.current_round, len(status.participants)) == ("cancelled", 0, 1)
+    assert not (tmp_path / "state" / "experiments" / "exp" / "round_0000").exists()
+    d.close()
+
+
+def test_an_experiment_sized_on_online_envoys_waits_for_them_instead_of_failing(tmp_path):
+    now = [1000.0]
+    d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=1,
+                 clock=lambda: now[0])
+    for envoy in ("a", "b"):
+        d.register_envoy(envoy, INFO)
+    submit(d, header(name="first", envoys=("a", "b")))
+    submit(d, header(name="second", envoys_per_round=2))  # two online now; queued behind "first"
+    d.store.touch_envoy("a")
+    with d.store._lock, d.store._db:  # "b" was last seen long ago: offline
+        d.store._db.execute("UPDATE envoys SET last_seen = 0 WHERE name = 'b'")
+    now[0] = d.store.envoys()[0][2]  # "a" seen just now
+    d.cancel_experiment("first")
+    assert d.experiment_status("second").state == "queued"  # waits: only one envoy is online
+    d.heartbeat("b")
+    assert d.experiment_status("second").state == "running"
     d.close()

@@ -101,12 +101,16 @@ def union_accuracy(state, valid_sets):
     return correct / sum(len(v["label"]) for v in valid_sets)
 
 
-def test_registry_lists_both_shards(federation):
+def test_registry_lists_both_shards(federation, fed_stack):
     registry = federation.get_shard_registry()
     assert sorted(registry) == ["env1", "env2"]
     assert registry["env1"]["shard_info"]["n_samples"] == {"train": 2585, "valid": 509}
     assert registry["env2"]["shard_info"]["n_samples"] == {"train": 2585, "valid": 508}
     assert all(entry["is_online"] for entry in registry.values())
+    for name, entry in registry.items():  # each shard's label histogram, as its descriptor counted it
+        counts = entry["shard_info"]["label_counts"]
+        assert len(counts) == 10 and sum(counts) == 2585 and min(counts) > 0, (name, counts)
+    assert "training records per label: 0: " in fed_stack.processes[1].output()
     sample, target = federation.get_dummy_shard_descriptor(size=10).get_dataset("train")[0]
     assert sample.shape == (32, 32, 3) and target.shape == (1,)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import cifar10_shard_descriptor as cifar_module
-from cifar10_shard_descriptor import CIFAR10ShardDescriptor
+from cifar10_shard_descriptor import PARTITIONS, CIFAR10ShardDescriptor, partition_indices
 from fedjax_core.shard_descriptor import ShardDescriptor, load_shard_descriptor
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -383,3 +383,74 @@ def test_shard_bounds_match_array_split():
             for rank in range(1, world_size + 1):
                 start, stop = cifar_module.shard_bounds(total, rank, world_size)
                 np.testing.assert_array_equal(np.arange(start, stop), parts[rank - 1])
+
+
+# --------------------------------------------------------------------------- partitions
+
+PARTITION_ARGS = {"contiguous": {}, "dirichlet": {"alpha": 0.3}, "unbalanced": {"sigma": 1.0},
+                  "labels": {"labels_per_shard": 3}}
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+@pytest.mark.parametrize("world_size", [1, 2, 4, 7])
+def test_partitions_are_disjoint_cover_the_split_and_repeat_for_a_seed(partition, world_size):
+    labels = np.random.default_rng(0).integers(0, 10, 1017).astype(np.int32)
+    args = PARTITION_ARGS[partition]
+    if partition == "labels" and world_size * 3 < 10:
+        with pytest.raises(ValueError, match="every class is held"):
+            partition_indices(labels, 1, world_size, partition, **args)
+        return
+    shards = [partition_indices(labels, r, world_size, partition, seed=5, **args) for r in range(1, world_size + 1)]
+    together = np.concatenate(shards)
+    assert len(together) == len(labels) and set(together.tolist()) == set(range(len(labels)))  # disjoint, covering
+    again = [partition_indices(labels, r, world_size, partition, seed=5, **args) for r in range(1, world_size + 1)]
+    assert all(np.array_equal(a, b) for a, b in zip(shards, again))
+    if partition != "contiguous" and world_size > 1:
+        other = [partition_indices(labels, r, world_size, partition, seed=6, **args) for r in range(1, world_size + 1)]
+        assert not all(np.array_equal(a, b) for a, b in zip(shards, other))  # the seed matters
+
+
+def _skew(labels, shards):
+    """Mean total-variation distance between each shard's label distribution and the split's."""
+    overall = np.bincount(labels, minlength=10) / len(labels)
+    return np.mean([0.5 * np.abs(np.bincount(labels[s], minlength=10) / max(len(s), 1) - overall).sum()
+                    for s in shards])
+
+
+def test_dirichlet_alpha_controls_the_label_skew():
+    labels = np.random.default_rng(1).integers(0, 10, 5000).astype(np.int32)
+    skew = {alpha: _skew(labels, [partition_indices(labels, r, 4, "dirichlet", alpha=alpha) for r in range(1, 5)])
+            for alpha in (0.1, 1.0, 100.0)}
+    assert skew[0.1] > skew[1.0] > skew[100.0] and skew[100.0] < 0.05 and skew[0.1] > 0.4
+
+
+def test_labels_partition_gives_each_shard_its_classes_and_unbalanced_varies_sizes():
+    labels = np.random.default_rng(2).integers(0, 10, 2000).astype(np.int32)
+    held = [set(labels[partition_indices(labels, r, 5, "labels", labels_per_shard=2)].tolist()) for r in range(1, 6)]
+    assert held == [{0, 1}, {2, 3}, {4, 5}, {6, 7}, {8, 9}]
+    sizes = [len(partition_indices(labels, r, 4, "unbalanced", sigma=1.5)) for r in range(1, 5)]
+    assert min(sizes) >= 1 and max(sizes) > 2 * min(sizes)
+    assert [len(partition_indices(labels, r, 4, "unbalanced", sigma=0.0)) for r in range(1, 5)] == [500] * 4
+
+
+def test_a_dirichlet_shard_of_the_subset_reads_its_records_and_counts_its_labels():
+    shards = [CIFAR10ShardDescriptor(f"{r}, 3", str(SUBSET_DIR), partition="dirichlet", alpha=0.5, seed=3)
+              for r in (1, 2, 3)]
+    train = [s.get_split("train") for s in shards]
+    assert sum(len(t["label"]) for t in train) == 5170
+    for s, t in zip(shards, train):
+        assert s.label_counts() == np.bincount(t["label"], minlength=10).tolist()
+        assert s.split_sizes()["train"] == len(t["label"])
+        assert "dirichlet, alpha=0.5, seed=3" in s.dataset_description
+    # the records are the right ones: each shard's images are rows of the full split, in order
+    full = CIFAR10ShardDescriptor("1, 1", str(SUBSET_DIR)).get_split("train")
+    idx = partition_indices(full["label"], 2, 3, "dirichlet", alpha=0.5, seed=3)
+    np.testing.assert_array_equal(train[1]["image"], full["image"][idx])
+    np.testing.assert_array_equal(train[1]["label"], full["label"][idx])
+
+
+def test_bad_partition_settings_are_named():
+    with pytest.raises(ValueError, match="partition 'iid' is not one of contiguous, dirichlet"):
+        CIFAR10ShardDescriptor("1, 2", str(SUBSET_DIR), partition="iid")
+    with pytest.raises(ValueError, match="alpha > 0"):
+        CIFAR10ShardDescriptor("1, 2", str(SUBSET_DIR), partition="dirichlet", alpha=0).split_sizes()
