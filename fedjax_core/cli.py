@@ -16,11 +16,17 @@ from pathlib import Path
 from fedjax_core.config import ConfigError, DirectorConfig, EnvoyConfig, load_config
 
 
-def _tls_args(parser: argparse.ArgumentParser) -> None:
+def _start_args(parser: argparse.ArgumentParser) -> None:
+    """Options every `start` command takes: TLS, and the log level (also accepted after the subcommand)."""
+    parser.add_argument("--log-level", dest="start_log_level", choices=LOG_LEVELS,
+                        help="log level (default: $FEDJAX_LOG_LEVEL or INFO)")
     parser.add_argument("--disable-tls", action="store_true", help="plaintext gRPC (trusted networks only)")
     parser.add_argument("--root-cert-path", "-rc", help="federation root CA (overrides the config's tls section)")
-    parser.add_argument("--public-cert-path", "-pc", help="this party's certificate")
-    parser.add_argument("--private-key-path", "-pk", help="this party's private key")
+    parser.add_argument("--public-cert-path", "-pc", help="this party's certificate (overrides the config's)")
+    parser.add_argument("--private-key-path", "-pk", help="this party's private key (overrides the config's)")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _port(value: str) -> int:
@@ -35,7 +41,7 @@ def _port(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedjax", description="Federated learning for JAX/Flax: director, envoys, PKI.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default: $FEDJAX_LOG_LEVEL or INFO)")
     sub = parser.add_subparsers(dest="component", required=True)
 
     director = sub.add_parser("director", help="the coordinating service").add_subparsers(dest="action", required=True)
@@ -43,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     d_start.add_argument("-c", "--director-config-path", dest="config", required=True)
     d_start.add_argument("-p", "--listen-port", type=_port, help="overrides settings.listen_port")
     d_start.add_argument("--listen-host", help="overrides settings.listen_host")
-    _tls_args(d_start)
+    _start_args(d_start)
 
     envoy = sub.add_parser("envoy", help="a data owner's daemon").add_subparsers(dest="action", required=True)
     e_start = envoy.add_parser("start", help="register the shard and run experiments until stopped")
@@ -51,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     e_start.add_argument("-c", "--envoy-config-path", dest="config", required=True)
     e_start.add_argument("-dh", "--director-host", default="localhost")
     e_start.add_argument("-dp", "--director-port", type=_port, default=50055)
-    _tls_args(e_start)
+    _start_args(e_start)
 
     defaults = argparse.ArgumentDefaultsHelpFormatter
     pki = sub.add_parser("pki", help="certificates for mTLS").add_subparsers(dest="action", required=True)
@@ -149,9 +155,13 @@ def _pki(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    level = getattr(args, "start_log_level", None) or args.log_level or os.environ.get("FEDJAX_LOG_LEVEL") or "INFO"
+    if level not in LOG_LEVELS:
+        print(f"fedjax: FEDJAX_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}", file=sys.stderr)
+        return 2
     # gRPC's own C-core logging (TLS handshake noise from refused peers) only when debugging
-    os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if args.log_level == "DEBUG" else "NONE")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if level == "DEBUG" else "NONE")
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     handlers = {("director", "start"): _director_start, ("envoy", "start"): _envoy_start}
     handler = handlers.get((args.component, args.action), _pki)
     try:

@@ -146,3 +146,15 @@ def test_pki_help_says_what_each_option_does_and_its_default(tmp_path):
     text = " ".join(fedjax(tmp_path, "pki", "certify", "--help").stdout.split())
     assert "'api' for the notebook" in text and "(default: pki)" in text and "root CA" in text
     assert "(default: pki)" in " ".join(fedjax(tmp_path, "pki", "init", "--help").stdout.split())
+
+
+def test_log_level_is_accepted_after_the_start_subcommand_and_from_the_environment(tmp_path):
+    from fedjax_core.cli import build_parser, main
+
+    args = build_parser().parse_args(["director", "start", "-c", "x.yaml", "--log-level", "DEBUG"])
+    assert args.start_log_level == "DEBUG"
+    os.environ["FEDJAX_LOG_LEVEL"] = "LOUD"
+    try:
+        assert main(["pki", "init", "--dir", str(tmp_path / "pki")]) == 2
+    finally:
+        del os.environ["FEDJAX_LOG_LEVEL"]

@@ -36,7 +36,7 @@ class _Refusals:
             first = key not in self._seen
             self._seen.add(key)
         if first:
-            log.warning("refused %s from %s (certificate %r): %s", context.peer(), host, name, error)
+            log.warning("refused a call from %s (certificate %r): %s", context.peer(), name, error)
         raise error
 
 

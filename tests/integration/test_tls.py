@@ -46,7 +46,7 @@ def test_only_the_notebooks_certificate_can_drive_experiments(tls_stack, name):
         Federation(director_node_fqdn="127.0.0.1", director_port=tls_stack.port, tls=True,
                    cert_chain=str(tls_stack.pki / "root_ca.crt"), api_cert=str(tls_stack.pki / f"{name}.crt"),
                    api_private_key=str(tls_stack.pki / f"{name}.key"))
-    tls_stack.director.wait_for(rf"refused ipv4:127\.0\.0\.1:\d+ from ipv4:127\.0\.0\.1 \(certificate '{name}'\): "
+    tls_stack.director.wait_for(rf"refused a call from ipv4:127\.0\.0\.1:\d+ \(certificate '{name}'\): "
                                 "the client certificate")
 
 

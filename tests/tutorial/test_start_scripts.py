@@ -135,3 +135,33 @@ def test_each_certificate_flag_overrides_the_configs_tls_section_on_its_own(tmp_
         tmp_path / "pki" / "root_ca.crt", Path("/elsewhere/new.crt"), Path("/elsewhere/new.key"))
     with pytest.raises(ConfigError, match="--root-cert-path, --private-key-path missing"):
         _tls(build_parser().parse_args(["envoy", "start", "-n", "e", "-c", "x.yaml", "-pc", "a.crt"]), None, tmp_path)
+
+
+def test_scripts_choose_tls_from_flags_and_the_environment(tmp_path):
+    """What the scripts hand to fedjax, seen through a stand-in that prints its arguments."""
+    fake = tmp_path / "fake_fedjax"
+    fake.write_text("#!/bin/sh\necho \"ARGS: $*\"\n")
+    fake.chmod(0o755)
+    director_dir, envoy_dir = copy_tutorial(tmp_path, free_port())
+    env = {"FEDJAX_BIN": str(fake)}
+    cases = [  # (extra args, FEDJAX_TLS, expected choice, is --disable-tls passed)
+        ([], None, "plaintext (the config has no tls: section", True),
+        (["-rc", "ca.crt", "-pc", "me.crt", "-pk", "me.key"], None, "mTLS (certificates given on the command line)",
+         False),
+        (["--disable-tls"], "1", "plaintext (--disable-tls given)", True),
+        ([], "1", "mTLS (FEDJAX_TLS=1)", False),
+    ]
+    for args, tls, choice, plaintext in cases:
+        case_env = {**env, **({"FEDJAX_TLS": tls} if tls else {})}
+        for script, cwd in ((["./start_director.sh"], director_dir),
+                            (["./start_envoy.sh", "env_one", "envoy_config.yaml"], envoy_dir)):
+            result = run_script([*script, *args], cwd=cwd, env=case_env)
+            assert result.returncode == 0, result.stderr
+            assert choice in result.stdout, (script, args, result.stdout)
+            passed = result.stdout.split("ARGS: ", 1)[1]
+            assert passed.count("--disable-tls") == (1 if plaintext else 0), (script, args, passed)
+    result = run_script(["./start_director.sh"], cwd=director_dir, env={**env, "FEDJAX_TLS": "yes"})
+    assert result.returncode == 2 and "FEDJAX_TLS must be 1 (mTLS) or 0 (plaintext), got 'yes'" in result.stderr
+    relative = run_script([str(director_dir / "start_director.sh")], cwd=director_dir.parent,
+                          env={**env, "DIRECTOR_CONFIG": "director/director_config.yaml"})
+    assert f"-c {director_dir}/director_config.yaml" in relative.stdout  # made absolute before the script moves
