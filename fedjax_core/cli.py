@@ -21,6 +21,9 @@ def _start_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", dest="start_log_level", choices=LOG_LEVELS,
                         help="log level (default: $FEDJAX_LOG_LEVEL or INFO)")
     parser.add_argument("--disable-tls", action="store_true", help="plaintext gRPC (trusted networks only)")
+    parser.add_argument("--allow-remote-plaintext", action="store_true",
+                        help="with --disable-tls, allow a host other than loopback (anyone on the network can "
+                             "then read the traffic and impersonate parties)")
     parser.add_argument("--root-cert-path", "-rc", help="federation root CA (overrides the config's tls section)")
     parser.add_argument("--public-cert-path", "-pc", help="this party's certificate (overrides the config's)")
     parser.add_argument("--private-key-path", "-pk", help="this party's private key (overrides the config's)")
@@ -114,6 +117,18 @@ def _tls(args, config_tls, config_dir: Path):
     return TLSFiles(paths["root_certificate"], paths["certificate"], paths["private_key"])
 
 
+def _check_plaintext(args, host: str, what: str) -> None:
+    """Plaintext only on loopback, unless the operator insists with --allow-remote-plaintext."""
+    from fedjax_core.transport import is_loopback
+
+    if args.disable_tls and not args.allow_remote_plaintext and not is_loopback(host):
+        raise ConfigError(
+            f"--disable-tls would {what} {host!r}, which is not a loopback address: plaintext lets anyone on the "
+            "network read models and submit code. Use mTLS (fedjax pki init --dir pki, then fedjax pki certify "
+            "--dir pki --name NAME for each party, and a tls: section in each config), or add "
+            "--allow-remote-plaintext if this network is trusted")
+
+
 def _director_start(args) -> int:
     from fedjax_core.director.server import run_director
 
@@ -122,6 +137,7 @@ def _director_start(args) -> int:
     if overrides:
         config = config.model_copy(update={"settings": config.settings.model_copy(update=overrides)})
     config_dir = Path(args.config).resolve().parent
+    _check_plaintext(args, config.settings.listen_host, "listen on")
     run_director(config, _tls(args, config.tls, config_dir), config_dir)
     return 0
 
@@ -131,6 +147,7 @@ def _envoy_start(args) -> int:
 
     config = load_config(args.config, EnvoyConfig)
     config_dir = Path(args.config).resolve().parent
+    _check_plaintext(args, args.director_host, "talk to a director at")
     tls = _tls(args, config.tls, config_dir)
     try:
         daemon = EnvoyDaemon(args.name, config, config_dir, args.director_host, args.director_port, tls)

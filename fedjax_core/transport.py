@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import ipaddress
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +62,21 @@ class TLSFiles:
                     f"TLS {label} not found: {path} (create one with `fedjax pki`, or pass --disable-tls)")
             out.append(Path(path).read_bytes())
         return out[0], out[1], out[2]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address) reaches this machine only: 127.0.0.0/8, ::1, localhost."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    if host == "localhost":
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
 def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:

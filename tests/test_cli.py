@@ -158,3 +158,29 @@ def test_log_level_is_accepted_after_the_start_subcommand_and_from_the_environme
         assert main(["pki", "init", "--dir", str(tmp_path / "pki")]) == 2
     finally:
         del os.environ["FEDJAX_LOG_LEVEL"]
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.8.9.1", True), ("::1", True),
+                                            ("[::1]", True), ("localhost", True), ("0.0.0.0", False),
+                                            ("192.0.2.10", False), ("::", False)])
+def test_loopback_detection(host, loopback):
+    from fedjax_core.transport import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+def test_plaintext_is_refused_off_loopback_unless_the_operator_insists(tmp_path):
+    (tmp_path / "director.yaml").write_text(DIRECTOR_YAML.replace("127.0.0.1", "0.0.0.0"))
+    result = fedjax(tmp_path, "director", "start", "-c", "director.yaml", "--disable-tls")
+    assert result.returncode == 2
+    assert "--disable-tls would listen on '0.0.0.0', which is not a loopback address" in result.stderr
+    assert "fedjax pki init" in result.stderr and "--allow-remote-plaintext" in result.stderr
+    (tmp_path / "envoy.yaml").write_text(ENVOY_YAML.replace("TEMPLATE", "nowhere.Nothing"))
+    result = fedjax(tmp_path, "envoy", "start", "-n", "e", "-c", "envoy.yaml", "-dh", "192.0.2.10", "--disable-tls")
+    assert result.returncode == 2
+    assert "--disable-tls would talk to a director at '192.0.2.10'" in result.stderr
+
+    from fedjax_core.cli import _check_plaintext, build_parser
+
+    insist = build_parser().parse_args(["director", "start", "-c", "x", "--disable-tls", "--allow-remote-plaintext"])
+    _check_plaintext(insist, "0.0.0.0", "listen on")  # no error: the operator insisted

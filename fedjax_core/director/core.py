@@ -31,7 +31,8 @@ MAX_LABELS = 1 << 16
 
 class Director:
     def __init__(self, state_dir: Path, log_dir: Path, sample_shape: Iterable[str], target_shape: Iterable[str],
-                 health_check_period: float = 5.0, clock: Callable[[], float] = time.time):
+                 health_check_period: float = 5.0, clock: Callable[[], float] = time.time,
+                 timer: Callable[[], float] = time.monotonic):
         self.state_dir = Path(state_dir)
         self.sample_shape = tuple(sample_shape)
         self.target_shape = tuple(target_shape)
@@ -42,11 +43,12 @@ class Director:
             log.warning("dropping experiment %r: its submission did not complete before the director stopped", name)
         self.files = ExperimentFiles(self.state_dir)
         self.loggers = Loggers(Path(log_dir))
-        self.engine = RoundEngine(self.store, self.files, self.loggers, clock)
+        self._timer = timer  # deadlines: a monotonic clock, immune to wall-clock steps
+        self.engine = RoundEngine(self.store, self.files, self.loggers, clock, timer)
         self._cond = threading.Condition()
         self._run: Run | None = None
         self._closed = False
-        self._waiting_reason: tuple[str, str] | None = None
+        self._waiting: dict[str, str] = {}  # queued experiment -> why it waits (logged once per reason)
         self._resume()
         with self._cond:
             self._start_next()
@@ -157,21 +159,26 @@ class Director:
             return
 
     def _start_next(self) -> None:
-        """Start the oldest queued experiment once its envoys are online. Holds the lock."""
+        """Start the oldest queued experiment whose envoys are online. Holds the lock.
+
+        One waiting for offline envoys does not hold up the ones behind it.
+        """
         if self._run is not None or self._closed:
             return
         online = self._online_names()
         for row in self.store.experiments(r.State.QUEUED):
             envoys = row.header.envoys or tuple(online)
             if not envoys or not set(envoys) <= set(online):
-                return  # wait for its envoys to come online
+                offline = sorted(set(envoys) - set(online)) if envoys else []
+                self._log_waiting(row.name, f"offline: {', '.join(offline)}" if offline else "no envoy is online")
+                continue
             row = dataclasses.replace(row, state=r.State.RUNNING, envoys=envoys)
             try:
                 run = self.engine.new_run(row, 0)
             except InvalidRequestError as exc:
                 if not row.header.envoys:  # sized on the envoys online now: more may come
                     self._log_waiting(row.name, str(exc))
-                    return
+                    continue
                 self._fail_unstartable(row, exc)
                 continue
             except Exception as exc:
@@ -182,9 +189,10 @@ class Director:
             return
 
     def _log_waiting(self, name: str, reason: str) -> None:
-        if self._waiting_reason != (name, reason):
-            self._waiting_reason = (name, reason)
-            log.info("experiment %r waits for more envoys to come online: %s", name, reason)
+        if self._waiting.get(name) != reason:
+            self._waiting[name] = reason
+            log.info("experiment %r waits for its envoys to come online (%s); later experiments may start first",
+                     name, reason)
 
     def _fail_unstartable(self, row: ExperimentRow, exc: Exception) -> None:
         log.error("experiment %r cannot run: %s", row.name, exc)
@@ -441,7 +449,7 @@ class Director:
             if run is None or not run.header.round_timeout_s or run.closing or run.ended:
                 self._cond.wait()
                 continue
-            left = run.started_at + run.header.round_timeout_s - self._clock()
+            left = run.started_at + run.header.round_timeout_s - self._timer()
             if left > 0:
                 self._cond.wait(timeout=left)
                 continue

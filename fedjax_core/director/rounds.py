@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -46,7 +47,7 @@ class Run:
     participants: tuple[str, ...]  # the envoys this round waits for
     upload: frozenset[str]  # the tensors that travel each round
     updates: RoundUpdates
-    started_at: float
+    started_at: float  # on the engine's monotonic timer
     done: set[str] = dataclasses.field(default_factory=set)
     closing: bool = False  # set under the director's lock; no update is accepted after it
     ended: bool = False  # the experiment finished, failed or was cancelled
@@ -90,11 +91,13 @@ class Outcome:
 
 
 class RoundEngine:
-    def __init__(self, store: Store, files: ExperimentFiles, loggers: Loggers, clock: Callable[[], float]):
+    def __init__(self, store: Store, files: ExperimentFiles, loggers: Loggers, clock: Callable[[], float],
+                 timer: Callable[[], float] = time.monotonic):
         self.store = store
         self.files = files
         self.loggers = loggers
-        self.clock = clock
+        self.clock = clock  # wall time, for timestamps
+        self.timer = timer  # monotonic, for round durations and deadlines
         self.fold_hook: Callable[[str, str], None] | None = None  # tests pause a fold here: (experiment, envoy)
 
     # ------------------------------------------------------------------ runs
@@ -110,7 +113,7 @@ class RoundEngine:
             participants = tuple(sorted(row.envoys))
         specs = [s for s in row.header.model_spec if s.name in upload]
         return Run(row=row, round=round_, plan=plan, strategy=strategy, participants=participants, upload=upload,
-                   updates=RoundUpdates(specs, fold_params=strategy.folds_params), started_at=self.clock())
+                   updates=RoundUpdates(specs, fold_params=strategy.folds_params), started_at=self.timer())
 
     def rebuild(self, row: ExperimentRow) -> Run:
         """The run of a director that stopped mid-round: stored updates folded again, in their order."""
@@ -161,8 +164,8 @@ class RoundEngine:
         if run.updates.count == 0:
             return Outcome(state=r.State.FAILED, error=f"round {run.round} closed without any update")
         self._write_next_model(run)
-        now = self.clock()  # the round's time includes aggregating and storing its model
-        seconds = now - run.started_at
+        now = self.clock()
+        seconds = self.timer() - run.started_at  # the round's time includes aggregating and storing its model
         summary = r.MetricEvent(
             round=run.round, envoy="", stage=r.Stage.ROUND, timestamp=now, round_time_s=seconds,
             participants=run.participants,

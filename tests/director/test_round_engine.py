@@ -306,3 +306,52 @@ def test_an_experiment_sized_on_online_envoys_waits_for_them_instead_of_failing(
     d.heartbeat("b")
     assert d.experiment_status("second").state == "running"
     d.close()
+
+
+def wait_until(condition, timeout_s=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_deadlines_and_round_times_follow_the_monotonic_timer_not_the_wall_clock(tmp_path):
+    wall, timer = [1_000_000.0], [50.0]
+    d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60,
+                 clock=lambda: wall[0], timer=lambda: timer[0])
+    for envoy in ("a", "b"):
+        d.register_envoy(envoy, INFO)
+    submit(d, header(round_timeout_s=30, min_envoys=1))
+    play_round(d, 0, envoys=("a",))
+    wall[0] -= 3 * 24 * 3600  # the wall clock steps back three days (NTP, a VM resume...)
+    timer[0] += 31  # while 31 s pass
+    with d._cond:
+        d._cond.notify_all()  # the watcher recomputes its deadline
+    wait_until(lambda: d.experiment_status("exp").current_round == 1)
+    summary = next(e for _, e, _ in d.store.events("exp") if e.stage == r.Stage.ROUND)
+    assert summary.round_time_s == pytest.approx(31.0)
+    d.close()
+
+
+def test_an_experiment_waiting_for_an_offline_envoy_does_not_block_the_queue(tmp_path):
+    now = [1000.0]
+    d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=1,
+                 clock=lambda: now[0])
+    for envoy in ("a", "b", "c"):
+        d.register_envoy(envoy, INFO)
+    now[0] += 10  # everyone's heartbeat is old now...
+    for envoy in ("a", "b"):
+        d.heartbeat(envoy)  # ...except a's and b's (the store's own clock is the real one)
+    now[0] = max(seen for _, _, seen in d.store.envoys())
+    with d.store._lock, d.store._db:
+        d.store._db.execute("UPDATE envoys SET last_seen = 0 WHERE name = 'c'")
+    submit(d, header(name="needs-c", envoys=("a", "c")))
+    submit(d, header(name="has-its-envoys", envoys=("a", "b")))
+    assert d.experiment_status("needs-c").state == "queued"
+    assert d.experiment_status("has-its-envoys").state == "running"  # went ahead of the waiting one
+    d.cancel_experiment("has-its-envoys")
+    d.heartbeat("c")
+    assert d.experiment_status("needs-c").state == "running"
+    d.close()
