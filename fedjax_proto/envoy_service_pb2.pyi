@@ -29,12 +29,14 @@ class ShardInfo(_message.Message):
     def __init__(self, description: _Optional[str] = ..., sample_shape: _Optional[_Iterable[str]] = ..., target_shape: _Optional[_Iterable[str]] = ..., train_size: _Optional[int] = ..., valid_size: _Optional[int] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., label_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterEnvoyRequest(_message.Message):
-    __slots__ = ("envoy_name", "shard_info")
+    __slots__ = ("envoy_name", "shard_info", "instance_id")
     ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
     SHARD_INFO_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     envoy_name: str
     shard_info: ShardInfo
-    def __init__(self, envoy_name: _Optional[str] = ..., shard_info: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, envoy_name: _Optional[str] = ..., shard_info: _Optional[_Union[ShardInfo, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class RegisterEnvoyResponse(_message.Message):
     __slots__ = ("health_check_period_s",)
@@ -43,10 +45,12 @@ class RegisterEnvoyResponse(_message.Message):
     def __init__(self, health_check_period_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("envoy_name",)
+    __slots__ = ("envoy_name", "instance_id")
     ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     envoy_name: str
-    def __init__(self, envoy_name: _Optional[str] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, envoy_name: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known",)

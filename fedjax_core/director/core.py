@@ -21,7 +21,7 @@ from fedjax_core.director.files import ExperimentFiles, write_bundle
 from fedjax_core.director.rounds import Outcome, RoundEngine, Run
 from fedjax_core.director.store import ExperimentRow, Store
 from fedjax_core.director.submission import check_header, check_name
-from fedjax_core.errors import FedError, InvalidRequestError, NotFoundError, PreconditionError
+from fedjax_core.errors import AlreadyExistsError, FedError, InvalidRequestError, NotFoundError, PreconditionError
 from fedjax_core.metrics_log import Loggers
 from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError
 
@@ -49,6 +49,7 @@ class Director:
         self._run: Run | None = None
         self._closed = False
         self._waiting: dict[str, str] = {}  # queued experiment -> why it waits (logged once per reason)
+        self._instances: dict[str, str] = {}  # envoy -> the daemon instance that holds the name
         self._resume()
         with self._cond:
             self._start_next()
@@ -70,7 +71,8 @@ class Director:
         return self.files.bundle(name)
 
     # --------------------------------------------------------------- registry
-    def register_envoy(self, name: str, info: r.ShardInfo) -> float:
+    def register_envoy(self, name: str, info: r.ShardInfo, instance_id: str = "") -> float:
+        """Register (or re-register) envoy ``name``; refused while another daemon holds the name online."""
         check_name("envoy", name)
         if tuple(info.sample_shape) != self.sample_shape or tuple(info.target_shape) != self.target_shape:
             raise InvalidRequestError(
@@ -81,13 +83,25 @@ class Director:
         if len(info.label_counts) > MAX_LABELS:
             raise InvalidRequestError(f"envoy {name!r} reports {len(info.label_counts)} label counts; at most "
                                       f"{MAX_LABELS} classes are supported")
+        with self._cond:
+            holder = self._instances.get(name)
+            if holder and instance_id and holder != instance_id and self._online_since(name) is not None:
+                raise AlreadyExistsError(
+                    f"an envoy named {name!r} is already online (last heard {self._online_since(name):.0f}s ago): "
+                    "stop that daemon or start this one under another name; a restarted daemon is accepted once "
+                    f"the old one has been silent for {2.5 * self.health_check_period:g}s")
+            self._instances[name] = instance_id
         self.store.upsert_envoy(name, info)
         with self._cond:
             self._start_next()
             self._cond.notify_all()
         return self.health_check_period
 
-    def heartbeat(self, name: str) -> bool:
+    def heartbeat(self, name: str, instance_id: str = "") -> bool:
+        """Keep ``name`` online; False (register again) if unknown or held by another daemon."""
+        holder = self._instances.get(name)
+        if holder and instance_id and holder != instance_id:
+            return False
         known = self.store.touch_envoy(name)
         if known and self._run is None:
             with self._cond:  # a queued experiment may have been waiting for this envoy
@@ -97,6 +111,11 @@ class Director:
 
     def _online(self, last_seen: float) -> bool:
         return self._clock() - last_seen <= 2.5 * self.health_check_period
+
+    def _online_since(self, name: str) -> float | None:
+        """Seconds since ``name`` was last heard from, if it still counts as online."""
+        seen = next((s for n, _, s in self.store.envoys() if n == name), None)
+        return self._clock() - seen if seen is not None and self._online(seen) else None
 
     def shard_registry(self) -> list[r.EnvoyEntry]:
         running = self._run

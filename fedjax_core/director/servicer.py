@@ -59,13 +59,14 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     @maps_errors
     def RegisterEnvoy(self, request, context):
         _check_envoy_identity(context, request.envoy_name)
-        period = self.director.register_envoy(request.envoy_name, serde.shard_info_from_proto(request.shard_info))
+        period = self.director.register_envoy(request.envoy_name, serde.shard_info_from_proto(request.shard_info),
+                                              request.instance_id)
         return env_pb.RegisterEnvoyResponse(health_check_period_s=period)
 
     @maps_errors
     def Heartbeat(self, request, context):
         _check_envoy_identity(context, request.envoy_name)
-        return env_pb.HeartbeatResponse(known=self.director.heartbeat(request.envoy_name))
+        return env_pb.HeartbeatResponse(known=self.director.heartbeat(request.envoy_name, request.instance_id))
 
     @maps_errors
     def WaitExperiment(self, request, context):

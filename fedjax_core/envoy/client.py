@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -19,6 +20,7 @@ class EnvoyClient:
     def __init__(self, envoy_name: str, host: str, port: int, tls: TLSFiles | None,
                  stop: threading.Event | None = None, retry_s: float = 3600.0):
         self.envoy_name = envoy_name
+        self.instance_id = uuid.uuid4().hex  # this process's claim on the name
         self.address = f"{host}:{port}"
         self._channel = open_channel(host, port, tls)
         self._stub = env_grpc.EnvoyServiceStub(self._channel)
@@ -33,12 +35,14 @@ class EnvoyClient:
                                wait=self._stop.wait)
 
     def register(self, info: r.ShardInfo, retry_s: float | None = None) -> float:
-        req = env_pb.RegisterEnvoyRequest(envoy_name=self.envoy_name, shard_info=serde.shard_info_to_proto(info))
+        req = env_pb.RegisterEnvoyRequest(envoy_name=self.envoy_name, shard_info=serde.shard_info_to_proto(info),
+                                          instance_id=self.instance_id)
         fn = lambda: self._stub.RegisterEnvoy(req, timeout=10).health_check_period_s  # noqa: E731
         return fn() if retry_s == 0 else self._retry(fn, "register")
 
     def heartbeat(self) -> bool:
-        return self._stub.Heartbeat(env_pb.HeartbeatRequest(envoy_name=self.envoy_name), timeout=10).known
+        request = env_pb.HeartbeatRequest(envoy_name=self.envoy_name, instance_id=self.instance_id)
+        return self._stub.Heartbeat(request, timeout=10).known
 
     def experiments(self) -> "ExperimentStream":
         """Experiment names, pushed by the director as they are assigned (one open stream)."""

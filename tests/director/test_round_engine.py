@@ -355,3 +355,23 @@ def test_an_experiment_waiting_for_an_offline_envoy_does_not_block_the_queue(tmp
     d.heartbeat("c")
     assert d.experiment_status("needs-c").state == "running"
     d.close()
+
+
+def test_a_second_daemon_under_an_online_name_is_refused_and_a_silent_ones_name_is_freed(tmp_path):
+    from fedjax_core.errors import AlreadyExistsError
+
+    now = [1000.0]
+    d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=1,
+                 clock=lambda: now[0])
+    now[0] = 0
+    d.register_envoy("a", INFO, "first")
+    now[0] = max(seen for _, _, seen in d.store.envoys())  # just heard from
+    with pytest.raises(AlreadyExistsError, match="an envoy named 'a' is already online"):
+        d.register_envoy("a", INFO, "second")
+    assert d.heartbeat("a", "second") is False  # the twin cannot keep the name alive either
+    assert d.heartbeat("a", "first") is True
+    d.register_envoy("a", INFO, "first")  # the holder re-registers (after a director restart, say)
+    now[0] += 10  # the first daemon went silent: its name is free again
+    d.register_envoy("a", INFO, "second")
+    assert d.heartbeat("a", "second") is True
+    d.close()

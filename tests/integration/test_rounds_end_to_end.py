@@ -97,3 +97,13 @@ def test_two_of_four_envoys_sampled_with_a_seed_and_round_config_reaching_the_ta
         if e.envoy and e.stage == r.Stage.TRAIN:
             pids.setdefault(e.envoy, set()).update(m.value for m in e.metrics if m.name == "pid")
     assert all(len(p) == 1 for p in pids.values())
+
+
+def test_a_second_daemon_claiming_an_online_name_is_refused(stack):
+    twin = stack.start_envoy(0)  # env1 again, while env1 is online
+    assert twin.proc.wait(timeout=60) != 0
+    twin.wait_for(r"an envoy named 'env1' is already online .*stop that daemon or start this one under another name")
+    registry = stack.federation().get_shard_registry()
+    assert registry["env1"]["is_online"] and registry["env2"]["is_online"]
+    exp = start(stack.federation(), "after-the-twin", rounds_to_train=1)  # the first env1 still works
+    assert exp.wait(timeout_s=120).state == "finished", stack.logs()
