@@ -16,27 +16,41 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 from fedjax_core import records as r
+from fedjax_core.director import limits
 from fedjax_core.director.files import ExperimentFiles, write_bundle
 from fedjax_core.director.rounds import Outcome, RoundEngine, Run
 from fedjax_core.director.store import ExperimentRow, Store
 from fedjax_core.director.submission import check_header, check_name
 from fedjax_core.errors import AlreadyExistsError, FedError, InvalidRequestError, NotFoundError, PreconditionError
 from fedjax_core.metrics_log import Loggers
-from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError
+from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, is_float_dtype, nbytes_of
 
 log = logging.getLogger("fedjax.director")
-MAX_LABELS = 1 << 16
+
+
+def check_finite(update: ModelFile, envoy: str, round_: int) -> None:
+    """Refuse an update with NaN or infinite values: one such upload would poison the aggregate."""
+    for spec in update.specs:
+        if is_float_dtype(spec.dtype):
+            flat = update.array(spec.name).reshape(-1)
+            for start in range(0, flat.size, 1 << 20):
+                if not np.isfinite(flat[start:start + (1 << 20)].astype(np.float32)).all():
+                    raise InvalidRequestError(f"the update of envoy {envoy!r} for round {round_} has non-finite "
+                                              f"values in {spec.name!r} (NaN or infinity): training diverged")
 
 
 class Director:
     def __init__(self, state_dir: Path, log_dir: Path, sample_shape: Iterable[str], target_shape: Iterable[str],
                  health_check_period: float = 5.0, clock: Callable[[], float] = time.time,
-                 timer: Callable[[], float] = time.monotonic):
+                 timer: Callable[[], float] = time.monotonic, max_model_bytes: int = limits.MAX_MODEL_BYTES):
         self.state_dir = Path(state_dir)
         self.sample_shape = tuple(sample_shape)
         self.target_shape = tuple(target_shape)
         self.health_check_period = health_check_period
+        self.max_model_bytes = max_model_bytes
         self._clock = clock
         self.store = Store(self.state_dir / "director.sqlite")
         for name in self.store.abandon_submissions():  # cut off by a crash: never queued
@@ -80,9 +94,7 @@ class Director:
                 f"{list(info.target_shape)}, but this federation expects {list(self.sample_shape)} and "
                 f"{list(self.target_shape)} (director settings sample_shape/target_shape)"
             )
-        if len(info.label_counts) > MAX_LABELS:
-            raise InvalidRequestError(f"envoy {name!r} reports {len(info.label_counts)} label counts; at most "
-                                      f"{MAX_LABELS} classes are supported")
+        limits.check_shard_info(name, info)
         with self._cond:
             holder = self._instances.get(name)
             if holder and instance_id and holder != instance_id and self._online_since(name) is not None:
@@ -136,6 +148,10 @@ class Director:
                           chunks: Iterable[r.TensorChunk]) -> int:
         """Store a new experiment (code bundle + initial model) and queue it; returns its queue position."""
         check_header(header, {name for name, _, _ in self.store.envoys()}, self._online_names())
+        size = sum(nbytes_of(spec) for spec in header.model_spec)
+        if size > self.max_model_bytes:
+            raise InvalidRequestError(f"the model is {size / 2**30:.2f} GiB; this director takes at most "
+                                      f"{self.max_model_bytes / 2**30:.2f} GiB (settings.max_model_bytes)")
         self.store.add_experiment(header, state=r.State.SUBMITTING)  # claims the name (UNIQUE)
         staging = self.files.staging_dir(header.name)
         try:
@@ -348,6 +364,7 @@ class Director:
                        metrics: tuple[r.Metric, ...], sample_count: int) -> None:
         if stage not in r.STAGES:
             raise InvalidRequestError(f"unknown stage {stage!r}; expected one of {', '.join(r.STAGES)}")
+        limits.check_metrics(envoy, metrics)
         with self._cond:
             run = self._running(envoy, experiment)
             if round_ != run.round:
@@ -370,14 +387,34 @@ class Director:
     def accept_update(self, envoy: str, experiment: str, round_: int, sample_count: int,
                       chunks: Iterable[r.TensorChunk]) -> int:
         """Spool an envoy's streamed update to disk, then fold it into the round's aggregate."""
-        with self._cond:
-            run = self._running(envoy, experiment)
-            self._check_update_allowed(run, envoy, round_)
-            expected = {s.name: s for s in run.header.model_spec if s.name in run.upload}
         if sample_count <= 0:
             raise InvalidRequestError(
                 f"envoy {envoy!r} reported {sample_count} training samples; aggregation needs a positive count "
                 "(check DataInterface.get_train_data_size)")
+        with self._cond:
+            run = self._running(envoy, experiment)
+            self._check_update_allowed(run, envoy, round_)
+            if envoy in run.receiving:
+                raise PreconditionError(f"an upload from envoy {envoy!r} for round {round_} is already in progress")
+            run.receiving.add(envoy)
+        try:
+            return self._accept_update(run, envoy, experiment, round_, self._weight(envoy, sample_count), chunks)
+        finally:
+            with self._cond:
+                run.receiving.discard(envoy)
+
+    def _weight(self, envoy: str, sample_count: int) -> float:
+        """An update's weight: its claimed sample count, capped at the train size the envoy registered."""
+        registered = next((info.train_size for name, info, _ in self.store.envoys() if name == envoy), 0)
+        if 0 < registered < sample_count:
+            log.warning("envoy %r claims %d training samples but registered %d; weighting it by %d",
+                        envoy, sample_count, registered, registered)
+            return float(registered)
+        return float(sample_count)
+
+    def _accept_update(self, run: Run, envoy: str, experiment: str, round_: int, weight: float,
+                       chunks: Iterable[r.TensorChunk]) -> int:
+        expected = {s.name: s for s in run.header.model_spec if s.name in run.upload}
         spool = self.files.spool_path(envoy)
         close = False
         try:
@@ -386,13 +423,14 @@ class Director:
                     writer.add_chunk(chunk)
                 writer.commit()
             received = writer.bytes_written
+            check_finite(ModelFile(spool), envoy, round_)
             with run.fold_lock:
                 with self._cond:
                     if self._running(envoy, experiment) is not run:
                         raise PreconditionError(f"round {round_} of {experiment!r} is not open for training updates")
                     self._check_update_allowed(run, envoy, round_)  # the round may have closed meanwhile
                 try:
-                    self.engine.fold(run, envoy, spool, float(sample_count), received)
+                    self.engine.fold(run, envoy, spool, weight, received)
                 except FedError:
                     raise
                 except Exception as exc:  # the round's sums can no longer be trusted: stop, and say why
@@ -434,7 +472,7 @@ class Director:
         """A worker could not go on: fail the experiment with its message, and move on."""
         with self._cond:
             run = self._running(envoy, experiment)
-            self._finish(run, r.State.FAILED, error=f"envoy {envoy!r} failed: {error}")
+            self._finish(run, r.State.FAILED, error=f"envoy {envoy!r} failed: {limits.clip_error(error)}")
             self._cond.notify_all()
         self._cleanup(run)
 

@@ -50,6 +50,7 @@ class Run:
     started_at: float  # on the engine's monotonic timer
     done: set[str] = dataclasses.field(default_factory=set)
     closing: bool = False  # set under the director's lock; no update is accepted after it
+    receiving: set[str] = dataclasses.field(default_factory=set)  # envoys whose upload is streaming in
     ended: bool = False  # the experiment finished, failed or was cancelled
     bytes_in: int = 0
     bytes_out: int = 0

@@ -77,6 +77,9 @@ def metric_value(metrics: tuple[r.Metric, ...], name: str) -> float | None:
 
 
 def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
-    if best is None:
+    """Whether ``value`` beats ``best``; a non-finite value (one envoy's inf or NaN) never does."""
+    if not math.isfinite(value):
+        return False
+    if best is None or not math.isfinite(best):
         return True
     return value > best if higher_is_better else value < best

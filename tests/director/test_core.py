@@ -11,7 +11,7 @@ from fedjax_core.tensors import ModelFile, iter_chunks, spec_of
 
 INITIAL = {"params/w": np.arange(6, dtype=np.float32).reshape(2, 3), "params/b": np.zeros(3, np.float32),
            "step": np.array(0, np.int32)}
-INFO = r.ShardInfo("shard", ("32", "32", "3"), ("1",), 10, 5)
+INFO = r.ShardInfo("shard", ("32", "32", "3"), ("1",), 1000, 5)
 
 
 def make_director(tmp_path) -> Director:

@@ -375,3 +375,78 @@ def test_a_second_daemon_under_an_online_name_is_refused_and_a_silent_ones_name_
     d.register_envoy("a", INFO, "second")
     assert d.heartbeat("a", "second") is True
     d.close()
+
+
+def test_an_update_weighs_at_most_the_train_size_its_envoy_registered(tmp_path):
+    d = make_director(tmp_path)  # a and b registered 10 training samples each
+    submit(d, header())
+    d.accept_update("a", "exp", 0, 2**62, iter_chunks({**update("a", 0), "params/b": np.zeros(4, np.float32)}))
+    d.accept_update("b", "exp", 0, 10, iter_chunks({**update("b", 0), "params/b": np.ones(4, np.float32)}))
+    np.testing.assert_allclose(model_file(tmp_path, 1)["params/b"], 0.5)  # 10 : 10, not 2**62 : 10
+    d.close()
+
+
+def test_a_non_finite_update_is_refused_naming_the_tensor(tmp_path):
+    d = make_director(tmp_path)
+    submit(d, header())
+    bad = {**update("a", 0), "params/w": np.full((3, 4), np.nan, np.float32)}
+    with pytest.raises(InvalidRequestError, match="non-finite values in 'params/w'"):
+        d.accept_update("a", "exp", 0, 10, iter_chunks(bad))
+    play_round(d, 0)  # nothing of it was kept: the round goes on with good updates
+    assert np.isfinite(model_file(tmp_path, 1)["params/w"]).all()
+    d.close()
+
+
+def test_one_upload_at_a_time_per_envoy_and_round(tmp_path):
+    d = make_director(tmp_path)
+    submit(d, header())
+    second_result = {}
+
+    def chunks_with_a_second_upload():
+        chunks = list(iter_chunks(update("a", 0)))
+        yield chunks[0]
+        try:
+            d.accept_update("a", "exp", 0, 10, iter_chunks(update("a", 0)))
+        except PreconditionError as exc:
+            second_result["error"] = str(exc)
+        yield from chunks[1:]
+
+    d.accept_update("a", "exp", 0, 10, chunks_with_a_second_upload())
+    assert second_result["error"] == "an upload from envoy 'a' for round 0 is already in progress"
+    d.close()
+
+
+@pytest.mark.parametrize("info, message", [
+    (r.ShardInfo("x" * 5000, ("32", "32", "3"), ("1",), 10, 5), "shard description is 5000 characters"),
+    (r.ShardInfo("s", ("32", "32", "3"), ("1",), 10, 5, devices=("cpu",) * 100), "devices has 100 entries"),
+    (r.ShardInfo("s", ("32", "32", "3"), ("1",), -1, 5), "cannot be negative"),
+    (r.ShardInfo("s", ("32", "32", "3"), ("1",), 10, 5, label_counts=(1,) * 70000), "label_counts has 70000"),
+])
+def test_oversized_or_negative_shard_info_is_refused(tmp_path, info, message):
+    d = make_director(tmp_path)
+    with pytest.raises(InvalidRequestError, match=message):
+        d.register_envoy("c", info)
+    assert "c" not in [name for name, _, _ in d.store.envoys()]
+    d.close()
+
+
+def test_metric_reports_and_error_texts_are_bounded(tmp_path):
+    d = make_director(tmp_path)
+    submit(d, header())
+    with pytest.raises(InvalidRequestError, match="reported 300 metrics at once; at most 256"):
+        d.report_metrics("a", "exp", 0, r.Stage.TRAIN, tuple(r.Metric("t", f"m{i}", 1.0) for i in range(300)), 10)
+    with pytest.raises(InvalidRequestError, match="metric name"):
+        d.report_metrics("a", "exp", 0, r.Stage.TRAIN, (r.Metric("t", "m" * 1000, 1.0),), 10)
+    d.report_failure("a", "exp", "boom " * 10_000)
+    error = d.experiment_status("exp").error
+    assert len(error) < 17_000 and "more characters cut by the director" in error
+    d.close()
+
+
+def test_a_model_over_the_size_cap_is_refused_at_submission(tmp_path):
+    d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60,
+                 max_model_bytes=32)
+    d.register_envoy("a", INFO)
+    with pytest.raises(InvalidRequestError, match=r"settings.max_model_bytes"):
+        submit(d, header(envoys=("a",)))
+    d.close()
