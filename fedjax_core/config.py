@@ -51,6 +51,9 @@ class DirectorSettings(_Model):
     max_workers: int = Field(128, ge=8, strict=True)
     # Under mTLS, the certificate names allowed to use the notebook API (submit experiments).
     submitters: list[str] = ["api"]
+    # Under mTLS, certificate names that may cancel any experiment and download its models (an
+    # experiment's submitter always may).
+    admins: list[str] = []
     # The largest model (all its tensors) an experiment may submit, in bytes.
     max_model_bytes: int = Field(16 << 30, gt=0, strict=True)
 

@@ -183,6 +183,7 @@ class ModelFileWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._tmp, self.path)
+        fsync_dir(self.path.parent)
         return [TensorSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in self._entries.values()]
 
     def abort(self) -> None:
@@ -196,6 +197,15 @@ class ModelFileWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's new or renamed entries durable (a rename is only as safe as its folder)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_model_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:

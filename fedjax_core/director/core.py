@@ -24,7 +24,8 @@ from fedjax_core.director.files import ExperimentFiles, write_bundle
 from fedjax_core.director.rounds import Outcome, RoundEngine, Run
 from fedjax_core.director.store import ExperimentRow, Store
 from fedjax_core.director.submission import check_header, check_name
-from fedjax_core.errors import AlreadyExistsError, FedError, InvalidRequestError, NotFoundError, PreconditionError
+from fedjax_core.errors import (AlreadyExistsError, FedError, InvalidRequestError, NotFoundError,
+                                PermissionDeniedError, PreconditionError)
 from fedjax_core.metrics_log import Loggers
 from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, is_float_dtype, nbytes_of
 
@@ -45,17 +46,22 @@ def check_finite(update: ModelFile, envoy: str, round_: int) -> None:
 class Director:
     def __init__(self, state_dir: Path, log_dir: Path, sample_shape: Iterable[str], target_shape: Iterable[str],
                  health_check_period: float = 5.0, clock: Callable[[], float] = time.time,
-                 timer: Callable[[], float] = time.monotonic, max_model_bytes: int = limits.MAX_MODEL_BYTES):
+                 timer: Callable[[], float] = time.monotonic, max_model_bytes: int = limits.MAX_MODEL_BYTES,
+                 admins: Iterable[str] = ()):
         self.state_dir = Path(state_dir)
         self.sample_shape = tuple(sample_shape)
         self.target_shape = tuple(target_shape)
         self.health_check_period = health_check_period
         self.max_model_bytes = max_model_bytes
+        self.admins = frozenset(admins)  # certificate names that may cancel or download any experiment
         self._clock = clock
         self.store = Store(self.state_dir / "director.sqlite")
         for name in self.store.abandon_submissions():  # cut off by a crash: never queued
             log.warning("dropping experiment %r: its submission did not complete before the director stopped", name)
         self.files = ExperimentFiles(self.state_dir)
+        for row in self.store.experiments():
+            for path in self.files.sweep(row.name, row.current_round):
+                log.info("removed %s: left behind by a director that stopped", path)
         self.loggers = Loggers(Path(log_dir))
         self._timer = timer  # deadlines: a monotonic clock, immune to wall-clock steps
         self.engine = RoundEngine(self.store, self.files, self.loggers, clock, timer)
@@ -523,15 +529,26 @@ class Director:
             raise NotFoundError(f"no experiment named {name!r}")
         return row.status(self.store.participants(name))
 
-    def cancel_experiment(self, name: str, by: str = "") -> r.ExperimentStatus:
-        """Stop a queued or running experiment; a running one's workers are told it is over."""
+    def _check_owner(self, row: ExperimentRow, by: str | None, action: str) -> None:
+        """Under mTLS (``by`` is the caller's certificate name) only the submitter or an admin may ``action``."""
+        if by is not None and by != row.header.submitter and by not in self.admins:
+            raise PermissionDeniedError(
+                f"experiment {row.name!r} was submitted by {row.header.submitter!r}; only that certificate or "
+                f"one in settings.admins may {action} (the caller is {by!r})")
+
+    def cancel_experiment(self, name: str, by: str | None = None) -> r.ExperimentStatus:
+        """Stop a queued or running experiment; a running one's workers are told it is over.
+
+        ``by`` is the caller's certificate name under mTLS (None in plaintext, on loopback only).
+        """
         with self._cond:
             row = self.store.experiment(name)
             if row is None:
                 raise NotFoundError(f"no experiment named {name!r}")
+            self._check_owner(row, by, "cancel it")
             if row.state in r.TERMINAL_STATES or row.state == r.State.SUBMITTING:
                 raise PreconditionError(f"experiment {name!r} is {row.state}; only queued or running ones can be cancelled")
-            reason = f"cancelled by {by}" if by else "cancelled"
+            reason = f"cancelled by {by}" if by else "cancelled by the notebook API"
             run = self._run if self._run is not None and self._run.name == name else None
             if run is not None:
                 self._finish(run, r.State.CANCELLED, error=reason)
@@ -563,7 +580,11 @@ class Director:
                                     or self.experiment_status(name).state in r.TERMINAL_STATES,
                                     timeout=wait_s)
 
-    def model_chunks(self, name: str, which: str) -> Iterator[r.TensorChunk]:
+    def model_chunks(self, name: str, which: str, by: str | None = None) -> Iterator[r.TensorChunk]:
+        row = self.store.experiment(name)
+        if row is None:
+            raise NotFoundError(f"no experiment named {name!r}")
+        self._check_owner(row, by, "download its models")
         with self._cond:  # resolve and open under the lock: a round closing meanwhile removes old files
             return self._open_model(name, which)
 

@@ -9,14 +9,17 @@ progress); ``incoming/`` holds partial uploads and submissions.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from fedjax_core.errors import InvalidRequestError
+from fedjax_core.tensors import fsync_dir
 
 MAX_BUNDLE_BYTES = 2 << 30
+_ROUND_FILE = re.compile(r"(?:(?:model|server_state)_)?round_(\d{4,})(?:\.fjm)?")
 
 
 class ExperimentFiles:
@@ -69,11 +72,13 @@ class ExperimentFiles:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target, ignore_errors=True)  # leftovers of a crash: the name is ours now
         os.replace(staging, target)
+        fsync_dir(target.parent)
 
     def keep_update(self, spool: Path, name: str, round_: int, envoy: str) -> Path:
         path = self.update(name, round_, envoy)
         path.parent.mkdir(exist_ok=True)
         os.replace(spool, path)
+        fsync_dir(path.parent)
         return path
 
     def copy_best(self, name: str, round_: int) -> None:
@@ -83,6 +88,25 @@ class ExperimentFiles:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         tmp.replace(self.best(name))
+        fsync_dir(self.exp_dir(name))
+
+    def sweep(self, name: str, current_round: int) -> list[Path]:
+        """Remove what a crash left behind in an experiment's folder; returns what was removed.
+
+        Partial files, and spooled rounds, models and strategy states of rounds before
+        ``current_round`` (the round in progress and the best model stay).
+        """
+        removed = []
+        folder = self.exp_dir(name)
+        if not folder.is_dir():
+            return removed
+        for path in folder.iterdir():
+            match = _ROUND_FILE.fullmatch(path.name)
+            stale = path.name.endswith(".partial") or (match is not None and int(match.group(1)) < current_round)
+            if stale:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                removed.append(path)
+        return removed
 
     def drop_round(self, name: str, round_: int) -> None:
         """The spooled updates of a round that closed or was abandoned."""

@@ -1,6 +1,7 @@
 """Thin gRPC servicers: translate protos to records, call the Director, translate back."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
@@ -162,6 +163,9 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         if first is None or not first.HasField("header"):
             raise InvalidRequestError("an experiment submission must start with its header")
         header = serde.header_from_proto(first.header)
+        common_name = peer_common_name(context)
+        if common_name is not None:  # under mTLS the certificate names the submitter, not the client
+            header = dataclasses.replace(header, submitter=common_name)
         pending: list = []
 
         def bundle() -> Iterator[bytes]:
@@ -204,11 +208,11 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
     @maps_errors
     def CancelExperiment(self, request, context):
         self._check_submitter(context)
-        by = peer_common_name(context) or "the notebook API"
-        return serde.status_to_proto(self.director.cancel_experiment(request.name, by=by))
+        return serde.status_to_proto(self.director.cancel_experiment(request.name, by=peer_common_name(context)))
 
     @maps_errors
     def GetModel(self, request, context):
         self._check_submitter(context)
-        for chunk in self.director.model_chunks(request.experiment_name, request.which):
+        for chunk in self.director.model_chunks(request.experiment_name, request.which,
+                                                by=peer_common_name(context)):
             yield serde.chunk_to_proto(chunk)

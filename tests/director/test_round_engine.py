@@ -450,3 +450,25 @@ def test_a_model_over_the_size_cap_is_refused_at_submission(tmp_path):
     with pytest.raises(InvalidRequestError, match=r"settings.max_model_bytes"):
         submit(d, header(envoys=("a",)))
     d.close()
+
+
+def test_files_left_by_a_crash_are_swept_at_start_up(tmp_path):
+    d = make_director(tmp_path)
+    submit(d, header(strategy=s.FedAdam()))
+    play_round(d, 0)
+    play_round(d, 1, envoys=("a",))  # round 1 in progress, one update spooled
+    exp = tmp_path / "state" / "experiments" / "exp"
+    stale = [exp / "round_0000", exp / "model_round_0000.fjm", exp / "server_state_round_0000.fjm",
+             exp / "model_round_0002.fjm.partial", tmp_path / "state" / "incoming" / ".a-123.fjm"]
+    stale[0].mkdir()
+    (stale[0] / "a.fjm").write_bytes(b"x")
+    for path in stale[1:]:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+    d = reopen(d, tmp_path)
+    assert [p for p in stale if p.exists()] == []
+    kept = sorted(p.name for p in exp.iterdir())
+    assert kept == ["bundle.bin", "model_round_0001.fjm", "round_0001", "server_state_round_0001.fjm"]
+    play_round(d, 1, envoys=("b",))  # the spooled update of round 1 survived and is counted
+    assert d.experiment_status("exp").current_round == 2
+    d.close()

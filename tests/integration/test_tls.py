@@ -81,3 +81,53 @@ def test_an_mtls_notebook_against_a_plaintext_director_is_told_to_use_plaintext(
                        api_private_key=str(tmp_path / "pki" / "api.key"))
     finally:
         stack.stop()
+
+
+def test_only_the_submitter_or_an_admin_may_cancel_or_download_an_experiment(tmp_path):
+    """The submitter is the certificate's name, never the client_id the notebook sends."""
+    import yaml
+
+    from fedjax_core import Federation, pki
+    from fedjax_core.errors import PermissionDeniedError
+
+    stack = Stack(tmp_path, n_envoys=1, tls=True)
+    config = yaml.safe_load(stack.director_config.read_text())
+    config["settings"].update(submitters=["api", "colleague", "boss"], admins=["boss"])
+    stack.director_config.write_text(yaml.safe_dump(config))
+    for name in ("colleague", "boss"):
+        pki.certify(stack.pki, name)
+
+    def as_(name):
+        return Federation(client_id="boss", director_node_fqdn="127.0.0.1", director_port=stack.port, tls=True,
+                          cert_chain=str(stack.pki / "root_ca.crt"), api_cert=str(stack.pki / f"{name}.crt"),
+                          api_private_key=str(stack.pki / f"{name}.key"))
+
+    try:
+        stack.start()
+        exp = FLExperiment(federation=as_("api"), experiment_name="mine")  # client_id says "boss": ignored
+        exp.start(model_provider=ModelInterface(model=create_train_state()), task_keeper=make_tasks(),
+                  data_loader=SubsetDataset(limit=64), rounds_to_train=1, device_assignment_policy="CPU_ONLY")
+        assert exp.wait(timeout_s=120).state == "finished", stack.logs()
+        colleague = FLExperiment(federation=as_("colleague"), experiment_name="mine")
+        colleague.set_model_template(create_train_state())
+        with pytest.raises(PermissionDeniedError, match="submitted by 'api'; only that certificate or one in "
+                                                        r"settings.admins may download its models \(the caller is "
+                                                        "'colleague'\\)"):
+            colleague.get_last_model()
+        boss = FLExperiment(federation=as_("boss"), experiment_name="mine")
+        boss.set_model_template(create_train_state())
+        import jax
+        import numpy as np
+
+        mine, bosses = exp.get_last_model(), boss.get_last_model()  # the submitter and an admin may
+        for a, b in zip(jax.tree_util.tree_leaves(mine.params), jax.tree_util.tree_leaves(bosses.params)):
+            np.testing.assert_array_equal(a, b)
+
+        queued = FLExperiment(federation=as_("api"), experiment_name="to-cancel")
+        queued.start(model_provider=ModelInterface(model=create_train_state()), task_keeper=make_tasks(),
+                     data_loader=SubsetDataset(limit=64), rounds_to_train=50, device_assignment_policy="CPU_ONLY")
+        with pytest.raises(PermissionDeniedError, match="may cancel it"):
+            FLExperiment(federation=as_("colleague"), experiment_name="to-cancel").cancel()
+        assert queued.cancel().error == "cancelled by api"
+    finally:
+        stack.stop()
