@@ -70,12 +70,19 @@ class EnvoyParams(_Model):
     work_dir: str = "envoy_workspace"  # relative to the config file
 
 
+class EnvoySettings(_Model):
+    # Submitters (certificate names under mTLS) whose experiments this envoy runs; unset: any
+    # submitter the director allows. Without TLS the name is whatever the notebook claims.
+    accept_from: list[str] | None = None
+
+
 class ShardDescriptorConfig(_Model):
     template: str = Field(pattern=r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$")
     params: dict[str, Any] = {}
 
 
 class EnvoyConfig(_Model):
+    settings: EnvoySettings = EnvoySettings()
     params: EnvoyParams = EnvoyParams()
     optional_plugin_components: dict[str, Any] = {}
     shard_descriptor: ShardDescriptorConfig

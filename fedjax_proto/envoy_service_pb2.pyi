@@ -65,10 +65,12 @@ class WaitExperimentRequest(_message.Message):
     def __init__(self, envoy_name: _Optional[str] = ...) -> None: ...
 
 class WaitExperimentResponse(_message.Message):
-    __slots__ = ("experiment_name",)
+    __slots__ = ("experiment_name", "submitter")
     EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTER_FIELD_NUMBER: _ClassVar[int]
     experiment_name: str
-    def __init__(self, experiment_name: _Optional[str] = ...) -> None: ...
+    submitter: str
+    def __init__(self, experiment_name: _Optional[str] = ..., submitter: _Optional[str] = ...) -> None: ...
 
 class GetExperimentBundleRequest(_message.Message):
     __slots__ = ("envoy_name", "experiment_name")

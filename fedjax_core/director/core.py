@@ -523,6 +523,12 @@ class Director:
     def experiments(self) -> list[r.ExperimentStatus]:
         return [row.status(self.store.participants(row.name)) for row in self.store.experiments()]
 
+    def experiment_submitter(self, name: str) -> str:
+        row = self.store.experiment(name)
+        if row is None:
+            raise NotFoundError(f"no experiment named {name!r}")
+        return row.header.submitter
+
     def experiment_status(self, name: str) -> r.ExperimentStatus:
         row = self.store.experiment(name)
         if row is None:

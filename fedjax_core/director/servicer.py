@@ -77,7 +77,8 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
             name = self.director.wait_experiment(request.envoy_name, sent, timeout=MAX_LONG_POLL_S)
             if name is not None:
                 sent = name
-                yield env_pb.WaitExperimentResponse(experiment_name=name)
+                yield env_pb.WaitExperimentResponse(experiment_name=name,
+                                                    submitter=self.director.experiment_submitter(name))
 
     @maps_errors
     def GetExperimentBundle(self, request, context):

@@ -96,14 +96,14 @@ class EnvoyClient:
 
 
 class ExperimentStream:
-    """Iterates experiment names from an open WaitExperiment call; ``cancel()`` ends it."""
+    """Iterates ``(experiment name, submitter)`` from an open WaitExperiment call; ``cancel()`` ends it."""
 
     def __init__(self, call):
         self._call = call
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[tuple[str, str]]:
         for msg in self._call:
-            yield msg.experiment_name
+            yield msg.experiment_name, msg.submitter
 
     def cancel(self) -> None:
         self._call.cancel()

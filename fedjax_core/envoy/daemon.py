@@ -99,7 +99,9 @@ class EnvoyDaemon:
                 self._stream = self.client.experiments()
                 if self.stop.is_set():  # a stop request raced with the (re)connection
                     self._stream.cancel()
-                for experiment in self._stream:
+                for experiment, submitter in self._stream:
+                    if not self._consents(experiment, submitter):
+                        continue
                     try:
                         self._start_experiment(experiment)
                     except FedError as exc:  # e.g. the experiment ended before this envoy got to it
@@ -125,6 +127,20 @@ class EnvoyDaemon:
                     self.client.register(self.info, retry_s=0)
             except grpc.RpcError as exc:
                 log.debug("heartbeat failed: %s", exc.code().name)
+
+    def _consents(self, experiment: str, submitter: str) -> bool:
+        """Whether this envoy runs code from ``submitter`` (settings.accept_from); a refusal is reported."""
+        accept_from = self.config.settings.accept_from
+        if accept_from is None or submitter in accept_from:
+            return True
+        reason = (f"refused experiment {experiment!r}: its submitter {submitter!r} is not in this envoy's "
+                  f"settings.accept_from ({', '.join(accept_from) or 'nobody'})")
+        log.warning("envoy %s %s", self.name, reason)
+        try:
+            self.client.report_failure(experiment, reason)
+        except grpc.RpcError as exc:  # the experiment may have ended meanwhile
+            log.warning("envoy %s: could not report the refusal: %s", self.name, exc.details())
+        return False
 
     def _start_experiment(self, experiment: str) -> None:
         with self._worker_lock:

@@ -107,3 +107,25 @@ def test_a_second_daemon_claiming_an_online_name_is_refused(stack):
     assert registry["env1"]["is_online"] and registry["env2"]["is_online"]
     exp = start(stack.federation(), "after-the-twin", rounds_to_train=1)  # the first env1 still works
     assert exp.wait(timeout_s=120).state == "finished", stack.logs()
+
+
+def test_an_envoy_refuses_an_experiment_from_a_submitter_it_does_not_accept(tmp_path):
+    import yaml
+
+    from fedjax_core import ExperimentFailed
+
+    s = Stack(tmp_path)
+    config = yaml.safe_load(s.envoy_configs[1].read_text())
+    config["settings"] = {"accept_from": ["a-colleague"]}
+    s.envoy_configs[1].write_text(yaml.safe_dump(config))
+    try:
+        s.start()
+        exp = start(s.federation(), "not-for-env2", rounds_to_train=1)
+        with pytest.raises(ExperimentFailed, match="envoy 'env2' failed: refused experiment 'not-for-env2': its "
+                                                   "submitter 'api' is not in this envoy's settings.accept_from "
+                                                   r"\(a-colleague\)"):
+            exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
+        s.processes[2].wait_for("refused experiment 'not-for-env2'")
+        assert "starting worker" not in s.processes[2].output()  # its code never ran there
+    finally:
+        s.stop()
