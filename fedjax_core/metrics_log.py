@@ -35,6 +35,8 @@ class ExperimentLogger:
         for metric in event.metrics:
             writer.add_scalar(scalar_tag(event, metric), metric.value, global_step=event.round,
                               walltime=event.timestamp or None)
+        if event.note:
+            writer.add_text(event.stage, event.note, global_step=event.round, walltime=event.timestamp or None)
         if event.participants:
             writer.add_text("round/participants", ", ".join(event.participants), global_step=event.round,
                             walltime=event.timestamp or None)

@@ -12,6 +12,7 @@ class Stage(StrEnum):
     TRAIN = "train"
     LOCAL = "locally_tuned_model_validation"
     ROUND = "round"
+    DROPOUT = "dropout"  # an envoy left a round (its task failed); the event's note says who, why, who goes on
 
 
 class State(StrEnum):
@@ -149,6 +150,7 @@ class MetricEvent:
     state: str = ""
     round_time_s: float = 0.0
     participants: tuple[str, ...] = ()  # on ROUND events: the envoys selected for the round
+    note: str = ""  # on DROPOUT events: what happened and what happens next
 
 
 @dataclass(frozen=True)

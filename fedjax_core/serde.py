@@ -125,7 +125,7 @@ def metric_event_to_proto(e: r.MetricEvent) -> fed_pb.MetricEvent:
     return fed_pb.MetricEvent(
         round=e.round, envoy=e.envoy, stage=e.stage, metrics=metrics_to_proto(e.metrics),
         timestamp=e.timestamp, experiment_done=e.experiment_done, state=e.state,
-        round_time_s=e.round_time_s, participants=list(e.participants),
+        round_time_s=e.round_time_s, participants=list(e.participants), note=e.note,
     )
 
 
@@ -137,7 +137,7 @@ def metric_event_from_proto(msg: fed_pb.MetricEvent) -> r.MetricEvent:
     return r.MetricEvent(
         round=int(msg.round), envoy=msg.envoy, stage=_stage(msg.stage), metrics=metrics_from_proto(msg.metrics),
         timestamp=msg.timestamp, experiment_done=msg.experiment_done, state=msg.state,
-        round_time_s=msg.round_time_s, participants=tuple(msg.participants),
+        round_time_s=msg.round_time_s, participants=tuple(msg.participants), note=msg.note,
     )
 
 

@@ -180,14 +180,16 @@ class UploadUpdateResponse(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
-    __slots__ = ("envoy_name", "experiment_name", "error")
+    __slots__ = ("envoy_name", "experiment_name", "error", "round")
     ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     envoy_name: str
     experiment_name: str
     error: str
-    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    round: int
+    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., error: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class ReportFailureResponse(_message.Message):
     __slots__ = ()

@@ -155,7 +155,7 @@ class StreamMetricsRequest(_message.Message):
     def __init__(self, experiment_name: _Optional[str] = ...) -> None: ...
 
 class MetricEvent(_message.Message):
-    __slots__ = ("round", "envoy", "stage", "metrics", "timestamp", "experiment_done", "state", "round_time_s", "participants")
+    __slots__ = ("round", "envoy", "stage", "metrics", "timestamp", "experiment_done", "state", "round_time_s", "participants", "note")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ENVOY_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class MetricEvent(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_TIME_S_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     round: int
     envoy: str
     stage: str
@@ -174,7 +175,8 @@ class MetricEvent(_message.Message):
     state: str
     round_time_s: float
     participants: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round: _Optional[int] = ..., envoy: _Optional[str] = ..., stage: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_tensors_pb2.Metric, _Mapping]]] = ..., timestamp: _Optional[float] = ..., experiment_done: _Optional[bool] = ..., state: _Optional[str] = ..., round_time_s: _Optional[float] = ..., participants: _Optional[_Iterable[str]] = ...) -> None: ...
+    note: str
+    def __init__(self, round: _Optional[int] = ..., envoy: _Optional[str] = ..., stage: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_tensors_pb2.Metric, _Mapping]]] = ..., timestamp: _Optional[float] = ..., experiment_done: _Optional[bool] = ..., state: _Optional[str] = ..., round_time_s: _Optional[float] = ..., participants: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class CancelExperimentRequest(_message.Message):
     __slots__ = ("name",)

@@ -116,9 +116,13 @@ def make_tasks(style: str = "inplace") -> TaskInterface:
     TI = TaskInterface()
 
     @TI.add_kwargs(batch_size=64)
-    @TI.register_fl_task(model="state", data_loader="dataset", optimizer="optimizer", device="device")
-    def train(state, dataset, optimizer, device, batch_size=32, loss_fn=None, warmup=False, lr_scale=1.0):
+    @TI.register_fl_task(model="state", data_loader="dataset", optimizer="optimizer", device="device",
+                         round_num="round_num")
+    def train(state, dataset, optimizer, device, round_num=0, batch_size=32, loss_fn=None, warmup=False,
+              lr_scale=1.0):
         time.sleep(float(os.environ.get("FEDJAX_TEST_TRAIN_DELAY_S", "0")))  # a deliberately slow envoy
+        if str(round_num) in os.environ.get("FEDJAX_TEST_FAIL_ROUNDS", "").split(","):  # an injected task failure
+            raise RuntimeError(f"injected failure in round {round_num}")
         start_norm = trace_norm(state)
         new_state, acc = train_epoch(state, dataset, batch_size)
         metrics = {"train_acc": acc, "trace_norm_at_start": start_norm, "traces": float(TRACES["update"]),

@@ -126,7 +126,7 @@ class FLExperiment:
               aggregation: Strategy | str = "fedavg", envoys: Iterable[str] | None = None,
               envoys_per_round: int | float | None = None, sampling_seed: int | None = None,
               round_config: Callable[[int], Mapping[str, Mapping[str, Any]]] | None = None,
-              min_envoys: int = 0, round_timeout_s: float = 0.0,
+              min_envoys: int = 1, round_timeout_s: float = 0.0,
               pickle_by_value: Iterable[ModuleType] = (), pip_install_options: Any = None) -> int:
         """Submit the experiment; returns its place in the director's queue (0: running now).
 
@@ -136,8 +136,10 @@ class FLExperiment:
         records who took part). ``round_config(round) -> {task: {kwarg: value}}`` is evaluated
         here for round = 0 .. rounds_to_train - 1 and overrides ``add_kwargs`` in that round.
 
-        A round closes when every participant has reported, or, with ``round_timeout_s`` > 0, at
-        that deadline if at least ``min_envoys`` (0: all) have; otherwise the experiment fails.
+        A round closes when every participant has reported or dropped out (a task that raises
+        drops its envoy out of that round; it rejoins at the next), or, with ``round_timeout_s``
+        > 0, at that deadline if at least ``min_envoys`` have reported. A round that can no
+        longer reach ``min_envoys`` results (0: every participant) fails the experiment.
 
         Code reaches the envoys by cloudpickle: modules that belong to no installed distribution
         (beside the notebook or anywhere on ``sys.path``) travel by value; ``pickle_by_value``

@@ -45,6 +45,12 @@ class MetricsView:
     def add(self, event: r.MetricEvent) -> None:
         if self.logger is not None:
             self.logger.log(event)
+        if event.stage == r.Stage.DROPOUT:
+            row = self._row(event.round)
+            row["dropped"] = ",".join(filter(None, [row.get("dropped", ""), event.envoy]))
+            if self.progress or self.live_table:
+                tqdm.write(event.note)
+            return
         if event.envoy:
             self._advance(event.round)
             return

@@ -344,7 +344,7 @@ class Director:
             return r.Task(kind=r.TaskKind.NONE)
         if envoy not in run.envoys:
             return r.Task(kind=r.TaskKind.FINISHED, message=f"envoy {envoy!r} is not a collaborator of {experiment!r}")
-        if run.closing or envoy in run.done or envoy not in run.participants:
+        if run.closing or envoy in run.done or envoy not in run.participants or envoy in run.dropped:
             return r.Task(kind=r.TaskKind.NONE)  # sits this round out, keeping its worker and jit cache
         return r.Task(kind=run.kind, round=run.round, opt_treatment=run.header.opt_treatment,
                       upload_tensors=tuple(sorted(run.upload)), task_kwargs=run.task_kwargs())
@@ -473,14 +473,47 @@ class Director:
             raise PreconditionError(f"envoy {envoy!r} was not selected for round {round_} of {run.name!r}")
         if envoy in run.done:
             raise PreconditionError(f"envoy {envoy!r} already sent its update for round {round_}")
+        if envoy in run.dropped:
+            raise PreconditionError(f"envoy {envoy!r} dropped out of round {round_}; it rejoins at the next round")
 
-    def report_failure(self, envoy: str, experiment: str, error: str) -> None:
-        """A worker could not go on: fail the experiment with its message, and move on."""
+    def report_failure(self, envoy: str, experiment: str, error: str, round_: int | None = None) -> None:
+        """A task failed in ``round_`` (a dropout from that round), or a worker cannot go on (``round_`` None).
+
+        A dropout ends the experiment only when the round can no longer reach its needed results
+        (min_envoys, or every participant when that is 0); otherwise the others go on and the
+        notebook is told who dropped out, why, and how many continue.
+        """
+        error = limits.clip_error(error)
+        close = ended = False
         with self._cond:
             run = self._running(envoy, experiment)
-            self._finish(run, r.State.FAILED, error=f"envoy {envoy!r} failed: {limits.clip_error(error)}")
+            if round_ is not None and (round_ != run.round or run.closing or envoy in run.done
+                                       or envoy in run.dropped or envoy not in run.participants):
+                raise PreconditionError(f"round {round_} of {experiment!r} has gone on without envoy {envoy!r}")
+            if round_ is not None and len(run.participants) - len(run.dropped) - 1 >= run.needed:
+                run.dropped[envoy] = error
+                left = len(run.participants) - len(run.dropped)
+                note = (f"envoy {envoy!r} dropped out of round {round_}: {error.splitlines()[0] if error else ''}; "
+                        f"{left} of {len(run.participants)} continue (the round needs {run.needed})")
+                event = r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage.DROPOUT, note=note,
+                                      timestamp=self._clock())
+                close = self._claim_close(run)
+            else:
+                where = "" if round_ is None else (
+                    f" in round {round_}, leaving fewer than the {run.needed} results the round needs (min_envoys)")
+                self._finish(run, r.State.FAILED, error=f"envoy {envoy!r} failed{where}: {error}")
+                ended = True
             self._cond.notify_all()
-        self._cleanup(run)
+        if ended:
+            self._cleanup(run)
+            return
+        log.warning("experiment %r: %s", experiment, note)
+        if self.store.add_event(experiment, event):
+            self.loggers.log(experiment, event)
+        with self._cond:
+            self._cond.notify_all()  # metric streams see the event
+        if close:
+            self._close(run)
 
     # ------------------------------------------------------------ deadlines
     def _watch_deadlines(self) -> None:
@@ -490,7 +523,7 @@ class Director:
                 run = self._next_due()
                 if run is None:
                     return
-                needed = max(run.header.min_envoys or len(run.participants), 1)
+                needed = run.needed
                 close = len(run.done) >= needed
                 if close:
                     run.closing = True

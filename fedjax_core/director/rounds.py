@@ -51,6 +51,7 @@ class Run:
     done: set[str] = dataclasses.field(default_factory=set)
     closing: bool = False  # set under the director's lock; no update is accepted after it
     receiving: set[str] = dataclasses.field(default_factory=set)  # envoys whose upload is streaming in
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)  # envoys out of this round, and why
     ended: bool = False  # the experiment finished, failed or was cancelled
     bytes_in: int = 0
     bytes_out: int = 0
@@ -75,7 +76,12 @@ class Run:
 
     @property
     def complete(self) -> bool:
-        return set(self.participants) <= self.done
+        return set(self.participants) - set(self.dropped) <= self.done
+
+    @property
+    def needed(self) -> int:
+        """Results this round needs to close: min_envoys, or every participant when it is 0."""
+        return max(self.header.min_envoys or len(self.participants), 1)
 
     def task_kwargs(self) -> str:
         """This round's round_config entry; the final validation round uses the last training round's."""
@@ -126,9 +132,10 @@ class RoundEngine:
             run.updates.add(Upload(envoy, weight, ModelFile(path)))
             run.done.add(envoy)
             run.bytes_in += nbytes
+        events = [e for _, e, _ in self.store.events(row.name, round_=run.round) if e.envoy]
+        run.dropped = {e.envoy: e.note for e in events if e.stage == r.Stage.DROPOUT}
         if run.kind == r.TaskKind.VALIDATE:
-            run.done |= {e.envoy for _, e, _ in self.store.events(row.name, round_=run.round)
-                         if e.stage == r.Stage.AGGREGATED and e.envoy}
+            run.done |= {e.envoy for e in events if e.stage == r.Stage.AGGREGATED}
         return run
 
     # ------------------------------------------------------------------ folding

@@ -128,7 +128,8 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     @maps_errors
     def ReportFailure(self, request, context):
         _check_envoy_identity(context, request.envoy_name)
-        self.director.report_failure(request.envoy_name, request.experiment_name, request.error)
+        self.director.report_failure(request.envoy_name, request.experiment_name, request.error,
+                                     request.round if request.HasField("round") else None)
         return env_pb.ReportFailureResponse()
 
 

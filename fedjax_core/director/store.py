@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, experiment TEXT NOT NULL, round INTEGER NOT NULL,
     envoy TEXT NOT NULL, stage TEXT NOT NULL, metrics TEXT NOT NULL, weight REAL NOT NULL,
-    ts REAL NOT NULL, round_time_s REAL NOT NULL DEFAULT 0, participants TEXT NOT NULL DEFAULT '[]'
+    ts REAL NOT NULL, round_time_s REAL NOT NULL DEFAULT 0, participants TEXT NOT NULL DEFAULT '[]',
+    note TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_by_experiment ON events (experiment, id);
 -- one event per (round, envoy, stage): a report retried after a lost reply is not counted twice
@@ -96,6 +97,8 @@ class Store:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
         if "participants" not in columns:
             self._db.execute("ALTER TABLE events ADD COLUMN participants TEXT NOT NULL DEFAULT '[]'")
+        if "note" not in columns:
+            self._db.execute("ALTER TABLE events ADD COLUMN note TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -207,21 +210,22 @@ class Store:
         metrics = json.dumps([[m.task, m.name, m.value] for m in event.metrics])
         return self._write(
             "INSERT OR IGNORE INTO events (experiment, round, envoy, stage, metrics, weight, ts, round_time_s, "
-            "participants) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "participants, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (experiment, event.round, event.envoy, event.stage, metrics, weight, event.timestamp, event.round_time_s,
-             json.dumps(list(event.participants))),
+             json.dumps(list(event.participants)), event.note),
         ).rowcount > 0
 
     def events(self, experiment: str, after_id: int = 0, round_: int | None = None) -> list[tuple[int, r.MetricEvent, float]]:
-        sql = ("SELECT id, round, envoy, stage, metrics, weight, ts, round_time_s, participants FROM events "
+        sql = ("SELECT id, round, envoy, stage, metrics, weight, ts, round_time_s, participants, note FROM events "
                "WHERE experiment = ? AND id > ?")
         args: tuple = (experiment, after_id)
         if round_ is not None:
             sql += " AND round = ?"
             args += (round_,)
         out = []
-        for id_, rnd, envoy, stage, metrics, weight, ts, rts, who in self._read(sql + " ORDER BY id", args):
+        for id_, rnd, envoy, stage, metrics, weight, ts, rts, who, note in self._read(sql + " ORDER BY id", args):
             ms = tuple(r.Metric(t, n, v) for t, n, v in json.loads(metrics))
             out.append((id_, r.MetricEvent(round=rnd, envoy=envoy, stage=stage, metrics=ms, timestamp=ts,
-                                           round_time_s=rts, participants=tuple(json.loads(who))), weight))
+                                           round_time_s=rts, participants=tuple(json.loads(who)), note=note),
+                        weight))
         return out

@@ -89,8 +89,10 @@ class EnvoyClient:
 
         return self._retry(lambda: self._stub.UploadUpdate(requests(), timeout=600).bytes_received, "upload the update")
 
-    def report_failure(self, experiment: str, error: str) -> None:
-        req = env_pb.ReportFailureRequest(envoy_name=self.envoy_name, experiment_name=experiment, error=error)
+    def report_failure(self, experiment: str, error: str, round_: int | None = None) -> None:
+        """``round_``: a task failed in that round (a dropout); None: this envoy cannot go on at all."""
+        req = env_pb.ReportFailureRequest(envoy_name=self.envoy_name, experiment_name=experiment, error=error,
+                                          round=round_)
         self._stub.ReportFailure(req, timeout=30)
 
 

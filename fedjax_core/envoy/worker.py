@@ -70,6 +70,15 @@ class _Rounds:
             except PreconditionError as exc:  # the round closed at its deadline without us, or moved on
                 print(f"[worker {self.client.envoy_name}] round {task.round} went on without this envoy: {exc}",
                       flush=True)
+            except Exception as exc:  # a task failed: this envoy drops out of the round, and may rejoin the next
+                text = traceback.format_exc()
+                print(f"[worker {self.client.envoy_name}] round {task.round} failed:\n{text}", file=sys.stderr,
+                      flush=True)
+                try:
+                    self.client.report_failure(self.experiment, f"{type(exc).__name__}: {exc}\n{text[-3000:]}",
+                                               round_=task.round)
+                except PreconditionError:  # the round went on (or closed) meanwhile: nothing to drop out of
+                    pass
 
     def _run_tasks(self, names: list[str], state, loader, task: r.Task, train: bool, global_state):
         """Run ``names`` in order; training tasks hand their state on, validation tasks only measure."""

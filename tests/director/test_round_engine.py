@@ -472,3 +472,32 @@ def test_files_left_by_a_crash_are_swept_at_start_up(tmp_path):
     play_round(d, 1, envoys=("b",))  # the spooled update of round 1 survived and is counted
     assert d.experiment_status("exp").current_round == 2
     d.close()
+
+
+def test_a_dropout_survives_a_restart_and_the_round_closes_with_the_others(tmp_path):
+    d = make_director(tmp_path, ("a", "b", "c"))
+    submit(d, header(min_envoys=2))
+    d.report_failure("c", "exp", "ValueError: bad batch", round_=0)
+    assert d.wait_task("c", "exp", 0).kind == r.TaskKind.NONE  # out of this round
+    with pytest.raises(PreconditionError, match="dropped out of round 0"):
+        d.accept_update("c", "exp", 0, 10, iter_chunks(update("c", 0)))
+    with pytest.raises(PreconditionError, match="has gone on without envoy 'c'"):
+        d.report_failure("c", "exp", "again", round_=0)
+    play_round(d, 0, envoys=("a",))
+    d = reopen(d, tmp_path)  # killed with a dropped and b pending
+    assert d.experiment_status("exp").current_round == 0
+    play_round(d, 0, envoys=("b",))
+    assert d.experiment_status("exp").current_round == 1  # closed with a and b
+    assert d.wait_task("c", "exp", 0).kind == r.TaskKind.TRAIN  # c rejoins round 1
+    notes = [e.note for _, e, _ in d.store.events("exp") if e.stage == r.Stage.DROPOUT]
+    assert notes == ["envoy 'c' dropped out of round 0: ValueError: bad batch; 2 of 3 continue (the round needs 2)"]
+    d.close()
+
+
+def test_a_failure_outside_a_round_still_ends_the_experiment(tmp_path):
+    d = make_director(tmp_path)
+    submit(d, header(min_envoys=1))
+    d.report_failure("a", "exp", "ModuleNotFoundError: no module named 'mine'")  # the worker cannot start
+    status = d.experiment_status("exp")
+    assert status.state == "failed" and status.error == "envoy 'a' failed: ModuleNotFoundError: no module named 'mine'"
+    d.close()

@@ -129,3 +129,43 @@ def test_an_envoy_refuses_an_experiment_from_a_submitter_it_does_not_accept(tmp_
         assert "starting worker" not in s.processes[2].output()  # its code never ran there
     finally:
         s.stop()
+
+
+@pytest.fixture
+def env2_fails_round_1(tmp_path):
+    s = Stack(tmp_path)
+    try:
+        s.start(envoy_env={1: {"FEDJAX_TEST_FAIL_ROUNDS": "1"}})
+        yield s
+    finally:
+        s.stop()
+        print(s.logs())
+
+
+def test_a_task_that_raises_drops_its_envoy_out_of_that_round_only(env2_fails_round_1):
+    exp = start(env2_fails_round_1.federation(), "dropout", rounds_to_train=3, min_envoys=1)
+    rows = exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
+    status = exp.get_experiment_status()
+    assert status.state == "finished", env2_fails_round_1.logs()
+    dropouts = [e for e in exp.history if e.stage == r.Stage.DROPOUT]
+    assert [(e.round, e.envoy) for e in dropouts] == [(1, "env2")]
+    assert "envoy 'env2' dropped out of round 1: RuntimeError: injected failure in round 1; 1 of 2 continue" \
+        in dropouts[0].note
+    assert rows[1]["dropped"] == "env2"
+    trained = {rnd: sorted(e.envoy for e in exp.history if e.envoy and e.stage == r.Stage.TRAIN and e.round == rnd)
+               for rnd in range(3)}
+    assert trained == {0: ["env1", "env2"], 1: ["env1"], 2: ["env1", "env2"]}  # env2 rejoined at round 2
+    summary = {e.round: {m.name: m.value for m in e.metrics} for e in exp.history if e.stage == r.Stage.ROUND}
+    assert summary[1]["envoys_reported"] == 1 and summary[2]["envoys_reported"] == 2
+    pids = {m.value for e in exp.history if e.envoy == "env2" and e.stage == r.Stage.TRAIN for m in e.metrics
+            if m.name == "pid"}
+    assert len(pids) == 1  # the same worker carried on
+
+
+def test_a_dropout_that_leaves_too_few_results_fails_the_experiment_saying_so(env2_fails_round_1):
+    from fedjax_core import ExperimentFailed
+
+    exp = start(env2_fails_round_1.federation(), "too-few", rounds_to_train=2, min_envoys=2)
+    with pytest.raises(ExperimentFailed, match="envoy 'env2' failed in round 1, leaving fewer than the 2 results "
+                                               r"the round needs \(min_envoys\): RuntimeError: injected failure"):
+        exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
