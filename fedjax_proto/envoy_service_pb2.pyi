@@ -180,16 +180,18 @@ class UploadUpdateResponse(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
-    __slots__ = ("envoy_name", "experiment_name", "error", "round")
+    __slots__ = ("envoy_name", "experiment_name", "error", "round", "worker_lost")
     ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    WORKER_LOST_FIELD_NUMBER: _ClassVar[int]
     envoy_name: str
     experiment_name: str
     error: str
     round: int
-    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., error: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+    worker_lost: bool
+    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., error: _Optional[str] = ..., round: _Optional[int] = ..., worker_lost: _Optional[bool] = ...) -> None: ...
 
 class ReportFailureResponse(_message.Message):
     __slots__ = ()

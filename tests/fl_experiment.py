@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import jax
@@ -123,6 +124,8 @@ def make_tasks(style: str = "inplace") -> TaskInterface:
         time.sleep(float(os.environ.get("FEDJAX_TEST_TRAIN_DELAY_S", "0")))  # a deliberately slow envoy
         if str(round_num) in os.environ.get("FEDJAX_TEST_FAIL_ROUNDS", "").split(","):  # an injected task failure
             raise RuntimeError(f"injected failure in round {round_num}")
+        if str(round_num) in os.environ.get("FEDJAX_TEST_KILL_ROUNDS", "").split(","):  # a worker killed (OOM...)
+            os.kill(os.getpid(), signal.SIGKILL)
         start_norm = trace_norm(state)
         new_state, acc = train_epoch(state, dataset, batch_size)
         metrics = {"train_acc": acc, "trace_norm_at_start": start_norm, "traces": float(TRACES["update"]),

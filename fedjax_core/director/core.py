@@ -476,17 +476,24 @@ class Director:
         if envoy in run.dropped:
             raise PreconditionError(f"envoy {envoy!r} dropped out of round {round_}; it rejoins at the next round")
 
-    def report_failure(self, envoy: str, experiment: str, error: str, round_: int | None = None) -> None:
+    def report_failure(self, envoy: str, experiment: str, error: str, round_: int | None = None,
+                       worker_lost: bool = False) -> None:
         """A task failed in ``round_`` (a dropout from that round), or a worker cannot go on (``round_`` None).
 
         A dropout ends the experiment only when the round can no longer reach its needed results
         (min_envoys, or every participant when that is 0); otherwise the others go on and the
-        notebook is told who dropped out, why, and how many continue.
+        notebook is told who dropped out, why, and how many continue. ``worker_lost``: the envoy's
+        worker died; it drops out of the round in progress if it still owed it a result (the
+        envoy starts a new worker, which joins the next round).
         """
         error = limits.clip_error(error)
         close = ended = False
         with self._cond:
             run = self._running(envoy, experiment)
+            if worker_lost:
+                if run.closing or envoy in run.done or envoy in run.dropped or envoy not in run.participants:
+                    return  # it owed this round nothing: its next worker simply joins the next round
+                round_ = run.round
             if round_ is not None and (round_ != run.round or run.closing or envoy in run.done
                                        or envoy in run.dropped or envoy not in run.participants):
                 raise PreconditionError(f"round {round_} of {experiment!r} has gone on without envoy {envoy!r}")

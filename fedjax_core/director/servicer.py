@@ -129,7 +129,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     def ReportFailure(self, request, context):
         _check_envoy_identity(context, request.envoy_name)
         self.director.report_failure(request.envoy_name, request.experiment_name, request.error,
-                                     request.round if request.HasField("round") else None)
+                                     request.round if request.HasField("round") else None, request.worker_lost)
         return env_pb.ReportFailureResponse()
 
 

@@ -89,10 +89,12 @@ class EnvoyClient:
 
         return self._retry(lambda: self._stub.UploadUpdate(requests(), timeout=600).bytes_received, "upload the update")
 
-    def report_failure(self, experiment: str, error: str, round_: int | None = None) -> None:
-        """``round_``: a task failed in that round (a dropout); None: this envoy cannot go on at all."""
+    def report_failure(self, experiment: str, error: str, round_: int | None = None,
+                       worker_lost: bool = False) -> None:
+        """``round_``: a task failed in that round (a dropout); ``worker_lost``: the worker died (a dropout
+        from the round in progress); neither: this envoy cannot go on at all."""
         req = env_pb.ReportFailureRequest(envoy_name=self.envoy_name, experiment_name=experiment, error=error,
-                                          round=round_)
+                                          round=round_, worker_lost=worker_lost)
         self._stub.ReportFailure(req, timeout=30)
 
 

@@ -24,6 +24,7 @@ from fedjax_core.shard_descriptor import ShardDescriptor, load_shard_descriptor
 from fedjax_core.transport import Backoff, TLSFiles
 
 log = logging.getLogger("fedjax.envoy")
+MAX_WORKER_RESTARTS = 3
 
 
 def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Path) -> dict[str, str]:
@@ -69,6 +70,7 @@ class EnvoyDaemon:
         self._worker: subprocess.Popen | None = None
         self._worker_experiment: str | None = None
         self._worker_lock = threading.Lock()
+        self._restarts: dict[str, int] = {}  # experiment -> workers started again after one died
         self._registered = threading.Event()
         self._stream = None
         self.period = 5.0
@@ -172,16 +174,30 @@ class EnvoyDaemon:
             threading.Thread(target=self._reap, args=(self._worker, experiment), daemon=True).start()
 
     def _reap(self, worker: subprocess.Popen, experiment: str) -> None:
-        """Wait for a worker; if it died without a word, tell the director so the experiment does not hang."""
+        """Wait for a worker; if it died without a word, tell the director (a dropout from the round in
+        progress) and start a new one for the next rounds, at most MAX_WORKER_RESTARTS times."""
         code = worker.wait()
         log.info("envoy %s: worker for %r exited with code %d", self.name, experiment, code)
         if code == 0 or self.stop.is_set():
             return
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        restarts = self._restarts.get(experiment, 0)
+        last_chance = restarts >= MAX_WORKER_RESTARTS
         try:
-            self.client.report_failure(experiment, f"the worker process {how} (see the envoy's log)")
+            self.client.report_failure(
+                experiment, f"the worker process {how} (see the envoy's log)"
+                + (f"; it died {restarts + 1} times, so this envoy gives up" if last_chance else ""),
+                worker_lost=not last_chance)
         except grpc.RpcError:
-            pass  # already reported by the worker itself, or the experiment is over
+            return  # already reported by the worker itself, or the experiment is over
+        if not last_chance:
+            self._restarts[experiment] = restarts + 1
+            log.warning("envoy %s: starting a new worker for %r (restart %d of %d)", self.name, experiment,
+                        restarts + 1, MAX_WORKER_RESTARTS)
+            try:
+                self._start_experiment(experiment)
+            except (FedError, ConnectionError) as exc:  # the experiment ended meanwhile
+                log.warning("envoy %s: no new worker for %r: %s", self.name, experiment, exc)
 
     def request_stop(self) -> None:
         """Safe from a signal handler: ends the experiment stream so ``run`` returns."""

@@ -169,3 +169,21 @@ def test_a_dropout_that_leaves_too_few_results_fails_the_experiment_saying_so(en
     with pytest.raises(ExperimentFailed, match="envoy 'env2' failed in round 1, leaving fewer than the 2 results "
                                                r"the round needs \(min_envoys\): RuntimeError: injected failure"):
         exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
+
+
+def test_a_worker_killed_mid_round_is_a_dropout_and_a_new_worker_joins_the_next_round(tmp_path):
+    s = Stack(tmp_path)
+    try:
+        s.start(envoy_env={1: {"FEDJAX_TEST_KILL_ROUNDS": "1"}})
+        exp = start(s.federation(), "killed-worker", rounds_to_train=3, min_envoys=1)
+        exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
+        assert exp.get_experiment_status().state == "finished", s.logs()
+        dropouts = [e for e in exp.history if e.stage == r.Stage.DROPOUT]
+        assert [(e.round, e.envoy) for e in dropouts] == [(1, "env2")]
+        assert "the worker process was killed by signal 9" in dropouts[0].note
+        pids = {e.round: next(m.value for m in e.metrics if m.name == "pid")
+                for e in exp.history if e.envoy == "env2" and e.stage == r.Stage.TRAIN}
+        assert sorted(pids) == [0, 2] and pids[0] != pids[2]  # a new worker took round 2
+        s.processes[2].wait_for(r"starting a new worker for 'killed-worker' \(restart 1 of 3\)")
+    finally:
+        s.stop()
