@@ -44,6 +44,8 @@ class DirectorSettings(_Model):
     sample_shape: list[ShapeEntry]
     target_shape: list[ShapeEntry]
     envoy_health_check_period: float = Field(5.0, gt=0)
+    # A round's participant whose envoy sends no heartbeat for this long drops out of the round.
+    envoy_timeout_s: float = Field(60.0, gt=0)
     state_dir: str = "director_state"
     log_dir: str = "logs"
     # Each envoy holds about two of these threads (its experiment stream, its worker's long-poll)

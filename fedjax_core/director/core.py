@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -47,13 +48,14 @@ class Director:
     def __init__(self, state_dir: Path, log_dir: Path, sample_shape: Iterable[str], target_shape: Iterable[str],
                  health_check_period: float = 5.0, clock: Callable[[], float] = time.time,
                  timer: Callable[[], float] = time.monotonic, max_model_bytes: int = limits.MAX_MODEL_BYTES,
-                 admins: Iterable[str] = ()):
+                 admins: Iterable[str] = (), envoy_timeout_s: float = 60.0):
         self.state_dir = Path(state_dir)
         self.sample_shape = tuple(sample_shape)
         self.target_shape = tuple(target_shape)
         self.health_check_period = health_check_period
         self.max_model_bytes = max_model_bytes
         self.admins = frozenset(admins)  # certificate names that may cancel or download any experiment
+        self.envoy_timeout_s = envoy_timeout_s  # a participant silent this long drops out of its round
         self._clock = clock
         self.store = Store(self.state_dir / "director.sqlite")
         for name in self.store.abandon_submissions():  # cut off by a crash: never queued
@@ -70,6 +72,8 @@ class Director:
         self._closed = False
         self._waiting: dict[str, str] = {}  # queued experiment -> why it waits (logged once per reason)
         self._instances: dict[str, str] = {}  # envoy -> the daemon instance that holds the name
+        self._born = timer()
+        self._heard: dict[str, float] = {}  # envoy -> when its daemon last registered or beat (timer)
         self._resume()
         with self._cond:
             self._start_next()
@@ -110,6 +114,7 @@ class Director:
                     f"the old one has been silent for {2.5 * self.health_check_period:g}s")
             self._instances[name] = instance_id
         self.store.upsert_envoy(name, info)
+        self._heard[name] = self._timer()
         with self._cond:
             self._start_next()
             self._cond.notify_all()
@@ -121,6 +126,8 @@ class Director:
         if holder and instance_id and holder != instance_id:
             return False
         known = self.store.touch_envoy(name)
+        if known:
+            self._heard[name] = self._timer()
         if known and self._run is None:
             with self._cond:  # a queued experiment may have been waiting for this envoy
                 self._start_next()
@@ -487,7 +494,6 @@ class Director:
         envoy starts a new worker, which joins the next round).
         """
         error = limits.clip_error(error)
-        close = ended = False
         with self._cond:
             run = self._running(envoy, experiment)
             if worker_lost:
@@ -497,26 +503,37 @@ class Director:
             if round_ is not None and (round_ != run.round or run.closing or envoy in run.done
                                        or envoy in run.dropped or envoy not in run.participants):
                 raise PreconditionError(f"round {round_} of {experiment!r} has gone on without envoy {envoy!r}")
-            if round_ is not None and len(run.participants) - len(run.dropped) - 1 >= run.needed:
-                run.dropped[envoy] = error
-                left = len(run.participants) - len(run.dropped)
-                note = (f"envoy {envoy!r} dropped out of round {round_}: {error.splitlines()[0] if error else ''}; "
-                        f"{left} of {len(run.participants)} continue (the round needs {run.needed})")
-                event = r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage.DROPOUT, note=note,
-                                      timestamp=self._clock())
-                close = self._claim_close(run)
+            if round_ is None:
+                self._finish(run, r.State.FAILED, error=f"envoy {envoy!r} failed: {error}")
+                event, close = None, False
             else:
-                where = "" if round_ is None else (
-                    f" in round {round_}, leaving fewer than the {run.needed} results the round needs (min_envoys)")
-                self._finish(run, r.State.FAILED, error=f"envoy {envoy!r} failed{where}: {error}")
-                ended = True
+                event, close = self._drop(run, envoy, "failed", error)
             self._cond.notify_all()
-        if ended:
+        self._after_drop(run, event, close)
+
+    def _drop(self, run: Run, envoy: str, what: str, reason: str) -> tuple[r.MetricEvent | None, bool]:
+        """Under the lock: ``envoy`` leaves ``run``'s round, or the experiment ends if the round can no
+        longer reach its needed results. Returns the dropout event (None if it ended) and whether to close."""
+        if len(run.participants) - len(run.dropped) - 1 < run.needed:
+            self._finish(run, r.State.FAILED, error=(
+                f"envoy {envoy!r} {what} in round {run.round}, leaving fewer than the {run.needed} results the round "
+                f"needs (min_envoys): {reason}"))
+            return None, False
+        run.dropped[envoy] = reason
+        left = len(run.participants) - len(run.dropped)
+        note = (f"envoy {envoy!r} dropped out of round {run.round}: {reason.splitlines()[0] if reason else what}; "
+                f"{left} of {len(run.participants)} continue (the round needs {run.needed})")
+        event = r.MetricEvent(round=run.round, envoy=envoy, stage=r.Stage.DROPOUT, note=note, timestamp=self._clock())
+        return event, self._claim_close(run)
+
+    def _after_drop(self, run: Run, event: r.MetricEvent | None, close: bool) -> None:
+        """Outside the lock: record a dropout and close the round, or clean up an ended experiment."""
+        if event is None:
             self._cleanup(run)
             return
-        log.warning("experiment %r: %s", experiment, note)
-        if self.store.add_event(experiment, event):
-            self.loggers.log(experiment, event)
+        log.warning("experiment %r: %s", run.name, event.note)
+        if self.store.add_event(run.name, event):
+            self.loggers.log(run.name, event)
         with self._cond:
             self._cond.notify_all()  # metric streams see the event
         if close:
@@ -524,39 +541,57 @@ class Director:
 
     # ------------------------------------------------------------ deadlines
     def _watch_deadlines(self) -> None:
-        """Close (or fail) a round whose deadline passed; sleeps until the next deadline or a change."""
+        """Close (or fail) a round whose deadline passed, and drop participants whose heartbeats stopped;
+        sleeps until the next deadline or possible timeout, or a change."""
         while True:
             with self._cond:
-                run = self._next_due()
-                if run is None:
+                due = self._next_due()
+                if due is None:
                     return
-                needed = run.needed
-                close = len(run.done) >= needed
-                if close:
-                    run.closing = True
+                run, lost = due
+                event = None
+                if lost is not None:
+                    event, close = self._drop(run, lost, "was lost", (
+                        f"no heartbeat for {self.envoy_timeout_s:g}s (settings.envoy_timeout_s); it rejoins when it "
+                        "is back"))
+                elif len(run.done) >= run.needed:
+                    run.closing = close = True
                 else:
+                    close = False
                     missing = ", ".join(sorted(set(run.participants) - run.done))
                     self._finish(run, r.State.FAILED, error=(
                         f"round {run.round} reached its {run.header.round_timeout_s:g}s deadline with {len(run.done)} "
-                        f"of {len(run.participants)} envoys reporting (min_envoys={needed}); no result from: {missing}"))
+                        f"of {len(run.participants)} envoys reporting (min_envoys={run.needed}); no result from: "
+                        f"{missing}"))
                 self._cond.notify_all()
-            if close:
+            if lost is not None:
+                self._after_drop(run, event, close)
+            elif close:
                 self._close(run)
             else:
                 self._cleanup(run)
 
-    def _next_due(self) -> Run | None:
-        """Under the lock: wait until the running round's deadline passes; None once the director closes."""
+    def _next_due(self) -> tuple[Run, str | None] | None:
+        """Under the lock: wait until the running round's deadline passes (``(run, None)``) or a pending
+        participant has been silent for envoy_timeout_s (``(run, envoy)``); None once the director closes."""
         while not self._closed:
             run = self._run
-            if run is None or not run.header.round_timeout_s or run.closing or run.ended:
+            if run is None or run.closing or run.ended:
                 self._cond.wait()
                 continue
-            left = run.started_at + run.header.round_timeout_s - self._timer()
+            pending = [e for e in run.participants if e not in run.done and e not in run.dropped]
+            silent_until = {e: self._heard.get(e, self._born) + self.envoy_timeout_s for e in pending}
+            deadline = run.started_at + run.header.round_timeout_s if run.header.round_timeout_s else math.inf
+            first = min(silent_until, key=silent_until.get, default=None)
+            due = min(deadline, silent_until[first] if first is not None else math.inf)
+            if math.isinf(due):
+                self._cond.wait()
+                continue
+            left = due - self._timer()
             if left > 0:
                 self._cond.wait(timeout=left)
                 continue
-            return run
+            return (run, None) if due == deadline else (run, first)
         return None
 
     # ------------------------------------------------------------ notebook

@@ -42,7 +42,7 @@ def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path)
     director = Director(state_dir=resolve_path(s.state_dir, config_dir), log_dir=resolve_path(s.log_dir, config_dir),
                         sample_shape=s.sample_shape, target_shape=s.target_shape,
                         health_check_period=s.envoy_health_check_period, max_model_bytes=s.max_model_bytes,
-                        admins=s.admins)
+                        admins=s.admins, envoy_timeout_s=s.envoy_timeout_s)
     server, port = create_server(director, s.listen_host, s.listen_port, tls, s.max_workers, frozenset(s.submitters))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

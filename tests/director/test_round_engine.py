@@ -501,3 +501,29 @@ def test_a_failure_outside_a_round_still_ends_the_experiment(tmp_path):
     status = d.experiment_status("exp")
     assert status.state == "failed" and status.error == "envoy 'a' failed: ModuleNotFoundError: no module named 'mine'"
     d.close()
+
+
+def test_a_participant_whose_heartbeats_stop_drops_out_and_rejoins_when_back(tmp_path):
+    timer = [0.0]
+    d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60,
+                 timer=lambda: timer[0], envoy_timeout_s=30)
+    for envoy in ("a", "b"):
+        d.register_envoy(envoy, INFO)
+    submit(d, header(min_envoys=1))
+    play_round(d, 0, envoys=("a",))
+    timer[0] = 20
+    d.heartbeat("a")  # a keeps beating; b has been silent since t=0
+    timer[0] = 31
+    with d._cond:
+        d._cond.notify_all()
+    wait_until(lambda: d.experiment_status("exp").current_round == 1)  # closed with a alone
+    notes = [e.note for _, e, _ in d.store.events("exp") if e.stage == r.Stage.DROPOUT]
+    assert notes[:1] == ["envoy 'b' dropped out of round 0: no heartbeat for 30s (settings.envoy_timeout_s); it rejoins "
+                     "when it is back; 1 of 2 continue (the round needs 1)"]
+    # still silent when round 1 starts: out of round 1 at once, without waiting another 30 s
+    wait_until(lambda: [e.round for _, e, _ in d.store.events("exp") if e.stage == r.Stage.DROPOUT] == [0, 1])
+    d.heartbeat("b")  # back
+    play_round(d, 1, envoys=("a",))
+    assert d.experiment_status("exp").current_round == 2
+    assert d.wait_task("b", "exp", 0).kind == r.TaskKind.TRAIN  # it takes part in round 2
+    d.close()

@@ -187,3 +187,37 @@ def test_a_worker_killed_mid_round_is_a_dropout_and_a_new_worker_joins_the_next_
         s.processes[2].wait_for(r"starting a new worker for 'killed-worker' \(restart 1 of 3\)")
     finally:
         s.stop()
+
+
+def test_an_envoy_killed_mid_experiment_is_dropped_after_its_timeout_and_rejoins_when_restarted(tmp_path):
+    import os
+    import signal
+
+    import yaml
+
+    s = Stack(tmp_path)
+    config = yaml.safe_load(s.director_config.read_text())
+    config["settings"]["envoy_timeout_s"] = 3.0  # heartbeats come every second
+    s.director_config.write_text(yaml.safe_dump(config))
+    try:
+        s.start(envoy_env={0: {"FEDJAX_TEST_TRAIN_DELAY_S": "1.5"}})  # rounds last long enough to come back
+        fed = s.federation()
+        exp = start(fed, "lost-envoy", rounds_to_train=8, min_envoys=1)
+        for event in fed.client.events("lost-envoy"):
+            if event.stage == r.Stage.ROUND and event.round == 0:
+                break
+        env2 = s.processes[2]
+        os.killpg(env2.proc.pid, signal.SIGKILL)  # the daemon and its worker, without a word
+        env2.proc.wait()
+        for event in fed.client.events("lost-envoy"):
+            if event.stage == r.Stage.DROPOUT and event.envoy == "env2":
+                assert "no heartbeat for 3s" in event.note and "1 of 2 continue" in event.note
+                break
+        s.start_envoy(1).wait_for("ENVOY READY env2")  # back, under the same name
+        assert exp.wait(timeout_s=300).state == "finished", s.logs()
+        history = list(fed.client.events("lost-envoy"))
+        lost_rounds = {e.round for e in history if e.stage == r.Stage.DROPOUT}
+        trained_after = {e.round for e in history if e.envoy == "env2" and e.stage == r.Stage.TRAIN} - {0}
+        assert lost_rounds and trained_after and min(trained_after) > max(lost_rounds)  # it rejoined
+    finally:
+        s.stop()
