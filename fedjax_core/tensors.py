@@ -64,6 +64,16 @@ def check_spec(spec: TensorSpec) -> None:
                           f"{MAX_TENSOR_BYTES >> 30} GiB")
 
 
+def check_finite(model: ModelFile, block: int = 1 << 20) -> None:
+    """Refuse NaN or infinite values in any float tensor of ``model``, naming the tensor (read block by block)."""
+    for spec in model.specs:
+        if is_float_dtype(spec.dtype):
+            flat = model.array(spec.name).reshape(-1)
+            for start in range(0, flat.size, block):
+                if not np.isfinite(flat[start:start + block].astype(np.float32)).all():
+                    raise TensorError(f"non-finite values in {spec.name!r} (NaN or infinity): training diverged")
+
+
 def nbytes_of(spec: TensorSpec) -> int:
     return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
 

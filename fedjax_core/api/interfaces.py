@@ -26,6 +26,12 @@ class ModelInterface:
         self.framework_plugin = framework_plugin
 
 
+def takes_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` accepts a keyword argument ``name`` (by name, or through ``**kwargs``)."""
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
 class TaskError(LookupError):
     """A task name the TaskInterface does not have, or a task registered wrongly."""
 
@@ -50,13 +56,11 @@ class TaskInterface:
                     "round_num": round_num, "global_model": global_model}
 
         def decorator(fn: Callable) -> Callable:
-            params = inspect.signature(fn).parameters
-            takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
             for role, name in contract.items():
-                if name is not None and name not in params and not takes_kwargs:
+                if name is not None and not takes_keyword(fn, name):
                     raise TaskError(
                         f"task {fn.__name__!r}: register_fl_task({role}={name!r}) names a parameter the function "
-                        f"does not have; its parameters are {list(params)}")
+                        f"does not have; its parameters are {list(inspect.signature(fn).parameters)}")
             self.task_registry[fn.__name__] = fn
             self.task_contract[fn.__name__] = contract
             return fn
@@ -78,8 +82,7 @@ class TaskInterface:
 
     def accepts(self, name: str, kwarg: str) -> bool:
         """Whether task ``name`` takes a keyword argument ``kwarg``."""
-        params = inspect.signature(self.get_task(name)).parameters
-        return kwarg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        return takes_keyword(self.get_task(name), kwarg)
 
     def set_task_kwargs(self, name: str, **task_kwargs: Any) -> None:
         self.get_task(name)

@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
-
 from fedjax_core import records as r
 from fedjax_core.director import limits
 from fedjax_core.director.files import ExperimentFiles, write_bundle
@@ -28,20 +26,9 @@ from fedjax_core.director.submission import check_header, check_name
 from fedjax_core.errors import (AlreadyExistsError, FedError, InvalidRequestError, NotFoundError,
                                 PermissionDeniedError, PreconditionError)
 from fedjax_core.metrics_log import Loggers
-from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, is_float_dtype, nbytes_of
+from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, check_finite, nbytes_of
 
 log = logging.getLogger("fedjax.director")
-
-
-def check_finite(update: ModelFile, envoy: str, round_: int) -> None:
-    """Refuse an update with NaN or infinite values: one such upload would poison the aggregate."""
-    for spec in update.specs:
-        if is_float_dtype(spec.dtype):
-            flat = update.array(spec.name).reshape(-1)
-            for start in range(0, flat.size, 1 << 20):
-                if not np.isfinite(flat[start:start + (1 << 20)].astype(np.float32)).all():
-                    raise InvalidRequestError(f"the update of envoy {envoy!r} for round {round_} has non-finite "
-                                              f"values in {spec.name!r} (NaN or infinity): training diverged")
 
 
 class Director:
@@ -107,9 +94,10 @@ class Director:
         limits.check_shard_info(name, info)
         with self._cond:
             holder = self._instances.get(name)
-            if holder and instance_id and holder != instance_id and self._online_since(name) is not None:
+            silent_for = self._online_since(name) if holder and instance_id and holder != instance_id else None
+            if silent_for is not None:
                 raise AlreadyExistsError(
-                    f"an envoy named {name!r} is already online (last heard {self._online_since(name):.0f}s ago): "
+                    f"an envoy named {name!r} is already online (last heard {silent_for:.0f}s ago): "
                     "stop that daemon or start this one under another name; a restarted daemon is accepted once "
                     f"the old one has been silent for {2.5 * self.health_check_period:g}s")
             self._instances[name] = instance_id
@@ -139,8 +127,8 @@ class Director:
 
     def _online_since(self, name: str) -> float | None:
         """Seconds since ``name`` was last heard from, if it still counts as online."""
-        seen = next((s for n, _, s in self.store.envoys() if n == name), None)
-        return self._clock() - seen if seen is not None and self._online(seen) else None
+        found = self.store.envoy(name)
+        return self._clock() - found[1] if found is not None and self._online(found[1]) else None
 
     def shard_registry(self) -> list[r.EnvoyEntry]:
         running = self._run
@@ -351,7 +339,7 @@ class Director:
             return r.Task(kind=r.TaskKind.NONE)
         if envoy not in run.envoys:
             return r.Task(kind=r.TaskKind.FINISHED, message=f"envoy {envoy!r} is not a collaborator of {experiment!r}")
-        if run.closing or envoy in run.done or envoy not in run.participants or envoy in run.dropped:
+        if run.closing or envoy not in run.pending:
             return r.Task(kind=r.TaskKind.NONE)  # sits this round out, keeping its worker and jit cache
         return r.Task(kind=run.kind, round=run.round, opt_treatment=run.header.opt_treatment,
                       upload_tensors=tuple(sorted(run.upload)), task_kwargs=run.task_kwargs())
@@ -418,7 +406,8 @@ class Director:
 
     def _weight(self, envoy: str, sample_count: int) -> float:
         """An update's weight: its claimed sample count, capped at the train size the envoy registered."""
-        registered = next((info.train_size for name, info, _ in self.store.envoys() if name == envoy), 0)
+        found = self.store.envoy(envoy)
+        registered = found[0].train_size if found is not None else 0
         if 0 < registered < sample_count:
             log.warning("envoy %r claims %d training samples but registered %d; weighting it by %d",
                         envoy, sample_count, registered, registered)
@@ -436,7 +425,7 @@ class Director:
                     writer.add_chunk(chunk)
                 writer.commit()
             received = writer.bytes_written
-            check_finite(ModelFile(spool), envoy, round_)
+            check_finite(ModelFile(spool))  # one such upload would poison the aggregate
             with run.fold_lock:
                 with self._cond:
                     if self._running(envoy, experiment) is not run:
@@ -496,12 +485,12 @@ class Director:
         error = limits.clip_error(error)
         with self._cond:
             run = self._running(envoy, experiment)
+            owes_this_round = not run.closing and envoy in run.pending
             if worker_lost:
-                if run.closing or envoy in run.done or envoy in run.dropped or envoy not in run.participants:
-                    return  # it owed this round nothing: its next worker simply joins the next round
+                if not owes_this_round:
+                    return  # its next worker simply joins the next round
                 round_ = run.round
-            if round_ is not None and (round_ != run.round or run.closing or envoy in run.done
-                                       or envoy in run.dropped or envoy not in run.participants):
+            if round_ is not None and (round_ != run.round or not owes_this_round):
                 raise PreconditionError(f"round {round_} of {experiment!r} has gone on without envoy {envoy!r}")
             if round_ is None:
                 self._finish(run, r.State.FAILED, error=f"envoy {envoy!r} failed: {error}")
@@ -579,8 +568,7 @@ class Director:
             if run is None or run.closing or run.ended:
                 self._cond.wait()
                 continue
-            pending = [e for e in run.participants if e not in run.done and e not in run.dropped]
-            silent_until = {e: self._heard.get(e, self._born) + self.envoy_timeout_s for e in pending}
+            silent_until = {e: self._heard.get(e, self._born) + self.envoy_timeout_s for e in sorted(run.pending)}
             deadline = run.started_at + run.header.round_timeout_s if run.header.round_timeout_s else math.inf
             first = min(silent_until, key=silent_until.get, default=None)
             due = min(deadline, silent_until[first] if first is not None else math.inf)

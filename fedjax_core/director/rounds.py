@@ -75,8 +75,13 @@ class Run:
         return r.TaskKind.TRAIN if self.round < self.header.rounds else r.TaskKind.VALIDATE
 
     @property
+    def pending(self) -> set[str]:
+        """Participants that still owe this round a result (neither reported nor dropped out)."""
+        return set(self.participants) - self.done - set(self.dropped)
+
+    @property
     def complete(self) -> bool:
-        return set(self.participants) - set(self.dropped) <= self.done
+        return not self.pending
 
     @property
     def needed(self) -> int:
@@ -108,9 +113,12 @@ class RoundEngine:
         self.fold_hook: Callable[[str, str], None] | None = None  # tests pause a fold here: (experiment, envoy)
 
     # ------------------------------------------------------------------ runs
-    def new_run(self, row: ExperimentRow, round_: int) -> Run:
-        """The run of ``round_``; its participants are sampled (or read back) and recorded."""
-        plan = plan_rounds(row.header, row.envoys)
+    def new_run(self, row: ExperimentRow, round_: int, plan: RoundPlan | None = None) -> Run:
+        """The run of ``round_``; its participants are sampled (or read back) and recorded.
+
+        ``plan``: the previous round's, when there is one (the header and envoys do not change).
+        """
+        plan = plan or plan_rounds(row.header, row.envoys)
         strategy = build(plan.strategy)
         upload = frozenset(rules.upload_names(row.header))
         if round_ < row.header.rounds:
@@ -190,7 +198,7 @@ class RoundEngine:
         self.store.drop_updates(name, run.round)
         row = self.store.experiment(name)
         assert row is not None
-        next_run = self.new_run(row, run.round + 1)
+        next_run = self.new_run(row, run.round + 1, run.plan)
         release_free_memory()
         return Outcome(next_run=next_run)
 

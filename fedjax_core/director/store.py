@@ -57,6 +57,13 @@ def _header_from_json(text: str) -> r.ExperimentHeader:
     return r.ExperimentHeader(**d)
 
 
+def _shard_info_from_json(text: str) -> r.ShardInfo:
+    d = json.loads(text)
+    for key in ("sample_shape", "target_shape", "devices", "label_counts"):
+        d[key] = tuple(d.get(key, ()))
+    return r.ShardInfo(**d)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentRow:
     name: str
@@ -125,13 +132,13 @@ class Store:
         return self._write("UPDATE envoys SET last_seen = ? WHERE name = ?", (time.time(), name)).rowcount > 0
 
     def envoys(self) -> list[tuple[str, r.ShardInfo, float]]:
-        out = []
-        for name, info, last_seen in self._read("SELECT name, shard_info, last_seen FROM envoys ORDER BY name"):
-            d = json.loads(info)
-            for key in ("sample_shape", "target_shape", "devices", "label_counts"):
-                d[key] = tuple(d.get(key, ()))
-            out.append((name, r.ShardInfo(**d), last_seen))
-        return out
+        rows = self._read("SELECT name, shard_info, last_seen FROM envoys ORDER BY name")
+        return [(name, _shard_info_from_json(info), last_seen) for name, info, last_seen in rows]
+
+    def envoy(self, name: str) -> tuple[r.ShardInfo, float] | None:
+        """One envoy's shard info and when it was last seen, or None if it never registered."""
+        rows = self._read("SELECT shard_info, last_seen FROM envoys WHERE name = ?", (name,))
+        return (_shard_info_from_json(rows[0][0]), rows[0][1]) if rows else None
 
     # experiments
     def add_experiment(self, header: r.ExperimentHeader, state: str = "queued") -> None:
