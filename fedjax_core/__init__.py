@@ -27,6 +27,8 @@ _LAZY = {
     "FedMedian": "fedjax_core.strategies",
     "FedTrimmedAvg": "fedjax_core.strategies",
     "Krum": "fedjax_core.strategies",
+    "Periodic": "fedjax_core.sync",
+    "Dynamic": "fedjax_core.sync",
 }
 __all__ = list(_LAZY)
 

@@ -13,6 +13,8 @@ class Stage(StrEnum):
     LOCAL = "locally_tuned_model_validation"
     ROUND = "round"
     DROPOUT = "dropout"  # an envoy left a round (its task failed); the event's note says who, why, who goes on
+    SYNC_CHECK = "sync_check"  # an envoy's squared distance from the global model (periodic and dynamic sync)
+    COMM = "comm"  # what one envoy moved in a round: bytes each way and model messages
 
 
 class State(StrEnum):
@@ -30,6 +32,7 @@ class TaskKind(StrEnum):
     NONE = "none"          # nothing for this worker yet (or it sits this round out): ask again
     TRAIN = "train"        # validate the round's model, train, validate, upload
     VALIDATE = "validate"  # validate the final aggregated model only
+    SYNC = "sync"          # upload the model trained this round (dynamic averaging was triggered)
     FINISHED = "finished"  # the experiment is over for this envoy
 
 
@@ -51,12 +54,29 @@ def default_higher_is_better(metric: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Encoding:
+    """How a tensor was compressed for the wire (see :mod:`fedjax_core.codecs`).
+
+    The tensor's spec then names the *wire* dtype; ``dtype`` is the model's. ``delta``: the
+    values are the change from the round's global model. ``scale``/``zero_point``: int8's
+    linear quantization, one pair per tensor or per output channel (the last axis).
+    """
+
+    codec: str  # "none" (only with delta), "fp16", "bf16" or "int8"
+    dtype: str
+    delta: bool = False
+    scale: tuple[float, ...] = ()
+    zero_point: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class TensorSpec:
-    """One model leaf: its pytree path, dtype name and shape."""
+    """One model leaf: its pytree path, dtype name and shape (and its encoding, when compressed)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    encoding: Encoding | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +140,12 @@ class ExperimentHeader:
     envoys_fraction: float = 0.0  # participants per round as a fraction of the envoys; 0: every envoy
     sampling_seed: int = 0
     round_config: str = ""  # JSON list, one {task: {kwarg: value}} per training round; "" for none
+    compression: str = ""  # codec of the updates envoys upload: "", "fp16", "bf16" or "int8"
+    send_deltas: bool = False  # envoys upload the change from the round's global model
+    compress_downloads: bool = False  # the round's model also travels to the envoys under `compression`
+    sync: str = ""  # when models are averaged: "" (every round), "periodic" or "dynamic"
+    sync_every: int = 0  # periodic: average every this many rounds
+    sync_threshold: float = 0.0  # dynamic: average when an envoy's squared distance from the global model exceeds it
 
 
 @dataclass(frozen=True)
@@ -163,3 +189,7 @@ class Task:
     upload_tensors: tuple[str, ...] = field(default_factory=tuple)
     message: str = ""
     task_kwargs: str = ""  # JSON {task: {kwarg: value}} from the experiment's round_config for this round
+    from_global: bool = True  # start from the round's global model; False: keep training the local one
+    check_in: bool = False  # report the divergence after training and upload only if the director says so
+    compression: str = ""  # codec for the upload ("" none)
+    send_deltas: bool = False  # upload the change from the global model, not the weights

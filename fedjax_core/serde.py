@@ -14,16 +14,31 @@ _TASK_KINDS = {
     r.TaskKind.TRAIN: env_pb.WaitTaskResponse.TRAIN,
     r.TaskKind.VALIDATE: env_pb.WaitTaskResponse.VALIDATE,
     r.TaskKind.FINISHED: env_pb.WaitTaskResponse.FINISHED,
+    r.TaskKind.SYNC: env_pb.WaitTaskResponse.SYNC,
 }
 _TASK_KIND_NAMES = {v: k for k, v in _TASK_KINDS.items()}
 
 
+def encoding_to_proto(e: r.Encoding) -> t_pb.TensorEncoding:
+    return t_pb.TensorEncoding(codec=e.codec, dtype=e.dtype, delta=e.delta, scale=list(e.scale),
+                               zero_point=list(e.zero_point))
+
+
+def encoding_from_proto(msg: t_pb.TensorEncoding) -> r.Encoding:
+    return r.Encoding(codec=msg.codec, dtype=msg.dtype, delta=msg.delta, scale=tuple(float(v) for v in msg.scale),
+                      zero_point=tuple(int(v) for v in msg.zero_point))
+
+
 def spec_to_proto(spec: r.TensorSpec) -> t_pb.TensorSpec:
-    return t_pb.TensorSpec(name=spec.name, dtype=spec.dtype, shape=list(spec.shape))
+    msg = t_pb.TensorSpec(name=spec.name, dtype=spec.dtype, shape=list(spec.shape))
+    if spec.encoding is not None:
+        msg.encoding.CopyFrom(encoding_to_proto(spec.encoding))
+    return msg
 
 
 def spec_from_proto(msg: t_pb.TensorSpec) -> r.TensorSpec:
-    return r.TensorSpec(name=msg.name, dtype=msg.dtype, shape=tuple(int(d) for d in msg.shape))
+    encoding = encoding_from_proto(msg.encoding) if msg.HasField("encoding") else None
+    return r.TensorSpec(name=msg.name, dtype=msg.dtype, shape=tuple(int(d) for d in msg.shape), encoding=encoding)
 
 
 def chunk_to_proto(chunk: r.TensorChunk) -> t_pb.TensorChunk:
@@ -86,7 +101,8 @@ def header_to_proto(h: r.ExperimentHeader) -> fed_pb.ExperimentHeader:
         model_spec=[spec_to_proto(s) for s in h.model_spec], min_envoys=h.min_envoys,
         round_timeout_s=h.round_timeout_s, aggregation_params=h.aggregation_params,
         envoys_per_round=h.envoys_per_round, envoys_fraction=h.envoys_fraction, sampling_seed=h.sampling_seed,
-        round_config=h.round_config,
+        round_config=h.round_config, compression=h.compression, send_deltas=h.send_deltas,
+        compress_downloads=h.compress_downloads, sync=h.sync, sync_every=h.sync_every, sync_threshold=h.sync_threshold,
     )
 
 
@@ -99,7 +115,9 @@ def header_from_proto(msg: fed_pb.ExperimentHeader) -> r.ExperimentHeader:
         model_spec=tuple(spec_from_proto(s) for s in msg.model_spec), min_envoys=int(msg.min_envoys),
         round_timeout_s=msg.round_timeout_s, aggregation_params=msg.aggregation_params or "{}",
         envoys_per_round=int(msg.envoys_per_round), envoys_fraction=msg.envoys_fraction,
-        sampling_seed=int(msg.sampling_seed), round_config=msg.round_config,
+        sampling_seed=int(msg.sampling_seed), round_config=msg.round_config, compression=msg.compression,
+        send_deltas=msg.send_deltas, compress_downloads=msg.compress_downloads, sync=msg.sync,
+        sync_every=int(msg.sync_every), sync_threshold=msg.sync_threshold,
     )
 
 
@@ -145,6 +163,7 @@ def task_to_proto(t: r.Task) -> env_pb.WaitTaskResponse:
     return env_pb.WaitTaskResponse(
         kind=_TASK_KINDS[t.kind], round=t.round, opt_treatment=t.opt_treatment,
         upload_tensors=list(t.upload_tensors), message=t.message, task_kwargs=t.task_kwargs,
+        from_global=t.from_global, check_in=t.check_in, compression=t.compression, send_deltas=t.send_deltas,
     )
 
 
@@ -152,4 +171,5 @@ def task_from_proto(msg: env_pb.WaitTaskResponse) -> r.Task:
     return r.Task(
         kind=_TASK_KIND_NAMES[msg.kind], round=int(msg.round), opt_treatment=msg.opt_treatment,
         upload_tensors=tuple(msg.upload_tensors), message=msg.message, task_kwargs=msg.task_kwargs,
+        from_global=msg.from_global, check_in=msg.check_in, compression=msg.compression, send_deltas=msg.send_deltas,
     )

@@ -8,6 +8,7 @@ slices lazily, and nothing here ever unpickles.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from fedjax_core.errors import InvalidRequestError
-from fedjax_core.records import TensorChunk, TensorSpec
+from fedjax_core.records import Encoding, TensorChunk, TensorSpec
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)  # importing ml_dtypes registers it: np.dtype("bfloat16") works
 FLOAT_DTYPES = frozenset(["float16", BFLOAT16.name, "float32", "float64"])
@@ -28,6 +29,8 @@ ALLOWED_DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", 
 CHUNK_BYTES = 1 << 20
 MAX_DIMS = 32
 MAX_TENSOR_BYTES = 64 << 30
+WIRE_DTYPES = {"fp16": "float16", "bf16": BFLOAT16.name, "int8": "int8"}  # codec -> dtype on the wire
+MAX_CHANNELS = 4096  # int8 quantizes per output channel up to this many, per tensor beyond
 _MAGIC = b"FJXMODEL1\n"
 _FOOTER_LEN = struct.Struct("<Q")
 
@@ -41,7 +44,7 @@ def is_float_dtype(dtype: str | np.dtype) -> bool:
     return np.dtype(dtype).name in FLOAT_DTYPES
 
 
-def spec_of(name: str, array: np.ndarray) -> TensorSpec:
+def spec_of(name: str, array: np.ndarray, encoding: Encoding | None = None) -> TensorSpec:
     """The spec of ``array``; refuses dtypes outside the allow-list, naming the path."""
     dtype = np.dtype(array.dtype).name
     if dtype not in ALLOWED_DTYPES:
@@ -49,7 +52,48 @@ def spec_of(name: str, array: np.ndarray) -> TensorSpec:
             f"tensor {name!r} has dtype {dtype}, which cannot cross the wire; "
             f"allowed: {', '.join(sorted(ALLOWED_DTYPES))} (cast it, e.g. to float32)"
         )
-    return TensorSpec(name=name, dtype=dtype, shape=tuple(int(d) for d in array.shape))
+    return TensorSpec(name=name, dtype=dtype, shape=tuple(int(d) for d in array.shape), encoding=encoding)
+
+
+def quantization_channels(shape: tuple[int, ...]) -> int:
+    """How many (scale, zero point) pairs int8 uses: one per output channel (the last axis, as in
+    flax kernels) for tensors of two or more dimensions, else one for the whole tensor."""
+    if len(shape) >= 2 and 0 < shape[-1] <= MAX_CHANNELS:
+        return int(shape[-1])
+    return 1
+
+
+def decoded_dtype(spec: TensorSpec) -> str:
+    """The model's dtype of a tensor: its encoding's, when it travels compressed."""
+    return spec.encoding.dtype if spec.encoding is not None else spec.dtype
+
+
+def check_encoding(spec: TensorSpec) -> None:
+    """Refuse an encoding that does not fit its tensor: codec, dtypes, and int8's scales and zero points."""
+    e = spec.encoding
+    if e is None:
+        return
+    if e.dtype not in FLOAT_DTYPES:
+        raise TensorError(f"tensor {spec.name!r}: only float tensors travel encoded, not {e.dtype!r}")
+    if e.codec == "none":
+        if not e.delta or spec.dtype != e.dtype:
+            raise TensorError(f"tensor {spec.name!r}: codec 'none' is for uncompressed deltas in the model's dtype")
+    elif e.codec not in WIRE_DTYPES:
+        raise TensorError(f"tensor {spec.name!r}: unknown codec {e.codec!r}; known: none, {', '.join(WIRE_DTYPES)}")
+    elif spec.dtype != WIRE_DTYPES[e.codec]:
+        raise TensorError(f"tensor {spec.name!r}: codec {e.codec} travels as {WIRE_DTYPES[e.codec]}, not {spec.dtype}")
+    if e.codec != "int8":
+        if e.scale or e.zero_point:
+            raise TensorError(f"tensor {spec.name!r}: only int8 carries scales and zero points")
+        return
+    channels = quantization_channels(spec.shape)
+    if len(e.scale) != channels or len(e.zero_point) != channels:
+        raise TensorError(f"tensor {spec.name!r}: int8 needs {channels} scale(s) and zero point(s) for shape "
+                          f"{list(spec.shape)}, got {len(e.scale)} and {len(e.zero_point)}")
+    if not all(math.isfinite(v) and v > 0 for v in e.scale):
+        raise TensorError(f"tensor {spec.name!r}: int8 scales must be finite and positive")
+    if not all(-128 <= z <= 127 for z in e.zero_point):
+        raise TensorError(f"tensor {spec.name!r}: int8 zero points must lie in [-128, 127]")
 
 
 def check_spec(spec: TensorSpec) -> None:
@@ -62,6 +106,7 @@ def check_spec(spec: TensorSpec) -> None:
     if math.prod(max(d, 1) for d in spec.shape) * np.dtype(spec.dtype).itemsize > MAX_TENSOR_BYTES:
         raise TensorError(f"tensor {spec.name!r}: shape {list(spec.shape)} is larger than "
                           f"{MAX_TENSOR_BYTES >> 30} GiB")
+    check_encoding(spec)
 
 
 def check_finite(model: ModelFile, block: int = 1 << 20) -> None:
@@ -78,10 +123,13 @@ def nbytes_of(spec: TensorSpec) -> int:
     return math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
 
 
-def iter_chunks(tensors: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES) -> Iterator[TensorChunk]:
-    """Split named arrays into chunks of at most ``chunk_bytes``; every tensor gets one or more."""
+def iter_chunks(tensors: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES,
+                encodings: Mapping[str, Encoding] | None = None) -> Iterator[TensorChunk]:
+    """Split named arrays into chunks of at most ``chunk_bytes``; every tensor gets one or more.
+
+    ``encodings``: how the tensors that travel compressed were encoded (their first chunk says)."""
     for name, array in tensors.items():
-        spec = spec_of(name, array)
+        spec = spec_of(name, array, (encodings or {}).get(name))
         data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
         yield from _chunks_of(spec, memoryview(data), chunk_bytes)  # each chunk is the only copy
 
@@ -110,11 +158,11 @@ class ModelFileWriter:
         self._current: str | None = None
         self.bytes_written = 0
 
-    def add_array(self, name: str, array: np.ndarray) -> None:
+    def add_array(self, name: str, array: np.ndarray, encoding: Encoding | None = None) -> None:
         """Write a whole tensor straight from its buffer (no chunk copies)."""
         array = np.asarray(array)
         data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        spec = spec_of(name, array)
+        spec = spec_of(name, array, encoding)
         self.add_chunk(TensorChunk(name=name, offset=0, data=b"", spec=spec))
         self._file.write(data.reshape(-1).view(np.uint8))
         self._entries[name]["received"] = nbytes_of(spec)
@@ -155,9 +203,9 @@ class ModelFileWriter:
                     f"tensor {spec.name!r} is not part of this model's update "
                     f"(expected {len(self._expected)} tensors such as {next(iter(self._expected), '-')!r})"
                 )
-            if (want.dtype, tuple(want.shape)) != (spec.dtype, tuple(spec.shape)):
+            if (want.dtype, tuple(want.shape)) != (decoded_dtype(spec), tuple(spec.shape)):
                 raise TensorError(
-                    f"tensor {spec.name!r}: got {spec.dtype}{list(spec.shape)}, "
+                    f"tensor {spec.name!r}: got {decoded_dtype(spec)}{list(spec.shape)}, "
                     f"the model has {want.dtype}{list(want.shape)}"
                 )
         if spec.name in self._entries:
@@ -166,6 +214,7 @@ class ModelFileWriter:
         self._entries[spec.name] = {
             "name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape),
             "offset": self._file.tell(), "nbytes": nbytes_of(spec), "received": 0,
+            "encoding": dataclasses.asdict(spec.encoding) if spec.encoding is not None else None,
         }
         self._current = spec.name
 
@@ -185,7 +234,8 @@ class ModelFileWriter:
             if missing:
                 raise TensorError(f"update is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
         footer = json.dumps(
-            [{k: e[k] for k in ("name", "dtype", "shape", "offset", "nbytes")} for e in self._entries.values()]
+            [{k: e[k] for k in ("name", "dtype", "shape", "offset", "nbytes", "encoding")}
+             for e in self._entries.values()]
         ).encode()
         self._file.write(footer)
         self._file.write(_FOOTER_LEN.pack(len(footer)))
@@ -194,7 +244,7 @@ class ModelFileWriter:
         self._file.close()
         os.replace(self._tmp, self.path)
         fsync_dir(self.path.parent)
-        return [TensorSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in self._entries.values()]
+        return [_spec_of_entry(e) for e in self._entries.values()]
 
     def abort(self) -> None:
         if not self._file.closed:
@@ -246,7 +296,10 @@ class ModelFile:
 
     @property
     def specs(self) -> list[TensorSpec]:
-        return [TensorSpec(e["name"], e["dtype"], tuple(e["shape"])) for e in self._entries.values()]
+        return [_spec_of_entry(e) for e in self._entries.values()]
+
+    def spec(self, name: str) -> TensorSpec:
+        return _spec_of_entry(self._entries[name])
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -285,7 +338,7 @@ class ModelFile:
         with f:
             for name in names:
                 e = self._entries[name]
-                spec = TensorSpec(e["name"], e["dtype"], tuple(e["shape"]))
+                spec = _spec_of_entry(e)
                 f.seek(e["offset"])
                 first = True
                 offset = 0
@@ -296,11 +349,21 @@ class ModelFile:
                     first = False
 
 
-def assemble(chunks: Iterable[TensorChunk]) -> dict[str, np.ndarray]:
-    """Rebuild named arrays from a chunk stream (client side, where the model fits in memory)."""
+def _spec_of_entry(entry: dict) -> TensorSpec:
+    """A model file footer entry's spec (files written before encodings existed have none)."""
+    e = entry.get("encoding")
+    encoding = None if e is None else Encoding(e["codec"], e["dtype"], bool(e["delta"]), tuple(e["scale"]),
+                                               tuple(e["zero_point"]))
+    return TensorSpec(entry["name"], entry["dtype"], tuple(entry["shape"]), encoding)
+
+
+def assemble(chunks: Iterable[TensorChunk], specs: dict[str, TensorSpec] | None = None) -> dict[str, np.ndarray]:
+    """Rebuild named arrays from a chunk stream (client side, where the model fits in memory).
+
+    ``specs``, when given, receives each tensor's spec (which says how an encoded one decodes)."""
     buffers: dict[str, bytearray] = {}
     filled: dict[str, int] = {}
-    specs: dict[str, TensorSpec] = {}
+    specs = {} if specs is None else specs
     for chunk in chunks:
         if chunk.spec is not None:
             check_spec(chunk.spec)

@@ -99,30 +99,40 @@ class WaitTaskRequest(_message.Message):
     def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
 
 class WaitTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message", "task_kwargs")
+    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message", "task_kwargs", "from_global", "check_in", "compression", "send_deltas")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NONE: _ClassVar[WaitTaskResponse.Kind]
         TRAIN: _ClassVar[WaitTaskResponse.Kind]
         VALIDATE: _ClassVar[WaitTaskResponse.Kind]
         FINISHED: _ClassVar[WaitTaskResponse.Kind]
+        SYNC: _ClassVar[WaitTaskResponse.Kind]
     NONE: WaitTaskResponse.Kind
     TRAIN: WaitTaskResponse.Kind
     VALIDATE: WaitTaskResponse.Kind
     FINISHED: WaitTaskResponse.Kind
+    SYNC: WaitTaskResponse.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     OPT_TREATMENT_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_TENSORS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TASK_KWARGS_FIELD_NUMBER: _ClassVar[int]
+    FROM_GLOBAL_FIELD_NUMBER: _ClassVar[int]
+    CHECK_IN_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    SEND_DELTAS_FIELD_NUMBER: _ClassVar[int]
     kind: WaitTaskResponse.Kind
     round: int
     opt_treatment: str
     upload_tensors: _containers.RepeatedScalarFieldContainer[str]
     message: str
     task_kwargs: str
-    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., task_kwargs: _Optional[str] = ...) -> None: ...
+    from_global: bool
+    check_in: bool
+    compression: str
+    send_deltas: bool
+    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., task_kwargs: _Optional[str] = ..., from_global: _Optional[bool] = ..., check_in: _Optional[bool] = ..., compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ...) -> None: ...
 
 class GetRoundModelRequest(_message.Message):
     __slots__ = ("envoy_name", "experiment_name", "round")
@@ -196,3 +206,21 @@ class ReportFailureRequest(_message.Message):
 class ReportFailureResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class CheckInRequest(_message.Message):
+    __slots__ = ("envoy_name", "experiment_name", "round", "divergence")
+    ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    DIVERGENCE_FIELD_NUMBER: _ClassVar[int]
+    envoy_name: str
+    experiment_name: str
+    round: int
+    divergence: float
+    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., round: _Optional[int] = ..., divergence: _Optional[float] = ...) -> None: ...
+
+class CheckInResponse(_message.Message):
+    __slots__ = ("upload",)
+    UPLOAD_FIELD_NUMBER: _ClassVar[int]
+    upload: bool
+    def __init__(self, upload: _Optional[bool] = ...) -> None: ...

@@ -80,6 +80,11 @@ class EnvoyServiceStub:
                 request_serializer=fedjax__proto_dot_envoy__service__pb2.ReportFailureRequest.SerializeToString,
                 response_deserializer=fedjax__proto_dot_envoy__service__pb2.ReportFailureResponse.FromString,
                 _registered_method=True)
+        self.CheckIn = channel.unary_unary(
+                '/fedjax.EnvoyService/CheckIn',
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.CheckInRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_envoy__service__pb2.CheckInResponse.FromString,
+                _registered_method=True)
 
 
 class EnvoyServiceServicer:
@@ -141,6 +146,13 @@ class EnvoyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckIn(self, request, context):
+        """Periodic and dynamic averaging: after training, report the divergence; the answer says whether to upload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnvoyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +200,11 @@ def add_EnvoyServiceServicer_to_server(servicer, server):
                     servicer.ReportFailure,
                     request_deserializer=fedjax__proto_dot_envoy__service__pb2.ReportFailureRequest.FromString,
                     response_serializer=fedjax__proto_dot_envoy__service__pb2.ReportFailureResponse.SerializeToString,
+            ),
+            'CheckIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckIn,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.CheckInRequest.FromString,
+                    response_serializer=fedjax__proto_dot_envoy__service__pb2.CheckInResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +450,33 @@ class EnvoyService:
             '/fedjax.EnvoyService/ReportFailure',
             fedjax__proto_dot_envoy__service__pb2.ReportFailureRequest.SerializeToString,
             fedjax__proto_dot_envoy__service__pb2.ReportFailureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjax.EnvoyService/CheckIn',
+            fedjax__proto_dot_envoy__service__pb2.CheckInRequest.SerializeToString,
+            fedjax__proto_dot_envoy__service__pb2.CheckInResponse.FromString,
             options,
             channel_credentials,
             insecure,

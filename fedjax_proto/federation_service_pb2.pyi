@@ -45,7 +45,7 @@ class GetShardRegistryResponse(_message.Message):
     def __init__(self, envoys: _Optional[_Iterable[_Union[EnvoyEntry, _Mapping]]] = ...) -> None: ...
 
 class ExperimentHeader(_message.Message):
-    __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec", "min_envoys", "round_timeout_s", "aggregation_params", "envoys_per_round", "envoys_fraction", "sampling_seed", "round_config")
+    __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec", "min_envoys", "round_timeout_s", "aggregation_params", "envoys_per_round", "envoys_fraction", "sampling_seed", "round_config", "compression", "send_deltas", "compress_downloads", "sync", "sync_every", "sync_threshold")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     OPT_TREATMENT_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,12 @@ class ExperimentHeader(_message.Message):
     ENVOYS_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_SEED_FIELD_NUMBER: _ClassVar[int]
     ROUND_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    SEND_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESS_DOWNLOADS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    SYNC_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SYNC_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     name: str
     rounds: int
     opt_treatment: str
@@ -80,7 +86,13 @@ class ExperimentHeader(_message.Message):
     envoys_fraction: float
     sampling_seed: int
     round_config: str
-    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., aggregation: _Optional[str] = ..., best_metric: _Optional[str] = ..., best_higher_is_better: _Optional[bool] = ..., bundle_size: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., min_envoys: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., aggregation_params: _Optional[str] = ..., envoys_per_round: _Optional[int] = ..., envoys_fraction: _Optional[float] = ..., sampling_seed: _Optional[int] = ..., round_config: _Optional[str] = ...) -> None: ...
+    compression: str
+    send_deltas: bool
+    compress_downloads: bool
+    sync: str
+    sync_every: int
+    sync_threshold: float
+    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., aggregation: _Optional[str] = ..., best_metric: _Optional[str] = ..., best_higher_is_better: _Optional[bool] = ..., bundle_size: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., min_envoys: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., aggregation_params: _Optional[str] = ..., envoys_per_round: _Optional[int] = ..., envoys_fraction: _Optional[float] = ..., sampling_seed: _Optional[int] = ..., round_config: _Optional[str] = ..., compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ..., compress_downloads: _Optional[bool] = ..., sync: _Optional[str] = ..., sync_every: _Optional[int] = ..., sync_threshold: _Optional[float] = ...) -> None: ...
 
 class SubmitExperimentRequest(_message.Message):
     __slots__ = ("header", "bundle_data", "chunk")

@@ -72,6 +72,7 @@ def build(cls: type):
 
 
 PAIRS = {
+    r.Encoding: (serde.encoding_to_proto, serde.encoding_from_proto),
     r.TensorSpec: (serde.spec_to_proto, serde.spec_from_proto),
     r.TensorChunk: (serde.chunk_to_proto, serde.chunk_from_proto),
     r.ShardInfo: (serde.shard_info_to_proto, serde.shard_info_from_proto),

@@ -24,7 +24,10 @@ from fedjax_core.api.federation import Federation
 from fedjax_core.api.interfaces import DataInterface, ModelInterface, TaskError, TaskInterface
 from fedjax_core.api.model_tensors import state_to_tensors, tensors_to_state
 from fedjax_core.records import default_higher_is_better
+from fedjax_core.codecs import CODECS
 from fedjax_core.strategies import Strategy, as_strategy
+from fedjax_core.sync import Sync
+from fedjax_core.sync import to_wire as sync_to_wire
 from fedjax_core.tensors import spec_of
 from fedjax_core.transport import Backoff
 
@@ -111,6 +114,18 @@ def _round_config(fn: Callable | None, rounds: int, ti: TaskInterface) -> str:
     return json.dumps(entries, allow_nan=False)
 
 
+def _compression(codec: str | None, send_deltas: bool, compress_downloads: bool) -> str:
+    """The header's codec; refuses unknown codecs and flags that are not bools, naming the fix."""
+    if codec is not None and codec not in CODECS:
+        raise ValueError(f"compression={codec!r} is not a codec: use None, {', '.join(map(repr, CODECS))}")
+    for flag, value in (("send_deltas", send_deltas), ("compress_downloads", compress_downloads)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if compress_downloads and codec is None:
+        raise ValueError("compress_downloads=True needs a codec: pass compression='fp16', 'bf16' or 'int8' too")
+    return codec or ""
+
+
 class FLExperiment:
     def __init__(self, federation: Federation, experiment_name: str = "experiment", serializer_plugin: Any = None):
         self.federation = federation
@@ -127,7 +142,8 @@ class FLExperiment:
               envoys_per_round: int | float | None = None, sampling_seed: int | None = None,
               round_config: Callable[[int], Mapping[str, Mapping[str, Any]]] | None = None,
               min_envoys: int = 1, round_timeout_s: float = 0.0,
-              pickle_by_value: Iterable[ModuleType] = (), pip_install_options: Any = None) -> int:
+              compression: str | None = None, send_deltas: bool = False, compress_downloads: bool = False,
+              sync: Sync | None = None, pickle_by_value: Iterable[ModuleType] = (), pip_install_options: Any = None) -> int:
         """Submit the experiment; returns its place in the director's queue (0: running now).
 
         ``aggregation``: a strategy from ``fedjax_core.strategies`` (``FedAdam(eta=0.1)``...) or its
@@ -135,6 +151,14 @@ class FLExperiment:
         (at least 1), sampled each round with ``sampling_seed`` (random when None; the status
         records who took part). ``round_config(round) -> {task: {kwarg: value}}`` is evaluated
         here for round = 0 .. rounds_to_train - 1 and overrides ``add_kwargs`` in that round.
+
+        ``compression``: ``"fp16"``, ``"bf16"`` or ``"int8"`` compresses the float tensors envoys
+        upload (``fedjax_core.codecs`` states each codec's error); ``send_deltas=True`` uploads the
+        change from the round's model instead of the weights (alone, or with a codec, which then
+        compresses the change); ``compress_downloads=True`` sends the round's model to the envoys
+        under the same codec (the final validation and the models you download stay exact).
+        ``sync``: ``fedjax_core.Periodic(every=k)`` or ``fedjax_core.Dynamic(delta_threshold=d)``
+        averages less often than every round (see ``fedjax_core.sync``).
 
         A round closes when every participant has reported or dropped out (a task that raises
         drops its envoy out of that round; it rejoins at the next), or, with ``round_timeout_s``
@@ -168,7 +192,12 @@ class FLExperiment:
         if higher_is_better is not None and not best_metric:
             raise ValueError("higher_is_better needs best_metric: name the validation metric it applies to")
         strategy = as_strategy(aggregation)
+        compression = _compression(compression, send_deltas, compress_downloads)
+        sync_kind, sync_every, sync_threshold = sync_to_wire(sync)
         per_round, fraction = _sampling(envoys_per_round)
+        if sync is not None and (per_round or fraction):
+            raise ValueError("sync=Periodic/Dynamic averages models every envoy keeps training: it cannot be "
+                             "combined with envoys_per_round (drop one of the two)")
         if sampling_seed is None:
             sampling_seed = random.randrange(2**62)
         elif not isinstance(sampling_seed, int) or isinstance(sampling_seed, bool) or not 0 <= sampling_seed < 2**63:
@@ -190,6 +219,8 @@ class FLExperiment:
                                    else bool(higher_is_better)),
             bundle_size=len(bundle), envoys=tuple(envoys or ()), submitter=self.federation.client_id,
             model_spec=specs, min_envoys=int(min_envoys), round_timeout_s=float(round_timeout_s),
+            compression=compression, send_deltas=send_deltas, compress_downloads=compress_downloads,
+            sync=sync_kind, sync_every=sync_every, sync_threshold=sync_threshold,
         )
 
         position = self.federation.client.submit(header, bundle, tensors)

@@ -52,7 +52,8 @@ class MetricsView:
                 tqdm.write(event.note)
             return
         if event.envoy:
-            self._advance(event.round)
+            if event.stage in r.STAGES:
+                self._advance(event.round)
             return
         row = self._row(event.round)
         if event.stage == r.STAGE_ROUND:

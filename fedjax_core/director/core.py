@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from fedjax_core import codecs
 from fedjax_core import records as r
-from fedjax_core.director import limits
+from fedjax_core.director import limits, rules
 from fedjax_core.director.files import ExperimentFiles, write_bundle
 from fedjax_core.director.rounds import Outcome, RoundEngine, Run
 from fedjax_core.director.store import ExperimentRow, Store
@@ -341,8 +342,12 @@ class Director:
             return r.Task(kind=r.TaskKind.FINISHED, message=f"envoy {envoy!r} is not a collaborator of {experiment!r}")
         if run.closing or envoy not in run.pending:
             return r.Task(kind=r.TaskKind.NONE)  # sits this round out, keeping its worker and jit cache
-        return r.Task(kind=run.kind, round=run.round, opt_treatment=run.header.opt_treatment,
-                      upload_tensors=tuple(sorted(run.upload)), task_kwargs=run.task_kwargs())
+        h = run.header
+        kind = r.TaskKind.SYNC if envoy in run.checked_in else run.kind  # trained already: dynamic averaging asks
+        return r.Task(kind=kind, round=run.round, opt_treatment=h.opt_treatment,
+                      upload_tensors=tuple(sorted(run.upload)), task_kwargs=run.task_kwargs(),
+                      from_global=run.from_global, check_in=run.averaging != rules.Averaging.ALWAYS,
+                      compression=h.compression, send_deltas=h.send_deltas)
 
     def round_model(self, envoy: str, experiment: str, round_: int) -> Iterator[r.TensorChunk]:
         """Stream the model of ``round_`` to a worker: only the tensors its opt_treatment moves."""
@@ -351,15 +356,27 @@ class Director:
             if round_ != run.round or run.closing:
                 raise PreconditionError(f"round {round_} is not open: the current round of {experiment!r} is "
                                         f"{run.round}{' (closing)' if run.closing else ''}")
-            model = ModelFile(self.files.model(experiment, round_))
-            chunks = model.iter_chunks([n for n in model.names() if n in run.upload])  # opens the file now
+            path = self.files.model(experiment, round_)
+        if run.header.compress_downloads and run.kind == r.TaskKind.TRAIN:  # the final model is validated exact
+            path = self._encoded_download(run, path)
+        model = ModelFile(path)
+        chunks = model.iter_chunks([n for n in model.names() if n in run.upload])  # opens the file now
         sent = 0
         for chunk in chunks:
             sent += len(chunk.data)
             yield chunk
         with self._cond:
             if self._run is run:
-                run.bytes_out += sent
+                run.count_transfer(envoy, sent, upload=False)
+
+    def _encoded_download(self, run: Run, path: Path) -> Path:
+        """The round's model under the experiment's codec, encoded once per round (outside the lock)."""
+        encoded = self.files.download(run.name, run.round, run.header.compression)
+        with run.download_lock:
+            if not encoded.exists():
+                encoded.parent.mkdir(parents=True, exist_ok=True)
+                codecs.encode_model(ModelFile(path), encoded, run.header.compression, sorted(run.upload))
+        return encoded
 
     def report_metrics(self, envoy: str, experiment: str, round_: int, stage: str,
                        metrics: tuple[r.Metric, ...], sample_count: int) -> None:
@@ -395,6 +412,7 @@ class Director:
         with self._cond:
             run = self._running(envoy, experiment)
             self._check_update_allowed(run, envoy, round_)
+            self._check_upload_asked(run, envoy, round_)
             if envoy in run.receiving:
                 raise PreconditionError(f"an upload from envoy {envoy!r} for round {round_} is already in progress")
             run.receiving.add(envoy)
@@ -425,6 +443,7 @@ class Director:
                     writer.add_chunk(chunk)
                 writer.commit()
             received = writer.bytes_written
+            spool = self._decoded(run, envoy, spool)
             check_finite(ModelFile(spool))  # one such upload would poison the aggregate
             with run.fold_lock:
                 with self._cond:
@@ -446,7 +465,8 @@ class Director:
                     fold_failed = None
                     with self._cond:
                         run.done.add(envoy)
-                        run.bytes_in += received
+                        run.uploaded.add(envoy)
+                        run.count_transfer(envoy, received, upload=True)
                         close = self._claim_close(run)
                         self._cond.notify_all()
             if run.ended:  # failed or cancelled meanwhile: clean up now that fold_lock is free
@@ -461,6 +481,47 @@ class Director:
             self._close(run)
         return received
 
+    def _decoded(self, run: Run, envoy: str, spool: Path) -> Path:
+        """An upload in the model's dtypes: a compressed or delta one is checked against the experiment's
+        settings and decoded into a new spool file (the received one is removed)."""
+        encoded = ModelFile(spool)
+        codecs.check_update_encodings(encoded.specs, run.header.compression, run.header.send_deltas)
+        if all(spec.encoding is None for spec in encoded.specs):
+            return spool
+        decoded = self.files.spool_path(envoy)
+        try:
+            codecs.decode_model(encoded, decoded, ModelFile(self.files.model(run.name, run.round)))
+        except BaseException:
+            decoded.unlink(missing_ok=True)
+            raise
+        finally:
+            spool.unlink(missing_ok=True)
+        return decoded
+
+    def check_in(self, envoy: str, experiment: str, round_: int, divergence: float) -> bool:
+        """Periodic and dynamic averaging: ``envoy`` trained round ``round_`` and its model is ``divergence``
+        (squared L2) from the round's global model. True: upload it now; False: keep training it."""
+        if not (math.isfinite(divergence) and divergence >= 0):
+            raise InvalidRequestError(f"envoy {envoy!r} reported divergence {divergence}: a squared distance is a "
+                                      "finite number >= 0 (NaN or infinity: training diverged)")
+        with self._cond:
+            run = self._running(envoy, experiment)
+            self._check_update_allowed(run, envoy, round_)
+            if run.averaging == rules.Averaging.ALWAYS:
+                raise PreconditionError(f"round {round_} of {experiment!r} averages: upload the update instead")
+            if envoy in run.checked_in:
+                raise PreconditionError(f"envoy {envoy!r} already checked in for round {round_}")
+            upload = run.check_in(envoy, divergence)
+            close = self._claim_close(run)
+            self._cond.notify_all()
+        event = r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage.SYNC_CHECK, timestamp=self._clock(),
+                              metrics=(r.Metric("sync", "divergence", divergence),))
+        if self.store.add_event(experiment, event):
+            self.loggers.log(experiment, event)
+        if close:
+            self._close(run)
+        return upload
+
     @staticmethod
     def _check_update_allowed(run: Run, envoy: str, round_: int) -> None:
         if run.kind != r.TaskKind.TRAIN or round_ != run.round or run.closing:
@@ -471,6 +532,13 @@ class Director:
             raise PreconditionError(f"envoy {envoy!r} already sent its update for round {round_}")
         if envoy in run.dropped:
             raise PreconditionError(f"envoy {envoy!r} dropped out of round {round_}; it rejoins at the next round")
+
+    @staticmethod
+    def _check_upload_asked(run: Run, envoy: str, round_: int) -> None:
+        """Outside rounds that always average, only an envoy told so at check-in (or by a SYNC task) uploads."""
+        if run.averaging != rules.Averaging.ALWAYS and not (run.triggered and envoy in run.checked_in):
+            raise PreconditionError(f"round {round_} of {run.name!r} averages only when the director asks: "
+                                    f"envoy {envoy!r} must check in first")
 
     def report_failure(self, envoy: str, experiment: str, error: str, round_: int | None = None,
                        worker_lost: bool = False) -> None:

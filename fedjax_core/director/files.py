@@ -90,6 +90,19 @@ class ExperimentFiles:
         tmp.replace(self.best(name))
         fsync_dir(self.exp_dir(name))
 
+    def carry_over(self, name: str, round_: int) -> None:
+        """A round that did not average: round r + 1 starts from round r's model and strategy state (linked)."""
+        for source, target in ((self.model(name, round_), self.model(name, round_ + 1)),
+                               (self.server_state(name, round_), self.server_state(name, round_ + 1))):
+            if source.exists():
+                target.unlink(missing_ok=True)  # left by a close that was cut off
+                os.link(source, target)
+        fsync_dir(self.exp_dir(name))
+
+    def download(self, name: str, round_: int, codec: str) -> Path:
+        """Round r's model encoded under ``codec`` for compressed downloads (dropped with the round)."""
+        return self.round_dir(name, round_) / f".download-{codec}.fjm"
+
     def sweep(self, name: str, current_round: int) -> list[Path]:
         """Remove what a crash left behind in an experiment's folder; returns what was removed.
 

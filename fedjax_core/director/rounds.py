@@ -53,9 +53,16 @@ class Run:
     receiving: set[str] = dataclasses.field(default_factory=set)  # envoys whose upload is streaming in
     dropped: dict[str, str] = dataclasses.field(default_factory=dict)  # envoys out of this round, and why
     ended: bool = False  # the experiment finished, failed or was cancelled
-    bytes_in: int = 0
-    bytes_out: int = 0
+    averaging: str = rules.Averaging.ALWAYS  # whether this round averages (see rules.round_averaging)
+    from_global: bool = True  # the workers start from this round's model (it changed since they last had it)
+    checked_in: dict[str, float] = dataclasses.field(default_factory=dict)  # envoy -> divergence it reported
+    triggered: bool = False  # dynamic: a divergence crossed the threshold, so everyone uploads
+    uploaded: set[str] = dataclasses.field(default_factory=set)
+    bytes_in: dict[str, int] = dataclasses.field(default_factory=dict)  # envoy -> bytes it uploaded
+    bytes_out: dict[str, int] = dataclasses.field(default_factory=dict)  # envoy -> bytes of models it downloaded
+    messages: dict[str, int] = dataclasses.field(default_factory=dict)  # envoy -> model downloads and uploads
     fold_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    download_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # compressed model, once
 
     @property
     def header(self) -> r.ExperimentHeader:
@@ -88,6 +95,28 @@ class Run:
         """Results this round needs to close: min_envoys, or every participant when it is 0."""
         return max(self.header.min_envoys or len(self.participants), 1)
 
+    def count_transfer(self, envoy: str, nbytes: int, upload: bool) -> None:
+        """Under the director's lock: one model message of ``nbytes`` to or from ``envoy``."""
+        counter = self.bytes_in if upload else self.bytes_out
+        counter[envoy] = counter.get(envoy, 0) + nbytes
+        self.messages[envoy] = self.messages.get(envoy, 0) + 1
+
+    def check_in(self, envoy: str, divergence: float) -> bool:
+        """Under the director's lock: record ``envoy``'s divergence; True when it must upload now.
+
+        Under dynamic averaging the first divergence over the threshold triggers an average:
+        envoys that checked in earlier owe an upload again (their next task is SYNC).
+        """
+        self.checked_in[envoy] = divergence
+        if self.averaging == rules.Averaging.DYNAMIC and divergence > self.header.sync_threshold:
+            if not self.triggered:
+                self.triggered = True
+                self.done -= set(self.checked_in) - self.uploaded
+        if self.triggered:
+            return True
+        self.done.add(envoy)
+        return False
+
     def task_kwargs(self) -> str:
         """This round's round_config entry; the final validation round uses the last training round's."""
         return self.plan.round_kwargs[min(self.round, self.header.rounds - 1)]
@@ -113,10 +142,12 @@ class RoundEngine:
         self.fold_hook: Callable[[str, str], None] | None = None  # tests pause a fold here: (experiment, envoy)
 
     # ------------------------------------------------------------------ runs
-    def new_run(self, row: ExperimentRow, round_: int, plan: RoundPlan | None = None) -> Run:
+    def new_run(self, row: ExperimentRow, round_: int, plan: RoundPlan | None = None,
+                from_global: bool | None = None) -> Run:
         """The run of ``round_``; its participants are sampled (or read back) and recorded.
 
         ``plan``: the previous round's, when there is one (the header and envoys do not change).
+        ``from_global``: whether the previous round averaged (None: look it up).
         """
         plan = plan or plan_rounds(row.header, row.envoys)
         strategy = build(plan.strategy)
@@ -127,8 +158,19 @@ class RoundEngine:
         else:  # after the last round every envoy validates the final model
             participants = tuple(sorted(row.envoys))
         specs = [s for s in row.header.model_spec if s.name in upload]
+        if from_global is None:
+            from_global = round_ == 0 or self._averaged(row.name, round_ - 1)
         return Run(row=row, round=round_, plan=plan, strategy=strategy, participants=participants, upload=upload,
-                   updates=RoundUpdates(specs, fold_params=strategy.folds_params), started_at=self.timer())
+                   updates=RoundUpdates(specs, fold_params=strategy.folds_params), started_at=self.timer(),
+                   averaging=rules.round_averaging(row.header, round_),
+                   from_global=from_global or round_ >= row.header.rounds)
+
+    def _averaged(self, name: str, round_: int) -> bool:
+        """Whether closed round ``round_`` averaged (runs from before sync modes always did)."""
+        for _, event, _ in self.store.events(name, round_=round_):
+            if event.stage == r.Stage.ROUND and not event.envoy:
+                return rules.metric_value(event.metrics, "round/averaged") != 0
+        return True
 
     def rebuild(self, row: ExperimentRow) -> Run:
         """The run of a director that stopped mid-round: stored updates folded again, in their order."""
@@ -139,9 +181,13 @@ class RoundEngine:
                 continue
             run.updates.add(Upload(envoy, weight, ModelFile(path)))
             run.done.add(envoy)
-            run.bytes_in += nbytes
+            run.uploaded.add(envoy)
+            run.count_transfer(envoy, nbytes, upload=True)
         events = [e for _, e, _ in self.store.events(row.name, round_=run.round) if e.envoy]
         run.dropped = {e.envoy: e.note for e in events if e.stage == r.Stage.DROPOUT}
+        for event in events:
+            if event.stage == r.Stage.SYNC_CHECK and event.envoy not in run.dropped:
+                run.check_in(event.envoy, rules.metric_value(event.metrics, "divergence") or 0.0)
         if run.kind == r.TaskKind.VALIDATE:
             run.done |= {e.envoy for e in events if e.stage == r.Stage.AGGREGATED}
         return run
@@ -177,30 +223,50 @@ class RoundEngine:
         self._update_best(run, aggregates)
         if run.kind == r.TaskKind.VALIDATE:
             return Outcome(state=r.State.FINISHED)
-        if run.updates.count == 0:
+        averaged = run.updates.count > 0
+        if not averaged and not run.checked_in:
             return Outcome(state=r.State.FAILED, error=f"round {run.round} closed without any update")
-        self._write_next_model(run)
-        now = self.clock()
+        if averaged:
+            self._write_next_model(run)
+        else:  # every envoy keeps training its own model; the global one stays
+            self.files.carry_over(name, run.round)
+            if run.round == 0:  # the strategy's state begins where the model does
+                self._write_state(name, 1, run.strategy.init(list(run.updates.specs.values())))
         seconds = self.timer() - run.started_at  # the round's time includes aggregating and storing its model
-        summary = r.MetricEvent(
-            round=run.round, envoy="", stage=r.Stage.ROUND, timestamp=now, round_time_s=seconds,
-            participants=run.participants,
-            metrics=(r.Metric("round", "time_s", seconds), r.Metric("round", "bytes_received", run.bytes_in),
-                     r.Metric("round", "bytes_sent", run.bytes_out),
-                     r.Metric("round", "envoys_reported", len(run.done)),
-                     r.Metric("round", "envoys_selected", len(run.participants))),
-        )
         if run.ended:  # cancelled or failed while this round closed: do not advance it
             return None
-        if self.store.add_event(name, summary):
-            self.loggers.log(name, summary)
+        for event in self._communication_events(run, seconds, averaged):
+            if self.store.add_event(name, event):
+                self.loggers.log(name, event)
         self.store.update_experiment(name, current_round=run.round + 1)  # the commit point
         self.store.drop_updates(name, run.round)
         row = self.store.experiment(name)
         assert row is not None
-        next_run = self.new_run(row, run.round + 1, run.plan)
+        next_run = self.new_run(row, run.round + 1, run.plan, from_global=averaged)
         release_free_memory()
         return Outcome(next_run=next_run)
+
+    def _communication_events(self, run: Run, seconds: float, averaged: bool) -> list[r.MetricEvent]:
+        """Per envoy what it moved (bytes each way, model messages, as the director counts them), then the
+        round's summary. Divergence check-ins are 8-byte scalars, counted apart from model messages."""
+        now = self.clock()
+        events = [r.MetricEvent(round=run.round, envoy=envoy, stage=r.Stage.COMM, timestamp=now, metrics=(
+            r.Metric("comm", "bytes_uploaded", run.bytes_in.get(envoy, 0)),
+            r.Metric("comm", "bytes_downloaded", run.bytes_out.get(envoy, 0)),
+            r.Metric("comm", "model_messages", run.messages.get(envoy, 0))))
+            for envoy in run.participants]
+        events.append(r.MetricEvent(
+            round=run.round, envoy="", stage=r.Stage.ROUND, timestamp=now, round_time_s=seconds,
+            participants=run.participants,
+            metrics=(r.Metric("round", "time_s", seconds),
+                     r.Metric("round", "bytes_received", sum(run.bytes_in.values())),
+                     r.Metric("round", "bytes_sent", sum(run.bytes_out.values())),
+                     r.Metric("round", "model_messages", sum(run.messages.values())),
+                     r.Metric("round", "check_ins", len(run.checked_in)),
+                     r.Metric("round", "averaged", int(averaged)),
+                     r.Metric("round", "envoys_reported", len(run.done)),
+                     r.Metric("round", "envoys_selected", len(run.participants)))))
+        return events
 
     def _write_next_model(self, run: Run) -> None:
         name, round_ = run.name, run.round
@@ -220,8 +286,11 @@ class RoundEngine:
                 writer.add_array(spec.name, model.get(spec.name, previous.array(spec.name)))
             writer.commit()
         del model
-        with ModelFileWriter(self.files.server_state(name, round_ + 1)) as writer:
-            for key, array in new_state.items():
+        self._write_state(name, round_ + 1, new_state)
+
+    def _write_state(self, name: str, round_: int, state) -> None:
+        with ModelFileWriter(self.files.server_state(name, round_)) as writer:
+            for key, array in state.items():
                 writer.add_array(key, np.asarray(array))
             writer.commit()
 

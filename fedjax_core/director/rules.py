@@ -15,6 +15,25 @@ def upload_names(header: r.ExperimentHeader) -> tuple[str, ...]:
     return tuple(s.name for s in header.model_spec if s.name.startswith("params/"))
 
 
+class Averaging:
+    """Whether a training round averages the envoys' models (see :func:`round_averaging`)."""
+
+    ALWAYS = "always"    # every participant uploads its model after training
+    NEVER = "never"      # participants check in and keep training locally (periodic, between averagings)
+    DYNAMIC = "dynamic"  # participants check in their divergence; one over the threshold makes all upload
+
+
+def round_averaging(header: r.ExperimentHeader, round_: int) -> str:
+    """Periodic(k) averages after every k-th round, dynamic when a divergence crosses the threshold;
+    the last training round always averages, so the final model is an average of everyone's training."""
+    last = round_ >= header.rounds - 1
+    if header.sync == "periodic":
+        return Averaging.ALWAYS if last or (round_ + 1) % header.sync_every == 0 else Averaging.NEVER
+    if header.sync == "dynamic":
+        return Averaging.ALWAYS if last else Averaging.DYNAMIC
+    return Averaging.ALWAYS
+
+
 def participants_per_round(header: r.ExperimentHeader, n_envoys: int) -> int:
     """How many envoys train each round: ``envoys_per_round``, or ``floor(fraction x n)`` (at least 1), or all."""
     if header.envoys_per_round:

@@ -132,6 +132,13 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
                                      request.round if request.HasField("round") else None, request.worker_lost)
         return env_pb.ReportFailureResponse()
 
+    @maps_errors
+    def CheckIn(self, request, context):
+        _check_envoy_identity(context, request.envoy_name)
+        upload = self.director.check_in(request.envoy_name, request.experiment_name, request.round,
+                                        request.divergence)
+        return env_pb.CheckInResponse(upload=upload)
+
 
 class FederationServicer(fed_grpc.FederationServiceServicer):
     def __init__(self, director: Director, submitters: frozenset[str] = frozenset({"api"})):

@@ -12,6 +12,7 @@ import re
 from collections.abc import Collection, Sequence
 
 from fedjax_core import records as r
+from fedjax_core.codecs import CODECS
 from fedjax_core.director.rules import participants_per_round, round_size_floor
 from fedjax_core.errors import InvalidRequestError
 from fedjax_core.strategies import Strategy, strategy_from_wire
@@ -51,6 +52,9 @@ def check_header(h: r.ExperimentHeader, registered: Collection[str], online: Seq
         raise InvalidRequestError("the model has no tensors")
     for spec in h.model_spec:
         check_spec(spec)
+        if spec.encoding is not None:
+            raise InvalidRequestError(f"model_spec: tensor {spec.name!r} carries an encoding; the initial model "
+                                      "travels uncompressed")
     if not any(s.name.startswith("params/") for s in h.model_spec):
         raise InvalidRequestError("the model has no 'params' tensors: pass a flax TrainState as the model")
     for envoy in h.envoys:
@@ -71,7 +75,27 @@ def check_header(h: r.ExperimentHeader, registered: Collection[str], online: Seq
         raise InvalidRequestError(f"envoys_per_round as a fraction must be in (0, 1], got {h.envoys_fraction}")
     if h.envoys_per_round and h.envoys_fraction:
         raise InvalidRequestError("give envoys_per_round as a count or as a fraction, not both")
+    check_communication(h)
     plan_rounds(h, h.envoys or tuple(online))
+
+
+def check_communication(h: r.ExperimentHeader) -> None:
+    """Compression and sync settings: known codecs and modes, with the parameters each needs."""
+    if h.compression and h.compression not in CODECS:
+        raise InvalidRequestError(f"compression {h.compression!r} is not a codec; use one of {', '.join(CODECS)} "
+                                  "or none")
+    if h.compress_downloads and not h.compression:
+        raise InvalidRequestError("compress_downloads needs a codec: set compression too")
+    if h.sync not in ("", "periodic", "dynamic"):
+        raise InvalidRequestError(f"sync {h.sync!r} is not one of periodic, dynamic (or empty: every round)")
+    if h.sync == "periodic" and not 1 <= h.sync_every <= h.rounds:
+        raise InvalidRequestError(f"Periodic(every={h.sync_every}) must be between 1 and rounds_to_train "
+                                  f"({h.rounds})")
+    if h.sync == "dynamic" and not (math.isfinite(h.sync_threshold) and h.sync_threshold > 0):
+        raise InvalidRequestError(f"Dynamic(delta_threshold={h.sync_threshold}) must be a finite number > 0")
+    if h.sync and (h.envoys_per_round or h.envoys_fraction):
+        raise InvalidRequestError(f"sync={h.sync} cannot be combined with envoys_per_round: every envoy keeps "
+                                  "training its own model between averagings")
 
 
 def plan_rounds(h: r.ExperimentHeader, envoys: Sequence[str]) -> RoundPlan:

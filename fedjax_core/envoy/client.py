@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedjax_core import codecs
 from fedjax_core import records as r
 from fedjax_core import serde
 from fedjax_core.tensors import assemble, iter_chunks
@@ -64,9 +65,21 @@ class EnvoyClient:
                            "wait for a task")
 
     def round_model(self, experiment: str, round_: int) -> dict[str, np.ndarray]:
+        """The round's model, decoded when it travelled compressed."""
         req = env_pb.GetRoundModelRequest(envoy_name=self.envoy_name, experiment_name=experiment, round=round_)
-        return self._retry(lambda: assemble(serde.chunk_from_proto(c) for c in self._stub.GetRoundModel(req, timeout=600)),
-                           "download the round's model")
+
+        def fetch() -> dict[str, np.ndarray]:
+            specs: dict[str, r.TensorSpec] = {}
+            arrays = assemble((serde.chunk_from_proto(c) for c in self._stub.GetRoundModel(req, timeout=600)), specs)
+            return {name: codecs.decode(array, specs[name].encoding) for name, array in arrays.items()}
+
+        return self._retry(fetch, "download the round's model")
+
+    def check_in(self, experiment: str, round_: int, divergence: float) -> bool:
+        """Report this round's divergence; True when the director wants the trained model now."""
+        req = env_pb.CheckInRequest(envoy_name=self.envoy_name, experiment_name=experiment, round=round_,
+                                    divergence=divergence)
+        return self._retry(lambda: self._stub.CheckIn(req, timeout=60).upload, "check in")
 
     def report_metrics(self, experiment: str, round_: int, stage: str, metrics: Mapping[str, Mapping[str, float]],
                        sample_count: int) -> None:
@@ -78,13 +91,14 @@ class EnvoyClient:
         )
         self._retry(lambda: self._stub.ReportMetrics(req, timeout=60), "report metrics")
 
-    def upload(self, experiment: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray]) -> int:
+    def upload(self, experiment: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray],
+               encodings: Mapping[str, r.Encoding] | None = None) -> int:
         header = env_pb.UploadUpdateRequest.Header(envoy_name=self.envoy_name, experiment_name=experiment,
                                                    round=round_, train_sample_count=sample_count)
 
         def requests():
             yield env_pb.UploadUpdateRequest(header=header)
-            for chunk in iter_chunks(tensors):
+            for chunk in iter_chunks(tensors, encodings=encodings):
                 yield env_pb.UploadUpdateRequest(chunk=serde.chunk_to_proto(chunk))
 
         return self._retry(lambda: self._stub.UploadUpdate(requests(), timeout=600).bytes_received, "upload the update")

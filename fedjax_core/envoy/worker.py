@@ -53,7 +53,9 @@ class _Rounds:
         self.client, self.experiment, self.ti, self.device = client, experiment, ti, device
         self.optimizer = model_interface.optimizer
         self.template = canonicalize(model_interface.model)
-        self.local_state = self.template  # kept between rounds for CONTINUE_LOCAL
+        self.local_state = self.template  # kept between rounds for CONTINUE_LOCAL and between averagings
+        self.global_tensors = None  # the last global model received: what deltas and divergences measure from
+        self.global_state = None  # the same as a state, for tasks that take global_model= (FedProx)
         self.train_loader, self.valid_loader = data.get_train_loader(), data.get_valid_loader()
         self.n_train, self.n_valid = int(data.get_train_data_size()), int(data.get_valid_data_size())
 
@@ -94,9 +96,11 @@ class _Rounds:
         return state, metrics
 
     def _starting_state(self, task: r.Task):
+        """The round's global model as a state (kept as the reference for deltas and divergences)."""
         from fedjax_core.api.model_tensors import canonicalize, tensors_to_state
 
         received = self.client.round_model(self.experiment, task.round)
+        self.global_tensors = received
         if task.opt_treatment == "CONTINUE_LOCAL":
             return tensors_to_state(self.local_state, received)
         state = tensors_to_state(self.template, received)
@@ -105,27 +109,62 @@ class _Rounds:
         return state
 
     def _round(self, task: r.Task) -> None:
-        from fedjax_core.api.model_tensors import state_to_tensors
-
         exp, rnd = self.experiment, task.round
-        state = self._starting_state(task)
-        global_state = copy.copy(state)  # its own object: the seed's update_state() mutates `state` in place
-        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False, global_state)
-        self.client.report_metrics(exp, rnd, r.Stage.AGGREGATED, validation, self.n_valid)
+        if task.kind == r.TaskKind.SYNC:  # dynamic averaging was triggered after this envoy checked in
+            self._upload(task, self.local_state)
+            return
+        if task.from_global or self.global_tensors is None:  # a new worker has no model of its own yet
+            state = self._starting_state(task)
+            global_state = copy.copy(state)  # its own object: the seed's update_state() mutates `state` in place
+            _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False,
+                                            global_state)
+            self.client.report_metrics(exp, rnd, r.Stage.AGGREGATED, validation, self.n_valid)
+            self.global_state = global_state
+        else:  # periodic or dynamic averaging: keep training this envoy's own model
+            state = self.local_state
         if task.kind == r.TaskKind.VALIDATE:
             return
-        state, train_metrics = self._run_tasks(self.ti.train_tasks, state, self.train_loader, task, True, global_state)
+        state, train_metrics = self._run_tasks(self.ti.train_tasks, state, self.train_loader, task, True,
+                                               self.global_state)
         self.client.report_metrics(exp, rnd, r.Stage.TRAIN, train_metrics, self.n_train)
-        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False, global_state)
+        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False,
+                                        self.global_state)
         self.client.report_metrics(exp, rnd, r.Stage.LOCAL, validation, self.n_valid)
         self.local_state = state
+        if task.check_in and not self.client.check_in(exp, rnd, self._divergence(task, state)):
+            print(f"[worker {self.client.envoy_name}] round {rnd} done, model kept (no averaging)", flush=True)
+            return
+        self._upload(task, state)
+        print(f"[worker {self.client.envoy_name}] round {rnd} done: "
+              + ", ".join(f"{k}={v:.4f}" for m in train_metrics.values() for k, v in m.items()), flush=True)
+
+    def _upload(self, task: r.Task, state) -> None:
+        """Send the tensors the round averages: as weights or deltas, compressed as the experiment says."""
+        from fedjax_core import codecs
+        from fedjax_core.api.model_tensors import state_to_tensors
+
         tensors = state_to_tensors(state)
         missing = [n for n in task.upload_tensors if n not in tensors]
         if missing:
             raise RuntimeError(f"the trained state lacks tensors {missing[:3]}: did a task change the model's structure?")
-        self.client.upload(exp, rnd, self.n_train, {n: tensors[n] for n in task.upload_tensors})
-        print(f"[worker {self.client.envoy_name}] round {rnd} done: "
-              + ", ".join(f"{k}={v:.4f}" for m in train_metrics.values() for k, v in m.items()), flush=True)
+        wire, encodings = {}, {}
+        for name in task.upload_tensors:
+            reference = self.global_tensors[name] if task.send_deltas else None
+            wire[name], encoding = codecs.encode(name, tensors[name], task.compression or None, reference)
+            if encoding is not None:
+                encodings[name] = encoding
+        self.client.upload(self.experiment, task.round, self.n_train, wire, encodings)
+
+    def _divergence(self, task: r.Task, state) -> float:
+        """Squared L2 distance of the trained model's float tensors from the round's global model."""
+        import numpy as np
+
+        from fedjax_core.api.model_tensors import state_to_tensors
+        from fedjax_core.tensors import is_float_dtype
+
+        tensors = state_to_tensors(state)
+        return float(sum(np.sum(np.square(tensors[n].astype(np.float64) - self.global_tensors[n].astype(np.float64)))
+                         for n in task.upload_tensors if is_float_dtype(tensors[n].dtype)))
 
 
 def unpickle_experiment(payload: bytes) -> dict[str, Any]:
