@@ -2,7 +2,7 @@
 
     fedjax director start -c director_config.yaml [--disable-tls]
     fedjax envoy start -n NAME -c envoy_config.yaml -dh HOST -dp PORT [--disable-tls]
-    fedjax pki init|certify ...
+    fedjax pki init|certify ...    # certify --role director|envoy|api: see fedjax_core.pki
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def _start_args(parser: argparse.ArgumentParser) -> None:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ROLES = ("director", "envoy", "api")  # fedjax_core.pki.ROLES, without importing cryptography for --help
 
 
 def _port(value: str) -> int:
@@ -69,14 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_init.add_argument("--dir", default="pki", help="folder for the CA and certificates")
     p_cert = pki.add_parser(
         "certify", help="issue a certificate for one party", formatter_class=defaults,
-        description="Issue a certificate and key signed by the root CA in --dir: one for the director (its host "
-                    "name), one per envoy (its envoy name), and one named 'api' for the notebook "
-                    "(Federation(..., api_cert='pki/api.crt', api_private_key='pki/api.key')).")
+        description="Issue a certificate and key signed by the root CA in --dir, with the party's role: one "
+                    "for the director (--role director, named as its host), one per envoy (--role envoy, named "
+                    "as the envoy), and one named 'api' for the notebook (--role api; Federation(..., "
+                    "api_cert='pki/api.crt', api_private_key='pki/api.key')). The director checks roles: only "
+                    "envoy certificates may act as envoys, only api certificates may use the notebook API, and "
+                    "only a director certificate can serve.")
     p_cert.add_argument("--dir", default="pki", help="folder holding the root CA (from `fedjax pki init`); "
                                                      "NAME.crt and NAME.key are written there")
     p_cert.add_argument("--name", required=True, help="the party's name: the director's host name, an envoy's "
                                                       "name, or 'api' for the notebook")
-    p_cert.add_argument("--san", action="append", default=[], help="extra DNS name or IP (repeatable)")
+    p_cert.add_argument("--role", choices=ROLES, default=argparse.SUPPRESS,
+                        help="what the certificate may do (default: api for --name api, envoy for any other "
+                             "name; the director's certificate needs --role director)")
+    p_cert.add_argument("--san", action="append", default=[],
+                        help="extra DNS name or IP the director is dialled at (repeatable; --role director only)")
     return parser
 
 
@@ -125,8 +133,28 @@ def _check_plaintext(args, host: str, what: str) -> None:
         raise ConfigError(
             f"--disable-tls would {what} {host!r}, which is not a loopback address: plaintext lets anyone on the "
             "network read models and submit code. Use mTLS (fedjax pki init --dir pki, then fedjax pki certify "
-            "--dir pki --name NAME for each party, and a tls: section in each config), or add "
-            "--allow-remote-plaintext if this network is trusted")
+            "--dir pki --name NAME --role director|envoy|api for each party, and a tls: section in each config), "
+            "or add --allow-remote-plaintext if this network is trusted")
+
+
+def _check_director_certificate(tls, host: str) -> None:
+    """The director serves only with a certificate of role director (no envoy or api leaf can serve)."""
+    from fedjax_core import pki
+
+    try:
+        who = pki.identity(tls.certificate.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the director's certificate {tls.certificate}: {exc.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"{tls.certificate} is not a PEM certificate (made by `fedjax pki certify`)") from None
+    if who.role != pki.DIRECTOR:
+        what = f"has role {who.role}" if who.role else "carries no role (issued before roles, or by hand)"
+        name = host if host not in ("0.0.0.0", "::", "") else "DIRECTOR_HOST"
+        raise ConfigError(
+            f"the certificate {tls.certificate} ({who.name or 'no usable name'}) {what}; the director serves only "
+            f"with a certificate of role director: `{pki.fix_command(pki.DIRECTOR, name, tls.root_certificate.parent)}` "
+            "(add --san for each other name or IP envoys and notebooks dial), then point the config's "
+            "tls.certificate and tls.private_key (or --public-cert-path/--private-key-path) at it")
 
 
 def _director_start(args) -> int:
@@ -138,7 +166,10 @@ def _director_start(args) -> int:
         config = config.model_copy(update={"settings": config.settings.model_copy(update=overrides)})
     config_dir = Path(args.config).resolve().parent
     _check_plaintext(args, config.settings.listen_host, "listen on")
-    run_director(config, _tls(args, config.tls, config_dir), config_dir)
+    tls = _tls(args, config.tls, config_dir)
+    if tls is not None:
+        _check_director_certificate(tls, config.settings.listen_host)
+    run_director(config, tls, config_dir)
     return 0
 
 
@@ -165,8 +196,9 @@ def _pki(args) -> int:
     if args.action == "init":
         print(f"root CA written to {pki.init_ca(Path(args.dir))}")
     else:
-        cert, key = pki.certify(Path(args.dir), args.name, args.san)
-        print(f"certificate {cert}\nprivate key {key}\nroot CA     {Path(args.dir) / 'root_ca.crt'}")
+        role = getattr(args, "role", None) or pki.default_role(args.name)
+        cert, key = pki.certify(Path(args.dir), args.name, args.san, role=role)
+        print(f"certificate {cert} (role {role})\nprivate key {key}\nroot CA     {Path(args.dir) / 'root_ca.crt'}")
     return 0
 
 

@@ -24,6 +24,7 @@ def _shape_entry(value: Any) -> str:
 
 
 ShapeEntry = Annotated[str, BeforeValidator(_shape_entry)]
+CERTIFICATE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # a name `fedjax pki certify --name` accepts
 
 
 class _Model(BaseModel):
@@ -53,6 +54,9 @@ class DirectorSettings(_Model):
     max_workers: int = Field(128, ge=8, strict=True)
     # Under mTLS, the certificate names allowed to use the notebook API (submit experiments).
     submitters: list[str] = ["api"]
+    # Under mTLS, the envoy certificate names that may register (and make any envoy call); unset:
+    # any certificate of role envoy from the federation's CA.
+    allowed_envoys: list[Annotated[str, Field(pattern=CERTIFICATE_NAME)]] | None = None
     # Under mTLS, certificate names that may cancel any experiment and download its models (an
     # experiment's submitter always may).
     admins: list[str] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -36,8 +37,9 @@ def write_envoy_config(path: Path, rank: int, world: int, **params) -> Path:
 class Stack:
     """A director and envoys on loopback, started with the CLI; ``stop()`` ends every process.
 
-    With ``tls=True`` a PKI is made in ``workdir/pki`` (a certificate per envoy, one for the
-    director and one for the notebook, ``api``) and every party talks mTLS.
+    With ``tls=True`` a PKI is made in ``workdir/pki`` (a certificate of role envoy per envoy, one
+    of role director named ``director``, and one of role api for the notebook, ``api``) and every
+    party talks mTLS.
     """
 
     def __init__(self, workdir: Path, n_envoys: int = 2, port: int | None = None, envoy_params: dict | None = None,
@@ -55,9 +57,9 @@ class Stack:
             from fedjax_core import pki
 
             pki.init_ca(self.pki)
-            for name, config in [("director", self.director_config), ("api", None),
-                                 *((f"env{i + 1}", c) for i, c in enumerate(self.envoy_configs))]:
-                pki.certify(self.pki, name)
+            for name, config, role in [("director", self.director_config, "director"), ("api", None, "api"),
+                                       *((f"env{i + 1}", c, "envoy") for i, c in enumerate(self.envoy_configs))]:
+                pki.certify(self.pki, name, role=role)
                 if config is not None:
                     add_tls_section(config, self.pki, name)
         self.director: Process | None = None
@@ -83,10 +85,13 @@ class Stack:
         self.director.wait_for(r"DIRECTOR READY")
         return self.director
 
-    def start_envoy(self, index: int, env: dict | None = None, name: str | None = None) -> Process:
+    def start_envoy(self, index: int, env: dict | None = None, name: str | None = None,
+                    args: Sequence[str] = ()) -> Process:
+        """Envoy ``index`` (its config), under ``name`` if given; ``args`` go to `fedjax envoy start`."""
         name = name or f"env{index + 1}"
         p = Process([*FEDJAX, "envoy", "start", "-n", name, "-c", str(self.envoy_configs[index]),
-                     "-dh", "127.0.0.1", "-dp", str(self.port), *self.tls_flag], cwd=self.workdir, name=name, env=env)
+                     "-dh", "127.0.0.1", "-dp", str(self.port), *self.tls_flag, *args], cwd=self.workdir, name=name,
+                    env=env)
         self.processes.append(p)
         return p
 

@@ -184,3 +184,21 @@ def test_plaintext_is_refused_off_loopback_unless_the_operator_insists(tmp_path)
 
     insist = build_parser().parse_args(["director", "start", "-c", "x", "--disable-tls", "--allow-remote-plaintext"])
     _check_plaintext(insist, "0.0.0.0", "listen on")  # no error: the operator insisted
+
+
+def test_pki_certify_puts_the_role_in_the_certificate(tmp_path):
+    from fedjax_core import pki
+
+    assert fedjax(tmp_path, "pki", "init", "--dir", "pki").returncode == 0
+    made = fedjax(tmp_path, "pki", "certify", "--dir", "pki", "--name", "d.example.org", "--role", "director",
+                  "--san", "10.0.0.5")
+    assert made.returncode == 0 and "pki/d.example.org.crt (role director)" in made.stdout, made.stderr
+    for name, role in (("env_one", "envoy"), ("api", "api")):  # the defaults
+        assert f"(role {role})" in fedjax(tmp_path, "pki", "certify", "--dir", "pki", "--name", name).stdout
+    for name, role in (("d.example.org", "director"), ("env_one", "envoy"), ("api", "api")):
+        assert pki.identity((tmp_path / "pki" / f"{name}.crt").read_bytes()) == pki.Identity(name, role)
+    refused = fedjax(tmp_path, "pki", "certify", "--dir", "pki", "--name", "env_two", "--san", "10.0.0.6")
+    _assert_clean_exit(refused, 1)
+    assert "--san is for the director's certificate" in refused.stderr
+    text = " ".join(fedjax(tmp_path, "pki", "certify", "--help").stdout.split())
+    assert "default: api for --name api, envoy for any other name" in text and "--role director" in text

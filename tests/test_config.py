@@ -207,3 +207,14 @@ def test_a_bool_is_not_a_number(tmp_path, model, text, key):
     # (shape entries already refuse bools the same way).
     msg = _error(tmp_path, text, model)
     assert key in msg
+
+
+def test_allowed_envoys_defaults_to_any_envoy_and_takes_certificate_names(tmp_path):
+    assert load_config(_write(tmp_path, DIRECTOR_YAML), DirectorConfig).settings.allowed_envoys is None
+    listed = load_config(_write(tmp_path, DIRECTOR_YAML + "  allowed_envoys: [env_one, env-2.example.org]\n"),
+                         DirectorConfig)
+    assert listed.settings.allowed_envoys == ["env_one", "env-2.example.org"]
+    msg = _error(tmp_path, DIRECTOR_YAML + "  allowed_envoys: [env one]\n", DirectorConfig)
+    assert "settings.allowed_envoys.0" in msg and "'env one'" in msg
+    msg = _error(tmp_path, DIRECTOR_YAML + "  allowed_envoy: [env_one]\n", DirectorConfig)
+    assert "settings.allowed_envoy: unknown key" in msg and "allowed_envoys" in msg

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import datetime
+
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.exceptions import InvalidSignature
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedjax_core import pki
 from fedjax_core import records as r
@@ -48,17 +51,16 @@ def test_init_ca_and_certify_create_files(tmp_path):
 def test_certificate_is_issued_by_the_ca_with_sans(tmp_path):
     d = tmp_path / "pki"
     pki.init_ca(d)
-    cert_path, key_path = pki.certify(d, "director.example.org", ["10.1.2.3", "alt.example.org"])
+    cert_path, key_path = pki.certify(d, "director.example.org", ["10.1.2.3", "alt.example.org"], role="director")
     ca, cert = _cert(d / "root_ca.crt"), _cert(cert_path)
     cert.verify_directly_issued_by(ca)  # raises if the signature or issuer do not match
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
-    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False \
-        if any(isinstance(e.value, x509.BasicConstraints) for e in cert.extensions) else True
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False  # a leaf, never a CA
     dns, ips = _sans(cert)
     assert {"director.example.org", "localhost", "alt.example.org"} <= dns
     assert {"127.0.0.1", "10.1.2.3"} <= ips
     usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= usages
+    assert usages == {ExtendedKeyUsageOID.SERVER_AUTH}  # a director serves; it never connects as a client
     # The key file holds the certificate's own private key.
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()
@@ -66,7 +68,7 @@ def test_certificate_is_issued_by_the_ca_with_sans(tmp_path):
 
 def test_ip_name_becomes_an_ip_san(tmp_path):
     pki.init_ca(tmp_path)
-    cert_path, _ = pki.certify(tmp_path, "192.168.7.9")
+    cert_path, _ = pki.certify(tmp_path, "192.168.7.9", role="director")
     dns, ips = _sans(_cert(cert_path))
     assert "192.168.7.9" in ips and "192.168.7.9" not in dns
     assert all(ipaddress.ip_address(ip) for ip in ips)
@@ -95,13 +97,74 @@ def test_certify_without_ca_errors(tmp_path):
     assert not (tmp_path / "empty" / "env_one.crt").exists()
 
 
+@pytest.mark.parametrize("role, usage", [("director", ExtendedKeyUsageOID.SERVER_AUTH),
+                                         ("envoy", ExtendedKeyUsageOID.CLIENT_AUTH),
+                                         ("api", ExtendedKeyUsageOID.CLIENT_AUTH)])
+def test_role_round_trips_through_the_certificate(tmp_path, role, usage):
+    pki.init_ca(tmp_path)
+    cert_path, _ = pki.certify(tmp_path, "party-1", role=role)
+    cert = _cert(cert_path)
+    assert pki.identity(cert) == pki.identity(cert_path.read_bytes()) == pki.Identity("party-1", role)
+    assert [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)] == [role]
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [usage]
+    has_sans = any(isinstance(e.value, x509.SubjectAlternativeName) for e in cert.extensions)
+    assert has_sans == (role == "director")  # only the director is dialled by name
+
+
+@pytest.mark.parametrize("name, role", [("api", "api"), ("env_one", "envoy"), ("director.example.org", "envoy")])
+def test_default_role_is_api_for_the_name_api_and_envoy_otherwise(tmp_path, name, role):
+    pki.init_ca(tmp_path)
+    assert pki.identity(_cert(pki.certify(tmp_path, name)[0])).role == role
+
+
+def test_bad_role_and_sans_on_a_client_certificate_are_refused(tmp_path):
+    pki.init_ca(tmp_path)
+    with pytest.raises(ValueError, match="role 'admin' is not valid: use director, envoy, api"):
+        pki.certify(tmp_path, "env_one", role="admin")
+    with pytest.raises(ValueError, match="--san is for the director's certificate"):
+        pki.certify(tmp_path, "env_one", ["10.0.0.1"], role="envoy")
+    assert not (tmp_path / "env_one.crt").exists()
+
+
+def _hand_made(tmp_path: Path, subject: list[x509.NameAttribute], usages: list | None) -> x509.Certificate:
+    """A certificate signed by the federation's CA, but not made by `fedjax pki certify`."""
+    ca_key = serialization.load_pem_private_key((tmp_path / "root_ca.key").read_bytes(), password=None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(x509.Name(subject))
+               .issuer_name(_cert(tmp_path / "root_ca.crt").subject)
+               .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now)
+               .not_valid_after(now + datetime.timedelta(days=1)))
+    if usages is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+@pytest.mark.parametrize("subject, usages, expected", [
+    # issued before roles: both usages, no OU
+    ([("CN", "env1")], [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], ("env1", None)),
+    # an OU that claims a role its key usage does not allow
+    ([("CN", "env1"), ("OU", "director")], [ExtendedKeyUsageOID.CLIENT_AUTH], ("env1", None)),
+    ([("CN", "api"), ("OU", "api")], None, ("api", None)),
+    ([("CN", "api"), ("OU", "api"), ("OU", "envoy")], [ExtendedKeyUsageOID.CLIENT_AUTH], ("api", None)),
+    ([("OU", "envoy")], [ExtendedKeyUsageOID.CLIENT_AUTH], (None, "envoy")),  # no name
+    ([("CN", "a"), ("CN", "b"), ("OU", "envoy")], [ExtendedKeyUsageOID.CLIENT_AUTH], (None, "envoy")),
+    ([("CN", "bad name!"), ("OU", "envoy")], [ExtendedKeyUsageOID.CLIENT_AUTH], (None, "envoy")),
+])
+def test_a_certificate_without_a_usable_name_or_role_has_none(tmp_path, subject, usages, expected):
+    pki.init_ca(tmp_path)
+    oids = {"CN": NameOID.COMMON_NAME, "OU": NameOID.ORGANIZATIONAL_UNIT_NAME}
+    cert = _hand_made(tmp_path, [x509.NameAttribute(oids[k], v) for k, v in subject], usages)
+    assert pki.identity(cert) == pki.Identity(*expected)
+
+
 # ------------------------------------------------------------------ real mTLS
 @pytest.fixture
 def federation_pki(tmp_path):
     good, other = tmp_path / "pki", tmp_path / "other_pki"
     pki.init_ca(good)
     pki.init_ca(other)
-    pki.certify(good, "localhost")
+    pki.certify(good, "localhost", role="director")
     pki.certify(good, "api")
     pki.certify(other, "api")
     return good, other

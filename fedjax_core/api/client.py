@@ -33,10 +33,14 @@ def diagnose_connection(details: str, tls: bool) -> str:
     if not tls and "Socket closed" in details:
         return ("The director closed the connection at once: it most likely runs mTLS. Connect with "
                 "Federation(..., tls=True, cert_chain=..., api_cert=..., api_private_key=...) using the federation's "
-                "certificates (`fedjax pki certify --name api`).")
+                "certificates (`fedjax pki certify --name api --role api`).")
     if tls and "WRONG_VERSION_NUMBER" in details:
         return ("The TLS handshake met a plaintext server: the director was started with --disable-tls. Connect "
                 "with Federation(..., tls=False), or restart the director with TLS.")
+    if tls and "unsupported certificate purpose" in details:
+        return ("The server's certificate is not a director's (its role does not allow serving): something other "
+                "than the director answers at this address, or the director was given an envoy or api "
+                "certificate. Give the director one made with `fedjax pki certify --name HOST --role director`.")
     if tls and ("CERTIFICATE_VERIFY_FAILED" in details or "certificate verify failed" in details.lower()):
         return ("The director's certificate is not signed by cert_chain: use the root_ca.crt of the PKI that "
                 "issued the director's certificate.")

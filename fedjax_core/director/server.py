@@ -12,7 +12,7 @@ import grpc
 from fedjax_core.config import DirectorConfig, resolve_path
 from fedjax_core.director.core import Director
 from fedjax_core.director.memory import limit_arenas
-from fedjax_core.director.servicer import EnvoyServicer, FederationServicer
+from fedjax_core.director.servicer import EnvoyServicer, FederationServicer, RoleGate
 from fedjax_core.transport import SERVER_OPTIONS, TLSFiles, server_credentials
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 from fedjax_proto import federation_service_pb2_grpc as fed_grpc
@@ -21,10 +21,14 @@ log = logging.getLogger("fedjax.director")
 
 
 def create_server(director: Director, host: str, port: int, tls: TLSFiles | None, max_workers: int = 128,
-                  submitters: frozenset[str] = frozenset({"api"})) -> tuple[grpc.Server, int]:
-    """A started-ready gRPC server for ``director``; returns ``(server, bound_port)`` (port 0 picks one)."""
+                  submitters: frozenset[str] = frozenset({"api"}),
+                  allowed_envoys: frozenset[str] | None = None) -> tuple[grpc.Server, int]:
+    """A started-ready gRPC server for ``director``; returns ``(server, bound_port)`` (port 0 picks one).
+
+    With ``tls``, every call passes ``RoleGate`` (certificate roles, ``allowed_envoys``) first.
+    """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="director"),
-                         options=SERVER_OPTIONS)
+                         options=SERVER_OPTIONS, interceptors=[RoleGate(allowed_envoys)] if tls else None)
     env_grpc.add_EnvoyServiceServicer_to_server(EnvoyServicer(director), server)
     fed_grpc.add_FederationServiceServicer_to_server(FederationServicer(director, submitters), server)
     address = f"{host}:{port}"
@@ -43,7 +47,12 @@ def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path)
                         sample_shape=s.sample_shape, target_shape=s.target_shape,
                         health_check_period=s.envoy_health_check_period, max_model_bytes=s.max_model_bytes,
                         admins=s.admins, envoy_timeout_s=s.envoy_timeout_s)
-    server, port = create_server(director, s.listen_host, s.listen_port, tls, s.max_workers, frozenset(s.submitters))
+    allowed_envoys = None if s.allowed_envoys is None else frozenset(s.allowed_envoys)
+    if allowed_envoys is not None and tls is None:
+        log.warning("settings.allowed_envoys applies to certificate names under mTLS; with TLS disabled any "
+                    "envoy may register")
+    server, port = create_server(director, s.listen_host, s.listen_port, tls, s.max_workers, frozenset(s.submitters),
+                                 allowed_envoys)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from typing import NoReturn
 
 import grpc
 
-from fedjax_core import serde
+from fedjax_core import pki, serde
 from fedjax_core.director.core import Director
 from fedjax_core.errors import InvalidRequestError, PermissionDeniedError
 from fedjax_core.transport import maps_errors, peer_common_name
@@ -42,6 +43,77 @@ class _Refusals:
 
 
 _refusals = _Refusals()
+# Under mTLS, the role a caller's certificate needs for each service (pki module docstring).
+SERVICE_ROLES = {env_pb.DESCRIPTOR.services_by_name["EnvoyService"].full_name: pki.ENVOY,
+                 fed_pb.DESCRIPTOR.services_by_name["FederationService"].full_name: pki.API}
+_WHO_CALLS = {pki.ENVOY: "envoys and their workers", pki.API: "notebooks"}
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity(pem: bytes) -> pki.Identity:
+    try:
+        return pki.identity(pem)
+    except ValueError:  # not a certificate we can read: no identity
+        return pki.Identity(None, None)
+
+
+def check_role(context: grpc.ServicerContext, method: str, allowed_envoys: frozenset[str] | None) -> None:
+    """Under mTLS, the one gate every RPC passes (see ``RoleGate``): the client certificate must carry
+    a usable name and the role that ``method``'s service needs (``SERVICE_ROLES``), and an envoy must
+    be in ``allowed_envoys`` when that is set. Refusals raise PermissionDeniedError, logged once."""
+    service, _, rpc = method.strip("/").partition("/")
+    call, needs = f"{service.rsplit('.', 1)[-1]}.{rpc}", SERVICE_ROLES.get(service)
+    pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
+    who = _identity(pem) if pem else pki.Identity(None, None)
+    if needs is None:
+        error = f"{call} is not a fedjax service"
+    elif who.name is None:
+        error = (f"the client certificate carries no usable name (one common name of letters, digits, '.', '_' "
+                 f"or '-'), so {call} is refused: issue one with `{pki.fix_command(needs)}`")
+    elif who.role is None:
+        error = (f"the client certificate {who.name!r} carries no role (issued before roles, or by hand), but "
+                 f"{call} needs role {needs}: issue it again with `{pki.fix_command(needs, who.name)}`")
+    elif who.role != needs:
+        error = (f"the client certificate {who.name!r} has role {who.role}, but {call} needs role {needs} (only "
+                 f"{_WHO_CALLS[needs]} call the {service.rsplit('.', 1)[-1]}): use an {needs} certificate, made "
+                 f"with `{pki.fix_command(needs, 'api' if needs == pki.API else 'ENVOY_NAME')}`")
+    elif needs == pki.ENVOY and allowed_envoys is not None and who.name not in allowed_envoys:
+        error = (f"envoy {who.name!r} is not in this director's settings.allowed_envoys "
+                 f"({', '.join(sorted(allowed_envoys)) or 'empty'}): add {who.name} there and restart the director")
+    else:
+        return
+    _refusals.refuse(context, who.name or "", PermissionDeniedError(error))
+
+
+class RoleGate(grpc.ServerInterceptor):
+    """Runs ``check_role`` before every RPC of a TLS server, new RPCs included; refusals end PERMISSION_DENIED."""
+
+    def __init__(self, allowed_envoys: frozenset[str] | None = None):
+        self.allowed_envoys = allowed_envoys
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        def gate(behavior):
+            def guarded(request, context):
+                try:
+                    check_role(context, method, self.allowed_envoys)
+                except PermissionDeniedError as exc:
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+                return behavior(request, context)
+            return guarded
+
+        factory, behavior = {
+            (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
+            (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
+            (True, False): (grpc.stream_unary_rpc_method_handler, handler.stream_unary),
+            (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
+        }[(handler.request_streaming, handler.response_streaming)]
+        return factory(gate(behavior), request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
 
 
 def _check_envoy_identity(context: grpc.ServicerContext, envoy_name: str) -> None:
@@ -50,7 +122,7 @@ def _check_envoy_identity(context: grpc.ServicerContext, envoy_name: str) -> Non
     if common_name is not None and common_name != envoy_name:
         _refusals.refuse(context, common_name, PermissionDeniedError(
             f"the client certificate is for {common_name!r}, not for envoy {envoy_name!r}: give each envoy "
-            f"its own certificate (fedjax pki certify --name {envoy_name})"))
+            f"its own certificate ({pki.fix_command(pki.ENVOY, envoy_name)})"))
 
 
 class EnvoyServicer(env_grpc.EnvoyServiceServicer):

@@ -116,8 +116,11 @@ class EnvoyDaemon:
                                       grpc.StatusCode.CANCELLED):
                     raise RuntimeError(f"director refused envoy {self.name!r}: {exc.details()}") from None
                 delay = backoff.next_delay()
+                why = exc.code().name
+                if "unsupported certificate purpose" in (exc.details() or ""):
+                    why += ", the server's certificate is not of role director"
                 log.warning("envoy %s: director at %s:%d unreachable (%s); retrying in %.1fs",
-                            self.name, self.host, self.port, exc.code().name, delay)
+                            self.name, self.host, self.port, why, delay)
                 self.stop.wait(delay)
 
     def _heartbeats(self) -> None:

@@ -84,8 +84,8 @@ def test_a_config_with_a_tls_section_runs_mtls_unless_plaintext_is_asked_for(tmp
     director_dir, envoy_dir = copy_tutorial(tmp_path, port)
     pki_dir = tmp_path / "pki"
     pki.init_ca(pki_dir)
-    for name in ("localhost", "env_one", "api"):
-        pki.certify(pki_dir, name)
+    for name, role in (("localhost", "director"), ("env_one", "envoy"), ("api", "api")):
+        pki.certify(pki_dir, name, role=role)
     for config, name in ((director_dir / "director_config.yaml", "localhost"), (envoy_dir / "envoy_config.yaml", "env_one")):
         data = yaml.safe_load(config.read_text())
         data["tls"] = {"root_certificate": "../pki/root_ca.crt", "certificate": f"../pki/{name}.crt",
