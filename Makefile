@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+IMAGE ?= fedjax-core:0.1.0
 PROTOS := $(wildcard protos/fedjax_proto/*.proto)
 
-.PHONY: install demo test test-slow bench bench-strategies proto lint clean
+.PHONY: install demo test test-slow bench bench-strategies bench-research fuzz proto lint clean
 
 install: $(STAMP)
 
@@ -31,8 +32,18 @@ bench: install
 bench-strategies: install
 	$(PY) -u benchmarks/strategies.py
 
+bench-research: install
+	$(PY) -u benchmarks/research.py
+
+fuzz: install
+	$(PY) -u benchmarks/fuzz_rpcs.py --messages 10000
+
 proto: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+
+.PHONY: image
+image:  # the container image compose.yaml runs (docs/deploy.md)
+	docker build -t $(IMAGE) .
 
 lint: install
 	$(PY) -m pyflakes $$(git ls-files '*.py' | grep -v '_pb2')

@@ -174,21 +174,28 @@ class BenchStack:
             self.envoy_configs.append(path)
 
     def start(self) -> BenchStack:
-        env = {"JAX_PLATFORMS": "cpu"}
+        self.start_director()
+        self.start_envoys()
+        return self
+
+    def start_director(self) -> Process:
         self.director = Process([*FEDJAX, "director", "start", "-c", str(self.director_config), "--disable-tls"],
-                                cwd=self.workdir, env={**env, **self.director_env}, name="director")
+                                cwd=self.workdir, env={"JAX_PLATFORMS": "cpu", **self.director_env}, name="director")
         self.processes.append(self.director)
         self.director.wait_for(r"DIRECTOR READY", timeout=60)
         self.baseline = proc_status(self.director.proc.pid)
+        return self.director
+
+    def start_envoys(self) -> None:
         envoys = []
         for name, config in zip(self.names, self.envoy_configs):
             p = Process([*FEDJAX, "envoy", "start", "-n", name, "-c", str(config), "-dh", "127.0.0.1",
-                         "-dp", str(self.port), "--disable-tls"], cwd=self.workdir, env=env, name=name)
+                         "-dp", str(self.port), "--disable-tls"], cwd=self.workdir, env={"JAX_PLATFORMS": "cpu"},
+                        name=name)
             self.processes.append(p)
             envoys.append(p)
         for p in envoys:
             p.wait_for(r"ENVOY READY", timeout=120)
-        return self
 
     def stop(self) -> None:
         for p in reversed(self.processes):

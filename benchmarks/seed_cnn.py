@@ -40,25 +40,54 @@ def train_step(state, images, labels):
 
 
 @jax.jit
+def prox_train_step(state, images, labels, global_params, mu):
+    """train_step with FedProx's proximal term added to the loss."""
+    from fedjax_core import fedprox_term
+
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, images)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss + fedprox_term(params, global_params, mu), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+@jax.jit
 def eval_step(state, images, labels, mask):
     logits = state.apply_fn({"params": state.params}, images)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(jnp.where(mask, jnp.argmax(logits, -1) == labels, False))
 
 
-def make_tasks() -> TaskInterface:
+def _batches(dataset, round_num):
+    n = len(dataset["label"]) // BATCH * BATCH
+    return np.random.default_rng(round_num).permutation(len(dataset["label"]))[:n].reshape(-1, BATCH)
+
+
+def make_tasks(prox_mu: float = 0.0) -> TaskInterface:
+    """The seed's train and validate tasks; ``prox_mu`` > 0 trains with FedProx's proximal term."""
     TI = TaskInterface()
 
-    @TI.register_fl_task(model="state", data_loader="dataset", device="device", optimizer="optimizer",
-                         round_num="round_num")
-    def train(state, dataset, optimizer, device, round_num):
-        n = len(dataset["label"]) // BATCH * BATCH
-        order = np.random.default_rng(round_num).permutation(len(dataset["label"]))[:n].reshape(-1, BATCH)
-        accs = []
-        for idx in order:
-            state, acc = train_step(state, dataset["image"][idx], dataset["label"][idx])
-            accs.append(acc)
-        return state, {"train_acc": float(np.mean(jax.device_get(accs)))}
+    if prox_mu > 0:
+        @TI.register_fl_task(model="state", data_loader="dataset", device="device", optimizer="optimizer",
+                             round_num="round_num", global_model="global_state")
+        def train(state, dataset, optimizer, device, round_num, global_state):
+            accs = []
+            for idx in _batches(dataset, round_num):
+                state, acc = prox_train_step(state, dataset["image"][idx], dataset["label"][idx],
+                                             global_state.params, prox_mu)
+                accs.append(acc)
+            return state, {"train_acc": float(np.mean(jax.device_get(accs)))}
+    else:
+        @TI.register_fl_task(model="state", data_loader="dataset", device="device", optimizer="optimizer",
+                             round_num="round_num")
+        def train(state, dataset, optimizer, device, round_num):
+            accs = []
+            for idx in _batches(dataset, round_num):
+                state, acc = train_step(state, dataset["image"][idx], dataset["label"][idx])
+                accs.append(acc)
+            return state, {"train_acc": float(np.mean(jax.device_get(accs)))}
 
     @TI.register_fl_task(model="state", data_loader="dataset", device="device")
     def validate(state, dataset, device):

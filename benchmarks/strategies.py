@@ -39,7 +39,8 @@ STRATEGIES = [FedAvg(), FedAvgM(), FedAvgM(server_learning_rate=1.0, server_mome
               Krum(num_malicious_clients=0, num_clients_to_keep=1), Krum(num_malicious_clients=0, num_clients_to_keep=3)]
 
 
-def start_federation(workdir: Path, data_dir: Path) -> list[Process]:
+def start_federation(workdir: Path, data_dir: Path, shard_params: dict | None = None) -> tuple[list[Process], int]:
+    """A director and N_ENVOYS envoys on loopback; ``shard_params`` add to the CIFAR-10 descriptor's."""
     port = free_port()
     (workdir / "cifar10_shard_descriptor.py").write_text((REPO / "envoy" / "cifar10_shard_descriptor.py").read_text())
     (workdir / "director.yaml").write_text(yaml.safe_dump({"settings": {
@@ -55,7 +56,8 @@ def start_federation(workdir: Path, data_dir: Path) -> list[Process]:
             "params": {"cuda_devices": [], "work_dir": str(workdir / f"envoy_{rank}")},
             "optional_plugin_components": {},
             "shard_descriptor": {"template": "cifar10_shard_descriptor.CIFAR10ShardDescriptor",
-                                 "params": {"rank_worldsize": f"{rank}, {N_ENVOYS}", "data_dir": str(data_dir)}}}))
+                                 "params": {"rank_worldsize": f"{rank}, {N_ENVOYS}", "data_dir": str(data_dir),
+                                            **(shard_params or {})}}}))
         processes.append(Process([*FEDJAX, "envoy", "start", "-n", f"env{rank}", "-c", str(config),
                                   "-dh", "127.0.0.1", "-dp", str(port), "--disable-tls"], cwd=workdir, name=f"env{rank}"))
     for p in processes[1:]:

@@ -55,6 +55,15 @@ def read(path: Path) -> Bundle:
     return Bundle(meta=json.loads(data[start:start + size]), payload=data[start + size:])
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """Only the JSON header of the bundle at ``path`` (the payload is neither read nor unpickled)."""
+    with open(path, "rb") as f:
+        if f.read(len(_MAGIC)) != _MAGIC:
+            raise BundleError(f"{path} is not an experiment bundle")
+        (size,) = _LEN.unpack(f.read(_LEN.size))
+        return json.loads(f.read(size))
+
+
 def _major_minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
 

@@ -2,6 +2,7 @@
 
     fedjax director start -c director_config.yaml [--disable-tls]
     fedjax envoy start -n NAME -c envoy_config.yaml -dh HOST -dp PORT [--disable-tls]
+    fedjax envoy review -c envoy_config.yaml [-n NAME] [--approve NAME | --refuse NAME [--reason TEXT]]
     fedjax pki init|certify ...    # certify --role director|envoy|api: see fedjax_core.pki
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fedjax_core.config import ConfigError, DirectorConfig, EnvoyConfig, load_config
+from fedjax_core.config import ConfigError, DirectorConfig, EnvoyConfig, load_config, resolve_path
 
 
 def _start_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     d_start.add_argument("-p", "--listen-port", type=_port, help="overrides settings.listen_port")
     d_start.add_argument("--listen-host", help="overrides settings.listen_host")
     _start_args(d_start)
+    d_gc = director.add_parser("gc", help="remove the files of old ended experiments (their metrics stay)")
+    d_gc.add_argument("-c", "--director-config-path", dest="config", required=True)
+    d_gc.add_argument("--keep", type=int, help="ended experiments whose files stay, newest first "
+                                              "(default: settings.keep_experiments)")
 
     envoy = sub.add_parser("envoy", help="a data owner's daemon").add_subparsers(dest="action", required=True)
     e_start = envoy.add_parser("start", help="register the shard and run experiments until stopped")
@@ -62,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     e_start.add_argument("-dh", "--director-host", default="localhost")
     e_start.add_argument("-dp", "--director-port", type=_port, default=50055)
     _start_args(e_start)
+    e_review = envoy.add_parser(
+        "review", help="list experiments held for review (settings.review: manual), approve or refuse one",
+        description="Without --approve/--refuse: list the experiments the envoy holds, with their submitter, "
+                    "bundle sha256, tasks and package versions. The running daemon applies a decision within a "
+                    "few seconds; it is bound to the bundle that was reviewed.")
+    e_review.add_argument("-c", "--envoy-config-path", dest="config", required=True)
+    e_review.add_argument("-n", "--shard-name", dest="name",
+                          help="the envoy's name (needed only when several envoys share the config's work_dir)")
+    decide = e_review.add_mutually_exclusive_group()
+    decide.add_argument("--approve", metavar="EXPERIMENT", help="run this experiment")
+    decide.add_argument("--refuse", metavar="EXPERIMENT", help="refuse it: the envoy drops out of it")
+    e_review.add_argument("--reason", default="", help="with --refuse: told to the experiment's submitter")
 
     defaults = argparse.ArgumentDefaultsHelpFormatter
     pki = sub.add_parser("pki", help="certificates for mTLS").add_subparsers(dest="action", required=True)
@@ -94,7 +111,6 @@ def _tls(args, config_tls, config_dir: Path):
     Each of --root-cert-path, --public-cert-path and --private-key-path overrides its
     counterpart in the config's ``tls:`` section on its own.
     """
-    from fedjax_core.config import resolve_path
     from fedjax_core.transport import TLSFiles
 
     log = logging.getLogger("fedjax")
@@ -173,11 +189,39 @@ def _director_start(args) -> int:
     return 0
 
 
+def _director_gc(args) -> int:
+    """Remove the files of ended experiments beyond --keep (or settings.keep_experiments); safe while running."""
+    from fedjax_core.director.files import ExperimentFiles
+    from fedjax_core.director.retention import collect
+    from fedjax_core.director.store import Store
+
+    config = load_config(args.config, DirectorConfig)
+    keep = args.keep if args.keep is not None else config.settings.keep_experiments
+    if keep is None or keep < 0:
+        raise ConfigError("say how many ended experiments keep their files: --keep N (N >= 0), or "
+                          f"settings.keep_experiments in {args.config}")
+    state_dir = resolve_path(config.settings.state_dir, Path(args.config).resolve().parent)
+    if not (state_dir / "director.sqlite").exists():
+        raise ConfigError(f"no director state in {state_dir} (settings.state_dir of {args.config})")
+    store = Store(state_dir / "director.sqlite")
+    try:
+        removed = collect(store, ExperimentFiles(state_dir, sweep_incoming=False), keep)
+    finally:
+        store.close()
+    print(f"removed the files of {len(removed)} experiment(s){': ' + ', '.join(removed) if removed else ''}")
+    return 0
+
+
 def _envoy_start(args) -> int:
+    from fedjax_core.config import worker_account
     from fedjax_core.envoy.daemon import EnvoyDaemon
 
     config = load_config(args.config, EnvoyConfig)
     config_dir = Path(args.config).resolve().parent
+    try:
+        worker_account(config.settings)
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
     _check_plaintext(args, args.director_host, "talk to a director at")
     tls = _tls(args, config.tls, config_dir)
     try:
@@ -187,6 +231,30 @@ def _envoy_start(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.request_stop())
     daemon.run()
+    return 0
+
+
+def _envoy_review(args) -> int:
+    from fedjax_core.config import resolve_path
+    from fedjax_core.envoy.review import ReviewError, describe, desks
+
+    config = load_config(args.config, EnvoyConfig)
+    if args.reason and not args.refuse:
+        raise ConfigError("--reason goes with --refuse EXPERIMENT")
+    work_dir = resolve_path(config.params.work_dir, Path(args.config).resolve().parent)
+    try:
+        desk = desks(work_dir, args.name)
+        if args.approve or args.refuse:
+            decision = desk.decide(args.approve or args.refuse, approve=bool(args.approve), reason=args.reason)
+            verb = "approved" if decision["approve"] else "refused"
+            print(f"{verb} experiment {decision['experiment']!r} (bundle sha256 {decision['sha256']}); the "
+                  "running envoy applies it within a few seconds")
+            return 0
+    except ReviewError as exc:
+        print(f"fedjax envoy review: {exc}", file=sys.stderr)
+        return 1
+    pending = desk.pending()
+    print("\n".join(describe(entry) for entry in pending) if pending else "no experiment is pending review")
     return 0
 
 
@@ -211,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     # gRPC's own C-core logging (TLS handshake noise from refused peers) only when debugging
     os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if level == "DEBUG" else "NONE")
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    handlers = {("director", "start"): _director_start, ("envoy", "start"): _envoy_start}
+    handlers = {("director", "start"): _director_start, ("director", "gc"): _director_gc,
+                ("envoy", "start"): _envoy_start, ("envoy", "review"): _envoy_review}
     handler = handlers.get((args.component, args.action), _pki)
     try:
         return handler(args)

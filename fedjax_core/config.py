@@ -7,10 +7,10 @@ YAML key, what was given and what is expected.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -39,6 +39,44 @@ class TLSConfig(_Model):
     private_key: str
 
 
+class TensorBoardSinkConfig(_Model):
+    """TensorBoard runs under ``<log_dir>/<experiment>`` (default: settings.log_dir)."""
+
+    type: Literal["tensorboard"]
+    log_dir: str | None = None
+
+
+class MLflowSinkConfig(_Model):
+    """One MLflow run per experiment, named after it, in the MLflow experiment ``experiment_name``.
+
+    ``tracking_uri``: http(s)://server, sqlite:///file.db, file:///path or a plain path (a file
+    store, relative to the config file); unset: MLflow's default. Needs `pip install 'fedjax-core[mlflow]'`."""
+
+    type: Literal["mlflow"]
+    tracking_uri: str | None = Field(None, min_length=1)
+    experiment_name: str = Field("fedjax", min_length=1)
+
+
+class WandbSinkConfig(_Model):
+    """One Weights & Biases run per experiment in ``project``. Needs `pip install 'fedjax-core[wandb]'`."""
+
+    type: Literal["wandb"]
+    project: str = Field("fedjax", min_length=1)
+    entity: str | None = None
+    mode: Literal["offline", "online"] = "offline"
+    dir: str | None = None  # where runs are written (relative to the config file); unset: the working directory
+
+
+def _sink_entry(value: Any) -> Any:
+    return {"type": value} if isinstance(value, str) else value  # `- tensorboard` is `- {type: tensorboard}`
+
+
+SinkConfig = Annotated[TensorBoardSinkConfig | MLflowSinkConfig | WandbSinkConfig, Field(discriminator="type"),
+                       BeforeValidator(_sink_entry)]
+_SINK_MODELS: dict[str, type[BaseModel]] = {"tensorboard": TensorBoardSinkConfig, "mlflow": MLflowSinkConfig,
+                                            "wandb": WandbSinkConfig}
+
+
 class DirectorSettings(_Model):
     listen_host: str = "localhost"
     listen_port: int = Field(50055, ge=0, le=65535, strict=True)
@@ -62,6 +100,12 @@ class DirectorSettings(_Model):
     admins: list[str] = []
     # The largest model (all its tensors) an experiment may submit, in bytes.
     max_model_bytes: int = Field(16 << 30, gt=0, strict=True)
+    # Keep the files (models, code bundle) of this many most recent ended experiments and remove
+    # older ones; their metrics and status stay. Unset: keep everything (`fedjax director gc` on demand).
+    keep_experiments: int | None = Field(None, ge=0, strict=True)
+    # Where each experiment's metrics go besides the database: a list of {type: tensorboard},
+    # {type: mlflow, ...}, {type: wandb, ...}; [] writes none (not even TensorBoard).
+    metric_sinks: list[SinkConfig] = [TensorBoardSinkConfig(type="tensorboard")]
 
 
 class DirectorConfig(_Model):
@@ -71,6 +115,14 @@ class DirectorConfig(_Model):
 
 class EnvoyParams(_Model):
     cuda_devices: list[Annotated[int, Field(ge=0, strict=True)]] = []
+    # Without GPUs: how many CPU devices JAX shows the worker (a task's mesh spans them); unset: one.
+    cpu_devices: int | None = Field(None, ge=1, le=1024, strict=True)
+
+    @model_validator(mode="after")
+    def _one_kind_of_device(self) -> "EnvoyParams":
+        if self.cuda_devices and self.cpu_devices:
+            raise ValueError("give cuda_devices (GPUs) or cpu_devices (CPU devices for JAX), not both")
+        return self
     jax_preallocate: bool = False
     jax_memory_fraction: float | None = Field(None, gt=0, le=1, strict=True)
     work_dir: str = "envoy_workspace"  # relative to the config file
@@ -80,6 +132,13 @@ class EnvoySettings(_Model):
     # Submitters (certificate names under mTLS) whose experiments this envoy runs; unset: any
     # submitter the director allows. Without TLS the name is whatever the notebook claims.
     accept_from: list[str] | None = None
+    # auto: run every accepted experiment at once; manual: hold each one until the operator decides with
+    # `fedjax envoy review -c CONFIG --approve NAME` (or --refuse NAME), having seen its submitter,
+    # bundle hash, tasks and package versions.
+    review: Literal["auto", "manual"] = "auto"
+    # Run each experiment's worker as this local account (the daemon must run as root); unset: the
+    # daemon's own user. Give that account read access to the shard's data and nothing more.
+    worker_user: str | None = Field(None, min_length=1)
 
 
 class ShardDescriptorConfig(_Model):
@@ -117,7 +176,14 @@ def load_config(path: str | Path, model: type[M]) -> M:
 
 
 def _describe(model: type[BaseModel], err: dict) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    # a metric sink's loc holds its type after the index (settings.metric_sinks.0.mlflow.x): leave it out
+    loc = [p for i, p in enumerate(err["loc"]) if not (p in _SINK_MODELS and i and isinstance(err["loc"][i - 1], int))]
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "union_tag_invalid":
+        given = (err.get("ctx") or {}).get("tag", err.get("input"))
+        return f"{key}.type: {given!r} is not a metric sink; use one of {', '.join(_SINK_MODELS)}"
+    if err["type"] == "union_tag_not_found":
+        return f"{key}.type: required key is missing; use one of {', '.join(_SINK_MODELS)}"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(model, err["loc"][:-1])
         return f"{key}: unknown key; allowed here: {', '.join(allowed)}"
@@ -129,6 +195,11 @@ def _describe(model: type[BaseModel], err: dict) -> str:
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     current: Any = model
     for part in loc:
+        if isinstance(part, int):  # an item of a list: its own model follows (a sink's, by type)
+            continue
+        if part in _SINK_MODELS and part not in getattr(current, "model_fields", {}):
+            current = _SINK_MODELS[part]
+            continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return []
@@ -143,3 +214,23 @@ def resolve_path(value: str, base: Path) -> Path:
     """``value`` as an absolute path, relative ones taken from ``base``."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p).resolve()
+
+
+def worker_account(settings: EnvoySettings) -> tuple[int, int, str] | None:
+    """``settings.worker_user`` as (uid, gid, home), or None when unset; ConfigError when the account does
+    not exist or the daemon is not root (only root can start a process as another user)."""
+    import os
+    import pwd
+
+    name = settings.worker_user
+    if name is None:
+        return None
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"settings.worker_user: no local account named {name!r} on this machine: create it "
+                          "(e.g. `useradd --system --no-create-home fedjax-worker`) or remove the key") from None
+    if os.geteuid() != 0:
+        raise ConfigError(f"settings.worker_user: running workers as {name!r} needs the envoy daemon to run as "
+                          "root; start it as root, or remove settings.worker_user to run workers as this user")
+    return entry.pw_uid, entry.pw_gid, entry.pw_dir

@@ -1,4 +1,7 @@
 """Domain errors. The gRPC layer maps each to its own status code in one place."""
+from __future__ import annotations
+
+import errno
 
 
 class FedError(Exception):
@@ -23,3 +26,15 @@ class PermissionDeniedError(FedError):
 
 class PreconditionError(FedError):
     """A request that is well formed but not valid now (wrong round, not a collaborator...)."""
+
+
+class StorageError(FedError):
+    """The director could not store something: its disk is full. Nothing half-written is kept."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota reached, file size limit
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError that means no more bytes fit (no space, quota reached, file size limit)."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS

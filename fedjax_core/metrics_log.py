@@ -1,78 +1,79 @@
-"""TensorBoard curves for one experiment, written with tensorboardX.
+"""The director's fan-out of metric events to sinks: one set of sink instances per experiment.
 
-Layout: ``<log_dir>/<experiment>/aggregated`` and ``<log_dir>/<experiment>/<envoy>`` are
-separate runs sharing the tags ``<stage>/<metric>`` (and ``round/...`` for timings and
-bytes), so TensorBoard draws each envoy and the aggregate as overlaid curves per chart.
+What each sink writes is in :mod:`fedjax_core.sinks`; the default is TensorBoard under
+``<log_dir>/<experiment>`` (runs ``aggregated`` and one per envoy, tags ``<stage>/<metric>``).
 """
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from tensorboardX import SummaryWriter
-
 from fedjax_core import records as r
+from fedjax_core.sinks import AGGREGATED_RUN, GuardedSink, SinkFactory, TensorBoardSink, guard, scalar_tag, \
+    tensorboard_factory
 
-AGGREGATED_RUN = "aggregated"
+__all__ = ["AGGREGATED_RUN", "ExperimentLogger", "Loggers", "scalar_tag"]
 
-
-def scalar_tag(event: r.MetricEvent, metric: r.Metric) -> str:
-    if event.stage == r.STAGE_ROUND:
-        return f"round/{metric.name}"
-    return f"{event.stage}/{metric.name}"
-
-
-class ExperimentLogger:
-    def __init__(self, log_dir: Path):
-        self.log_dir = Path(log_dir)
-        self._writers: dict[str, SummaryWriter] = {}
-
-    def log(self, event: r.MetricEvent) -> None:
-        run = event.envoy or AGGREGATED_RUN
-        if run not in self._writers:
-            self._writers[run] = SummaryWriter(logdir=str(self.log_dir / run), flush_secs=5)
-        writer = self._writers[run]
-        for metric in event.metrics:
-            writer.add_scalar(scalar_tag(event, metric), metric.value, global_step=event.round,
-                              walltime=event.timestamp or None)
-        if event.note:
-            writer.add_text(event.stage, event.note, global_step=event.round, walltime=event.timestamp or None)
-        if event.participants:
-            writer.add_text("round/participants", ", ".join(event.participants), global_step=event.round,
-                            walltime=event.timestamp or None)
-        writer.flush()
-
-    def close(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        self._writers.clear()
+ExperimentLogger = TensorBoardSink  # the name this class had before sinks
+CLOSE_WAIT_S = 10.0  # at shutdown, how long background sinks get to send what they hold
+log = logging.getLogger("fedjax.director")
 
 
 class Loggers:
-    """One ExperimentLogger per experiment under ``log_dir``, safe to use from any thread."""
+    """Each experiment's events to one instance of every sink, safe to use from any thread.
 
-    def __init__(self, log_dir: Path):
+    ``sinks``: factories (experiment name -> sink); None: TensorBoard under ``log_dir``; an empty
+    list: no sink (the events stay in the director's database). A sink that fails is logged once
+    per experiment and skipped; late events of a closed experiment are dropped.
+    """
+
+    def __init__(self, log_dir: Path, sinks: Sequence[SinkFactory] | None = None):
         self.log_dir = Path(log_dir)
+        self.factories = list(sinks) if sinks is not None else [tensorboard_factory(self.log_dir)]
         self._lock = threading.Lock()
-        self._loggers: dict[str, ExperimentLogger] = {}
+        self._sinks: dict[str, list[GuardedSink]] = {}
+        self._closing: list[GuardedSink] = []
         self._ended: set[str] = set()
 
+    def _open(self, experiment: str) -> list[GuardedSink]:
+        sinks = []
+        for factory in self.factories:
+            try:
+                sink = factory(experiment)
+            except Exception as exc:  # a sink that cannot start is a sink that failed: warn, go on
+                log.warning("metric sink for experiment %r cannot start (%s: %s); its metrics are still stored",
+                            experiment, type(exc).__name__, exc)
+                continue
+            sinks.append(guard(sink, f"{type(sink).__name__} of experiment {experiment!r}"))
+        return sinks
+
     def log(self, experiment: str, event: r.MetricEvent) -> None:
-        """Write ``event``; a late event of an experiment whose writers were closed is dropped."""
+        """Hand ``event`` to the experiment's sinks; a late event of a closed experiment is dropped."""
         with self._lock:
             if experiment in self._ended:
                 return
-            if experiment not in self._loggers:
-                self._loggers[experiment] = ExperimentLogger(self.log_dir / experiment)
-            self._loggers[experiment].log(event)
+            if experiment not in self._sinks:
+                self._sinks[experiment] = self._open(experiment)
+            for sink in self._sinks[experiment]:
+                sink.log(event)
 
     def close(self, experiment: str | None = None) -> None:
-        """Close one experiment's writers, or every one."""
+        """Close one experiment's sinks (background ones finish on their own), or every one (waiting a while)."""
         with self._lock:
             if experiment is not None:
                 self._ended.add(experiment)
-            names = [experiment] if experiment is not None else list(self._loggers)
+            names = [experiment] if experiment is not None else list(self._sinks)
             for name in names:
-                logger = self._loggers.pop(name, None)
-                if logger is not None:
-                    logger.close()
+                for sink in self._sinks.pop(name, []):
+                    sink.close(timeout=0)
+                    self._closing.append(sink)
+            self._closing = [s for s in self._closing if not s.close(timeout=0)]
+            if experiment is None:
+                deadline = time.monotonic() + CLOSE_WAIT_S
+                for sink in self._closing:
+                    if not sink.close(timeout=max(0.0, deadline - time.monotonic())):
+                        log.warning("metric sink %s: still sending at shutdown; what it holds is dropped", sink.label)
+                self._closing = []

@@ -19,7 +19,7 @@ from typing import TypeVar
 import grpc
 
 from fedjax_core.errors import (AlreadyExistsError, FedError, InvalidRequestError, NotFoundError,
-                                PermissionDeniedError, PreconditionError)
+                                PermissionDeniedError, PreconditionError, StorageError)
 
 MAX_MESSAGE_BYTES = 8 << 20  # chunks are 1 MiB; nothing near gRPC's limits ever travels
 CHANNEL_OPTIONS = [
@@ -41,6 +41,7 @@ _STATUS_OF = {
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    StorageError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _ERROR_OF = {code: cls for cls, code in _STATUS_OF.items()}
 
@@ -85,7 +86,8 @@ def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
 
 
 def open_channel(host: str, port: int, tls: TLSFiles | None) -> grpc.Channel:
-    target = f"{host}:{port}"
+    """A channel to ``host:port``, or to ``host`` itself when it is a ``unix:`` socket address."""
+    target = host if host.startswith("unix:") else f"{host}:{port}"
     if tls is None:
         return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     root, cert, key = tls.read()
@@ -133,6 +135,14 @@ def raise_domain_error(exc: grpc.RpcError) -> None:
 
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+BUSY = "the director is busy"  # starts the details of a RESOURCE_EXHAUSTED that is worth retrying
+
+
+def is_retryable(exc: grpc.RpcError) -> bool:
+    """The director is unreachable, slow, or busy with other long calls: trying again may succeed."""
+    code = exc.code() if hasattr(exc, "code") else None
+    return code in RETRYABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                 and (exc.details() or "").startswith(BUSY))
 T = TypeVar("T")
 
 
@@ -163,7 +173,7 @@ def call_with_retry(fn: Callable[[], T], what: str, deadline_s: float, stop: Cal
         try:
             return fn()
         except grpc.RpcError as exc:
-            if exc.code() not in RETRYABLE or time.monotonic() > give_up or stop():
+            if not is_retryable(exc) or time.monotonic() > give_up or stop():
                 raise_domain_error(exc)
                 raise ConnectionError(f"{what}: {exc.code().name}: {exc.details()}") from None
             delay = backoff.next_delay()

@@ -65,12 +65,14 @@ class WaitExperimentRequest(_message.Message):
     def __init__(self, envoy_name: _Optional[str] = ...) -> None: ...
 
 class WaitExperimentResponse(_message.Message):
-    __slots__ = ("experiment_name", "submitter")
+    __slots__ = ("experiment_name", "submitter", "bundle_sha256")
     EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
     SUBMITTER_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
     experiment_name: str
     submitter: str
-    def __init__(self, experiment_name: _Optional[str] = ..., submitter: _Optional[str] = ...) -> None: ...
+    bundle_sha256: str
+    def __init__(self, experiment_name: _Optional[str] = ..., submitter: _Optional[str] = ..., bundle_sha256: _Optional[str] = ...) -> None: ...
 
 class GetExperimentBundleRequest(_message.Message):
     __slots__ = ("envoy_name", "experiment_name")
@@ -190,18 +192,20 @@ class UploadUpdateResponse(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
-    __slots__ = ("envoy_name", "experiment_name", "error", "round", "worker_lost")
+    __slots__ = ("envoy_name", "experiment_name", "error", "round", "worker_lost", "refused")
     ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WORKER_LOST_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     envoy_name: str
     experiment_name: str
     error: str
     round: int
     worker_lost: bool
-    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., error: _Optional[str] = ..., round: _Optional[int] = ..., worker_lost: _Optional[bool] = ...) -> None: ...
+    refused: bool
+    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., error: _Optional[str] = ..., round: _Optional[int] = ..., worker_lost: _Optional[bool] = ..., refused: _Optional[bool] = ...) -> None: ...
 
 class ReportFailureResponse(_message.Message):
     __slots__ = ()

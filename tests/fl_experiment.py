@@ -142,3 +142,32 @@ def make_tasks(style: str = "inplace") -> TaskInterface:
         return {"validation_accuracy": evaluate(state, dataset)}
 
     return TI
+
+
+def make_mesh_tasks() -> TaskInterface:
+    """The same training, data-parallel over the envoy's mesh (``register_fl_task(mesh=...)``)."""
+    TI = TaskInterface()
+
+    @TI.register_fl_task(model="state", data_loader="dataset", optimizer="optimizer", device="device", mesh="mesh")
+    def train(state, dataset, optimizer, device, mesh, batch_size=64):
+        from fedjax_core.parallel import replicate, shard_batch
+
+        devices_at_start = len(state.params["Dense_0"]["kernel"].sharding.device_set)
+        state = replicate(state, mesh)
+        accs, rows = [], 0
+        for start in range(0, len(dataset["label"]) - batch_size + 1, batch_size):
+            images, labels = shard_batch((dataset["image"][start:start + batch_size],
+                                          dataset["label"][start:start + batch_size]), mesh)
+            rows = images.addressable_shards[0].data.shape[0]
+            grads, _, acc = apply_model(state, images, labels)
+            state = update_model(state, grads)
+            accs.append(acc)
+        return state, {"train_acc": float(np.mean(accs)), "mesh_devices": float(mesh.devices.size),
+                       "rows_per_device": float(rows), "param_devices_at_start": float(devices_at_start),
+                       "traces": float(TRACES["update"])}
+
+    @TI.register_fl_task(model="state", data_loader="dataset", device="device")
+    def validate(state, dataset, device):
+        return {"validation_accuracy": evaluate(state, dataset)}
+
+    return TI

@@ -43,12 +43,13 @@ class Stack:
     """
 
     def __init__(self, workdir: Path, n_envoys: int = 2, port: int | None = None, envoy_params: dict | None = None,
-                 tls: bool = False):
+                 tls: bool = False, director_settings: dict | None = None):
         self.workdir = workdir
         self.port = port or free_port()
         self.processes: list[Process] = []
         self.pki = workdir / "pki" if tls else None
-        self.director_config = write_director_config(workdir / "director_config.yaml", self.port)
+        self.director_config = write_director_config(workdir / "director_config.yaml", self.port,
+                                                     **(director_settings or {}))
         # the shard descriptor module lives in the tutorial's envoy folder
         (workdir / "cifar10_shard_descriptor.py").write_text((REPO / "envoy" / "cifar10_shard_descriptor.py").read_text())
         self.envoy_configs = [write_envoy_config(workdir / f"envoy_{i + 1}.yaml", i + 1, n_envoys, **(envoy_params or {}))

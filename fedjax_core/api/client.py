@@ -12,7 +12,7 @@ import numpy as np
 from fedjax_core import records as r
 from fedjax_core import serde
 from fedjax_core.tensors import assemble, iter_chunks
-from fedjax_core.transport import RETRYABLE, TLSFiles, open_channel, raise_domain_error
+from fedjax_core.transport import TLSFiles, is_retryable, open_channel, raise_domain_error
 from fedjax_proto import federation_service_pb2 as fed_pb
 from fedjax_proto import federation_service_pb2_grpc as fed_grpc
 
@@ -63,7 +63,7 @@ class FederationClient:
         raise_domain_error(exc)
         return DirectorUnreachable(
             f"cannot reach the director at {self.address} ({exc.code().name}: {exc.details()}). "
-            + diagnose_connection(exc.details() or "", self.tls), retryable=exc.code() in RETRYABLE)
+            + diagnose_connection(exc.details() or "", self.tls), retryable=is_retryable(exc))
 
     def _unary(self, method: str, request):
         try:

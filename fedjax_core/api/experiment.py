@@ -10,7 +10,7 @@ import site
 import sys
 import sysconfig
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,6 +24,7 @@ from fedjax_core.api.federation import Federation
 from fedjax_core.api.interfaces import DataInterface, ModelInterface, TaskError, TaskInterface
 from fedjax_core.api.model_tensors import state_to_tensors, tensors_to_state
 from fedjax_core.records import default_higher_is_better
+from fedjax_core.sinks import MetricSink
 from fedjax_core.codecs import CODECS
 from fedjax_core.strategies import Strategy, as_strategy
 from fedjax_core.sync import Sync
@@ -209,7 +210,8 @@ class FLExperiment:
         payload = self._pickle({"model_interface": model_provider, "task_interface": task_keeper,
                                 "data_interface": data_loader}, pickle_by_value)
         bundle = bundle_io.pack({"experiment": self.experiment_name,
-                                 "device_assignment_policy": device_assignment_policy}, payload)
+                                 "device_assignment_policy": device_assignment_policy,
+                                 "tasks": sorted(task_keeper.task_registry)}, payload)
         header = r.ExperimentHeader(
             name=self.experiment_name, rounds=rounds_to_train, opt_treatment=opt_treatment,
             aggregation=strategy.to_wire()[0], aggregation_params=strategy.to_wire()[1],
@@ -244,13 +246,26 @@ class FLExperiment:
         return self.federation.client.status(self.experiment_name)
 
     def stream_metrics(self, tensorboard_logs: bool = True, log_dir: str | Path = "logs", progress: bool = True,
-                       live_table: bool = True) -> list[dict]:
+                       live_table: bool = True, sinks: Sequence[MetricSink] | None = None) -> list[dict]:
         """Follow the experiment to its end: a progress bar per round, a table of aggregated metrics,
-        TensorBoard curves under ``log_dir``. Returns the table's rows; raises ExperimentFailed on failure."""
+        TensorBoard curves under ``log_dir``. Returns the table's rows; raises ExperimentFailed on failure.
+
+        ``sinks``: more metric sinks (``fedjax_core.sinks.MLflowSink(...)``, ``WandbSink(...)``, any
+        object with ``log(event)`` and ``close()``), fed in addition to TensorBoard; pass
+        ``tensorboard_logs=False`` for these alone. They are closed when this returns. A sink that
+        fails is reported once and skipped: it never stops the stream."""
         from fedjax_core.api.progress import MetricsView
 
+        if sinks is not None and (isinstance(sinks, (str, bytes)) or not isinstance(sinks, Iterable)):
+            raise TypeError(f"sinks must be a list of metric sinks, e.g. sinks=[{type(sinks).__name__}(...)], "
+                            f"got {type(sinks).__name__}")
+        sinks = list(sinks or ())
+        for sink in sinks:
+            if not isinstance(sink, MetricSink):
+                raise TypeError(f"{type(sink).__name__} is not a metric sink: it needs log(event) and close() "
+                                "(see fedjax_core.sinks)")
         view = MetricsView(self, Path(log_dir) / self.experiment_name if tensorboard_logs else None,
-                           progress=progress, live_table=live_table)
+                           progress=progress, live_table=live_table, sinks=sinks)
         try:
             for event in self._events():
                 if event.experiment_done:

@@ -45,15 +45,17 @@ class TaskInterface:
         self.task_settings: dict[str, dict[str, Any]] = {}
 
     def register_fl_task(self, model: str, data_loader: str, device: str, optimizer: str | None = None,
-                         round_num: str | None = None,
-                         global_model: str | None = None) -> Callable[[Callable], Callable]:
+                         round_num: str | None = None, global_model: str | None = None,
+                         mesh: str | None = None) -> Callable[[Callable], Callable]:
         """Decorator: register a task, mapping the platform's inputs to the function's parameter names.
 
         ``global_model`` names a parameter that receives the model the round started from
         (for FedProx: ``loss + fedjax_core.fedprox_term(params, global_state.params, mu)``).
+        ``mesh`` names one that receives a ``jax.sharding.Mesh`` over the envoy's devices (axis
+        ``data``; see ``fedjax_core.parallel``).
         """
         contract = {"model": model, "data_loader": data_loader, "device": device, "optimizer": optimizer,
-                    "round_num": round_num, "global_model": global_model}
+                    "round_num": round_num, "global_model": global_model, "mesh": mesh}
 
         def decorator(fn: Callable) -> Callable:
             for role, name in contract.items():

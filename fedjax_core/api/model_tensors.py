@@ -59,7 +59,9 @@ def state_to_tensors(state: Any) -> dict[str, np.ndarray]:
 
 
 def tensors_to_state(template: S, tensors: Mapping[str, np.ndarray]) -> S:
-    """``template`` with the leaves named in ``tensors`` replaced; others keep the template's values."""
+    """``template`` with the leaves named in ``tensors`` replaced; others keep the template's values.
+
+    Each new leaf is placed as the template's is (a leaf replicated over an envoy's mesh stays so)."""
     flat = _flat(template)
     for name, array in tensors.items():
         if name not in flat or not _is_tensor(flat[name]):
@@ -69,8 +71,17 @@ def tensors_to_state(template: S, tensors: Mapping[str, np.ndarray]) -> S:
         if want.shape != array.shape or want.dtype != array.dtype:
             raise TensorError(f"tensor {name!r}: got {array.dtype}{list(array.shape)}, "
                               f"the model has {want.dtype}{list(want.shape)}")
-        flat[name] = jnp.asarray(array)
+        flat[name] = _placed_like(flat[name], array)
     return serialization.from_state_dict(template, traverse_util.unflatten_dict(flat, sep="/"))
+
+
+def _placed_like(leaf: Any, value: np.ndarray) -> jax.Array:
+    """``value`` as a JAX array sharded as ``leaf`` is when that spans several devices (an envoy's mesh),
+    else on the default device as before."""
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None and len(sharding.device_set) > 1:
+        return jax.device_put(value, sharding)
+    return jnp.asarray(value)
 
 
 def canonicalize(state: S) -> S:
@@ -78,5 +89,5 @@ def canonicalize(state: S) -> S:
     flat = _flat(state)
     for name, leaf in flat.items():
         if _is_tensor(leaf):
-            flat[name] = jnp.asarray(np.asarray(jax.device_get(jnp.asarray(leaf))))
+            flat[name] = _placed_like(leaf, np.asarray(jax.device_get(jnp.asarray(leaf))))
     return serialization.from_state_dict(state, traverse_util.unflatten_dict(flat, sep="/"))

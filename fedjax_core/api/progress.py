@@ -1,14 +1,18 @@
-"""What ``stream_metrics`` shows: a progress bar per round, a live table, TensorBoard curves."""
+"""What ``stream_metrics`` shows: a progress bar per round, a live table, and what goes to metric sinks."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from fedjax_core import records as r
-from fedjax_core.metrics_log import ExperimentLogger
+from fedjax_core.sinks import GuardedSink, MetricSink, TensorBoardSink, guard
 
 _SHORT = {r.STAGE_AGGREGATED: "agg_val", r.STAGE_TRAIN: "train", r.STAGE_LOCAL: "local_val"}
+CLOSE_WAIT_S = 60.0  # how long stream_metrics waits for background sinks (MLflow, W&B) to send what they hold
+log = logging.getLogger("fedjax.sinks")
 
 
 def _in_notebook() -> bool:
@@ -22,12 +26,15 @@ def _in_notebook() -> bool:
 
 
 class MetricsView:
-    def __init__(self, experiment, log_dir: Path | None, progress: bool, live_table: bool):
+    def __init__(self, experiment, log_dir: Path | None, progress: bool, live_table: bool,
+                 sinks: Sequence[MetricSink] = ()):
         status = experiment.get_experiment_status()
         self.experiment = experiment
         self.n_envoys = max(len(status.envoys), 1)
         self.rounds = status.rounds
-        self.logger = ExperimentLogger(log_dir) if log_dir is not None else None
+        chosen = ([TensorBoardSink(log_dir)] if log_dir is not None else []) + list(sinks)
+        self.sinks: list[GuardedSink] = [guard(s, f"{type(s).__name__} of experiment "
+                                                  f"{getattr(experiment, 'experiment_name', '')!r}") for s in chosen]
         self.progress = progress
         self.live_table = live_table
         self.notebook = _in_notebook() and live_table
@@ -43,8 +50,8 @@ class MetricsView:
         return self.rows[round_]
 
     def add(self, event: r.MetricEvent) -> None:
-        if self.logger is not None:
-            self.logger.log(event)
+        for sink in self.sinks:
+            sink.log(event)
         if event.stage == r.Stage.DROPOUT:
             row = self._row(event.round)
             row["dropped"] = ",".join(filter(None, [row.get("dropped", ""), event.envoy]))
@@ -122,5 +129,7 @@ class MetricsView:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self.logger is not None:
-            self.logger.close()
+        for sink in self.sinks:
+            if not sink.close(timeout=CLOSE_WAIT_S):
+                log.warning("metric sink %s: still sending after %.0fs; stopped waiting", sink.label, CLOSE_WAIT_S)
+        self.sinks = []

@@ -10,23 +10,25 @@ condition; never the other way round.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from fedjax_core import codecs
 from fedjax_core import records as r
-from fedjax_core.director import limits, rules
+from fedjax_core.director import limits, retention, rules
 from fedjax_core.director.files import ExperimentFiles, write_bundle
 from fedjax_core.director.rounds import Outcome, RoundEngine, Run
 from fedjax_core.director.store import ExperimentRow, Store
 from fedjax_core.director.submission import check_header, check_name
 from fedjax_core.errors import (AlreadyExistsError, FedError, InvalidRequestError, NotFoundError,
-                                PermissionDeniedError, PreconditionError)
+                                PermissionDeniedError, PreconditionError, StorageError, is_disk_full)
 from fedjax_core.metrics_log import Loggers
+from fedjax_core.sinks import SinkFactory
 from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, check_finite, nbytes_of
 
 log = logging.getLogger("fedjax.director")
@@ -36,7 +38,8 @@ class Director:
     def __init__(self, state_dir: Path, log_dir: Path, sample_shape: Iterable[str], target_shape: Iterable[str],
                  health_check_period: float = 5.0, clock: Callable[[], float] = time.time,
                  timer: Callable[[], float] = time.monotonic, max_model_bytes: int = limits.MAX_MODEL_BYTES,
-                 admins: Iterable[str] = (), envoy_timeout_s: float = 60.0):
+                 admins: Iterable[str] = (), envoy_timeout_s: float = 60.0, keep_experiments: int | None = None,
+                 metric_sinks: Sequence[SinkFactory] | None = None):
         self.state_dir = Path(state_dir)
         self.sample_shape = tuple(sample_shape)
         self.target_shape = tuple(target_shape)
@@ -44,6 +47,7 @@ class Director:
         self.max_model_bytes = max_model_bytes
         self.admins = frozenset(admins)  # certificate names that may cancel or download any experiment
         self.envoy_timeout_s = envoy_timeout_s  # a participant silent this long drops out of its round
+        self.keep_experiments = keep_experiments  # ended experiments whose files stay (None: all)
         self._clock = clock
         self.store = Store(self.state_dir / "director.sqlite")
         for name in self.store.abandon_submissions():  # cut off by a crash: never queued
@@ -52,7 +56,8 @@ class Director:
         for row in self.store.experiments():
             for path in self.files.sweep(row.name, row.current_round):
                 log.info("removed %s: left behind by a director that stopped", path)
-        self.loggers = Loggers(Path(log_dir))
+        self.loggers = Loggers(Path(log_dir), metric_sinks)  # None: TensorBoard under log_dir; []: no sink
+        self._collect()
         self._timer = timer  # deadlines: a monotonic clock, immune to wall-clock steps
         self.engine = RoundEngine(self.store, self.files, self.loggers, clock, timer)
         self._cond = threading.Condition()
@@ -72,6 +77,11 @@ class Director:
         """Release every waiter: the director is shutting down."""
         with self._cond:
             self._closed = True
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Let every waiter re-check its condition (a caller went away: its long-poll or stream ends now)."""
+        with self._cond:
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -156,8 +166,15 @@ class Director:
                                       f"{self.max_model_bytes / 2**30:.2f} GiB (settings.max_model_bytes)")
         self.store.add_experiment(header, state=r.State.SUBMITTING)  # claims the name (UNIQUE)
         staging = self.files.staging_dir(header.name)
+        digest = hashlib.sha256()
+
+        def hashed() -> Iterator[bytes]:  # hashed as it streams in: envoys check their download against it
+            for piece in bundle:
+                digest.update(piece)
+                yield piece
+
         try:
-            size = write_bundle(staging / "bundle.bin", bundle)
+            size = write_bundle(staging / "bundle.bin", hashed())
             if size != header.bundle_size:
                 raise InvalidRequestError(f"bundle is {size} bytes but the header announced {header.bundle_size}")
             with ModelFileWriter(staging / self.files.model(header.name, 0).name,
@@ -171,9 +188,14 @@ class Director:
             self.store.delete_experiment(header.name)
             if isinstance(exc, TensorError):
                 raise InvalidRequestError(f"initial model of {header.name!r}: {exc}") from None
+            if is_disk_full(exc):
+                raise StorageError(f"the director's disk is full ({exc.strerror}, under {self.state_dir}): experiment "
+                                   f"{header.name!r} was not stored; free space there and submit again") from None
             raise
+        log.info("experiment %r submitted by %r: bundle of %d bytes, sha256 %s", header.name, header.submitter,
+                 size, digest.hexdigest())
         with self._cond:
-            self.store.update_experiment(header.name, state=r.State.QUEUED)
+            self.store.update_experiment(header.name, state=r.State.QUEUED, bundle_sha256=digest.hexdigest())
             self._start_next()
             self._cond.notify_all()
         queued = [row.name for row in self.store.experiments(r.State.QUEUED)]
@@ -261,7 +283,9 @@ class Director:
                 outcome = None if run.ended else self.engine.close(run)
         except Exception as exc:
             log.exception("closing round %d of %r failed", run.round, run.name)
-            outcome = Outcome(state=r.State.FAILED, error=f"closing round {run.round} failed: {exc}")
+            why = (f"the director's disk is full ({exc.strerror}, under {self.state_dir}): free space there and submit "
+                   "the experiment again; its last model and metrics are kept" if is_disk_full(exc) else str(exc))
+            outcome = Outcome(state=r.State.FAILED, error=f"closing round {run.round} failed: {why}")
         if outcome is None:  # the experiment ended meanwhile
             self._cleanup(run)
             return
@@ -303,9 +327,16 @@ class Director:
         finally:
             run.fold_lock.release()
         self.loggers.close(run.name)
+        self._collect()
+
+    def _collect(self) -> None:
+        """Bound disk use: remove the files of ended experiments beyond settings.keep_experiments."""
+        if self.keep_experiments is not None:
+            retention.collect(self.store, self.files, self.keep_experiments)
 
     # -------------------------------------------------------------- envoys
-    def wait_experiment(self, envoy: str, already_sent: str | None, timeout: float) -> str | None:
+    def wait_experiment(self, envoy: str, already_sent: str | None, timeout: float,
+                        is_active: Callable[[], bool] = lambda: True) -> str | None:
         """Block until an experiment other than ``already_sent`` needs ``envoy``; its name, or None."""
         def assigned() -> str | None:
             run = self._run
@@ -314,7 +345,8 @@ class Director:
             return None
 
         with self._cond:
-            self._cond.wait_for(lambda: self._closed or assigned() not in (None, already_sent), timeout=timeout)
+            self._cond.wait_for(lambda: self._closed or not is_active() or assigned() not in (None, already_sent),
+                                timeout=timeout)
             found = assigned()
             return found if found != already_sent else None
 
@@ -323,10 +355,11 @@ class Director:
             self._running(envoy, experiment)
         return self.files.bundle(experiment)
 
-    def wait_task(self, envoy: str, experiment: str, max_wait: float) -> r.Task:
+    def wait_task(self, envoy: str, experiment: str, max_wait: float,
+                  is_active: Callable[[], bool] = lambda: True) -> r.Task:
         with self._cond:
-            self._cond.wait_for(lambda: self._closed or self._task_for(envoy, experiment).kind != r.TaskKind.NONE,
-                                timeout=max_wait)
+            self._cond.wait_for(lambda: self._closed or not is_active()
+                                or self._task_for(envoy, experiment).kind != r.TaskKind.NONE, timeout=max_wait)
             return self._task_for(envoy, experiment)
 
     def _task_for(self, envoy: str, experiment: str) -> r.Task:
@@ -475,6 +508,12 @@ class Director:
                 raise fold_failed
         except TensorError as exc:
             raise InvalidRequestError(f"update from {envoy!r} for round {round_}: {exc}") from None
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._fail_on_full_disk(run, f"storing the update of envoy {envoy!r} for round {round_}", exc)
+            raise StorageError(f"the director's disk is full: it could not store this update ({exc.strerror}); "
+                               f"experiment {experiment!r} failed, its models so far and metrics are kept") from None
         finally:
             spool.unlink(missing_ok=True)
         if close:
@@ -522,6 +561,17 @@ class Director:
             self._close(run)
         return upload
 
+    def _fail_on_full_disk(self, run: Run, doing: str, exc: OSError) -> None:
+        """A write failed for lack of space: the experiment fails with a message that says so, its partial
+        files go (which frees space), and the director serves on."""
+        with self._cond:
+            if self._run is run and not run.ended:
+                self._finish(run, r.State.FAILED, error=(
+                    f"the director's disk is full ({exc.strerror}, under {self.state_dir}) while {doing}: free space "
+                    "there and submit the experiment again; its last model and metrics are kept"))
+            self._cond.notify_all()
+        self._cleanup(run)
+
     @staticmethod
     def _check_update_allowed(run: Run, envoy: str, round_: int) -> None:
         if run.kind != r.TaskKind.TRAIN or round_ != run.round or run.closing:
@@ -541,16 +591,25 @@ class Director:
                                     f"envoy {envoy!r} must check in first")
 
     def report_failure(self, envoy: str, experiment: str, error: str, round_: int | None = None,
-                       worker_lost: bool = False) -> None:
+                       worker_lost: bool = False, refused: bool = False) -> None:
         """A task failed in ``round_`` (a dropout from that round), or a worker cannot go on (``round_`` None).
 
         A dropout ends the experiment only when the round can no longer reach its needed results
         (min_envoys, or every participant when that is 0); otherwise the others go on and the
         notebook is told who dropped out, why, and how many continue. ``worker_lost``: the envoy's
         worker died; it drops out of the round in progress if it still owed it a result (the
-        envoy starts a new worker, which joins the next round).
+        envoy starts a new worker, which joins the next round). ``refused``: the envoy refuses the
+        experiment (settings.accept_from, its operator's review, a bundle that fails its check): it
+        drops out of every remaining round (see :meth:`_withdraw`).
         """
         error = limits.clip_error(error)
+        if refused:
+            with self._cond:
+                run = self._running(envoy, experiment)
+                event, close = self._withdraw(run, envoy, error)
+                self._cond.notify_all()
+            self._after_drop(run, event, close)
+            return
         with self._cond:
             run = self._running(envoy, experiment)
             owes_this_round = not run.closing and envoy in run.pending
@@ -580,6 +639,38 @@ class Director:
         left = len(run.participants) - len(run.dropped)
         note = (f"envoy {envoy!r} dropped out of round {run.round}: {reason.splitlines()[0] if reason else what}; "
                 f"{left} of {len(run.participants)} continue (the round needs {run.needed})")
+        event = r.MetricEvent(round=run.round, envoy=envoy, stage=r.Stage.DROPOUT, note=note, timestamp=self._clock())
+        return event, self._claim_close(run)
+
+    def _withdraw(self, run: Run, envoy: str, reason: str) -> tuple[r.MetricEvent | None, bool]:
+        """Under the lock: ``envoy`` refused ``run``'s experiment. It leaves the round in progress (if it owes
+        it a result) and the experiment's envoys, so later rounds neither sample it nor ask it to validate;
+        the shrunk envoy list is stored (a restarted director keeps it out). The experiment ends only when
+        the rounds can no longer reach min_envoys. Returns the dropout event (None if it ended) and whether
+        to close the round."""
+        refusal = f"envoy {envoy!r} refused experiment {run.name!r}: {reason}"
+        remaining = tuple(e for e in run.envoys if e != envoy)
+        in_round = not run.closing and envoy in run.pending
+        needed = max(run.header.min_envoys, 1)  # min_envoys 0 (every participant): every one left
+        if in_round and len(run.participants) - len(run.dropped) - 1 < needed:
+            short = f"fewer than the {needed} results round {run.round} needs (min_envoys)"
+        else:
+            try:
+                plan = self.engine.plan(dataclasses.replace(run.row, envoys=remaining)) if remaining else None
+                short = "" if plan is not None else "no envoy at all"
+            except InvalidRequestError as exc:
+                short = f"{len(remaining)} envoys, too few for the rounds to come ({exc})"
+        if short:
+            self._finish(run, r.State.FAILED, error=(
+                f"envoy {envoy!r} refused experiment {run.name!r} in round {run.round}, leaving {short}: {reason}"))
+            return None, False
+        run.row = dataclasses.replace(run.row, envoys=remaining)
+        run.plan = plan
+        self.store.update_experiment(run.name, envoys=remaining)
+        if in_round:
+            run.dropped[envoy] = reason
+        note = (f"{refusal}; it drops out of the experiment, {len(remaining)} of {len(remaining) + 1} envoys "
+                f"continue")
         event = r.MetricEvent(round=run.round, envoy=envoy, stage=r.Stage.DROPOUT, note=note, timestamp=self._clock())
         return event, self._claim_close(run)
 
@@ -660,6 +751,10 @@ class Director:
             raise NotFoundError(f"no experiment named {name!r}")
         return row.header.submitter
 
+    def experiment_bundle_sha256(self, name: str) -> str:
+        """The hex SHA-256 of ``name``'s bundle, taken as it was submitted; envoys check their download."""
+        return self.store.bundle_sha256(name)
+
     def experiment_status(self, name: str) -> r.ExperimentStatus:
         row = self.store.experiment(name)
         if row is None:
@@ -714,7 +809,7 @@ class Director:
                 return
             with self._cond:
                 self._cond.wait_for(lambda: bool(self.store.events(name, after_id=last_id)) or self._closed
-                                    or self.experiment_status(name).state in r.TERMINAL_STATES,
+                                    or not is_active() or self.experiment_status(name).state in r.TERMINAL_STATES,
                                     timeout=wait_s)
 
     def model_chunks(self, name: str, which: str, by: str | None = None) -> Iterator[r.TensorChunk]:
@@ -727,6 +822,9 @@ class Director:
 
     def _open_model(self, name: str, which: str) -> Iterator[r.TensorChunk]:
         status = self.experiment_status(name)
+        if not self.files.exp_dir(name).exists():
+            raise NotFoundError(f"the models of experiment {name!r} were removed to bound disk use "
+                                "(settings.keep_experiments or `fedjax director gc`); its metrics remain")
         if which == "best":
             path = self.files.best(name)
             if not path.exists():

@@ -23,9 +23,10 @@ _ROUND_FILE = re.compile(r"(?:(?:model|server_state)_)?round_(\d{4,})(?:\.fjm)?"
 
 
 class ExperimentFiles:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, sweep_incoming: bool = True):
         self.state_dir = Path(state_dir)
-        shutil.rmtree(self.incoming, ignore_errors=True)  # partial uploads of a director that stopped
+        if sweep_incoming:  # partial uploads of a director that stopped (never while one runs)
+            shutil.rmtree(self.incoming, ignore_errors=True)
 
     @property
     def incoming(self) -> Path:

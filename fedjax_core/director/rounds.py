@@ -165,6 +165,15 @@ class RoundEngine:
                    averaging=rules.round_averaging(row.header, round_),
                    from_global=from_global or round_ >= row.header.rounds)
 
+    @staticmethod
+    def plan(row: ExperimentRow) -> RoundPlan:
+        """The round plan on the experiment's envoys; when refusals left fewer envoys than envoys_per_round,
+        every envoy left takes part (raises InvalidRequestError when they cannot reach min_envoys)."""
+        header = row.header
+        if row.envoys and header.envoys_per_round > len(row.envoys):
+            header = dataclasses.replace(header, envoys_per_round=len(row.envoys))
+        return plan_rounds(header, row.envoys)
+
     def _averaged(self, name: str, round_: int) -> bool:
         """Whether closed round ``round_`` averaged (runs from before sync modes always did)."""
         for _, event, _ in self.store.events(name, round_=round_):
@@ -174,7 +183,7 @@ class RoundEngine:
 
     def rebuild(self, row: ExperimentRow) -> Run:
         """The run of a director that stopped mid-round: stored updates folded again, in their order."""
-        run = self.new_run(row, row.current_round)
+        run = self.new_run(row, row.current_round, self.plan(row))
         for envoy, weight, path, nbytes in self.store.updates(row.name, run.round):
             if not path.exists():  # lost with its file: that envoy uploads again
                 self.store.drop_update(row.name, run.round, envoy)

@@ -10,9 +10,11 @@ from pathlib import Path
 import grpc
 
 from fedjax_core.config import DirectorConfig, resolve_path
+from fedjax_core.director.budget import StreamBudget, stream_limit
 from fedjax_core.director.core import Director
 from fedjax_core.director.memory import limit_arenas
 from fedjax_core.director.servicer import EnvoyServicer, FederationServicer, RoleGate
+from fedjax_core.sinks import factories_from_config
 from fedjax_core.transport import SERVER_OPTIONS, TLSFiles, server_credentials
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 from fedjax_proto import federation_service_pb2_grpc as fed_grpc
@@ -27,8 +29,10 @@ def create_server(director: Director, host: str, port: int, tls: TLSFiles | None
 
     With ``tls``, every call passes ``RoleGate`` (certificate roles, ``allowed_envoys``) first.
     """
+    interceptors = [RoleGate(allowed_envoys)] if tls else []
+    interceptors.append(StreamBudget(stream_limit(max_workers)))  # after the role check: refusals hold no slot
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="director"),
-                         options=SERVER_OPTIONS, interceptors=[RoleGate(allowed_envoys)] if tls else None)
+                         options=SERVER_OPTIONS, interceptors=interceptors)
     env_grpc.add_EnvoyServiceServicer_to_server(EnvoyServicer(director), server)
     fed_grpc.add_FederationServiceServicer_to_server(FederationServicer(director, submitters), server)
     address = f"{host}:{port}"
@@ -39,14 +43,25 @@ def create_server(director: Director, host: str, port: int, tls: TLSFiles | None
     return server, bound
 
 
+def _describe_sink(spec, log_dir: Path) -> str:
+    if spec.type == "tensorboard":
+        return f"TensorBoard logs in {spec.log_dir or log_dir}"
+    if spec.type == "mlflow":
+        return f"MLflow at {spec.tracking_uri or 'its default tracking URI'} (experiment {spec.experiment_name!r})"
+    return f"W&B project {spec.project!r} ({spec.mode})"
+
+
 def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully. Relative paths resolve against ``config_dir``."""
     s = config.settings
     limit_arenas()
-    director = Director(state_dir=resolve_path(s.state_dir, config_dir), log_dir=resolve_path(s.log_dir, config_dir),
+    log_dir = resolve_path(s.log_dir, config_dir)
+    sinks = factories_from_config(s.metric_sinks, log_dir, config_dir)  # a missing package: ConfigError, before serving
+    director = Director(state_dir=resolve_path(s.state_dir, config_dir), log_dir=log_dir,
                         sample_shape=s.sample_shape, target_shape=s.target_shape,
                         health_check_period=s.envoy_health_check_period, max_model_bytes=s.max_model_bytes,
-                        admins=s.admins, envoy_timeout_s=s.envoy_timeout_s)
+                        admins=s.admins, envoy_timeout_s=s.envoy_timeout_s, keep_experiments=s.keep_experiments,
+                        metric_sinks=sinks)
     allowed_envoys = None if s.allowed_envoys is None else frozenset(s.allowed_envoys)
     if allowed_envoys is not None and tls is None:
         log.warning("settings.allowed_envoys applies to certificate names under mTLS; with TLS disabled any "
@@ -57,8 +72,9 @@ def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    log.info("director listening on %s:%d (%s); state in %s; TensorBoard logs in %s",
-             s.listen_host, port, "mTLS" if tls else "plaintext, TLS disabled", director.state_dir, director.loggers.log_dir)
+    log.info("director listening on %s:%d (%s); state in %s; metric sinks: %s",
+             s.listen_host, port, "mTLS" if tls else "plaintext, TLS disabled", director.state_dir,
+             ", ".join(_describe_sink(m, log_dir) for m in s.metric_sinks) or "none (metrics stay in the database)")
     print(f"DIRECTOR READY {s.listen_host}:{port}", flush=True)
     stop.wait()
     log.info("director stopping")

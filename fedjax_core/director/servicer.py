@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from typing import NoReturn
@@ -144,13 +145,16 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     @maps_errors
     def WaitExperiment(self, request, context):
         _check_envoy_identity(context, request.envoy_name)
+        context.add_callback(self.director.wake)  # an envoy that goes away frees its thread at once
         sent = None
         while context.is_active():
-            name = self.director.wait_experiment(request.envoy_name, sent, timeout=MAX_LONG_POLL_S)
+            name = self.director.wait_experiment(request.envoy_name, sent, timeout=MAX_LONG_POLL_S,
+                                                 is_active=context.is_active)
             if name is not None:
                 sent = name
                 yield env_pb.WaitExperimentResponse(experiment_name=name,
-                                                    submitter=self.director.experiment_submitter(name))
+                                                    submitter=self.director.experiment_submitter(name),
+                                                    bundle_sha256=self.director.experiment_bundle_sha256(name))
 
     @maps_errors
     def GetExperimentBundle(self, request, context):
@@ -164,8 +168,12 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     @maps_errors
     def WaitTask(self, request, context):
         _check_envoy_identity(context, request.envoy_name)
+        if math.isnan(request.max_wait_s):  # min/max pass NaN through, and a NaN timeout never expires
+            raise InvalidRequestError(f"max_wait_s is NaN; give the seconds to wait (0 to {MAX_LONG_POLL_S:g})")
         wait = min(max(request.max_wait_s, 0.0), MAX_LONG_POLL_S)
-        return serde.task_to_proto(self.director.wait_task(request.envoy_name, request.experiment_name, wait))
+        context.add_callback(self.director.wake)  # a worker that goes away frees its thread at once
+        return serde.task_to_proto(self.director.wait_task(request.envoy_name, request.experiment_name, wait,
+                                                           context.is_active))
 
     @maps_errors
     def GetRoundModel(self, request, context):
@@ -201,7 +209,8 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     def ReportFailure(self, request, context):
         _check_envoy_identity(context, request.envoy_name)
         self.director.report_failure(request.envoy_name, request.experiment_name, request.error,
-                                     request.round if request.HasField("round") else None, request.worker_lost)
+                                     request.round if request.HasField("round") else None, request.worker_lost,
+                                     request.refused)
         return env_pb.ReportFailureResponse()
 
     @maps_errors
@@ -283,6 +292,7 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
     @maps_errors
     def StreamMetrics(self, request, context):
         self._check_submitter(context)
+        context.add_callback(self.director.wake)  # a notebook that goes away frees its thread at once
         for event in self.director.stream_events(request.experiment_name, context.is_active):
             yield serde.metric_event_to_proto(event)
 

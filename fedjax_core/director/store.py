@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL, header TEXT NOT NULL,
     state TEXT NOT NULL, envoys TEXT NOT NULL DEFAULT '[]', current_round INTEGER NOT NULL DEFAULT 0,
     best_round INTEGER NOT NULL DEFAULT -1, best_value REAL, best_metric TEXT NOT NULL DEFAULT '',
-    error TEXT NOT NULL DEFAULT '', submitted_at REAL NOT NULL, started_at REAL, finished_at REAL
+    error TEXT NOT NULL DEFAULT '', submitted_at REAL NOT NULL, started_at REAL, finished_at REAL,
+    bundle_sha256 TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS updates (
     experiment TEXT NOT NULL, round INTEGER NOT NULL, envoy TEXT NOT NULL, weight REAL NOT NULL,
@@ -106,6 +107,8 @@ class Store:
             self._db.execute("ALTER TABLE events ADD COLUMN participants TEXT NOT NULL DEFAULT '[]'")
         if "note" not in columns:
             self._db.execute("ALTER TABLE events ADD COLUMN note TEXT NOT NULL DEFAULT ''")
+        if "bundle_sha256" not in {row[1] for row in self._db.execute("PRAGMA table_info(experiments)")}:
+            self._db.execute("ALTER TABLE experiments ADD COLUMN bundle_sha256 TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -184,6 +187,11 @@ class Store:
     def experiment(self, name: str) -> ExperimentRow | None:
         rows = self.experiments(name=name)
         return rows[0] if rows else None
+
+    def bundle_sha256(self, name: str) -> str:
+        """The hex SHA-256 of ``name``'s bundle as submitted ('' for experiments stored before it was kept)."""
+        rows = self._read("SELECT bundle_sha256 FROM experiments WHERE name = ?", (name,))
+        return rows[0][0] if rows else ""
 
     # updates of the round in progress
     def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int) -> None:

@@ -1,11 +1,13 @@
 """The envoy side of the EnvoyService: typed calls with reconnection, used by daemon and worker."""
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from fedjax_core import codecs
@@ -22,11 +24,15 @@ class EnvoyClient:
                  stop: threading.Event | None = None, retry_s: float = 3600.0):
         self.envoy_name = envoy_name
         self.instance_id = uuid.uuid4().hex  # this process's claim on the name
-        self.address = f"{host}:{port}"
+        self.address = host if host.startswith("unix:") else f"{host}:{port}"  # unix: the daemon's proxy
         self._channel = open_channel(host, port, tls)
         self._stub = env_grpc.EnvoyServiceStub(self._channel)
         self._stop = stop or threading.Event()
         self._retry_s = retry_s
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channel
 
     def close(self) -> None:
         self._channel.close()
@@ -46,18 +52,22 @@ class EnvoyClient:
         return self._stub.Heartbeat(request, timeout=10).known
 
     def experiments(self) -> "ExperimentStream":
-        """Experiment names, pushed by the director as they are assigned (one open stream)."""
+        """Experiments, pushed by the director as they are assigned (one open stream)."""
         return ExperimentStream(self._stub.WaitExperiment(env_pb.WaitExperimentRequest(envoy_name=self.envoy_name)))
 
-    def download_bundle(self, experiment: str, path: Path) -> None:
-        def fetch():
+    def download_bundle(self, experiment: str, path: Path) -> str:
+        """Download the experiment's bundle to ``path``; returns its hex SHA-256."""
+        def fetch() -> str:
             tmp = path.with_suffix(".partial")
+            digest = hashlib.sha256()
             with open(tmp, "wb") as f:
                 req = env_pb.GetExperimentBundleRequest(envoy_name=self.envoy_name, experiment_name=experiment)
                 for chunk in self._stub.GetExperimentBundle(req, timeout=600):
+                    digest.update(chunk.data)
                     f.write(chunk.data)
             tmp.replace(path)
-        self._retry(fetch, "download the experiment bundle")
+            return digest.hexdigest()
+        return self._retry(fetch, "download the experiment bundle")
 
     def wait_task(self, experiment: str, max_wait_s: float = 30.0) -> r.Task:
         req = env_pb.WaitTaskRequest(envoy_name=self.envoy_name, experiment_name=experiment, max_wait_s=max_wait_s)
@@ -104,24 +114,25 @@ class EnvoyClient:
         return self._retry(lambda: self._stub.UploadUpdate(requests(), timeout=600).bytes_received, "upload the update")
 
     def report_failure(self, experiment: str, error: str, round_: int | None = None,
-                       worker_lost: bool = False) -> None:
+                       worker_lost: bool = False, refused: bool = False) -> None:
         """``round_``: a task failed in that round (a dropout); ``worker_lost``: the worker died (a dropout
-        from the round in progress); neither: this envoy cannot go on at all."""
+        from the round in progress); ``refused``: this envoy refuses the experiment (it drops out of it);
+        none: this envoy cannot go on at all."""
         req = env_pb.ReportFailureRequest(envoy_name=self.envoy_name, experiment_name=experiment, error=error,
-                                          round=round_, worker_lost=worker_lost)
+                                          round=round_, worker_lost=worker_lost, refused=refused)
         self._stub.ReportFailure(req, timeout=30)
 
 
-
 class ExperimentStream:
-    """Iterates ``(experiment name, submitter)`` from an open WaitExperiment call; ``cancel()`` ends it."""
+    """Iterates ``(experiment name, submitter, bundle sha256)`` from an open WaitExperiment call;
+    ``cancel()`` ends it."""
 
     def __init__(self, call):
         self._call = call
 
-    def __iter__(self) -> Iterator[tuple[str, str]]:
+    def __iter__(self) -> Iterator[tuple[str, str, str]]:
         for msg in self._call:
-            yield msg.experiment_name, msg.submitter
+            yield msg.experiment_name, msg.submitter, msg.bundle_sha256
 
     def cancel(self) -> None:
         self._call.cancel()

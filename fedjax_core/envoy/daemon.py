@@ -1,7 +1,13 @@
 """The envoy daemon: registers its shard, stays in touch, and runs one worker per experiment.
 
-It never imports JAX. Work arrives on one server-streaming call (no polling); when the
-director is unreachable the daemon reconnects with capped exponential backoff.
+It never imports JAX and never unpickles anything. Work arrives on one server-streaming call
+(no polling); when the director is unreachable the daemon reconnects with capped exponential
+backoff. For each experiment it checks consent (settings.accept_from), downloads the bundle and
+checks its sha256 against the director's record, holds it for the operator under
+``settings.review: manual`` (see review.py), and starts a worker that gets what it needs and no
+more: a spec without key paths, a scrubbed environment (WORKER_ENV_NAMES/PREFIXES), the director
+only through the daemon's local proxy (proxy.py), and optionally another account
+(settings.worker_user). Any refusal reaches the director as a dropout from the experiment.
 """
 from __future__ import annotations
 
@@ -16,26 +22,45 @@ from pathlib import Path
 
 import grpc
 
+from fedjax_core import bundle as bundle_io
 from fedjax_core import records as r
-from fedjax_core.config import EnvoyConfig, EnvoyParams, resolve_path
+from fedjax_core.config import EnvoyConfig, EnvoyParams, resolve_path, worker_account
 from fedjax_core.envoy.client import EnvoyClient
+from fedjax_core.envoy.proxy import WorkerProxy
+from fedjax_core.envoy.review import CHECK_S, ReviewDesk, describe
 from fedjax_core.errors import FedError
 from fedjax_core.shard_descriptor import ShardDescriptor, load_shard_descriptor
-from fedjax_core.transport import Backoff, TLSFiles
+from fedjax_core.transport import Backoff, TLSFiles, is_retryable
 
 log = logging.getLogger("fedjax.envoy")
 MAX_WORKER_RESTARTS = 3
 
 
-def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Path) -> dict[str, str]:
-    """The worker's environment: device choice and JAX/TF memory settings, before JAX starts."""
-    env = dict(base)
+# The worker's environment is built from an allow-list, never copied whole from the daemon's.
+WORKER_ENV_NAMES = ("PATH", "HOME", "LANG", "TMPDIR", "TZ", "PYTHONPATH", "PYTHONUNBUFFERED", "LD_LIBRARY_PATH")
+WORKER_ENV_PREFIXES = ("LC_", "JAX_", "XLA_", "CUDA_", "NVIDIA_", "TF_", "GRPC_", "FEDJAX_")
+
+
+_HOST_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Path,
+                       home: str | None = None) -> dict[str, str]:
+    """The worker's environment: the allow-listed variables of ``base`` (WORKER_ENV_NAMES, and names
+    starting with WORKER_ENV_PREFIXES: locale, JAX/XLA/CUDA/TF settings, FEDJAX_* test hooks), then
+    the device choice and JAX/TF memory settings, before JAX starts. ``home``: the worker account's."""
+    env = {k: v for k, v in base.items() if k in WORKER_ENV_NAMES or k.startswith(WORKER_ENV_PREFIXES)}
+    if home is not None:
+        env["HOME"] = home
     if params.cuda_devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in params.cuda_devices)
         env.pop("JAX_PLATFORMS", None)
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["JAX_PLATFORMS"] = "cpu"
+    if params.cpu_devices:  # XLA reads the host device count once, when JAX starts in the worker
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_HOST_DEVICE_COUNT)]
+        env["XLA_FLAGS"] = " ".join([*flags, f"{_HOST_DEVICE_COUNT}={params.cpu_devices}"])
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true" if params.jax_preallocate else "false"
     if params.jax_memory_fraction is not None:
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{params.jax_memory_fraction:.3f}"
@@ -48,7 +73,8 @@ def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Pa
 
 def shard_info(shard: ShardDescriptor, params: EnvoyParams) -> r.ShardInfo:
     sizes = shard.split_sizes()
-    devices = tuple(f"cuda:{d}" for d in params.cuda_devices) or ("cpu",)
+    devices = (tuple(f"cuda:{d}" for d in params.cuda_devices)
+               or tuple(f"cpu:{i}" for i in range(params.cpu_devices or 0)) or ("cpu",))
     counts = shard.label_counts() if hasattr(shard, "label_counts") else ()
     return r.ShardInfo(description=shard.dataset_description, sample_shape=tuple(map(str, shard.sample_shape)),
                        target_shape=tuple(map(str, shard.target_shape)), train_size=int(sizes["train"]),
@@ -67,12 +93,17 @@ class EnvoyDaemon:
                                            self.config_dir)
         self.info = shard_info(self.shard, config.params)
         self.client = EnvoyClient(name, host, port, tls, stop=self.stop)
+        self.account = worker_account(config.settings)  # (uid, gid, home) of settings.worker_user, or None
+        self.desk = ReviewDesk(self.work_dir / "review") if config.settings.review == "manual" else None
+        self.proxy = WorkerProxy(name, self.client.channel, self.work_dir / "worker-proxy",
+                                 self.account[:2] if self.account else None)
         self._worker: subprocess.Popen | None = None
         self._worker_experiment: str | None = None
         self._worker_lock = threading.Lock()
         self._restarts: dict[str, int] = {}  # experiment -> workers started again after one died
         self._registered = threading.Event()
         self._stream = None
+        self._review_wake = threading.Event()  # set when an experiment is held for review
         self.period = 5.0
 
     def run(self) -> None:
@@ -84,6 +115,13 @@ class EnvoyDaemon:
                      ", ".join(f"{label}: {n}" for label, n in enumerate(self.info.label_counts)))
         heartbeats = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
         heartbeats.start()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.proxy.start()
+        if self.desk is not None:
+            self.desk.open()
+            log.info("envoy %s: settings.review is manual: experiments wait for `fedjax envoy review` (%s)",
+                     self.name, self.desk.root)
+            threading.Thread(target=self._watch_reviews, daemon=True, name="review").start()
         try:
             self._serve()
         finally:
@@ -101,19 +139,16 @@ class EnvoyDaemon:
                 self._stream = self.client.experiments()
                 if self.stop.is_set():  # a stop request raced with the (re)connection
                     self._stream.cancel()
-                for experiment, submitter in self._stream:
-                    if not self._consents(experiment, submitter):
-                        continue
+                for experiment, submitter, sha256 in self._stream:
                     try:
-                        self._start_experiment(experiment)
-                    except FedError as exc:  # e.g. the experiment ended before this envoy got to it
+                        self._receive(experiment, submitter, sha256)
+                    except (FedError, ConnectionError) as exc:  # e.g. the experiment ended before this envoy got to it
                         log.warning("envoy %s: cannot start experiment %r: %s", self.name, experiment, exc)
             except grpc.RpcError as exc:
                 self._registered.clear()
                 if self.stop.is_set():
                     break
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      grpc.StatusCode.CANCELLED):
+                if not is_retryable(exc) and exc.code() != grpc.StatusCode.CANCELLED:
                     raise RuntimeError(f"director refused envoy {self.name!r}: {exc.details()}") from None
                 delay = backoff.next_delay()
                 why = exc.code().name
@@ -133,21 +168,98 @@ class EnvoyDaemon:
             except grpc.RpcError as exc:
                 log.debug("heartbeat failed: %s", exc.code().name)
 
-    def _consents(self, experiment: str, submitter: str) -> bool:
-        """Whether this envoy runs code from ``submitter`` (settings.accept_from); a refusal is reported."""
+    def _receive(self, experiment: str, submitter: str, sha256: str) -> None:
+        """A pushed experiment: consent, bundle check, review, then a worker; any refusal is reported."""
         accept_from = self.config.settings.accept_from
-        if accept_from is None or submitter in accept_from:
-            return True
-        reason = (f"refused experiment {experiment!r}: its submitter {submitter!r} is not in this envoy's "
-                  f"settings.accept_from ({', '.join(accept_from) or 'nobody'})")
-        log.warning("envoy %s %s", self.name, reason)
+        if accept_from is not None and submitter not in accept_from:
+            self._refuse(experiment, f"its submitter {submitter!r} is not in this envoy's settings.accept_from "
+                                     f"({', '.join(accept_from) or 'nobody'})")
+            return
+        with self._worker_lock:
+            if self._worker_experiment == experiment and self._worker is not None and self._worker.poll() is None:
+                return  # pushed again after a reconnect; the worker carries on
+        if self.desk is not None:
+            for gone in self.desk.forget_all_but(experiment):
+                log.info("envoy %s: experiment %r is no longer pending review: the director moved on", self.name, gone)
+        exp_dir = self.work_dir / experiment
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        bundle_path = exp_dir / "bundle.bin"
+        digest = self.client.download_bundle(experiment, bundle_path)
+        if not sha256:
+            log.warning("envoy %s: the director recorded no sha256 for %r (submitted before it kept one)",
+                        self.name, experiment)
+        elif digest != sha256:
+            bundle_path.unlink(missing_ok=True)
+            self._refuse(experiment, f"the downloaded bundle has sha256 {digest}, but the director recorded "
+                                     f"{sha256} when it was submitted: it was altered on the way or on the "
+                                     "director's disk, so this envoy does not run it")
+            return
+        if self.desk is not None:
+            decision = self.desk.decision(experiment, digest)
+            if decision is None:
+                self._hold(experiment, submitter, digest, bundle_path)
+                return
+            if not decision["approve"]:
+                self._refuse(experiment, _refused_in_review(decision))
+                return
+        self._start_worker(experiment)
+
+    def _refuse(self, experiment: str, reason: str) -> None:
+        """Tell the director this envoy refuses ``experiment``: it drops out of the experiment."""
+        log.warning("envoy %s refused experiment %r: %s", self.name, experiment, reason)
         try:
-            self.client.report_failure(experiment, reason)
+            self.client.report_failure(experiment, reason, refused=True)
         except grpc.RpcError as exc:  # the experiment may have ended meanwhile
             log.warning("envoy %s: could not report the refusal: %s", self.name, exc.details())
-        return False
 
-    def _start_experiment(self, experiment: str) -> None:
+    def _hold(self, experiment: str, submitter: str, digest: str, bundle_path: Path) -> None:
+        """settings.review manual: keep the experiment pending; only the bundle's JSON header is read."""
+        assert self.desk is not None
+        try:
+            meta = bundle_io.read_meta(bundle_path)
+        except (bundle_io.BundleError, ValueError, OSError) as exc:
+            self._refuse(experiment, f"its bundle cannot be read for review: {exc}")
+            return
+        entry = {"experiment": experiment, "submitter": submitter, "sha256": digest,
+                 "bundle_bytes": bundle_path.stat().st_size, "tasks": meta.get("tasks"),
+                 "versions": meta.get("versions", {}),
+                 "device_assignment_policy": meta.get("device_assignment_policy")}
+        self.desk.hold(entry)
+        log.warning("envoy %s holds %s\n  approve: fedjax envoy review -c CONFIG --approve %s (or --refuse %s "
+                    "--reason TEXT)", self.name, describe(entry), experiment, experiment)
+        self._review_wake.set()
+
+    def _watch_reviews(self) -> None:
+        """Apply the operator's decisions: checks every review.CHECK_S seconds while anything is pending
+        (waiting on the stop event in between), and sleeps on an event while nothing is."""
+        assert self.desk is not None
+        while not self.stop.is_set():
+            pending = self.desk.pending()
+            if not pending:
+                self._review_wake.clear()
+                if not self.desk.pending():
+                    self._review_wake.wait()
+                continue
+            for entry in pending:
+                decision = self.desk.decision(entry["experiment"], entry["sha256"])
+                if decision is not None:
+                    self._apply(entry["experiment"], decision)
+            self.stop.wait(review_check_s())
+
+    def _apply(self, experiment: str, decision: dict) -> None:
+        assert self.desk is not None
+        self.desk.forget(experiment)
+        if not decision["approve"]:
+            self._refuse(experiment, _refused_in_review(decision))
+            return
+        log.info("envoy %s: experiment %r approved in review", self.name, experiment)
+        try:
+            self._start_worker(experiment)
+        except (FedError, ConnectionError, OSError) as exc:
+            log.warning("envoy %s: cannot start experiment %r: %s", self.name, experiment, exc)
+
+    def _start_worker(self, experiment: str) -> None:
+        """Start the worker of ``experiment``, whose bundle is downloaded and checked."""
         with self._worker_lock:
             if self._worker is not None and self._worker.poll() is None:
                 if self._worker_experiment == experiment:
@@ -156,23 +268,26 @@ class EnvoyDaemon:
                 log.warning("envoy %s: stopping the worker of %r for %r", self.name, self._worker_experiment, experiment)
                 _stop_process(self._worker)
             exp_dir = self.work_dir / experiment
-            exp_dir.mkdir(parents=True, exist_ok=True)
-            bundle_path = exp_dir / "bundle.bin"
-            self.client.download_bundle(experiment, bundle_path)
-            spec = {
-                "envoy_name": self.name, "experiment": experiment, "bundle_path": str(bundle_path),
-                "director_host": self.host, "director_port": self.port,
-                "tls": [str(p) for p in (self.tls.root_certificate, self.tls.certificate, self.tls.private_key)]
-                if self.tls else None,
+            spec = {  # no key paths, no director address: the worker talks to the daemon's proxy
+                "envoy_name": self.name, "experiment": experiment, "bundle_path": str(exp_dir / "bundle.bin"),
+                "director_target": self.proxy.target,
                 "shard_template": self.config.shard_descriptor.template,
                 "shard_params": self.config.shard_descriptor.params, "shard_base_dir": str(self.config_dir),
                 "parent_pid": os.getpid(),
             }
             spec_path = exp_dir / "worker.json"
             spec_path.write_text(json.dumps(spec))
-            env = worker_environment(self.config.params, dict(os.environ), self.config_dir)
-            log.info("envoy %s: starting worker for experiment %r", self.name, experiment)
-            self._worker = subprocess.Popen([sys.executable, "-m", "fedjax_core.envoy.worker", str(spec_path)], env=env)
+            env = worker_environment(self.config.params, dict(os.environ), self.config_dir,
+                                     home=self.account[2] if self.account else None)
+            user = {}
+            if self.account is not None:  # the worker's account reads its spec and bundle, and writes there
+                for path in (exp_dir, spec_path, exp_dir / "bundle.bin"):
+                    os.chown(path, *self.account[:2])
+                user = {"user": self.account[0], "group": self.account[1], "extra_groups": []}
+            self.proxy.experiment = experiment
+            self._worker = subprocess.Popen([sys.executable, "-m", "fedjax_core.envoy.worker", str(spec_path)],
+                                            env=env, **user)
+            log.info("envoy %s: starting worker for experiment %r (pid %d)", self.name, experiment, self._worker.pid)
             self._worker_experiment = experiment
             threading.Thread(target=self._reap, args=(self._worker, experiment), daemon=True).start()
 
@@ -198,13 +313,14 @@ class EnvoyDaemon:
             log.warning("envoy %s: starting a new worker for %r (restart %d of %d)", self.name, experiment,
                         restarts + 1, MAX_WORKER_RESTARTS)
             try:
-                self._start_experiment(experiment)
-            except (FedError, ConnectionError) as exc:  # the experiment ended meanwhile
+                self._start_worker(experiment)
+            except (FedError, ConnectionError, OSError) as exc:  # the experiment ended meanwhile
                 log.warning("envoy %s: no new worker for %r: %s", self.name, experiment, exc)
 
     def request_stop(self) -> None:
         """Safe from a signal handler: ends the experiment stream so ``run`` returns."""
         self.stop.set()
+        self._review_wake.set()
         if self._stream is not None:
             self._stream.cancel()
 
@@ -213,7 +329,21 @@ class EnvoyDaemon:
         with self._worker_lock:
             if self._worker is not None and self._worker.poll() is None:
                 _stop_process(self._worker)
+        self._review_wake.set()
+        self.proxy.stop()
         self.client.close()
+
+
+def review_check_s() -> float:
+    """How often pending reviews are checked (FEDJAX_REVIEW_CHECK_S overrides review.CHECK_S)."""
+    try:
+        return float(os.environ.get("FEDJAX_REVIEW_CHECK_S", CHECK_S))
+    except ValueError:
+        return CHECK_S
+
+
+def _refused_in_review(decision: dict) -> str:
+    return "refused in review by the envoy's operator" + (f": {decision['reason']}" if decision.get("reason") else "")
 
 
 def _stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -13,12 +13,13 @@ class TaskResultError(TypeError):
 
 def run_task(ti: TaskInterface, name: str, state: Any, loader: Any, device: str, optimizer: Any,
              round_num: int, round_kwargs: Mapping[str, Any] | None = None,
-             global_state: Any = None) -> tuple[Any, dict[str, float]]:
+             global_state: Any = None, mesh: Any = None) -> tuple[Any, dict[str, float]]:
     """Run task ``name``; returns ``(state_after, metrics)``.
 
     Keyword arguments: the task's ``add_kwargs``, overridden by ``round_kwargs`` (this round's
     entry of the experiment's ``round_config``). A task registered with ``global_model=`` also
-    gets ``global_state``, the model the round started from.
+    gets ``global_state``, the model the round started from; one registered with ``mesh=`` gets
+    ``mesh``, the envoy's device mesh.
 
     A task may update ``state`` in place (the seed's ``state.update_state(new_state)``) and
     return a dict of metrics, or return ``(new_state, metrics)``.
@@ -32,6 +33,8 @@ def run_task(ti: TaskInterface, name: str, state: Any, loader: Any, device: str,
         kwargs[contract["round_num"]] = round_num
     if contract.get("global_model") is not None:
         kwargs[contract["global_model"]] = global_state
+    if contract.get("mesh") is not None:
+        kwargs[contract["mesh"]] = mesh
     kwargs.update(ti.task_settings.get(name, {}))
     kwargs.update(round_kwargs or {})
     result = fn(**kwargs)

@@ -24,7 +24,6 @@ from fedjax_core import records as r
 from fedjax_core.envoy.client import EnvoyClient
 from fedjax_core.errors import PreconditionError
 from fedjax_core.shard_descriptor import load_shard_descriptor
-from fedjax_core.transport import TLSFiles
 
 
 def _device_for(policy: str) -> str:
@@ -44,6 +43,17 @@ def run_experiment(client: EnvoyClient, experiment: str, objects: dict[str, Any]
         _Rounds(client, experiment, model_interface, ti, data, device).run()
 
 
+def _mesh_if_asked(ti, device: str):
+    """The envoy's device mesh when a task was registered with ``mesh=``; devices of the policy's platform."""
+    if not any(contract.get("mesh") for contract in ti.task_contract.values()):
+        return None
+    import jax
+
+    from fedjax_core.parallel import envoy_mesh
+
+    return envoy_mesh(jax.devices("cpu") if device == "cpu" else jax.devices())
+
+
 class _Rounds:
     """Runs the rounds of one experiment in this process, keeping state (and jit caches) between them."""
 
@@ -52,7 +62,13 @@ class _Rounds:
 
         self.client, self.experiment, self.ti, self.device = client, experiment, ti, device
         self.optimizer = model_interface.optimizer
-        self.template = canonicalize(model_interface.model)
+        self.mesh = _mesh_if_asked(ti, device)
+        template = model_interface.model
+        if self.mesh is not None:  # replicated once: every model restored from the wire keeps that placement
+            from fedjax_core.parallel import replicate
+
+            template = replicate(template, self.mesh)
+        self.template = canonicalize(template)
         self.local_state = self.template  # kept between rounds for CONTINUE_LOCAL and between averagings
         self.global_tensors = None  # the last global model received: what deltas and divergences measure from
         self.global_state = None  # the same as a state, for tasks that take global_model= (FedProx)
@@ -90,7 +106,7 @@ class _Rounds:
         metrics = {}
         for name in names:
             after, metrics[name] = run_task(self.ti, name, state, loader, self.device, self.optimizer, task.round,
-                                            round_kwargs.get(name), global_state)
+                                            round_kwargs.get(name), global_state, self.mesh)
             if train:
                 state = after
         return state, metrics
@@ -200,8 +216,8 @@ _PR_SET_PDEATHSIG = 1
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     _die_with_parent(spec.get("parent_pid"))
-    tls = TLSFiles(*map(Path, spec["tls"])) if spec.get("tls") else None
-    client = EnvoyClient(spec["envoy_name"], spec["director_host"], spec["director_port"], tls)
+    # the daemon's local proxy (a unix: socket) carries every call; the worker holds no key
+    client = EnvoyClient(spec["envoy_name"], spec["director_target"], 0, None)
     experiment = spec["experiment"]
     try:
         bundle = bundle_io.read(Path(spec["bundle_path"]))

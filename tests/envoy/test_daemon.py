@@ -27,3 +27,12 @@ def test_gpus_preallocation_and_fraction(tmp_path):
     assert "JAX_PLATFORMS" not in env  # JAX picks the GPU backend itself
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
     assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.450"
+
+
+def test_the_worker_environment_is_an_allow_list_not_a_copy(tmp_path):
+    base = {"PATH": "/usr/bin", "MY_SECRET_TOKEN": "hunter2", "AWS_SECRET_ACCESS_KEY": "x", "LC_ALL": "C",
+            "FEDJAX_TEST_FAIL_ROUNDS": "1", "XLA_FLAGS": "--xla_dump_to=/tmp/x", "SSH_AUTH_SOCK": "/tmp/agent"}
+    env = worker_environment(EnvoyParams(), base, tmp_path, home="/home/worker")
+    assert not {"MY_SECRET_TOKEN", "AWS_SECRET_ACCESS_KEY", "SSH_AUTH_SOCK"} & set(env)
+    assert env["LC_ALL"] == "C" and env["FEDJAX_TEST_FAIL_ROUNDS"] == "1" and env["XLA_FLAGS"].startswith("--xla")
+    assert env["HOME"] == "/home/worker"

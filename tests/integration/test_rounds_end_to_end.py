@@ -109,10 +109,8 @@ def test_a_second_daemon_claiming_an_online_name_is_refused(stack):
     assert exp.wait(timeout_s=120).state == "finished", stack.logs()
 
 
-def test_an_envoy_refuses_an_experiment_from_a_submitter_it_does_not_accept(tmp_path):
+def test_refusing_envoy_drops_out_and_the_others_finish(tmp_path):
     import yaml
-
-    from fedjax_core import ExperimentFailed
 
     s = Stack(tmp_path)
     config = yaml.safe_load(s.envoy_configs[1].read_text())
@@ -120,11 +118,17 @@ def test_an_envoy_refuses_an_experiment_from_a_submitter_it_does_not_accept(tmp_
     s.envoy_configs[1].write_text(yaml.safe_dump(config))
     try:
         s.start()
-        exp = start(s.federation(), "not-for-env2", rounds_to_train=1)
-        with pytest.raises(ExperimentFailed, match="envoy 'env2' failed: refused experiment 'not-for-env2': its "
-                                                   "submitter 'api' is not in this envoy's settings.accept_from "
-                                                   r"\(a-colleague\)"):
-            exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
+        exp = start(s.federation(), "not-for-env2", rounds_to_train=2)
+        exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
+        status = exp.get_experiment_status()
+        assert status.state == "finished", s.logs()
+        assert status.envoys == ("env1",)
+        [dropout] = [e for e in exp.history if e.stage == r.Stage.DROPOUT]
+        assert dropout.envoy == "env2" and dropout.note.startswith(
+            "envoy 'env2' refused experiment 'not-for-env2': its submitter 'api' is not in this envoy's "
+            "settings.accept_from (a-colleague); it drops out of the experiment, 1 of 2 envoys continue")
+        trained = {e.envoy for e in exp.history if e.envoy and e.stage in (r.Stage.TRAIN, r.Stage.AGGREGATED)}
+        assert trained == {"env1"}  # no later round sampled env2, nor did it validate the final model
         s.processes[2].wait_for("refused experiment 'not-for-env2'")
         assert "starting worker" not in s.processes[2].output()  # its code never ran there
     finally:
