@@ -90,6 +90,9 @@ class DirectorSettings(_Model):
     # Each envoy holds about two of these threads (its experiment stream, its worker's long-poll)
     # and each following notebook one: size it for your federation.
     max_workers: int = Field(128, ge=8, strict=True)
+    # A transfer (upload, submission, model or bundle download) that moves no message for this
+    # long is cancelled by the director, so a stalled peer cannot hold a thread or a round.
+    stream_idle_s: float = Field(120.0, ge=1, le=86400)
     # Under mTLS, the certificate names allowed to use the notebook API (submit experiments).
     submitters: list[str] = ["api"]
     # Under mTLS, the envoy certificate names that may register (and make any envoy call); unset:

@@ -23,6 +23,7 @@ log = logging.getLogger("fedjax.director")
 
 
 def create_server(director: Director, host: str, port: int, tls: TLSFiles | None, max_workers: int = 128,
+                  stream_idle_s: float = 120.0,
                   submitters: frozenset[str] = frozenset({"api"}),
                   allowed_envoys: frozenset[str] | None = None) -> tuple[grpc.Server, int]:
     """A started-ready gRPC server for ``director``; returns ``(server, bound_port)`` (port 0 picks one).
@@ -30,7 +31,7 @@ def create_server(director: Director, host: str, port: int, tls: TLSFiles | None
     With ``tls``, every call passes ``RoleGate`` (certificate roles, ``allowed_envoys``) first.
     """
     interceptors = [RoleGate(allowed_envoys)] if tls else []
-    interceptors.append(StreamBudget(stream_limit(max_workers)))  # after the role check: refusals hold no slot
+    interceptors.append(StreamBudget(stream_limit(max_workers), stream_idle_s))  # after the role check
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="director"),
                          options=SERVER_OPTIONS, interceptors=interceptors)
     env_grpc.add_EnvoyServiceServicer_to_server(EnvoyServicer(director), server)
@@ -66,7 +67,8 @@ def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path)
     if allowed_envoys is not None and tls is None:
         log.warning("settings.allowed_envoys applies to certificate names under mTLS; with TLS disabled any "
                     "envoy may register")
-    server, port = create_server(director, s.listen_host, s.listen_port, tls, s.max_workers, frozenset(s.submitters),
+    server, port = create_server(director, s.listen_host, s.listen_port, tls, s.max_workers, s.stream_idle_s,
+                                 frozenset(s.submitters),
                                  allowed_envoys)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,7 +19,7 @@ MAX_WORKERS = 8
 @pytest.fixture
 def director(tmp_path):
     port = free_port()
-    config = write_director_config(tmp_path / "director.yaml", port, max_workers=MAX_WORKERS)
+    config = write_director_config(tmp_path / "director.yaml", port, max_workers=MAX_WORKERS, stream_idle_s=1)
     proc = Process([*FEDJAX, "director", "start", "-c", str(config), "--disable-tls"], cwd=tmp_path, name="director")
     try:
         proc.wait_for("DIRECTOR READY")
@@ -86,6 +86,31 @@ def test_idle_streams_past_the_budget_are_refused_and_heartbeats_still_answer(di
         fresh.cancel_all()
     finally:
         streams.cancel_all()
+        channel.close()
+
+
+def test_a_transfer_that_stalls_is_cancelled_by_the_director_and_frees_its_thread(director):
+    channel = grpc.insecure_channel(f"127.0.0.1:{director}")
+    stub = env_grpc.EnvoyServiceStub(channel)
+    release = threading.Event()
+
+    def stalled_upload():  # connects, then never sends its header: a slow-loris peer
+        release.wait(timeout=120)
+        yield env_pb.UploadUpdateRequest()
+
+    stalled = [stub.UploadUpdate.future(stalled_upload(), timeout=120) for _ in range(stream_limit(MAX_WORKERS))]
+    try:
+        codes = [call.exception(timeout=60).code() for call in stalled]  # ended by the server, not the deadline
+        assert codes == [grpc.StatusCode.CANCELLED] * len(stalled)
+        streams = Streams(stub)  # every slot came back: a full budget of new streams is accepted
+        streams.open(stream_limit(MAX_WORKERS) + 1)
+        streams.wait_refused(1)
+        assert streams.ended == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+        streams.cancel_all()
+    finally:
+        release.set()
+        for call in stalled:
+            call.cancel()
         channel.close()
 
 
