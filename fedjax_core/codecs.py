@@ -128,10 +128,10 @@ def check_update_encodings(specs: Iterable[TensorSpec], compression: str, send_d
                               f"experiment sends {'deltas' if send_deltas else 'weights'}")
 
 
-def decode_model(encoded: ModelFile, out: Path, reference: ModelFile) -> None:
+def decode_model(encoded: ModelFile, out: Path, reference: ModelFile, finite_only: bool = False) -> None:
     """Write ``encoded``'s tensors decoded into the model's dtypes at ``out``, deltas applied to ``reference``
-    (one tensor in memory at a time)."""
-    with ModelFileWriter(out) as writer:
+    (one tensor in memory at a time); ``finite_only`` refuses NaN or infinite decoded values."""
+    with ModelFileWriter(out, finite_only=finite_only) as writer:
         for spec in encoded.specs:
             wire = encoded.array(spec.name)
             delta = spec.encoding is not None and spec.encoding.delta

@@ -109,14 +109,12 @@ def check_spec(spec: TensorSpec) -> None:
     check_encoding(spec)
 
 
-def check_finite(model: ModelFile, block: int = 1 << 20) -> None:
-    """Refuse NaN or infinite values in any float tensor of ``model``, naming the tensor (read block by block)."""
-    for spec in model.specs:
-        if is_float_dtype(spec.dtype):
-            flat = model.array(spec.name).reshape(-1)
-            for start in range(0, flat.size, block):
-                if not np.isfinite(flat[start:start + block].astype(np.float32)).all():
-                    raise TensorError(f"non-finite values in {spec.name!r} (NaN or infinity): training diverged")
+def check_finite(name: str, values: np.ndarray) -> None:
+    """Refuse NaN or infinite values in a float tensor (or a slice of one), naming the tensor."""
+    if values.dtype.itemsize < 4:  # float16 and bfloat16: numpy's isfinite wants a native float
+        values = values.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise TensorError(f"non-finite values in {name!r} (NaN or infinity): training diverged")
 
 
 def nbytes_of(spec: TensorSpec) -> int:
@@ -145,9 +143,11 @@ class ModelFileWriter:
 
     Chunks are checked against ``expected`` specs when given: unknown names, wrong dtype or
     shape, out-of-order offsets, overlong data and missing tensors all raise TensorError.
+    ``finite_only``: float values must be finite, checked as they arrive (no second pass over
+    the file); one NaN or infinity raises TensorError naming the tensor.
     """
 
-    def __init__(self, path: Path, expected: Mapping[str, TensorSpec] | None = None):
+    def __init__(self, path: Path, expected: Mapping[str, TensorSpec] | None = None, finite_only: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + ".partial")
@@ -156,6 +156,7 @@ class ModelFileWriter:
         self._expected = dict(expected) if expected is not None else None
         self._entries: dict[str, dict] = {}
         self._current: str | None = None
+        self._finite_only = finite_only
         self.bytes_written = 0
 
     def add_array(self, name: str, array: np.ndarray, encoding: Encoding | None = None) -> None:
@@ -163,6 +164,8 @@ class ModelFileWriter:
         array = np.asarray(array)
         data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         spec = spec_of(name, array, encoding)
+        if self._finite_only and is_float_dtype(spec.dtype):
+            check_finite(name, data.reshape(-1))
         self.add_chunk(TensorChunk(name=name, offset=0, data=b"", spec=spec))
         self._file.write(data.reshape(-1).view(np.uint8))
         self._entries[name]["received"] = nbytes_of(spec)
@@ -186,9 +189,21 @@ class ModelFileWriter:
                 f"tensor {chunk.name!r}: more data than its shape {tuple(entry['shape'])} "
                 f"of {entry['dtype']} holds ({entry['nbytes']} bytes)"
             )
+        if self._finite_only and chunk.data and is_float_dtype(entry["dtype"]):
+            self._check_chunk(entry, chunk.data)
         self._file.write(chunk.data)
         entry["received"] += len(chunk.data)
         self.bytes_written += len(chunk.data)
+
+    @staticmethod
+    def _check_chunk(entry: dict, data: bytes) -> None:
+        """Check a chunk's whole elements; bytes of an element split across chunks wait for the next one."""
+        dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+        pending = entry.get("partial", b"") + data if entry.get("partial") else data
+        whole = len(pending) - len(pending) % dtype.itemsize
+        entry["partial"] = bytes(pending[whole:])
+        if whole:
+            check_finite(entry["name"], np.frombuffer(memoryview(pending)[:whole], dtype=dtype))
 
     def _start_tensor(self, chunk: TensorChunk) -> None:
         spec = chunk.spec

@@ -333,3 +333,24 @@ def test_expected_specs_accept_the_right_update(tmp_path):
     specs = w.commit()
     assert sorted(specs, key=lambda s: s.name) == sorted(EXPECTED.values(), key=lambda s: s.name)
     np.testing.assert_array_equal(ModelFile(tmp_path / "u.fjm")["params/w"], np.arange(12).reshape(4, 3))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 7, 1 << 20])
+def test_non_finite_values_are_caught_as_chunks_arrive_whatever_their_size(tmp_path, chunk_bytes):
+    import ml_dtypes
+
+    good = {"w": np.linspace(-1, 1, 50, dtype=np.float32), "h": np.ones(9, dtype=ml_dtypes.bfloat16),
+            "n": np.arange(5, dtype=np.int32)}
+    with ModelFileWriter(tmp_path / "good.fjm", finite_only=True) as writer:
+        for chunk in iter_chunks(good, chunk_bytes=chunk_bytes):
+            writer.add_chunk(chunk)
+        writer.commit()
+    for name, position in (("w", 33), ("h", 8)):
+        bad = {k: v.copy() for k, v in good.items()}
+        bad[name][position] = np.nan  # its bytes straddle a chunk boundary for the odd sizes
+        with ModelFileWriter(tmp_path / "bad.fjm", finite_only=True) as writer:
+            with pytest.raises(TensorError, match=f"non-finite values in '{name}'"):
+                for chunk in iter_chunks(bad, chunk_bytes=chunk_bytes):
+                    writer.add_chunk(chunk)
+                writer.commit()
+        assert not (tmp_path / "bad.fjm").exists()

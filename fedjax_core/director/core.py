@@ -29,7 +29,7 @@ from fedjax_core.errors import (AlreadyExistsError, FedError, InvalidRequestErro
                                 PermissionDeniedError, PreconditionError, StorageError, is_disk_full)
 from fedjax_core.metrics_log import Loggers
 from fedjax_core.sinks import SinkFactory
-from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, check_finite, nbytes_of
+from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, nbytes_of
 
 log = logging.getLogger("fedjax.director")
 
@@ -471,13 +471,12 @@ class Director:
         spool = self.files.spool_path(envoy)
         close = False
         try:
-            with ModelFileWriter(spool, expected=expected) as writer:
+            with ModelFileWriter(spool, expected=expected, finite_only=True) as writer:  # one NaN would poison it
                 for chunk in chunks:
                     writer.add_chunk(chunk)
                 writer.commit()
             received = writer.bytes_written
             spool = self._decoded(run, envoy, spool)
-            check_finite(ModelFile(spool))  # one such upload would poison the aggregate
             with run.fold_lock:
                 with self._cond:
                     if self._running(envoy, experiment) is not run:
@@ -529,7 +528,7 @@ class Director:
             return spool
         decoded = self.files.spool_path(envoy)
         try:
-            codecs.decode_model(encoded, decoded, ModelFile(self.files.model(run.name, run.round)))
+            codecs.decode_model(encoded, decoded, ModelFile(self.files.model(run.name, run.round)), finite_only=True)
         except BaseException:
             decoded.unlink(missing_ok=True)
             raise
