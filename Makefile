@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 IMAGE ?= fedjax-core:0.1.0
 PROTOS := $(wildcard protos/fedjax_proto/*.proto)
 
-.PHONY: install demo test test-slow bench bench-strategies bench-research fuzz proto lint clean
+.PHONY: install demo test test-slow bench bench-peers bench-strategies bench-research fuzz proto lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ test-slow: install
 bench: install
 	$(PY) -u benchmarks/bench.py
 
+bench-peers: install  # this project and Flower side by side (Flower in its own .venv-flower/)
+	$(PY) -u benchmarks/peers.py
+
 bench-strategies: install
 	$(PY) -u benchmarks/strategies.py
 
@@ -49,4 +52,4 @@ lint: install
 	$(PY) -m pyflakes $$(git ls-files '*.py' | grep -v '_pb2')
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-flower build *.egg-info

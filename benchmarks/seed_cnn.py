@@ -29,14 +29,17 @@ def create_train_state(seed: int = 0, lr: float = 0.01, momentum: float = 0.9) -
     return CustomTrainState.create(apply_fn=cnn.apply, params=params, tx=optax.sgd(lr, momentum), opt_vars=["trace"])
 
 
-@jax.jit
-def train_step(state, images, labels):
+def train_step_fn(state, images, labels):
+    """One SGD step; ``train_step`` is its jit (``peers_model`` jits it with a trace counter)."""
     def loss_fn(params):
         logits = state.apply_fn({"params": params}, images)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads), jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+train_step = jax.jit(train_step_fn)
 
 
 @jax.jit
@@ -53,11 +56,14 @@ def prox_train_step(state, images, labels, global_params, mu):
     return state.apply_gradients(grads=grads), jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-@jax.jit
-def eval_step(state, images, labels, mask):
+def eval_step_fn(state, images, labels, mask):
+    """Summed loss and correct count of the unmasked samples; ``eval_step`` is its jit."""
     logits = state.apply_fn({"params": state.params}, images)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(jnp.where(mask, jnp.argmax(logits, -1) == labels, False))
+
+
+eval_step = jax.jit(eval_step_fn)
 
 
 def _batches(dataset, round_num):
