@@ -32,6 +32,7 @@ from fedjax_core.sinks import SinkFactory
 from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, nbytes_of
 
 log = logging.getLogger("fedjax.director")
+LAST_SEEN_PERSIST_S = 30.0  # heartbeats update the database's last_seen at most this often (memory always)
 
 
 class Director:
@@ -67,6 +68,8 @@ class Director:
         self._instances: dict[str, str] = {}  # envoy -> the daemon instance that holds the name
         self._born = timer()
         self._heard: dict[str, float] = {}  # envoy -> when its daemon last registered or beat (timer)
+        self._seen: dict[str, float] = {}  # envoy -> the same in wall time, for the registry
+        self._persisted_seen: dict[str, float] = {}  # envoy -> when its last_seen was last written to the database
         self._resume()
         with self._cond:
             self._start_next()
@@ -114,6 +117,7 @@ class Director:
             self._instances[name] = instance_id
         self.store.upsert_envoy(name, info)
         self._heard[name] = self._timer()
+        self._seen[name] = self._persisted_seen[name] = self._clock()
         with self._cond:
             self._start_next()
             self._cond.notify_all()
@@ -124,9 +128,16 @@ class Director:
         holder = self._instances.get(name)
         if holder and instance_id and holder != instance_id:
             return False
-        known = self.store.touch_envoy(name)
+        now = self._clock()
+        if name in self._persisted_seen and now - self._persisted_seen[name] < LAST_SEEN_PERSIST_S:
+            known = True  # registered through this director: the database learns of it every LAST_SEEN_PERSIST_S
+        else:
+            known = self.store.touch_envoy(name)
+            if known:
+                self._persisted_seen[name] = now
         if known:
             self._heard[name] = self._timer()
+            self._seen[name] = now
         if known and self._run is None:
             with self._cond:  # a queued experiment may have been waiting for this envoy
                 self._start_next()
@@ -136,21 +147,29 @@ class Director:
     def _online(self, last_seen: float) -> bool:
         return self._clock() - last_seen <= 2.5 * self.health_check_period
 
+    def _last_seen(self, name: str, stored: float) -> float:
+        """When ``name`` was last heard from: this director's memory, else what the database kept."""
+        return max(self._seen.get(name, stored), stored)
+
     def _online_since(self, name: str) -> float | None:
         """Seconds since ``name`` was last heard from, if it still counts as online."""
         found = self.store.envoy(name)
-        return self._clock() - found[1] if found is not None and self._online(found[1]) else None
+        if found is None:
+            return None
+        seen = self._last_seen(name, found[1])
+        return self._clock() - seen if self._online(seen) else None
 
     def shard_registry(self) -> list[r.EnvoyEntry]:
         running = self._run
-        return [
-            r.EnvoyEntry(name=name, shard_info=info, is_online=self._online(seen), last_seen=seen,
-                         current_experiment=running.name if running and name in running.envoys else "")
-            for name, info, seen in self.store.envoys()
-        ]
+        entries = []
+        for name, info, stored in self.store.envoys():
+            seen = self._last_seen(name, stored)
+            entries.append(r.EnvoyEntry(name=name, shard_info=info, is_online=self._online(seen), last_seen=seen,
+                                        current_experiment=running.name if running and name in running.envoys else ""))
+        return entries
 
     def _online_names(self) -> list[str]:
-        return [name for name, _, seen in self.store.envoys() if self._online(seen)]
+        return [name for name, _, seen in self.store.envoys() if self._online(self._last_seen(name, seen))]
 
     def dataset_info(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return self.sample_shape, self.target_shape

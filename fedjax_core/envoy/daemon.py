@@ -6,7 +6,7 @@ backoff. For each experiment it checks consent (settings.accept_from), downloads
 checks its sha256 against the director's record, holds it for the operator under
 ``settings.review: manual`` (see review.py), and starts a worker that gets what it needs and no
 more: a spec without key paths, a scrubbed environment (WORKER_ENV_NAMES/PREFIXES), the director
-only through the daemon's local proxy (proxy.py), and optionally another account
+only through the daemon's local proxy under TLS (proxy.py), and optionally another account
 (settings.worker_user). Any refusal reaches the director as a dropout from the experiment.
 """
 from __future__ import annotations
@@ -95,8 +95,11 @@ class EnvoyDaemon:
         self.client = EnvoyClient(name, host, port, tls, stop=self.stop)
         self.account = worker_account(config.settings)  # (uid, gid, home) of settings.worker_user, or None
         self.desk = ReviewDesk(self.work_dir / "review") if config.settings.review == "manual" else None
+        # Under TLS the worker reaches the director only through this proxy, so it never holds the key;
+        # in plaintext (loopback only) there is no key to keep and the worker connects directly.
         self.proxy = WorkerProxy(name, self.client.channel, self.work_dir / "worker-proxy",
-                                 self.account[:2] if self.account else None)
+                                 self.account[:2] if self.account else None) if tls is not None else None
+        self.director_target = f"{host}:{port}"
         self._worker: subprocess.Popen | None = None
         self._worker_experiment: str | None = None
         self._worker_lock = threading.Lock()
@@ -116,7 +119,8 @@ class EnvoyDaemon:
         heartbeats = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
         heartbeats.start()
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.proxy.start()
+        if self.proxy is not None:
+            self.proxy.start()
         if self.desk is not None:
             self.desk.open()
             log.info("envoy %s: settings.review is manual: experiments wait for `fedjax envoy review` (%s)",
@@ -268,9 +272,9 @@ class EnvoyDaemon:
                 log.warning("envoy %s: stopping the worker of %r for %r", self.name, self._worker_experiment, experiment)
                 _stop_process(self._worker)
             exp_dir = self.work_dir / experiment
-            spec = {  # no key paths, no director address: the worker talks to the daemon's proxy
+            spec = {  # no key paths: under TLS the worker talks to the daemon's proxy, never to the director
                 "envoy_name": self.name, "experiment": experiment, "bundle_path": str(exp_dir / "bundle.bin"),
-                "director_target": self.proxy.target,
+                "director_target": self.proxy.target if self.proxy is not None else self.director_target,
                 "shard_template": self.config.shard_descriptor.template,
                 "shard_params": self.config.shard_descriptor.params, "shard_base_dir": str(self.config_dir),
                 "parent_pid": os.getpid(),
@@ -284,7 +288,8 @@ class EnvoyDaemon:
                 for path in (exp_dir, spec_path, exp_dir / "bundle.bin"):
                     os.chown(path, *self.account[:2])
                 user = {"user": self.account[0], "group": self.account[1], "extra_groups": []}
-            self.proxy.experiment = experiment
+            if self.proxy is not None:
+                self.proxy.experiment = experiment
             self._worker = subprocess.Popen([sys.executable, "-m", "fedjax_core.envoy.worker", str(spec_path)],
                                             env=env, **user)
             log.info("envoy %s: starting worker for experiment %r (pid %d)", self.name, experiment, self._worker.pid)
@@ -330,7 +335,8 @@ class EnvoyDaemon:
             if self._worker is not None and self._worker.poll() is None:
                 _stop_process(self._worker)
         self._review_wake.set()
-        self.proxy.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
         self.client.close()
 
 

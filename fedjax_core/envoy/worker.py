@@ -216,8 +216,11 @@ _PR_SET_PDEATHSIG = 1
 def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     _die_with_parent(spec.get("parent_pid"))
-    # the daemon's local proxy (a unix: socket) carries every call; the worker holds no key
-    client = EnvoyClient(spec["envoy_name"], spec["director_target"], 0, None)
+    # under TLS the daemon's local proxy (a unix: socket) carries every call, so the worker holds no key;
+    # in plaintext (loopback only) the target is the director's host:port
+    target = spec["director_target"]
+    host, port = (target, 0) if target.startswith("unix:") else (target.rsplit(":", 1)[0], int(target.rsplit(":", 1)[1]))
+    client = EnvoyClient(spec["envoy_name"], host, port, None)
     experiment = spec["experiment"]
     try:
         bundle = bundle_io.read(Path(spec["bundle_path"]))
