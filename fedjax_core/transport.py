@@ -85,9 +85,8 @@ def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=root, require_client_auth=True)
 
 
-def open_channel(host: str, port: int, tls: TLSFiles | None) -> grpc.Channel:
-    """A channel to ``host:port``, or to ``host`` itself when it is a ``unix:`` socket address."""
-    target = host if host.startswith("unix:") else f"{host}:{port}"
+def open_channel(target: str, tls: TLSFiles | None) -> grpc.Channel:
+    """A channel to a gRPC target: ``host:port``, or ``unix:PATH`` (an envoy daemon's worker proxy)."""
     if tls is None:
         return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
     root, cert, key = tls.read()

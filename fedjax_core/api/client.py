@@ -53,7 +53,7 @@ class FederationClient:
         self.address = f"{host}:{port}"
         self.tls = tls is not None
         self.timeout_s = timeout_s
-        self._channel = open_channel(host, port, tls)
+        self._channel = open_channel(self.address, tls)
         self._stub = fed_grpc.FederationServiceStub(self._channel)
 
     def close(self) -> None:

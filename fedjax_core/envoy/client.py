@@ -20,12 +20,13 @@ from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 
 
 class EnvoyClient:
-    def __init__(self, envoy_name: str, host: str, port: int, tls: TLSFiles | None,
+    def __init__(self, envoy_name: str, target: str, tls: TLSFiles | None,
                  stop: threading.Event | None = None, retry_s: float = 3600.0):
+        """``target``: the director's ``host:port``, or the daemon's worker proxy (``unix:PATH``)."""
         self.envoy_name = envoy_name
         self.instance_id = uuid.uuid4().hex  # this process's claim on the name
-        self.address = host if host.startswith("unix:") else f"{host}:{port}"  # unix: the daemon's proxy
-        self._channel = open_channel(host, port, tls)
+        self.address = target
+        self._channel = open_channel(target, tls)
         self._stub = env_grpc.EnvoyServiceStub(self._channel)
         self._stop = stop or threading.Event()
         self._retry_s = retry_s

@@ -92,14 +92,13 @@ class EnvoyDaemon:
         self.shard = load_shard_descriptor(config.shard_descriptor.template, config.shard_descriptor.params,
                                            self.config_dir)
         self.info = shard_info(self.shard, config.params)
-        self.client = EnvoyClient(name, host, port, tls, stop=self.stop)
+        self.client = EnvoyClient(name, f"{host}:{port}", tls, stop=self.stop)
         self.account = worker_account(config.settings)  # (uid, gid, home) of settings.worker_user, or None
         self.desk = ReviewDesk(self.work_dir / "review") if config.settings.review == "manual" else None
         # Under TLS the worker reaches the director only through this proxy, so it never holds the key;
         # in plaintext (loopback only) there is no key to keep and the worker connects directly.
         self.proxy = WorkerProxy(name, self.client.channel, self.work_dir / "worker-proxy",
                                  self.account[:2] if self.account else None) if tls is not None else None
-        self.director_target = f"{host}:{port}"
         self._worker: subprocess.Popen | None = None
         self._worker_experiment: str | None = None
         self._worker_lock = threading.Lock()
@@ -274,7 +273,7 @@ class EnvoyDaemon:
             exp_dir = self.work_dir / experiment
             spec = {  # no key paths: under TLS the worker talks to the daemon's proxy, never to the director
                 "envoy_name": self.name, "experiment": experiment, "bundle_path": str(exp_dir / "bundle.bin"),
-                "director_target": self.proxy.target if self.proxy is not None else self.director_target,
+                "director_target": self.proxy.target if self.proxy is not None else self.client.address,
                 "shard_template": self.config.shard_descriptor.template,
                 "shard_params": self.config.shard_descriptor.params, "shard_base_dir": str(self.config_dir),
                 "parent_pid": os.getpid(),

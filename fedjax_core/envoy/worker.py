@@ -218,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent(spec.get("parent_pid"))
     # under TLS the daemon's local proxy (a unix: socket) carries every call, so the worker holds no key;
     # in plaintext (loopback only) the target is the director's host:port
-    target = spec["director_target"]
-    host, port = (target, 0) if target.startswith("unix:") else (target.rsplit(":", 1)[0], int(target.rsplit(":", 1)[1]))
-    client = EnvoyClient(spec["envoy_name"], host, port, None)
+    client = EnvoyClient(spec["envoy_name"], spec["director_target"], None)
     experiment = spec["experiment"]
     try:
         bundle = bundle_io.read(Path(spec["bundle_path"]))
