@@ -17,6 +17,7 @@ when their caller goes away.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -105,11 +106,21 @@ class StreamBudget(grpc.ServerInterceptor):
         return factory(behavior, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
 
-    def _acquire(self, context: grpc.ServicerContext) -> None:
+    @contextlib.contextmanager
+    def _slot(self, context: grpc.ServicerContext, method: str, watched: bool):
+        """Hold one of the budget's threads for the call (refused at once when none is free); a watched
+        call (a transfer) is also cancelled if it stops moving."""
         if not self._slots.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{BUSY}: it serves its maximum of {self.limit} streams and long-polls at once; retry "
                           "shortly, or raise the director's settings.max_workers")
+        try:
+            if watched:
+                self._watchdog.start(id(context), context, method)
+            yield id(context)
+        finally:
+            self._watchdog.stop(id(context))
+            self._slots.release()
 
     def _touching(self, requests, key: int):
         for request in requests:
@@ -119,31 +130,17 @@ class StreamBudget(grpc.ServerInterceptor):
 
     def _unary(self, behavior, method: str, watched: bool, request_streaming: bool):
         def call(request, context):
-            self._acquire(context)
-            key = id(context)
-            try:
-                if watched:
-                    self._watchdog.start(key, context, method)
-                    if request_streaming:
-                        request = self._touching(request, key)
+            with self._slot(context, method, watched) as key:
+                if watched and request_streaming:
+                    request = self._touching(request, key)
                 return behavior(request, context)
-            finally:
-                self._watchdog.stop(key)
-                self._slots.release()
         return call
 
     def _streaming(self, behavior, method: str, watched: bool):
         def call(request, context):
-            self._acquire(context)
-            key = id(context)
-            try:
-                if watched:
-                    self._watchdog.start(key, context, method)
+            with self._slot(context, method, watched) as key:
                 for response in behavior(request, context):
                     yield response
                     if watched:
                         self._watchdog.touch(key)
-            finally:
-                self._watchdog.stop(key)
-                self._slots.release()
         return call
