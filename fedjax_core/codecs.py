@@ -50,11 +50,12 @@ def encode(name: str, array: np.ndarray, codec: str | None,
     dtype = array.dtype.name
     delta = reference is not None
     values = _delta(array, reference) if delta else array
-    if codec == "fp16" and _max_abs(values) > FP16_MAX:
+    peak = _max_abs(values) if codec is not None else 0.0
+    if codec == "fp16" and peak > FP16_MAX:
         codec = None  # float16 would turn these into infinities: send this tensor uncompressed
     if codec is None:
         return (values, Encoding("none", dtype, delta=True)) if delta else (array, None)
-    if not np.isfinite(_max_abs(values)):
+    if not np.isfinite(peak):
         raise TensorError(f"tensor {name!r} has NaN or infinite values: training diverged")
     if codec == "int8":
         wire, scale, zero_point = _quantize(values)

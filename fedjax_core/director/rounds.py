@@ -53,7 +53,7 @@ class Run:
     receiving: set[str] = dataclasses.field(default_factory=set)  # envoys whose upload is streaming in
     dropped: dict[str, str] = dataclasses.field(default_factory=dict)  # envoys out of this round, and why
     ended: bool = False  # the experiment finished, failed or was cancelled
-    averaging: str = rules.Averaging.ALWAYS  # whether this round averages (see rules.round_averaging)
+    averaging: rules.Averaging = rules.Averaging.ALWAYS  # whether this round averages (see rules.round_averaging)
     from_global: bool = True  # the workers start from this round's model (it changed since they last had it)
     checked_in: dict[str, float] = dataclasses.field(default_factory=dict)  # envoy -> divergence it reported
     triggered: bool = False  # dynamic: a divergence crossed the threshold, so everyone uploads

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from enum import StrEnum
 
 from fedjax_core import records as r
 
@@ -15,7 +16,7 @@ def upload_names(header: r.ExperimentHeader) -> tuple[str, ...]:
     return tuple(s.name for s in header.model_spec if s.name.startswith("params/"))
 
 
-class Averaging:
+class Averaging(StrEnum):
     """Whether a training round averages the envoys' models (see :func:`round_averaging`)."""
 
     ALWAYS = "always"    # every participant uploads its model after training
@@ -23,7 +24,7 @@ class Averaging:
     DYNAMIC = "dynamic"  # participants check in their divergence; one over the threshold makes all upload
 
 
-def round_averaging(header: r.ExperimentHeader, round_: int) -> str:
+def round_averaging(header: r.ExperimentHeader, round_: int) -> Averaging:
     """Periodic(k) averages after every k-th round, dynamic when a divergence crosses the threshold;
     the last training round always averages, so the final model is an average of everyone's training."""
     last = round_ >= header.rounds - 1
