@@ -87,11 +87,16 @@ class DirectorSettings(_Model):
     envoy_timeout_s: float = Field(60.0, gt=0)
     state_dir: str = "director_state"
     log_dir: str = "logs"
-    # Each envoy holds about two of these threads (its experiment stream, its worker's long-poll)
-    # and each following notebook one: size it for your federation.
-    max_workers: int = Field(128, ge=8, strict=True)
+    # Threads for short calls (heartbeats, metric reports, status). Long-polls and streams wait
+    # without a thread, so this does not grow with the federation.
+    max_workers: int = Field(32, ge=4, strict=True)
+    # Uploads received at once; more wait their turn (without a thread) and go on when one ends.
+    max_uploads: int = Field(4, ge=1, le=256, strict=True)
+    # Long-polls and streams (about two per envoy, one per following notebook) held at once; one
+    # more is refused as busy and retried by its client.
+    max_waiting_calls: int = Field(4096, ge=8, strict=True)
     # A transfer (upload, submission, model or bundle download) that moves no message for this
-    # long is cancelled by the director, so a stalled peer cannot hold a thread or a round.
+    # long is ended by the director, so a stalled peer cannot hold a slot or a round.
     stream_idle_s: float = Field(120.0, ge=1, le=86400)
     # Under mTLS, the certificate names allowed to use the notebook API (submit experiments).
     submitters: list[str] = ["api"]

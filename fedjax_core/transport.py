@@ -94,9 +94,8 @@ def open_channel(target: str, tls: TLSFiles | None) -> grpc.Channel:
     return grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
 
 
-def _abort(context: grpc.ServicerContext, exc: FedError):
-    code = next((code for cls, code in _STATUS_OF.items() if isinstance(exc, cls)), grpc.StatusCode.UNKNOWN)
-    context.abort(code, str(exc))
+def _code_of(exc: FedError) -> grpc.StatusCode:
+    return next((code for cls, code in _STATUS_OF.items() if isinstance(exc, cls)), grpc.StatusCode.UNKNOWN)
 
 
 def peer_common_name(context: grpc.ServicerContext) -> str | None:
@@ -106,14 +105,36 @@ def peer_common_name(context: grpc.ServicerContext) -> str | None:
 
 
 def maps_errors(method: Callable) -> Callable:
-    """Servicer decorator: domain errors become distinct gRPC status codes with their message."""
+    """Servicer decorator: domain errors become distinct gRPC status codes with their message.
+
+    Works on plain and generator methods (sync servers, and an asyncio server's thread pool) and on
+    coroutine and async generator methods (an asyncio server's own)."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def async_stream(self, request, context):
+            try:
+                async for response in method(self, request, context):
+                    yield response
+            except FedError as exc:
+                await context.abort(_code_of(exc), str(exc))
+        return async_stream
+
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def coroutine(self, request, context):
+            try:
+                return await method(self, request, context)
+            except FedError as exc:
+                await context.abort(_code_of(exc), str(exc))
+        return coroutine
+
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def stream(self, request, context):
             try:
                 yield from method(self, request, context)
             except FedError as exc:
-                _abort(context, exc)
+                context.abort(_code_of(exc), str(exc))
         return stream
 
     @functools.wraps(method)
@@ -121,7 +142,7 @@ def maps_errors(method: Callable) -> Callable:
         try:
             return method(self, request, context)
         except FedError as exc:
-            _abort(context, exc)
+            context.abort(_code_of(exc), str(exc))
     return unary
 
 

@@ -183,8 +183,7 @@ def tls_director(tmp_path, federation_pki):
     try:
         yield port
     finally:
-        director.wake_all()
-        server.stop(grace=None).wait()
+        server.stop(grace=None)
         director.close()
 
 

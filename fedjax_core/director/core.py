@@ -62,6 +62,7 @@ class Director:
         self._timer = timer  # deadlines: a monotonic clock, immune to wall-clock steps
         self.engine = RoundEngine(self.store, self.files, self.loggers, clock, timer)
         self._cond = threading.Condition()
+        self._listeners: list[Callable[[str | None], None]] = []
         self._run: Run | None = None
         self._closed = False
         self._waiting: dict[str, str] = {}  # queued experiment -> why it waits (logged once per reason)
@@ -76,16 +77,26 @@ class Director:
         self._deadlines = threading.Thread(target=self._watch_deadlines, daemon=True, name="round-deadlines")
         self._deadlines.start()
 
+    def subscribe(self, listener: Callable[[str | None], None]) -> None:
+        """Call ``listener(envoy)`` on every change a long-poll may wait for (under the lock, from any thread;
+        it must only schedule work): ``envoy`` when only that envoy's answers changed, None for everyone."""
+        self._listeners.append(listener)
+
+    def _changed(self, envoy: str | None = None) -> None:
+        """Under the lock: wake what waits for a change (the deadline thread, subscribed long-polls)."""
+        self._cond.notify_all()  # the only notify: every change goes through here
+        for listener in self._listeners:
+            listener(envoy)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def wake_all(self) -> None:
         """Release every waiter: the director is shutting down."""
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
-
-    def wake(self) -> None:
-        """Let every waiter re-check its condition (a caller went away: its long-poll or stream ends now)."""
-        with self._cond:
-            self._cond.notify_all()
+            self._changed()
 
     def close(self) -> None:
         self.wake_all()
@@ -119,8 +130,7 @@ class Director:
         self._heard[name] = self._timer()
         self._seen[name] = self._persisted_seen[name] = self._clock()
         with self._cond:
-            self._start_next()
-            self._cond.notify_all()
+            self._start_waiting()
         return self.health_check_period
 
     def heartbeat(self, name: str, instance_id: str = "") -> bool:
@@ -139,9 +149,8 @@ class Director:
             self._heard[name] = self._timer()
             self._seen[name] = now
         if known and self._run is None:
-            with self._cond:  # a queued experiment may have been waiting for this envoy
-                self._start_next()
-                self._cond.notify_all()
+            with self._cond:
+                self._start_waiting()
         return known
 
     def _online(self, last_seen: float) -> bool:
@@ -216,7 +225,7 @@ class Director:
         with self._cond:
             self.store.update_experiment(header.name, state=r.State.QUEUED, bundle_sha256=digest.hexdigest())
             self._start_next()
-            self._cond.notify_all()
+            self._changed()
         queued = [row.name for row in self.store.experiments(r.State.QUEUED)]
         return queued.index(header.name) + 1 if header.name in queued else 0
 
@@ -266,6 +275,13 @@ class Director:
             self._run = run
             return
 
+    def _start_waiting(self) -> None:
+        """Under the lock, when an envoy came online: a queued experiment may have been waiting for it."""
+        if self._run is None:
+            self._start_next()
+            if self._run is not None:
+                self._changed()
+
     def _log_waiting(self, name: str, reason: str) -> None:
         if self._waiting.get(name) != reason:
             self._waiting[name] = reason
@@ -314,7 +330,7 @@ class Director:
                     self._run = outcome.next_run
                 else:
                     self._finish(run, outcome.state, outcome.error)
-            self._cond.notify_all()
+            self._changed()
         if outcome.next_run is None:
             self._cleanup(run)
         else:  # nobody can ask for round r's files now: the current run is round r + 1
@@ -354,31 +370,22 @@ class Director:
             retention.collect(self.store, self.files, self.keep_experiments)
 
     # -------------------------------------------------------------- envoys
-    def wait_experiment(self, envoy: str, already_sent: str | None, timeout: float,
-                        is_active: Callable[[], bool] = lambda: True) -> str | None:
-        """Block until an experiment other than ``already_sent`` needs ``envoy``; its name, or None."""
-        def assigned() -> str | None:
-            run = self._run
-            if run is not None and envoy in run.envoys and not (run.kind == r.TaskKind.VALIDATE and envoy in run.done):
-                return run.name
-            return None
-
+    def experiment_for(self, envoy: str, already_sent: str | None) -> str | None:
+        """The experiment that needs ``envoy`` now, unless it is ``already_sent`` (then None)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._closed or not is_active() or assigned() not in (None, already_sent),
-                                timeout=timeout)
-            found = assigned()
-            return found if found != already_sent else None
+            run = self._run
+            if run is None or envoy not in run.envoys or (run.kind == r.TaskKind.VALIDATE and envoy in run.done):
+                return None
+            return run.name if run.name != already_sent else None
 
     def experiment_bundle(self, envoy: str, experiment: str) -> Path:
         with self._cond:
             self._running(envoy, experiment)
         return self.files.bundle(experiment)
 
-    def wait_task(self, envoy: str, experiment: str, max_wait: float,
-                  is_active: Callable[[], bool] = lambda: True) -> r.Task:
+    def current_task(self, envoy: str, experiment: str) -> r.Task:
+        """What ``envoy``'s worker should do now (kind NONE: nothing yet, wait for a change)."""
         with self._cond:
-            self._cond.wait_for(lambda: self._closed or not is_active()
-                                or self._task_for(envoy, experiment).kind != r.TaskKind.NONE, timeout=max_wait)
             return self._task_for(envoy, experiment)
 
     def _task_for(self, envoy: str, experiment: str) -> r.Task:
@@ -450,7 +457,7 @@ class Director:
             if run.kind == r.TaskKind.VALIDATE and stage == r.Stage.AGGREGATED and self._run is run:
                 run.done.add(envoy)
                 close = self._claim_close(run)
-            self._cond.notify_all()
+            self._changed(envoy)
         if close:
             self._close(run)
 
@@ -519,7 +526,7 @@ class Director:
                         run.uploaded.add(envoy)
                         run.count_transfer(envoy, received, upload=True)
                         close = self._claim_close(run)
-                        self._cond.notify_all()
+                        self._changed(envoy)
             if run.ended:  # failed or cancelled meanwhile: clean up now that fold_lock is free
                 self._cleanup(run)
             if fold_failed is not None:
@@ -570,11 +577,12 @@ class Director:
                 raise PreconditionError(f"envoy {envoy!r} already checked in for round {round_}")
             upload = run.check_in(envoy, divergence)
             close = self._claim_close(run)
-            self._cond.notify_all()
         event = r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage.SYNC_CHECK, timestamp=self._clock(),
                               metrics=(r.Metric("sync", "divergence", divergence),))
         if self.store.add_event(experiment, event):
             self.loggers.log(experiment, event)
+        with self._cond:  # after the event, so a metric stream woken by this change finds it
+            self._changed()
         if close:
             self._close(run)
         return upload
@@ -587,7 +595,7 @@ class Director:
                 self._finish(run, r.State.FAILED, error=(
                     f"the director's disk is full ({exc.strerror}, under {self.state_dir}) while {doing}: free space "
                     "there and submit the experiment again; its last model and metrics are kept"))
-            self._cond.notify_all()
+            self._changed()
         self._cleanup(run)
 
     @staticmethod
@@ -625,7 +633,7 @@ class Director:
             with self._cond:
                 run = self._running(envoy, experiment)
                 event, close = self._withdraw(run, envoy, error)
-                self._cond.notify_all()
+                self._changed()
             self._after_drop(run, event, close)
             return
         with self._cond:
@@ -642,7 +650,7 @@ class Director:
                 event, close = None, False
             else:
                 event, close = self._drop(run, envoy, "failed", error)
-            self._cond.notify_all()
+            self._changed()
         self._after_drop(run, event, close)
 
     def _drop(self, run: Run, envoy: str, what: str, reason: str) -> tuple[r.MetricEvent | None, bool]:
@@ -701,7 +709,7 @@ class Director:
         if self.store.add_event(run.name, event):
             self.loggers.log(run.name, event)
         with self._cond:
-            self._cond.notify_all()  # metric streams see the event
+            self._changed()  # metric streams see the event
         if close:
             self._close(run)
 
@@ -729,7 +737,7 @@ class Director:
                         f"round {run.round} reached its {run.header.round_timeout_s:g}s deadline with {len(run.done)} "
                         f"of {len(run.participants)} envoys reporting (min_envoys={run.needed}); no result from: "
                         f"{missing}"))
-                self._cond.notify_all()
+                self._changed()
             if lost is not None:
                 self._after_drop(run, event, close)
             elif close:
@@ -804,31 +812,22 @@ class Director:
                 self._finish(run, r.State.CANCELLED, error=reason)
             else:
                 self.store.update_experiment(name, state=r.State.CANCELLED, error=reason, finished_at=self._clock())
-            self._cond.notify_all()
+            self._changed()
         if run is not None:
             self._cleanup(run)
         return self.experiment_status(name)
 
-    def stream_events(self, name: str, is_active: Callable[[], bool], wait_s: float = 1.0) -> Iterator[r.MetricEvent]:
-        """Every event of ``name`` so far, then new ones as they come, then a final 'done' event."""
-        self.experiment_status(name)
-        last_id = 0
-        while is_active() and not self._closed:
-            rows = self.store.events(name, after_id=last_id)
-            for id_, event, _ in rows:
-                last_id = id_
-                yield event
-            if rows:
-                continue
-            status = self.experiment_status(name)
-            if status.state in r.TERMINAL_STATES and not self.store.events(name, after_id=last_id):
-                yield r.MetricEvent(round=status.current_round, envoy="", stage="", experiment_done=True,
-                                    state=status.state, timestamp=self._clock())
-                return
-            with self._cond:
-                self._cond.wait_for(lambda: bool(self.store.events(name, after_id=last_id)) or self._closed
-                                    or not is_active() or self.experiment_status(name).state in r.TERMINAL_STATES,
-                                    timeout=wait_s)
+    def events_after(self, name: str, after_id: int) -> tuple[list[tuple[int, r.MetricEvent]], r.MetricEvent | None]:
+        """``name``'s events with an id above ``after_id``, as ``(id, event)``; with none left and the
+        experiment ended, the final 'done' event as the second item."""
+        rows = [(id_, event) for id_, event, _ in self.store.events(name, after_id=after_id)]
+        if rows:
+            return rows, None
+        status = self.experiment_status(name)
+        if status.state in r.TERMINAL_STATES and not self.store.events(name, after_id=after_id):
+            return [], r.MetricEvent(round=status.current_round, envoy="", stage="", experiment_done=True,
+                                     state=status.state, timestamp=self._clock())
+        return [], None
 
     def model_chunks(self, name: str, which: str, by: str | None = None) -> Iterator[r.TensorChunk]:
         row = self.store.experiment(name)

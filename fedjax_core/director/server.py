@@ -1,6 +1,7 @@
 """Director server factory and the long-running ``fedjax director start`` entry point."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -10,9 +11,10 @@ from pathlib import Path
 import grpc
 
 from fedjax_core.config import DirectorConfig, resolve_path
-from fedjax_core.director.budget import StreamBudget, stream_limit
+from fedjax_core.director.concurrency import Flow
 from fedjax_core.director.core import Director
 from fedjax_core.director.memory import limit_arenas
+from fedjax_core.director.parsing import ParseGate
 from fedjax_core.director.servicer import EnvoyServicer, FederationServicer, RoleGate
 from fedjax_core.sinks import factories_from_config
 from fedjax_core.transport import SERVER_OPTIONS, TLSFiles, server_credentials
@@ -22,26 +24,75 @@ from fedjax_proto import federation_service_pb2_grpc as fed_grpc
 log = logging.getLogger("fedjax.director")
 
 
-def create_server(director: Director, host: str, port: int, tls: TLSFiles | None, max_workers: int = 128,
-                  stream_idle_s: float = 120.0,
-                  submitters: frozenset[str] = frozenset({"api"}),
-                  allowed_envoys: frozenset[str] | None = None) -> tuple[grpc.Server, int]:
-    """A started-ready gRPC server for ``director``; returns ``(server, bound_port)`` (port 0 picks one).
+class DirectorServer:
+    """The director's gRPC server: ``grpc.aio`` on an event loop of its own thread, so long-polls wait without
+    threads (:mod:`fedjax_core.director.concurrency`); ``start``/``stop`` are called from any other thread."""
+
+    def __init__(self, director: Director, host: str, port: int, tls: TLSFiles | None, max_workers: int = 32,
+                 stream_idle_s: float = 120.0, submitters: frozenset[str] = frozenset({"api"}),
+                 allowed_envoys: frozenset[str] | None = None, max_uploads: int = 4,
+                 max_waiting_calls: int = 4096):
+        self.director = director
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="director-grpc")
+        self._thread.start()
+        try:
+            self.port = self._call(self._bind(host, port, tls, max_workers, stream_idle_s, submitters,
+                                              allowed_envoys, max_uploads, max_waiting_calls))
+        except BaseException:
+            self._end_loop()
+            raise
+
+    def _call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    async def _bind(self, host, port, tls, max_workers, stream_idle_s, submitters, allowed_envoys, max_uploads,
+                    max_waiting_calls) -> int:
+        self._short_pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="director")
+        self.flow = Flow(self._loop, self._short_pool, max_uploads, stream_idle_s, max_waiting_calls)
+        self.director.subscribe(self.flow.changes.notify)
+        self._server = grpc.aio.server(migration_thread_pool=self._short_pool, options=SERVER_OPTIONS,
+                                       interceptors=([RoleGate(allowed_envoys)] if tls else []) + [ParseGate()])
+        env_grpc.add_EnvoyServiceServicer_to_server(EnvoyServicer(self.director, self.flow), self._server)
+        fed_grpc.add_FederationServiceServicer_to_server(FederationServicer(self.director, self.flow, submitters),
+                                                         self._server)
+        address = f"{host}:{port}"
+        try:
+            bound = (self._server.add_secure_port(address, server_credentials(tls)) if tls
+                     else self._server.add_insecure_port(address))
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise OSError(f"cannot listen on {address}: the port is taken or the host is not local "
+                          "(change settings.listen_host / settings.listen_port)")
+        return bound
+
+    def start(self) -> None:
+        self._call(self._server.start())
+
+    def stop(self, grace: float | None = 2.0) -> None:
+        """End long-polls now, give other calls ``grace`` seconds, then stop the loop and the pools."""
+        self.director.wake_all()
+        try:
+            self._call(self._server.stop(grace))
+        finally:
+            self._end_loop()
+
+    def _end_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if getattr(self, "flow", None) is not None:
+            self.flow.close()
+            self._short_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def create_server(director: Director, host: str, port: int, tls: TLSFiles | None, **settings) -> tuple[DirectorServer, int]:
+    """A ready-to-start server for ``director``; returns ``(server, bound_port)`` (port 0 picks one).
 
     With ``tls``, every call passes ``RoleGate`` (certificate roles, ``allowed_envoys``) first.
     """
-    interceptors = [RoleGate(allowed_envoys)] if tls else []
-    interceptors.append(StreamBudget(stream_limit(max_workers), stream_idle_s))  # after the role check
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="director"),
-                         options=SERVER_OPTIONS, interceptors=interceptors)
-    env_grpc.add_EnvoyServiceServicer_to_server(EnvoyServicer(director), server)
-    fed_grpc.add_FederationServiceServicer_to_server(FederationServicer(director, submitters), server)
-    address = f"{host}:{port}"
-    bound = server.add_secure_port(address, server_credentials(tls)) if tls else server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"cannot listen on {address}: the port is taken or the host is not local "
-                      "(change settings.listen_host / settings.listen_port)")
-    return server, bound
+    server = DirectorServer(director, host, port, tls, **settings)
+    return server, server.port
 
 
 def _describe_sink(spec, log_dir: Path) -> str:
@@ -67,9 +118,10 @@ def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path)
     if allowed_envoys is not None and tls is None:
         log.warning("settings.allowed_envoys applies to certificate names under mTLS; with TLS disabled any "
                     "envoy may register")
-    server, port = create_server(director, s.listen_host, s.listen_port, tls, s.max_workers, s.stream_idle_s,
-                                 frozenset(s.submitters),
-                                 allowed_envoys)
+    server, port = create_server(director, s.listen_host, s.listen_port, tls, max_workers=s.max_workers,
+                                 stream_idle_s=s.stream_idle_s, submitters=frozenset(s.submitters),
+                                 allowed_envoys=allowed_envoys, max_uploads=s.max_uploads,
+                                 max_waiting_calls=s.max_waiting_calls)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -80,6 +132,5 @@ def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path)
     print(f"DIRECTOR READY {s.listen_host}:{port}", flush=True)
     stop.wait()
     log.info("director stopping")
-    director.wake_all()  # long-polls and streams return now instead of at their timeout
-    server.stop(grace=2).wait()
+    server.stop(grace=2)  # long-polls and streams return now instead of at their timeout
     director.close()

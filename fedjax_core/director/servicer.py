@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import threading
@@ -12,6 +13,8 @@ from typing import NoReturn
 import grpc
 
 from fedjax_core import pki, serde
+from fedjax_core import records as r
+from fedjax_core.director.concurrency import EVERYTHING, Flow
 from fedjax_core.director.core import Director
 from fedjax_core.errors import InvalidRequestError, PermissionDeniedError
 from fedjax_core.transport import maps_errors, peer_common_name
@@ -32,15 +35,25 @@ class _Refusals:
         self._seen: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
 
-    def refuse(self, context: grpc.ServicerContext, name: str, error: PermissionDeniedError) -> NoReturn:
-        host = context.peer().rsplit(":", 1)[0]
-        key = (name, host, str(error))
+    def refuse(self, peer: str, name: str, error: PermissionDeniedError) -> NoReturn:
+        key = (name, peer.rsplit(":", 1)[0], str(error))
         with self._lock:
             first = key not in self._seen
             self._seen.add(key)
         if first:
-            log.warning("refused a call from %s (certificate %r): %s", context.peer(), name, error)
+            log.warning("refused a call from %s (certificate %r): %s", peer, name, error)
         raise error
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who made a call, read once from its context (an asyncio context belongs to the event loop's thread)."""
+    peer: str
+    common_name: str | None  # of the client certificate under mTLS; None in plaintext
+
+    @classmethod
+    def of(cls, context) -> "Caller":
+        return cls(context.peer(), peer_common_name(context))
 
 
 _refusals = _Refusals()
@@ -83,27 +96,47 @@ def check_role(context: grpc.ServicerContext, method: str, allowed_envoys: froze
                  f"({', '.join(sorted(allowed_envoys)) or 'empty'}): add {who.name} there and restart the director")
     else:
         return
-    _refusals.refuse(context, who.name or "", PermissionDeniedError(error))
+    _refusals.refuse(context.peer(), who.name or "", PermissionDeniedError(error))
 
 
-class RoleGate(grpc.ServerInterceptor):
-    """Runs ``check_role`` before every RPC of a TLS server, new RPCs included; refusals end PERMISSION_DENIED."""
+class RoleGate(grpc.aio.ServerInterceptor):
+    """Runs ``check_role`` before every RPC of a TLS server, new RPCs included; refusals end PERMISSION_DENIED.
+    Wraps plain, coroutine and async generator handlers alike, keeping their kind."""
 
     def __init__(self, allowed_envoys: frozenset[str] | None = None):
         self.allowed_envoys = allowed_envoys
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
 
+        def refusal(context) -> str | None:
+            try:
+                check_role(context, method, self.allowed_envoys)
+            except PermissionDeniedError as exc:
+                return str(exc)
+            return None
+
         def gate(behavior):
-            def guarded(request, context):
-                try:
-                    check_role(context, method, self.allowed_envoys)
-                except PermissionDeniedError as exc:
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            if inspect.isasyncgenfunction(behavior):
+                async def guarded_stream(request, context):
+                    if (why := refusal(context)) is not None:
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+                    async for response in behavior(request, context):
+                        yield response
+                return guarded_stream
+            if inspect.iscoroutinefunction(behavior):
+                async def guarded_coroutine(request, context):
+                    if (why := refusal(context)) is not None:
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+                    return await behavior(request, context)
+                return guarded_coroutine
+
+            def guarded(request, context):  # a plain handler, run on the server's thread pool
+                if (why := refusal(context)) is not None:
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
                 return behavior(request, context)
             return guarded
 
@@ -117,97 +150,116 @@ class RoleGate(grpc.ServerInterceptor):
                        response_serializer=handler.response_serializer)
 
 
-def _check_envoy_identity(context: grpc.ServicerContext, envoy_name: str) -> None:
+def _check_envoy_identity(caller: Caller, envoy_name: str) -> None:
     """Under mTLS an envoy (and its worker) may act only under the name its certificate carries."""
-    common_name = peer_common_name(context)
-    if common_name is not None and common_name != envoy_name:
-        _refusals.refuse(context, common_name, PermissionDeniedError(
-            f"the client certificate is for {common_name!r}, not for envoy {envoy_name!r}: give each envoy "
+    if caller.common_name is not None and caller.common_name != envoy_name:
+        _refusals.refuse(caller.peer, caller.common_name, PermissionDeniedError(
+            f"the client certificate is for {caller.common_name!r}, not for envoy {envoy_name!r}: give each envoy "
             f"its own certificate ({pki.fix_command(pki.ENVOY, envoy_name)})"))
 
 
 class EnvoyServicer(env_grpc.EnvoyServiceServicer):
-    def __init__(self, director: Director):
+    """Plain methods are short calls, run on the server's thread pool; coroutines wait or transfer through
+    ``flow`` (see :mod:`fedjax_core.director.concurrency`)."""
+
+    def __init__(self, director: Director, flow: Flow):
         self.director = director
+        self.flow = flow
 
     @maps_errors
     def RegisterEnvoy(self, request, context):
-        _check_envoy_identity(context, request.envoy_name)
+        _check_envoy_identity(Caller.of(context), request.envoy_name)
         period = self.director.register_envoy(request.envoy_name, serde.shard_info_from_proto(request.shard_info),
                                               request.instance_id)
         return env_pb.RegisterEnvoyResponse(health_check_period_s=period)
 
     @maps_errors
     def Heartbeat(self, request, context):
-        _check_envoy_identity(context, request.envoy_name)
+        _check_envoy_identity(Caller.of(context), request.envoy_name)
         return env_pb.HeartbeatResponse(known=self.director.heartbeat(request.envoy_name, request.instance_id))
 
     @maps_errors
-    def WaitExperiment(self, request, context):
-        _check_envoy_identity(context, request.envoy_name)
-        context.add_callback(self.director.wake)  # an envoy that goes away frees its thread at once
-        sent = None
-        while context.is_active():
-            name = self.director.wait_experiment(request.envoy_name, sent, timeout=MAX_LONG_POLL_S,
-                                                 is_active=context.is_active)
-            if name is not None:
-                sent = name
-                yield env_pb.WaitExperimentResponse(experiment_name=name,
-                                                    submitter=self.director.experiment_submitter(name),
-                                                    bundle_sha256=self.director.experiment_bundle_sha256(name))
+    async def WaitExperiment(self, request, context):
+        envoy = request.envoy_name
+        _check_envoy_identity(Caller.of(context), envoy)
+        async with self.flow.waiting(context):
+            sent = None
+            while not self.director.closed:
+                name = await self.flow.poll(envoy, lambda: self.director.experiment_for(envoy, sent),
+                                            lambda found: found is not None or self.director.closed, MAX_LONG_POLL_S)
+                if name is not None:
+                    sent = name
+                    submitter, sha256 = await self.flow.short(self._describe, name)
+                    yield env_pb.WaitExperimentResponse(experiment_name=name, submitter=submitter,
+                                                        bundle_sha256=sha256)
+
+    def _describe(self, name: str) -> tuple[str, str]:
+        return self.director.experiment_submitter(name), self.director.experiment_bundle_sha256(name)
 
     @maps_errors
-    def GetExperimentBundle(self, request, context):
-        _check_envoy_identity(context, request.envoy_name)
-        path = self.director.experiment_bundle(request.envoy_name, request.experiment_name)
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            while data := f.read(BUNDLE_CHUNK):
-                yield env_pb.BundleChunk(data=data, total_size=size)
+    async def GetExperimentBundle(self, request, context):
+        _check_envoy_identity(Caller.of(context), request.envoy_name)
+        path = await self.flow.short(self.director.experiment_bundle, request.envoy_name, request.experiment_name)
+
+        def chunks() -> Iterator[env_pb.BundleChunk]:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                while data := f.read(BUNDLE_CHUNK):
+                    yield env_pb.BundleChunk(data=data, total_size=size)
+
+        await self.flow.send(context, "GetExperimentBundle", chunks())
 
     @maps_errors
-    def WaitTask(self, request, context):
-        _check_envoy_identity(context, request.envoy_name)
+    async def WaitTask(self, request, context):
+        envoy, experiment = request.envoy_name, request.experiment_name
+        _check_envoy_identity(Caller.of(context), envoy)
         if math.isnan(request.max_wait_s):  # min/max pass NaN through, and a NaN timeout never expires
             raise InvalidRequestError(f"max_wait_s is NaN; give the seconds to wait (0 to {MAX_LONG_POLL_S:g})")
         wait = min(max(request.max_wait_s, 0.0), MAX_LONG_POLL_S)
-        context.add_callback(self.director.wake)  # a worker that goes away frees its thread at once
-        return serde.task_to_proto(self.director.wait_task(request.envoy_name, request.experiment_name, wait,
-                                                           context.is_active))
+        async with self.flow.waiting(context):
+            task = await self.flow.poll(envoy, lambda: self.director.current_task(envoy, experiment),
+                                        lambda t: t.kind != r.TaskKind.NONE or self.director.closed, wait)
+        return serde.task_to_proto(task)
 
     @maps_errors
-    def GetRoundModel(self, request, context):
-        _check_envoy_identity(context, request.envoy_name)
-        for chunk in self.director.round_model(request.envoy_name, request.experiment_name, request.round):
-            yield serde.chunk_to_proto(chunk)
+    async def GetRoundModel(self, request, context):
+        _check_envoy_identity(Caller.of(context), request.envoy_name)
+        chunks = self.director.round_model(request.envoy_name, request.experiment_name, request.round)
+        await self.flow.send(context, "GetRoundModel", (serde.chunk_to_proto(c) for c in chunks))
 
     @maps_errors
     def ReportMetrics(self, request, context):
-        _check_envoy_identity(context, request.envoy_name)
+        _check_envoy_identity(Caller.of(context), request.envoy_name)
         self.director.report_metrics(request.envoy_name, request.experiment_name, request.round, request.stage,
                                      serde.metrics_from_proto(request.metrics), request.sample_count)
         return env_pb.ReportMetricsResponse()
 
     @maps_errors
-    def UploadUpdate(self, request_iterator, context):
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
-            raise InvalidRequestError("an update stream must start with its header")
-        h = first.header
-        _check_envoy_identity(context, h.envoy_name)
+    async def UploadUpdate(self, request_iterator, context):
+        caller = Caller.of(context)
 
-        def chunks() -> Iterator:
-            for msg in request_iterator:
-                if not msg.HasField("chunk"):
-                    raise InvalidRequestError("only tensor chunks may follow the update header")
-                yield serde.chunk_from_proto(msg.chunk)
+        def consume(requests: Iterator) -> int:
+            first = next(requests, None)
+            if first is None or not first.HasField("header"):
+                raise InvalidRequestError("an update stream must start with its header")
+            h = first.header
+            _check_envoy_identity(caller, h.envoy_name)
 
-        received = self.director.accept_update(h.envoy_name, h.experiment_name, h.round, h.train_sample_count, chunks())
+            def chunks() -> Iterator:
+                for msg in requests:
+                    if not msg.HasField("chunk"):
+                        raise InvalidRequestError("only tensor chunks may follow the update header")
+                    yield serde.chunk_from_proto(msg.chunk)
+
+            return self.director.accept_update(h.envoy_name, h.experiment_name, h.round, h.train_sample_count,
+                                               chunks())
+
+        received = await self.flow.receive(context, "UploadUpdate", consume)
         return env_pb.UploadUpdateResponse(bytes_received=received)
 
     @maps_errors
     def ReportFailure(self, request, context):
-        _check_envoy_identity(context, request.envoy_name)
+        _check_envoy_identity(Caller.of(context), request.envoy_name)
         self.director.report_failure(request.envoy_name, request.experiment_name, request.error,
                                      request.round if request.HasField("round") else None, request.worker_lost,
                                      request.refused)
@@ -215,95 +267,112 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
     @maps_errors
     def CheckIn(self, request, context):
-        _check_envoy_identity(context, request.envoy_name)
+        _check_envoy_identity(Caller.of(context), request.envoy_name)
         upload = self.director.check_in(request.envoy_name, request.experiment_name, request.round,
                                         request.divergence)
         return env_pb.CheckInResponse(upload=upload)
 
 
 class FederationServicer(fed_grpc.FederationServiceServicer):
-    def __init__(self, director: Director, submitters: frozenset[str] = frozenset({"api"})):
+    def __init__(self, director: Director, flow: Flow, submitters: frozenset[str] = frozenset({"api"})):
         self.director = director
+        self.flow = flow
         self.submitters = submitters
 
-    def _check_submitter(self, context: grpc.ServicerContext) -> None:
+    def _check_submitter(self, caller: Caller) -> None:
         """Under mTLS only the certificates named in settings.submitters may use the notebook API."""
-        common_name = peer_common_name(context)
-        if common_name is not None and common_name not in self.submitters:
-            _refusals.refuse(context, common_name, PermissionDeniedError(
-                f"the client certificate {common_name!r} may not use the notebook API; this director allows "
+        if caller.common_name is not None and caller.common_name not in self.submitters:
+            _refusals.refuse(caller.peer, caller.common_name, PermissionDeniedError(
+                f"the client certificate {caller.common_name!r} may not use the notebook API; this director allows "
                 f"{', '.join(sorted(self.submitters))} (settings.submitters in its config)"))
 
     @maps_errors
     def GetDatasetInfo(self, request, context):
-        self._check_submitter(context)
+        self._check_submitter(Caller.of(context))
         sample, target = self.director.dataset_info()
         return fed_pb.GetDatasetInfoResponse(sample_shape=list(sample), target_shape=list(target))
 
     @maps_errors
     def GetShardRegistry(self, request, context):
-        self._check_submitter(context)
+        self._check_submitter(Caller.of(context))
         return fed_pb.GetShardRegistryResponse(
             envoys=[serde.envoy_entry_to_proto(e) for e in self.director.shard_registry()])
 
     @maps_errors
-    def SubmitExperiment(self, request_iterator, context):
-        self._check_submitter(context)
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
-            raise InvalidRequestError("an experiment submission must start with its header")
-        header = serde.header_from_proto(first.header)
-        common_name = peer_common_name(context)
-        if common_name is not None:  # under mTLS the certificate names the submitter, not the client
-            header = dataclasses.replace(header, submitter=common_name)
-        pending: list = []
+    async def SubmitExperiment(self, request_iterator, context):
+        caller = Caller.of(context)
+        self._check_submitter(caller)
 
-        def bundle() -> Iterator[bytes]:
-            for msg in request_iterator:
-                if msg.HasField("bundle_data"):
-                    yield msg.bundle_data
-                elif msg.HasField("chunk"):
-                    pending.append(serde.chunk_from_proto(msg.chunk))
-                    return
-                else:
-                    raise InvalidRequestError("a second header in one submission")
+        def consume(requests: Iterator) -> int:
+            first = next(requests, None)
+            if first is None or not first.HasField("header"):
+                raise InvalidRequestError("an experiment submission must start with its header")
+            header = serde.header_from_proto(first.header)
+            if caller.common_name is not None:  # under mTLS the certificate names the submitter, not the client
+                header = dataclasses.replace(header, submitter=caller.common_name)
+            pending: list = []
 
-        def chunks() -> Iterator:
-            yield from pending
-            for msg in request_iterator:
-                if not msg.HasField("chunk"):
-                    raise InvalidRequestError("bundle data must come before the model's tensor chunks")
-                yield serde.chunk_from_proto(msg.chunk)
+            def bundle() -> Iterator[bytes]:
+                for msg in requests:
+                    if msg.HasField("bundle_data"):
+                        yield msg.bundle_data
+                    elif msg.HasField("chunk"):
+                        pending.append(serde.chunk_from_proto(msg.chunk))
+                        return
+                    else:
+                        raise InvalidRequestError("a second header in one submission")
 
-        position = self.director.submit_experiment(header, bundle(), chunks())
+            def chunks() -> Iterator:
+                yield from pending
+                for msg in requests:
+                    if not msg.HasField("chunk"):
+                        raise InvalidRequestError("bundle data must come before the model's tensor chunks")
+                    yield serde.chunk_from_proto(msg.chunk)
+
+            return self.director.submit_experiment(header, bundle(), chunks())
+
+        position = await self.flow.receive(context, "SubmitExperiment", consume, submission=True)
         return fed_pb.SubmitExperimentResponse(queue_position=position)
 
     @maps_errors
     def ListExperiments(self, request, context):
-        self._check_submitter(context)
+        self._check_submitter(Caller.of(context))
         return fed_pb.ListExperimentsResponse(
             experiments=[serde.status_to_proto(s) for s in self.director.experiments()])
 
     @maps_errors
     def GetExperimentStatus(self, request, context):
-        self._check_submitter(context)
+        self._check_submitter(Caller.of(context))
         return serde.status_to_proto(self.director.experiment_status(request.name))
 
     @maps_errors
-    def StreamMetrics(self, request, context):
-        self._check_submitter(context)
-        context.add_callback(self.director.wake)  # a notebook that goes away frees its thread at once
-        for event in self.director.stream_events(request.experiment_name, context.is_active):
-            yield serde.metric_event_to_proto(event)
+    async def StreamMetrics(self, request, context):
+        """Every event of the experiment so far, then new ones as they come, then a final 'done' event."""
+        self._check_submitter(Caller.of(context))
+        name = request.experiment_name
+        await self.flow.short(self.director.experiment_status, name)  # NOT_FOUND before anything is sent
+        last_id = 0
+        async with self.flow.waiting(context):
+            while not self.director.closed:
+                batch = await self.flow.poll(EVERYTHING, lambda: self.director.events_after(name, last_id),
+                                             lambda b: bool(b[0]) or b[1] is not None or self.director.closed,
+                                             MAX_LONG_POLL_S)
+                rows, done = batch
+                for last_id, event in rows:
+                    yield serde.metric_event_to_proto(event)
+                if done is not None:
+                    yield serde.metric_event_to_proto(done)
+                    return
 
     @maps_errors
     def CancelExperiment(self, request, context):
-        self._check_submitter(context)
-        return serde.status_to_proto(self.director.cancel_experiment(request.name, by=peer_common_name(context)))
+        caller = Caller.of(context)
+        self._check_submitter(caller)
+        return serde.status_to_proto(self.director.cancel_experiment(request.name, by=caller.common_name))
 
     @maps_errors
-    def GetModel(self, request, context):
-        self._check_submitter(context)
-        for chunk in self.director.model_chunks(request.experiment_name, request.which,
-                                                by=peer_common_name(context)):
-            yield serde.chunk_to_proto(chunk)
+    async def GetModel(self, request, context):
+        caller = Caller.of(context)
+        self._check_submitter(caller)
+        chunks = self.director.model_chunks(request.experiment_name, request.which, by=caller.common_name)
+        await self.flow.send(context, "GetModel", (serde.chunk_to_proto(c) for c in chunks))

@@ -131,7 +131,7 @@ def test_compressed_downloads_travel_as_int8_and_bytes_are_counted_per_envoy(dir
 
 def test_periodic_averaging_keeps_the_model_between_averagings(director):
     submit(director, sync="periodic", sync_every=2, rounds=4)
-    task = director.wait_task("a", "exp", 0)
+    task = director.current_task("a", "exp")
     assert task.check_in and task.from_global
     with pytest.raises(PreconditionError, match="must check in first"):
         upload(director, "a", 0, trained(1.1))
@@ -140,21 +140,21 @@ def test_periodic_averaging_keeps_the_model_between_averagings(director):
     assert director.experiment_status("exp").current_round == 1
     assert model(director, 1)["params/w"].tobytes() == INITIAL["params/w"].tobytes()
     assert round_summary(director, 0)["averaged"] == 0
-    task = director.wait_task("a", "exp", 0)
+    task = director.current_task("a", "exp")
     assert task.round == 1 and not task.check_in and not task.from_global  # round 1 averages what they kept
     upload(director, "a", 1, trained(1.2))
     upload(director, "b", 1, trained(0.8))
     np.testing.assert_allclose(model(director, 2)["params/w"], INITIAL["params/w"], rtol=1e-6)
     assert round_summary(director, 1)["averaged"] == 1
-    assert director.wait_task("a", "exp", 0).from_global  # round 2 starts from the new average
+    assert director.current_task("a", "exp").from_global  # round 2 starts from the new average
 
 
 def test_dynamic_averaging_asks_an_envoy_that_checked_in_under_the_threshold_to_upload(director):
     submit(director, sync="dynamic", sync_threshold=1.0)
     assert director.check_in("a", "exp", 0, 0.2) is False  # under: a keeps its model
-    assert director.wait_task("a", "exp", 0).kind == r.TaskKind.NONE
+    assert director.current_task("a", "exp").kind == r.TaskKind.NONE
     assert director.check_in("b", "exp", 0, 3.0) is True  # over: everyone uploads
-    assert director.wait_task("a", "exp", 0).kind == r.TaskKind.SYNC
+    assert director.current_task("a", "exp").kind == r.TaskKind.SYNC
     upload(director, "b", 0, trained(0.5))
     upload(director, "a", 0, trained(1.5))
     np.testing.assert_allclose(model(director, 1)["params/w"], INITIAL["params/w"], rtol=1e-6)
@@ -167,7 +167,7 @@ def test_dynamic_averaging_under_the_threshold_moves_no_weights(director):
     assert director.check_in("b", "exp", 0, 0.9) is False
     assert round_summary(director, 0)["averaged"] == 0
     assert all(c["model_messages"] == 0 and c["bytes_uploaded"] == 0 for c in comm(director, 0).values())
-    assert director.wait_task("b", "exp", 0).check_in is True  # round 1 checks again
+    assert director.current_task("b", "exp").check_in is True  # round 1 checks again
     events = [e for _, e, _ in director.store.events("exp", round_=0) if e.stage == r.Stage.SYNC_CHECK]
     assert {e.envoy: e.metrics[0].value for e in events} == {"a": 0.2, "b": 0.9}
 
@@ -180,7 +180,7 @@ def test_a_triggered_dynamic_round_survives_a_director_restart(tmp_path, directo
     director.close()
     restarted = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60)
     try:
-        assert restarted.wait_task("a", "exp", 0).kind == r.TaskKind.SYNC
+        assert restarted.current_task("a", "exp").kind == r.TaskKind.SYNC
         upload(restarted, "a", 0, trained(1.5))
         assert restarted.experiment_status("exp").current_round == 1
     finally:

@@ -59,7 +59,7 @@ def test_a_refusing_envoy_leaves_every_remaining_round_and_a_restart_keeps_it_ou
     assert event.note.startswith("envoy 'b' refused experiment 'exp': its submitter 'api' is not in")
     assert "2 of 3 envoys continue" in event.note
     assert d.experiment_status("exp").envoys == ("a", "c")
-    assert d.wait_task("b", "exp", 0).kind == r.TaskKind.FINISHED
+    assert d.current_task("b", "exp").kind == r.TaskKind.FINISHED
     with pytest.raises(PreconditionError, match="not a collaborator"):
         d.report_failure("b", "exp", "again", refused=True)
 

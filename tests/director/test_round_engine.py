@@ -129,10 +129,10 @@ def test_sampling_selects_what_the_seed_says_and_records_it(tmp_path):
     for t in range(3):
         chosen = select_participants(envoys, 2, 1234, t)
         left_out = sorted(set(envoys) - set(chosen))
-        assert d.wait_task(left_out[0], "exp", 0).kind == r.TaskKind.NONE  # sits the round out
+        assert d.current_task(left_out[0], "exp").kind == r.TaskKind.NONE  # sits the round out
         with pytest.raises(PreconditionError, match=f"was not selected for round {t}"):
             d.accept_update(left_out[0], "exp", t, 10, iter_chunks(update(left_out[0], t)))
-        assert d.wait_task(chosen[0], "exp", 0).kind == r.TaskKind.TRAIN
+        assert d.current_task(chosen[0], "exp").kind == r.TaskKind.TRAIN
         play_round(d, t, envoys=chosen)
     status = d.experiment_status("exp")
     assert status.participants == tuple(select_participants(envoys, 2, 1234, t) for t in range(3))
@@ -140,7 +140,7 @@ def test_sampling_selects_what_the_seed_says_and_records_it(tmp_path):
     summaries = [e for _, e, _ in d.store.events("exp") if e.stage == r.Stage.ROUND]
     assert [e.participants for e in summaries] == list(status.participants)
     # after the last round every envoy validates the final model
-    assert {e: d.wait_task(e, "exp", 0).kind for e in envoys} == dict.fromkeys(envoys, r.TaskKind.VALIDATE)
+    assert {e: d.current_task(e, "exp").kind for e in envoys} == dict.fromkeys(envoys, r.TaskKind.VALIDATE)
     d.close()
 
 
@@ -156,10 +156,10 @@ def test_round_config_reaches_each_rounds_task(tmp_path):
     config = [{"train": {"lr": 0.1 / (t + 1)}} for t in range(3)]
     submit(d, header(round_config=json.dumps(config)))
     for t in range(3):
-        task = d.wait_task("a", "exp", 0)
+        task = d.current_task("a", "exp")
         assert (task.round, json.loads(task.task_kwargs)) == (t, config[t])
         play_round(d, t)
-    assert json.loads(d.wait_task("a", "exp", 0).task_kwargs) == config[2]  # final validation: the last round's
+    assert json.loads(d.current_task("a", "exp").task_kwargs) == config[2]  # final validation: the last round's
     d.close()
 
 
@@ -183,7 +183,7 @@ def test_a_paused_fold_blocks_neither_heartbeats_nor_registry_reads(tmp_path):
             answers["heartbeat"] = d.heartbeat("c")
             answers["registry"] = sorted(e.name for e in d.shard_registry())
             answers["status"] = d.experiment_status("exp").state
-            answers["task"] = d.wait_task("b", "exp", 0).kind
+            answers["task"] = d.current_task("b", "exp").kind
             d.report_metrics("b", "exp", 0, r.Stage.TRAIN, (r.Metric("train", "acc", 0.5),), 10)
             answers["metrics"] = True
 
@@ -220,7 +220,7 @@ def test_a_paused_close_blocks_neither_heartbeats_nor_status(tmp_path, monkeypat
         assert in_close.wait(30)
         result = {}
         caller = threading.Thread(target=lambda: result.update(hb=d.heartbeat("a"), st=d.experiment_status("exp"),
-                                                               task=d.wait_task("a", "exp", 0).kind))
+                                                               task=d.current_task("a", "exp").kind))
         caller.start()
         caller.join(30)
         assert not caller.is_alive(), "a call waited for the round to close"
@@ -478,7 +478,7 @@ def test_a_dropout_survives_a_restart_and_the_round_closes_with_the_others(tmp_p
     d = make_director(tmp_path, ("a", "b", "c"))
     submit(d, header(min_envoys=2))
     d.report_failure("c", "exp", "ValueError: bad batch", round_=0)
-    assert d.wait_task("c", "exp", 0).kind == r.TaskKind.NONE  # out of this round
+    assert d.current_task("c", "exp").kind == r.TaskKind.NONE  # out of this round
     with pytest.raises(PreconditionError, match="dropped out of round 0"):
         d.accept_update("c", "exp", 0, 10, iter_chunks(update("c", 0)))
     with pytest.raises(PreconditionError, match="has gone on without envoy 'c'"):
@@ -488,7 +488,7 @@ def test_a_dropout_survives_a_restart_and_the_round_closes_with_the_others(tmp_p
     assert d.experiment_status("exp").current_round == 0
     play_round(d, 0, envoys=("b",))
     assert d.experiment_status("exp").current_round == 1  # closed with a and b
-    assert d.wait_task("c", "exp", 0).kind == r.TaskKind.TRAIN  # c rejoins round 1
+    assert d.current_task("c", "exp").kind == r.TaskKind.TRAIN  # c rejoins round 1
     notes = [e.note for _, e, _ in d.store.events("exp") if e.stage == r.Stage.DROPOUT]
     assert notes == ["envoy 'c' dropped out of round 0: ValueError: bad batch; 2 of 3 continue (the round needs 2)"]
     d.close()
@@ -525,5 +525,5 @@ def test_a_participant_whose_heartbeats_stop_drops_out_and_rejoins_when_back(tmp
     d.heartbeat("b")  # back
     play_round(d, 1, envoys=("a",))
     assert d.experiment_status("exp").current_round == 2
-    assert d.wait_task("b", "exp", 0).kind == r.TaskKind.TRAIN  # it takes part in round 2
+    assert d.current_task("b", "exp").kind == r.TaskKind.TRAIN  # it takes part in round 2
     d.close()

@@ -192,8 +192,7 @@ def test_envoy_certificate_cannot_serve_as_director(tmp_path, name, role):
         assert "ENVOY READY" not in envoy.output() and director.shard_registry() == []
     finally:
         stack.stop()
-        director.wake_all()
-        server.stop(grace=None).wait()
+        server.stop(grace=None)
         director.close()
         print(stack.logs())
 

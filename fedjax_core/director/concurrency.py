@@ -1,0 +1,172 @@
+"""How the director's asyncio server spends threads, so that hundreds of envoys fit in a few.
+
+- **Long-polls wait without a thread.** ``WaitExperiment``, ``WaitTask`` and ``StreamMetrics``
+  are coroutines that sleep on :class:`Changes` until the director reports a change that
+  concerns them (an envoy's own, or everyone's), then look again on a pool thread. At most
+  ``max_waiting`` of them wait at once; one more is refused with RESOURCE_EXHAUSTED and a
+  message starting with :data:`~fedjax_core.transport.BUSY`, which clients retry.
+- **Short calls** (heartbeats, metric reports, status) run on the server's thread pool
+  (``settings.max_workers`` threads), which nothing long ever holds.
+- **Transfers** run their disk and numpy work on a second pool, one step per message, so a
+  download holds a thread only while it prepares a chunk. An upload's consumer holds one for
+  its whole stream, so at most ``max_uploads`` uploads (and ``max_submissions`` experiment
+  submissions) are received at once; the others wait their turn without a thread while gRPC
+  flow control holds their bytes back at the sender.
+- **Transfers must keep moving**: one that neither sends nor receives a message for
+  ``idle_s`` seconds is ended with DEADLINE_EXCEEDED, so a stalled peer cannot hold a slot
+  (or a round) forever.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+
+from fedjax_core.director.parsing import Unparseable
+from fedjax_core.transport import BUSY
+
+log = logging.getLogger("fedjax.director")
+T = TypeVar("T")
+EVERYTHING = object()  # the key of waiters that look again on any change (metric streams)
+_END = object()
+
+
+class Changes:
+    """Wakes long-polls on the event loop when the director changes, from whichever thread changed it.
+
+    A waiter takes :meth:`watch` ``(key)`` *before* it looks at the director, then awaits the event:
+    a change that lands in between still wakes it. ``notify(envoy)`` wakes that envoy's waiters and
+    the ``EVERYTHING`` ones; ``notify(None)`` wakes every waiter.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._events: dict[Any, asyncio.Event] = {}
+
+    def notify(self, envoy: str | None) -> None:
+        """Any thread; only schedules the wake-up on the loop."""
+        self._loop.call_soon_threadsafe(self._wake, envoy)
+
+    def _wake(self, envoy: str | None) -> None:
+        for key in list(self._events) if envoy is None else (envoy, EVERYTHING):
+            event = self._events.pop(key, None)
+            if event is not None:
+                event.set()
+
+    def watch(self, key: Any) -> asyncio.Event:
+        return self._events.setdefault(key, asyncio.Event())
+
+
+class Flow:
+    """The director server's thread pools, wake-ups and limits (see the module docstring)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, short_pool: futures.ThreadPoolExecutor, max_uploads: int,
+                 idle_s: float, max_waiting: int, max_submissions: int = 2):
+        self.loop = loop
+        self.changes = Changes(loop)
+        self.short_pool = short_pool
+        self.idle_s = idle_s
+        self.max_waiting = max_waiting
+        self._waiting = 0
+        self._uploads = asyncio.Semaphore(max_uploads)
+        self._submissions = asyncio.Semaphore(max_submissions)
+        self.transfer_pool = futures.ThreadPoolExecutor(max_uploads + max_submissions + 4,
+                                                        thread_name_prefix="director-transfer")
+
+    def close(self) -> None:
+        self.transfer_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def short(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` on the short-call pool (it takes the director's lock or reads the database)."""
+        return await self.loop.run_in_executor(self.short_pool, fn, *args)
+
+    @contextlib.asynccontextmanager
+    async def waiting(self, context: grpc.aio.ServicerContext):
+        """Count a long-poll or stream against ``max_waiting``; refused with BUSY past it."""
+        if self._waiting >= self.max_waiting:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{BUSY}: it holds its maximum of {self.max_waiting} long-polls and streams at once; "
+                                "retry shortly, or raise the director's settings.max_waiting_calls")
+        self._waiting += 1
+        try:
+            yield
+        finally:
+            self._waiting -= 1
+
+    async def poll(self, key: Any, look: Callable[[], T], ready: Callable[[T], bool], timeout: float) -> T:
+        """``look()`` (on the short pool) until ``ready`` says yes or ``timeout`` passes; the last answer.
+        Between looks it sleeps until :class:`Changes` wakes ``key``."""
+        deadline = self.loop.time() + timeout
+        while True:
+            changed = self.changes.watch(key)
+            answer = await self.short(look)
+            left = deadline - self.loop.time()
+            if ready(answer) or left <= 0:
+                return answer
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+
+    async def send(self, context: grpc.aio.ServicerContext, method: str, messages: Iterator) -> None:
+        """Stream ``messages`` (a generator doing disk or numpy work) to the caller: each one is made on the
+        transfer pool, then written; a write the caller does not take within ``idle_s`` ends the call."""
+        try:
+            while (message := await self.loop.run_in_executor(self.transfer_pool, next, messages, _END)) is not _END:
+                try:
+                    await asyncio.wait_for(context.write(message), self.idle_s)
+                except TimeoutError:
+                    await self._stalled(context, method, "took no message")
+        finally:
+            with contextlib.suppress(ValueError):  # still running on its thread: it ends when that step does
+                messages.close()  # a caller that went away: the generator's files close now
+
+    async def receive(self, context: grpc.aio.ServicerContext, method: str,
+                      consume: Callable[[Iterator], T], submission: bool = False) -> T:
+        """Run ``consume(requests)`` on the transfer pool, where ``requests`` yields the call's messages as they
+        arrive. Waits for an upload slot first (a submission slot for submissions); a message that does not
+        come within ``idle_s`` ends the call. The slot is freed when ``consume`` has returned, not before."""
+        slots = self._submissions if submission else self._uploads
+        await slots.acquire()
+        stalled = False
+
+        async def next_request():
+            nonlocal stalled
+            try:
+                message = await asyncio.wait_for(context.read(), self.idle_s)
+            except TimeoutError:
+                stalled = True
+                return ConnectionError(f"no message for {self.idle_s:g} s")
+            except Exception as exc:  # the call ended under us (the caller went away)
+                return ConnectionError(f"the stream ended: {exc or type(exc).__name__}")
+            if isinstance(message, Unparseable):
+                return message.error
+            return _END if message is grpc.aio.EOF else message
+
+        def requests() -> Iterator:
+            while True:
+                message = asyncio.run_coroutine_threadsafe(next_request(), self.loop).result()
+                if message is _END:
+                    return
+                if isinstance(message, Exception):
+                    raise message
+                yield message
+
+        done = self.transfer_pool.submit(consume, requests())
+        done.add_done_callback(lambda _: self.loop.call_soon_threadsafe(slots.release))
+        try:
+            return await asyncio.wrap_future(done)
+        except ConnectionError as exc:
+            if stalled:
+                await self._stalled(context, method, "sent no message")
+            await context.abort(grpc.StatusCode.CANCELLED, str(exc))  # the caller went away: nobody reads this
+
+    async def _stalled(self, context: grpc.aio.ServicerContext, method: str, what: str) -> None:
+        log.warning("ended %s from %s: it %s for %.0f s (settings.stream_idle_s)", method, context.peer(), what,
+                    self.idle_s)
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"the director ended this transfer: it {what} for {self.idle_s:g} s "
+                            "(the director's settings.stream_idle_s)")
