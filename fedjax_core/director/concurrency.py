@@ -5,8 +5,9 @@
   concerns them (an envoy's own, or everyone's), then look again on a pool thread. At most
   ``max_waiting`` of them wait at once; one more is refused with RESOURCE_EXHAUSTED and a
   message starting with :data:`~fedjax_core.transport.BUSY`, which clients retry.
-- **Short calls** (heartbeats, metric reports, status) run on the server's thread pool
-  (``settings.max_workers`` threads), which nothing long ever holds.
+- **Short calls** (metric reports, status) run on the server's thread pool
+  (``settings.max_workers`` threads), which nothing long ever holds; heartbeats have two
+  threads of their own, so a burst of reports from hundreds of envoys cannot delay them.
 - **Transfers** run their disk and numpy work on a second pool, one step per message, so a
   download holds a thread only while it prepares a chunk. An upload's consumer holds one for
   its whole stream, so at most ``max_uploads`` uploads (and ``max_submissions`` experiment
@@ -77,9 +78,15 @@ class Flow:
         self._submissions = asyncio.Semaphore(max_submissions)
         self.transfer_pool = futures.ThreadPoolExecutor(max_uploads + max_submissions + 4,
                                                         thread_name_prefix="director-transfer")
+        self.heartbeat_pool = futures.ThreadPoolExecutor(2, thread_name_prefix="director-heartbeat")
 
     def close(self) -> None:
         self.transfer_pool.shutdown(wait=False, cancel_futures=True)
+        self.heartbeat_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def heartbeat(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` on threads of their own: heartbeats never queue behind a burst of metric reports."""
+        return await self.loop.run_in_executor(self.heartbeat_pool, fn, *args)
 
     async def short(self, fn: Callable[..., T], *args) -> T:
         """``fn(*args)`` on the short-call pool (it takes the director's lock or reads the database)."""

@@ -174,9 +174,10 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         return env_pb.RegisterEnvoyResponse(health_check_period_s=period)
 
     @maps_errors
-    def Heartbeat(self, request, context):
+    async def Heartbeat(self, request, context):
         _check_envoy_identity(Caller.of(context), request.envoy_name)
-        return env_pb.HeartbeatResponse(known=self.director.heartbeat(request.envoy_name, request.instance_id))
+        known = await self.flow.heartbeat(self.director.heartbeat, request.envoy_name, request.instance_id)
+        return env_pb.HeartbeatResponse(known=known)
 
     @maps_errors
     async def WaitExperiment(self, request, context):
