@@ -300,6 +300,7 @@ GOALS = {  # the default per kind of metric: lead Flower, no recompilation, no a
     "accuracy": (">= Flower - 0.02", lambda row: None not in (row["project"], row["flower"])
                  and row["project"] >= row["flower"] - 0.02),
     "recompiles": ("0", lambda row: row["project"] == 0),
+    "rate": ("> 1.00x Flower", lambda row: row["ratio"] is not None and row["ratio"] > 1.0),
 }
 
 
@@ -308,8 +309,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b is not None and b > 0 else None
 
 
-def build_rows(cases: dict) -> list[dict]:
-    """Table rows (case, metric, project, Flower, ratio, project / floor, goal, met) from the per-case results."""
+def round_rate(s: dict, envoys: int) -> float | None:
+    """MiB a settled round moves (every envoy downloads and uploads the model once) per second."""
+    return 2 * s["model_bytes"] * envoys / MiB / s["steady_round_s"] if s.get("steady_round_s") else None
+
+
+def build_rows(cases: dict, reference: dict | None = None) -> list[dict]:
+    """Table rows (case, metric, project, Flower, ratio, project / floor, goal, met) from the per-case results;
+    with ``reference`` (bench.transport_reference), the large-model cases also get their transfer rate."""
     rows = []
 
     def add(case, metric, kind, project, flower, floor=None, goal=None):
@@ -346,6 +353,12 @@ def build_rows(cases: dict) -> list[dict]:
             add(label, "server peak RSS / model", "memory", p["peak_rss_per_model"], f["peak_rss_per_model"],
                 goal=memory_goal)
             add(label, "server (peak - baseline) / model", "memory", _growth(p), _growth(f))
+            if reference:
+                bare = (reference["upload_MBps"] + reference["download_MBps"]) / 2
+                envoys = c.get("envoys", CASES[int(key)]["envoys"])
+                rates = [ratio(round_rate(s, envoys), bare) for s in (p, f)]
+                add(label, f"round MiB/s / bare gRPC ({bare:.0f} MiB/s)", "rate", *rates,
+                    goal=(">= 0.8x bare gRPC", lambda row: row["project"] is not None and row["project"] >= 0.8))
         add(label, "recompilations after round 0", "recompiles", p["recompiles"], f["recompiles"])
     return rows
 
@@ -370,7 +383,7 @@ def _cell(value, fmt: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     headers = ["case", "metric", "this project", "Flower", "project/Flower", "project/floor", "goal", "met"]
-    fmt = {"time": ".3f", "memory": ".2f", "accuracy": ".4f", "recompiles": "d"}
+    fmt = {"time": ".3f", "memory": ".2f", "accuracy": ".4f", "recompiles": "d", "rate": ".2f"}
     cells = [[r["case"], r["metric"], _cell(r["project"], fmt[r["kind"]]), _cell(r["flower"], fmt[r["kind"]]),
               _cell(r["ratio"], ".2f") + ("x" if r["ratio"] is not None else ""),
               _cell(r["vs_floor"], ".2f") + ("x" if r["vs_floor"] is not None else ""),
@@ -385,7 +398,7 @@ def report(results: dict) -> str:
     out = [f"Machine: {m['nproc']} CPUs ({m.get('cpu_model', '?')}), {m['platform']}, Python {m['python']}, "
            f"jax {m['jax']}, flwr {FLWR_VERSION}; load average {m['loadavg_at_start'][0]:.1f} at start, "
            f"{m.get('loadavg_at_end', [float('nan')])[0]:.1f} at end; {results['date']}", "",
-           format_table(build_rows(results["cases"]))]
+           format_table(build_rows(results["cases"], results.get("transport_reference")))]
     for key, c in sorted(results["cases"].items(), key=lambda kv: int(kv[0])):
         for name in ("project", "flower"):
             s = c[name]
@@ -467,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
                "config": {"rounds": args.rounds, "cases": {k: dict(CASES[k]) for k in args.cases},
                           "flower": flower_pins(), "opt_treatment": "RESET", "aggregation": "FedAvg",
                           "data_dir": str(args.data_dir)}, "cases": {}}
+    if {2, 3} & set(args.cases):
+        print("bare gRPC on loopback (the transfer rate's reference) ...", flush=True)
+        results["transport_reference"] = bench.transport_reference(256)
     with tempfile.TemporaryDirectory(prefix="fedjax-peers-") as tmp:
         for case in args.cases:
             entry, floor_s = {"envoys": CASES[case]["envoys"]}, None
@@ -482,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             results["cases"][str(case)] = entry
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["total_wall_s"] = time.perf_counter() - started
-    results["rows"] = build_rows(results["cases"])
+    results["rows"] = build_rows(results["cases"], results.get("transport_reference"))
     text = report(results)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -79,3 +79,16 @@ def test_recompiles_count_traces_after_each_participants_first_round():
     assert peers.recompiles(reports) == 1  # a traced once more after round 0; b started at round 1
     assert peers.recompiles([("a", 0, 2), ("a", 4, 2)]) == 0
     assert peers.task_seconds([("a", 0, 1, 1.0), ("a", 0, 1, 0.5), ("b", 0, 1, 2.0), ("a", 1, 1, 0.25)], 2) == [2.0, 0.25]
+
+
+def test_transfer_rate_row_against_the_bare_transport(cases):
+    """Case 2 moves 2 x 256 MiB x 4 envoys = 2048 MiB a round: in 3.0 s that is 683 MiB/s; 2.0 s, 1024 MiB/s."""
+    reference = {"upload_MBps": 900.0, "download_MBps": 1100.0}  # 1000 MiB/s on average
+    rows = {r["metric"].split(" (")[0]: r for r in peers.build_rows(cases, reference) if r["case"].startswith("2")}
+    rate = rows["round MiB/s / bare gRPC"]
+    assert rate["project"] == pytest.approx(2048 / 3.0 / 1000) and rate["flower"] == pytest.approx(2048 / 2.0 / 1000)
+    assert not rate["met"] and rate["goal"] == ">= 0.8x bare gRPC"
+    assert "(1000 MiB/s)" in rate["metric"]
+    assert "round MiB/s / bare gRPC" not in {r["metric"] for r in peers.build_rows(cases)}  # no reference, no row
+    reference["download_MBps"] = 700.0  # 800 MiB/s: 0.85x for the project now
+    assert {r["metric"].split(" (")[0]: r for r in peers.build_rows(cases, reference)}["round MiB/s / bare gRPC"]["met"]
