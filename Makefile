@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 IMAGE ?= fedjax-core:0.1.0
 PROTOS := $(wildcard protos/fedjax_proto/*.proto)
 
-.PHONY: install demo test test-slow bench bench-peers bench-strategies bench-research fuzz proto lint clean
+.PHONY: install demo test test-slow bench bench-peers bench-scale bench-strategies bench-research fuzz proto lint clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ bench: install
 
 bench-peers: install  # this project and Flower side by side (Flower in its own .venv-flower/)
 	$(PY) -u benchmarks/peers.py
+
+bench-scale: install  # 256 simulated envoys on one director: rounds, heartbeats, director CPU and memory per envoy
+	$(PY) -u benchmarks/scale.py
 
 bench-strategies: install
 	$(PY) -u benchmarks/strategies.py
