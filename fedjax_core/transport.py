@@ -147,9 +147,10 @@ def maps_errors(method: Callable) -> Callable:
 
 
 def raise_domain_error(exc: grpc.RpcError) -> None:
-    """Client side: turn a status code back into the domain error it came from, if any."""
+    """Client side: turn a status code back into the domain error it came from, if any (a busy director's
+    RESOURCE_EXHAUSTED is not one: it is worth retrying, see ``is_retryable``)."""
     code = exc.code() if hasattr(exc, "code") else None
-    cls = _ERROR_OF.get(code)
+    cls = None if is_retryable(exc) else _ERROR_OF.get(code)
     if cls is not None:
         raise cls(exc.details()) from None
 

@@ -61,6 +61,9 @@ class FederationClient:
 
     def _error(self, exc: grpc.RpcError) -> DirectorUnreachable:
         raise_domain_error(exc)
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # busy: the director answered, and asks to wait
+            return DirectorUnreachable(f"the director at {self.address} is busy ({exc.details()}); try again in "
+                                       "a few seconds", retryable=True)
         return DirectorUnreachable(
             f"cannot reach the director at {self.address} ({exc.code().name}: {exc.details()}). "
             + diagnose_connection(exc.details() or "", self.tls), retryable=is_retryable(exc))

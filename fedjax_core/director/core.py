@@ -145,10 +145,11 @@ class Director:
             known = self.store.touch_envoy(name)
             if known:
                 self._persisted_seen[name] = now
+        came_online = known and not (name in self._seen and self._online(self._seen[name]))
         if known:
             self._heard[name] = self._timer()
             self._seen[name] = now
-        if known and self._run is None:
+        if came_online and self._run is None:  # only an envoy coming (back) online can unblock a queued one
             with self._cond:
                 self._start_waiting()
         return known

@@ -167,3 +167,18 @@ def test_only_a_busy_director_makes_resource_exhausted_worth_retrying():
     assert not is_retryable(FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"))
     assert is_retryable(FakeError(grpc.StatusCode.UNAVAILABLE, "connection refused"))
     assert not is_retryable(FakeError(grpc.StatusCode.PERMISSION_DENIED, BUSY))
+
+
+def test_a_busy_refusal_reaches_the_notebook_as_retryable_not_as_a_storage_error():
+    from fedjax_core.api.client import FederationClient
+    from fedjax_core.errors import StorageError
+    from fedjax_core.transport import raise_domain_error
+
+    client = FederationClient("127.0.0.1", free_port(), None)
+    try:
+        busy = client._error(FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{BUSY}: it holds its maximum of 8"))
+        assert busy.retryable and "is busy" in str(busy) and "try again" in str(busy)
+    finally:
+        client.close()
+    with pytest.raises(StorageError, match="disk is full"):
+        raise_domain_error(FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the director's disk is full"))
