@@ -3,12 +3,16 @@
 A model is a flat mapping ``pytree path -> numpy array``. It travels as a stream of
 :class:`TensorChunk` and rests on disk as a *model file*: the tensors' raw bytes one
 after another, then a JSON footer listing each tensor's spec and offset, then the
-footer's length (8 bytes, little endian). Writing streams front to back, reading maps
-slices lazily, and nothing here ever unpickles.
+footer's length (8 bytes, little endian). Writing streams front to back; reading either
+maps a tensor lazily (:meth:`ModelFile.array`) or reads it block by block into one reused
+buffer (:meth:`ModelFile.blocks`), which leaves nothing of the file resident in the reader;
+nothing here ever unpickles.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -31,6 +35,8 @@ MAX_DIMS = 32
 MAX_TENSOR_BYTES = 64 << 30
 WIRE_DTYPES = {"fp16": "float16", "bf16": BFLOAT16.name, "int8": "int8"}  # codec -> dtype on the wire
 MAX_CHANNELS = 4096  # int8 quantizes per output channel up to this many, per tensor beyond
+BLOCK_ELEMENTS = 1 << 18  # elements per block read: 1 MiB of float32
+WRITEBACK_BYTES = 16 << 20  # a writer has the disk writes of every 16 MiB begin at once, so commit's fsync waits less
 _MAGIC = b"FJXMODEL1\n"
 _FOOTER_LEN = struct.Struct("<Q")
 
@@ -126,16 +132,46 @@ def iter_chunks(tensors: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTE
     """Split named arrays into chunks of at most ``chunk_bytes``; every tensor gets one or more.
 
     ``encodings``: how the tensors that travel compressed were encoded (their first chunk says)."""
+    for chunk in chunk_views(tensors, chunk_bytes, encodings):
+        yield dataclasses.replace(chunk, data=bytes(chunk.data))  # each chunk is the only copy
+
+
+def chunk_views(tensors: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES,
+                encodings: Mapping[str, Encoding] | None = None) -> Iterator[TensorChunk]:
+    """:func:`iter_chunks` without the copy: each chunk's ``data`` is a read-only memoryview into its array
+    (little-endian, contiguous), for a sender that serializes each chunk before the arrays change."""
     for name, array in tensors.items():
         spec = spec_of(name, array, (encodings or {}).get(name))
-        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
-        yield from _chunks_of(spec, memoryview(data), chunk_bytes)  # each chunk is the only copy
+        data = memoryview(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1)
+                          .view(np.uint8)).toreadonly()
+        yield TensorChunk(name=spec.name, offset=0, data=data[:chunk_bytes], spec=spec)
+        for offset in range(chunk_bytes, len(data), chunk_bytes):
+            yield TensorChunk(name=spec.name, offset=offset, data=data[offset:offset + chunk_bytes])
 
 
-def _chunks_of(spec: TensorSpec, data: memoryview, chunk_bytes: int) -> Iterator[TensorChunk]:
-    yield TensorChunk(name=spec.name, offset=0, data=bytes(data[:chunk_bytes]), spec=spec)
-    for offset in range(chunk_bytes, len(data), chunk_bytes):
-        yield TensorChunk(name=spec.name, offset=offset, data=bytes(data[offset:offset + chunk_bytes]))
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an ``alignment``-byte boundary: JAX on CPU then takes
+    it without a copy (``jax.device_put``), where numpy's own buffers (16-byte aligned) are copied."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _writeback_starter():
+    """``start(fd, offset, nbytes)``: have the kernel begin writing a file range to disk without waiting for it
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``); a no-op where there is no such call. Durability
+    still comes from the fsync that follows."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd, offset, nbytes: None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lambda fd, offset, nbytes: call(fd, offset, nbytes, 2)
+
+
+_start_writeback = _writeback_starter()
 
 
 class ModelFileWriter:
@@ -153,6 +189,7 @@ class ModelFileWriter:
         self._tmp = self.path.with_name(self.path.name + ".partial")
         self._file = open(self._tmp, "wb")
         self._file.write(_MAGIC)
+        self._position = self._written_back = len(_MAGIC)
         self._expected = dict(expected) if expected is not None else None
         self._entries: dict[str, dict] = {}
         self._current: str | None = None
@@ -167,7 +204,33 @@ class ModelFileWriter:
         if self._finite_only and is_float_dtype(spec.dtype):
             check_finite(name, data.reshape(-1))
         self.add_chunk(TensorChunk(name=name, offset=0, data=b"", spec=spec))
-        self._file.write(data.reshape(-1).view(np.uint8))
+        flat = data.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, WRITEBACK_BYTES):
+            self._write(flat[start:start + WRITEBACK_BYTES])
+        self._entries[name]["received"] = nbytes_of(spec)
+        self.bytes_written += nbytes_of(spec)
+
+    def add_blocks(self, name: str, dtype: np.dtype | str, shape: tuple[int, ...],
+                   blocks: Iterable[tuple[slice, np.ndarray]]) -> None:
+        """Write a tensor from ``(slice, values)`` blocks of its flattened values, in order (each written at
+        once, so a producer may reuse one buffer): the tensor is never whole in memory."""
+        spec = TensorSpec(name, np.dtype(dtype).name, tuple(int(d) for d in shape))
+        self.add_chunk(TensorChunk(name=name, offset=0, data=b"", spec=spec))
+        entry, itemsize = self._entries[name], np.dtype(dtype).itemsize
+        for block, values in blocks:
+            values = np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<")).reshape(-1)
+            if block.start * itemsize != entry["received"] or values.size != block.stop - block.start:
+                raise TensorError(f"tensor {name!r}: block {block.start}:{block.stop} of {values.size} values "
+                                  f"arrived after {entry['received'] // itemsize} values")
+            self.add_chunk(TensorChunk(name=name, offset=entry["received"], data=values.view(np.uint8)))
+
+    def copy_tensor(self, source: ModelFile, name: str) -> None:
+        """Copy tensor ``name`` of another model file block by block (read, not mapped: nothing of the
+        source stays resident), encoding included."""
+        spec = source.spec(name)
+        self.add_chunk(TensorChunk(name=name, offset=0, data=b"", spec=spec))
+        for _, block in source.blocks(name):
+            self._write(block.view(np.uint8))
         self._entries[name]["received"] = nbytes_of(spec)
         self.bytes_written += nbytes_of(spec)
 
@@ -191,9 +254,17 @@ class ModelFileWriter:
             )
         if self._finite_only and chunk.data and is_float_dtype(entry["dtype"]):
             self._check_chunk(entry, chunk.data)
-        self._file.write(chunk.data)
+        self._write(chunk.data)
         entry["received"] += len(chunk.data)
         self.bytes_written += len(chunk.data)
+
+    def _write(self, data) -> None:
+        self._file.write(data)
+        self._position += len(data)
+        if self._position - self._written_back >= WRITEBACK_BYTES:
+            self._file.flush()
+            _start_writeback(self._file.fileno(), self._written_back, self._position - self._written_back)
+            self._written_back = self._position
 
     @staticmethod
     def _check_chunk(entry: dict, data: bytes) -> None:
@@ -306,8 +377,13 @@ class ModelFile:
             f.seek(-_FOOTER_LEN.size - footer_len, os.SEEK_END)
             try:
                 self._entries = {e["name"]: e for e in json.loads(f.read(footer_len))}
+                data_end = size - _FOOTER_LEN.size - footer_len
+                fits = all(len(_MAGIC) <= e["offset"] and e["offset"] + e["nbytes"] <= data_end
+                           and e["nbytes"] == nbytes_of(_spec_of_entry(e)) for e in self._entries.values())
             except (ValueError, KeyError, TypeError):
                 raise TensorError(f"{self.path} is truncated or damaged (unreadable footer)") from None
+            if not fits:
+                raise TensorError(f"{self.path} is truncated or damaged (a tensor lies outside its data)")
 
     @property
     def specs(self) -> list[TensorSpec]:
@@ -338,7 +414,57 @@ class ModelFile:
         return np.memmap(self.path, dtype=dtype, mode="r", offset=e["offset"], shape=tuple(e["shape"]))
 
     def arrays(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-        return {n: np.array(self.array(n)) for n in (names if names is not None else self._entries)}
+        """Tensors read into memory (plain reads: no mapping stays behind)."""
+        return {n: self.read(n) for n in (names if names is not None else self._entries)}
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor read into a new array."""
+        e = self._entries[name]
+        out = np.empty(e["shape"], np.dtype(e["dtype"]).newbyteorder("<"))
+        return self.read_into(name, 0, out.reshape(-1)).reshape(e["shape"])
+
+    def read_into(self, name: str, start: int, out: np.ndarray) -> np.ndarray:
+        """Elements ``[start, start + out.size)`` of the flattened tensor ``name`` read into ``out`` (contiguous,
+        of the tensor's dtype), which is returned. The file is opened for this read only."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return self._read_into(fd, name, start, out)
+        finally:
+            os.close(fd)
+
+    def blocks(self, name: str, block_elements: int = BLOCK_ELEMENTS, start: int = 0,
+               stop: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+        """``(slice, block)`` over elements ``[start, stop)`` of the flattened tensor ``name``, read block by
+        block into one buffer that is reused: a block is valid until the next one is read. Unlike
+        :meth:`array`, nothing is mapped, so the file's pages never count in this process's memory."""
+        e = self._entries[name]
+        dtype = np.dtype(e["dtype"]).newbyteorder("<")
+        stop = e["nbytes"] // dtype.itemsize if stop is None else stop
+        if stop <= start:
+            return
+        buffer = np.empty(min(block_elements, stop - start), dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for first in range(start, stop, block_elements):
+                block = slice(first, min(first + block_elements, stop))
+                yield block, self._read_into(fd, name, first, buffer[:block.stop - first])
+        finally:
+            os.close(fd)
+
+    def _read_into(self, fd: int, name: str, start: int, out: np.ndarray) -> np.ndarray:
+        e = self._entries[name]
+        dtype = np.dtype(e["dtype"]).newbyteorder("<")
+        if out.dtype != dtype or not out.flags.c_contiguous or not 0 <= start <= start + out.size <= \
+                e["nbytes"] // dtype.itemsize:
+            raise ValueError(f"{self.path}: cannot read {out.size} {out.dtype} elements of {name!r} from {start}")
+        view = memoryview(out.reshape(-1).view(np.uint8)).cast("B")
+        offset, done = e["offset"] + start * dtype.itemsize, 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:  # the footer said the data is there: the file changed under this reader
+                raise OSError(errno.EIO, f"{self.path} ended early at byte {offset + done}: it changed while read")
+            done += n
+        return out
 
     def iter_chunks(self, names: Iterable[str] | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[TensorChunk]:
         """Stream tensors straight from disk, one chunk in memory at a time.
@@ -375,27 +501,30 @@ def _spec_of_entry(entry: dict) -> TensorSpec:
 def assemble(chunks: Iterable[TensorChunk], specs: dict[str, TensorSpec] | None = None) -> dict[str, np.ndarray]:
     """Rebuild named arrays from a chunk stream (client side, where the model fits in memory).
 
-    ``specs``, when given, receives each tensor's spec (which says how an encoded one decodes)."""
-    buffers: dict[str, bytearray] = {}
+    Each tensor is filled in place in one 64-byte aligned buffer: one copy of the data, which JAX on CPU
+    can then take as it is. ``specs``, when given, receives each tensor's spec (which says how an encoded
+    one decodes)."""
+    buffers: dict[str, np.ndarray] = {}  # flat uint8 views of the arrays being filled
+    arrays: dict[str, np.ndarray] = {}
     filled: dict[str, int] = {}
     specs = {} if specs is None else specs
     for chunk in chunks:
         if chunk.spec is not None:
             check_spec(chunk.spec)
+            if chunk.name in buffers:
+                raise TensorError(f"tensor {chunk.name!r} sent twice")
             specs[chunk.name] = chunk.spec
-            buffers[chunk.name] = bytearray(nbytes_of(chunk.spec))  # filled in place, copied once
+            arrays[chunk.name] = aligned_empty(tuple(chunk.spec.shape), np.dtype(chunk.spec.dtype).newbyteorder("<"))
+            buffers[chunk.name] = arrays[chunk.name].reshape(-1).view(np.uint8)
             filled[chunk.name] = 0
         if chunk.name not in buffers or chunk.offset != filled[chunk.name]:
             raise TensorError(f"tensor {chunk.name!r}: chunk out of order")
         end = chunk.offset + len(chunk.data)
-        if end > len(buffers[chunk.name]):
+        if end > buffers[chunk.name].size:
             raise TensorError(f"tensor {chunk.name!r}: more data than its shape holds")
-        buffers[chunk.name][chunk.offset:end] = chunk.data
+        buffers[chunk.name][chunk.offset:end] = np.frombuffer(chunk.data, np.uint8)
         filled[chunk.name] = end
-    out = {}
-    for name, buf in buffers.items():
-        spec = specs[name]
-        if filled[name] != len(buf):
-            raise TensorError(f"tensor {name!r}: got {filled[name]} of {len(buf)} bytes")
-        out[name] = np.frombuffer(buf, dtype=np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape)
-    return out
+    for name in arrays:
+        if filled[name] != buffers[name].size:
+            raise TensorError(f"tensor {name!r}: got {filled[name]} of {buffers[name].size} bytes")
+    return arrays

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fedjax_core.records import TensorChunk, TensorSpec
-from fedjax_core.tensors import (ModelFile, ModelFileWriter, TensorError, assemble, iter_chunks, nbytes_of,
-                                 spec_of, write_model_file)
+from fedjax_core.tensors import (ModelFile, ModelFileWriter, TensorError, assemble, chunk_views, iter_chunks,
+                                 nbytes_of, spec_of, write_model_file)
 
 
 def _model(seed: int = 0) -> dict[str, np.ndarray]:
@@ -43,6 +43,31 @@ def _assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> Non
 def test_iter_chunks_assemble_round_trip(chunk_bytes):
     model = _model()
     _assert_same(assemble(iter_chunks(model, chunk_bytes=chunk_bytes)), model)
+
+
+def test_chunk_views_are_the_chunks_without_copies():
+    model = _model()
+    views = list(chunk_views(model, chunk_bytes=64))
+    assert [(c.name, c.offset, c.spec, bytes(c.data)) for c in views] == \
+        [(c.name, c.offset, c.spec, c.data) for c in iter_chunks(model, chunk_bytes=64)]
+    kernel = next(c for c in views if c.name == "params/conv/kernel")
+    assert isinstance(kernel.data, memoryview) and kernel.data.readonly
+    assert np.shares_memory(np.frombuffer(kernel.data, np.uint8), model["params/conv/kernel"])
+
+
+def test_assemble_fills_64_byte_aligned_writable_arrays():
+    model = _model()
+    got = assemble(iter_chunks(model, chunk_bytes=100))
+    _assert_same(got, model)
+    for name, array in got.items():
+        assert array.flags.c_contiguous and array.flags.writeable, name
+        assert array.size == 0 or array.ctypes.data % 64 == 0, name
+
+
+def test_assemble_refuses_a_tensor_sent_twice():
+    chunks = list(iter_chunks({"w": np.ones(4, np.float32)}))
+    with pytest.raises(TensorError, match="'w' sent twice"):
+        assemble(chunks + chunks)
 
 
 def test_chunks_respect_the_size_limit_and_carry_the_spec_first():
@@ -215,6 +240,119 @@ def test_truncated_model_file_is_refused_naming_the_path(tmp_path, keep):
     with pytest.raises(TensorError) as info:
         ModelFile(path)
     assert str(path) in str(info.value)
+
+
+def test_a_footer_that_points_outside_the_data_is_refused(tmp_path):
+    import json
+    import struct
+
+    good = tmp_path / "good.fjm"
+    write_model_file(good, {"w": np.ones(8, np.float32)})
+    raw = good.read_bytes()
+    (footer_len,) = struct.unpack("<Q", raw[-8:])
+    entries = json.loads(raw[-8 - footer_len:-8])
+    for change in ({"offset": len(raw)}, {"nbytes": 64}, {"shape": [9]}):
+        footer = json.dumps([{**entries[0], **change}]).encode()
+        path = tmp_path / "bad.fjm"
+        path.write_bytes(raw[:-8 - footer_len] + footer + struct.pack("<Q", len(footer)))
+        with pytest.raises(TensorError, match="truncated or damaged"):
+            ModelFile(path)
+
+
+def test_block_reads_match_the_mapped_arrays_and_map_nothing(tmp_path, monkeypatch):
+    model = _model()
+    write_model_file(tmp_path / "m.fjm", model)
+    mf = ModelFile(tmp_path / "m.fjm")
+
+    def mapped(*args, **kwargs):
+        raise AssertionError("mapped")
+    monkeypatch.setattr(np, "memmap", mapped)
+    _assert_same(mf.arrays(), model)
+    for name, array in model.items():
+        flat = array.reshape(-1)
+        assert mf.read(name).shape == array.shape
+        seen = [(b, v.copy()) for b, v in mf.blocks(name, 5)]
+        assert [b for b, _ in seen] == [slice(i, min(i + 5, flat.size)) for i in range(0, flat.size, 5)]
+        np.testing.assert_array_equal(np.concatenate([v for _, v in seen]) if seen else flat[:0], flat, err_msg=name)
+        if flat.size >= 4:
+            got = [(b, v.copy()) for b, v in mf.blocks(name, 2, 1, flat.size - 1)]
+            assert got[0][0] == slice(1, 3) and got[-1][0].stop == flat.size - 1
+            np.testing.assert_array_equal(np.concatenate([v for _, v in got]), flat[1:-1], err_msg=name)
+            out = np.empty(2, flat.dtype.newbyteorder("<"))
+            np.testing.assert_array_equal(mf.read_into(name, 2, out), flat[2:4], err_msg=name)
+    with pytest.raises(ValueError, match="cannot read"):
+        mf.read_into("params/conv/bias", 10, np.empty(7, np.float32))  # past the end
+    with pytest.raises(ValueError, match="cannot read"):
+        mf.read_into("params/conv/bias", 0, np.empty(2, np.float64))  # not the tensor's dtype
+
+
+def test_a_file_cut_short_while_being_read_is_an_io_error(tmp_path):
+    path = tmp_path / "m.fjm"
+    write_model_file(path, {"w": np.ones(1000, np.float32)})
+    mf = ModelFile(path)
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(OSError, match="ended early"):
+        mf.read("w")
+
+
+def test_add_blocks_writes_a_tensor_from_reused_block_buffers(tmp_path):
+    values = np.arange(23, dtype=np.float32).reshape(23, 1)
+    buffer = np.empty(5, np.float32)
+
+    def blocks():
+        for start in range(0, 23, 5):
+            out = buffer[:min(5, 23 - start)]
+            out[...] = values.reshape(-1)[start:start + out.size]
+            yield slice(start, start + out.size), out
+    with ModelFileWriter(tmp_path / "m.fjm") as writer:
+        writer.add_blocks("w", "float32", (23, 1), blocks())
+        writer.commit()
+    _assert_same(ModelFile(tmp_path / "m.fjm").arrays(), {"w": values})
+    with ModelFileWriter(tmp_path / "bad.fjm") as writer:
+        with pytest.raises(TensorError, match="block 5:10"):
+            writer.add_blocks("w", "float32", (23,), iter([(slice(5, 10), np.zeros(5, np.float32))]))
+    with ModelFileWriter(tmp_path / "short.fjm") as writer:
+        writer.add_blocks("w", "float32", (23,), iter([(slice(0, 5), np.zeros(5, np.float32))]))
+        with pytest.raises(TensorError, match="got 20 of 92 bytes"):
+            writer.commit()
+
+
+def test_a_writer_starts_the_disk_writes_of_every_writeback_range_it_wrote(tmp_path, monkeypatch):
+    import fedjax_core.tensors as tensors
+
+    monkeypatch.setattr(tensors, "WRITEBACK_BYTES", 4096)
+    started = []
+    monkeypatch.setattr(tensors, "_start_writeback", lambda fd, offset, nbytes: started.append((offset, nbytes)))
+    model = {"a": np.arange(3000, dtype=np.float32), "b": np.ones(5000, np.float64)}
+    with ModelFileWriter(tmp_path / "m.fjm") as writer:
+        writer.add_array("a", model["a"])  # 12000 bytes: written in 4096-byte slices
+        for chunk in iter_chunks({"b": model["b"]}, chunk_bytes=1000):
+            writer.add_chunk(chunk)
+        writer.commit()
+    _assert_same(ModelFile(tmp_path / "m.fjm").arrays(), model)
+    assert started[0][0] == len(b"FJXMODEL1\n") and all(n >= 4096 for _, n in started)
+    assert all(a + n == b for (a, n), (b, _) in zip(started, started[1:]))  # consecutive ranges, none twice
+    assert started[-1][0] + started[-1][1] > 12000 + 40000 - 4096
+
+
+def test_copy_tensor_copies_bytes_and_encoding_from_another_file(tmp_path):
+    from fedjax_core.records import Encoding
+
+    model = _model()
+    encoding = Encoding("fp16", "float32", False)
+    with ModelFileWriter(tmp_path / "src.fjm") as writer:
+        for name, array in model.items():
+            writer.add_array(name, array, encoding if name == "params/half" else None)
+        writer.commit()
+    src = ModelFile(tmp_path / "src.fjm")
+    with ModelFileWriter(tmp_path / "dst.fjm") as writer:
+        for name in model:
+            writer.copy_tensor(src, name)
+        writer.commit()
+    dst = ModelFile(tmp_path / "dst.fjm")
+    assert dst.specs == src.specs and dst.spec("params/half").encoding == encoding
+    _assert_same(dst.arrays(), model)
 
 
 def test_not_a_model_file_is_refused(tmp_path):

@@ -61,7 +61,8 @@ def state_to_tensors(state: Any) -> dict[str, np.ndarray]:
 def tensors_to_state(template: S, tensors: Mapping[str, np.ndarray]) -> S:
     """``template`` with the leaves named in ``tensors`` replaced; others keep the template's values.
 
-    Each new leaf is placed as the template's is (a leaf replicated over an envoy's mesh stays so)."""
+    Each new leaf is placed as the template's is (a leaf replicated over an envoy's mesh stays so). A
+    read-only array may be taken without a copy (see ``_placed_like``): it must not change afterwards."""
     flat = _flat(template)
     for name, array in tensors.items():
         if name not in flat or not _is_tensor(flat[name]):
@@ -71,16 +72,21 @@ def tensors_to_state(template: S, tensors: Mapping[str, np.ndarray]) -> S:
         if want.shape != array.shape or want.dtype != array.dtype:
             raise TensorError(f"tensor {name!r}: got {array.dtype}{list(array.shape)}, "
                               f"the model has {want.dtype}{list(want.shape)}")
-        flat[name] = _placed_like(flat[name], array)
+        flat[name] = _placed_like(flat[name], array, alias=True)
     return serialization.from_state_dict(template, traverse_util.unflatten_dict(flat, sep="/"))
 
 
-def _placed_like(leaf: Any, value: np.ndarray) -> jax.Array:
+def _placed_like(leaf: Any, value: np.ndarray, alias: bool = False) -> jax.Array:
     """``value`` as a JAX array sharded as ``leaf`` is when that spans several devices (an envoy's mesh),
-    else on the default device as before."""
+    else on the default device as before.
+
+    ``alias``: a read-only ``value`` may become the JAX array's buffer itself: on CPU, when it is 64-byte
+    aligned (:func:`fedjax_core.tensors.assemble` fills such buffers), there is no copy."""
     sharding = getattr(leaf, "sharding", None)
     if sharding is not None and len(sharding.device_set) > 1:
         return jax.device_put(value, sharding)
+    if alias and isinstance(value, np.ndarray) and not value.flags.writeable:  # nobody can change it under JAX
+        return jax.device_put(value)
     return jnp.asarray(value)
 
 

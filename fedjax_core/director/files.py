@@ -8,6 +8,7 @@ progress); ``incoming/`` holds partial uploads and submissions.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -83,11 +84,19 @@ class ExperimentFiles:
         return path
 
     def copy_best(self, name: str, round_: int) -> None:
-        """model_round_r -> model_best, atomically."""
+        """model_round_r -> model_best, atomically. A hard link: a model file is never changed once in place
+        (writers replace files whole), so the two names can share it, and model_best outlives the round's
+        name; copied only where the filesystem has no hard links."""
         tmp = self.best(name).with_suffix(".partial")
-        shutil.copyfile(self.model(name, round_), tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        tmp.unlink(missing_ok=True)  # left by a close that was cut off
+        try:
+            os.link(self.model(name, round_), tmp)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            shutil.copyfile(self.model(name, round_), tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         tmp.replace(self.best(name))
         fsync_dir(self.exp_dir(name))
 

@@ -1,8 +1,10 @@
 """The round engine: a running experiment's round, folding its updates and closing it.
 
-Everything here is heavy work (folding tensors, reading spooled updates, writing models,
-strategy state and events) and runs *outside* the director's lock; a round's own
-``fold_lock`` orders its folds and its close. Closing round r of a training round:
+Everything here is heavy work (checking and keeping updates, reading spooled updates,
+writing models, strategy state and events) and runs *outside* the director's lock; a round's
+own ``fold_lock`` orders its folds and its close. "Folding" an update checks it and keeps it
+spooled (``RoundUpdates.add``); the strategy reads every kept update when the round closes.
+Closing round r of a training round:
 
 1. aggregate the envoys' metrics of round r; keep model_r as best if it beats the best so far;
 2. ``strategy.aggregate(state_r, model_r, updates) -> (model_{r+1}, state_{r+1})``;
@@ -10,7 +12,7 @@ strategy state and events) and runs *outside* the director's lock; a round's own
 4. advance current_round in the database (the commit point), then drop round r's files.
 
 A director killed anywhere in between restarts at round r, folds the stored updates again
-in the order they were first folded and closes the round to the same bytes.
+and closes the round to the same bytes (no rule depends on the order uploads arrived in).
 """
 from __future__ import annotations
 
@@ -161,7 +163,7 @@ class RoundEngine:
         if from_global is None:
             from_global = round_ == 0 or self._averaged(row.name, round_ - 1)
         return Run(row=row, round=round_, plan=plan, strategy=strategy, participants=participants, upload=upload,
-                   updates=RoundUpdates(specs, fold_params=strategy.folds_params), started_at=self.timer(),
+                   updates=RoundUpdates(specs), started_at=self.timer(),
                    averaging=rules.round_averaging(row.header, round_),
                    from_global=from_global or round_ >= row.header.rounds)
 
@@ -182,7 +184,7 @@ class RoundEngine:
         return True
 
     def rebuild(self, row: ExperimentRow) -> Run:
-        """The run of a director that stopped mid-round: stored updates folded again, in their order."""
+        """The run of a director that stopped mid-round: stored updates folded again."""
         run = self.new_run(row, row.current_round, self.plan(row))
         for envoy, weight, path, nbytes in self.store.updates(row.name, run.round):
             if not path.exists():  # lost with its file: that envoy uploads again
@@ -203,7 +205,8 @@ class RoundEngine:
 
     # ------------------------------------------------------------------ folding
     def fold(self, run: Run, envoy: str, spool, weight: float, nbytes: int) -> None:
-        """Keep an envoy's spooled update and fold it in. The caller holds ``run.fold_lock``."""
+        """Keep an envoy's spooled update and fold it in (checked now, read when the round closes). The caller
+        holds ``run.fold_lock``."""
         path = self.files.keep_update(spool, run.name, run.round, envoy)
         self.store.add_update(run.name, run.round, envoy, weight, path, nbytes)  # first: a restart folds it again
         try:
@@ -289,12 +292,15 @@ class RoundEngine:
             state = {}
         else:
             raise PreconditionError(f"the strategy state of round {round_} is missing ({state_path})")
-        model, new_state = run.strategy.aggregate(state, previous, run.updates)
+        new_state: dict[str, np.ndarray] = {}
         with ModelFileWriter(self.files.model(name, round_ + 1)) as writer:
-            for spec in previous.specs:  # tensors that do not travel keep their initial values
-                writer.add_array(spec.name, model.get(spec.name, previous.array(spec.name)))
+            for spec in previous.specs:
+                if spec.name in run.updates.specs:  # written block by block as the strategy computes it
+                    writer.add_blocks(spec.name, spec.dtype, spec.shape,
+                                      run.strategy.leaf(spec.name, state, previous, run.updates, new_state))
+                else:  # tensors that do not travel keep their initial values
+                    writer.copy_tensor(previous, spec.name)
             writer.commit()
-        del model
         self._write_state(name, round_ + 1, new_state)
 
     def _write_state(self, name: str, round_: int, state) -> None:

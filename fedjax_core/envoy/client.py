@@ -13,10 +13,42 @@ import numpy as np
 from fedjax_core import codecs
 from fedjax_core import records as r
 from fedjax_core import serde
-from fedjax_core.tensors import assemble, iter_chunks
+from fedjax_core.tensors import assemble, chunk_views
 from fedjax_core.transport import TLSFiles, call_with_retry, open_channel
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
+from fedjax_proto import tensors_pb2 as t_pb
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tag(field) -> bytes:  # a length-delimited field's key
+    return _varint(field.number << 3 | 2)
+
+
+_CHUNK_TAG = _tag(env_pb.UploadUpdateRequest.DESCRIPTOR.fields_by_name["chunk"])
+_DATA_TAG = _tag(t_pb.TensorChunk.DESCRIPTOR.fields_by_name["data"])
+
+
+def upload_chunk_message(chunk: r.TensorChunk) -> bytes:
+    """``UploadUpdateRequest(chunk=chunk)`` serialized, the same bytes protobuf writes, with ``chunk.data``
+    (bytes or a memoryview) copied once. Protobuf would copy it into the message and again into the
+    serialized bytes; here its other fields are serialized by protobuf and ``data``, the last field by
+    number (so where protobuf puts it too), is appended as a length-delimited field."""
+    head = t_pb.TensorChunk(name=chunk.name, offset=chunk.offset)
+    if chunk.spec is not None:
+        head.spec.CopyFrom(serde.spec_to_proto(chunk.spec))
+    fields = head.SerializeToString()
+    size = len(chunk.data)
+    data_key = _DATA_TAG + _varint(size) if size else b""  # proto3 leaves an empty bytes field out
+    return b"".join((_CHUNK_TAG, _varint(len(fields) + len(data_key) + size), fields, data_key, chunk.data))
 
 
 class EnvoyClient:
@@ -28,6 +60,10 @@ class EnvoyClient:
         self.address = target
         self._channel = open_channel(target, tls)
         self._stub = env_grpc.EnvoyServiceStub(self._channel)
+        # UploadUpdate with requests this client serializes itself (upload_chunk_message), same wire bytes
+        self._upload = self._channel.stream_unary("/fedjax.EnvoyService/UploadUpdate", request_serializer=None,
+                                                  response_deserializer=env_pb.UploadUpdateResponse.FromString,
+                                                  _registered_method=True)
         self._stop = stop or threading.Event()
         self._retry_s = retry_s
 
@@ -82,7 +118,10 @@ class EnvoyClient:
         def fetch() -> dict[str, np.ndarray]:
             specs: dict[str, r.TensorSpec] = {}
             arrays = assemble((serde.chunk_from_proto(c) for c in self._stub.GetRoundModel(req, timeout=600)), specs)
-            return {name: codecs.decode(array, specs[name].encoding) for name, array in arrays.items()}
+            decoded = {name: codecs.decode(array, specs[name].encoding) for name, array in arrays.items()}
+            for array in decoded.values():  # read-only: JAX may take these buffers as they are, without a copy
+                array.flags.writeable = False
+            return decoded
 
         return self._retry(fetch, "download the round's model")
 
@@ -107,12 +146,12 @@ class EnvoyClient:
         header = env_pb.UploadUpdateRequest.Header(envoy_name=self.envoy_name, experiment_name=experiment,
                                                    round=round_, train_sample_count=sample_count)
 
-        def requests():
-            yield env_pb.UploadUpdateRequest(header=header)
-            for chunk in iter_chunks(tensors, encodings=encodings):
-                yield env_pb.UploadUpdateRequest(chunk=serde.chunk_to_proto(chunk))
+        def requests():  # serialized here: each chunk's data is copied once, straight from the arrays
+            yield env_pb.UploadUpdateRequest(header=header).SerializeToString()
+            for chunk in chunk_views(tensors, encodings=encodings):
+                yield upload_chunk_message(chunk)
 
-        return self._retry(lambda: self._stub.UploadUpdate(requests(), timeout=600).bytes_received, "upload the update")
+        return self._retry(lambda: self._upload(requests(), timeout=600).bytes_received, "upload the update")
 
     def report_failure(self, experiment: str, error: str, round_: int | None = None,
                        worker_lost: bool = False, refused: bool = False) -> None:

@@ -52,3 +52,21 @@ def test_a_leaf_that_cannot_travel_is_named_not_skipped(leaf, what):
 def test_static_fields_and_empty_optimizer_states_are_not_leaves():
     state = WithExtras.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=optax.sgd(0.1))  # phase=None
     assert sorted(state_to_tensors(state)) == ["params/w", "step"]
+
+
+def test_read_only_received_arrays_are_restored_without_a_copy_and_writable_ones_are_copied():
+    state = train_state.TrainState.create(apply_fn=None, params={"w": jnp.zeros((64, 64))}, tx=optax.sgd(0.1))
+    received = assemble(iter_chunks({"params/w": np.arange(4096, dtype=np.float32).reshape(64, 64)}))
+    writable = np.array(received["params/w"])  # numpy's own buffer, not necessarily 64-byte aligned
+    received["params/w"].flags.writeable = False  # as the envoy client hands them over
+    restored = tensors_to_state(state, received).params["w"]
+    if jax.default_backend() == "cpu":
+        assert restored.unsafe_buffer_pointer() == received["params/w"].ctypes.data  # the same buffer
+    copied = tensors_to_state(state, {"params/w": writable}).params["w"]
+    writable[0, 0] = -1  # a writable array may change afterwards: JAX must have its own copy
+    for leaf in (restored, copied):
+        assert leaf.dtype == jnp.float32 and not leaf.weak_type
+        np.testing.assert_array_equal(np.asarray(leaf), np.arange(4096, dtype=np.float32).reshape(64, 64))
+    step = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x + 1, p), donate_argnums=0)
+    step({"w": restored})  # donating an aliased buffer leaves the received array as it was
+    np.testing.assert_array_equal(received["params/w"], np.arange(4096, dtype=np.float32).reshape(64, 64))
