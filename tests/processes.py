@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +16,34 @@ from fedjax_core.local import Process, free_port  # noqa: F401  (re-exported for
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDJAX_CIFAR10_DIR", REPO.parent / "shared" / "data" / "cifar10-subset"))
 FEDJAX = [sys.executable, "-m", "fedjax_core"]
+
+
+def run_benchmark(script: str, *args: str, timeout_s: float) -> str:
+    """Run ``benchmarks/<script>`` to its end and return its output; fails the test if it exits non-zero or
+    runs past ``timeout_s`` (then SIGTERM lets it stop the processes it started in their own sessions)."""
+    proc = subprocess.Popen([sys.executable, "-u", str(REPO / "benchmarks" / script), *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        raise AssertionError(f"{script} took over {timeout_s} s; output:\n{output}")
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}; output:\n{output}"
+    return output
+
+
+def assert_positive(record: dict, *keys: str) -> None:
+    """Each dotted ``key`` of ``record`` (``"a.b"`` is ``record["a"]["b"]``) is a positive number."""
+    for key in keys:
+        value = record
+        for part in key.split("."):
+            value = value[part]
+        assert isinstance(value, (int, float)) and value > 0, f"{key} = {value!r}, expected a positive number"
 
 
 def write_director_config(path: Path, port: int, **settings) -> Path:

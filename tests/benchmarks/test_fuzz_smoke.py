@@ -3,9 +3,6 @@ its checker fails on the outcomes it exists to catch."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import threading
 from concurrent import futures
@@ -17,31 +14,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import fuzz_rpcs  # noqa: E402
+from processes import run_benchmark  # noqa: E402
 
 TIMEOUT_S = 150  # a guard; the run takes about 20 s on two cores
 
 
-def _run_fuzzer(*args: str) -> str:
-    proc = subprocess.Popen([sys.executable, "-u", str(REPO / "benchmarks" / "fuzz_rpcs.py"), *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        # SIGTERM lets the fuzzer stop the director and envoys it started (they run in their own sessions)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            output, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-        raise AssertionError(f"fuzz_rpcs.py took over {TIMEOUT_S} s; output:\n{output}")
-    assert proc.returncode == 0, f"fuzz_rpcs.py exited {proc.returncode}; output:\n{output}"
-    return output
-
-
 def test_a_short_fuzz_passes_and_the_director_still_runs_an_experiment(tmp_path):
     out = tmp_path / "fuzz.json"
-    output = _run_fuzzer("--messages", "300", "--seed", "7", "--json", str(out))
+    output = run_benchmark("fuzz_rpcs.py", "--messages", "300", "--seed", "7", "--json", str(out), timeout_s=TIMEOUT_S)
     assert "FUZZ PASSED" in output
     result = json.loads(out.read_text())
     assert result["passed"] and result["unacceptable"] == 0 and not result["problems"]
