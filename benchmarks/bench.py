@@ -109,12 +109,14 @@ def make_tasks():
 
 # ----------------------------------------------------------------------------- processes
 def proc_status(pid: int) -> dict[str, int]:
-    """Memory fields of /proc/<pid>/status, in bytes."""
+    """Memory fields of /proc/<pid>/status, in bytes, and its thread count (``Threads``)."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
             out[key] = int(value.split()[0]) * 1024
+        elif key == "Threads":
+            out[key] = int(value)
     return out
 
 

@@ -53,6 +53,9 @@ from fedjax_core.local import Process, free_port
 from fedjax_core.tensors import is_float_dtype
 from fedjax_core.transport import CHANNEL_OPTIONS, Backoff, is_retryable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import make_tasks, proc_status  # noqa: E402  (bench imports JAX only inside its functions)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 FEDJAX = [sys.executable, "-m", "fedjax_core"]
@@ -60,7 +63,7 @@ MiB = 1 << 20
 SAMPLE_SHAPE, TARGET_SHAPE = ("32", "32", "3"), ("1",)  # the tutorial director's shapes
 N_TRAIN = N_VALID = 32  # what each simulated shard claims to hold
 NUDGE = 1e-6  # what "training" adds to every float tensor
-TRAIN_TASK, VALIDATE_TASK = "train", "validate"  # the notebook's task names (make_tasks)
+TRAIN_TASK, VALIDATE_TASK = "train", "validate"  # the notebook's task names (bench.make_tasks)
 LATE_BY_S = 1.0  # a heartbeat gap longer than the period plus this is late
 # One TCP connection per client, as separate envoy processes have: otherwise gRPC lets the
 # channels of one process with the same target and arguments share a connection.
@@ -333,19 +336,14 @@ class SimWorker:
         missing = [n for n in task.upload_tensors if n not in tensors]
         if missing:
             raise RuntimeError(f"the task asks for tensors the downloaded model lacks: {missing[:3]}")
-        wire, encodings = {}, {}
-        for name in task.upload_tensors:
-            reference = self.global_tensors[name] if task.send_deltas else None
-            wire[name], encoding = codecs.encode(name, tensors[name], task.compression or None, reference)
-            if encoding is not None:
-                encodings[name] = encoding
+        wire, encodings = codecs.encode_update(tensors, task.upload_tensors, task.compression or None,
+                                               self.global_tensors if task.send_deltas else None)
         self._call(f"UploadUpdate {task.round}", self.client.upload, self.experiment, task.round, N_TRAIN, wire,
                    encodings)
         self.uploads += 1
 
     def _divergence(self, task: r.Task, tensors: dict[str, np.ndarray]) -> float:
-        return float(sum(np.sum(np.square(tensors[n].astype(np.float64) - self.global_tensors[n].astype(np.float64)))
-                         for n in task.upload_tensors if is_float_dtype(tensors[n].dtype)))
+        return codecs.divergence(tensors, self.global_tensors, task.upload_tensors)
 
     def stats(self) -> dict:
         return {"finished": self.finished, "trained": self.trained, "validated": self.validated,
@@ -423,24 +421,6 @@ def make_state():
     return state, int(nbytes)
 
 
-def make_tasks():
-    """The tasks' names and metrics are what the simulated workers report; nobody runs them."""
-    from fedjax_core import TaskInterface
-
-    TI = TaskInterface()
-
-    @TI.register_fl_task(model="state", data_loader="dataset", optimizer="optimizer", device="device")
-    def train(state, dataset, optimizer, device):
-        return {"loss": 0.0}
-
-    @TI.register_fl_task(model="state", data_loader="dataset", device="device")
-    def validate(state, dataset, device):
-        return {"accuracy": 0.0}
-
-    assert (train.__name__, validate.__name__) == (TRAIN_TASK, VALIDATE_TASK)
-    return TI
-
-
 def run_experiment(fed, name: str, state, rounds: int, envoys: list[str], out: dict) -> None:
     """Submit and follow the experiment to its end (in a thread: the caller gives up at --timeout)."""
     from fedjax_core import DataInterface, FLExperiment, ModelInterface
@@ -459,18 +439,6 @@ def run_experiment(fed, name: str, state, rounds: int, envoys: list[str], out: d
 
 
 # ============================================================================ the director process
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM / RssAnon / RssFile (bytes) and Threads of /proc/<pid>/status."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) * 1024
-        elif key == "Threads":
-            out[key] = int(value)
-    return out
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of /proc/<pid>/stat, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -25,7 +25,7 @@ Decoding computes in float64 and casts back once, the same on envoy and director
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,24 @@ def encode(name: str, array: np.ndarray, codec: str | None,
         wire, scale, zero_point = _quantize(values)
         return wire, Encoding("int8", dtype, delta, tuple(float(s) for s in scale), tuple(int(z) for z in zero_point))
     return values.astype(WIRE_DTYPES[codec]), Encoding(codec, dtype, delta)
+
+
+def encode_update(tensors: Mapping[str, np.ndarray], names: Iterable[str], codec: str | None,
+                  reference: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Encoding]]:
+    """A worker's upload: the tensors ``names`` (every one must be in ``tensors``) as :func:`encode` makes
+    them, as changes from ``reference`` when one is given; returns ``(wire arrays, their encodings)``."""
+    wire, encodings = {}, {}
+    for name in names:
+        wire[name], encoding = encode(name, tensors[name], codec, reference[name] if reference is not None else None)
+        if encoding is not None:
+            encodings[name] = encoding
+    return wire, encodings
+
+
+def divergence(tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], names: Iterable[str]) -> float:
+    """Squared L2 distance of the float tensors ``names`` from ``reference`` (dynamic averaging's check-in)."""
+    return float(sum(np.sum(np.square(tensors[n].astype(np.float64) - reference[n].astype(np.float64)))
+                     for n in names if is_float_dtype(tensors[n].dtype)))
 
 
 def decode(wire: np.ndarray, encoding: Encoding | None, reference: np.ndarray | None = None) -> np.ndarray:

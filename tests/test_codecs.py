@@ -157,3 +157,25 @@ def test_writer_refuses_an_encoding_whose_model_dtype_is_not_the_models(tmp_path
     with ModelFileWriter(tmp_path / "m.fjm", expected=expected) as writer:
         with pytest.raises(TensorError, match="got float64"):
             writer.add_chunk(TensorChunk("k", 0, b"", next(iter_chunks({"k": wire}, encodings={"k": enc})).spec))
+
+
+def test_encode_update_sends_the_named_tensors_as_deltas_that_decode_back():
+    rng = np.random.default_rng(3)
+    reference = {"params/w": rng.normal(size=(4, 3)).astype(np.float32), "step": np.array(2, np.int32)}
+    trained = {"params/w": reference["params/w"] + np.float32(0.01), "step": np.array(3, np.int32),
+               "params/not_sent": np.zeros(2, np.float32)}
+    wire, encodings = codecs.encode_update(trained, ["params/w", "step"], "int8", reference)
+    assert set(wire) == {"params/w", "step"} and set(encodings) == {"params/w"}  # integers travel as they are
+    assert encodings["params/w"].delta and encodings["params/w"].codec == "int8"
+    back = codecs.decode(wire["params/w"], encodings["params/w"], reference["params/w"])
+    np.testing.assert_allclose(back, trained["params/w"], atol=0.01 / 255 + 1e-7)
+    assert int(wire["step"]) == 3
+    plain, none = codecs.encode_update(trained, ["params/w"], None)
+    assert none == {} and plain["params/w"] is trained["params/w"]
+
+
+def test_divergence_is_the_squared_distance_of_the_float_tensors_only():
+    a = {"params/w": np.array([[1.0, 2.0]], np.float32), "step": np.array(7, np.int32)}
+    b = {"params/w": np.array([[0.5, 4.0]], np.float32), "step": np.array(1, np.int32)}
+    expected = np.linalg.norm(np.array([0.5, -2.0])) ** 2  # 4.25; the step counter does not count
+    assert codecs.divergence(a, b, ["params/w", "step"]) == pytest.approx(expected)

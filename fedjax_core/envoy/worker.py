@@ -163,24 +163,16 @@ class _Rounds:
         missing = [n for n in task.upload_tensors if n not in tensors]
         if missing:
             raise RuntimeError(f"the trained state lacks tensors {missing[:3]}: did a task change the model's structure?")
-        wire, encodings = {}, {}
-        for name in task.upload_tensors:
-            reference = self.global_tensors[name] if task.send_deltas else None
-            wire[name], encoding = codecs.encode(name, tensors[name], task.compression or None, reference)
-            if encoding is not None:
-                encodings[name] = encoding
+        wire, encodings = codecs.encode_update(tensors, task.upload_tensors, task.compression or None,
+                                               self.global_tensors if task.send_deltas else None)
         self.client.upload(self.experiment, task.round, self.n_train, wire, encodings)
 
     def _divergence(self, task: r.Task, state) -> float:
         """Squared L2 distance of the trained model's float tensors from the round's global model."""
-        import numpy as np
-
+        from fedjax_core import codecs
         from fedjax_core.api.model_tensors import state_to_tensors
-        from fedjax_core.tensors import is_float_dtype
 
-        tensors = state_to_tensors(state)
-        return float(sum(np.sum(np.square(tensors[n].astype(np.float64) - self.global_tensors[n].astype(np.float64)))
-                         for n in task.upload_tensors if is_float_dtype(tensors[n].dtype)))
+        return codecs.divergence(state_to_tensors(state), self.global_tensors, task.upload_tensors)
 
 
 def unpickle_experiment(payload: bytes) -> dict[str, Any]:
