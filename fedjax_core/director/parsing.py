@@ -6,11 +6,10 @@ Streams get the marker as a message, which :mod:`fedjax_core.director.concurrenc
 """
 from __future__ import annotations
 
-import inspect
-
 import grpc
 from google.protobuf.message import DecodeError
 
+from fedjax_core.director.gates import guarded_handler
 from fedjax_core.errors import InvalidRequestError
 
 
@@ -37,38 +36,10 @@ class ParseGate(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        if handler.request_streaming:  # each message is checked where the stream is read
-            factory, behavior = ((grpc.stream_stream_rpc_method_handler, handler.stream_stream)
-                                 if handler.response_streaming
-                                 else (grpc.stream_unary_rpc_method_handler, handler.stream_unary))
-            wrapped = behavior
-        else:
-            factory, behavior = ((grpc.unary_stream_rpc_method_handler, handler.unary_stream)
-                                 if handler.response_streaming
-                                 else (grpc.unary_unary_rpc_method_handler, handler.unary_unary))
-            wrapped = _refusing(behavior)
-        return factory(wrapped, request_deserializer=_safe(handler.request_deserializer),
-                       response_serializer=handler.response_serializer)
+        # a stream's messages are checked where the stream is read; a single request here
+        return guarded_handler(handler, None if handler.request_streaming else _refuse_unparseable,
+                               request_deserializer=_safe(handler.request_deserializer))
 
 
-def _refusing(behavior):
-    """``behavior`` that first refuses an Unparseable request, keeping its kind (plain, coroutine, async gen)."""
-    if inspect.isasyncgenfunction(behavior):
-        async def stream(request, context):
-            if isinstance(request, Unparseable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
-            async for response in behavior(request, context):
-                yield response
-        return stream
-    if inspect.iscoroutinefunction(behavior):
-        async def coroutine(request, context):
-            if isinstance(request, Unparseable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
-            return await behavior(request, context)
-        return coroutine
-
-    def plain(request, context):
-        if isinstance(request, Unparseable):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error))
-        return behavior(request, context)
-    return plain
+def _refuse_unparseable(request, context) -> tuple[grpc.StatusCode, str] | None:
+    return (grpc.StatusCode.INVALID_ARGUMENT, str(request.error)) if isinstance(request, Unparseable) else None

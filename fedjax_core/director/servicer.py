@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import logging
 import math
 import threading
@@ -16,6 +15,7 @@ from fedjax_core import pki, serde
 from fedjax_core import records as r
 from fedjax_core.director.concurrency import EVERYTHING, Flow
 from fedjax_core.director.core import Director
+from fedjax_core.director.gates import guarded_handler
 from fedjax_core.errors import InvalidRequestError, PermissionDeniedError
 from fedjax_core.transport import maps_errors, peer_common_name
 from fedjax_proto import envoy_service_pb2 as env_pb
@@ -112,42 +112,14 @@ class RoleGate(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
 
-        def refusal(context) -> str | None:
+        def refusal(request, context) -> tuple[grpc.StatusCode, str] | None:
             try:
                 check_role(context, method, self.allowed_envoys)
             except PermissionDeniedError as exc:
-                return str(exc)
+                return grpc.StatusCode.PERMISSION_DENIED, str(exc)
             return None
 
-        def gate(behavior):
-            if inspect.isasyncgenfunction(behavior):
-                async def guarded_stream(request, context):
-                    if (why := refusal(context)) is not None:
-                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
-                    async for response in behavior(request, context):
-                        yield response
-                return guarded_stream
-            if inspect.iscoroutinefunction(behavior):
-                async def guarded_coroutine(request, context):
-                    if (why := refusal(context)) is not None:
-                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
-                    return await behavior(request, context)
-                return guarded_coroutine
-
-            def guarded(request, context):  # a plain handler, run on the server's thread pool
-                if (why := refusal(context)) is not None:
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
-                return behavior(request, context)
-            return guarded
-
-        factory, behavior = {
-            (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
-            (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
-            (True, False): (grpc.stream_unary_rpc_method_handler, handler.stream_unary),
-            (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
-        }[(handler.request_streaming, handler.response_streaming)]
-        return factory(gate(behavior), request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        return guarded_handler(handler, refusal)
 
 
 def _check_envoy_identity(caller: Caller, envoy_name: str) -> None:
