@@ -211,12 +211,13 @@ class BenchStack:
 
 
 # ----------------------------------------------------------------------------- one experiment
-def run_experiment(stack: BenchStack, name: str, model_mb: float, rounds: int, timeout_s: float) -> dict:
-    """Run one experiment to its end; its per-round figures from the streamed events."""
-    from fedjax_core import DataInterface, Federation, FLExperiment, ModelInterface
+def follow_experiment(stack: BenchStack, name: str, state, tasks, data, rounds: int, timeout_s: float,
+                      client_id: str = "bench"):
+    """Submit one experiment to ``stack`` (RESET, CPU only, every envoy) and stream its metrics to the end;
+    ``(experiment, submit_s, wall_s)``. Raises unless it finished."""
+    from fedjax_core import Federation, FLExperiment, ModelInterface
 
-    state, nbytes = make_state(model_mb)
-    fed = Federation(client_id="bench", director_node_fqdn="127.0.0.1", director_port=stack.port, tls=False)
+    fed = Federation(client_id=client_id, director_node_fqdn="127.0.0.1", director_port=stack.port, tls=False)
     # a hung run must not hang the benchmark: past the deadline the director is stopped, the stream breaks
     watchdog = threading.Timer(timeout_s, lambda: stack.director and stack.director.stop())
     watchdog.daemon = True
@@ -224,7 +225,7 @@ def run_experiment(stack: BenchStack, name: str, model_mb: float, rounds: int, t
     try:
         exp = FLExperiment(federation=fed, experiment_name=name)
         t0 = time.perf_counter()
-        exp.start(model_provider=ModelInterface(model=state), task_keeper=make_tasks(), data_loader=DataInterface(),
+        exp.start(model_provider=ModelInterface(model=state), task_keeper=tasks, data_loader=data,
                   rounds_to_train=rounds, opt_treatment="RESET", device_assignment_policy="CPU_ONLY",
                   envoys=stack.names)
         submit_s = time.perf_counter() - t0
@@ -236,6 +237,15 @@ def run_experiment(stack: BenchStack, name: str, model_mb: float, rounds: int, t
         fed.close()
     if status.state != "finished":
         raise RuntimeError(f"experiment {name!r} ended {status.state}: {status.error}")
+    return exp, submit_s, wall_s
+
+
+def run_experiment(stack: BenchStack, name: str, model_mb: float, rounds: int, timeout_s: float) -> dict:
+    """Run one experiment to its end; its per-round figures from the streamed events."""
+    from fedjax_core import DataInterface
+
+    state, nbytes = make_state(model_mb)
+    exp, submit_s, wall_s = follow_experiment(stack, name, state, make_tasks(), DataInterface(), rounds, timeout_s)
     return {"name": name, "model_mb": model_mb, "model_bytes": int(nbytes), "n_envoys": len(stack.names),
             "rounds": rounds, "submit_s": submit_s, "wall_s": wall_s, **round_figures(exp.history)}
 

@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -141,7 +140,7 @@ def run_project(case: int, workdir: Path, rounds: int, data_dir: Path, floor_s: 
     """One experiment on a fresh director and envoys; its figures."""
     import peers_model
     import seed_cnn
-    from fedjax_core import DataInterface, Federation, FLExperiment, ModelInterface
+    from fedjax_core import DataInterface
 
     if case == 1:
         state, tasks, data = seed_cnn.create_train_state(), peers_model.project_tasks("cnn"), seed_cnn.ShardSplits()
@@ -154,24 +153,8 @@ def run_project(case: int, workdir: Path, rounds: int, data_dir: Path, floor_s: 
     stack = project_stack(workdir, case, data_dir)
     try:
         stack.start()
-        fed = Federation(client_id="peers", director_node_fqdn="127.0.0.1", director_port=stack.port, tls=False)
-        watchdog = threading.Timer(timeout_s, stack.stop)  # a hung run breaks the stream instead of hanging
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            exp = FLExperiment(federation=fed, experiment_name=f"peers-case{case}")
-            t0 = time.perf_counter()
-            exp.start(model_provider=ModelInterface(model=state), task_keeper=tasks, data_loader=data,
-                      rounds_to_train=rounds, opt_treatment="RESET", device_assignment_policy="CPU_ONLY",
-                      envoys=stack.names)
-            exp.stream_metrics(progress=False, tensorboard_logs=False, live_table=False)
-            wall_s = time.perf_counter() - t0
-            status = exp.get_experiment_status()
-        finally:
-            watchdog.cancel()
-            fed.close()
-        if status.state != "finished":
-            raise RuntimeError(f"case {case}: the experiment ended {status.state}: {status.error}")
+        exp, _, wall_s = bench.follow_experiment(stack, f"peers-case{case}", state, tasks, data, rounds, timeout_s,
+                                                 client_id="peers")
         memory = bench.proc_status(stack.director.proc.pid)  # finished, not yet stopped
     except BaseException:
         print(stack.logs(), file=sys.stderr)
