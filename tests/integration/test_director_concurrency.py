@@ -2,7 +2,6 @@
 uploads past ``max_uploads`` wait their turn, and a transfer that stalls is ended. A real director process."""
 from __future__ import annotations
 
-import re
 import threading
 from pathlib import Path
 
@@ -26,8 +25,12 @@ class Director:
         self.stub = env_grpc.EnvoyServiceStub(self.channel)
 
     def threads(self) -> int:
-        status = Path(f"/proc/{self.proc.proc.pid}/status").read_text()
-        return int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))
+        """Threads the director's Python code started. gRPC core names its own threads (event_engine,
+        lifeguard, ...) and grows that pool on demand under load, so those are left out; Python's keep the
+        process's name."""
+        proc = Path(f"/proc/{self.proc.proc.pid}")
+        name = (proc / "comm").read_text()
+        return sum((task / "comm").read_text() == name for task in (proc / "task").iterdir())
 
     def stop(self) -> None:
         self.channel.close()
@@ -98,8 +101,9 @@ def test_hundreds_of_waiting_calls_hold_no_thread_and_heartbeats_still_answer(st
         for _ in range(20):
             assert director.stub.Heartbeat(env_pb.HeartbeatRequest(envoy_name="idle0"), timeout=5).known is False
         assert streams.ended == []  # all still waiting, none refused
-        # at most the 4 short-call threads more than before (they start on demand), not one per call
-        assert director.threads() <= before + 4, (before, director.threads())
+        # at most the 4 short-call threads and the heartbeat pool's second more than before (they start on
+        # demand), not one per call
+        assert director.threads() <= before + 4 + 1, (before, director.threads())
         for call in waits:  # a task long-poll for an experiment that does not exist ends at once
             assert call.exception(timeout=30).code() == grpc.StatusCode.NOT_FOUND
     finally:
