@@ -7,8 +7,9 @@ Three cases, each run on both systems, one after the other, on loopback:
    contiguous), ``--rounds`` rounds (default 5), one epoch per round, FedAvg, optimizer
    state reset every round (Flower's NumPyClient moves only params). Steady round time
    (median of rounds 1..R-1), experiment overhead (end to end minus R x floor) and accuracy
-   per round. The floor: 2 plain processes training one epoch each on their shard with the
-   same jitted step and batches, in parallel, no federation.
+   per round. The floor: 2 plain processes doing a round's compute on their shard (validate the
+   incoming model, train one epoch, validate the trained one) with the same jitted steps and
+   batches, in parallel, no federation.
 2. a 256 MiB MLP, 4 envoys: a task that returns the model slightly changed (a jitted
    ``params + 1e-6``, the same on both). Settled round time; the director's (Flower: the
    server's) peak RSS (VmHWM) as a multiple of the model size.
@@ -238,7 +239,8 @@ def _model_bytes(case: int) -> int:
 
 # ----------------------------------------------------------------------------- the compute floor
 def floor_worker(rank: int, world: int, data_dir: Path, epochs: int) -> None:
-    """One plain process: a warm-up epoch (compiles), then ``epochs`` timed epochs and validations."""
+    """One plain process doing a seed round's compute: validate the incoming model, train one epoch, validate
+    the trained one. A warm-up round (compiles), then ``epochs`` timed rounds."""
     sys.path.insert(0, str(REPO / "envoy"))
     import peers_model
     import seed_cnn
@@ -247,21 +249,26 @@ def floor_worker(rank: int, world: int, data_dir: Path, epochs: int) -> None:
     shard = CIFAR10ShardDescriptor(rank_worldsize=f"{rank}, {world}", data_dir=data_dir)
     train, valid = shard.get_split("train"), shard.get_split("valid")
     initial = seed_cnn.create_train_state()
-    epoch_s, val_s = [], []
+    round_s, epoch_s, val_s = [], [], []
     for epoch in range(epochs + 1):
         t0 = time.perf_counter()
-        state, _ = peers_model.train_epoch(initial, train, epoch)
+        peers_model.evaluate(initial, valid)
         t1 = time.perf_counter()
+        state, _ = peers_model.train_epoch(initial, train, epoch)
+        t2 = time.perf_counter()
         peers_model.evaluate(state, valid)
+        t3 = time.perf_counter()
         if epoch:
-            epoch_s.append(t1 - t0)
-            val_s.append(time.perf_counter() - t1)
-    print("FLOOR RESULT " + json.dumps({"rank": rank, "epoch_s": epoch_s, "validation_s": val_s,
+            round_s.append(t3 - t0)
+            epoch_s.append(t2 - t1)
+            val_s.append(t3 - t2)
+    print("FLOOR RESULT " + json.dumps({"rank": rank, "round_s": round_s, "epoch_s": epoch_s, "validation_s": val_s,
                                          "traces": peers_model.traces()}), flush=True)
 
 
 def run_floor(data_dir: Path, world: int, epochs: int, timeout_s: float) -> dict:
-    """``world`` floor workers in parallel; the floor is the slower one's median epoch."""
+    """``world`` floor workers in parallel; the floor is the slower one's median round (validate, train,
+    validate), with its epoch and validation pass alone beside it."""
     processes = []
     try:
         for rank in range(1, world + 1):
@@ -272,8 +279,9 @@ def run_floor(data_dir: Path, world: int, epochs: int, timeout_s: float) -> dict
     finally:
         for p in processes:
             p.stop()
-    return {"floor_s": max(statistics.median(w["epoch_s"]) for w in workers),
-            "validation_s": max(statistics.median(w["validation_s"]) for w in workers), "workers": workers}
+    slowest = lambda key: max(statistics.median(w[key]) for w in workers)  # noqa: E731
+    return {"floor_s": slowest("round_s"), "epoch_s": slowest("epoch_s"), "validation_s": slowest("validation_s"),
+            "workers": workers}
 
 
 # ----------------------------------------------------------------------------- table
@@ -393,8 +401,10 @@ def report(results: dict) -> str:
                        + (" (zero)" if s["recompiles"] == 0 else " (NOT zero)")
                        + ("; accuracy " + " ".join(_cell(a, ".4f") for a in s["accuracy"]) if s["accuracy"] else ""))
         if "floor" in c:
-            out.append(f"case {key} floor  : {c['floor']['floor_s']:.3f} s per epoch (2 plain processes, median, "
-                       f"slower one); a validation pass {c['floor']['validation_s']:.3f} s")
+            floor = c["floor"]
+            out.append(f"case {key} floor  : {floor['floor_s']:.3f} s per round (2 plain processes: validate, train "
+                       f"one epoch, validate; median, slower one): an epoch {_cell(floor.get('epoch_s'), '.3f')} s, "
+                       f"a validation pass {floor['validation_s']:.3f} s")
     return "\n".join(out)
 
 
@@ -415,7 +425,7 @@ def plot(results: dict, path: Path) -> bool:
         if s["accuracy"]:
             ax_a.plot(range(1, len(s["accuracy"]) + 1), s["accuracy"], style, label=label)
     if c.get("floor"):
-        ax_t.axhline(c["floor"]["floor_s"], color="gray", linestyle=":", label="floor (1 epoch, no federation)")
+        ax_t.axhline(c["floor"]["floor_s"], color="gray", linestyle=":", label="floor (a round's compute, no federation)")
     ax_t.set(xlabel="round (0 includes start-up and compilation)", ylabel="round time (s)",
              title="Seed CNN, CIFAR-10 subset, 2 envoys")
     ax_a.set(xlabel="after round", ylabel="validation accuracy (aggregated model)", title="Accuracy per round")
