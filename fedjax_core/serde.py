@@ -48,6 +48,43 @@ def chunk_to_proto(chunk: r.TensorChunk) -> t_pb.TensorChunk:
     return msg
 
 
+def varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def field_key(field) -> bytes:
+    """The key of a length-delimited field (bytes, string, message), from its descriptor."""
+    return varint(field.number << 3 | 2)
+
+
+_DATA_KEY = field_key(t_pb.TensorChunk.DESCRIPTOR.fields_by_name["data"])
+
+
+def chunk_wire(chunk: r.TensorChunk) -> tuple[bytes, bytes | memoryview]:
+    """``chunk`` as a serialized TensorChunk in two parts whose concatenation is the bytes protobuf writes:
+    every other field (serialized by protobuf) with ``data``'s key, then ``data`` itself, the last field by
+    number, so where protobuf puts it too. Joining them copies ``data`` once; protobuf would copy it into
+    the message and again into the serialized bytes."""
+    head = t_pb.TensorChunk(name=chunk.name, offset=chunk.offset)
+    if chunk.spec is not None:
+        head.spec.CopyFrom(spec_to_proto(chunk.spec))
+    size = len(chunk.data)
+    data_key = _DATA_KEY + varint(size) if size else b""  # proto3 leaves an empty bytes field out
+    return head.SerializeToString() + data_key, chunk.data
+
+
+def chunk_bytes(chunk: r.TensorChunk) -> bytes:
+    """``chunk_to_proto(chunk).SerializeToString()`` with ``data`` copied once: what the director streams
+    (its servers pass such bytes through, see director/parsing.py)."""
+    return b"".join(chunk_wire(chunk))
+
+
 def chunk_from_proto(msg: t_pb.TensorChunk) -> r.TensorChunk:
     spec = spec_from_proto(msg.spec) if msg.HasField("spec") else None
     return r.TensorChunk(name=msg.name, offset=int(msg.offset), data=bytes(msg.data), spec=spec)

@@ -160,3 +160,23 @@ def test_every_serde_pair_is_tested():
     assert to_names == from_names, "every x_to_proto has its x_from_proto"
     tested = {fn.__name__[: -len("_to_proto")] for fn, _ in PAIRS.values()} | {"metrics"}
     assert to_names <= tested, f"untested serde pairs: {sorted(to_names - tested)}"
+
+
+@pytest.mark.parametrize("chunk", [
+    r.TensorChunk("params/w", 0, b"\x00\x01" * 3000, r.TensorSpec("params/w", "float32", (1500,))),
+    r.TensorChunk("params/w", 1 << 40, memoryview(bytes(range(256)) * 600)),  # a view, a large offset, no spec
+    r.TensorChunk("step", 0, b"", r.TensorSpec("step", "int32", ())),  # proto3 leaves empty data out
+    r.TensorChunk("a" * 300, 5, b"x" * 130),  # lengths that take two-byte varints
+], ids=["first", "view", "empty", "long-name"])
+def test_chunk_bytes_are_the_bytes_protobuf_writes(chunk):
+    plain = dataclasses.replace(chunk, data=bytes(chunk.data))
+    assert serde.chunk_bytes(chunk) == serde.chunk_to_proto(plain).SerializeToString()
+    assert serde.chunk_from_proto(type(serde.chunk_to_proto(plain)).FromString(serde.chunk_bytes(chunk))) == plain
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 1 << 20, (1 << 63) - 1])
+def test_varint_matches_protobuf(value):
+    from fedjax_proto import tensors_pb2 as t_pb
+
+    # an int64 field's wire bytes are its key (one byte here) and the varint
+    assert t_pb.TensorChunk(offset=value).SerializeToString()[1:] == (serde.varint(value) if value else b"")

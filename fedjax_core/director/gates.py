@@ -10,11 +10,12 @@ Refusal = Callable[[object, object], "tuple[grpc.StatusCode, str] | None"]  # (r
 
 
 def guarded_handler(handler: grpc.RpcMethodHandler, refusal: Refusal | None,
-                    request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
+                    request_deserializer: Callable | None = None,
+                    response_serializer: Callable | None = None) -> grpc.RpcMethodHandler:
     """``handler`` with ``refusal(request, context)`` checked first (a ``(code, message)`` answer ends the call
     with it), keeping the behavior's kind (plain, coroutine or async generator) and its serializers;
-    ``request_deserializer`` replaces the handler's. A request-streaming handler gets the request iterator as
-    ``request``."""
+    ``request_deserializer`` and ``response_serializer`` replace the handler's. A request-streaming handler
+    gets the request iterator as ``request``."""
     factory, behavior = {
         (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
         (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
@@ -23,7 +24,7 @@ def guarded_handler(handler: grpc.RpcMethodHandler, refusal: Refusal | None,
     }[(handler.request_streaming, handler.response_streaming)]
     return factory(behavior if refusal is None else _checked(behavior, refusal),
                    request_deserializer=request_deserializer or handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
+                   response_serializer=response_serializer or handler.response_serializer)
 
 
 def _checked(behavior, refusal: Refusal):

@@ -1,8 +1,12 @@
-"""Requests whose bytes do not parse end INVALID_ARGUMENT, naming the message type and the reason.
+"""The director's messages at the wire: requests whose bytes do not parse, and responses serialized ahead.
 
-grpc.aio would answer them UNKNOWN with a traceback in the log; :class:`ParseGate` makes the
-request deserializer return an :class:`Unparseable` instead of raising, and the handler refuse it.
-Streams get the marker as a message, which :mod:`fedjax_core.director.concurrency` refuses likewise.
+Requests that do not parse end INVALID_ARGUMENT, naming the message type and the reason. grpc.aio
+would answer them UNKNOWN with a traceback in the log; :class:`ParseGate` makes the request
+deserializer return an :class:`Unparseable` instead of raising, and the handler refuse it. Streams
+get the marker as a message, which :mod:`fedjax_core.director.concurrency` refuses likewise.
+
+A streamed response that is ``bytes`` already (tensor chunks, serde.chunk_bytes) goes out as it is;
+any other is serialized by the method's own serializer.
 """
 from __future__ import annotations
 
@@ -38,7 +42,15 @@ class ParseGate(grpc.aio.ServerInterceptor):
             return handler
         # a stream's messages are checked where the stream is read; a single request here
         return guarded_handler(handler, None if handler.request_streaming else _refuse_unparseable,
-                               request_deserializer=_safe(handler.request_deserializer))
+                               request_deserializer=_safe(handler.request_deserializer),
+                               response_serializer=_serialized_passes(handler.response_serializer)
+                               if handler.response_streaming else None)
+
+
+def _serialized_passes(serializer):
+    def serialize(message) -> bytes:
+        return message if isinstance(message, bytes) else serializer(message)
+    return serialize
 
 
 def _refuse_unparseable(request, context) -> tuple[grpc.StatusCode, str] | None:

@@ -198,7 +198,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     async def GetRoundModel(self, request, context):
         _check_envoy_identity(Caller.of(context), request.envoy_name)
         chunks = self.director.round_model(request.envoy_name, request.experiment_name, request.round)
-        await self.flow.send(context, "GetRoundModel", (serde.chunk_to_proto(c) for c in chunks))
+        await self.flow.send(context, "GetRoundModel", (serde.chunk_bytes(c) for c in chunks))
 
     @maps_errors
     def ReportMetrics(self, request, context):
@@ -348,4 +348,4 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         caller = Caller.of(context)
         self._check_submitter(caller)
         chunks = self.director.model_chunks(request.experiment_name, request.which, by=caller.common_name)
-        await self.flow.send(context, "GetModel", (serde.chunk_to_proto(c) for c in chunks))
+        await self.flow.send(context, "GetModel", (serde.chunk_bytes(c) for c in chunks))

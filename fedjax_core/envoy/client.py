@@ -17,38 +17,16 @@ from fedjax_core.tensors import assemble, chunk_views
 from fedjax_core.transport import TLSFiles, call_with_retry, open_channel
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
-from fedjax_proto import tensors_pb2 as t_pb
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _tag(field) -> bytes:  # a length-delimited field's key
-    return _varint(field.number << 3 | 2)
-
-
-_CHUNK_TAG = _tag(env_pb.UploadUpdateRequest.DESCRIPTOR.fields_by_name["chunk"])
-_DATA_TAG = _tag(t_pb.TensorChunk.DESCRIPTOR.fields_by_name["data"])
+_CHUNK_KEY = serde.field_key(env_pb.UploadUpdateRequest.DESCRIPTOR.fields_by_name["chunk"])
 
 
 def upload_chunk_message(chunk: r.TensorChunk) -> bytes:
     """``UploadUpdateRequest(chunk=chunk)`` serialized, the same bytes protobuf writes, with ``chunk.data``
-    (bytes or a memoryview) copied once. Protobuf would copy it into the message and again into the
-    serialized bytes; here its other fields are serialized by protobuf and ``data``, the last field by
-    number (so where protobuf puts it too), is appended as a length-delimited field."""
-    head = t_pb.TensorChunk(name=chunk.name, offset=chunk.offset)
-    if chunk.spec is not None:
-        head.spec.CopyFrom(serde.spec_to_proto(chunk.spec))
-    fields = head.SerializeToString()
-    size = len(chunk.data)
-    data_key = _DATA_TAG + _varint(size) if size else b""  # proto3 leaves an empty bytes field out
-    return b"".join((_CHUNK_TAG, _varint(len(fields) + len(data_key) + size), fields, data_key, chunk.data))
+    (bytes or a memoryview) copied once (see serde.chunk_wire)."""
+    head, data = serde.chunk_wire(chunk)
+    return b"".join((_CHUNK_KEY, serde.varint(len(head) + len(data)), head, data))
 
 
 class EnvoyClient:
