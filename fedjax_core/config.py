@@ -134,6 +134,10 @@ class EnvoyParams(_Model):
     jax_preallocate: bool = False
     jax_memory_fraction: float | None = Field(None, gt=0, le=1, strict=True)
     work_dir: str = "envoy_workspace"  # relative to the config file
+    # Start each experiment's worker ahead of time: an idle process that has imported JAX (no device
+    # touched, no experiment's state) takes the next experiment, sparing its first round the imports.
+    # false: workers start only when an experiment arrives, and no process waits between experiments.
+    standby_worker: bool = Field(True, strict=True)
 
 
 class EnvoySettings(_Model):

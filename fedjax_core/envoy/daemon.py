@@ -16,7 +16,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from fedjax_core import bundle as bundle_io
 from fedjax_core import records as r
 from fedjax_core.config import EnvoyConfig, EnvoyParams, resolve_path, worker_account
 from fedjax_core.envoy.client import EnvoyClient
+from fedjax_core.envoy.launch import WorkerLauncher, stop_process
 from fedjax_core.envoy.proxy import WorkerProxy
 from fedjax_core.envoy.review import CHECK_S, ReviewDesk, describe
 from fedjax_core.errors import FedError
@@ -99,6 +99,10 @@ class EnvoyDaemon:
         # in plaintext (loopback only) there is no key to keep and the worker connects directly.
         self.proxy = WorkerProxy(name, self.client.channel, self.work_dir / "worker-proxy",
                                  self.account[:2] if self.account else None) if tls is not None else None
+        user = {"user": self.account[0], "group": self.account[1], "extra_groups": []} if self.account else {}
+        self.launcher = WorkerLauncher(worker_environment(config.params, dict(os.environ), self.config_dir,
+                                                          home=self.account[2] if self.account else None),
+                                       user, standby=config.params.standby_worker)
         self._worker: subprocess.Popen | None = None
         self._worker_experiment: str | None = None
         self._worker_lock = threading.Lock()
@@ -118,6 +122,7 @@ class EnvoyDaemon:
         heartbeats = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
         heartbeats.start()
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.launcher.prepare()
         if self.proxy is not None:
             self.proxy.start()
         if self.desk is not None:
@@ -269,7 +274,7 @@ class EnvoyDaemon:
                     return  # pushed again after a reconnect; the worker carries on
                 # the director has moved on to another experiment: the old one is over for this envoy
                 log.warning("envoy %s: stopping the worker of %r for %r", self.name, self._worker_experiment, experiment)
-                _stop_process(self._worker)
+                stop_process(self._worker)
             exp_dir = self.work_dir / experiment
             spec = {  # no key paths: under TLS the worker talks to the daemon's proxy, never to the director
                 "envoy_name": self.name, "experiment": experiment, "bundle_path": str(exp_dir / "bundle.bin"),
@@ -280,18 +285,14 @@ class EnvoyDaemon:
             }
             spec_path = exp_dir / "worker.json"
             spec_path.write_text(json.dumps(spec))
-            env = worker_environment(self.config.params, dict(os.environ), self.config_dir,
-                                     home=self.account[2] if self.account else None)
-            user = {}
             if self.account is not None:  # the worker's account reads its spec and bundle, and writes there
                 for path in (exp_dir, spec_path, exp_dir / "bundle.bin"):
                     os.chown(path, *self.account[:2])
-                user = {"user": self.account[0], "group": self.account[1], "extra_groups": []}
             if self.proxy is not None:
                 self.proxy.experiment = experiment
-            self._worker = subprocess.Popen([sys.executable, "-m", "fedjax_core.envoy.worker", str(spec_path)],
-                                            env=env, **user)
-            log.info("envoy %s: starting worker for experiment %r (pid %d)", self.name, experiment, self._worker.pid)
+            self._worker, warm = self.launcher.launch(spec_path)
+            log.info("envoy %s: starting worker for experiment %r (pid %d, %s; spec %s)", self.name, experiment,
+                     self._worker.pid, "the standby" if warm else "cold", spec_path)
             self._worker_experiment = experiment
             threading.Thread(target=self._reap, args=(self._worker, experiment), daemon=True).start()
 
@@ -300,7 +301,13 @@ class EnvoyDaemon:
         progress) and start a new one for the next rounds, at most MAX_WORKER_RESTARTS times."""
         code = worker.wait()
         log.info("envoy %s: worker for %r exited with code %d", self.name, experiment, code)
-        if code == 0 or self.stop.is_set():
+        if self.stop.is_set():
+            return
+        with self._worker_lock:
+            current = self._worker is worker  # not one stopped for the next experiment, which has its worker
+        if current:
+            self.launcher.prepare()  # for the next experiment, or this one's restarted worker
+        if code == 0:
             return
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         restarts = self._restarts.get(experiment, 0)
@@ -330,9 +337,10 @@ class EnvoyDaemon:
 
     def shutdown(self) -> None:
         self.stop.set()
+        self.launcher.close()
         with self._worker_lock:
             if self._worker is not None and self._worker.poll() is None:
-                _stop_process(self._worker)
+                stop_process(self._worker)
         self._review_wake.set()
         if self.proxy is not None:
             self.proxy.stop()
@@ -349,12 +357,3 @@ def review_check_s() -> float:
 
 def _refused_in_review(decision: dict) -> str:
     return "refused in review by the envoy's operator" + (f": {decision['reason']}" if decision.get("reason") else "")
-
-
-def _stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

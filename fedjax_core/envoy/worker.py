@@ -5,12 +5,16 @@ it loads the experiment bundle once, keeps its jit cache for every round, and ex
 the experiment ends, which hands accelerator memory back.
 
     python -m fedjax_core.envoy.worker SPEC.json
+    python -m fedjax_core.envoy.worker --standby DAEMON_PID   # started ahead; reads SPEC.json's path on stdin
+
+A standby (see launch.py) imports what every experiment needs, then waits for its spec.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import ctypes
+import importlib
 import json
 import os
 import signal
@@ -54,6 +58,28 @@ def _mesh_if_asked(ti, device: str):
     return envoy_mesh(jax.devices("cpu") if device == "cpu" else jax.devices())
 
 
+class OptimizerInit:
+    """``state.tx.init(state.params)`` for RESET rounds, compiled once: run op by op, it compiles every
+    zeros_like on its own (0.3 s of the seed CNN's first round). An init that cannot be traced (it branches
+    on values, or leaves JAX) runs op by op from then on, as does one on a mesh (``eager``)."""
+
+    def __init__(self, eager: bool = False):
+        self._compiled = False if eager else None
+
+    def __call__(self, state):
+        import jax
+
+        if self._compiled is False:
+            return state.tx.init(state.params)
+        if self._compiled is None:
+            self._compiled = jax.jit(state.tx.init)
+        try:
+            return self._compiled(state.params)
+        except jax.errors.JAXTypeError:
+            self._compiled = False
+            return state.tx.init(state.params)
+
+
 class _Rounds:
     """Runs the rounds of one experiment in this process, keeping state (and jit caches) between them."""
 
@@ -72,6 +98,7 @@ class _Rounds:
         self.local_state = self.template  # kept between rounds for CONTINUE_LOCAL and between averagings
         self.global_tensors = None  # the last global model received: what deltas and divergences measure from
         self.global_state = None  # the same as a state, for tasks that take global_model= (FedProx)
+        self.fresh_opt_state = OptimizerInit(eager=self.mesh is not None)
         self.train_loader, self.valid_loader = data.get_train_loader(), data.get_valid_loader()
         self.n_train, self.n_valid = int(data.get_train_data_size()), int(data.get_valid_data_size())
 
@@ -121,7 +148,7 @@ class _Rounds:
             return tensors_to_state(self.local_state, received)
         state = tensors_to_state(self.template, received)
         if task.opt_treatment == "RESET" and hasattr(state, "tx"):
-            state = state.replace(opt_state=canonicalize(state.tx.init(state.params)), step=self.template.step)
+            state = state.replace(opt_state=canonicalize(self.fresh_opt_state(state)), step=self.template.step)
         return state
 
     def _round(self, task: r.Task) -> None:
@@ -205,8 +232,33 @@ def _die_with_parent(parent_pid: int | None) -> None:
 _PR_SET_PDEATHSIG = 1
 
 
+def cpu_only() -> None:
+    """Keep JAX off accelerators: before it starts (the variable), or when a standby imported it already."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # JAX read the variable at import; its backends start at first use
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+STANDBY_IMPORTS = ("jax", "jax.numpy", "flax.linen", "flax.training.train_state", "optax", "cloudpickle",
+                   "fedjax_core.api.model_tensors", "fedjax_core.codecs", "fedjax_core.envoy.tasks")
+
+
+def standby(parent_pid: int) -> int:
+    """Import what every experiment needs, then become the worker of the spec whose path arrives on stdin;
+    exit at end of input (the daemon stopped, or wants no standby). Touches no device: JAX's backends start
+    when the experiment's policy is known, and an accelerator's memory is not held while waiting."""
+    _die_with_parent(parent_pid)
+    for module in STANDBY_IMPORTS:
+        importlib.import_module(module)
+    spec_path = sys.stdin.readline().strip()
+    return main([spec_path]) if spec_path else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--standby"]:
+        return standby(int(argv[1]))
+    spec = json.loads(Path(argv[0]).read_text())
     _die_with_parent(spec.get("parent_pid"))
     # under TLS the daemon's local proxy (a unix: socket) carries every call, so the worker holds no key;
     # in plaintext (loopback only) the target is the director's host:port
@@ -218,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[worker {spec['envoy_name']}] version note: {warning}", flush=True)
         policy = bundle.meta.get("device_assignment_policy", "CUDA_PREFERRED")
         if policy == "CPU_ONLY":
-            os.environ["JAX_PLATFORMS"] = "cpu"
+            cpu_only()
         sys.path.insert(0, spec["shard_base_dir"])
         objects = unpickle_experiment(bundle.payload)
         shard = load_shard_descriptor(spec["shard_template"], spec["shard_params"], Path(spec["shard_base_dir"]))

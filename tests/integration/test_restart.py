@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from pathlib import Path
 
 from fedjax_core import Federation, FLExperiment, ModelInterface
 from fedjax_core import records as r
@@ -84,28 +82,8 @@ def test_envoy_started_before_the_director_waits_and_registers(tmp_path):
         stack.stop()
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return result
-
-
 def test_worker_dies_with_its_envoy_daemon(tmp_path):
-    from processes import Stack
+    from processes import Stack, alive, wait_until
 
     stack = Stack(tmp_path)
     try:
@@ -114,10 +92,9 @@ def test_worker_dies_with_its_envoy_daemon(tmp_path):
         exp.start(model_provider=ModelInterface(model=create_train_state()), task_keeper=make_tasks(),
                   data_loader=SubsetDataset(limit=64), rounds_to_train=1, device_assignment_policy="CPU_ONLY")
         daemon = stack.processes[1].proc
-        worker = wait_for(lambda: children(daemon.pid), 60, "the envoy's worker")[0]
+        worker = int(stack.processes[1].wait_for(r"starting worker for experiment 'orphan' \(pid (\d+)").group(1))
         os.kill(daemon.pid, signal.SIGKILL)  # no chance to clean up
         daemon.wait()
-        wait_for(lambda: not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text()
-                 .rsplit(")", 1)[1].split()[0], 30, "the orphaned worker to exit")
+        wait_until(lambda: not alive(worker), 30, "the orphaned worker to exit")
     finally:
         stack.stop()

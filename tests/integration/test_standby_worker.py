@@ -1,0 +1,75 @@
+"""The standby worker (params.standby_worker): started with the daemon, it has imported JAX before any
+experiment comes, becomes that experiment's one worker, exits with it, and is replaced; it goes with its
+daemon. With the setting off, workers start cold and nothing waits between experiments."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedjax_core import FLExperiment, ModelInterface
+from fl_experiment import SubsetDataset, create_train_state, make_tasks
+from processes import Stack, alive, children, wait_until
+
+
+def _standby(daemon_pid: int) -> int | None:
+    for pid in children(daemon_pid):
+        try:
+            if "--standby" in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0"):
+                return pid
+        except OSError:
+            pass
+    return None
+
+
+def _has_loaded_jax(pid: int) -> bool:
+    try:
+        return "jaxlib" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def _run(stack: Stack, name: str) -> None:
+    exp = FLExperiment(federation=stack.federation(), experiment_name=name)
+    exp.start(model_provider=ModelInterface(model=create_train_state()), task_keeper=make_tasks(),
+              data_loader=SubsetDataset(limit=64), rounds_to_train=1, device_assignment_policy="CPU_ONLY")
+    exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
+    assert exp.get_experiment_status().state == "finished", stack.logs()
+
+
+def test_the_standby_imports_jax_ahead_becomes_the_worker_and_is_replaced(tmp_path):
+    stack = Stack(tmp_path, n_envoys=1)
+    try:
+        stack.start()
+        envoy = stack.processes[1]
+        first = wait_until(lambda: _standby(envoy.proc.pid), 60, "a standby worker")
+        wait_until(lambda: _has_loaded_jax(first), 60, "the standby to import JAX")
+        assert not _has_loaded_jax(envoy.proc.pid)  # the daemon itself never imports JAX
+
+        _run(stack, "warm")
+        started = envoy.wait_for(r"starting worker for experiment 'warm' \(pid (\d+), ([\w ]+);")
+        assert (int(started.group(1)), started.group(2)) == (first, "the standby")
+        wait_until(lambda: not alive(first), 60, "the worker to exit with its experiment")
+        second = wait_until(lambda: _standby(envoy.proc.pid), 60, "the next standby")
+        assert second != first
+
+        _run(stack, "warm-again")  # the replacement serves the next experiment
+        started = envoy.wait_for(r"starting worker for experiment 'warm-again' \(pid (\d+), ([\w ]+);")
+        assert (int(started.group(1)), started.group(2)) == (second, "the standby")
+        third = wait_until(lambda: _standby(envoy.proc.pid), 60, "the standby after that")
+    finally:
+        stack.stop()
+    assert not alive(third)  # it went with its daemon
+
+
+def test_without_a_standby_workers_start_cold_and_nothing_waits(tmp_path):
+    stack = Stack(tmp_path, n_envoys=1, envoy_params={"standby_worker": False})
+    try:
+        stack.start()
+        envoy = stack.processes[1]
+        assert children(envoy.proc.pid) == []
+        _run(stack, "cold")
+        started = envoy.wait_for(r"starting worker for experiment 'cold' \(pid (\d+), ([\w ]+);")
+        assert started.group(2) == "cold"
+        wait_until(lambda: not alive(int(started.group(1))), 60, "the worker to exit with its experiment")
+        assert children(envoy.proc.pid) == []
+    finally:
+        stack.stop()
