@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import traceback
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,28 @@ class OptimizerInit:
             return state.tx.init(state.params)
 
 
+class MetricReports:
+    """A worker's metric reports, sent in order on a thread of their own, so the next task starts without
+    waiting for the director's answer. ``wait()`` returns once all are sent and raises the first failure; the
+    round's upload waits for them, since the director closes the round on its last upload."""
+
+    def __init__(self, client: EnvoyClient):
+        self._client = client
+        self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix="metric-reports")
+        self._sent: list[futures.Future] = []
+
+    def send(self, experiment: str, round_: int, stage: str, metrics: dict[str, dict[str, float]],
+             sample_count: int) -> None:
+        self._sent.append(self._pool.submit(self._client.report_metrics, experiment, round_, stage, metrics,
+                                            sample_count))
+
+    def wait(self, raise_first: bool = True) -> None:
+        sent, self._sent = self._sent, []
+        errors = [e for e in (f.exception() for f in sent) if e is not None]
+        if errors and raise_first:
+            raise errors[0]
+
+
 class _Rounds:
     """Runs the rounds of one experiment in this process, keeping state (and jit caches) between them."""
 
@@ -99,6 +122,7 @@ class _Rounds:
         self.global_tensors = None  # the last global model received: what deltas and divergences measure from
         self.global_state = None  # the same as a state, for tasks that take global_model= (FedProx)
         self.fresh_opt_state = OptimizerInit(eager=self.mesh is not None)
+        self.reports = MetricReports(client)
         self.train_loader, self.valid_loader = data.get_train_loader(), data.get_valid_loader()
         self.n_train, self.n_valid = int(data.get_train_data_size()), int(data.get_valid_data_size())
 
@@ -111,7 +135,12 @@ class _Rounds:
             if task.kind == r.TaskKind.NONE:
                 continue
             try:
-                self._round(task)
+                try:
+                    self._round(task)
+                except BaseException:  # its reports are sent (or fail) before anything else is said
+                    self.reports.wait(raise_first=False)
+                    raise
+                self.reports.wait()
             except PreconditionError as exc:  # the round closed at its deadline without us, or moved on
                 print(f"[worker {self.client.envoy_name}] round {task.round} went on without this envoy: {exc}",
                       flush=True)
@@ -161,7 +190,7 @@ class _Rounds:
             global_state = copy.copy(state)  # its own object: the seed's update_state() mutates `state` in place
             _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False,
                                             global_state)
-            self.client.report_metrics(exp, rnd, r.Stage.AGGREGATED, validation, self.n_valid)
+            self.reports.send(exp, rnd, r.Stage.AGGREGATED, validation, self.n_valid)
             self.global_state = global_state
         else:  # periodic or dynamic averaging: keep training this envoy's own model
             state = self.local_state
@@ -169,11 +198,12 @@ class _Rounds:
             return
         state, train_metrics = self._run_tasks(self.ti.train_tasks, state, self.train_loader, task, True,
                                                self.global_state)
-        self.client.report_metrics(exp, rnd, r.Stage.TRAIN, train_metrics, self.n_train)
+        self.reports.send(exp, rnd, r.Stage.TRAIN, train_metrics, self.n_train)
         _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False,
                                         self.global_state)
-        self.client.report_metrics(exp, rnd, r.Stage.LOCAL, validation, self.n_valid)
+        self.reports.send(exp, rnd, r.Stage.LOCAL, validation, self.n_valid)
         self.local_state = state
+        self.reports.wait()  # before the check-in or upload that may close the round
         if task.check_in and not self.client.check_in(exp, rnd, self._divergence(task, state)):
             print(f"[worker {self.client.envoy_name}] round {rnd} done, model kept (no averaging)", flush=True)
             return

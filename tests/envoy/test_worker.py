@@ -1,14 +1,21 @@
-"""The worker's compiled optimizer init: the same state as optax's own, traced once, and op by op for an
-init that cannot be traced."""
+"""The worker: its compiled optimizer init (the same state as optax's own, traced once; op by op for an init
+that cannot be traced), CPU-only for a standby that imported JAX, and metric reports sent in the background."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax.training import train_state
 
-from fedjax_core.envoy.worker import OptimizerInit
+from fedjax_core.envoy.worker import MetricReports, OptimizerInit
+from fedjax_core.errors import PreconditionError
 
 
 def _state(tx) -> train_state.TrainState:
@@ -70,13 +77,47 @@ def test_eager_when_asked():
 
 
 def test_cpu_only_reaches_a_jax_that_a_standby_imported_already():
-    import os
-    import subprocess
-    import sys
-
     script = ("import jax; from fedjax_core.envoy.worker import cpu_only; cpu_only(); "
               "import os; print(jax.config.jax_platforms, os.environ['JAX_PLATFORMS'], jax.default_backend())")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["cpu", "cpu", "cpu"]
+
+
+class _SlowDirector:
+    """Answers report_metrics once released; records the order; refuses the stages in ``refuse``."""
+
+    def __init__(self, refuse=()):
+        self.release, self.got, self.refuse = threading.Event(), [], set(refuse)
+
+    def report_metrics(self, experiment, round_, stage, metrics, sample_count):
+        assert self.release.wait(30)
+        self.got.append((round_, stage))
+        if stage in self.refuse:
+            raise PreconditionError(f"round {round_} is not open")
+
+
+def test_metric_reports_do_not_hold_up_the_next_task_and_keep_their_order():
+    director = _SlowDirector()
+    reports = MetricReports(director)
+    for stage in ("aggregated_model_validation", "train", "locally_tuned_model_validation"):
+        reports.send("exp", 3, stage, {"t": {"acc": 0.5}}, 10)  # returns while the director has not answered
+    assert director.got == []
+    director.release.set()
+    reports.wait()
+    assert director.got == [(3, "aggregated_model_validation"), (3, "train"), (3, "locally_tuned_model_validation")]
+
+
+def test_waiting_on_reports_raises_the_first_refusal_unless_told_not_to():
+    director = _SlowDirector(refuse={"train", "locally_tuned_model_validation"})
+    director.release.set()
+    reports = MetricReports(director)
+    for stage in ("aggregated_model_validation", "train", "locally_tuned_model_validation"):
+        reports.send("exp", 1, stage, {}, 1)
+    with pytest.raises(PreconditionError, match="round 1 is not open"):
+        reports.wait()
+    reports.send("exp", 2, "train", {}, 1)
+    reports.wait(raise_first=False)  # a task failed already: that is what gets reported
+    assert director.got[-1] == (2, "train")
+    reports.wait()  # nothing left
