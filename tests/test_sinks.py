@@ -5,6 +5,7 @@ import json
 import logging
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,6 +63,33 @@ def test_tensorboard_sink_writes_the_same_runs_and_tags_as_before(tmp_path):
         "aggregated_model_validation/acc": [(0, 0.2), (1, 1.2)], "round/time_s": [(0, 3.0), (1, 4.0)]}
     assert tensorboard_scalars(tmp_path / "exp" / "env1") == {
         "aggregated_model_validation/acc": [(0, 0.1), (1, 1.1)], "train/loss": [(0, 2.0), (1, 1.0)]}
+
+
+def test_tensorboard_sink_keeps_notes_participants_and_wall_times(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sink = TensorBoardSink(tmp_path / "exp")
+    for event in events():
+        sink.log(event)
+    sink.close()
+    aggregated = EventAccumulator(str(tmp_path / "exp" / "aggregated"))
+    aggregated.Reload()
+    assert [s.wall_time for s in aggregated.Scalars("round/time_s")] == [1001.5, 1002.5]
+    participants = aggregated.Tensors("round/participants/text_summary")
+    assert [(t.step, t.tensor_proto.string_val) for t in participants] == [(0, [b"env1"]), (1, [b"env1"])]
+    dropout = EventAccumulator(str(tmp_path / "exp" / "env2"))
+    dropout.Reload()
+    assert dropout.Tensors("dropout/text_summary")[0].tensor_proto.string_val == [b"env2 left round 1"]
+
+
+def test_tensorboard_sink_writes_on_the_callers_thread_and_each_event_is_on_disk_at_once(tmp_path):
+    before = threading.active_count()
+    sink = TensorBoardSink(tmp_path / "exp")
+    for i in range(50):  # one run per envoy
+        sink.log(r.MetricEvent(0, f"env{i}", r.Stage.TRAIN, (M("train", "loss", float(i)),), timestamp=1000.0))
+    assert threading.active_count() == before
+    assert tensorboard_scalars(tmp_path / "exp" / "env7") == {"train/loss": [(0, 7.0)]}  # not closed yet
+    sink.close()
 
 
 def test_loggers_default_to_tensorboard_and_an_empty_list_writes_nothing(tmp_path):
