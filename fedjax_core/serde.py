@@ -63,7 +63,10 @@ def field_key(field) -> bytes:
     return varint(field.number << 3 | 2)
 
 
-_DATA_KEY = field_key(t_pb.TensorChunk.DESCRIPTOR.fields_by_name["data"])
+_DATA = t_pb.TensorChunk.DESCRIPTOR.fields_by_name["data"]
+_DATA_KEY = field_key(_DATA)
+if _DATA.number != max(f.number for f in t_pb.TensorChunk.DESCRIPTOR.fields):  # chunk_wire appends it last
+    raise ImportError("TensorChunk.data must keep the highest field number: chunk_wire writes it after the others")
 
 
 def chunk_wire(chunk: r.TensorChunk) -> tuple[bytes, bytes | memoryview]:
@@ -74,7 +77,7 @@ def chunk_wire(chunk: r.TensorChunk) -> tuple[bytes, bytes | memoryview]:
     head = t_pb.TensorChunk(name=chunk.name, offset=chunk.offset)
     if chunk.spec is not None:
         head.spec.CopyFrom(spec_to_proto(chunk.spec))
-    size = len(chunk.data)
+    size = memoryview(chunk.data).nbytes  # bytes, not elements, of a view of another format
     data_key = _DATA_KEY + varint(size) if size else b""  # proto3 leaves an empty bytes field out
     return head.SerializeToString() + data_key, chunk.data
 

@@ -5,6 +5,7 @@ field added to a record without its conversion makes these tests fail.
 """
 from __future__ import annotations
 
+import array
 import dataclasses
 import itertools
 import math
@@ -167,9 +168,10 @@ def test_every_serde_pair_is_tested():
     r.TensorChunk("params/w", 1 << 40, memoryview(bytes(range(256)) * 600)),  # a view, a large offset, no spec
     r.TensorChunk("step", 0, b"", r.TensorSpec("step", "int32", ())),  # proto3 leaves empty data out
     r.TensorChunk("a" * 300, 5, b"x" * 130),  # lengths that take two-byte varints
-], ids=["first", "view", "empty", "long-name"])
+    r.TensorChunk("params/f", 0, memoryview(array.array("f", range(40)))),  # a view of 4-byte items
+], ids=["first", "view", "empty", "long-name", "float-view"])
 def test_chunk_bytes_are_the_bytes_protobuf_writes(chunk):
-    plain = dataclasses.replace(chunk, data=bytes(chunk.data))
+    plain = dataclasses.replace(chunk, data=memoryview(chunk.data).tobytes())
     assert serde.chunk_bytes(chunk) == serde.chunk_to_proto(plain).SerializeToString()
     assert serde.chunk_from_proto(type(serde.chunk_to_proto(plain)).FromString(serde.chunk_bytes(chunk))) == plain
 

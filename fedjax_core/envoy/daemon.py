@@ -25,7 +25,7 @@ from fedjax_core import bundle as bundle_io
 from fedjax_core import records as r
 from fedjax_core.config import EnvoyConfig, EnvoyParams, resolve_path, worker_account
 from fedjax_core.envoy.client import EnvoyClient
-from fedjax_core.envoy.launch import WorkerLauncher, stop_process
+from fedjax_core.envoy.launch import LauncherClosed, WorkerLauncher, stop_process
 from fedjax_core.envoy.proxy import WorkerProxy
 from fedjax_core.envoy.review import CHECK_S, ReviewDesk, describe
 from fedjax_core.errors import FedError
@@ -150,7 +150,7 @@ class EnvoyDaemon:
                 for experiment, submitter, sha256 in self._stream:
                     try:
                         self._receive(experiment, submitter, sha256)
-                    except (FedError, ConnectionError) as exc:  # e.g. the experiment ended before this envoy got to it
+                    except (FedError, ConnectionError, LauncherClosed) as exc:  # e.g. it ended before we got to it
                         log.warning("envoy %s: cannot start experiment %r: %s", self.name, experiment, exc)
             except grpc.RpcError as exc:
                 self._registered.clear()
@@ -263,7 +263,7 @@ class EnvoyDaemon:
         log.info("envoy %s: experiment %r approved in review", self.name, experiment)
         try:
             self._start_worker(experiment)
-        except (FedError, ConnectionError, OSError) as exc:
+        except (FedError, ConnectionError, OSError, LauncherClosed) as exc:
             log.warning("envoy %s: cannot start experiment %r: %s", self.name, experiment, exc)
 
     def _start_worker(self, experiment: str) -> None:
@@ -303,10 +303,9 @@ class EnvoyDaemon:
         log.info("envoy %s: worker for %r exited with code %d", self.name, experiment, code)
         if self.stop.is_set():
             return
-        with self._worker_lock:
-            current = self._worker is worker  # not one stopped for the next experiment, which has its worker
-        if current:
-            self.launcher.prepare()  # for the next experiment, or this one's restarted worker
+        with self._worker_lock:  # held, so a worker started meanwhile finds the standby ready
+            if self._worker is worker:  # not one stopped for the next experiment, which has its worker
+                self.launcher.prepare()  # for the next experiment, or this one's restarted worker
         if code == 0:
             return
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
@@ -325,7 +324,7 @@ class EnvoyDaemon:
                         restarts + 1, MAX_WORKER_RESTARTS)
             try:
                 self._start_worker(experiment)
-            except (FedError, ConnectionError, OSError) as exc:  # the experiment ended meanwhile
+            except (FedError, ConnectionError, OSError, LauncherClosed) as exc:  # it ended, or we are stopping
                 log.warning("envoy %s: no new worker for %r: %s", self.name, experiment, exc)
 
     def request_stop(self) -> None:

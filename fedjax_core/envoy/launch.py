@@ -14,20 +14,33 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent import futures
 from pathlib import Path
 
 log = logging.getLogger("fedjax.envoy")
 WORKER = [sys.executable, "-m", "fedjax_core.envoy.worker"]
 
 
+class LauncherClosed(RuntimeError):
+    """The daemon is stopping: no worker starts any more."""
+
+
 class WorkerLauncher:
-    """Starts workers with one environment and account; keeps at most one standby ready when asked to."""
+    """Starts workers with one environment and account; keeps at most one standby ready when asked to.
+
+    Every worker is forked by one long-lived thread of its own: a worker asks the kernel for SIGTERM when
+    its parent dies (PR_SET_PDEATHSIG), and the kernel sends it when the *thread* that forked it ends, so a
+    worker started from a short-lived thread (one that reaped a crashed worker) would be killed with it."""
 
     def __init__(self, env: dict[str, str], user: dict, standby: bool):
         self.env, self.user, self.standby = env, user, standby
         self._ready: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._forker = futures.ThreadPoolExecutor(1, thread_name_prefix="worker-launcher")
+
+    def _start(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        return self._forker.submit(subprocess.Popen, argv, env=self.env, **self.user, **kwargs).result()
 
     def prepare(self) -> None:
         """Start a standby unless one is alive, standbys are off, or the launcher is closed."""
@@ -35,15 +48,17 @@ class WorkerLauncher:
             if not self.standby or self._closed or (self._ready is not None and self._ready.poll() is None):
                 return
             try:
-                self._ready = subprocess.Popen([*WORKER, "--standby", str(os.getpid())], stdin=subprocess.PIPE,
-                                               env=self.env, **self.user)
+                self._ready = self._start([*WORKER, "--standby", str(os.getpid())], stdin=subprocess.PIPE)
             except OSError as exc:  # e.g. out of processes: experiments still start cold
                 log.warning("could not start a standby worker (%s); the next experiment's worker starts cold", exc)
                 self._ready = None
 
     def launch(self, spec_path: Path) -> tuple[subprocess.Popen, bool]:
-        """The worker of the experiment whose spec is at ``spec_path``, and whether it was a standby."""
+        """The worker of the experiment whose spec is at ``spec_path``, and whether it was a standby.
+        Raises LauncherClosed once :meth:`close` has run."""
         with self._lock:
+            if self._closed:
+                raise LauncherClosed("the envoy daemon is stopping: no new worker")
             ready, self._ready = self._ready, None
         if ready is not None and ready.poll() is None:
             try:
@@ -52,7 +67,7 @@ class WorkerLauncher:
                 return ready, True
             except OSError:  # it died just now: start one cold
                 stop_process(ready)
-        return subprocess.Popen([*WORKER, str(spec_path)], env=self.env, **self.user), False
+        return self._start([*WORKER, str(spec_path)]), False
 
     def close(self) -> None:
         """Stop the standby (it holds nothing yet); no new one starts."""
@@ -60,6 +75,7 @@ class WorkerLauncher:
             self._closed, ready, self._ready = True, self._ready, None
         if ready is not None:
             stop_process(ready)
+        self._forker.shutdown(wait=False)
 
 
 def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -101,6 +101,9 @@ class MetricReports:
         errors = [e for e in (f.exception() for f in sent) if e is not None]
         if errors and raise_first:
             raise errors[0]
+        for error in errors:  # a task failed already: that is what gets reported; these are only logged
+            print(f"[worker {self._client.envoy_name}] a metric report was not taken: {error}", file=sys.stderr,
+                  flush=True)
 
 
 class _Rounds:
@@ -278,9 +281,11 @@ def standby(parent_pid: int) -> int:
     exit at end of input (the daemon stopped, or wants no standby). Touches no device: JAX's backends start
     when the experiment's policy is known, and an accelerator's memory is not held while waiting."""
     _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the daemon's terminal is the daemon's to handle
     for module in STANDBY_IMPORTS:
         importlib.import_module(module)
     spec_path = sys.stdin.readline().strip()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, a worker like a cold one
     return main([spec_path]) if spec_path else 0
 
 

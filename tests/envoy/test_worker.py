@@ -88,6 +88,8 @@ def test_cpu_only_reaches_a_jax_that_a_standby_imported_already():
 class _SlowDirector:
     """Answers report_metrics once released; records the order; refuses the stages in ``refuse``."""
 
+    envoy_name = "env1"
+
     def __init__(self, refuse=()):
         self.release, self.got, self.refuse = threading.Event(), [], set(refuse)
 
@@ -109,7 +111,7 @@ def test_metric_reports_do_not_hold_up_the_next_task_and_keep_their_order():
     assert director.got == [(3, "aggregated_model_validation"), (3, "train"), (3, "locally_tuned_model_validation")]
 
 
-def test_waiting_on_reports_raises_the_first_refusal_unless_told_not_to():
+def test_waiting_on_reports_raises_the_first_refusal_unless_told_not_to(capsys):
     director = _SlowDirector(refuse={"train", "locally_tuned_model_validation"})
     director.release.set()
     reports = MetricReports(director)
@@ -118,6 +120,18 @@ def test_waiting_on_reports_raises_the_first_refusal_unless_told_not_to():
     with pytest.raises(PreconditionError, match="round 1 is not open"):
         reports.wait()
     reports.send("exp", 2, "train", {}, 1)
-    reports.wait(raise_first=False)  # a task failed already: that is what gets reported
+    reports.wait(raise_first=False)  # a task failed already: that is what gets reported, this is logged
     assert director.got[-1] == (2, "train")
+    assert "[worker env1] a metric report was not taken: round 2 is not open" in capsys.readouterr().err
     reports.wait()  # nothing left
+
+
+def test_the_standby_imports_start_no_jax_backend():
+    # were a backend started before the experiment's policy is known, cpu_only() would no longer take
+    script = ("import importlib, jax; from fedjax_core.envoy.worker import STANDBY_IMPORTS\n"
+              "for m in STANDBY_IMPORTS: importlib.import_module(m)\n"
+              "from jax._src import xla_bridge; print(len(xla_bridge._backends))")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0"]
