@@ -138,6 +138,10 @@ class EnvoyParams(_Model):
     # touched, no experiment's state) takes the next experiment, sparing its first round the imports.
     # false: workers start only when an experiment arrives, and no process waits between experiments.
     standby_worker: bool = Field(True, strict=True)
+    # Keep the programs XLA compiles in work_dir/NAME/jax_cache, across experiments (JAX's persistent
+    # compilation cache): a rerun of the same model skips compiling it. Every experiment's worker can
+    # write there, so it needs settings.accept_from to name exactly one submitter.
+    jax_compilation_cache: bool = Field(False, strict=True)
 
 
 class EnvoySettings(_Model):
@@ -164,6 +168,17 @@ class EnvoyConfig(_Model):
     optional_plugin_components: dict[str, Any] = {}
     shard_descriptor: ShardDescriptorConfig
     tls: TLSConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_submitter_per_compilation_cache(self) -> "EnvoyConfig":
+        accepted = self.settings.accept_from
+        if self.params.jax_compilation_cache and (accepted is None or len(accepted) != 1):
+            raise ValueError(
+                "params.jax_compilation_cache: true needs settings.accept_from to list exactly one submitter "
+                f"(it is {accepted!r}): every experiment's worker can write the cache, so experiments of "
+                "different submitters could run programs another one compiled. Name the one submitter, or "
+                "set jax_compilation_cache: false")
+        return self
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -201,6 +216,8 @@ def _describe(model: type[BaseModel], err: dict) -> str:
         return f"{key}: unknown key; allowed here: {', '.join(allowed)}"
     if err["type"] == "missing":
         return f"{key}: required key is missing"
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):  # a rule across keys: it names them
+        return f"{key}: {(err.get('ctx') or {}).get('error', err['msg'])}"
     return f"{key}: {err['msg']} (got {err.get('input')!r})"
 
 

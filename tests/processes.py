@@ -95,6 +95,13 @@ def write_envoy_config(path: Path, rank: int, world: int, **params) -> Path:
     return path
 
 
+def set_settings(config: Path, **settings) -> None:
+    """Merge ``settings`` into the ``settings:`` of the envoy config at ``config``."""
+    data = yaml.safe_load(config.read_text())
+    data["settings"] = {**data.get("settings", {}), **settings}
+    config.write_text(yaml.safe_dump(data))
+
+
 class Stack:
     """A director and envoys on loopback, started with the CLI; ``stop()`` ends every process.
 

@@ -218,3 +218,19 @@ def test_allowed_envoys_defaults_to_any_envoy_and_takes_certificate_names(tmp_pa
     assert "settings.allowed_envoys.0" in msg and "'env one'" in msg
     msg = _error(tmp_path, DIRECTOR_YAML + "  allowed_envoy: [env_one]\n", DirectorConfig)
     assert "settings.allowed_envoy: unknown key" in msg and "allowed_envoys" in msg
+
+
+@pytest.mark.parametrize("accept_from", [None, [], ["lab-a", "lab-b"]])
+def test_a_compilation_cache_needs_exactly_one_submitter(tmp_path, accept_from):
+    settings = "" if accept_from is None else f"settings: {{accept_from: {accept_from}}}\n"
+    text = ENVOY_YAML.replace("  cuda_devices: []", "  cuda_devices: []\n  jax_compilation_cache: true") + settings
+    msg = _error(tmp_path, text, EnvoyConfig)
+    assert "params.jax_compilation_cache: true needs settings.accept_from to list exactly one submitter" in msg
+    assert "got {" not in msg  # a rule across keys names them; the whole input is not echoed
+
+
+def test_a_compilation_cache_for_one_submitter_loads(tmp_path):
+    text = ENVOY_YAML.replace("  cuda_devices: []", "  cuda_devices: []\n  jax_compilation_cache: true")
+    cfg = load_config(_write(tmp_path, text + "settings: {accept_from: [lab-a]}\n"), EnvoyConfig)
+    assert cfg.params.jax_compilation_cache and cfg.settings.accept_from == ["lab-a"]
+    assert not load_config(_write(tmp_path, ENVOY_YAML), EnvoyConfig).params.jax_compilation_cache  # off by default

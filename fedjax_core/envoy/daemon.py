@@ -42,14 +42,24 @@ WORKER_ENV_PREFIXES = ("LC_", "JAX_", "XLA_", "CUDA_", "NVIDIA_", "TF_", "GRPC_"
 
 
 _HOST_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
 
 def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Path,
-                       home: str | None = None) -> dict[str, str]:
+                       home: str | None = None, cache_dir: Path | None = None) -> dict[str, str]:
     """The worker's environment: the allow-listed variables of ``base`` (WORKER_ENV_NAMES, and names
     starting with WORKER_ENV_PREFIXES: locale, JAX/XLA/CUDA/TF settings, FEDJAX_* test hooks), then
-    the device choice and JAX/TF memory settings, before JAX starts. ``home``: the worker account's."""
+    the device choice and JAX/TF memory settings, before JAX starts. ``home``: the worker account's;
+    ``cache_dir``: where params.jax_compilation_cache keeps compiled programs (only then is one used)."""
     env = {k: v for k, v in base.items() if k in WORKER_ENV_NAMES or k.startswith(WORKER_ENV_PREFIXES)}
+    for name in _CACHE_VARIABLES:  # a cache is shared by experiments: only params.jax_compilation_cache opens one
+        env.pop(name, None)
+    if params.jax_compilation_cache:
+        if cache_dir is None:
+            raise ValueError("params.jax_compilation_cache needs the cache's folder")
+        env.update({"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
     if home is not None:
         env["HOME"] = home
     if params.cuda_devices:
@@ -100,8 +110,10 @@ class EnvoyDaemon:
         self.proxy = WorkerProxy(name, self.client.channel, self.work_dir / "worker-proxy",
                                  self.account[:2] if self.account else None) if tls is not None else None
         user = {"user": self.account[0], "group": self.account[1], "extra_groups": []} if self.account else {}
+        self.cache_dir = self.work_dir / "jax_cache" if config.params.jax_compilation_cache else None
         self.launcher = WorkerLauncher(worker_environment(config.params, dict(os.environ), self.config_dir,
-                                                          home=self.account[2] if self.account else None),
+                                                          home=self.account[2] if self.account else None,
+                                                          cache_dir=self.cache_dir),
                                        user, standby=config.params.standby_worker)
         self._worker: subprocess.Popen | None = None
         self._worker_experiment: str | None = None
@@ -122,6 +134,12 @@ class EnvoyDaemon:
         heartbeats = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
         heartbeats.start()
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.cache_dir is not None:  # the workers' to write, under their account
+            self.cache_dir.mkdir(exist_ok=True)
+            if self.account is not None:
+                os.chown(self.cache_dir, *self.account[:2])
+            log.info("envoy %s: compiled programs are kept across experiments in %s (params.jax_compilation_cache)",
+                     self.name, self.cache_dir)
         self.launcher.prepare()
         if self.proxy is not None:
             self.proxy.start()

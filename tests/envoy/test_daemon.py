@@ -36,3 +36,15 @@ def test_the_worker_environment_is_an_allow_list_not_a_copy(tmp_path):
     assert not {"MY_SECRET_TOKEN", "AWS_SECRET_ACCESS_KEY", "SSH_AUTH_SOCK"} & set(env)
     assert env["LC_ALL"] == "C" and env["FEDJAX_TEST_FAIL_ROUNDS"] == "1" and env["XLA_FLAGS"].startswith("--xla")
     assert env["HOME"] == "/home/worker"
+
+
+def test_a_compilation_cache_only_from_the_envoy_config(tmp_path):
+    inherited = {"PATH": "/usr/bin", "JAX_COMPILATION_CACHE_DIR": "/shared/cache",
+                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "5"}
+    env = worker_environment(EnvoyParams(), inherited, tmp_path)
+    assert "JAX_COMPILATION_CACHE_DIR" not in env  # the daemon's environment does not open one
+    assert "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in env
+    env = worker_environment(EnvoyParams(jax_compilation_cache=True), inherited, tmp_path,
+                             cache_dir=tmp_path / "jax_cache")
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "jax_cache")
+    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"  # small programs too

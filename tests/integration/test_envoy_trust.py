@@ -15,7 +15,7 @@ import yaml
 from fedjax_core import ExperimentFailed, FLExperiment, ModelInterface
 from fedjax_core import records as r
 from fl_experiment import SubsetDataset, create_train_state, make_tasks
-from processes import FEDJAX, Stack
+from processes import FEDJAX, Stack, set_settings
 
 FAST_REVIEW = {"FEDJAX_REVIEW_CHECK_S": "0.2"}  # the daemon looks for decisions this often
 
@@ -25,12 +25,6 @@ def start(federation, name: str, **kwargs) -> FLExperiment:
     exp.start(model_provider=ModelInterface(model=create_train_state()), task_keeper=make_tasks(),
               data_loader=SubsetDataset(limit=128), device_assignment_policy="CPU_ONLY", **kwargs)
     return exp
-
-
-def set_settings(config: Path, **settings) -> None:
-    data = yaml.safe_load(config.read_text())
-    data["settings"] = {**data.get("settings", {}), **settings}
-    config.write_text(yaml.safe_dump(data))
 
 
 def review(stack: Stack, index: int, *args: str) -> subprocess.CompletedProcess:

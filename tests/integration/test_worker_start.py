@@ -1,13 +1,14 @@
-"""The standby worker (params.standby_worker): started with the daemon, it has imported JAX before any
-experiment comes, becomes that experiment's one worker, exits with it, and is replaced; it goes with its
-daemon. With the setting off, workers start cold and nothing waits between experiments."""
+"""How workers start. The standby (params.standby_worker): started with the daemon, it has imported JAX
+before any experiment comes, becomes that experiment's one worker, exits with it, and is replaced; it
+goes with its daemon. With the setting off, workers start cold and nothing waits between experiments.
+The compilation cache (params.jax_compilation_cache) keeps what one experiment compiled for the next."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from fedjax_core import FLExperiment, ModelInterface
 from fl_experiment import SubsetDataset, create_train_state, make_tasks
-from processes import Stack, alive, children, wait_until
+from processes import Stack, alive, children, set_settings, wait_until
 
 
 def _standby(daemon_pid: int) -> int | None:
@@ -71,5 +72,25 @@ def test_without_a_standby_workers_start_cold_and_nothing_waits(tmp_path):
         assert started.group(2) == "cold"
         wait_until(lambda: not alive(int(started.group(1))), 60, "the worker to exit with its experiment")
         assert children(envoy.proc.pid) == []
+    finally:
+        stack.stop()
+
+
+def test_the_compilation_cache_keeps_what_an_experiment_compiled_for_the_next(tmp_path):
+    stack = Stack(tmp_path, n_envoys=1, envoy_params={"jax_compilation_cache": True})
+    set_settings(stack.envoy_configs[0], accept_from=["api"])  # the cache is one submitter's
+    hit = "Persistent compilation cache hit for 'jit_apply_model'"  # the training step, in JAX's debug log
+    try:
+        stack.start(envoy_env={0: {"JAX_LOGGING_LEVEL": "DEBUG"}})
+        envoy = stack.processes[1]
+        cache = Path(envoy.wait_for(r"compiled programs are kept across experiments in (\S+) ").group(1))
+        assert list(cache.iterdir()) == []
+        _run(stack, "compiles")
+        programs = {p.name for p in cache.iterdir()}
+        assert any(name.startswith("jit_apply_model-") for name in programs), programs
+        assert hit not in envoy.output()
+        _run(stack, "reuses")  # the same model and steps: loaded, not compiled again
+        envoy.wait_for(hit)
+        assert {p.name for p in cache.iterdir()} == programs
     finally:
         stack.stop()
