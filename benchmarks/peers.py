@@ -108,12 +108,13 @@ def task_seconds(reports: list[tuple], rounds: int) -> list[float]:
 
 
 def summarize(round_times: list[float], wall_s: float, accuracy: list, reports: list, memory: dict,
-              model_bytes: int, floor_s: float | None) -> dict:
-    """One system's figures for one case. ``reports``: (participant, round, traces, task_s) per task."""
+              model_bytes: int) -> dict:
+    """One system's figures for one case. ``reports``: (participant, round, traces, task_s) per task. The
+    overhead needs the floor, measured after both systems ran (:func:`with_overhead`)."""
     rounds = len(round_times)
     tasks = task_seconds(reports, rounds)
     return {"rounds": rounds, "round_times_s": round_times, "steady_round_s": steady(round_times), "wall_s": wall_s,
-            "overhead_s": wall_s - rounds * floor_s if floor_s else None, "accuracy": accuracy,
+            "overhead_s": None, "accuracy": accuracy,
             "recompiles": recompiles([(w, r, n) for w, r, n, _ in reports]), "task_s": tasks,
             "steady_outside_tasks_s": steady([t - c for t, c in zip(round_times, tasks)]),
             "model_bytes": model_bytes, **memory, "peak_rss_per_model": memory["peak_rss_bytes"] / model_bytes}
@@ -136,8 +137,7 @@ def project_stack(workdir: Path, case: int, data_dir: Path) -> bench.BenchStack:
     return stack
 
 
-def run_project(case: int, workdir: Path, rounds: int, data_dir: Path, floor_s: float | None,
-                timeout_s: float) -> dict:
+def run_project(case: int, workdir: Path, rounds: int, data_dir: Path, timeout_s: float) -> dict:
     """One experiment on a fresh director and envoys; its figures."""
     import peers_model
     import seed_cnn
@@ -171,7 +171,7 @@ def run_project(case: int, workdir: Path, rounds: int, data_dir: Path, floor_s: 
     return summarize([times[r] for r in sorted(times)], wall_s,
                      [accuracy.get(r) for r in range(1, rounds + 1)] if case == 1 else [], reports,
                      {"peak_rss_bytes": memory["VmHWM"], "baseline_rss_bytes": stack.baseline["VmRSS"]},
-                     model_bytes, floor_s)
+                     model_bytes)
 
 
 # ----------------------------------------------------------------------------- Flower
@@ -187,8 +187,7 @@ def wait_listening(port: int, process: Process, timeout: float = 120.0) -> None:
     raise TimeoutError(f"{process.name} does not listen on {port} after {timeout} s")
 
 
-def run_flower(case: int, python: Path, rounds: int, data_dir: Path, floor_s: float | None,
-               timeout_s: float) -> dict:
+def run_flower(case: int, python: Path, rounds: int, data_dir: Path, timeout_s: float) -> dict:
     """Flower's server and one client process per shard; the same figures."""
     n, port = CASES[case]["envoys"], free_port()
     env = {"PYTHONPATH": os.pathsep.join(map(str, (REPO, HERE, REPO / "envoy"))), "JAX_PLATFORMS": "cpu"}
@@ -223,7 +222,7 @@ def run_flower(case: int, python: Path, rounds: int, data_dir: Path, floor_s: fl
     return summarize([r["end"] - r["start"] for r in rows], wall_s,
                      [r.get("accuracy") for r in rows] if case == 1 else [], reports,
                      {"peak_rss_bytes": result["peak_rss_bytes"], "baseline_rss_bytes": result["baseline_rss_bytes"]},
-                     model_bytes, floor_s)
+                     model_bytes)
 
 
 def _model_bytes(case: int) -> int:
@@ -266,22 +265,38 @@ def floor_worker(rank: int, world: int, data_dir: Path, epochs: int) -> None:
                                          "traces": peers_model.traces()}), flush=True)
 
 
-def run_floor(data_dir: Path, world: int, epochs: int, timeout_s: float) -> dict:
-    """``world`` floor workers in parallel; the floor is the slower one's median round (validate, train,
-    validate), with its epoch and validation pass alone beside it."""
+def run_floor(data_dir: Path, world: int, epochs: int, timeout_s: float) -> list[dict]:
+    """``world`` floor workers in parallel; each one's timed rounds (see :func:`combine_floors`)."""
     processes = []
     try:
         for rank in range(1, world + 1):
             processes.append(Process([sys.executable, "-u", str(Path(__file__).resolve()), "--floor-worker", str(rank),
                                       str(world), "--data-dir", str(data_dir), "--floor-epochs", str(epochs)],
                                      env={"JAX_PLATFORMS": "cpu"}, name=f"floor{rank}"))
-        workers = [json.loads(p.wait_for(r"^FLOOR RESULT (.*)$", timeout=timeout_s).group(1)) for p in processes]
+        return [json.loads(p.wait_for(r"^FLOOR RESULT (.*)$", timeout=timeout_s).group(1)) for p in processes]
     finally:
         for p in processes:
             p.stop()
-    slowest = lambda key: max(statistics.median(w[key]) for w in workers)  # noqa: E731
-    return {"floor_s": slowest("round_s"), "epoch_s": slowest("epoch_s"), "validation_s": slowest("validation_s"),
-            "workers": workers}
+
+
+def combine_floors(before: list[dict], after: list[dict]) -> dict:
+    """The floor from two measurements bracketing both systems' runs, so that the machine drifting during
+    the case (it did, by 5%) moves the floor as it moves the runs: per rank, the median of every timed round
+    of both; the floor is the slower rank's. The epoch and validation pass alone likewise, and each
+    measurement's own floor beside them."""
+    def slowest(key: str, *measurements: list[dict]) -> float:
+        ranks = {w["rank"] for m in measurements for w in m}
+        return max(statistics.median([x for m in measurements for w in m if w["rank"] == rank for x in w[key]])
+                   for rank in ranks)
+
+    return {"floor_s": slowest("round_s", before, after), "epoch_s": slowest("epoch_s", before, after),
+            "validation_s": slowest("validation_s", before, after), "before_s": slowest("round_s", before),
+            "after_s": slowest("round_s", after), "workers": before + after}
+
+
+def with_overhead(s: dict, floor_s: float) -> dict:
+    """``s`` (one system's figures) with its overhead against ``floor_s``: end to end minus rounds x floor."""
+    return {**s, "overhead_s": s["wall_s"] - s["rounds"] * floor_s}
 
 
 # ----------------------------------------------------------------------------- table
@@ -403,8 +418,9 @@ def report(results: dict) -> str:
         if "floor" in c:
             floor = c["floor"]
             out.append(f"case {key} floor  : {floor['floor_s']:.3f} s per round (2 plain processes: validate, train "
-                       f"one epoch, validate; median, slower one): an epoch {_cell(floor.get('epoch_s'), '.3f')} s, "
-                       f"a validation pass {floor['validation_s']:.3f} s")
+                       f"one epoch, validate; median, slower one; {_cell(floor.get('before_s'), '.3f')} before the "
+                       f"runs, {_cell(floor.get('after_s'), '.3f')} after): an epoch "
+                       f"{_cell(floor.get('epoch_s'), '.3f')} s, a validation pass {floor['validation_s']:.3f} s")
     return "\n".join(out)
 
 
@@ -478,16 +494,21 @@ def main(argv: list[str] | None = None) -> int:
         results["transport_reference"] = bench.transport_reference(256)
     with tempfile.TemporaryDirectory(prefix="fedjax-peers-") as tmp:
         for case in args.cases:
-            entry, floor_s = {"envoys": CASES[case]["envoys"]}, None
-            if case == 1:
-                print(f"case 1: compute floor (2 processes, {args.floor_epochs} timed epochs each) ...", flush=True)
-                entry["floor"] = run_floor(args.data_dir, CASES[1]["envoys"], args.floor_epochs, args.experiment_timeout)
-                floor_s = entry["floor"]["floor_s"]
+            entry = {"envoys": CASES[case]["envoys"]}
+            floor = lambda when: (print(f"case 1: compute floor {when} (2 processes, {args.floor_epochs} timed "  # noqa: E731
+                                        "rounds each) ...", flush=True),
+                                  run_floor(args.data_dir, CASES[1]["envoys"], args.floor_epochs,
+                                            args.experiment_timeout))[1]
+            before = floor("before") if case == 1 else None
             print(f"case {case}: this project, {CASES[case]['envoys']} envoys, {args.rounds} rounds ...", flush=True)
-            entry["project"] = run_project(case, Path(tmp) / f"case{case}", args.rounds, args.data_dir, floor_s,
+            entry["project"] = run_project(case, Path(tmp) / f"case{case}", args.rounds, args.data_dir,
                                            args.experiment_timeout)
             print(f"case {case}: Flower, {CASES[case]['envoys']} clients, {args.rounds} rounds ...", flush=True)
-            entry["flower"] = run_flower(case, python, args.rounds, args.data_dir, floor_s, args.experiment_timeout)
+            entry["flower"] = run_flower(case, python, args.rounds, args.data_dir, args.experiment_timeout)
+            if case == 1:
+                entry["floor"] = combine_floors(before, floor("after"))
+                entry["project"], entry["flower"] = (with_overhead(entry[k], entry["floor"]["floor_s"])
+                                                     for k in ("project", "flower"))
             results["cases"][str(case)] = entry
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["total_wall_s"] = time.perf_counter() - started

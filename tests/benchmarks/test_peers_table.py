@@ -92,3 +92,17 @@ def test_transfer_rate_row_against_the_bare_transport(cases):
     assert "round MiB/s / bare gRPC" not in {r["metric"] for r in peers.build_rows(cases)}  # no reference, no row
     reference["download_MBps"] = 700.0  # 800 MiB/s: 0.85x for the project now
     assert {r["metric"].split(" (")[0]: r for r in peers.build_rows(cases, reference)}["round MiB/s / bare gRPC"]["met"]
+
+
+def test_the_floor_pools_both_measurements_per_rank_and_takes_the_slower_rank():
+    def worker(rank, rounds):
+        return {"rank": rank, "round_s": rounds, "epoch_s": [r - 0.2 for r in rounds], "validation_s": [0.1] * 3}
+
+    before = [worker(1, [2.0, 2.1, 2.2]), worker(2, [2.3, 2.4, 2.5])]
+    after = [worker(1, [2.6, 2.7, 2.8]), worker(2, [2.2, 2.3, 2.4])]  # the machine slowed for rank 1's core
+    floor = peers.combine_floors(before, after)
+    assert floor["floor_s"] == pytest.approx(2.4)  # rank 1: median of its six rounds 2.4; rank 2: 2.35
+    assert floor["epoch_s"] == pytest.approx(2.2)
+    assert (floor["before_s"], floor["after_s"]) == (pytest.approx(2.4), pytest.approx(2.7))  # each alone
+    s = peers.with_overhead({"wall_s": 14.0, "rounds": 5, "overhead_s": None}, floor["floor_s"])
+    assert s["overhead_s"] == pytest.approx(14.0 - 5 * 2.4)
