@@ -138,9 +138,9 @@ class EnvoyParams(_Model):
     # touched, no experiment's state) takes the next experiment, sparing its first round the imports.
     # false: workers start only when an experiment arrives, and no process waits between experiments.
     standby_worker: bool = Field(True, strict=True)
-    # Keep the programs XLA compiles in work_dir/NAME/jax_cache, across experiments (JAX's persistent
-    # compilation cache): a rerun of the same model skips compiling it. Every experiment's worker can
-    # write there, so it needs settings.accept_from to name exactly one submitter.
+    # Keep the programs XLA compiles in work_dir/NAME/jax_cache/<submitter>, across experiments (JAX's
+    # persistent compilation cache): a rerun of the same model skips compiling it. Every experiment's
+    # worker can write there, so it needs settings.accept_from to name exactly one submitter.
     jax_compilation_cache: bool = Field(False, strict=True)
 
 
@@ -172,7 +172,7 @@ class EnvoyConfig(_Model):
     @model_validator(mode="after")
     def _one_submitter_per_compilation_cache(self) -> "EnvoyConfig":
         accepted = self.settings.accept_from
-        if self.params.jax_compilation_cache and (accepted is None or len(accepted) != 1):
+        if self.params.jax_compilation_cache and (accepted is None or len(set(accepted)) != 1):
             raise ValueError(
                 "params.jax_compilation_cache: true needs settings.accept_from to list exactly one submitter "
                 f"(it is {accepted!r}): every experiment's worker can write the cache, so experiments of "

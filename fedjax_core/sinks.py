@@ -25,6 +25,7 @@ import queue
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -86,23 +87,34 @@ class TensorBoardSink:
 
     Each run's event file is written as events come, on the caller's thread, with tensorboardX's
     ``EventsWriter``. Its ``SummaryWriter`` would keep two threads and a multiprocessing queue per run
-    (512 threads in a director with 256 envoys), and its ``flush()`` does not wait for what is queued."""
+    (512 threads in a director with 256 envoys), and its ``flush()`` does not wait for what is queued.
+    A run is flushed (an fsync) at its first event, then at most every FLUSH_S, and at ``close()``: the
+    director logs under a lock that every envoy's metric report takes."""
+
+    FLUSH_S = 2.0
 
     def __init__(self, log_dir: str | Path):
         self.log_dir = Path(log_dir)
         self._writers: dict[str, EventsWriter] = {}
+        self._flushed: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
     def _writer(self, run: str) -> EventsWriter:
         with self._lock:
+            if self._closed:
+                raise RuntimeError(f"the TensorBoard sink for {self.log_dir} is closed")
             if run not in self._writers:
                 (self.log_dir / run).mkdir(parents=True, exist_ok=True)
-                # the pid keeps two writers of one run (a restarted director) in one second apart
-                self._writers[run] = EventsWriter(str(self.log_dir / run / "events"), f".{os.getpid()}")
+                # files are named by the second; the pid and a random part keep two writers of one run apart
+                suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
+                self._writers[run] = EventsWriter(str(self.log_dir / run / "events"), suffix)
+                self._flushed[run] = 0.0
             return self._writers[run]
 
     def log(self, event: r.MetricEvent) -> None:
-        writer = self._writer(event.envoy or AGGREGATED_RUN)
+        run = event.envoy or AGGREGATED_RUN
+        writer = self._writer(run)
         walltime = event.timestamp or time.time()
 
         def write(summary) -> None:
@@ -114,10 +126,14 @@ class TensorBoardSink:
             write(tb_summary.text(event.stage, event.note))
         if event.participants:
             write(tb_summary.text("round/participants", ", ".join(event.participants)))
-        writer.flush()
+        now = time.monotonic()
+        if now - self._flushed[run] >= self.FLUSH_S:
+            writer.flush()
+            self._flushed[run] = now
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             writers, self._writers = list(self._writers.values()), {}
         for writer in writers:
             writer.close()

@@ -92,6 +92,25 @@ def test_tensorboard_sink_writes_on_the_callers_thread_and_each_event_is_on_disk
     sink.close()
 
 
+def test_two_tensorboard_sinks_on_one_folder_keep_both_files(tmp_path):
+    # e.g. a notebook streaming an experiment's metrics twice: event files are named by the second
+    first, second = TensorBoardSink(tmp_path / "exp"), TensorBoardSink(tmp_path / "exp")
+    first.log(r.MetricEvent(0, "env1", r.Stage.TRAIN, (M("train", "loss", 1.0),), timestamp=1000.0))
+    first.close()
+    second.log(r.MetricEvent(1, "env1", r.Stage.TRAIN, (M("train", "loss", 0.5),), timestamp=1001.0))
+    second.close()
+    assert len(list((tmp_path / "exp" / "env1").iterdir())) == 2
+    assert sorted(tensorboard_scalars(tmp_path / "exp" / "env1")["train/loss"]) == [(0, 1.0), (1, 0.5)]
+
+
+def test_a_closed_tensorboard_sink_refuses_events(tmp_path):
+    sink = TensorBoardSink(tmp_path / "exp")
+    sink.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        sink.log(events()[0])
+    assert not (tmp_path / "exp").exists()
+
+
 def test_loggers_default_to_tensorboard_and_an_empty_list_writes_nothing(tmp_path):
     default = Loggers(tmp_path / "tb")
     off = Loggers(tmp_path / "off", [])

@@ -11,9 +11,11 @@ only through the daemon's local proxy under TLS (proxy.py), and optionally anoth
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -42,24 +44,21 @@ WORKER_ENV_PREFIXES = ("LC_", "JAX_", "XLA_", "CUDA_", "NVIDIA_", "TF_", "GRPC_"
 
 
 _HOST_DEVICE_COUNT = "--xla_force_host_platform_device_count"
-_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+# caches of compiled programs that one experiment's code could fill for another's to load
+_CACHE_PREFIXES = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_", "JAX_ENABLE_COMPILATION_CACHE")
+_SHARED_CACHE_FLAGS = ("--xla_gpu_kernel_cache_file", "--xla_gpu_per_fusion_autotune_cache_dir",
+                       "--xla_gpu_load_autotune_results_from")
 
 
 def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Path,
-                       home: str | None = None, cache_dir: Path | None = None) -> dict[str, str]:
+                       home: str | None = None) -> dict[str, str]:
     """The worker's environment: the allow-listed variables of ``base`` (WORKER_ENV_NAMES, and names
     starting with WORKER_ENV_PREFIXES: locale, JAX/XLA/CUDA/TF settings, FEDJAX_* test hooks), then
-    the device choice and JAX/TF memory settings, before JAX starts. ``home``: the worker account's;
-    ``cache_dir``: where params.jax_compilation_cache keeps compiled programs (only then is one used)."""
-    env = {k: v for k, v in base.items() if k in WORKER_ENV_NAMES or k.startswith(WORKER_ENV_PREFIXES)}
-    for name in _CACHE_VARIABLES:  # a cache is shared by experiments: only params.jax_compilation_cache opens one
-        env.pop(name, None)
-    if params.jax_compilation_cache:
-        if cache_dir is None:
-            raise ValueError("params.jax_compilation_cache needs the cache's folder")
-        env.update({"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    the device choice and JAX/TF memory settings, before JAX starts. ``home``: the worker account's.
+    Nothing opens a compilation cache that experiments share: params.jax_compilation_cache gives each
+    worker its submitter's folder in the spec instead."""
+    env = {k: v for k, v in base.items()
+           if (k in WORKER_ENV_NAMES or k.startswith(WORKER_ENV_PREFIXES)) and not k.startswith(_CACHE_PREFIXES)}
     if home is not None:
         env["HOME"] = home
     if params.cuda_devices:
@@ -68,9 +67,14 @@ def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Pa
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["JAX_PLATFORMS"] = "cpu"
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_SHARED_CACHE_FLAGS)]
     if params.cpu_devices:  # XLA reads the host device count once, when JAX starts in the worker
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_HOST_DEVICE_COUNT)]
-        env["XLA_FLAGS"] = " ".join([*flags, f"{_HOST_DEVICE_COUNT}={params.cpu_devices}"])
+        flags = [f for f in flags if not f.startswith(_HOST_DEVICE_COUNT)]
+        flags.append(f"{_HOST_DEVICE_COUNT}={params.cpu_devices}")
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    else:
+        env.pop("XLA_FLAGS", None)
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true" if params.jax_preallocate else "false"
     if params.jax_memory_fraction is not None:
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{params.jax_memory_fraction:.3f}"
@@ -110,10 +114,10 @@ class EnvoyDaemon:
         self.proxy = WorkerProxy(name, self.client.channel, self.work_dir / "worker-proxy",
                                  self.account[:2] if self.account else None) if tls is not None else None
         user = {"user": self.account[0], "group": self.account[1], "extra_groups": []} if self.account else {}
-        self.cache_dir = self.work_dir / "jax_cache" if config.params.jax_compilation_cache else None
+        self.cache_root = self.work_dir / "jax_cache" if config.params.jax_compilation_cache else None
+        self._submitters: dict[str, str] = {}  # experiment -> its submitter, for its compilation cache
         self.launcher = WorkerLauncher(worker_environment(config.params, dict(os.environ), self.config_dir,
-                                                          home=self.account[2] if self.account else None,
-                                                          cache_dir=self.cache_dir),
+                                                          home=self.account[2] if self.account else None),
                                        user, standby=config.params.standby_worker)
         self._worker: subprocess.Popen | None = None
         self._worker_experiment: str | None = None
@@ -134,12 +138,10 @@ class EnvoyDaemon:
         heartbeats = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
         heartbeats.start()
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        if self.cache_dir is not None:  # the workers' to write, under their account
-            self.cache_dir.mkdir(exist_ok=True)
-            if self.account is not None:
-                os.chown(self.cache_dir, *self.account[:2])
+        if self.cache_root is not None:
+            self._private_dir(self.cache_root)
             log.info("envoy %s: compiled programs are kept across experiments in %s (params.jax_compilation_cache)",
-                     self.name, self.cache_dir)
+                     self.name, self.cache_root)
         self.launcher.prepare()
         if self.proxy is not None:
             self.proxy.start()
@@ -194,8 +196,17 @@ class EnvoyDaemon:
             except grpc.RpcError as exc:
                 log.debug("heartbeat failed: %s", exc.code().name)
 
+    def _private_dir(self, path: Path) -> Path:
+        """``path`` made if missing, readable by the worker account only (it writes there)."""
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+        if self.account is not None:
+            os.lchown(path, *self.account[:2])
+        return path
+
     def _receive(self, experiment: str, submitter: str, sha256: str) -> None:
         """A pushed experiment: consent, bundle check, review, then a worker; any refusal is reported."""
+        self._submitters[experiment] = submitter
         accept_from = self.config.settings.accept_from
         if accept_from is not None and submitter not in accept_from:
             self._refuse(experiment, f"its submitter {submitter!r} is not in this envoy's settings.accept_from "
@@ -301,6 +312,9 @@ class EnvoyDaemon:
                 "shard_params": self.config.shard_descriptor.params, "shard_base_dir": str(self.config_dir),
                 "parent_pid": os.getpid(),
             }
+            submitter = self._submitters.get(experiment)
+            if self.cache_root is not None and submitter is not None:  # one folder per submitter, never shared
+                spec["compilation_cache_dir"] = str(self._private_dir(self.cache_root / cache_folder(submitter)))
             spec_path = exp_dir / "worker.json"
             spec_path.write_text(json.dumps(spec))
             if self.account is not None:  # the worker's account reads its spec and bundle, and writes there
@@ -362,6 +376,12 @@ class EnvoyDaemon:
         if self.proxy is not None:
             self.proxy.stop()
         self.client.close()
+
+
+def cache_folder(submitter: str) -> str:
+    """A folder name for ``submitter``'s compilation cache: readable, and distinct for distinct names."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "_", submitter)[:64]
+    return f"{readable}-{hashlib.sha256(submitter.encode()).hexdigest()[:12]}"
 
 
 def review_check_s() -> float:

@@ -18,7 +18,9 @@ from concurrent import futures
 from pathlib import Path
 
 log = logging.getLogger("fedjax.envoy")
-WORKER = [sys.executable, "-m", "fedjax_core.envoy.worker"]
+# -s: no user site-packages, which an experiment's code could otherwise leave behind in the worker
+# account's home for later experiments to import
+WORKER = [sys.executable, "-s", "-m", "fedjax_core.envoy.worker"]
 
 
 class LauncherClosed(RuntimeError):

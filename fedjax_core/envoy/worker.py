@@ -276,6 +276,16 @@ STANDBY_IMPORTS = ("jax", "jax.numpy", "flax.linen", "flax.training.train_state"
                    "fedjax_core.api.model_tensors", "fedjax_core.codecs", "fedjax_core.envoy.tasks")
 
 
+def use_compilation_cache(path: str) -> None:
+    """Keep and reuse compiled programs in ``path`` (params.jax_compilation_cache: this submitter's folder),
+    small ones too; set before the first compilation, so also in a standby that imported JAX already."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def standby(parent_pid: int) -> int:
     """Import what every experiment needs, then become the worker of the spec whose path arrives on stdin;
     exit at end of input (the daemon stopped, or wants no standby). Touches no device: JAX's backends start
@@ -306,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         policy = bundle.meta.get("device_assignment_policy", "CUDA_PREFERRED")
         if policy == "CPU_ONLY":
             cpu_only()
+        if spec.get("compilation_cache_dir"):
+            use_compilation_cache(spec["compilation_cache_dir"])
         sys.path.insert(0, spec["shard_base_dir"])
         objects = unpickle_experiment(bundle.payload)
         shard = load_shard_descriptor(spec["shard_template"], spec["shard_params"], Path(spec["shard_base_dir"]))

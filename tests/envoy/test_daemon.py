@@ -1,8 +1,9 @@
 """The worker's environment: device choice and JAX/TF memory settings from the envoy config."""
 import os
+import re
 
 from fedjax_core.config import EnvoyParams
-from fedjax_core.envoy.daemon import worker_environment
+from fedjax_core.envoy.daemon import cache_folder, worker_environment
 
 
 def env_for(tmp_path, **params):
@@ -38,13 +39,22 @@ def test_the_worker_environment_is_an_allow_list_not_a_copy(tmp_path):
     assert env["HOME"] == "/home/worker"
 
 
-def test_a_compilation_cache_only_from_the_envoy_config(tmp_path):
-    inherited = {"PATH": "/usr/bin", "JAX_COMPILATION_CACHE_DIR": "/shared/cache",
-                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "5"}
-    env = worker_environment(EnvoyParams(), inherited, tmp_path)
-    assert "JAX_COMPILATION_CACHE_DIR" not in env  # the daemon's environment does not open one
-    assert "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in env
-    env = worker_environment(EnvoyParams(jax_compilation_cache=True), inherited, tmp_path,
-                             cache_dir=tmp_path / "jax_cache")
-    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "jax_cache")
-    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"  # small programs too
+def test_no_compilation_cache_reaches_the_worker_from_the_daemons_environment(tmp_path):
+    inherited = {"PATH": "/usr/bin", "JAX_COMPILATION_CACHE_DIR": "/shared/cache", "JAX_ENABLE_COMPILATION_CACHE": "0",
+                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "5", "JAX_PLATFORMS": "cpu",
+                 "XLA_FLAGS": "--xla_gpu_kernel_cache_file=/shared/k --xla_dump_to=/tmp/x "
+                              "--xla_gpu_per_fusion_autotune_cache_dir=/shared/a"}
+    for params in (EnvoyParams(), EnvoyParams(jax_compilation_cache=True)):  # on: the spec names the folder
+        env = worker_environment(params, inherited, tmp_path)
+        assert not [k for k in env if "CACHE" in k], env
+        assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"  # the operator's other flags stay
+    assert "XLA_FLAGS" not in worker_environment(EnvoyParams(), {"XLA_FLAGS": "--xla_gpu_kernel_cache_file=/k"},
+                                                 tmp_path)
+
+
+def test_each_submitter_has_a_cache_folder_of_its_own():
+    names = ["api", "CN=lab a/ü", "CN=lab a/u", "x" * 300]
+    folders = [cache_folder(n) for n in names]
+    assert len(set(folders)) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}-[0-9a-f]{12}", f) for f in folders), folders
+    assert folders[0].startswith("api-")
