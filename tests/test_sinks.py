@@ -87,7 +87,7 @@ def test_tensorboard_sink_writes_on_the_callers_thread_and_each_event_is_on_disk
     sink = TensorBoardSink(tmp_path / "exp")
     for i in range(50):  # one run per envoy
         sink.log(r.MetricEvent(0, f"env{i}", r.Stage.TRAIN, (M("train", "loss", float(i)),), timestamp=1000.0))
-    assert threading.active_count() == before
+    assert threading.active_count() <= before  # none started (an earlier test's may have ended meanwhile)
     assert tensorboard_scalars(tmp_path / "exp" / "env7") == {"train/loss": [(0, 7.0)]}  # not closed yet
     sink.close()
 
