@@ -120,31 +120,41 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-class MemorySampler:
-    """Samples a process's RssAnon / RssFile every ``period`` s, keeping their maxima (VmHWM has no split)."""
+class StatusSampler:
+    """Samples a process's /proc status (:func:`proc_status`) every ``period`` s on a thread of its own, as
+    (wall-clock time, status) pairs; ``peak`` answers the maxima (VmHWM has no RssAnon/RssFile split, and
+    no per-phase thread count)."""
 
     def __init__(self, pid: int, period: float = 0.01):
         self.pid, self.period = pid, period
-        self.peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+        self.samples: list[tuple[float, dict[str, int]]] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="mem-sampler")
+        self._thread = threading.Thread(target=self._run, daemon=True, name="status-sampler")
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
             try:
-                status = proc_status(self.pid)
-            except OSError:
+                self.samples.append((time.time(), proc_status(self.pid)))
+            except OSError:  # the process is gone
                 return
-            for key in self.peak:
-                self.peak[key] = max(self.peak[key], status.get(key, 0))
 
-    def __enter__(self) -> MemorySampler:
+    def peak(self, key: str, t0: float = float("-inf"), t1: float = float("inf")) -> int:
+        """The largest ``key`` sampled in [t0, t1); 0 if none was."""
+        return max((status.get(key, 0) for t, status in self.samples if t0 <= t < t1), default=0)
+
+    def start(self) -> StatusSampler:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+
+    def __enter__(self) -> StatusSampler:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 class BenchStack:
@@ -393,7 +403,7 @@ def bench_memory(workdir: Path, envoy_counts: list[int], model_mb: float, rounds
         stack = BenchStack(workdir / f"memory-{n}-{re.sub(r'[^A-Za-z0-9]+', '_', label)}", n, samples, director_env)
         try:
             stack.start()
-            with MemorySampler(stack.director.proc.pid) as sampler:
+            with StatusSampler(stack.director.proc.pid) as sampler:
                 run = run_experiment(stack, f"memory-{n}", model_mb, rounds, timeout_s)
             final = proc_status(stack.director.proc.pid)  # finished, not yet stopped
         except BaseException:
@@ -408,8 +418,8 @@ def bench_memory(workdir: Path, envoy_counts: list[int], model_mb: float, rounds
             "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "growth_bytes": peak - baseline,
             "growth_per_model": (peak - baseline) / run["model_bytes"],
             "final_rss_bytes": final["VmRSS"],
-            "sampled_peak_rss_anon_bytes": sampler.peak["RssAnon"],
-            "sampled_peak_rss_file_bytes": sampler.peak["RssFile"],
+            "sampled_peak_rss_anon_bytes": sampler.peak("RssAnon"),
+            "sampled_peak_rss_file_bytes": sampler.peak("RssFile"),
             "baseline_rss_anon_bytes": stack.baseline.get("RssAnon", 0),
             "baseline_rss_file_bytes": stack.baseline.get("RssFile", 0),
             "round_time_s": run["round_time_s"], "cycle_s": run["cycle_s"],

@@ -54,7 +54,7 @@ from fedjax_core.tensors import is_float_dtype
 from fedjax_core.transport import CHANNEL_OPTIONS, Backoff, is_retryable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import make_tasks, proc_status  # noqa: E402  (bench imports JAX only inside its functions)
+from bench import StatusSampler, make_tasks, proc_status  # noqa: E402  (bench imports JAX only inside its functions)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -470,37 +470,6 @@ def cpu_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, f
     return out
 
 
-class Sampler:
-    """Samples a process's thread count and RSS every ``period`` s (wall-clock time, threads, VmRSS)."""
-
-    def __init__(self, pid: int, period: float = 0.1):
-        self.pid, self.period = pid, period
-        self.samples: list[tuple[float, int, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="director-sampler")
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            try:
-                status = proc_status(self.pid)
-            except OSError:
-                return
-            self.samples.append((time.time(), status.get("Threads", 0), status.get("VmRSS", 0)))
-
-    def start(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-
-    def max_between(self, t0: float, t1: float) -> dict:
-        inside = [s for s in self.samples if t0 <= s[0] < t1]
-        return {"threads": max((s[1] for s in inside), default=0), "rss_bytes": max((s[2] for s in inside), default=0),
-                "samples": len(inside)}
-
-
 # ============================================================================ figures
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile of a non-empty list."""
@@ -738,7 +707,7 @@ def run(args: argparse.Namespace, results: dict, problems: list[str]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="fedjax-scale-"))
     processes: list[Process] = []
     director: Process | None = None
-    sampler: Sampler | None = None
+    sampler: StatusSampler | None = None
     fed = None
     children: list[Process] = []
     print(f"  work dir {workdir}", flush=True)
@@ -759,7 +728,7 @@ def run(args: argparse.Namespace, results: dict, problems: list[str]) -> None:
         director.wait_for(r"DIRECTOR READY", timeout=60)
         pid = director.proc.pid
         base = proc_status(pid)
-        sampler = Sampler(pid).start()
+        sampler = StatusSampler(pid, period=0.1).start()
         d = results["director"] = {"pid": pid, "baseline_rss_bytes": base["VmRSS"], "cpu": {},
                                    "threads": {"baseline": base["Threads"]}}
         print(f"  director ready (pid {pid}, RSS {base['VmRSS'] / MiB:.1f} MiB); starting {args.envoys} simulated "
@@ -807,7 +776,7 @@ def run(args: argparse.Namespace, results: dict, problems: list[str]) -> None:
         d["idle_rss_bytes"] = idle["VmRSS"]
         d["rss_per_envoy_kib_idle"] = (idle["VmRSS"] - base["VmRSS"]) / args.envoys / 1024
         d["threads"]["idle"] = idle["Threads"]
-        d["threads"]["idle_max"] = sampler.max_between(marks["connected"], t_idle_end)["threads"]
+        d["threads"]["idle_max"] = sampler.peak("Threads", marks["connected"], t_idle_end)
 
         print(f"  experiment: {args.rounds} rounds, all {args.envoys} envoys ...", flush=True)
         name = f"scale-{args.envoys}"
@@ -820,7 +789,7 @@ def run(args: argparse.Namespace, results: dict, problems: list[str]) -> None:
         d["cpu"]["experiment"] = _cpu(snap2["director"] - snap1["director"],
                                       marks["experiment_end"] - marks["experiment_start"], args.envoys)
         results["cpu_shares"]["experiment"] = cpu_shares(snap1, snap2)
-        d["threads"]["experiment_max"] = sampler.max_between(marks["experiment_start"], marks["experiment_end"])["threads"]
+        d["threads"]["experiment_max"] = sampler.peak("Threads", marks["experiment_start"], marks["experiment_end"])
         if thread.is_alive():
             problems.append(f"the experiment did not end within --timeout {args.timeout:g} s")
         elif "error" in out:
@@ -861,7 +830,7 @@ def run(args: argparse.Namespace, results: dict, problems: list[str]) -> None:
         if sampler is not None:
             sampler.stop()
             if "director" in results:
-                results["director"]["threads"]["peak"] = max((s[1] for s in sampler.samples), default=0)
+                results["director"]["threads"]["peak"] = sampler.peak("Threads")
         if fed is not None:
             try:
                 fed.close()
