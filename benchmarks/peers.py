@@ -279,6 +279,12 @@ def run_floor(data_dir: Path, world: int, epochs: int, timeout_s: float) -> list
             p.stop()
 
 
+def measure_floor(when: str, args: argparse.Namespace) -> list[dict]:
+    """Case 1's floor, measured ``when`` ("before" or "after") both systems' runs."""
+    print(f"case 1: compute floor {when} (2 processes, {args.floor_epochs} timed rounds each) ...", flush=True)
+    return run_floor(args.data_dir, CASES[1]["envoys"], args.floor_epochs, args.experiment_timeout)
+
+
 def combine_floors(before: list[dict], after: list[dict]) -> dict:
     """The floor from two measurements bracketing both systems' runs, so that the machine drifting during
     the case (it did, by 5%) moves the floor as it moves the runs: per rank, the median of every timed round
@@ -495,18 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedjax-peers-") as tmp:
         for case in args.cases:
             entry = {"envoys": CASES[case]["envoys"]}
-            floor = lambda when: (print(f"case 1: compute floor {when} (2 processes, {args.floor_epochs} timed "  # noqa: E731
-                                        "rounds each) ...", flush=True),
-                                  run_floor(args.data_dir, CASES[1]["envoys"], args.floor_epochs,
-                                            args.experiment_timeout))[1]
-            before = floor("before") if case == 1 else None
+            before = measure_floor("before", args) if case == 1 else None
             print(f"case {case}: this project, {CASES[case]['envoys']} envoys, {args.rounds} rounds ...", flush=True)
             entry["project"] = run_project(case, Path(tmp) / f"case{case}", args.rounds, args.data_dir,
                                            args.experiment_timeout)
             print(f"case {case}: Flower, {CASES[case]['envoys']} clients, {args.rounds} rounds ...", flush=True)
             entry["flower"] = run_flower(case, python, args.rounds, args.data_dir, args.experiment_timeout)
             if case == 1:
-                entry["floor"] = combine_floors(before, floor("after"))
+                entry["floor"] = combine_floors(before, measure_floor("after", args))
                 entry["project"], entry["flower"] = (with_overhead(entry[k], entry["floor"]["floor_s"])
                                                      for k in ("project", "flower"))
             results["cases"][str(case)] = entry

@@ -68,6 +68,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def loaded_jax(pid: int) -> bool:
+    """Whether process ``pid`` has JAX's native library mapped (False once it is gone)."""
+    try:
+        return "jaxlib" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 def wait_until(condition, timeout_s: float, what: str):
     """``condition()`` once it is truthy; fails the test after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

@@ -7,14 +7,7 @@ import threading
 import pytest
 
 from fedjax_core.envoy.launch import LauncherClosed, WorkerLauncher
-from processes import wait_until
-
-
-def _loaded_jax(pid: int) -> bool:
-    try:
-        return "jaxlib" in open(f"/proc/{pid}/maps").read()
-    except OSError:
-        return False
+from processes import loaded_jax, wait_until
 
 
 def test_a_standby_asked_for_by_a_thread_that_ends_is_not_killed_with_it(tmp_path):
@@ -23,7 +16,7 @@ def test_a_standby_asked_for_by_a_thread_that_ends_is_not_killed_with_it(tmp_pat
         # the daemon asks for a standby from the thread that reaped the last worker, which then ends; the
         # standby has asked for SIGTERM when its parent goes (PR_SET_PDEATHSIG) by the time it imports JAX
         asker = threading.Thread(target=lambda: (launcher.prepare(),
-                                                 wait_until(lambda: _loaded_jax(launcher._ready.pid), 60,
+                                                 wait_until(lambda: loaded_jax(launcher._ready.pid), 60,
                                                             "the standby to import JAX")))
         asker.start()
         asker.join()

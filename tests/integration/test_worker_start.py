@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedjax_core import FLExperiment, ModelInterface
 from fl_experiment import SubsetDataset, create_train_state, make_tasks
-from processes import Stack, alive, children, set_settings, wait_until
+from processes import Stack, alive, children, loaded_jax, set_settings, wait_until
 
 
 def _standby(daemon_pid: int) -> int | None:
@@ -19,13 +19,6 @@ def _standby(daemon_pid: int) -> int | None:
         except OSError:
             pass
     return None
-
-
-def _has_loaded_jax(pid: int) -> bool:
-    try:
-        return "jaxlib" in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
 
 
 def _run(stack: Stack, name: str) -> None:
@@ -42,8 +35,8 @@ def test_the_standby_imports_jax_ahead_becomes_the_worker_and_is_replaced(tmp_pa
         stack.start()
         envoy = stack.processes[1]
         first = wait_until(lambda: _standby(envoy.proc.pid), 60, "a standby worker")
-        wait_until(lambda: _has_loaded_jax(first), 60, "the standby to import JAX")
-        assert not _has_loaded_jax(envoy.proc.pid)  # the daemon itself never imports JAX
+        wait_until(lambda: loaded_jax(first), 60, "the standby to import JAX")
+        assert not loaded_jax(envoy.proc.pid)  # the daemon itself never imports JAX
 
         _run(stack, "warm")
         started = envoy.wait_for(r"starting worker for experiment 'warm' \(pid (\d+), ([\w ]+);")
