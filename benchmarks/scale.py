@@ -30,7 +30,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -54,7 +53,7 @@ from fedjax_core.tensors import is_float_dtype
 from fedjax_core.transport import CHANNEL_OPTIONS, Backoff, is_retryable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import StatusSampler, make_tasks, proc_status  # noqa: E402  (bench imports JAX only inside its functions)
+from bench import StatusSampler, machine_info, make_tasks, proc_status, table  # noqa: E402  (bench imports JAX only inside its functions)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -577,27 +576,6 @@ def envoy_figures(children: list[dict], experiment: str) -> dict:
             "own_connection_per_client": all(e["own_connection"] for e in envoys)
             and all(w["own_connection"] for w in workers if w),
             "jax_imported_in_children": any(child["jax_imported"] for child in children)}
-
-
-def machine_info() -> dict:
-    info = {"nproc": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "grpcio": grpc.__version__, "numpy": np.__version__, "platform": platform.platform(),
-            "loadavg_at_start": list(os.getloadavg())}
-    try:
-        info["mem_total_bytes"] = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1]) * 1024
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                                 if line.startswith("model name"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        pass
-    return info
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [list(headers)] + [[c if isinstance(c, str) else f"{c:.3f}" if isinstance(c, float) else str(c)
-                                for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    line = lambda row: "  ".join(c.rjust(w) for c, w in zip(row, widths))  # noqa: E731
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(row) for row in cells[1:]])
 
 
 def _ms(summary: dict, key: str) -> str:
