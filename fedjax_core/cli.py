@@ -225,7 +225,10 @@ def _envoy_start(args) -> int:
     _check_plaintext(args, args.director_host, "talk to a director at")
     tls = _tls(args, config.tls, config_dir)
     try:
-        daemon = EnvoyDaemon(args.name, config, config_dir, args.director_host, args.director_port, tls)
+        daemon = EnvoyDaemon(args.name, config, config_dir, args.director_host, args.director_port, tls,
+                             config_path=Path(args.config).resolve())
+    except ConfigError as exc:
+        raise ConfigError(f"{args.config}: {exc}") from None
     except (ValueError, ImportError, FileNotFoundError) as exc:
         raise ConfigError(f"{args.config}: shard_descriptor: {exc}") from None
     for sig in (signal.SIGTERM, signal.SIGINT):

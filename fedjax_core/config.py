@@ -144,6 +144,19 @@ class EnvoyParams(_Model):
     jax_compilation_cache: bool = Field(False, strict=True)
 
 
+class SandboxSettings(_Model):
+    # Every worker runs its experiment's code in a sandbox (Linux Landlock): it reads Python, its packages,
+    # the shard descriptor's module and the paths its params name, and writes only its own folder. These
+    # add files or folders it may read (data a descriptor finds by itself) or also write (a download
+    # folder), relative to the config file. Keys and the config stay hidden even inside them.
+    read_paths: list[Annotated[str, Field(min_length=1)]] = []
+    write_paths: list[Annotated[str, Field(min_length=1)]] = []
+    # Where the kernel offers no sandbox (no Landlock: Linux before 5.13, or a container's seccomp filter
+    # forbids it) the daemon refuses to start. true runs workers unsandboxed instead: experiment code can
+    # then read this envoy's private key and config, the daemon's environment and other experiments' files.
+    experiment_code_may_read_envoy_secrets: bool = Field(False, strict=True)
+
+
 class EnvoySettings(_Model):
     # Submitters (certificate names under mTLS) whose experiments this envoy runs; unset: any
     # submitter the director allows. Without TLS the name is whatever the notebook claims.
@@ -155,6 +168,7 @@ class EnvoySettings(_Model):
     # Run each experiment's worker as this local account (the daemon must run as root); unset: the
     # daemon's own user. Give that account read access to the shard's data and nothing more.
     worker_user: str | None = Field(None, min_length=1)
+    sandbox: SandboxSettings = SandboxSettings()
 
 
 class ShardDescriptorConfig(_Model):

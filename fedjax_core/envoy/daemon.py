@@ -5,14 +5,14 @@ It never imports JAX and never unpickles anything. Work arrives on one server-st
 backoff. For each experiment it checks consent (settings.accept_from), downloads the bundle and
 checks its sha256 against the director's record, holds it for the operator under
 ``settings.review: manual`` (see review.py), and starts a worker that gets what it needs and no
-more: a spec without key paths, a scrubbed environment (WORKER_ENV_NAMES/PREFIXES), the director
-only through the daemon's local proxy under TLS (proxy.py), and optionally another account
-(settings.worker_user). Any refusal reaches the director as a dropout from the experiment.
+more: a sandbox (sandbox.py) with a folder of its own (workdir.py), a spec without key paths, a
+scrubbed environment (WORKER_ENV_NAMES/PREFIXES), the director only through the daemon's local
+proxy under TLS (proxy.py), and optionally another account (settings.worker_user). Any refusal
+reaches the director as a dropout from the experiment.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -25,11 +25,13 @@ import grpc
 
 from fedjax_core import bundle as bundle_io
 from fedjax_core import records as r
-from fedjax_core.config import EnvoyConfig, EnvoyParams, resolve_path, worker_account
+from fedjax_core.config import ConfigError, EnvoyConfig, EnvoyParams, resolve_path, worker_account
+from fedjax_core.envoy import landlock, sandbox
 from fedjax_core.envoy.client import EnvoyClient
-from fedjax_core.envoy.launch import LauncherClosed, WorkerLauncher, stop_process
+from fedjax_core.envoy.launch import Launched, LauncherClosed, WorkerLauncher, stop_process
 from fedjax_core.envoy.proxy import WorkerProxy
 from fedjax_core.envoy.review import CHECK_S, ReviewDesk, describe
+from fedjax_core.envoy.workdir import WorkDir
 from fedjax_core.errors import FedError
 from fedjax_core.shard_descriptor import ShardDescriptor, load_shard_descriptor
 from fedjax_core.transport import Backoff, TLSFiles, is_retryable
@@ -98,27 +100,28 @@ def shard_info(shard: ShardDescriptor, params: EnvoyParams) -> r.ShardInfo:
 
 class EnvoyDaemon:
     def __init__(self, name: str, config: EnvoyConfig, config_dir: Path, host: str, port: int,
-                 tls: TLSFiles | None):
+                 tls: TLSFiles | None, config_path: Path | None = None):
         self.name, self.config, self.config_dir = name, config, config_dir.resolve()
         self.host, self.port, self.tls = host, port, tls
         self.stop = threading.Event()
         self.work_dir = resolve_path(config.params.work_dir, self.config_dir) / name
+        self.account = worker_account(config.settings)  # (uid, gid, home) of settings.worker_user, or None
+        self.policy = sandbox_policy(config, self.config_dir, config_path, tls, self.work_dir)
         self.shard = load_shard_descriptor(config.shard_descriptor.template, config.shard_descriptor.params,
                                            self.config_dir)
         self.info = shard_info(self.shard, config.params)
         self.client = EnvoyClient(name, f"{host}:{port}", tls, stop=self.stop)
-        self.account = worker_account(config.settings)  # (uid, gid, home) of settings.worker_user, or None
-        self.desk = ReviewDesk(self.work_dir / "review") if config.settings.review == "manual" else None
+        self.workdir = WorkDir(self.work_dir, self.account, self.policy)
+        self.desk = ReviewDesk(self.workdir.review) if config.settings.review == "manual" else None
         # Under TLS the worker reaches the director only through this proxy, so it never holds the key;
         # in plaintext (loopback only) there is no key to keep and the worker connects directly.
-        self.proxy = WorkerProxy(name, self.client.channel, self.work_dir / "worker-proxy",
+        self.proxy = WorkerProxy(name, self.client.channel, self.workdir.proxy,
                                  self.account[:2] if self.account else None) if tls is not None else None
         user = {"user": self.account[0], "group": self.account[1], "extra_groups": []} if self.account else {}
-        self.cache_root = self.work_dir / "jax_cache" if config.params.jax_compilation_cache else None
-        self._submitters: dict[str, str] = {}  # experiment -> its submitter, for its compilation cache
+        self.cache_dir = compilation_cache_dir(config, self.workdir)
         self.launcher = WorkerLauncher(worker_environment(config.params, dict(os.environ), self.config_dir,
                                                           home=self.account[2] if self.account else None),
-                                       user, standby=config.params.standby_worker)
+                                       user, standby=config.params.standby_worker, workdir=self.workdir)
         self._worker: subprocess.Popen | None = None
         self._worker_experiment: str | None = None
         self._worker_lock = threading.Lock()
@@ -137,11 +140,14 @@ class EnvoyDaemon:
                      ", ".join(f"{label}: {n}" for label, n in enumerate(self.info.label_counts)))
         heartbeats = threading.Thread(target=self._heartbeats, daemon=True, name="heartbeat")
         heartbeats.start()
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        if self.cache_root is not None:
-            self._private_dir(self.cache_root)
+        sandbox.make_undumpable()  # processes of this account, workers included, cannot read our memory
+        self.workdir.open()
+        self._log_sandbox()
+        if self.cache_dir is not None:
+            self.workdir.private_dir(self.cache_dir.parent)
+            self.workdir.private_dir(self.cache_dir)
             log.info("envoy %s: compiled programs are kept across experiments in %s (params.jax_compilation_cache)",
-                     self.name, self.cache_root)
+                     self.name, self.cache_dir.parent)
         self.launcher.prepare()
         if self.proxy is not None:
             self.proxy.start()
@@ -196,17 +202,21 @@ class EnvoyDaemon:
             except grpc.RpcError as exc:
                 log.debug("heartbeat failed: %s", exc.code().name)
 
-    def _private_dir(self, path: Path) -> Path:
-        """``path`` made if missing, readable by the worker account only (it writes there)."""
-        path.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(path, 0o700)
-        if self.account is not None:
-            os.lchown(path, *self.account[:2])
-        return path
+    def _log_sandbox(self) -> None:
+        if self.policy is None:
+            log.warning("envoy %s: workers run WITHOUT a sandbox (settings.sandbox.experiment_code_may_read_envoy_"
+                        "secrets: true): experiment code can read this envoy's key, config and other experiments' "
+                        "files", self.name)
+            return
+        log.info("envoy %s: workers run in a sandbox (Landlock ABI %d): they read Python, its packages, the shard "
+                 "descriptor and its data%s, and write only their own folder under %s", self.name, self.policy.abi,
+                 " and settings.sandbox paths" if self.config.settings.sandbox.read_paths
+                 or self.config.settings.sandbox.write_paths else "", self.workdir.runs)
+        for gap in landlock.missing_rights(self.policy.abi):
+            log.warning("envoy %s: on this kernel the sandbox is weaker: %s", self.name, gap)
 
     def _receive(self, experiment: str, submitter: str, sha256: str) -> None:
         """A pushed experiment: consent, bundle check, review, then a worker; any refusal is reported."""
-        self._submitters[experiment] = submitter
         accept_from = self.config.settings.accept_from
         if accept_from is not None and submitter not in accept_from:
             self._refuse(experiment, f"its submitter {submitter!r} is not in this envoy's settings.accept_from "
@@ -218,9 +228,11 @@ class EnvoyDaemon:
         if self.desk is not None:
             for gone in self.desk.forget_all_but(experiment):
                 log.info("envoy %s: experiment %r is no longer pending review: the director moved on", self.name, gone)
-        exp_dir = self.work_dir / experiment
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        bundle_path = exp_dir / "bundle.bin"
+        try:
+            bundle_path = self.workdir.bundle(experiment)
+        except ValueError as exc:
+            self._refuse(experiment, str(exc))
+            return
         digest = self.client.download_bundle(experiment, bundle_path)
         if not sha256:
             log.warning("envoy %s: the director recorded no sha256 for %r (submitted before it kept one)",
@@ -244,6 +256,7 @@ class EnvoyDaemon:
     def _refuse(self, experiment: str, reason: str) -> None:
         """Tell the director this envoy refuses ``experiment``: it drops out of the experiment."""
         log.warning("envoy %s refused experiment %r: %s", self.name, experiment, reason)
+        self.workdir.discard_bundle(experiment)
         try:
             self.client.report_failure(experiment, reason, refused=True)
         except grpc.RpcError as exc:  # the experiment may have ended meanwhile
@@ -304,51 +317,51 @@ class EnvoyDaemon:
                 # the director has moved on to another experiment: the old one is over for this envoy
                 log.warning("envoy %s: stopping the worker of %r for %r", self.name, self._worker_experiment, experiment)
                 stop_process(self._worker)
-            exp_dir = self.work_dir / experiment
+                self.workdir.discard_bundle(self._worker_experiment)
             spec = {  # no key paths: under TLS the worker talks to the daemon's proxy, never to the director
-                "envoy_name": self.name, "experiment": experiment, "bundle_path": str(exp_dir / "bundle.bin"),
+                "envoy_name": self.name, "experiment": experiment,
                 "director_target": self.proxy.target if self.proxy is not None else self.client.address,
                 "shard_template": self.config.shard_descriptor.template,
                 "shard_params": self.config.shard_descriptor.params, "shard_base_dir": str(self.config_dir),
-                "parent_pid": os.getpid(),
             }
-            submitter = self._submitters.get(experiment)
-            if self.cache_root is not None and submitter is not None:  # one folder per submitter, never shared
-                spec["compilation_cache_dir"] = str(self._private_dir(self.cache_root / cache_folder(submitter)))
-            spec_path = exp_dir / "worker.json"
-            spec_path.write_text(json.dumps(spec))
-            if self.account is not None:  # the worker's account reads its spec and bundle, and writes there
-                for path in (exp_dir, spec_path, exp_dir / "bundle.bin"):
-                    os.chown(path, *self.account[:2])
+            if self.cache_dir is not None:  # the one accepted submitter's folder (config validation)
+                spec["compilation_cache_dir"] = str(self.cache_dir)
             if self.proxy is not None:
                 self.proxy.experiment = experiment
-            self._worker, warm = self.launcher.launch(spec_path)
-            log.info("envoy %s: starting worker for experiment %r (pid %d, %s; spec %s)", self.name, experiment,
-                     self._worker.pid, "the standby" if warm else "cold", spec_path)
-            self._worker_experiment = experiment
-            threading.Thread(target=self._reap, args=(self._worker, experiment), daemon=True).start()
+            launched = self.launcher.launch(lambda run: self.workdir.fill_run(run, experiment, spec))
+            log.info("envoy %s: starting worker for experiment %r (pid %d, %s; folder %s)", self.name, experiment,
+                     launched.process.pid, "the standby" if launched.warm else "cold", launched.run)
+            self._worker, self._worker_experiment = launched.process, experiment
+            threading.Thread(target=self._reap, args=(launched, experiment), daemon=True).start()
 
-    def _reap(self, worker: subprocess.Popen, experiment: str) -> None:
-        """Wait for a worker; if it died without a word, tell the director (a dropout from the round in
-        progress) and start a new one for the next rounds, at most MAX_WORKER_RESTARTS times."""
+    def _reap(self, launched: Launched, experiment: str) -> None:
+        """Wait for a worker and clear its folder; if it died without a word, tell the director (a dropout
+        from the round in progress) and start a new one for the next rounds, at most MAX_WORKER_RESTARTS
+        times. The experiment's bundle goes once no worker of it will start again."""
+        worker = launched.process
         code = worker.wait()
         log.info("envoy %s: worker for %r exited with code %d", self.name, experiment, code)
+        self.workdir.close_run(launched.run)
         if self.stop.is_set():
             return
         with self._worker_lock:  # held, so a worker started meanwhile finds the standby ready
             if self._worker is worker:  # not one stopped for the next experiment, which has its worker
                 self.launcher.prepare()  # for the next experiment, or this one's restarted worker
         if code == 0:
+            self.workdir.discard_bundle(experiment)
             return
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         restarts = self._restarts.get(experiment, 0)
         last_chance = restarts >= MAX_WORKER_RESTARTS
+        if last_chance:
+            self.workdir.discard_bundle(experiment)
         try:
             self.client.report_failure(
                 experiment, f"the worker process {how} (see the envoy's log)"
                 + (f"; it died {restarts + 1} times, so this envoy gives up" if last_chance else ""),
                 worker_lost=not last_chance)
         except grpc.RpcError:
+            self.workdir.discard_bundle(experiment)
             return  # already reported by the worker itself, or the experiment is over
         if not last_chance:
             self._restarts[experiment] = restarts + 1
@@ -375,7 +388,49 @@ class EnvoyDaemon:
         self._review_wake.set()
         if self.proxy is not None:
             self.proxy.stop()
+        self.workdir.discard_bundles()  # a restarted daemon downloads them again when the director pushes
         self.client.close()
+
+
+def sandbox_policy(config: EnvoyConfig, config_dir: Path, config_path: Path | None, tls: TLSFiles | None,
+                   work_dir: Path) -> sandbox.Policy | None:
+    """The sandbox every worker of this envoy enters, or None where the operator opted out; ConfigError,
+    before anything starts, where the kernel offers no sandbox and the operator did not opt out, or a
+    settings.sandbox path does not exist."""
+    settings = config.settings.sandbox
+    extra = {}
+    for key in ("read_paths", "write_paths"):
+        extra[key] = [resolve_path(value, config_dir) for value in getattr(settings, key)]
+        for i, path in enumerate(extra[key]):
+            if not path.exists() or (key == "write_paths" and not path.is_dir()):
+                raise ConfigError(f"settings.sandbox.{key}[{i}]: {path} is not an existing "
+                                  f"{'folder' if key == 'write_paths' else 'file or folder'}; create it or "
+                                  "remove the entry")
+    if settings.experiment_code_may_read_envoy_secrets:
+        return None
+    try:
+        abi = landlock.abi_version()
+    except landlock.LandlockUnavailable as exc:
+        raise ConfigError(
+            f"settings.sandbox: this machine cannot sandbox experiment code: {exc}. Without a sandbox a submitted "
+            "experiment could read this envoy's private key and config, the daemon's environment and other "
+            "experiments' files. Run the envoy on Linux 5.13 or later with Landlock enabled (in a container: a "
+            "seccomp profile that allows landlock_create_ruleset, landlock_add_rule and landlock_restrict_self), "
+            "or accept that risk with settings.sandbox.experiment_code_may_read_envoy_secrets: true") from None
+    denied = [work_dir.parent, *([config_path] if config_path else []),
+              *([tls.root_certificate, tls.certificate, tls.private_key] if tls else [])]
+    return sandbox.policy_for(abi=abi, config_dir=config_dir, denied=[Path(p) for p in denied],
+                              shard_params=config.shard_descriptor.params, gpus=bool(config.params.cuda_devices),
+                              read_paths=extra["read_paths"], write_paths=extra["write_paths"],
+                              cache_dir=compilation_cache_dir(config, WorkDir(work_dir, None, None)))
+
+
+def compilation_cache_dir(config: EnvoyConfig, workdir: WorkDir) -> Path | None:
+    """The one accepted submitter's compilation cache folder, when params.jax_compilation_cache is on."""
+    if not config.params.jax_compilation_cache:
+        return None
+    (submitter,) = set(config.settings.accept_from or ())  # validated with the config
+    return workdir.cache_root / cache_folder(submitter)
 
 
 def cache_folder(submitter: str) -> str:

@@ -4,20 +4,14 @@ Started by the envoy daemon with the device and memory environment of the envoy 
 it loads the experiment bundle once, keeps its jit cache for every round, and exits when
 the experiment ends, which hands accelerator memory back.
 
-    python -m fedjax_core.envoy.worker SPEC.json
-    python -m fedjax_core.envoy.worker --standby DAEMON_PID   # started ahead; reads SPEC.json's path on stdin
-
-A standby (see launch.py) imports what every experiment needs, then waits for its spec.
+Started through start_worker.py, which enters the worker's sandbox first.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import importlib
 import json
 import os
-import signal
 import sys
 import traceback
 from concurrent import futures
@@ -27,6 +21,7 @@ from typing import Any
 from fedjax_core import bundle as bundle_io
 from fedjax_core import records as r
 from fedjax_core.envoy.client import EnvoyClient
+from fedjax_core.envoy.sandbox import ModulesBeside, Policy, explain
 from fedjax_core.errors import PreconditionError
 from fedjax_core.shard_descriptor import load_shard_descriptor
 
@@ -39,13 +34,14 @@ def _device_for(policy: str) -> str:
     return "cpu"
 
 
-def run_experiment(client: EnvoyClient, experiment: str, objects: dict[str, Any], policy: str) -> None:
+def run_experiment(client: EnvoyClient, experiment: str, objects: dict[str, Any], policy: str,
+                   sandbox: Policy | None = None) -> None:
     import jax
 
     model_interface, ti, data = objects["model_interface"], objects["task_interface"], objects["data_interface"]
     device = _device_for(policy)
     with jax.default_device(jax.devices("cpu")[0]) if policy == "CPU_ONLY" else contextlib.nullcontext():
-        _Rounds(client, experiment, model_interface, ti, data, device).run()
+        _Rounds(client, experiment, model_interface, ti, data, device, sandbox).run()
 
 
 def _mesh_if_asked(ti, device: str):
@@ -109,10 +105,12 @@ class MetricReports:
 class _Rounds:
     """Runs the rounds of one experiment in this process, keeping state (and jit caches) between them."""
 
-    def __init__(self, client: EnvoyClient, experiment: str, model_interface, ti, data, device: str):
+    def __init__(self, client: EnvoyClient, experiment: str, model_interface, ti, data, device: str,
+                 sandbox: Policy | None = None):
         from fedjax_core.api.model_tensors import canonicalize
 
         self.client, self.experiment, self.ti, self.device = client, experiment, ti, device
+        self.sandbox = sandbox
         self.optimizer = model_interface.optimizer
         self.mesh = _mesh_if_asked(ti, device)
         template = model_interface.model
@@ -148,7 +146,7 @@ class _Rounds:
                 print(f"[worker {self.client.envoy_name}] round {task.round} went on without this envoy: {exc}",
                       flush=True)
             except Exception as exc:  # a task failed: this envoy drops out of the round, and may rejoin the next
-                text = traceback.format_exc()
+                text = traceback.format_exc() + explain(exc, self.sandbox)
                 print(f"[worker {self.client.envoy_name}] round {task.round} failed:\n{text}", file=sys.stderr,
                       flush=True)
                 try:
@@ -249,31 +247,11 @@ def unpickle_experiment(payload: bytes) -> dict[str, Any]:
             "distribution travel that way already)", name=exc.name) from None
 
 
-def _die_with_parent(parent_pid: int | None) -> None:
-    """Exit when the envoy daemon dies (even by SIGKILL), so a restarted daemon never finds a twin."""
-    if parent_pid is None:
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the daemon's shutdown still terminates us
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        sys.exit(1)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
 def cpu_only() -> None:
     """Keep JAX off accelerators: before it starts (the variable), or when a standby imported it already."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:  # JAX read the variable at import; its backends start at first use
         sys.modules["jax"].config.update("jax_platforms", "cpu")
-
-
-STANDBY_IMPORTS = ("jax", "jax.numpy", "flax.linen", "flax.training.train_state", "optax", "cloudpickle",
-                   "fedjax_core.api.model_tensors", "fedjax_core.codecs", "fedjax_core.envoy.tasks")
 
 
 def use_compilation_cache(path: str) -> None:
@@ -286,25 +264,10 @@ def use_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def standby(parent_pid: int) -> int:
-    """Import what every experiment needs, then become the worker of the spec whose path arrives on stdin;
-    exit at end of input (the daemon stopped, or wants no standby). Touches no device: JAX's backends start
-    when the experiment's policy is known, and an accelerator's memory is not held while waiting."""
-    _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the daemon's terminal is the daemon's to handle
-    for module in STANDBY_IMPORTS:
-        importlib.import_module(module)
-    spec_path = sys.stdin.readline().strip()
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, a worker like a cold one
-    return main([spec_path]) if spec_path else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--standby"]:
-        return standby(int(argv[1]))
-    spec = json.loads(Path(argv[0]).read_text())
-    _die_with_parent(spec.get("parent_pid"))
+def main(spec_path: Path, sandbox: Policy | None) -> int:
+    """Run the experiment of the spec at ``spec_path``, inside the ``sandbox`` that start_worker.py
+    entered (None when the envoy runs workers unsandboxed)."""
+    spec = json.loads(Path(spec_path).read_text())
     # under TLS the daemon's local proxy (a unix: socket) carries every call, so the worker holds no key;
     # in plaintext (loopback only) the target is the director's host:port
     client = EnvoyClient(spec["envoy_name"], spec["director_target"], None)
@@ -319,13 +282,15 @@ def main(argv: list[str] | None = None) -> int:
         if spec.get("compilation_cache_dir"):
             use_compilation_cache(spec["compilation_cache_dir"])
         sys.path.insert(0, spec["shard_base_dir"])
+        if sandbox is not None:
+            ModulesBeside(spec["shard_base_dir"]).install()
         objects = unpickle_experiment(bundle.payload)
         shard = load_shard_descriptor(spec["shard_template"], spec["shard_params"], Path(spec["shard_base_dir"]))
         objects["data_interface"].shard_descriptor = shard
-        run_experiment(client, experiment, objects, policy)
+        run_experiment(client, experiment, objects, policy, sandbox)
         return 0
     except Exception as exc:  # report anything to the notebook, then exit non-zero
-        text = traceback.format_exc()
+        text = traceback.format_exc() + explain(exc, sandbox)
         print(f"[worker {spec['envoy_name']}] experiment {experiment!r} failed:\n{text}", file=sys.stderr, flush=True)
         try:
             client.report_failure(experiment, f"{type(exc).__name__}: {exc}\n{text[-3000:]}")
@@ -335,6 +300,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         client.close()
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -128,7 +128,7 @@ def test_waiting_on_reports_raises_the_first_refusal_unless_told_not_to(capsys):
 
 def test_the_standby_imports_start_no_jax_backend():
     # were a backend started before the experiment's policy is known, cpu_only() would no longer take
-    script = ("import importlib, jax; from fedjax_core.envoy.worker import STANDBY_IMPORTS\n"
+    script = ("import importlib, jax; from fedjax_core.envoy.start_worker import STANDBY_IMPORTS\n"
               "for m in STANDBY_IMPORTS: importlib.import_module(m)\n"
               "from jax._src import xla_bridge; print(len(xla_bridge._backends))")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}

@@ -117,8 +117,8 @@ def test_worker_never_sees_the_private_key_or_daemon_secrets(tmp_path):
     try:
         s.start(envoy_env={0: {"MY_SECRET_TOKEN": "hunter2"}, 1: FAST_REVIEW})
         exp = start(s.federation(), "isolated", rounds_to_train=1)
-        started = s.processes[1].wait_for(r"starting worker for experiment 'isolated' \(pid (\d+), [\w ]+; spec (.+)\)")
-        pid, spec_path = int(started.group(1)), Path(started.group(2))
+        started = s.processes[1].wait_for(r"starting worker for experiment 'isolated' \(pid (\d+), [\w ]+; folder (.+)\)")
+        pid, spec_path = int(started.group(1)), Path(started.group(2)) / "worker.json"
         s.processes[2].wait_for("envoy env2 holds experiment 'isolated'")
         environ = dict(item.split("=", 1) for item in
                        Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)

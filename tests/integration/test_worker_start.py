@@ -77,10 +77,10 @@ def test_the_compilation_cache_keeps_what_an_experiment_compiled_for_the_next(tm
         stack.start(envoy_env={0: {"JAX_LOGGING_LEVEL": "DEBUG"}})
         envoy = stack.processes[1]
         root = Path(envoy.wait_for(r"compiled programs are kept across experiments in (\S+) ").group(1))
-        assert list(root.iterdir()) == []
-        _run(stack, "compiles")
-        (cache,) = root.iterdir()  # the one submitter's folder, for it alone
+        (cache,) = root.iterdir()  # the one submitter's folder, for it alone, made before any worker's sandbox
         assert cache.name.startswith("api-") and oct(cache.stat().st_mode & 0o777) == "0o700"
+        assert list(cache.iterdir()) == []
+        _run(stack, "compiles")
         programs = {p.name for p in cache.iterdir()}
         assert any(name.startswith("jit_apply_model-") for name in programs), programs
         assert hit not in envoy.output()
