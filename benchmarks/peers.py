@@ -121,11 +121,12 @@ def summarize(round_times: list[float], wall_s: float, accuracy: list, reports: 
 
 
 # ----------------------------------------------------------------------------- this project
-def project_stack(workdir: Path, case: int, data_dir: Path) -> bench.BenchStack:
+def project_stack(workdir: Path, case: int, data_dir: Path, sandbox: bool = True) -> bench.BenchStack:
+    """``sandbox=False``: the envoys run workers unsandboxed (settings.sandbox), to measure what it costs."""
+    import yaml
+
     stack = bench.BenchStack(workdir, CASES[case]["envoys"], samples=32)
     if case == 1:  # the CIFAR-10 shards instead of the synthetic ones
-        import yaml
-
         shutil.copyfile(REPO / "envoy" / "cifar10_shard_descriptor.py", workdir / "cifar10_shard_descriptor.py")
         for rank, path in enumerate(stack.envoy_configs, 1):
             path.write_text(yaml.safe_dump({
@@ -134,10 +135,15 @@ def project_stack(workdir: Path, case: int, data_dir: Path) -> bench.BenchStack:
                 "shard_descriptor": {"template": "cifar10_shard_descriptor.CIFAR10ShardDescriptor",
                                      "params": {"rank_worldsize": f"{rank}, {len(stack.names)}",
                                                 "data_dir": str(data_dir)}}}))
+    if not sandbox:
+        for path in stack.envoy_configs:
+            config = yaml.safe_load(path.read_text())
+            config["settings"] = {"sandbox": {"experiment_code_may_read_envoy_secrets": True}}
+            path.write_text(yaml.safe_dump(config))
     return stack
 
 
-def run_project(case: int, workdir: Path, rounds: int, data_dir: Path, timeout_s: float) -> dict:
+def run_project(case: int, workdir: Path, rounds: int, data_dir: Path, timeout_s: float, sandbox: bool = True) -> dict:
     """One experiment on a fresh director and envoys; its figures."""
     import peers_model
     import seed_cnn
@@ -151,7 +157,7 @@ def run_project(case: int, workdir: Path, rounds: int, data_dir: Path, timeout_s
     import jax
 
     model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state.params))
-    stack = project_stack(workdir, case, data_dir)
+    stack = project_stack(workdir, case, data_dir, sandbox)
     try:
         stack.start()
         exp, _, wall_s = bench.follow_experiment(stack, f"peers-case{case}", state, tasks, data, rounds, timeout_s,
@@ -473,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "peers.json")
     parser.add_argument("--png", type=Path, default=REPO / "bench-results" / "peers.png")
     parser.add_argument("--experiment-timeout", type=float, default=900.0, help="seconds before a run is killed")
+    parser.add_argument("--unsandboxed", action="store_true",
+                        help="this project's workers without their sandbox (what the sandbox costs, side by side)")
     parser.add_argument("--floor-worker", type=int, nargs=2, metavar=("RANK", "WORLD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.floor_worker:
@@ -494,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"date": time.strftime("%Y-%m-%d"), "machine": bench.machine_info(),
                "config": {"rounds": args.rounds, "cases": {k: dict(CASES[k]) for k in args.cases},
                           "flower": flower_pins(), "opt_treatment": "RESET", "aggregation": "FedAvg",
-                          "data_dir": str(args.data_dir)}, "cases": {}}
+                          "data_dir": str(args.data_dir), "sandbox": not args.unsandboxed}, "cases": {}}
     if {2, 3} & set(args.cases):
         print("bare gRPC on loopback (the transfer rate's reference) ...", flush=True)
         results["transport_reference"] = bench.transport_reference(256)
@@ -504,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             before = measure_floor("before", args) if case == 1 else None
             print(f"case {case}: this project, {CASES[case]['envoys']} envoys, {args.rounds} rounds ...", flush=True)
             entry["project"] = run_project(case, Path(tmp) / f"case{case}", args.rounds, args.data_dir,
-                                           args.experiment_timeout)
+                                           args.experiment_timeout, sandbox=not args.unsandboxed)
             print(f"case {case}: Flower, {CASES[case]['envoys']} clients, {args.rounds} rounds ...", flush=True)
             entry["flower"] = run_flower(case, python, args.rounds, args.data_dir, args.experiment_timeout)
             if case == 1:

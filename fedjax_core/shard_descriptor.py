@@ -142,6 +142,44 @@ def _parse_shape(shape: Sequence[str | int], what: str) -> tuple[int, ...]:
     return dims
 
 
+def checked_description(shard: ShardDescriptor) -> dict[str, Any]:
+    """What an envoy tells the director about ``shard``, each value checked as it comes from the descriptor:
+    ``description`` (str), ``sample_shape`` / ``target_shape`` (tuples of digit strings), ``train_size`` /
+    ``valid_size`` (ints >= 0) and ``label_counts`` (a tuple of ints >= 0, one per class; empty when the
+    descriptor has no ``label_counts()``). ValueError names the method and says what it should return."""
+    name = type(shard).__name__
+
+    def bad(method: str, got: Any, want: str) -> ValueError:
+        shown = repr(got) if len(repr(got)) <= 120 else repr(got)[:117] + "..."
+        return ValueError(f"{name}.{method} returned {shown} ({type(got).__name__}); it must return {want}")
+
+    def count(value: Any) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 0
+
+    description = shard.dataset_description
+    if not isinstance(description, str):
+        raise bad("dataset_description", description, "a str (one line shown in the shard registry)")
+    shapes = {}
+    for method in ("sample_shape", "target_shape"):
+        shape = getattr(shard, method)
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or not all(
+                (isinstance(d, str) and d.isdigit() and int(d) > 0) or (count(d) and d > 0) for d in shape):
+            raise bad(method, shape, "a list of positive sizes as strings, e.g. ['32', '32', '3']")
+        shapes[method] = tuple(str(int(d)) for d in shape)
+    sizes = shard.split_sizes()
+    if not isinstance(sizes, Mapping) or not all(count(sizes.get(split)) for split in SPLIT_NAMES):
+        raise bad("split_sizes()", sizes, "a dict with the number of samples of each split, e.g. "
+                                          "{'train': 2585, 'valid': 509}")
+    counts: Any = shard.label_counts() if callable(getattr(shard, "label_counts", None)) else ()
+    if isinstance(counts, np.ndarray) and counts.ndim == 1:
+        counts = counts.tolist()
+    if isinstance(counts, Mapping) or not isinstance(counts, Sequence) or not all(count(n) for n in counts):
+        raise bad("label_counts()", counts, "a list with one count per class, indexed by label, e.g. "
+                                            "[261, 266, ...] (from a dict: [counts.get(i, 0) for i in range(n)])")
+    return {"description": description, **shapes, "train_size": int(sizes["train"]),
+            "valid_size": int(sizes["valid"]), "label_counts": tuple(int(n) for n in counts)}
+
+
 class DummyShardDescriptor(ShardDescriptor):
     """A shard of zeros with given shapes: lets notebook code be checked without real data."""
 

@@ -5,6 +5,7 @@ Also: the director and envoy daemons never import JAX.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -202,3 +203,37 @@ def test_pki_certify_puts_the_role_in_the_certificate(tmp_path):
     assert "--san is for the director's certificate" in refused.stderr
     text = " ".join(fedjax(tmp_path, "pki", "certify", "--help").stdout.split())
     assert "default: api for --name api, envoy for any other name" in text and "--role director" in text
+
+
+DESCRIPTOR = """\
+import numpy as np
+from fedjax_core.shard_descriptor import ShardDescriptor
+
+
+class Shard(ShardDescriptor):
+    def __init__(self, rank_worldsize="1, 1"):
+        pass
+
+    def get_split(self, name):
+        return {"image": np.zeros((4, 32, 32, 3), np.float32), "label": np.zeros(4, np.int32)}
+
+    sample_shape = ['32', '32', '3']
+    target_shape = ['1']
+    dataset_description = "four zeros"
+
+    def label_counts(self):
+        return COUNTS
+"""
+
+
+@pytest.mark.parametrize("counts, why", [
+    ("{0: 4, 1: 0}", r"Shard.label_counts\(\) returned \{0: 4, 1: 0\} \(dict\); it must return a list with one count "
+                     r"per class"),
+    ("[4, -1]", r"Shard.label_counts\(\) returned \[4, -1\] \(list\)"),
+])
+def test_envoy_refuses_a_descriptor_value_it_would_misread(tmp_path, counts, why):
+    (tmp_path / "bad_shard.py").write_text(DESCRIPTOR.replace("COUNTS", counts))
+    config = _write(tmp_path / "e.yaml", ENVOY_YAML.replace("TEMPLATE", "bad_shard.Shard"))
+    proc = fedjax(tmp_path, "envoy", "start", "-n", "env1", "-c", str(config), "-dp", "1", "--disable-tls")
+    _assert_clean_exit(proc)
+    assert re.search(why, proc.stderr), proc.stderr

@@ -257,3 +257,51 @@ def test_shard_descriptor_module_imports_only_stdlib_and_numpy():
             imported.add(node.module.split(".")[0])
     allowed = set(sys.stdlib_module_names) | {"numpy"}
     assert imported <= allowed, f"non-stdlib imports: {sorted(imported - allowed)}"
+
+
+# --- what an envoy registers -------------------------------------------------------
+
+
+class Described(ShardDescriptor):
+    def __init__(self, **values):
+        self.values = values
+
+    def get_split(self, name):
+        return {"image": np.zeros((2, 2)), "label": np.zeros(2)}
+
+    sample_shape = property(lambda self: self.values.get("sample_shape", ["32", "32", "3"]))
+    target_shape = property(lambda self: self.values.get("target_shape", ["1"]))
+    dataset_description = property(lambda self: self.values.get("description", "a shard"))
+
+    def split_sizes(self):
+        return self.values.get("sizes", {"train": 10, "valid": 2})
+
+    def label_counts(self):
+        return self.values.get("counts", [6, 4])
+
+
+def test_checked_description_takes_numpy_counts_and_int_shapes():
+    from fedjax_core.shard_descriptor import checked_description
+
+    described = checked_description(Described(sample_shape=[32, 32, np.int64(3)], counts=np.array([6, 4]),
+                                              sizes={"train": np.int64(10), "valid": 2}))
+    assert described == {"description": "a shard", "sample_shape": ("32", "32", "3"), "target_shape": ("1",),
+                         "train_size": 10, "valid_size": 2, "label_counts": (6, 4)}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"counts": {0: 6, 1: 4}}, r"Described.label_counts\(\) returned \{0: 6, 1: 4\} \(dict\)"),
+    ({"counts": [6.5, 4]}, r"label_counts\(\) returned \[6.5, 4\]"),
+    ({"counts": [True, 4]}, r"label_counts\(\) returned \[True, 4\]"),
+    ({"sample_shape": "32,32,3"}, r"Described.sample_shape returned '32,32,3' \(str\); it must return a list of "
+                                  r"positive sizes as strings"),
+    ({"target_shape": ["1.5"]}, r"Described.target_shape returned \['1.5'\]"),
+    ({"sizes": {"train": 10}}, r"Described.split_sizes\(\) returned \{'train': 10\} \(dict\)"),
+    ({"sizes": {"train": -1, "valid": 2}}, r"split_sizes\(\) returned"),
+    ({"description": None}, r"Described.dataset_description returned None \(NoneType\); it must return a str"),
+])
+def test_checked_description_names_the_method_that_returned_a_value_it_cannot_use(values, message):
+    from fedjax_core.shard_descriptor import checked_description
+
+    with pytest.raises(ValueError, match=message):
+        checked_description(Described(**values))

@@ -22,7 +22,7 @@ from fedjax_core import records as r
 from fedjax_core.api.client import DirectorUnreachable
 from fedjax_core.api.federation import Federation
 from fedjax_core.api.interfaces import DataInterface, ModelInterface, TaskError, TaskInterface
-from fedjax_core.api.model_tensors import state_to_tensors, tensors_to_state
+from fedjax_core.api.model_tensors import state_to_tensors, static_structure, tensors_to_state
 from fedjax_core.records import default_higher_is_better
 from fedjax_core.sinks import MetricSink
 from fedjax_core.codecs import CODECS
@@ -327,7 +327,10 @@ class FLExperiment:
         self.model_interface = ModelInterface(model=state)
 
     def _get_model(self, which: str):
-        return tensors_to_state(self._template(), self.federation.client.model(self.experiment_name, which))
+        """The model as a state like the template; lists of names in it (the seed's ``opt_vars``) are static,
+        so the state goes into jitted functions as the workers' did (model_tensors.static_structure)."""
+        return static_structure(tensors_to_state(self._template(),
+                                                 self.federation.client.model(self.experiment_name, which)))
 
     def get_best_model(self):
         """The aggregated model with the best aggregated validation metric, as a state like the template."""

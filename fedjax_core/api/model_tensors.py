@@ -7,6 +7,7 @@ template, and any mismatch names the offending path.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -37,16 +38,23 @@ def _is_tensor(leaf: Any) -> bool:
         return False
 
 
-def state_to_tensors(state: Any) -> dict[str, np.ndarray]:
-    """Every leaf of ``state`` as a numpy array, with the dtype JAX itself holds it in.
+def _is_array_like(leaf: Any) -> bool:
+    """Whether ``leaf`` is meant as numbers (an array, or a Python number like ``step``): those travel, or are
+    refused when their dtype cannot. Anything else (a string, bytes, None, an object) is structure."""
+    return isinstance(leaf, (np.ndarray, np.generic, jax.Array, bool, int, float, complex))
 
-    A leaf the platform cannot send (complex numbers, strings, objects) is an error that names
-    its pytree path: it would otherwise be left out of every round without anyone knowing.
-    Static fields (``apply_fn``, ``tx``: ``pytree_node=False``) are not leaves and stay behind.
+
+def state_to_tensors(state: Any) -> dict[str, np.ndarray]:
+    """Every array leaf of ``state`` as a numpy array, with the dtype JAX itself holds it in.
+
+    An array the platform cannot send (complex numbers, an array of strings) is an error that names
+    its pytree path: it would otherwise be left out of every round without anyone knowing. Leaves that
+    are not arrays (strings such as the seed tutorial's ``opt_vars``, bytes, None, other objects) stay
+    with the template and never travel, as do static fields (``apply_fn``, ``tx``: ``pytree_node=False``).
     """
     out = {}
     for name, leaf in _flat(state).items():
-        if _is_empty(leaf):
+        if _is_empty(leaf) or not _is_array_like(leaf):
             continue
         if not _is_tensor(leaf):
             what = f"{type(leaf).__name__} of dtype {leaf.dtype}" if hasattr(leaf, "dtype") else type(leaf).__name__
@@ -90,8 +98,33 @@ def _placed_like(leaf: Any, value: np.ndarray, alias: bool = False) -> jax.Array
     return jnp.asarray(value)
 
 
+class StaticList(list):
+    """A list of names, not numbers, in a model state (the seed tutorial's ``opt_vars = ['trace']``): the
+    same list to Python code, and no leaves to JAX, so the state can still be passed to jitted functions
+    (JAX refuses a string leaf). Its items are the pytree's static data."""
+
+
+jax.tree_util.register_pytree_node(StaticList, lambda items: ((), tuple(items)), lambda aux, _: StaticList(aux))
+
+
+def _names_only(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, (str, bytes)) for v in value)
+
+
+def static_structure(state: S) -> S:
+    """``state`` with each field that holds a list of strings (a pytree field, so its strings are leaves)
+    holding a :class:`StaticList` instead."""
+    if not dataclasses.is_dataclass(state) or isinstance(state, type):
+        return state
+    changes = {f.name: StaticList(getattr(state, f.name)) for f in dataclasses.fields(state)
+               if _names_only(getattr(state, f.name, None)) and not isinstance(getattr(state, f.name), StaticList)}
+    return dataclasses.replace(state, **changes) if changes else state
+
+
 def canonicalize(state: S) -> S:
-    """Numeric leaves as strongly typed JAX arrays, so rounds restored from the wire hit the same jit cache."""
+    """Numeric leaves as strongly typed JAX arrays, so rounds restored from the wire hit the same jit cache;
+    lists of names as static structure (:func:`static_structure`)."""
+    state = static_structure(state)
     flat = _flat(state)
     for name, leaf in flat.items():
         if _is_tensor(leaf):

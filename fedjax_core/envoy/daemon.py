@@ -33,7 +33,7 @@ from fedjax_core.envoy.proxy import WorkerProxy
 from fedjax_core.envoy.review import CHECK_S, ReviewDesk, describe
 from fedjax_core.envoy.workdir import WorkDir
 from fedjax_core.errors import FedError
-from fedjax_core.shard_descriptor import ShardDescriptor, load_shard_descriptor
+from fedjax_core.shard_descriptor import ShardDescriptor, checked_description, load_shard_descriptor
 from fedjax_core.transport import Backoff, TLSFiles, is_retryable
 
 log = logging.getLogger("fedjax.envoy")
@@ -88,14 +88,10 @@ def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Pa
 
 
 def shard_info(shard: ShardDescriptor, params: EnvoyParams) -> r.ShardInfo:
-    sizes = shard.split_sizes()
+    """What this envoy registers; ValueError, naming the descriptor's method, for a value it cannot be."""
     devices = (tuple(f"cuda:{d}" for d in params.cuda_devices)
                or tuple(f"cpu:{i}" for i in range(params.cpu_devices or 0)) or ("cpu",))
-    counts = shard.label_counts() if hasattr(shard, "label_counts") else ()
-    return r.ShardInfo(description=shard.dataset_description, sample_shape=tuple(map(str, shard.sample_shape)),
-                       target_shape=tuple(map(str, shard.target_shape)), train_size=int(sizes["train"]),
-                       valid_size=int(sizes["valid"]), hostname=socket.gethostname(), devices=devices,
-                       label_counts=tuple(int(n) for n in counts))
+    return r.ShardInfo(**checked_description(shard), hostname=socket.gethostname(), devices=devices)
 
 
 class EnvoyDaemon:
