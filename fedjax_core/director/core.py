@@ -28,10 +28,11 @@ from fedjax_core.director.submission import check_header, check_name
 from fedjax_core.errors import (AlreadyExistsError, FedError, InvalidRequestError, NotFoundError,
                                 PermissionDeniedError, PreconditionError, StorageError, is_disk_full)
 from fedjax_core.metrics_log import Loggers
-from fedjax_core.sinks import SinkFactory
+from fedjax_core.sinks import AGGREGATED_RUN, SinkFactory
 from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, nbytes_of
 
 log = logging.getLogger("fedjax.director")
+RESERVED_ENVOY_NAMES = (AGGREGATED_RUN,)  # names that stand for something else in metrics and logs
 LAST_SEEN_PERSIST_S = 30.0  # heartbeats update the database's last_seen at most this often (memory always)
 
 
@@ -110,6 +111,10 @@ class Director:
     def register_envoy(self, name: str, info: r.ShardInfo, instance_id: str = "") -> float:
         """Register (or re-register) envoy ``name``; refused while another daemon holds the name online."""
         check_name("envoy", name)
+        if name.lower() in RESERVED_ENVOY_NAMES:
+            raise InvalidRequestError(
+                f"envoy name {name!r} is reserved: the aggregated metrics go under it (TensorBoard run "
+                f"{AGGREGATED_RUN!r}); start the envoy under another name")
         if tuple(info.sample_shape) != self.sample_shape or tuple(info.target_shape) != self.target_shape:
             raise InvalidRequestError(
                 f"envoy {name!r} shard has sample shape {list(info.sample_shape)} and target shape "
@@ -260,7 +265,7 @@ class Director:
                 offline = sorted(set(envoys) - set(online)) if envoys else []
                 self._log_waiting(row.name, f"offline: {', '.join(offline)}" if offline else "no envoy is online")
                 continue
-            row = dataclasses.replace(row, state=r.State.RUNNING, envoys=envoys)
+            row = dataclasses.replace(row, state=r.State.RUNNING, envoys=envoys, envoy_sizes=self._sizes(envoys))
             try:
                 run = self.engine.new_run(row, 0)
             except InvalidRequestError as exc:
@@ -272,9 +277,19 @@ class Director:
             except Exception as exc:
                 self._fail_unstartable(row, exc)
                 continue
-            self.store.update_experiment(row.name, state=r.State.RUNNING, envoys=envoys, started_at=self._clock())
+            self.store.update_experiment(row.name, state=r.State.RUNNING, envoys=envoys, started_at=self._clock(),
+                                         envoy_sizes=row.envoy_sizes)
             self._run = run
             return
+
+    def _sizes(self, envoys: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """Each envoy's registered (train, valid) size now: an experiment keeps these for its whole run, so an
+        envoy that registers again with another shard cannot change its weight in it."""
+        sizes = {}
+        for envoy in envoys:
+            found = self.store.envoy(envoy)
+            sizes[envoy] = (found[0].train_size, found[0].valid_size) if found is not None else (0, 0)
+        return sizes
 
     def _start_waiting(self) -> None:
         """Under the lock, when an envoy came online: a queued experiment may have been waiting for it."""
@@ -449,9 +464,11 @@ class Director:
                 raise PreconditionError(f"round {round_} is not the current round ({run.round}) of {experiment!r}")
             if envoy not in run.participants:
                 raise PreconditionError(f"envoy {envoy!r} was not selected for round {round_} of {experiment!r}")
+        train, valid = self._registered(run, envoy)  # a report weighs at most the samples it can have measured
+        weight = min(max(sample_count, 0), train if stage == r.Stage.TRAIN else valid)
         event = r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage(stage), metrics=metrics,
                               timestamp=self._clock())
-        if self.store.add_event(experiment, event, weight=max(sample_count, 0)):
+        if self.store.add_event(experiment, event, weight=weight):
             self.loggers.log(experiment, event)
         close = False
         with self._cond:
@@ -477,16 +494,29 @@ class Director:
                 raise PreconditionError(f"an upload from envoy {envoy!r} for round {round_} is already in progress")
             run.receiving.add(envoy)
         try:
-            return self._accept_update(run, envoy, experiment, round_, self._weight(envoy, sample_count), chunks)
+            return self._accept_update(run, envoy, experiment, round_, self._weight(run, envoy, sample_count),
+                                       chunks)
         finally:
             with self._cond:
                 run.receiving.discard(envoy)
 
-    def _weight(self, envoy: str, sample_count: int) -> float:
-        """An update's weight: its claimed sample count, capped at the train size the envoy registered."""
+    def _registered(self, run: Run, envoy: str) -> tuple[int, int]:
+        """``envoy``'s (train, valid) size when ``run``'s experiment started (experiments started by an older
+        director, which kept no sizes: as registered now)."""
+        if envoy in run.row.envoy_sizes:
+            return run.row.envoy_sizes[envoy]
         found = self.store.envoy(envoy)
-        registered = found[0].train_size if found is not None else 0
-        if 0 < registered < sample_count:
+        return (found[0].train_size, found[0].valid_size) if found is not None else (0, 0)
+
+    def _weight(self, run: Run, envoy: str, sample_count: int) -> float:
+        """An update's weight: its claimed sample count, capped at the train size the envoy had registered when
+        the experiment started."""
+        registered = self._registered(run, envoy)[0]
+        if registered <= 0:
+            raise InvalidRequestError(
+                f"envoy {envoy!r} had registered no training samples when experiment {run.name!r} started, so its "
+                "update cannot be weighted: check its shard descriptor's split_sizes()")
+        if registered < sample_count:
             log.warning("envoy %r claims %d training samples but registered %d; weighting it by %d",
                         envoy, sample_count, registered, registered)
             return float(registered)

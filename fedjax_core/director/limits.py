@@ -5,6 +5,8 @@ the limit.
 """
 from __future__ import annotations
 
+import math
+
 from fedjax_core import records as r
 from fedjax_core.errors import InvalidRequestError
 
@@ -43,6 +45,10 @@ def check_metrics(envoy: str, metrics: tuple[r.Metric, ...]) -> None:
     for m in metrics:
         _text(f"envoy {envoy!r}: metric name {m.name[:40]!r}", m.name, MAX_SHORT_TEXT_CHARS)
         _text(f"envoy {envoy!r}: task name {m.task[:40]!r}", m.task, MAX_SHORT_TEXT_CHARS)
+        if not math.isfinite(m.value):
+            raise InvalidRequestError(
+                f"envoy {envoy!r} reported {m.task}/{m.name} = {m.value}: metrics must be finite numbers (a diverged "
+                "loss, or a task that divides by zero); the report is refused and the envoy drops out of the round")
 
 
 def clip_error(text: str) -> str:

@@ -232,7 +232,7 @@ class RoundEngine:
         for event in aggregates:
             if self.store.add_event(name, event):
                 self.loggers.log(name, event)
-        self._update_best(run, aggregates)
+        self._update_best(run, aggregates, [e for _, e, _ in round_events if e.envoy])
         if run.kind == r.TaskKind.VALIDATE:
             return Outcome(state=r.State.FINISHED)
         averaged = run.updates.count > 0
@@ -309,8 +309,10 @@ class RoundEngine:
                 writer.add_array(key, np.asarray(array))
             writer.commit()
 
-    def _update_best(self, run: Run, aggregates: list[r.MetricEvent]) -> None:
-        """Round r validated model_r; keep it as best if its metric beats the best so far (r >= 1)."""
+    def _update_best(self, run: Run, aggregates: list[r.MetricEvent], reports: list[r.MetricEvent]) -> None:
+        """Round r validated model_r; keep it as best if its metric beats the best so far (r >= 1). Unless the
+        notebook named the metric, it is chosen among those every envoy that validated reported, so that no
+        single envoy can pick it by reporting a name of its own."""
         if run.round < 1:
             return
         validation = next((e for e in aggregates if e.stage == r.Stage.AGGREGATED), None)
@@ -318,7 +320,13 @@ class RoundEngine:
             return
         row = self.store.experiment(run.name)
         assert row is not None
-        metric = row.best_metric or rules.default_best_metric(validation.metrics)
+        metric = row.best_metric
+        if not metric:
+            shared = rules.metrics_everyone_reported([e for e in reports if e.stage == r.Stage.AGGREGATED])
+            candidates = tuple(m for m in validation.metrics if m.name in shared)
+            if not candidates:
+                return
+            metric = rules.default_best_metric(candidates)
         value = rules.metric_value(validation.metrics, metric)
         if value is None:
             return

@@ -85,6 +85,12 @@ def aggregate_metrics(round_: int, events: list[tuple[r.MetricEvent, float]]) ->
     return out
 
 
+def metrics_everyone_reported(reports: list[r.MetricEvent]) -> set[str]:
+    """The metric names that every one of ``reports`` (one per envoy) holds."""
+    names = [{m.name for m in event.metrics} for event in reports]
+    return set.intersection(*names) if names else set()
+
+
 def default_best_metric(metrics: tuple[r.Metric, ...]) -> str:
     """The first metric with 'acc' in its name, else the alphabetically first."""
     names = [m.name for m in metrics]

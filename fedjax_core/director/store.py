@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     state TEXT NOT NULL, envoys TEXT NOT NULL DEFAULT '[]', current_round INTEGER NOT NULL DEFAULT 0,
     best_round INTEGER NOT NULL DEFAULT -1, best_value REAL, best_metric TEXT NOT NULL DEFAULT '',
     error TEXT NOT NULL DEFAULT '', submitted_at REAL NOT NULL, started_at REAL, finished_at REAL,
-    bundle_sha256 TEXT NOT NULL DEFAULT ''
+    bundle_sha256 TEXT NOT NULL DEFAULT '', envoy_sizes TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS updates (
     experiment TEXT NOT NULL, round INTEGER NOT NULL, envoy TEXT NOT NULL, weight REAL NOT NULL,
@@ -77,6 +77,8 @@ class ExperimentRow:
     best_metric: str
     error: str
     submitted_at: float
+    # envoy -> (train size, valid size) as registered when the experiment started: what caps its weights
+    envoy_sizes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def status(self, participants: tuple[tuple[str, ...], ...] = ()) -> r.ExperimentStatus:
         return r.ExperimentStatus(
@@ -107,8 +109,11 @@ class Store:
             self._db.execute("ALTER TABLE events ADD COLUMN participants TEXT NOT NULL DEFAULT '[]'")
         if "note" not in columns:
             self._db.execute("ALTER TABLE events ADD COLUMN note TEXT NOT NULL DEFAULT ''")
-        if "bundle_sha256" not in {row[1] for row in self._db.execute("PRAGMA table_info(experiments)")}:
+        experiment_columns = {row[1] for row in self._db.execute("PRAGMA table_info(experiments)")}
+        if "bundle_sha256" not in experiment_columns:
             self._db.execute("ALTER TABLE experiments ADD COLUMN bundle_sha256 TEXT NOT NULL DEFAULT ''")
+        if "envoy_sizes" not in experiment_columns:
+            self._db.execute("ALTER TABLE experiments ADD COLUMN envoy_sizes TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         with self._lock:
@@ -167,12 +172,14 @@ class Store:
     def update_experiment(self, name: str, **fields) -> None:
         if "envoys" in fields:
             fields["envoys"] = json.dumps(list(fields["envoys"]))
+        if "envoy_sizes" in fields:
+            fields["envoy_sizes"] = json.dumps({k: list(v) for k, v in fields["envoy_sizes"].items()})
         sets = ", ".join(f"{k} = ?" for k in fields)
         self._write(f"UPDATE experiments SET {sets} WHERE name = ?", (*fields.values(), name))
 
     def experiments(self, state: str | None = None, name: str | None = None) -> list[ExperimentRow]:
         sql = ("SELECT name, header, state, envoys, current_round, best_round, best_value, best_metric, "
-               "error, submitted_at FROM experiments")
+               "error, submitted_at, envoy_sizes FROM experiments")
         where = [(col, value) for col, value in (("state", state), ("name", name)) if value is not None]
         if where:
             sql += " WHERE " + " AND ".join(f"{col} = ?" for col, _ in where)
@@ -180,8 +187,8 @@ class Store:
         return [
             ExperimentRow(name=n, header=_header_from_json(h), state=s, envoys=tuple(json.loads(e)),
                           current_round=cr, best_round=br, best_value=bv, best_metric=bm, error=err,
-                          submitted_at=sa)
-            for n, h, s, e, cr, br, bv, bm, err, sa in rows
+                          submitted_at=sa, envoy_sizes={k: tuple(v) for k, v in json.loads(sizes).items()})
+            for n, h, s, e, cr, br, bv, bm, err, sa, sizes in rows
         ]
 
     def experiment(self, name: str) -> ExperimentRow | None:
