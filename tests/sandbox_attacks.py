@@ -9,6 +9,8 @@ import ctypes
 import glob
 import json
 import os
+import socket
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -71,6 +73,26 @@ def _ptrace_daemon(pid: int) -> bool:
     return ctypes.CDLL(None, use_errno=True).ptrace(0x4206, pid, 0, 0) == 0
 
 
+def _service_socket(path: str) -> bool:
+    """A root service's Unix socket (docker.sock, systemd, a root tmux): Landlock does not cover connect()."""
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(5)
+        client.connect(path)
+        return client.recv(16) == b"root shell\n"
+
+
+def _leftover_child() -> int:
+    """A process the experiment leaves behind in its worker's process group; its pid."""
+    return subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL).pid
+
+
+def _multiprocessing_lock() -> bool:
+    import multiprocessing
+
+    with multiprocessing.Lock():  # a POSIX semaphore in /dev/shm
+        return True
+
+
 def attacks(targets: dict[str, str]) -> dict[str, float]:
     daemon = os.getppid()
     work_dir, config_dir = targets["work_dir"], targets["config_dir"]
@@ -90,9 +112,15 @@ def attacks(targets: dict[str, str]) -> dict[str, float]:
         "sitecustomize": _tried(lambda: _write(f"{config_dir}/sitecustomize.py", "print('every later worker')")),
         "write_config_dir": _tried(lambda: _write(f"{config_dir}/planted.txt")),
         "write_tmp": _tried(lambda: _write("/tmp/fedjax-sandbox-attack/planted.txt")),
+        "service_socket": _tried(lambda: _service_socket(targets["service_socket"])),
+        "daemons_session": float(os.getsid(0) == os.getsid(daemon)),
+        "daemons_folder": float(os.getcwd() == targets["daemon_cwd"]),
         # what the worker must still be able to do
         "own_tmp_write": _tried(lambda: _write(Path(tempfile.gettempdir()) / "fedjax-scratch.txt")),
         "own_home_write": _tried(lambda: _write(Path.home() / ".cache" / "fedjax-scratch.txt")),
+        "multiprocessing_lock": _tried(_multiprocessing_lock),
+        "dev_shm_write": _tried(lambda: _write(f"/dev/shm/{targets['shm_name']}")),  # its own /dev/shm
+        "leftover_pid": float(_leftover_child()),
     }
 
 

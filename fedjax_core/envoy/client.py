@@ -1,7 +1,9 @@
 """The envoy side of the EnvoyService: typed calls with reconnection, used by daemon and worker."""
 from __future__ import annotations
 
+import collections
 import hashlib
+import os
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -29,14 +31,49 @@ def upload_chunk_message(chunk: r.TensorChunk) -> bytes:
     return b"".join((_CHUNK_KEY, serde.varint(len(head) + len(data)), head, data))
 
 
+TOKEN_KEY = "fedjax-worker-token"  # the metadata key of a worker's proxy token (proxy.py)
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                           "wait_for_ready", "compression")), grpc.ClientCallDetails):
+    pass
+
+
+class _WithToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the worker's proxy token to every call's metadata."""
+
+    def __init__(self, token: str):
+        self._entry = (TOKEN_KEY, token)
+
+    def _details(self, d) -> _CallDetails:
+        return _CallDetails(d.method, d.timeout, (*(d.metadata or ()), self._entry), d.credentials,
+                            d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
 class EnvoyClient:
     def __init__(self, envoy_name: str, target: str, tls: TLSFiles | None,
-                 stop: threading.Event | None = None, retry_s: float = 3600.0):
-        """``target``: the director's ``host:port``, or the daemon's worker proxy (``unix:PATH``)."""
+                 stop: threading.Event | None = None, retry_s: float = 3600.0, token: str | None = None):
+        """``target``: the director's ``host:port``, or the daemon's worker proxy (``unix:PATH``), which wants
+        the worker's ``token`` on every call."""
         self.envoy_name = envoy_name
         self.instance_id = uuid.uuid4().hex  # this process's claim on the name
         self.address = target
         self._channel = open_channel(target, tls)
+        if token:
+            self._channel = grpc.intercept_channel(self._channel, _WithToken(token))
         self._stub = env_grpc.EnvoyServiceStub(self._channel)
         # UploadUpdate with requests this client serializes itself (upload_chunk_message), same wire bytes
         self._upload = self._channel.stream_unary("/fedjax.EnvoyService/UploadUpdate", request_serializer=None,
@@ -75,7 +112,7 @@ class EnvoyClient:
         def fetch() -> str:
             tmp = path.with_suffix(".partial")
             digest = hashlib.sha256()
-            with open(tmp, "wb") as f:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb") as f:
                 req = env_pb.GetExperimentBundleRequest(envoy_name=self.envoy_name, experiment_name=experiment)
                 for chunk in self._stub.GetExperimentBundle(req, timeout=600):
                     digest.update(chunk.data)

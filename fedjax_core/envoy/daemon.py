@@ -12,10 +12,12 @@ reaches the director as a dropout from the experiment.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import re
+import secrets
 import socket
 import subprocess
 import threading
@@ -28,7 +30,7 @@ from fedjax_core import records as r
 from fedjax_core.config import ConfigError, EnvoyConfig, EnvoyParams, resolve_path, worker_account
 from fedjax_core.envoy import landlock, sandbox
 from fedjax_core.envoy.client import EnvoyClient
-from fedjax_core.envoy.launch import Launched, LauncherClosed, WorkerLauncher, stop_process
+from fedjax_core.envoy.launch import Launched, LauncherClosed, WorkerLauncher, kill_group, stop_process
 from fedjax_core.envoy.proxy import WorkerProxy
 from fedjax_core.envoy.review import CHECK_S, ReviewDesk, describe
 from fedjax_core.envoy.workdir import WorkDir
@@ -42,7 +44,7 @@ MAX_WORKER_RESTARTS = 3
 
 # The worker's environment is built from an allow-list, never copied whole from the daemon's.
 WORKER_ENV_NAMES = ("PATH", "HOME", "LANG", "TMPDIR", "TZ", "PYTHONPATH", "PYTHONUNBUFFERED", "LD_LIBRARY_PATH")
-WORKER_ENV_PREFIXES = ("LC_", "JAX_", "XLA_", "CUDA_", "NVIDIA_", "TF_", "GRPC_", "FEDJAX_")
+WORKER_ENV_PREFIXES = ("LC_", "JAX_", "XLA_", "CUDA_", "NVIDIA_", "TF_", "TFDS_", "GRPC_", "FEDJAX_")
 
 
 _HOST_DEVICE_COUNT = "--xla_force_host_platform_device_count"
@@ -113,6 +115,8 @@ class EnvoyDaemon:
         # in plaintext (loopback only) there is no key to keep and the worker connects directly.
         self.proxy = WorkerProxy(name, self.client.channel, self.workdir.proxy,
                                  self.account[:2] if self.account else None) if tls is not None else None
+        if self.proxy is not None and self.policy is not None:  # the one socket its sandbox leaves in reach
+            self.workdir.policy = self.policy = dataclasses.replace(self.policy, keep_socket=str(self.proxy.socket))
         user = {"user": self.account[0], "group": self.account[1], "extra_groups": []} if self.account else {}
         self.cache_dir = compilation_cache_dir(config, self.workdir)
         self.launcher = WorkerLauncher(worker_environment(config.params, dict(os.environ), self.config_dir,
@@ -223,6 +227,7 @@ class EnvoyDaemon:
                 return  # pushed again after a reconnect; the worker carries on
         if self.desk is not None:
             for gone in self.desk.forget_all_but(experiment):
+                self.workdir.discard_bundle(gone)
                 log.info("envoy %s: experiment %r is no longer pending review: the director moved on", self.name, gone)
         try:
             bundle_path = self.workdir.bundle(experiment)
@@ -322,7 +327,8 @@ class EnvoyDaemon:
             }
             if self.cache_dir is not None:  # the one accepted submitter's folder (config validation)
                 spec["compilation_cache_dir"] = str(self.cache_dir)
-            if self.proxy is not None:
+            if self.proxy is not None:  # this worker's calls only: a process an earlier one left has an old token
+                spec["proxy_token"] = self.proxy.token = secrets.token_hex(16)
                 self.proxy.experiment = experiment
             launched = self.launcher.launch(lambda run: self.workdir.fill_run(run, experiment, spec))
             log.info("envoy %s: starting worker for experiment %r (pid %d, %s; folder %s)", self.name, experiment,
@@ -336,13 +342,19 @@ class EnvoyDaemon:
         times. The experiment's bundle goes once no worker of it will start again."""
         worker = launched.process
         code = worker.wait()
+        kill_group(worker)  # what it started goes with it
         log.info("envoy %s: worker for %r exited with code %d", self.name, experiment, code)
         self.workdir.close_run(launched.run)
         if self.stop.is_set():
             return
         with self._worker_lock:  # held, so a worker started meanwhile finds the standby ready
-            if self._worker is worker:  # not one stopped for the next experiment, which has its worker
+            replaced = self._worker is not worker  # stopped for the next experiment, which has its worker
+            if not replaced:
+                if self.proxy is not None:
+                    self.proxy.token = None
                 self.launcher.prepare()  # for the next experiment, or this one's restarted worker
+        if replaced:
+            return  # this experiment is over for this envoy; its bundle went when the next one started
         if code == 0:
             self.workdir.discard_bundle(experiment)
             return

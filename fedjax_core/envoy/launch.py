@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +26,8 @@ from fedjax_core.envoy.workdir import WorkDir
 log = logging.getLogger("fedjax.envoy")
 # -s: no user site-packages, which an experiment's code could otherwise leave behind in the worker
 # account's home for later experiments to import
-WORKER = [sys.executable, "-s", "-m", "fedjax_core.envoy.start_worker"]
+# -P: its folder (the cwd) is not put first on sys.path
+WORKER = [sys.executable, "-s", "-P", "-m", "fedjax_core.envoy.start_worker"]
 
 
 class LauncherClosed(RuntimeError):
@@ -53,10 +55,13 @@ class WorkerLauncher:
         self._closed = False
         self._forker = futures.ThreadPoolExecutor(1, thread_name_prefix="worker-launcher")
 
-    def _start(self, run: Path, standby: bool, **kwargs) -> subprocess.Popen:
+    def _start(self, run: Path, standby: bool) -> subprocess.Popen:
+        """A worker in ``run``, in a session of its own (no controlling terminal: it cannot type into the
+        operator's), with no stdin but the standby's pipe."""
         argv = [*WORKER, *(["--standby"] if standby else []), str(os.getpid()), str(run)]
         env = {**self.env, **self.workdir.environment(run)}
-        return self._forker.submit(subprocess.Popen, argv, env=env, **self.user, **kwargs).result()
+        return self._forker.submit(subprocess.Popen, argv, env=env, cwd=run, start_new_session=True,
+                                   stdin=subprocess.PIPE if standby else subprocess.DEVNULL, **self.user).result()
 
     def prepare(self) -> None:
         """Start a standby unless one is alive, standbys are off, or the launcher is closed."""
@@ -67,7 +72,7 @@ class WorkerLauncher:
                 self.workdir.close_run(self._ready.run)
             try:
                 run = self.workdir.new_run()
-                self._ready = Launched(self._start(run, True, stdin=subprocess.PIPE), run, True)
+                self._ready = Launched(self._start(run, True), run, True)
             except OSError as exc:  # e.g. out of processes: experiments still start cold
                 log.warning("could not start a standby worker (%s); the next experiment's worker starts cold", exc)
                 self._ready = None
@@ -82,17 +87,25 @@ class WorkerLauncher:
         if ready is not None and ready.process.poll() is None:
             try:
                 fill(ready.run)
+            except BaseException:  # e.g. the bundle went missing: the standby stays ready for the next one
+                with self._lock:
+                    self._ready = ready if self._ready is None and not self._closed else self._ready
+                raise
+            try:
                 ready.process.stdin.write(b"start\n")
                 ready.process.stdin.close()
                 return ready
-            except OSError:  # it died just now: start one cold
+            except BrokenPipeError:  # it died just now: start one cold
                 stop_process(ready.process)
-                self.workdir.close_run(ready.run)
-        elif ready is not None:
+        if ready is not None:
             self.workdir.close_run(ready.run)
         run = self.workdir.new_run()
-        fill(run)
-        return Launched(self._start(run, False), run, False)
+        try:
+            fill(run)
+            return Launched(self._start(run, False), run, False)
+        except BaseException:
+            self.workdir.close_run(run)
+            raise
 
     def close(self) -> None:
         """Stop the standby (it holds nothing yet); no new one starts."""
@@ -105,10 +118,20 @@ class WorkerLauncher:
 
 
 def stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL past ``grace_s``; returns once the process is reaped."""
+    """SIGTERM, then SIGKILL past ``grace_s``; returns once the process is reaped. Whatever it started in
+    its session (its process group) is killed with it."""
     process.terminate()
     try:
         process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    kill_group(process)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL to what a worker left in its process group (a worker leads its own: start_new_session)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

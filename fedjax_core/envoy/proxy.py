@@ -7,6 +7,7 @@ own mTLS channel to the director; streams are forwarded message by message, neve
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import grpc
 
+from fedjax_core.envoy.client import TOKEN_KEY
 from fedjax_proto import envoy_service_pb2 as env_pb
 
 log = logging.getLogger("fedjax.envoy")
@@ -30,6 +32,7 @@ class WorkerProxy:
     def __init__(self, envoy_name: str, channel: grpc.Channel, socket_dir: Path, owner: tuple[int, int] | None = None):
         self.envoy_name = envoy_name
         self.experiment: str | None = None  # the experiment whose worker may call; set by the daemon
+        self.token: str | None = None  # that worker's token (its spec holds it); None: no worker may call
         self._channel = channel
         # a work dir too deep for a socket address (sun_path): a private folder under the temp dir instead
         self._temporary = len(str(socket_dir / "envoy.sock")) > _MAX_UNIX_PATH
@@ -70,12 +73,18 @@ class WorkerProxy:
 
     # ---------------------------------------------------------------- checks
     def _check(self, method: str, request, context: grpc.ServicerContext) -> None:
-        """Only this envoy's name and its worker's experiment travel on."""
+        """Only the current worker (its token), under this envoy's name and for its experiment, gets through:
+        a process an earlier experiment left behind holds an old token."""
+        given = dict(context.invocation_metadata()).get(TOKEN_KEY, "")
+        token = self.token
+        if not token or not hmac.compare_digest(str(given).encode(), token.encode()):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "the envoy's worker proxy forwards the calls of this envoy's current worker only")
         target = request.header if method == "UploadUpdate" else request
         if target.envoy_name != self.envoy_name or not self.experiment or target.experiment_name != self.experiment:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"the envoy's worker proxy forwards calls of envoy {self.envoy_name!r} for experiment "
-                          f"{self.experiment!r} only, not of {target.envoy_name!r} for {target.experiment_name!r}")
+                          f"the envoy's worker proxy forwards calls of envoy {self.envoy_name!r} for its worker's "
+                          f"experiment only, not of {target.envoy_name!r} for {target.experiment_name!r}")
         if method == "ReportFailure" and request.refused:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "only the envoy daemon may refuse an experiment")
 

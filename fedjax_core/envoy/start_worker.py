@@ -39,7 +39,8 @@ def enter_sandbox(run_dir: Path) -> sandbox.Policy | None:
     """The policy the daemon wrote for this worker, entered; None when the operator turned it off."""
     policy = sandbox.Policy.read(run_dir / sandbox.POLICY_FILE)
     if policy is not None:
-        sandbox.enter(policy)
+        for gap in sandbox.enter(policy):
+            print(f"[worker] sandbox: {gap}", file=sys.stderr, flush=True)
     return policy
 
 

@@ -270,7 +270,7 @@ def main(spec_path: Path, sandbox: Policy | None) -> int:
     spec = json.loads(Path(spec_path).read_text())
     # under TLS the daemon's local proxy (a unix: socket) carries every call, so the worker holds no key;
     # in plaintext (loopback only) the target is the director's host:port
-    client = EnvoyClient(spec["envoy_name"], spec["director_target"], None)
+    client = EnvoyClient(spec["envoy_name"], spec["director_target"], None, token=spec.get("proxy_token"))
     experiment = spec["experiment"]
     try:
         bundle = bundle_io.read(Path(spec["bundle_path"]))

@@ -40,3 +40,17 @@ def test_nothing_starts_once_the_launcher_is_closed(tmp_path):
     launcher.prepare()  # a no-op
     with pytest.raises(LauncherClosed, match="stopping"):
         launcher.launch(lambda run: None)
+
+
+def test_a_bundle_that_went_missing_fails_the_launch_and_keeps_the_standby(tmp_path):
+    workdir = WorkDir(tmp_path / "env1", None, None).open()
+    launcher = WorkerLauncher({**os.environ, "JAX_PLATFORMS": "cpu"}, {}, standby=True, workdir=workdir)
+    try:
+        launcher.prepare()
+        standby = launcher._ready
+        with pytest.raises(FileNotFoundError):
+            launcher.launch(lambda run: workdir.fill_run(run, "gone", {}))  # its bundle was never downloaded
+        assert launcher._ready is standby and standby.process.poll() is None
+        assert [p for p in workdir.runs.iterdir() if p != standby.run] == []  # no folder left behind
+    finally:
+        launcher.close()

@@ -163,3 +163,42 @@ def test_sandbox_paths_must_exist(tmp_path):
         sandbox_policy(config(write_paths=["file.txt"]), tmp_path, None, None, tmp_path / "w" / "e")
     with pytest.raises(ValueError, match="experiment_code_may_read_envoy_secrets"):
         config(experiment_code_may_read_envoy_secrets="yes")  # strict: a typo cannot turn the sandbox off
+
+
+def test_links_back_up_the_tree_are_followed_once(tmp_path):
+    root = tree(tmp_path / "cfg")
+    (root / "data" / "latest").symlink_to(root)  # data/latest -> the config folder itself
+    rules = dict(sandbox.grant(root, landlock.READ, denied=[root / "envoy_config.yaml"]))
+    assert rules[str(root)] == landlock.LIST and str(root / "envoy_config.yaml") not in rules
+
+
+def test_only_pythons_own_folders_are_granted_not_every_sys_path_entry(tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"  # e.g. PYTHONPATH=/srv/checkout, which holds configs and state
+    checkout.mkdir()
+    monkeypatch.syspath_prepend(str(checkout))
+    paths = {str(p) for p in sandbox.python_paths()}
+    assert str(checkout) not in paths
+    assert sys.prefix in paths and any(p.endswith("site-packages") for p in paths)
+    import fedjax_core
+
+    assert str(Path(fedjax_core.__file__).parent) in paths  # an editable install's package folder
+
+
+def test_files_not_everyone_may_read_are_found(tmp_path):
+    (tmp_path / "public.conf").write_text("x")
+    (tmp_path / "admin.conf").write_text("token")
+    (tmp_path / "admin.conf").chmod(0o600)
+    (tmp_path / "private").mkdir(mode=0o700)
+    (tmp_path / "private" / "inside").write_text("y")
+    found = sandbox.not_world_readable(tmp_path)
+    assert sorted(found) == [tmp_path / "admin.conf", tmp_path / "private"]
+
+
+def test_unix_sockets_are_found_where_services_keep_them(tmp_path):
+    import socket
+
+    (tmp_path / "a").mkdir()
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "a" / "b.sock"))
+        assert sandbox.unix_sockets([str(tmp_path)]) == [str(tmp_path / "a" / "b.sock")]
+        assert sandbox.unix_sockets([str(tmp_path)], depth=0) == []  # files of the folder itself only

@@ -1,0 +1,44 @@
+"""The daemon's worker proxy lets the current worker through, and nobody else: not a process an earlier
+experiment left behind (its token is old), not another experiment's name; its refusals name no experiment."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from fedjax_core.envoy.client import EnvoyClient
+from fedjax_core.envoy.proxy import WorkerProxy
+from fedjax_core.errors import FedError
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    upstream = grpc.insecure_channel("127.0.0.1:9")  # nothing listens: a call that gets through is UNAVAILABLE
+    p = WorkerProxy("env1", upstream, tmp_path / "proxy").start()
+    p.experiment, p.token = "secret-experiment", "current-token"
+    yield p
+    p.stop()
+    upstream.close()
+
+
+def call(proxy: WorkerProxy, token: str | None, experiment: str = "secret-experiment") -> grpc.RpcError:
+    client = EnvoyClient("env1", proxy.target, None, retry_s=0, token=token)
+    try:
+        with pytest.raises((grpc.RpcError, FedError)) as caught:
+            client.report_failure(experiment, "x")
+        return caught.value
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("token", [None, "an-old-token"])
+def test_a_caller_without_the_current_token_is_refused_and_learns_no_name(proxy, token):
+    refused = call(proxy, token)
+    text = str(refused)
+    assert "current worker only" in text and "secret-experiment" not in text
+
+
+def test_the_current_worker_gets_through_for_its_experiment_only(proxy):
+    assert "current worker only" not in str(call(proxy, "current-token"))  # forwarded (and nothing upstream)
+    assert "for its worker's experiment only" in str(call(proxy, "current-token", experiment="other"))
+    proxy.token = None  # the worker exited
+    assert "current worker only" in str(call(proxy, "current-token"))
