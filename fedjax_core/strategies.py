@@ -206,8 +206,9 @@ def strategy_from_wire(name: str, params_json: str) -> Strategy:
         raise StrategyError(f"unknown aggregation {name!r}; built-in strategies: {', '.join(STRATEGIES)}")
     try:
         params = json.loads(params_json or "{}")
-    except ValueError:
-        raise StrategyError(f"aggregation parameters of {name!r} are not valid JSON: {params_json[:200]!r}") from None
+    except (ValueError, RecursionError):
+        raise StrategyError(f"aggregation parameters of {name!r} are not valid JSON (or nest too deeply): "
+                            f"{params_json[:200]!r}") from None
     if not isinstance(params, dict):
         raise StrategyError(f"aggregation parameters of {name!r} must be a JSON object, got {params_json[:200]!r}")
     known = [f.name for f in dataclasses.fields(cls)]

@@ -123,8 +123,8 @@ class Director:
             )
         limits.check_shard_info(name, info)
         with self._cond:
-            holder = self._instances.get(name)
-            silent_for = self._online_since(name) if holder and instance_id and holder != instance_id else None
+            holder = self._instances.get(name)  # a daemon without an instance id ("") is one more claimant
+            silent_for = self._online_since(name) if holder is not None and holder != instance_id else None
             if silent_for is not None:
                 raise AlreadyExistsError(
                     f"an envoy named {name!r} is already online (last heard {silent_for:.0f}s ago): "
@@ -141,7 +141,7 @@ class Director:
     def heartbeat(self, name: str, instance_id: str = "") -> bool:
         """Keep ``name`` online; False (register again) if unknown or held by another daemon."""
         holder = self._instances.get(name)
-        if holder and instance_id and holder != instance_id:
+        if holder is not None and holder != instance_id:
             return False
         now = self._clock()
         if name in self._persisted_seen and now - self._persisted_seen[name] < LAST_SEEN_PERSIST_S:
@@ -747,27 +747,34 @@ class Director:
     # ------------------------------------------------------------ deadlines
     def _watch_deadlines(self) -> None:
         """Close (or fail) a round whose deadline passed, and drop participants whose heartbeats stopped;
-        sleeps until the next deadline or possible timeout, or a change."""
-        while True:
+        sleeps until the next deadline or possible timeout, or a change. An error fails the experiment it hit
+        and the watch goes on: later rounds need their deadlines."""
+        while self._handle_due():
+            pass
+
+    def _handle_due(self) -> bool:
+        """Wait for the next deadline or silent participant and act on it; False once the director closes."""
+        run = None
+        try:
             with self._cond:
                 due = self._next_due()
                 if due is None:
-                    return
+                    return False
                 run, lost = due
                 event = None
                 if lost is not None:
                     event, close = self._drop(run, lost, "was lost", (
-                        f"no heartbeat for {self.envoy_timeout_s:g}s (settings.envoy_timeout_s); it rejoins when it "
-                        "is back"))
+                        f"no heartbeat for {self.envoy_timeout_s:g}s (settings.envoy_timeout_s); it rejoins when "
+                        "it is back"))
                 elif len(run.done) >= run.needed:
                     run.closing = close = True
                 else:
                     close = False
                     missing = ", ".join(sorted(set(run.participants) - run.done))
                     self._finish(run, r.State.FAILED, error=(
-                        f"round {run.round} reached its {run.header.round_timeout_s:g}s deadline with {len(run.done)} "
-                        f"of {len(run.participants)} envoys reporting (min_envoys={run.needed}); no result from: "
-                        f"{missing}"))
+                        f"round {run.round} reached its {run.header.round_timeout_s:g}s deadline with "
+                        f"{len(run.done)} of {len(run.participants)} envoys reporting (min_envoys={run.needed}); "
+                        f"no result from: {missing}"))
                 self._changed()
             if lost is not None:
                 self._after_drop(run, event, close)
@@ -775,6 +782,36 @@ class Director:
                 self._close(run)
             else:
                 self._cleanup(run)
+        except Exception as exc:
+            log.exception("the round-deadline watch hit an error")
+            if run is not None:
+                self._fail_on_background_error(run, exc)
+        return True
+
+    def _fail_on_background_error(self, run: Run, exc: Exception) -> None:
+        """``run``'s experiment fails with what went wrong (it hit the error); the director serves on."""
+        full = is_disk_full(exc) or "full" in str(exc)
+        error = (f"the director hit an error while watching round {run.round}'s deadline and heartbeats: "
+                 f"{type(exc).__name__}: {exc}" + (f" (is its disk under {self.state_dir} full?)" if full else ""))
+        with self._cond:
+            try:
+                if self._run is run and not run.ended:
+                    self._finish(run, r.State.FAILED, error)
+                else:  # ended in memory, but perhaps not on disk: the write that failed may have been that one
+                    row = self.store.experiment(run.name)
+                    if row is not None and row.state == r.State.RUNNING:
+                        self.store.update_experiment(run.name, state=r.State.FAILED, error=error,
+                                                     finished_at=self._clock())
+            except Exception:  # the database cannot take it either: it is over in memory, and logged
+                log.exception("could not record that experiment %r failed: %s", run.name, error)
+                run.ended = True
+                if self._run is run:
+                    self._run = None
+            self._changed()
+        try:
+            self._cleanup(run)
+        except Exception:
+            log.exception("could not clean up after experiment %r", run.name)
 
     def _next_due(self) -> tuple[Run, str | None] | None:
         """Under the lock: wait until the running round's deadline passes (``(run, None)``) or a pending

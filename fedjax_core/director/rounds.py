@@ -121,7 +121,8 @@ class Run:
 
     def task_kwargs(self) -> str:
         """This round's round_config entry; the final validation round uses the last training round's."""
-        return self.plan.round_kwargs[min(self.round, self.header.rounds - 1)]
+        kwargs = self.plan.round_kwargs
+        return kwargs[min(self.round, self.header.rounds - 1)] if kwargs else ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import threading
 from concurrent import futures
@@ -103,10 +104,27 @@ def _describe_sink(spec, log_dir: Path) -> str:
     return f"W&B project {spec.project!r} ({spec.mode})"
 
 
+def raise_open_files_limit(cap: int = 1 << 20) -> int:
+    """Raise the soft limit on open files to the hard one (at most ``cap``): every connection is a file
+    descriptor, and a low soft limit (often 1,024) lets idle connections exhaust the director. Returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, wanted, exc)
+    log.info("open files: up to %d at once (soft limit; hard limit %s)", soft,
+             "unlimited" if hard == resource.RLIM_INFINITY else hard)
+    return soft
+
+
 def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully. Relative paths resolve against ``config_dir``."""
     s = config.settings
     limit_arenas()
+    raise_open_files_limit()
     log_dir = resolve_path(s.log_dir, config_dir)
     sinks = factories_from_config(s.metric_sinks, log_dir, config_dir)  # a missing package: ConfigError, before serving
     director = Director(state_dir=resolve_path(s.state_dir, config_dir), log_dir=log_dir,

@@ -21,6 +21,11 @@ from fedjax_core.tensors import check_spec
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_ROUND_TIMEOUT_S = 30 * 24 * 3600.0
 MAX_ROUND_CONFIG_CHARS = 1 << 20
+MAX_ROUNDS = 100_000
+MAX_TENSORS = 20_000  # tensors in a model (a large transformer with its optimizer state has a few thousand)
+MAX_PARAMS_CHARS = 64 << 10  # aggregation_params, JSON
+MAX_TEXT_CHARS = 256  # best_metric, compression, sync, aggregation: names
+MAX_LISTED_ENVOYS = 10_000
 
 
 def check_name(kind: str, name: str) -> None:
@@ -43,8 +48,20 @@ class RoundPlan:
 def check_header(h: r.ExperimentHeader, registered: Collection[str], online: Sequence[str]) -> None:
     """Refuse a header that cannot run; every message names the setting and the fix."""
     check_name("experiment", h.name)  # name clashes are the store's UNIQUE constraint's to report
-    if h.rounds < 1:
-        raise InvalidRequestError(f"rounds_to_train must be >= 1, got {h.rounds}")
+    if not 1 <= h.rounds <= MAX_ROUNDS:
+        raise InvalidRequestError(f"rounds_to_train must be between 1 and {MAX_ROUNDS}, got {h.rounds}")
+    for field in ("best_metric", "aggregation", "compression", "sync", "opt_treatment", "submitter"):
+        value = getattr(h, field)
+        if len(value) > MAX_TEXT_CHARS:
+            raise InvalidRequestError(f"{field} is {len(value)} characters long; at most {MAX_TEXT_CHARS} are allowed")
+    if len(h.aggregation_params) > MAX_PARAMS_CHARS:
+        raise InvalidRequestError(f"aggregation_params is {len(h.aggregation_params)} characters of JSON; at most "
+                                  f"{MAX_PARAMS_CHARS} are allowed")
+    if len(h.model_spec) > MAX_TENSORS:
+        raise InvalidRequestError(f"the model has {len(h.model_spec)} tensors; at most {MAX_TENSORS} are allowed: "
+                                  "concatenate small ones, or keep what need not travel as static fields")
+    if len(h.envoys) > MAX_LISTED_ENVOYS:
+        raise InvalidRequestError(f"envoys lists {len(h.envoys)} names; at most {MAX_LISTED_ENVOYS} are allowed")
     if h.opt_treatment not in r.OPT_TREATMENTS:
         raise InvalidRequestError(
             f"opt_treatment {h.opt_treatment!r} is not one of {', '.join(r.OPT_TREATMENTS)}")
@@ -116,9 +133,10 @@ def plan_rounds(h: r.ExperimentHeader, envoys: Sequence[str]) -> RoundPlan:
 
 
 def parse_round_config(text: str, rounds: int) -> tuple[str, ...]:
-    """Per training round, the JSON of ``{task: {kwarg: value}}`` ("" when there is no round_config)."""
+    """Per training round, the JSON of ``{task: {kwarg: value}}``; () when there is no round_config (every
+    round's is "": nothing held per round)."""
     if not text:
-        return ("",) * rounds
+        return ()
     if len(text) > MAX_ROUND_CONFIG_CHARS:
         raise InvalidRequestError(f"round_config is {len(text)} characters of JSON; at most {MAX_ROUND_CONFIG_CHARS} "
                                   "are allowed")

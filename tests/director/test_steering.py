@@ -72,3 +72,16 @@ def test_names_the_aggregated_metrics_use_are_reserved(tmp_path):
     for name in ("aggregated", "Aggregated"):
         with pytest.raises(InvalidRequestError, match=f"envoy name '{name}' is reserved"):
             d.register_envoy(name, INFO)
+
+
+def test_a_daemon_without_an_instance_id_cannot_take_an_online_envoys_name(tmp_path):
+    from fedjax_core.errors import AlreadyExistsError
+
+    d = make_director(tmp_path, envoys=())
+    d.register_envoy("a", INFO, instance_id="first-daemon")
+    for impostor in ("", "", "third"):
+        with pytest.raises(AlreadyExistsError, match="an envoy named 'a' is already online"):
+            d.register_envoy("a", INFO, instance_id=impostor)
+        assert d.heartbeat("a", impostor) is False
+    assert d.heartbeat("a", "first-daemon") is True  # the original daemon is still the one it knows
+    d.close()
