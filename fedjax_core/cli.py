@@ -3,7 +3,7 @@
     fedjax director start -c director_config.yaml [--disable-tls]
     fedjax envoy start -n NAME -c envoy_config.yaml -dh HOST -dp PORT [--disable-tls]
     fedjax envoy review -c envoy_config.yaml [-n NAME] [--approve NAME | --refuse NAME [--reason TEXT]]
-    fedjax pki init|certify ...    # certify --role director|envoy|api: see fedjax_core.pki
+    fedjax pki init|certify ...    # certify --role director|envoy|api|admin: see fedjax_core.pki
 """
 from __future__ import annotations
 
@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Issue a certificate and key signed by the root CA in --dir, with the party's role: one "
                     "for the director (--role director, named as its host), one per envoy (--role envoy, named "
                     "as the envoy), and one named 'api' for the notebook (--role api; Federation(..., "
-                    "api_cert='pki/api.crt', api_private_key='pki/api.key')). The director checks roles: only "
-                    "envoy certificates may act as envoys, only api certificates may use the notebook API, and "
-                    "only a director certificate can serve.")
+                    "api_cert='pki/api.crt', api_private_key='pki/api.key')), and optionally admin ones (--role "
+                    "admin: see and cancel every experiment). The director checks roles: only envoy certificates "
+                    "may act as envoys, only api and admin certificates may use the notebook API, and only a "
+                    "director certificate can serve.")
     p_cert.add_argument("--dir", default="pki", help="folder holding the root CA (from `fedjax pki init`); "
                                                      "NAME.crt and NAME.key are written there")
     p_cert.add_argument("--name", required=True, help="the party's name: the director's host name, an envoy's "

@@ -3,11 +3,13 @@
     fedjax pki init --dir pki                                    # pki/root_ca.crt, pki/root_ca.key
     fedjax pki certify --dir pki --name director.example.org --role director --san 10.0.0.5
     fedjax pki certify --dir pki --name env1 --role envoy        # pki/env1.crt, pki/env1.key
-    fedjax pki certify --dir pki --name api --role api           # the notebook's
+    fedjax pki certify --dir pki --name api --role api           # a notebook's (one per researcher)
+    fedjax pki certify --dir pki --name ops --role admin         # sees and cancels every experiment
 
 A certificate's role is written twice, in standard fields any X.509 tool shows:
 
-- the subject's organizational unit: ``CN=<name>, OU=<role>`` (``director``, ``envoy`` or ``api``);
+- the subject's organizational unit: ``CN=<name>, OU=<role>`` (``director``, ``envoy``, ``api`` or
+  ``admin``);
 - the extended key usage: a director's certificate is for ``serverAuth`` only, an envoy's or
   the notebook's for ``clientAuth`` only. TLS itself enforces this part: gRPC's TLS refuses a
   server whose certificate is not for ``serverAuth`` ("unsupported certificate purpose"), so
@@ -36,10 +38,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALID_DAYS = 365
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-DIRECTOR, ENVOY, API = "director", "envoy", "api"
-ROLES = (DIRECTOR, ENVOY, API)
+DIRECTOR, ENVOY, API, ADMIN = "director", "envoy", "api", "admin"
+ROLES = (DIRECTOR, ENVOY, API, ADMIN)  # admin: the notebook API, seeing and cancelling every experiment
 _USAGE = {DIRECTOR: ExtendedKeyUsageOID.SERVER_AUTH, ENVOY: ExtendedKeyUsageOID.CLIENT_AUTH,
-          API: ExtendedKeyUsageOID.CLIENT_AUTH}
+          API: ExtendedKeyUsageOID.CLIENT_AUTH, ADMIN: ExtendedKeyUsageOID.CLIENT_AUTH}
 
 
 @dataclass(frozen=True)

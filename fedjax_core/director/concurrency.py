@@ -3,7 +3,8 @@
 - **Long-polls wait without a thread.** ``WaitExperiment``, ``WaitTask`` and ``StreamMetrics``
   are coroutines that sleep on :class:`Changes` until the director reports a change that
   concerns them (an envoy's own, or everyone's), then look again on a pool thread. At most
-  ``max_waiting`` of them wait at once; one more is refused with RESOURCE_EXHAUSTED and a
+  ``max_waiting`` envoy calls, and apart from them ``max_waiting`` notebook streams, wait at
+  once (so notebooks cannot crowd envoys out); one more is refused with RESOURCE_EXHAUSTED and a
   message starting with :data:`~fedjax_core.transport.BUSY`, which clients retry.
 - **Short calls** (metric reports, status) run on the server's thread pool
   (``settings.max_workers`` threads), which nothing long ever holds; heartbeats have two
@@ -12,10 +13,12 @@
   download holds a thread only while it prepares a chunk. An upload's consumer holds one for
   its whole stream, so at most ``max_uploads`` uploads (and ``max_submissions`` experiment
   submissions) are received at once; the others wait their turn without a thread while gRPC
-  flow control holds their bytes back at the sender.
-- **Transfers must keep moving**: one that neither sends nor receives a message for
-  ``idle_s`` seconds is ended with DEADLINE_EXCEEDED, so a stalled peer cannot hold a slot
-  (or a round) forever.
+  flow control holds their bytes back at the sender. A slot is taken only once the stream's
+  first message has been read and admitted (an upload from an envoy that is not expected to
+  upload is refused without one).
+- **Transfers must keep moving**: one that does not move at least ``PROGRESS_BYTES`` in
+  ``idle_s`` seconds (empty messages are not progress) is ended with DEADLINE_EXCEEDED, so a
+  stalled peer cannot hold a slot (or a round) forever.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ log = logging.getLogger("fedjax.director")
 T = TypeVar("T")
 EVERYTHING = object()  # the key of waiters that look again on any change (metric streams)
 _END = object()
+PROGRESS_BYTES = 1024  # what a transfer must move per idle_s to count as moving
+ENVOYS, NOTEBOOKS = "envoys", "notebooks"  # the two budgets of waiting calls
 
 
 class Changes:
@@ -73,7 +78,7 @@ class Flow:
         self.short_pool = short_pool
         self.idle_s = idle_s
         self.max_waiting = max_waiting
-        self._waiting = 0
+        self._waiting = {ENVOYS: 0, NOTEBOOKS: 0}
         self._uploads = asyncio.Semaphore(max_uploads)
         self._submissions = asyncio.Semaphore(max_submissions)
         self.transfer_pool = futures.ThreadPoolExecutor(max_uploads + max_submissions + 4,
@@ -93,17 +98,19 @@ class Flow:
         return await self.loop.run_in_executor(self.short_pool, fn, *args)
 
     @contextlib.asynccontextmanager
-    async def waiting(self, context: grpc.aio.ServicerContext):
-        """Count a long-poll or stream against ``max_waiting``; refused with BUSY past it."""
-        if self._waiting >= self.max_waiting:
+    async def waiting(self, context: grpc.aio.ServicerContext, budget: str = ENVOYS):
+        """Count a long-poll or stream against its ``budget``'s ``max_waiting`` (envoys' calls and notebooks'
+        streams have one each); refused with BUSY past it."""
+        if self._waiting[budget] >= self.max_waiting:
+            who = "envoy long-polls" if budget == ENVOYS else "notebook streams"
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{BUSY}: it holds its maximum of {self.max_waiting} long-polls and streams at once; "
+                                f"{BUSY}: it holds its maximum of {self.max_waiting} {who} at once; "
                                 "retry shortly, or raise the director's settings.max_waiting_calls")
-        self._waiting += 1
+        self._waiting[budget] += 1
         try:
             yield
         finally:
-            self._waiting -= 1
+            self._waiting[budget] -= 1
 
     async def poll(self, key: Any, look: Callable[[], T], ready: Callable[[T], bool], timeout: float) -> T:
         """``look()`` (on the short pool) until ``ready`` says yes or ``timeout`` passes; the last answer.
@@ -131,45 +138,44 @@ class Flow:
             with contextlib.suppress(ValueError):  # still running on its thread: it ends when that step does
                 messages.close()  # a caller that went away: the generator's files close now
 
-    async def receive(self, context: grpc.aio.ServicerContext, method: str,
-                      consume: Callable[[Iterator], T], submission: bool = False) -> T:
+    async def receive(self, context: grpc.aio.ServicerContext, method: str, consume: Callable[[Iterator], T],
+                      submission: bool = False, admit: Callable[[Any], None] | None = None) -> T:
         """Run ``consume(requests)`` on the transfer pool, where ``requests`` yields the call's messages as they
-        arrive. Waits for an upload slot first (a submission slot for submissions); a message that does not
-        come within ``idle_s`` ends the call. The slot is freed when ``consume`` has returned, not before."""
+        arrive. The first message is read, and checked by ``admit(first)`` (on the short pool; it raises to
+        refuse the call), before an upload slot (a submission slot for submissions) is taken. A transfer that
+        makes no progress for ``idle_s`` ends the call. The slot is freed when ``consume`` has returned."""
+        incoming = _Incoming(context, self.loop, self.idle_s)
+        first = await incoming.next()
+        if isinstance(first, Exception):
+            await self._ended(context, method, incoming, first)
+        if admit is not None and first is not _END:
+            await self.short(admit, first)
         slots = self._submissions if submission else self._uploads
         await slots.acquire()
-        stalled = False
-
-        async def next_request():
-            nonlocal stalled
-            try:
-                message = await asyncio.wait_for(context.read(), self.idle_s)
-            except TimeoutError:
-                stalled = True
-                return ConnectionError(f"no message for {self.idle_s:g} s")
-            except Exception as exc:  # the call ended under us (the caller went away)
-                return ConnectionError(f"the stream ended: {exc or type(exc).__name__}")
-            if isinstance(message, Unparseable):
-                return message.error
-            return _END if message is grpc.aio.EOF else message
+        incoming.restart()  # waiting for a slot is not the sender's stall: its idle time starts now
 
         def requests() -> Iterator:
-            while True:
-                message = asyncio.run_coroutine_threadsafe(next_request(), self.loop).result()
-                if message is _END:
-                    return
+            message = first
+            while message is not _END:
                 if isinstance(message, Exception):
                     raise message
                 yield message
+                message = asyncio.run_coroutine_threadsafe(incoming.next(), self.loop).result()
 
         done = self.transfer_pool.submit(consume, requests())
         done.add_done_callback(lambda _: self.loop.call_soon_threadsafe(slots.release))
         try:
             return await asyncio.wrap_future(done)
         except ConnectionError as exc:
-            if stalled:
-                await self._stalled(context, method, "sent no message")
+            await self._ended(context, method, incoming, exc)
+
+    async def _ended(self, context: grpc.aio.ServicerContext, method: str, incoming: _Incoming,
+                     exc: Exception) -> None:
+        if incoming.stalled:
+            await self._stalled(context, method, incoming.stalled)
+        if isinstance(exc, ConnectionError):
             await context.abort(grpc.StatusCode.CANCELLED, str(exc))  # the caller went away: nobody reads this
+        raise exc
 
     async def _stalled(self, context: grpc.aio.ServicerContext, method: str, what: str) -> None:
         log.warning("ended %s from %s: it %s for %.0f s (settings.stream_idle_s)", method, context.peer(), what,
@@ -177,3 +183,37 @@ class Flow:
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                             f"the director ended this transfer: it {what} for {self.idle_s:g} s "
                             "(the director's settings.stream_idle_s)")
+
+
+class _Incoming:
+    """A call's messages, read one at a time on the event loop. The call stalls when it moves fewer than
+    PROGRESS_BYTES within ``idle_s``: empty messages keep nothing alive."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop, idle_s: float):
+        self.context, self.loop, self.idle_s = context, loop, idle_s
+        self.progress_at, self.moved, self.messages = loop.time(), 0, 0  # bytes and messages since progress_at
+        self.stalled = ""  # what the caller did instead of moving, once it stalled
+
+    def restart(self) -> None:
+        self.progress_at, self.moved, self.messages = self.loop.time(), 0, 0
+
+    async def next(self):
+        """The next message, _END, or an exception (ConnectionError for a caller that stalled or left)."""
+        left = self.progress_at + self.idle_s - self.loop.time()
+        try:
+            message = await asyncio.wait_for(self.context.read(), max(left, 0.0))
+        except TimeoutError:
+            self.stalled = ("sent no message" if not self.messages else
+                            f"sent {self.moved} bytes in {self.messages} messages")
+            return ConnectionError(f"no progress for {self.idle_s:g} s")
+        except Exception as exc:  # the call ended under us (the caller went away)
+            return ConnectionError(f"the stream ended: {exc or type(exc).__name__}")
+        if isinstance(message, Unparseable):
+            return message.error
+        if message is grpc.aio.EOF:
+            return _END
+        self.moved += message.ByteSize()
+        self.messages += 1
+        if self.moved >= PROGRESS_BYTES:
+            self.restart()
+        return message

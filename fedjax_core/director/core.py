@@ -26,7 +26,7 @@ from fedjax_core.director.rounds import Outcome, RoundEngine, Run
 from fedjax_core.director.store import ExperimentRow, Store
 from fedjax_core.director.submission import check_header, check_name
 from fedjax_core.errors import (AlreadyExistsError, FedError, InvalidRequestError, NotFoundError,
-                                PermissionDeniedError, PreconditionError, StorageError, is_disk_full)
+                                PreconditionError, StorageError, is_disk_full)
 from fedjax_core.metrics_log import Loggers
 from fedjax_core.sinks import AGGREGATED_RUN, SinkFactory
 from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, nbytes_of
@@ -479,6 +479,16 @@ class Director:
         if close:
             self._close(run)
 
+    def check_upload(self, envoy: str, experiment: str, round_: int) -> None:
+        """Refuse, before it takes a transfer slot, an upload that accept_update would refuse: its experiment is
+        not running, its round is not open, the envoy was not asked to upload, or it is uploading already."""
+        with self._cond:
+            run = self._running(envoy, experiment)
+            self._check_update_allowed(run, envoy, round_)
+            self._check_upload_asked(run, envoy, round_)
+            if envoy in run.receiving:
+                raise PreconditionError(f"an upload from envoy {envoy!r} for round {round_} is already in progress")
+
     def accept_update(self, envoy: str, experiment: str, round_: int, sample_count: int,
                       chunks: Iterable[r.TensorChunk]) -> int:
         """Spool an envoy's streamed update to disk, then fold it into the round's aggregate."""
@@ -836,8 +846,10 @@ class Director:
         return None
 
     # ------------------------------------------------------------ notebook
-    def experiments(self) -> list[r.ExperimentStatus]:
-        return [row.status(self.store.participants(row.name)) for row in self.store.experiments()]
+    def experiments(self, viewer: str | None = None) -> list[r.ExperimentStatus]:
+        """Every experiment ``viewer`` may see: its own (None: every one, for an admin or in plaintext)."""
+        return [row.status(self.store.participants(row.name)) for row in self.store.experiments()
+                if viewer is None or row.header.submitter == viewer]
 
     def experiment_submitter(self, name: str) -> str:
         row = self.store.experiment(name)
@@ -849,18 +861,19 @@ class Director:
         """The hex SHA-256 of ``name``'s bundle, taken as it was submitted; envoys check their download."""
         return self.store.bundle_sha256(name)
 
-    def experiment_status(self, name: str) -> r.ExperimentStatus:
+    def experiment_status(self, name: str, viewer: str | None = None) -> r.ExperimentStatus:
+        """``name``'s status; to a ``viewer`` other than its submitter it does not exist (nor its metrics)."""
         row = self.store.experiment(name)
-        if row is None:
-            raise NotFoundError(f"no experiment named {name!r}")
+        if row is None or (viewer is not None and row.header.submitter != viewer and viewer not in self.admins):
+            raise NotFoundError(f"no experiment named {name!r}" + (" among yours" if viewer is not None else ""))
         return row.status(self.store.participants(name))
 
     def _check_owner(self, row: ExperimentRow, by: str | None, action: str) -> None:
         """Under mTLS (``by`` is the caller's certificate name) only the submitter or an admin may ``action``."""
         if by is not None and by != row.header.submitter and by not in self.admins:
-            raise PermissionDeniedError(
-                f"experiment {row.name!r} was submitted by {row.header.submitter!r}; only that certificate or "
-                f"one in settings.admins may {action} (the caller is {by!r})")
+            # to another submitter it does not exist: a refusal would say that it does, and whose it is
+            raise NotFoundError(f"no experiment named {row.name!r} among yours (only its submitter, an admin "
+                                f"certificate or one in settings.admins may {action})")
 
     def cancel_experiment(self, name: str, by: str | None = None) -> r.ExperimentStatus:
         """Stop a queued or running experiment; a running one's workers are told it is over.

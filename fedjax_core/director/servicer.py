@@ -13,7 +13,7 @@ import grpc
 
 from fedjax_core import pki, serde
 from fedjax_core import records as r
-from fedjax_core.director.concurrency import EVERYTHING, Flow
+from fedjax_core.director.concurrency import EVERYTHING, NOTEBOOKS, Flow
 from fedjax_core.director.core import Director
 from fedjax_core.director.gates import guarded_handler
 from fedjax_core.errors import InvalidRequestError, PermissionDeniedError
@@ -50,17 +50,25 @@ class Caller:
     """Who made a call, read once from its context (an asyncio context belongs to the event loop's thread)."""
     peer: str
     common_name: str | None  # of the client certificate under mTLS; None in plaintext
+    role: str | None = None  # the certificate's role (pki.ROLES)
 
     @classmethod
     def of(cls, context) -> "Caller":
-        return cls(context.peer(), peer_common_name(context))
+        pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
+        return cls(context.peer(), peer_common_name(context), _identity(pem).role if pem else None)
+
+    @property
+    def viewer(self) -> str | None:
+        """Whose experiments the caller sees: its own (its certificate's name); None (all) for an admin
+        certificate or in plaintext, where there are no identities."""
+        return None if self.role == pki.ADMIN else self.common_name
 
 
 _refusals = _Refusals()
 # Under mTLS, the role a caller's certificate needs for each service (pki module docstring).
 SERVICE_ROLES = {env_pb.DESCRIPTOR.services_by_name["EnvoyService"].full_name: pki.ENVOY,
                  fed_pb.DESCRIPTOR.services_by_name["FederationService"].full_name: pki.API}
-_WHO_CALLS = {pki.ENVOY: "envoys and their workers", pki.API: "notebooks"}
+_WHO_CALLS = {pki.ENVOY: "envoys and their workers", pki.API: "notebooks and admins"}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -87,7 +95,7 @@ def check_role(context: grpc.ServicerContext, method: str, allowed_envoys: froze
     elif who.role is None:
         error = (f"the client certificate {who.name!r} carries no role (issued before roles, or by hand), but "
                  f"{call} needs role {needs}: issue it again with `{pki.fix_command(needs, who.name)}`")
-    elif who.role != needs:
+    elif who.role != needs and not (needs == pki.API and who.role == pki.ADMIN):  # an admin uses the notebook API
         error = (f"the client certificate {who.name!r} has role {who.role}, but {call} needs role {needs} (only "
                  f"{_WHO_CALLS[needs]} call the {service.rsplit('.', 1)[-1]}): use an {needs} certificate, made "
                  f"with `{pki.fix_command(needs, 'api' if needs == pki.API else 'ENVOY_NAME')}`")
@@ -227,7 +235,13 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
             return self.director.accept_update(h.envoy_name, h.experiment_name, h.round, h.train_sample_count,
                                                chunks())
 
-        received = await self.flow.receive(context, "UploadUpdate", consume)
+        def admit(first) -> None:  # who and whether, before the upload takes a slot
+            if first.HasField("header"):
+                h = first.header
+                _check_envoy_identity(caller, h.envoy_name)
+                self.director.check_upload(h.envoy_name, h.experiment_name, h.round)
+
+        received = await self.flow.receive(context, "UploadUpdate", consume, admit=admit)
         return env_pb.UploadUpdateResponse(bytes_received=received)
 
     @maps_errors
@@ -252,8 +266,13 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         self.flow = flow
         self.submitters = submitters
 
-    def _check_submitter(self, caller: Caller) -> None:
-        """Under mTLS only the certificates named in settings.submitters may use the notebook API."""
+    def _check_submitter(self, caller: Caller, submitting: bool = False) -> None:
+        """Under mTLS only the certificates named in settings.submitters (and, except to submit, those of role
+        admin) may use the notebook API."""
+        if submitting or caller.role != pki.ADMIN:
+            self._check_named(caller)
+
+    def _check_named(self, caller: Caller) -> None:
         if caller.common_name is not None and caller.common_name not in self.submitters:
             _refusals.refuse(caller.peer, caller.common_name, PermissionDeniedError(
                 f"the client certificate {caller.common_name!r} may not use the notebook API; this director allows "
@@ -274,7 +293,7 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
     @maps_errors
     async def SubmitExperiment(self, request_iterator, context):
         caller = Caller.of(context)
-        self._check_submitter(caller)
+        self._check_submitter(caller, submitting=True)
 
         def consume(requests: Iterator) -> int:
             first = next(requests, None)
@@ -309,23 +328,26 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
 
     @maps_errors
     def ListExperiments(self, request, context):
-        self._check_submitter(Caller.of(context))
+        caller = Caller.of(context)
+        self._check_submitter(caller)
         return fed_pb.ListExperimentsResponse(
-            experiments=[serde.status_to_proto(s) for s in self.director.experiments()])
+            experiments=[serde.status_to_proto(s) for s in self.director.experiments(caller.viewer)])
 
     @maps_errors
     def GetExperimentStatus(self, request, context):
-        self._check_submitter(Caller.of(context))
-        return serde.status_to_proto(self.director.experiment_status(request.name))
+        caller = Caller.of(context)
+        self._check_submitter(caller)
+        return serde.status_to_proto(self.director.experiment_status(request.name, caller.viewer))
 
     @maps_errors
     async def StreamMetrics(self, request, context):
         """Every event of the experiment so far, then new ones as they come, then a final 'done' event."""
-        self._check_submitter(Caller.of(context))
+        caller = Caller.of(context)
+        self._check_submitter(caller)
         name = request.experiment_name
-        await self.flow.short(self.director.experiment_status, name)  # NOT_FOUND before anything is sent
+        await self.flow.short(self.director.experiment_status, name, caller.viewer)  # NOT_FOUND before anything
         last_id = 0
-        async with self.flow.waiting(context):
+        async with self.flow.waiting(context, NOTEBOOKS):
             while not self.director.closed:
                 batch = await self.flow.poll(EVERYTHING, lambda: self.director.events_after(name, last_id),
                                              lambda b: bool(b[0]) or b[1] is not None or self.director.closed,
@@ -341,11 +363,11 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
     def CancelExperiment(self, request, context):
         caller = Caller.of(context)
         self._check_submitter(caller)
-        return serde.status_to_proto(self.director.cancel_experiment(request.name, by=caller.common_name))
+        return serde.status_to_proto(self.director.cancel_experiment(request.name, by=caller.viewer))
 
     @maps_errors
     async def GetModel(self, request, context):
         caller = Caller.of(context)
         self._check_submitter(caller)
-        chunks = self.director.model_chunks(request.experiment_name, request.which, by=caller.common_name)
+        chunks = self.director.model_chunks(request.experiment_name, request.which, by=caller.viewer)
         await self.flow.send(context, "GetModel", (serde.chunk_bytes(c) for c in chunks))

@@ -64,13 +64,17 @@ def test_upsert_replaces_shard_info(store):
     assert envoys[0][1] == _info(7)
 
 
-def test_touch_envoy(store):
+def test_touch_envoy(store, monkeypatch):
+    from fedjax_core.director import store as store_module
+
     assert store.touch_envoy("ghost") is False
+    monkeypatch.setattr(store_module.time, "time", lambda: 1000.0)
     store.upsert_envoy("env_one", _info(1))
     (_, _, first), = store.envoys()
+    monkeypatch.setattr(store_module.time, "time", lambda: 2000.0)
     assert store.touch_envoy("env_one") is True
     (_, _, second), = store.envoys()
-    assert second >= first
+    assert (first, second) == (1000.0, 2000.0)  # the touch moved last_seen to now
     assert store.envoys()[0][1] == _info(1)
 
 

@@ -15,8 +15,8 @@ from fedjax_core import ExperimentFailed, Federation, FLExperiment, ModelInterfa
 from fedjax_core import records as r
 from fedjax_core.api.interfaces import TaskError
 from fedjax_core.errors import NotFoundError
-from fl_experiment import SubsetDataset, create_train_state, evaluate, make_tasks
-from processes import SHARED_DATA, Stack, free_port
+from fl_experiment import SubsetDataset, create_train_state, evaluate, make_tasks, train_epoch
+from processes import REPO, SHARED_DATA, Stack, free_port
 
 LIMIT = 256  # samples per split per envoy: enough to learn, quick on two CPU cores
 
@@ -85,15 +85,19 @@ def wait_until(condition, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
-def envoy_validation_sets():
-    """The envoys' validation splits (shards 1/2 and 2/2 of test_batch), cut like SubsetDataset."""
+def envoy_sets(split: str = "valid"):
+    """The envoys' ``split`` (shards 1/2 and 2/2), cut like SubsetDataset."""
     import sys
 
-    sys.path.insert(0, str(SHARED_DATA.parents[2] / "main" / "envoy"))
+    sys.path.insert(0, str(REPO / "envoy"))
     from cifar10_shard_descriptor import CIFAR10ShardDescriptor
 
-    return [{k: v[:LIMIT] for k, v in CIFAR10ShardDescriptor(f"{i}, 2", str(SHARED_DATA)).get_split("valid").items()}
+    return [{k: v[:LIMIT] for k, v in CIFAR10ShardDescriptor(f"{i}, 2", str(SHARED_DATA)).get_split(split).items()}
             for i in (1, 2)]
+
+
+def envoy_validation_sets():
+    return envoy_sets("valid")
 
 
 def union_accuracy(state, valid_sets):
@@ -291,3 +295,21 @@ def test_a_bfloat16_model_trains_and_aggregates_in_bfloat16(federation):
     # the notebook's own evaluation of the returned bf16 model matches the director's aggregate
     assert union_accuracy(last, envoy_validation_sets()) == pytest.approx(rows[-1]["agg_val/validation_accuracy"],
                                                                           abs=1e-6)
+
+
+def test_the_aggregated_model_is_the_mean_of_the_envoys_trained_models(federation):
+    """One round, fresh optimizer state: each envoy trains the initial model on its first LIMIT samples,
+    as the test does here with the same jitted steps; FedAvg of two equal shards is their mean."""
+    exp, _ = run(federation, "mean", rounds=1, opt_treatment="RESET")
+    assert exp.get_experiment_status().state == "finished"
+    trained = [train_epoch(create_train_state(), train, 64)[0] for train in envoy_sets("train")]
+    last = exp.get_last_model()
+    import jax
+
+    got = jax.tree_util.tree_leaves_with_path(last.params)
+    want = [jax.tree_util.tree_leaves(t.params) for t in trained]
+    for (path, leaf), a, b in zip(got, *want):
+        np.testing.assert_allclose(np.asarray(leaf), (np.asarray(a) + np.asarray(b)) / 2, rtol=1e-4, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+    assert not np.allclose(np.asarray(trained[0].params["Dense_1"]["kernel"]),
+                           np.asarray(trained[1].params["Dense_1"]["kernel"]))  # the mean is of two different models

@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf import message_factory
 
 from fedjax_core import Federation, FLExperiment, ModelInterface, pki
-from fedjax_core.errors import PermissionDeniedError
+from fedjax_core.errors import NotFoundError, PermissionDeniedError
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import federation_service_pb2 as fed_pb
 from fl_experiment import SubsetDataset, create_train_state, make_tasks
@@ -152,7 +152,7 @@ def test_envoy_certificate_cannot_submit_experiment(mtls_director):
     stack = mtls_director
     with pytest.raises(PermissionDeniedError, match=r"the client certificate 'env1' has role envoy, but "
                                                     r"FederationService\.GetDatasetInfo needs role api \(only "
-                                                    r"notebooks call .*--name api --role api"):
+                                                    r"notebooks and admins call .*--name api --role api"):
         _federation(stack, "env1")
     answers = _every_rpc(stack, fed_pb, "FederationService", "env1")
     assert {"SubmitExperiment", "CancelExperiment", "GetModel", "StreamMetrics"} <= set(answers)
@@ -291,9 +291,8 @@ def test_only_the_submitter_or_an_admin_may_cancel_or_download_an_experiment(tmp
         assert exp.wait(timeout_s=120).state == "finished", stack.logs()
         colleague = FLExperiment(federation=as_("colleague"), experiment_name="mine")
         colleague.set_model_template(create_train_state())
-        with pytest.raises(PermissionDeniedError, match="submitted by 'api'; only that certificate or one in "
-                                                        r"settings.admins may download its models \(the caller is "
-                                                        "'colleague'\\)"):
+        with pytest.raises(NotFoundError, match="no experiment named 'mine' among yours .*only its submitter, an "
+                                                "admin certificate or one in settings.admins may download its models"):
             colleague.get_last_model()
         boss = FLExperiment(federation=as_("boss"), experiment_name="mine")
         boss.set_model_template(create_train_state())
@@ -307,7 +306,7 @@ def test_only_the_submitter_or_an_admin_may_cancel_or_download_an_experiment(tmp
         queued = FLExperiment(federation=as_("api"), experiment_name="to-cancel")
         queued.start(model_provider=ModelInterface(model=create_train_state()), task_keeper=make_tasks(),
                      data_loader=SubsetDataset(limit=64), rounds_to_train=50, device_assignment_policy="CPU_ONLY")
-        with pytest.raises(PermissionDeniedError, match="may cancel it"):
+        with pytest.raises(NotFoundError, match="may cancel it"):
             FLExperiment(federation=as_("colleague"), experiment_name="to-cancel").cancel()
         assert queued.cancel().error == "cancelled by api"
     finally:
