@@ -480,14 +480,19 @@ class Director:
             self._close(run)
 
     def check_upload(self, envoy: str, experiment: str, round_: int) -> None:
-        """Refuse, before it takes a transfer slot, an upload that accept_update would refuse: its experiment is
-        not running, its round is not open, the envoy was not asked to upload, or it is uploading already."""
+        """Refuse, before it takes a transfer slot, an upload that accept_update would refuse."""
         with self._cond:
-            run = self._running(envoy, experiment)
-            self._check_update_allowed(run, envoy, round_)
-            self._check_upload_asked(run, envoy, round_)
-            if envoy in run.receiving:
-                raise PreconditionError(f"an upload from envoy {envoy!r} for round {round_} is already in progress")
+            self._upload_run(envoy, experiment, round_)
+
+    def _upload_run(self, envoy: str, experiment: str, round_: int) -> Run:
+        """Under the lock: the run an upload goes to; refused when its experiment is not running, its round is
+        not open, the envoy was not asked to upload, or it is uploading already."""
+        run = self._running(envoy, experiment)
+        self._check_update_allowed(run, envoy, round_)
+        self._check_upload_asked(run, envoy, round_)
+        if envoy in run.receiving:
+            raise PreconditionError(f"an upload from envoy {envoy!r} for round {round_} is already in progress")
+        return run
 
     def accept_update(self, envoy: str, experiment: str, round_: int, sample_count: int,
                       chunks: Iterable[r.TensorChunk]) -> int:
@@ -497,11 +502,7 @@ class Director:
                 f"envoy {envoy!r} reported {sample_count} training samples; aggregation needs a positive count "
                 "(check DataInterface.get_train_data_size)")
         with self._cond:
-            run = self._running(envoy, experiment)
-            self._check_update_allowed(run, envoy, round_)
-            self._check_upload_asked(run, envoy, round_)
-            if envoy in run.receiving:
-                raise PreconditionError(f"an upload from envoy {envoy!r} for round {round_} is already in progress")
+            run = self._upload_run(envoy, experiment, round_)
             run.receiving.add(envoy)
         try:
             return self._accept_update(run, envoy, experiment, round_, self._weight(run, envoy, sample_count),
