@@ -104,21 +104,22 @@ class EnvoyDaemon:
         self.stop = threading.Event()
         self.work_dir = resolve_path(config.params.work_dir, self.config_dir) / name
         self.account = worker_account(config.settings)  # (uid, gid, home) of settings.worker_user, or None
-        self.policy = sandbox_policy(config, self.config_dir, config_path, tls, self.work_dir)
+        self.workdir = WorkDir(self.work_dir, self.account, policy=None)  # its policy once the proxy is known
+        self.cache_dir = compilation_cache_dir(config, self.workdir)
+        self.policy = sandbox_policy(config, self.config_dir, config_path, tls, self.work_dir, self.cache_dir)
         self.shard = load_shard_descriptor(config.shard_descriptor.template, config.shard_descriptor.params,
                                            self.config_dir)
         self.info = shard_info(self.shard, config.params)
         self.client = EnvoyClient(name, f"{host}:{port}", tls, stop=self.stop)
-        self.workdir = WorkDir(self.work_dir, self.account, self.policy)
         self.desk = ReviewDesk(self.workdir.review) if config.settings.review == "manual" else None
         # Under TLS the worker reaches the director only through this proxy, so it never holds the key;
         # in plaintext (loopback only) there is no key to keep and the worker connects directly.
         self.proxy = WorkerProxy(name, self.client.channel, self.workdir.proxy,
                                  self.account[:2] if self.account else None) if tls is not None else None
         if self.proxy is not None and self.policy is not None:  # the one socket its sandbox leaves in reach
-            self.workdir.policy = self.policy = dataclasses.replace(self.policy, keep_socket=str(self.proxy.socket))
+            self.policy = dataclasses.replace(self.policy, keep_socket=str(self.proxy.socket))
+        self.workdir.policy = self.policy
         user = {"user": self.account[0], "group": self.account[1], "extra_groups": []} if self.account else {}
-        self.cache_dir = compilation_cache_dir(config, self.workdir)
         self.launcher = WorkerLauncher(worker_environment(config.params, dict(os.environ), self.config_dir,
                                                           home=self.account[2] if self.account else None),
                                        user, standby=config.params.standby_worker, workdir=self.workdir)
@@ -401,7 +402,7 @@ class EnvoyDaemon:
 
 
 def sandbox_policy(config: EnvoyConfig, config_dir: Path, config_path: Path | None, tls: TLSFiles | None,
-                   work_dir: Path) -> sandbox.Policy | None:
+                   work_dir: Path, cache_dir: Path | None = None) -> sandbox.Policy | None:
     """The sandbox every worker of this envoy enters, or None where the operator opted out; ConfigError,
     before anything starts, where the kernel offers no sandbox and the operator did not opt out, or a
     settings.sandbox path does not exist."""
@@ -430,7 +431,7 @@ def sandbox_policy(config: EnvoyConfig, config_dir: Path, config_path: Path | No
     return sandbox.policy_for(abi=abi, config_dir=config_dir, denied=[Path(p) for p in denied],
                               shard_params=config.shard_descriptor.params, gpus=bool(config.params.cuda_devices),
                               read_paths=extra["read_paths"], write_paths=extra["write_paths"],
-                              cache_dir=compilation_cache_dir(config, WorkDir(work_dir, None, None)))
+                              cache_dir=cache_dir)
 
 
 def compilation_cache_dir(config: EnvoyConfig, workdir: WorkDir) -> Path | None:
