@@ -73,10 +73,6 @@ class Policy:
         return Policy(rules=tuple((str(p), int(rights)) for p, rights in data["rules"]), abi=int(data["abi"]),
                       gpus=bool(data.get("gpus")), keep_socket=data.get("keep_socket"))
 
-    def paths(self, rights: int) -> list[str]:
-        """The paths granted at least ``rights``."""
-        return [path for path, granted in self.rules if granted & rights == rights]
-
 
 def _real(path: str | Path) -> Path:
     return Path(os.path.realpath(path))
