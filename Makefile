@@ -42,7 +42,7 @@ bench-research: install
 	$(PY) -u benchmarks/research.py
 
 fuzz: install
-	$(PY) -u benchmarks/fuzz_rpcs.py --messages 10000
+	$(PY) -u benchmarks/fuzz_rpcs.py --messages 10000 --passes 2
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)

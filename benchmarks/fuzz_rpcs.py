@@ -229,6 +229,18 @@ class Keeper:
                                                                   data=MODEL_DATA))],
             fed_pb.SubmitExperimentResponse)
 
+    def listed(self) -> list:
+        """Every experiment the director lists, page by page."""
+        out, token = [], ""
+        while True:
+            page = self._unary("/fedjax.FederationService/ListExperiments",
+                               fed_pb.ListExperimentsRequest(page_size=1000, page_token=token),
+                               fed_pb.ListExperimentsResponse)
+            out += page.experiments
+            token = page.next_page_token
+            if not token:
+                return out
+
     def start(self) -> None:
         for name in FUZZ_ENVOYS:
             self.register(name)
@@ -247,8 +259,7 @@ class Keeper:
                     self.register(name)
                 except grpc.RpcError:
                     pass  # a fuzzed registration holds the name for now
-        listed = self._unary("/fedjax.FederationService/ListExperiments", fed_pb.ListExperimentsRequest(),
-                             fed_pb.ListExperimentsResponse).experiments
+        listed = self.listed()
         ours = lambda e: set(e.envoys) <= set(FUZZ_ENVOYS)  # noqa: E731
         running = [e for e in listed if e.state == "running"]
         for e in running:  # one for envoys that never beat, or one of ours that ran its time
@@ -321,8 +332,7 @@ class Keeper:
     def cancel_all(self) -> dict[str, int]:
         """Cancel every queued or running experiment (the keeper's and any the fuzz submitted); how many
         experiments were in each state before."""
-        listed = self._unary("/fedjax.FederationService/ListExperiments", fed_pb.ListExperimentsRequest(),
-                             fed_pb.ListExperimentsResponse).experiments
+        listed = self.listed()
         for e in listed:
             if e.state in ("queued", "running"):
                 self._cancel(e.name)
@@ -726,10 +736,11 @@ class DirectorDied(Exception):
 
 
 def fuzz(channel: grpc.Channel, rpcs: list[Rpc], keeper: Keeper, messages: int, seed_value: int, workers: int,
-         director_alive: Callable[[], bool], progress: Callable[[str], None] = print) -> Tally:
+         director_alive: Callable[[], bool], progress: Callable[[str], None] = print,
+         tally: Tally | None = None) -> Tally:
     """Send ``messages`` calls drawn by hypothesis, in turns of ``per_turn`` calls to each RPC; stop if the
-    director dies. The names the director knows are refreshed every turn."""
-    tally = Tally()
+    director dies. The names the director knows are refreshed every turn. Outcomes add to ``tally``."""
+    tally = tally if tally is not None else Tally()
     in_flight = threading.BoundedSemaphore(2 * workers)
     per_turn = max(1, min(30, messages // (4 * len(rpcs))))  # short runs too reach every RPC a few turns
     n_sent = 0
@@ -797,6 +808,23 @@ def heartbeat_latency(channel: grpc.Channel, keeper: Keeper, n: int = 50) -> flo
     return worst
 
 
+# A later pass may add this much (allocator noise, SQLite's page cache filling) and still count as flat.
+PASS_GROWTH_SLACK_MB = 8.0
+
+
+def memory_growth_problems(before_mb: float, after_each_pass: list[float], messages: int) -> list[str]:
+    """A director holds nothing per call: past the first pass (caches filled, allocator pools grown) its
+    memory stays flat, so each later pass may add at most a slack."""
+    problems = []
+    for n in range(1, len(after_each_pass)):
+        grown = after_each_pass[n] - after_each_pass[n - 1]
+        if grown > PASS_GROWTH_SLACK_MB:
+            problems.append(f"the director's memory grew by {grown:.1f} MiB over pass {n + 1} ({messages} more "
+                            f"calls; {after_each_pass[n - 1]} -> {after_each_pass[n]} MiB, {before_mb:.1f} MiB "
+                            f"at start): something holds memory per call")
+    return problems
+
+
 def tracebacks(log: str) -> list[str]:
     """Distinct tracebacks in the director's output (by their last line)."""
     found: dict[str, str] = {}
@@ -852,6 +880,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=10_000, help="fuzzed calls to send (spread over every RPC)")
     parser.add_argument("--seed", type=int, default=0, help="hypothesis seed")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="send --messages calls this many times (seeds differ), measuring the director's memory "
+                             "after each: a director that holds nothing per call stops growing after the first")
     parser.add_argument("--workers", type=int, default=8, help="calls in flight at once (x2 queued)")
     parser.add_argument("--json", help="write the outcome table and findings here")
     parser.add_argument("--no-experiment", action="store_true",
@@ -880,15 +911,23 @@ def main(argv: list[str] | None = None) -> int:
             keeper = Keeper(channel)
             keeper.start()
             t0 = time.monotonic()
-            tally = fuzz(channel, rpcs, keeper, args.messages, args.seed, args.workers, alive,
-                         progress=lambda line: print(line, flush=True))
+            rss_after: list[float] = []
+            for n in range(args.passes):
+                fuzz(channel, rpcs, keeper, args.messages, args.seed + 7919 * n, args.workers, alive,
+                     progress=lambda line: print(line, flush=True), tally=tally)
+                if not alive():
+                    break
+                rss_after.append(round(proc_status(director.proc.pid)["VmRSS"] / MiB, 1))
+                print(f"  pass {n + 1} of {args.passes}: {args.messages} calls; director RSS {rss_after[-1]} MiB "
+                      f"(started at {rss_before / MiB:.1f} MiB)", flush=True)
             result["fuzz_s"] = round(time.monotonic() - t0, 1)
             keeper.stop()
             if keeper.error:
                 problems.append(f"the fuzz harness's keeper thread failed:\n{keeper.error}")
             if alive():
-                result["director_rss_mb"] = {"before": round(rss_before / MiB, 1),
+                result["director_rss_mb"] = {"before": round(rss_before / MiB, 1), "after_each_pass": rss_after,
                                              "after": round(proc_status(director.proc.pid)["VmRSS"] / MiB, 1)}
+                problems += memory_growth_problems(rss_before / MiB, rss_after, args.messages)
                 result["heartbeat_worst_s"] = round(heartbeat_latency(channel, keeper), 4)
                 if result["heartbeat_worst_s"] > 1.0:
                     problems.append(f"heartbeats are slow after the fuzz: worst {result['heartbeat_worst_s']} s")
@@ -947,7 +986,8 @@ def main(argv: list[str] | None = None) -> int:
         states = result.get("experiments_after_fuzz", {})
         print(f"after the fuzz: worst of 50 heartbeats {result['heartbeat_worst_s']} s; experiments by state "
               f"{dict(sorted(states.items()))} (queued and running ones then cancelled); director RSS "
-              f"{result['director_rss_mb']['before']} MiB before, {result['director_rss_mb']['after']} MiB after")
+              f"{result['director_rss_mb']['before']} MiB before, "
+              + ", ".join(f"{mb} MiB after pass {i + 1}" for i, mb in enumerate(result["director_rss_mb"]["after_each_pass"])))
     if "experiment_after_fuzz" in result:
         e = result["experiment_after_fuzz"]
         print(f"after the fuzz: two real envoys ran a {e['rounds']}-round experiment to its end in {e['wall_s']} s")

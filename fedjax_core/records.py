@@ -1,6 +1,7 @@
 """Typed records for what crosses the wire. Plain, immutable, numpy-free."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -160,7 +161,9 @@ class ExperimentStatus:
     error: str = ""
     submitted_at: float = 0.0
     best_metric: str = ""
-    participants: tuple[tuple[str, ...], ...] = ()  # the envoys selected for each round so far
+    # the envoys selected for each of the last rounds so far (at most the director's STATUS_ROUNDS), by round; every round's
+    # are on its round event (MetricEvent.participants)
+    participants: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

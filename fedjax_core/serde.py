@@ -166,7 +166,7 @@ def status_to_proto(s: r.ExperimentStatus) -> fed_pb.ExperimentStatus:
         name=s.name, state=s.state, current_round=s.current_round, rounds=s.rounds,
         envoys=list(s.envoys), best_round=s.best_round, best_value=s.best_value, error=s.error,
         submitted_at=s.submitted_at, best_metric=s.best_metric,
-        participants=[fed_pb.RoundParticipants(round=i, envoys=list(p)) for i, p in enumerate(s.participants)],
+        participants=[fed_pb.RoundParticipants(round=i, envoys=list(p)) for i, p in s.participants.items()],
     )
 
 
@@ -175,7 +175,7 @@ def status_from_proto(msg: fed_pb.ExperimentStatus) -> r.ExperimentStatus:
         name=msg.name, state=msg.state, current_round=int(msg.current_round), rounds=int(msg.rounds),
         envoys=tuple(msg.envoys), best_round=int(msg.best_round), best_value=msg.best_value,
         error=msg.error, submitted_at=msg.submitted_at, best_metric=msg.best_metric,
-        participants=tuple(tuple(p.envoys) for p in sorted(msg.participants, key=lambda p: p.round)),
+        participants={int(p.round): tuple(p.envoys) for p in sorted(msg.participants, key=lambda p: p.round)},
     )
 
 

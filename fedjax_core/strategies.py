@@ -3,7 +3,9 @@
 ``FLExperiment.start(aggregation=FedAdam(eta=0.1))`` sends the director a name and JSON
 parameters; the director rebuilds the dataclass with :func:`strategy_from_wire` and runs
 the built-in numpy rules of :mod:`fedjax_core.aggregation` (it never runs user code).
-Parameter names and defaults follow Flower's strategies.
+Parameter names follow Flower's strategies, and so do the defaults but two: FedAvgM's
+server_momentum is 0.9 (Flower's 0.0 makes it FedAvg) and Krum's num_clients_to_keep is 1
+(Flower's 0 means the same: plain Krum keeps one).
 
 Notation: x_t is the global model of round t, mean_t the sample-weighted mean of the
 round's uploads and Δ_t = mean_t − x_t. The rules act on the ``params/...`` leaves; other
@@ -55,6 +57,11 @@ class Strategy:
 
     def to_wire(self) -> tuple[str, str]:
         return self.name, json.dumps(self.params(), sort_keys=True)
+
+    @property
+    def min_uploads(self) -> int:
+        """The fewest uploads a round of this rule can aggregate; a round that can no longer get them fails."""
+        return 1
 
     def check_round_size(self, n: int) -> None:
         """Refuse a round of ``n`` uploads that this rule cannot aggregate."""
@@ -172,6 +179,10 @@ class Krum(Strategy):
             self._require(isinstance(getattr(self, field), int), field, "an integer")
         self._require(self.num_malicious_clients >= 0, "num_malicious_clients", ">= 0")
         self._require(self.num_clients_to_keep >= 1, "num_clients_to_keep", ">= 1")
+
+    @property
+    def min_uploads(self) -> int:
+        return max(2 * self.num_malicious_clients + 3, self.num_clients_to_keep)
 
     def check_round_size(self, n: int) -> None:
         f = self.num_malicious_clients

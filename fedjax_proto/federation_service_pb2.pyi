@@ -21,8 +21,12 @@ class GetDatasetInfoResponse(_message.Message):
     def __init__(self, sample_shape: _Optional[_Iterable[str]] = ..., target_shape: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetShardRegistryRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class EnvoyEntry(_message.Message):
     __slots__ = ("name", "shard_info", "is_online", "last_seen", "current_experiment")
@@ -39,10 +43,12 @@ class EnvoyEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shard_info: _Optional[_Union[_envoy_service_pb2.ShardInfo, _Mapping]] = ..., is_online: _Optional[bool] = ..., last_seen: _Optional[float] = ..., current_experiment: _Optional[str] = ...) -> None: ...
 
 class GetShardRegistryResponse(_message.Message):
-    __slots__ = ("envoys",)
+    __slots__ = ("envoys", "next_page_token")
     ENVOYS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     envoys: _containers.RepeatedCompositeFieldContainer[EnvoyEntry]
-    def __init__(self, envoys: _Optional[_Iterable[_Union[EnvoyEntry, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, envoys: _Optional[_Iterable[_Union[EnvoyEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ExperimentHeader(_message.Message):
     __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec", "min_envoys", "round_timeout_s", "aggregation_params", "envoys_per_round", "envoys_fraction", "sampling_seed", "round_config", "compression", "send_deltas", "compress_downloads", "sync", "sync_every", "sync_threshold")
@@ -111,14 +117,20 @@ class SubmitExperimentResponse(_message.Message):
     def __init__(self, queue_position: _Optional[int] = ...) -> None: ...
 
 class ListExperimentsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListExperimentsResponse(_message.Message):
-    __slots__ = ("experiments",)
+    __slots__ = ("experiments", "next_page_token")
     EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     experiments: _containers.RepeatedCompositeFieldContainer[ExperimentStatus]
-    def __init__(self, experiments: _Optional[_Iterable[_Union[ExperimentStatus, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, experiments: _Optional[_Iterable[_Union[ExperimentStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetExperimentStatusRequest(_message.Message):
     __slots__ = ("name",)

@@ -6,6 +6,7 @@ field added to a record without its conversion makes these tests fail.
 from __future__ import annotations
 
 import array
+import collections.abc
 import dataclasses
 import itertools
 import math
@@ -39,6 +40,9 @@ def _value(tp, owner: type, name: str, default):
         args = typing.get_args(tp)
         item = args[0]
         return tuple(_value(item, owner, name, None) for _ in range(3))
+    if origin is collections.abc.Mapping:
+        key, item = typing.get_args(tp)
+        return {_value(key, owner, name, None): _value(item, owner, name, None) for _ in range(3)}
     if dataclasses.is_dataclass(tp):
         return build(tp)
     n = next(_counter)

@@ -11,6 +11,7 @@ import numpy as np
 
 from fedjax_core import records as r
 from fedjax_core import serde
+from fedjax_core.director import paging
 from fedjax_core.tensors import assemble, iter_chunks
 from fedjax_core.transport import TLSFiles, is_retryable, open_channel, raise_domain_error
 from fedjax_proto import federation_service_pb2 as fed_pb
@@ -79,12 +80,23 @@ class FederationClient:
         return list(info.sample_shape), list(info.target_shape)
 
     def shard_registry(self) -> list[r.EnvoyEntry]:
-        reply = self._unary("GetShardRegistry", fed_pb.GetShardRegistryRequest())
-        return [serde.envoy_entry_from_proto(e) for e in reply.envoys]
+        """Every registered envoy, by name (the director answers in pages)."""
+        return [serde.envoy_entry_from_proto(e)
+                for e in self._pages("GetShardRegistry", fed_pb.GetShardRegistryRequest, "envoys")]
 
     def experiments(self) -> list[r.ExperimentStatus]:
-        reply = self._unary("ListExperiments", fed_pb.ListExperimentsRequest())
-        return [serde.status_from_proto(s) for s in reply.experiments]
+        """Every experiment this client may see, in submission order, without each round's participants."""
+        return [serde.status_from_proto(s)
+                for s in self._pages("ListExperiments", fed_pb.ListExperimentsRequest, "experiments")]
+
+    def _pages(self, method: str, request: type, field: str) -> Iterator:
+        token = ""
+        while True:
+            reply = self._unary(method, request(page_size=paging.MAX_PAGE_ROWS, page_token=token))
+            yield from getattr(reply, field)
+            token = reply.next_page_token
+            if not token:
+                return
 
     def status(self, name: str) -> r.ExperimentStatus:
         return serde.status_from_proto(self._unary("GetExperimentStatus", fed_pb.GetExperimentStatusRequest(name=name)))

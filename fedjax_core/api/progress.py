@@ -92,8 +92,8 @@ class MetricsView:
         """How many envoys report in ``round_``: its sampled participants, or every envoy."""
         if round_ >= self.rounds:
             return self.n_envoys
-        chosen = getattr(self.experiment.get_experiment_status(), "participants", ())
-        return len(chosen[round_]) if round_ < len(chosen) else self.n_envoys
+        chosen = getattr(self.experiment.get_experiment_status(), "participants", {})
+        return len(chosen[round_]) if round_ in chosen else self.n_envoys
 
     def _show(self, round_: int) -> None:
         if self.notebook:

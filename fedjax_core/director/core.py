@@ -33,6 +33,7 @@ from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError, nbytes_
 
 log = logging.getLogger("fedjax.director")
 RESERVED_ENVOY_NAMES = (AGGREGATED_RUN,)  # names that stand for something else in metrics and logs
+STATUS_ROUNDS = 1000  # an experiment's status lists the participants of this many of its latest rounds
 LAST_SEEN_PERSIST_S = 30.0  # heartbeats update the database's last_seen at most this often (memory always)
 
 
@@ -174,10 +175,11 @@ class Director:
         seen = self._last_seen(name, found[1])
         return self._clock() - seen if self._online(seen) else None
 
-    def shard_registry(self) -> list[r.EnvoyEntry]:
+    def shard_registry(self, after: str = "", limit: int = -1) -> list[r.EnvoyEntry]:
+        """Registered envoys by name: ``limit`` of them (-1: all) whose names sort after ``after``."""
         running = self._run
         entries = []
-        for name, info, stored in self.store.envoys():
+        for name, info, stored in self.store.envoys(after, limit):
             seen = self._last_seen(name, stored)
             entries.append(r.EnvoyEntry(name=name, shard_info=info, is_online=self._online(seen), last_seen=seen,
                                         current_experiment=running.name if running and name in running.envoys else ""))
@@ -193,7 +195,7 @@ class Director:
     def submit_experiment(self, header: r.ExperimentHeader, bundle: Iterable[bytes],
                           chunks: Iterable[r.TensorChunk]) -> int:
         """Store a new experiment (code bundle + initial model) and queue it; returns its queue position."""
-        check_header(header, {name for name, _, _ in self.store.envoys()}, self._online_names())
+        check_header(header, {name for name, _, _ in self.store.envoys()})
         size = sum(nbytes_of(spec) for spec in header.model_spec)
         if size > self.max_model_bytes:
             raise InvalidRequestError(f"the model is {size / 2**30:.2f} GiB; this director takes at most "
@@ -701,7 +703,7 @@ class Director:
         if len(run.participants) - len(run.dropped) - 1 < run.needed:
             self._finish(run, r.State.FAILED, error=(
                 f"envoy {envoy!r} {what} in round {run.round}, leaving fewer than the {run.needed} results the round "
-                f"needs (min_envoys): {reason}"))
+                f"needs ({run.needed_because}): {reason}"))
             return None, False
         run.dropped[envoy] = reason
         left = len(run.participants) - len(run.dropped)
@@ -719,9 +721,10 @@ class Director:
         refusal = f"envoy {envoy!r} refused experiment {run.name!r}: {reason}"
         remaining = tuple(e for e in run.envoys if e != envoy)
         in_round = not run.closing and envoy in run.pending
-        needed = max(run.header.min_envoys, 1)  # min_envoys 0 (every participant): every one left
-        if in_round and len(run.participants) - len(run.dropped) - 1 < needed:
-            short = f"fewer than the {needed} results round {run.round} needs (min_envoys)"
+        # min_envoys 0 (every participant): every one left; the aggregation rule's floor holds as ever
+        floor = max(run.header.min_envoys, run.rule_floor, 1)
+        if in_round and len(run.participants) - len(run.dropped) - 1 < floor:
+            short = f"fewer than the {floor} results round {run.round} needs ({run.needed_because})"
         else:
             try:
                 plan = self.engine.plan(dataclasses.replace(run.row, envoys=remaining)) if remaining else None
@@ -784,7 +787,8 @@ class Director:
                     missing = ", ".join(sorted(set(run.participants) - run.done))
                     self._finish(run, r.State.FAILED, error=(
                         f"round {run.round} reached its {run.header.round_timeout_s:g}s deadline with "
-                        f"{len(run.done)} of {len(run.participants)} envoys reporting (min_envoys={run.needed}); "
+                        f"{len(run.done)} of {len(run.participants)} envoys reporting, fewer than the {run.needed} "
+                        f"it needs ({run.needed_because}); "
                         f"no result from: {missing}"))
                 self._changed()
             if lost is not None:
@@ -847,10 +851,12 @@ class Director:
         return None
 
     # ------------------------------------------------------------ notebook
-    def experiments(self, viewer: str | None = None) -> list[r.ExperimentStatus]:
-        """Every experiment ``viewer`` may see: its own (None: every one, for an admin or in plaintext)."""
-        return [row.status(self.store.participants(row.name)) for row in self.store.experiments()
-                if viewer is None or row.header.submitter == viewer]
+    def experiments(self, viewer: str | None = None, after: int = 0,
+                    limit: int = -1) -> list[tuple[int, r.ExperimentStatus]]:
+        """The experiments ``viewer`` may see (its own; None: every one, for an admin or in plaintext), each with
+        its number, in submission order: ``limit`` of them (-1: all) numbered above ``after``. Without each
+        round's participants, which ``experiment_status`` has."""
+        return [(seq, row.status()) for seq, row in self.store.experiments_page(after, limit, viewer)]
 
     def experiment_submitter(self, name: str) -> str:
         row = self.store.experiment(name)
@@ -867,7 +873,7 @@ class Director:
         row = self.store.experiment(name)
         if row is None or (viewer is not None and row.header.submitter != viewer and viewer not in self.admins):
             raise NotFoundError(f"no experiment named {name!r}" + (" among yours" if viewer is not None else ""))
-        return row.status(self.store.participants(name))
+        return row.status(self.store.participants(name, last=STATUS_ROUNDS))
 
     def _check_owner(self, row: ExperimentRow, by: str | None, action: str) -> None:
         """Under mTLS (``by`` is the caller's certificate name) only the submitter or an admin may ``action``."""

@@ -94,8 +94,21 @@ class Run:
 
     @property
     def needed(self) -> int:
-        """Results this round needs to close: min_envoys, or every participant when it is 0."""
-        return max(self.header.min_envoys or len(self.participants), 1)
+        """Results this round needs to close: min_envoys (every participant when it is 0), and in a training
+        round no fewer than its aggregation rule can aggregate (Krum: more than 2f + 2)."""
+        return max(self.header.min_envoys or len(self.participants), self.rule_floor, 1)
+
+    @property
+    def needed_because(self) -> str:
+        """What sets ``needed``, for the messages that cite it."""
+        if self.rule_floor > (self.header.min_envoys or len(self.participants)):
+            return f"{self.plan.strategy.name} aggregates no fewer than {self.rule_floor} uploads"
+        return f"min_envoys={self.header.min_envoys}" if self.header.min_envoys else "min_envoys=0: every participant"
+
+    @property
+    def rule_floor(self) -> int:
+        """The uploads the aggregation rule needs, in a training round (1 for a final validation)."""
+        return self.plan.strategy.min_uploads if self.kind == r.TaskKind.TRAIN else 1
 
     def count_transfer(self, envoy: str, nbytes: int, upload: bool) -> None:
         """Under the director's lock: one model message of ``nbytes`` to or from ``envoy``."""

@@ -14,7 +14,7 @@ import grpc
 from fedjax_core.config import DirectorConfig, resolve_path
 from fedjax_core.director.concurrency import Flow
 from fedjax_core.director.core import Director
-from fedjax_core.director.memory import limit_arenas
+from fedjax_core.director.memory import tune_allocator
 from fedjax_core.director.parsing import ParseGate
 from fedjax_core.director.servicer import EnvoyServicer, FederationServicer, RoleGate
 from fedjax_core.sinks import factories_from_config
@@ -123,7 +123,7 @@ def raise_open_files_limit(cap: int = 1 << 20) -> int:
 def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully. Relative paths resolve against ``config_dir``."""
     s = config.settings
-    limit_arenas()
+    tune_allocator()
     raise_open_files_limit()
     log_dir = resolve_path(s.log_dir, config_dir)
     sinks = factories_from_config(s.metric_sinks, log_dir, config_dir)  # a missing package: ConfigError, before serving

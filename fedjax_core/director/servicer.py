@@ -13,6 +13,7 @@ import grpc
 
 from fedjax_core import pki, serde
 from fedjax_core import records as r
+from fedjax_core.director import paging
 from fedjax_core.director.concurrency import EVERYTHING, NOTEBOOKS, Flow
 from fedjax_core.director.core import Director
 from fedjax_core.director.gates import guarded_handler
@@ -287,8 +288,10 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
     @maps_errors
     def GetShardRegistry(self, request, context):
         self._check_submitter(Caller.of(context))
-        return fed_pb.GetShardRegistryResponse(
-            envoys=[serde.envoy_entry_to_proto(e) for e in self.director.shard_registry()])
+        limit = paging.page_size(request.page_size)
+        entries = self.director.shard_registry(paging.name_token(request.page_token), limit + 1)
+        page, token = paging.fill(((e.name, serde.envoy_entry_to_proto(e)) for e in entries), limit)
+        return fed_pb.GetShardRegistryResponse(envoys=page, next_page_token=token)
 
     @maps_errors
     async def SubmitExperiment(self, request_iterator, context):
@@ -330,8 +333,10 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
     def ListExperiments(self, request, context):
         caller = Caller.of(context)
         self._check_submitter(caller)
-        return fed_pb.ListExperimentsResponse(
-            experiments=[serde.status_to_proto(s) for s in self.director.experiments(caller.viewer)])
+        limit = paging.page_size(request.page_size)
+        rows = self.director.experiments(caller.viewer, paging.sequence_token(request.page_token), limit + 1)
+        page, token = paging.fill(((str(seq), serde.status_to_proto(s)) for seq, s in rows), limit)
+        return fed_pb.ListExperimentsResponse(experiments=page, next_page_token=token)
 
     @maps_errors
     def GetExperimentStatus(self, request, context):

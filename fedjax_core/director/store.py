@@ -11,7 +11,9 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from fedjax_core import records as r
 from fedjax_core.errors import AlreadyExistsError
@@ -58,6 +60,14 @@ def _header_from_json(text: str) -> r.ExperimentHeader:
     return r.ExperimentHeader(**d)
 
 
+def _experiment_row(name, header, state, envoys, current_round, best_round, best_value, best_metric, error,
+                    submitted_at, envoy_sizes) -> ExperimentRow:
+    return ExperimentRow(name=name, header=_header_from_json(header), state=state, envoys=tuple(json.loads(envoys)),
+                         current_round=current_round, best_round=best_round, best_value=best_value,
+                         best_metric=best_metric, error=error, submitted_at=submitted_at,
+                         envoy_sizes={k: tuple(v) for k, v in json.loads(envoy_sizes).items()})
+
+
 def _shard_info_from_json(text: str) -> r.ShardInfo:
     d = json.loads(text)
     for key in ("sample_shape", "target_shape", "devices", "label_counts"):
@@ -80,7 +90,7 @@ class ExperimentRow:
     # envoy -> (train size, valid size) as registered when the experiment started: what caps its weights
     envoy_sizes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
-    def status(self, participants: tuple[tuple[str, ...], ...] = ()) -> r.ExperimentStatus:
+    def status(self, participants: Mapping[int, tuple[str, ...]] = MappingProxyType({})) -> r.ExperimentStatus:
         return r.ExperimentStatus(
             name=self.name, state=self.state, current_round=self.current_round,
             rounds=self.header.rounds, envoys=self.envoys, best_round=self.best_round,
@@ -139,8 +149,10 @@ class Store:
     def touch_envoy(self, name: str) -> bool:
         return self._write("UPDATE envoys SET last_seen = ? WHERE name = ?", (time.time(), name)).rowcount > 0
 
-    def envoys(self) -> list[tuple[str, r.ShardInfo, float]]:
-        rows = self._read("SELECT name, shard_info, last_seen FROM envoys ORDER BY name")
+    def envoys(self, after: str = "", limit: int = -1) -> list[tuple[str, r.ShardInfo, float]]:
+        """Registered envoys by name: ``limit`` of them (-1: all) whose names sort after ``after``."""
+        rows = self._read("SELECT name, shard_info, last_seen FROM envoys WHERE name > ? ORDER BY name LIMIT ?",
+                          (after, limit))
         return [(name, _shard_info_from_json(info), last_seen) for name, info, last_seen in rows]
 
     def envoy(self, name: str) -> tuple[r.ShardInfo, float] | None:
@@ -177,19 +189,27 @@ class Store:
         sets = ", ".join(f"{k} = ?" for k in fields)
         self._write(f"UPDATE experiments SET {sets} WHERE name = ?", (*fields.values(), name))
 
+    _EXPERIMENT_COLUMNS = ("name, header, state, envoys, current_round, best_round, best_value, best_metric, "
+                           "error, submitted_at, envoy_sizes")
+
     def experiments(self, state: str | None = None, name: str | None = None) -> list[ExperimentRow]:
-        sql = ("SELECT name, header, state, envoys, current_round, best_round, best_value, best_metric, "
-               "error, submitted_at, envoy_sizes FROM experiments")
+        """Every experiment (or those in ``state``, or the one named ``name``), in submission order."""
         where = [(col, value) for col, value in (("state", state), ("name", name)) if value is not None]
+        sql = f"SELECT {self._EXPERIMENT_COLUMNS} FROM experiments"
         if where:
             sql += " WHERE " + " AND ".join(f"{col} = ?" for col, _ in where)
-        rows = self._read(sql + " ORDER BY seq", tuple(value for _, value in where))
-        return [
-            ExperimentRow(name=n, header=_header_from_json(h), state=s, envoys=tuple(json.loads(e)),
-                          current_round=cr, best_round=br, best_value=bv, best_metric=bm, error=err,
-                          submitted_at=sa, envoy_sizes={k: tuple(v) for k, v in json.loads(sizes).items()})
-            for n, h, s, e, cr, br, bv, bm, err, sa, sizes in rows
-        ]
+        return [_experiment_row(*row) for row in self._read(sql + " ORDER BY seq", tuple(v for _, v in where))]
+
+    def experiments_page(self, after: int, limit: int, submitter: str | None = None) -> list[tuple[int, ExperimentRow]]:
+        """Up to ``limit`` experiments submitted after the one numbered ``after`` (0: from the first), each with
+        its number, in submission order; only ``submitter``'s when given."""
+        sql = f"SELECT seq, {self._EXPERIMENT_COLUMNS} FROM experiments WHERE seq > ?"
+        args: tuple = (after,)
+        if submitter is not None:
+            sql += " AND json_extract(header, '$.submitter') = ?"
+            args += (submitter,)
+        rows = self._read(sql + " ORDER BY seq LIMIT ?", args + (limit,))
+        return [(seq, _experiment_row(*row)) for seq, *row in rows]
 
     def experiment(self, name: str) -> ExperimentRow | None:
         rows = self.experiments(name=name)
@@ -222,9 +242,11 @@ class Store:
         rows = self._read("SELECT participants FROM rounds WHERE experiment = ? AND round = ?", (experiment, round_))
         return tuple(json.loads(rows[0][0]))
 
-    def participants(self, experiment: str) -> tuple[tuple[str, ...], ...]:
-        rows = self._read("SELECT participants FROM rounds WHERE experiment = ? ORDER BY round", (experiment,))
-        return tuple(tuple(json.loads(p)) for (p,) in rows)
+    def participants(self, experiment: str, last: int) -> dict[int, tuple[str, ...]]:
+        """The participants of the experiment's ``last`` most recent rounds, by round."""
+        rows = self._read("SELECT round, participants FROM rounds WHERE experiment = ? ORDER BY round DESC LIMIT ?",
+                          (experiment, last))
+        return {round_: tuple(json.loads(p)) for round_, p in reversed(rows)}
 
     # metric events
     def add_event(self, experiment: str, event: r.MetricEvent, weight: float = 0.0) -> bool:

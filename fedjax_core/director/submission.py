@@ -45,8 +45,12 @@ class RoundPlan:
     round_kwargs: tuple[str, ...]  # per training round: JSON {task: {kwarg: value}}, or ""
 
 
-def check_header(h: r.ExperimentHeader, registered: Collection[str], online: Sequence[str]) -> None:
-    """Refuse a header that cannot run; every message names the setting and the fix."""
+def check_header(h: r.ExperimentHeader, registered: Collection[str]) -> None:
+    """Refuse a header that cannot run; every message names the setting and the fix.
+
+    The rounds are sized on the envoys the header names or, when it names none, on every registered
+    envoy: one that too few online envoys could run waits in the queue for more (it is sized again on
+    the online ones when it starts), one that even every registered envoy cannot run is refused."""
     check_name("experiment", h.name)  # name clashes are the store's UNIQUE constraint's to report
     if not 1 <= h.rounds <= MAX_ROUNDS:
         raise InvalidRequestError(f"rounds_to_train must be between 1 and {MAX_ROUNDS}, got {h.rounds}")
@@ -93,7 +97,7 @@ def check_header(h: r.ExperimentHeader, registered: Collection[str], online: Seq
     if h.envoys_per_round and h.envoys_fraction:
         raise InvalidRequestError("give envoys_per_round as a count or as a fraction, not both")
     check_communication(h)
-    plan_rounds(h, h.envoys or tuple(online))
+    plan_rounds(h, h.envoys or tuple(sorted(registered)))
 
 
 def check_communication(h: r.ExperimentHeader) -> None:

@@ -21,6 +21,7 @@ import secrets
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -40,6 +41,10 @@ from fedjax_core.transport import Backoff, TLSFiles, is_retryable
 
 log = logging.getLogger("fedjax.envoy")
 MAX_WORKER_RESTARTS = 3
+# A restarted daemon finds its name held by its silent predecessor until the director lets it go
+# (2.5 heartbeat periods: 12.5 s at the default period); it keeps trying this long before it
+# concludes that another live daemon has the name, and exits saying so.
+NAME_HELD_WAIT_S = 30.0
 
 
 # The worker's environment is built from an allow-list, never copied whole from the daemon's.
@@ -164,11 +169,13 @@ class EnvoyDaemon:
 
     def _serve(self) -> None:
         backoff = Backoff()
+        name_held_since = None
         while not self.stop.is_set():
             try:
                 self.period = self.client.register(self.info, retry_s=0)
                 self._registered.set()
                 backoff.reset()
+                name_held_since = None
                 log.info("envoy %s registered with the director at %s:%d", self.name, self.host, self.port)
                 print(f"ENVOY READY {self.name}", flush=True)
                 self._stream = self.client.experiments()
@@ -183,9 +190,16 @@ class EnvoyDaemon:
                 self._registered.clear()
                 if self.stop.is_set():
                     break
+                delay = backoff.next_delay()
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    name_held_since = name_held_since or time.monotonic()
+                    if time.monotonic() - name_held_since < NAME_HELD_WAIT_S:
+                        log.warning("envoy %s: %s; retrying in %.1fs (a restarted envoy waits for its old daemon "
+                                    "to fall silent)", self.name, exc.details(), delay)
+                        self.stop.wait(delay)
+                        continue
                 if not is_retryable(exc) and exc.code() != grpc.StatusCode.CANCELLED:
                     raise RuntimeError(f"director refused envoy {self.name!r}: {exc.details()}") from None
-                delay = backoff.next_delay()
                 why = exc.code().name
                 if "unsupported certificate purpose" in (exc.details() or ""):
                     why += ", the server's certificate is not of role director"

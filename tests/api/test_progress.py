@@ -36,7 +36,7 @@ def test_a_sampled_round_says_who_took_part():
 
 
 def test_progress_bars_count_the_rounds_participants_and_number_rounds_from_one():
-    status = SimpleNamespace(envoys=("a", "b", "c"), rounds=2, participants=(("a",), ("b", "c")))
+    status = SimpleNamespace(envoys=("a", "b", "c"), rounds=2, participants={0: ("a",), 1: ("b", "c")})
     v = MetricsView(SimpleNamespace(get_experiment_status=lambda: status), log_dir=None, progress=True,
                     live_table=False)
     v.add(r.MetricEvent(0, "a", r.STAGE_AGGREGATED, ()))

@@ -219,6 +219,38 @@ def test_compose_configs_validate_and_their_paths_are_mounted():
     assert "--name api --role api" in pki_script
 
 
+def _docker_runs(doc: Path) -> list[list[str]]:
+    """The arguments of every ``docker run`` in a doc's shell blocks, with ``$PWD`` as the repository."""
+    runs = []
+    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", doc.read_text(), re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip().startswith("docker run "):
+                runs.append(shlex.split(line.replace("$PWD", str(REPO)), comments=True)[2:])
+    return runs
+
+
+def test_the_docs_docker_run_director_would_start_and_serve_its_published_port():
+    """The director a doc starts with ``docker run`` gets a config that validates, listens on every interface
+    of the container (the port is published), and keeps its state and logs on a writable volume."""
+    [args] = [a for a in _docker_runs(REPO / "docs" / "deploy.md") if "director" in a and "start" in a]
+    mounts = {}
+    for i, arg in enumerate(args):
+        if arg == "-v":
+            source, target, *mode = args[i + 1].split(":")
+            mounts[target] = (source, mode == ["ro"])
+    config_path = _flag(args, "-c")
+    source, _ = mounts[config_path]
+    config = load_config(Path(source), DirectorConfig)
+    assert config.settings.listen_host == "0.0.0.0", "a container's localhost is not reachable through -p"
+    assert f"{config.settings.listen_port}:{config.settings.listen_port}" in args
+    for path in (config.settings.state_dir, config.settings.log_dir):
+        target = next((t for t in mounts if PurePosixPath(path).is_relative_to(t)), None)
+        assert target is not None and not mounts[target][1], f"{path} is not on a writable volume"
+    assert config.tls is not None
+    for path in config.tls.model_dump().values():
+        assert any(PurePosixPath(path).is_relative_to(t) for t in mounts), f"{path} is not mounted"
+
+
 def _render_template(rank: int, world: int, name: str) -> str:
     """The template as envoys.sbatch fills it; every placeholder it has is one the script replaces."""
     template, script = TEMPLATE.read_text(), SBATCH.read_text()

@@ -25,7 +25,7 @@ from test_round_engine import INITIAL, header, make_director, submit
 ])
 def test_oversized_header_fields_are_refused(overrides, message):
     with pytest.raises(InvalidRequestError, match=message):
-        check_header(dataclasses.replace(header(), **overrides), registered={"a", "b"}, online=["a", "b"])
+        check_header(dataclasses.replace(header(), **overrides), registered={"a", "b"})
 
 
 def test_a_plan_holds_nothing_per_round():

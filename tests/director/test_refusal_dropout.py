@@ -72,7 +72,7 @@ def test_a_refusing_envoy_leaves_every_remaining_round_and_a_restart_keeps_it_ou
         d.report_metrics(envoy, "exp", 2, r.Stage.AGGREGATED, (r.Metric("val", "acc", 0.5),), 5)
     assert d.experiment_status("exp").state == "finished"
     # round 1 had sampled b before it refused: it dropped out of it; the final validation left it out
-    assert d.experiment_status("exp").participants == (("a", "b", "c"), ("a", "b", "c"))
+    assert d.experiment_status("exp").participants == {0: ("a", "b", "c"), 1: ("a", "b", "c")}
     d.close()
 
 
@@ -93,7 +93,7 @@ def test_a_refusal_that_leaves_too_few_envoys_fails_the_experiment_saying_so(tmp
     status = d.experiment_status("exp")
     assert status.state == "failed"
     assert status.error == ("envoy 'b' refused experiment 'exp' in round 0, leaving fewer than the 2 results round 0 "
-                            "needs (min_envoys): nope")
+                            "needs (min_envoys=2): nope")
     d.close()
 
 

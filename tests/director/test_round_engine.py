@@ -135,10 +135,10 @@ def test_sampling_selects_what_the_seed_says_and_records_it(tmp_path):
         assert d.current_task(chosen[0], "exp").kind == r.TaskKind.TRAIN
         play_round(d, t, envoys=chosen)
     status = d.experiment_status("exp")
-    assert status.participants == tuple(select_participants(envoys, 2, 1234, t) for t in range(3))
-    assert len(set(status.participants)) > 1  # the seed draws different pairs
+    assert status.participants == {t: select_participants(envoys, 2, 1234, t) for t in range(3)}
+    assert len(set(status.participants.values())) > 1  # the seed draws different pairs
     summaries = [e for _, e, _ in d.store.events("exp") if e.stage == r.Stage.ROUND]
-    assert [e.participants for e in summaries] == list(status.participants)
+    assert [e.participants for e in summaries] == list(status.participants.values())
     # after the last round every envoy validates the final model
     assert {e: d.current_task(e, "exp").kind for e in envoys} == dict.fromkeys(envoys, r.TaskKind.VALIDATE)
     d.close()
@@ -526,4 +526,22 @@ def test_a_participant_whose_heartbeats_stop_drops_out_and_rejoins_when_back(tmp
     play_round(d, 1, envoys=("a",))
     assert d.experiment_status("exp").current_round == 2
     assert d.current_task("b", "exp").kind == r.TaskKind.TRAIN  # it takes part in round 2
+    d.close()
+
+
+def test_an_experiment_too_big_for_the_online_envoys_but_not_the_registered_ones_waits_in_the_queue(tmp_path):
+    """Krum(f=0) needs 3 uploads a round: with 3 envoys registered and 2 online it is queued (the docs' promise),
+    and starts when the third comes back; with only 2 registered at all it is refused at submission."""
+    now = [1000.0]
+    d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=1,
+                 clock=lambda: now[0])
+    for envoy in ("a", "b", "c"):
+        d.register_envoy(envoy, INFO)
+    with d.store._lock, d.store._db:  # "c" was last seen long ago: offline
+        d.store._db.execute("UPDATE envoys SET last_seen = 0 WHERE name = 'c'")
+    d._seen.pop("c")
+    submit(d, header(strategy=s.Krum(num_malicious_clients=0)))
+    assert d.experiment_status("exp").state == "queued"
+    d.heartbeat("c")
+    assert d.experiment_status("exp").state == "running" and d.experiment_status("exp").envoys == ("a", "b", "c")
     d.close()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fedjax_core import records as r
+from fedjax_core import strategies as s
 from fedjax_core.errors import InvalidRequestError
 from fedjax_core.tensors import iter_chunks
 from test_round_engine import INFO, header, make_director, model_file, submit, update
@@ -84,4 +85,30 @@ def test_a_daemon_without_an_instance_id_cannot_take_an_online_envoys_name(tmp_p
             d.register_envoy("a", INFO, instance_id=impostor)
         assert d.heartbeat("a", impostor) is False
     assert d.heartbeat("a", "first-daemon") is True  # the original daemon is still the one it knows
+    d.close()
+
+
+def test_krum_rounds_never_close_with_fewer_uploads_than_krum_needs_after_dropouts(tmp_path):
+    """Krum(f=0) needs more than 2 uploads. Four envoys pass the check at submission; min_envoys=1 would let a
+    round close with one upload once envoys drop out: Krum's own floor (3) holds instead, and the experiment
+    fails saying so rather than 'aggregate' what one envoy sent."""
+    d = make_director(tmp_path, envoys=("a", "b", "c", "d"))
+    submit(d, header(strategy=s.Krum(num_malicious_clients=0), min_envoys=1))
+    d.accept_update("a", "exp", 0, 10, iter_chunks(update("a", 0)))
+    d.report_failure("b", "exp", "out of memory", round_=0)  # 3 can still report: the round goes on
+    assert d.experiment_status("exp").state == r.State.RUNNING
+    d.report_failure("c", "exp", "out of memory", round_=0)
+    status = d.experiment_status("exp")
+    assert status.state == r.State.FAILED and status.current_round == 0
+    assert "fewer than the 3 results the round needs (krum aggregates no fewer than 3 uploads)" in status.error
+    d.close()
+
+
+def test_a_final_validation_needs_no_more_than_min_envoys_under_krum(tmp_path):
+    d = make_director(tmp_path, envoys=("a", "b", "c"))
+    submit(d, header(strategy=s.Krum(num_malicious_clients=0), min_envoys=1, rounds=1))
+    for envoy in ("a", "b", "c"):
+        d.accept_update(envoy, "exp", 0, 10, iter_chunks(update(envoy, 0)))
+    d.report_failure("c", "exp", "validation crashed", round_=1)  # the final validation is not aggregated by Krum
+    assert d.experiment_status("exp").state == r.State.RUNNING
     d.close()

@@ -1,6 +1,7 @@
 """fedjax_core.director.store: the director's SQLite state, and that it survives a restart."""
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from pathlib import Path
@@ -133,6 +134,24 @@ def test_experiments_listed_in_submission_order_and_filtered_by_state(store):
     assert store.experiments("failed") == []
     submitted = [row.submitted_at for row in store.experiments()]
     assert submitted == sorted(submitted)
+
+
+def test_experiment_pages_follow_submission_order_and_the_submitter(store):
+    for i, name in enumerate(["zeta", "alpha", "mid", "beta", "omega"]):
+        store.add_experiment(dataclasses.replace(_header(name), submitter="alice" if i % 2 else "bob"))
+    first = store.experiments_page(after=0, limit=2)
+    assert [row.name for _, row in first] == ["zeta", "alpha"]
+    assert [row.name for _, row in store.experiments_page(after=first[-1][0], limit=10)] == ["mid", "beta", "omega"]
+    assert [row.name for _, row in store.experiments_page(0, -1, submitter="alice")] == ["alpha", "beta"]
+    assert store.experiments_page(0, -1, submitter="carol") == []
+
+
+def test_status_participants_are_the_latest_rounds_only(store):
+    store.add_experiment(_header("long", rounds=3000))
+    for round_ in range(1500):
+        store.record_participants("long", round_, (f"env{round_ % 7}",))
+    latest = store.participants("long", last=1000)
+    assert list(latest) == list(range(500, 1500)) and latest[1499] == ("env1",)
 
 
 # --------------------------------------------------------------------- updates

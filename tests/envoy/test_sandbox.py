@@ -117,8 +117,8 @@ def test_a_sandboxed_process_reads_what_it_needs_and_writes_only_its_folder(tmp_
 @needs_landlock
 def test_a_process_with_threads_refuses_to_enter(tmp_path):
     policy = sandbox.Policy(rules=((str(tmp_path), landlock.READ_WRITE),), abi=landlock.abi_version())
-    script = ("import threading, time; from fedjax_core.envoy import sandbox\n"
-              "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
+    script = ("import threading; from fedjax_core.envoy import sandbox\n"  # a thread that never ends on its own
+              "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
               f"sandbox.enter(sandbox.Policy(rules={policy.rules!r}, abi={policy.abi}))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "threads when entering its sandbox" in done.stderr

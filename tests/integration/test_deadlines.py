@@ -8,7 +8,8 @@ from fedjax_core import records as r
 from fl_experiment import SubsetDataset, create_train_state, make_tasks
 from processes import Stack
 
-DEADLINE_S = 15  # the first round includes the workers' start (JAX import, first compilation)
+# env1's first round includes its worker's start (JAX import, first compilation), on a loaded 2-core machine
+DEADLINE_S = 30
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,10 @@ def test_rounds_close_at_the_deadline_with_the_envoys_that_reported(slow_stack):
 
 def test_too_few_results_at_the_deadline_fail_the_experiment(slow_stack):
     exp = start(slow_stack, "all-or-nothing", min_envoys=0)  # 0: every envoy must report
-    with pytest.raises(ExperimentFailed, match=r"deadline with 1 of 2 envoys reporting .*no result from: env2"):
+    # env1 reported or not (how fast it is does not matter here): env2 did not, and every envoy was needed
+    expected = (r"deadline with [01] of 2 envoys reporting, fewer than the 2 it needs \(min_envoys=0: every "
+                r"participant\); no result from: (env1, )?env2")
+    with pytest.raises(ExperimentFailed, match=expected):
         exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
 
 

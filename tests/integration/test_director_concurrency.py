@@ -99,7 +99,8 @@ def test_hundreds_of_waiting_calls_hold_no_thread_and_heartbeats_still_answer(st
     try:
         streams.open(300)  # far more waiting calls than the director has threads
         for _ in range(20):
-            assert director.stub.Heartbeat(env_pb.HeartbeatRequest(envoy_name="idle0"), timeout=5).known is False
+            # answered while 350 calls wait (the bound only says how long a failure takes)
+            assert director.stub.Heartbeat(env_pb.HeartbeatRequest(envoy_name="idle0"), timeout=30).known is False
         assert streams.ended == []  # all still waiting, none refused
         # at most the 4 short-call threads and the heartbeat pool's second more than before (they start on
         # demand), not one per call

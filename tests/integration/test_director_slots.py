@@ -5,7 +5,7 @@ budget of their own, so they cannot crowd out the envoys' long-polls."""
 from __future__ import annotations
 
 import threading
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -117,24 +117,42 @@ def test_empty_messages_do_not_keep_a_submission_slot(running):
         release.set()
 
 
+def trickle(envoy: str, name: str, tensor: np.ndarray, release: threading.Event):
+    """An upload that keeps moving (2 KiB of one tensor every half second, enough never to count as stalled)
+    and never ends until ``release``: it holds its upload slot as long as the test wants."""
+    yield env_pb.UploadUpdateRequest(header=env_pb.UploadUpdateRequest.Header(
+        envoy_name=envoy, experiment_name="slots", round=0, train_sample_count=64))
+    data = tensor.tobytes()
+    for offset in range(0, len(data), 2048):
+        chunk = serde.chunk_to_proto(r.TensorChunk(spec=spec_of(name, tensor) if offset == 0 else None, name=name,
+                                                   offset=offset, data=data[offset:offset + 2048]))
+        yield env_pb.UploadUpdateRequest(chunk=chunk)
+        if release.wait(0.5):
+            return
+
+
 def test_a_held_slot_makes_the_next_upload_wait_for_it(running):
+    """With max_uploads=1, env2's upload cannot finish while env1's holds the slot, however long it is given;
+    it finishes once env1's call ends."""
     port, stub, _ = running
     release = threading.Event()
     env2 = EnvoyClient("env2", f"127.0.0.1:{port}", None, retry_s=0)
+    pool = ThreadPoolExecutor(1)
     try:
         task = env2.wait_task("slots")
-        tensors = state_to_tensors(create_train_state())
-        holder = stub.UploadUpdate.future(header_then("env1", release), timeout=60)
-        holder_ended = []
-        holder.add_done_callback(lambda _: holder_ended.append(time.monotonic()))
-        wait_until(lambda: "already in progress" in probe(stub, "env1"), 10, "env1's upload to hold the slot")
-        received = env2.upload("slots", 0, 64, {n: tensors[n] for n in task.upload_tensors})
-        uploaded = time.monotonic()
-        assert received > 0  # env2's upload went through once it had the slot (its wait was not its stall)
-        assert holder.exception(timeout=30).code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert holder_ended and uploaded >= holder_ended[0], "env2's upload did not wait for env1's slot"
+        tensors = {n: t for n, t in state_to_tensors(create_train_state()).items() if n in task.upload_tensors}
+        name, big = max(tensors.items(), key=lambda item: item[1].nbytes)
+        holder = stub.UploadUpdate.future(trickle("env1", name, big, release), timeout=120)
+        wait_until(lambda: "already in progress" in probe(stub, "env1"), 30, "env1's upload to hold the slot")
+        upload = pool.submit(env2.upload, "slots", 0, 64, tensors)
+        with pytest.raises(TimeoutError):  # a director without the limit takes it at once
+            upload.result(timeout=3)
+        assert not holder.done()  # env1 still moving, still holding the slot
+        holder.cancel()  # env1 gives up: its slot frees
+        assert upload.result(timeout=60) > 0  # env2's wait was not its stall: it went through
     finally:
         release.set()
+        pool.shutdown(wait=True, cancel_futures=True)
         env2.close()
 
 

@@ -98,3 +98,38 @@ def test_worker_dies_with_its_envoy_daemon(tmp_path):
         wait_until(lambda: not alive(worker), 30, "the orphaned worker to exit")
     finally:
         stack.stop()
+
+
+def test_an_envoy_killed_mid_round_and_restarted_rejoins_the_round_in_progress(tmp_path):
+    """kill -9 of an envoy's daemon in the middle of its training task, then a restart at once: the new daemon
+    is accepted once the old one fell silent (refused and retrying until then, if it came back sooner), and its
+    new worker trains the round the old one left; nobody drops out."""
+    from fedjax_core.envoy.daemon import NAME_HELD_WAIT_S
+    from processes import Stack, alive, wait_until
+
+    stack = Stack(tmp_path)
+    try:
+        stack.start(envoy_env={0: {"FEDJAX_TEST_TRAIN_DELAY_S": "300"}})  # env1's first worker sits in its task
+        exp = FLExperiment(federation=stack.federation(), experiment_name="comeback")
+        exp.start(model_provider=ModelInterface(model=create_train_state()), task_keeper=make_tasks(),
+                  data_loader=SubsetDataset(limit=64), rounds_to_train=2, device_assignment_policy="CPU_ONLY")
+        first = stack.processes[1]
+        worker = int(first.wait_for(r"starting worker for experiment 'comeback' \(pid (\d+)").group(1))
+        for event in exp.federation.client.events("comeback"):  # env2 trained round 0; env1 sits in its task
+            if event.envoy == "env2" and event.stage == r.STAGE_TRAIN:
+                break
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        first.proc.wait()
+        wait_until(lambda: not alive(worker), 30, "the killed daemon's worker to exit")
+
+        second = stack.start_envoy(0)  # no train delay this time
+        second.wait_for("ENVOY READY env1", timeout=NAME_HELD_WAIT_S + 30)
+        exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
+        assert exp.get_experiment_status().state == "finished", stack.logs()
+        history = exp.history
+        assert not [e for e in history if e.stage == r.Stage.DROPOUT], stack.logs()
+        per_round = [sorted(e.envoy for e in history if e.envoy and e.stage == r.STAGE_TRAIN and e.round == rnd)
+                     for rnd in range(2)]
+        assert per_round == [["env1", "env2"]] * 2
+    finally:
+        stack.stop()

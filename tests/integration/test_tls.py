@@ -186,7 +186,7 @@ def test_envoy_certificate_cannot_serve_as_director(tmp_path, name, role):
     try:
         with pytest.raises(ConnectionError, match=r"unsupported certificate purpose.*The server's certificate is "
                                                   r"not a director's"):
-            _federation(stack, "api", timeout_s=5)
+            _federation(stack, "api", timeout_s=30)
         envoy = stack.start_envoy(0)
         envoy.wait_for(r"unreachable \(UNAVAILABLE, the server's certificate is not of role director\)")
         assert "ENVOY READY" not in envoy.output() and director.shard_registry() == []
@@ -200,7 +200,7 @@ def test_envoy_certificate_cannot_serve_as_director(tmp_path, name, role):
 def test_director_certificate_cannot_act_as_a_client(mtls_director):
     """The director's certificate is for serving only: TLS itself refuses it as a notebook's or an envoy's."""
     with pytest.raises(ConnectionError, match="UNAVAILABLE"):
-        _federation(mtls_director, "director", timeout_s=5)
+        _federation(mtls_director, "director", timeout_s=30)
     answers = _every_rpc(mtls_director, env_pb, "EnvoyService", "director")
     assert all(code == grpc.StatusCode.UNAVAILABLE for code, _ in answers.values()), answers
 
@@ -249,7 +249,7 @@ def test_certificate_without_a_usable_name_or_role_is_refused(mtls_director, sub
 
 def test_a_plaintext_notebook_against_an_mtls_director_is_told_to_use_tls(tls_stack):
     with pytest.raises(ConnectionError, match=r"most likely runs mTLS\. Connect with Federation\(\.\.\., tls=True"):
-        Federation(director_node_fqdn="127.0.0.1", director_port=tls_stack.port, tls=False, timeout_s=5)
+        Federation(director_node_fqdn="127.0.0.1", director_port=tls_stack.port, tls=False, timeout_s=30)
     tls_stack.director.stop()
     assert "Handshake failed" not in tls_stack.director.output()  # gRPC's own noise stays out of the default log
 

@@ -40,7 +40,7 @@ def test_an_experiment_is_seen_by_its_submitter_and_admins_only(tmp_path):
         theirs = FLExperiment(federation=bob, experiment_name="alices")
         theirs.set_model_template(create_train_state())
         for attempt in (theirs.get_experiment_status, theirs.cancel, theirs.get_last_model,
-                        lambda: next(iter(theirs._events(timeout_s=5)))):
+                        lambda: next(iter(theirs._events(timeout_s=30)))):
             assert "no experiment named 'alices'" in refused(attempt)
 
         assert [s.name for s in ops.client.experiments()] == ["alices"]  # an admin sees every experiment
