@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -33,16 +34,23 @@ from fedjax_core.envoy.client import EnvoyClient  # noqa: E402
 from fedjax_core.local import Process, free_port  # noqa: E402
 from fedjax_core.tensors import spec_of  # noqa: E402
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 INFO = r.ShardInfo("raw", ("32", "32", "3"), ("1",), 64, 64, hostname="localhost")
 ENVOYS = ("env1", "env2")
 
 
 class Beats:
-    """Heartbeats every ``period_s`` from their own connection; the latency of each."""
+    """Heartbeats every ``period_s`` from their own connection, the latency of each; and the envoys'."""
 
-    def __init__(self, target: str, period_s: float = 0.05):
+    def __init__(self, target: str, envoys: list[EnvoyClient], period_s: float = 0.05):
         self.client = EnvoyClient("beater", target, None)
         self.client.register(INFO)
+        self.envoys = envoys
         self.period_s, self.latencies, self.stop = period_s, [], threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -52,6 +60,9 @@ class Beats:
             t0 = time.perf_counter()
             self.client.heartbeat()
             self.latencies.append(time.perf_counter() - t0)
+            if len(self.latencies) % 10 == 0:  # the envoys stay online (every half second)
+                for envoy in self.envoys:
+                    envoy.heartbeat()
 
     def take(self) -> dict:
         """Figures of the heartbeats so far (and start afresh)."""
@@ -85,24 +96,27 @@ def run(n_tensors: int, rounds: int) -> dict:
             envoys = [EnvoyClient(name, target, None) for name in ENVOYS]
             for e in envoys:
                 e.register(INFO)
-            beats = Beats(target)
+            beats = Beats(target, envoys)
             client = FederationClient("127.0.0.1", port, None)
             header = r.ExperimentHeader(name="many", rounds=rounds, opt_treatment="RESET", aggregation="fedavg",
                                         bundle_size=3, envoys=ENVOYS, min_envoys=0,
                                         model_spec=tuple(spec_of(k, v) for k, v in model.items()))
-            t0 = time.perf_counter()
+            pid = director.proc.pid
+            t0, c0 = time.perf_counter(), cpu_s(pid)
             client.submit(header, b"abc", model)
-            out = {"tensors": n_tensors, "submit_s": round(time.perf_counter() - t0, 2), "submit_beats": beats.take()}
-            round_s = []
+            out = {"tensors": n_tensors, "submit_s": round(time.perf_counter() - t0, 2),
+                   "submit_director_cpu_s": round(cpu_s(pid) - c0, 2), "submit_beats": beats.take()}
+            round_s, round_cpu = [], []
             for rnd in range(rounds):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), cpu_s(pid)
                 threads = [threading.Thread(target=_round, args=(e, rnd)) for e in envoys]
                 for t in threads:
                     t.start()
                 for t in threads:
                     t.join()
                 round_s.append(round(time.perf_counter() - t0, 2))
-            out.update(round_s=round_s, round_beats=beats.take())
+                round_cpu.append(round(cpu_s(pid) - c0, 2))
+            out.update(round_s=round_s, round_director_cpu_s=round_cpu, round_beats=beats.take())
             status = client.status("many")
             out["state"] = status.state
             client.close()
@@ -117,7 +131,9 @@ def run(n_tensors: int, rounds: int) -> dict:
 
 def _round(envoy: EnvoyClient, rnd: int) -> None:
     """One envoy's round: download the round's model, upload it changed."""
-    task = envoy.wait_task("many", max_wait_s=60)
+    task = envoy.wait_task("many", max_wait_s=30)
+    while task.kind == r.TaskKind.NONE:  # the previous round is still closing
+        task = envoy.wait_task("many", max_wait_s=30)
     assert task.kind == r.TaskKind.TRAIN and task.round == rnd, task
     model = envoy.round_model("many", rnd)
     envoy.upload("many", rnd, 64, {k: v + 1 for k, v in model.items()})
@@ -130,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
     results = [run(n, args.rounds) for n in args.tensors]
-    print(f"{'tensors':>8}  {'submit s':>9}  {'beat max ms (submit)':>21}  {'round s':>14}  "
-          f"{'beat median/max ms (rounds)':>28}")
+    rows = [["tensors", "submit s", "director CPU s", "beat max ms", "round s", "director CPU s",
+             "beat median / max ms"]]
     for res in results:
         sb, rb = res["submit_beats"], res["round_beats"]
-        print(f"{res['tensors']:>8}  {res['submit_s']:>9}  {sb.get('max_ms', '-'):>21}  "
-              f"{', '.join(map(str, res['round_s'])):>14}  {rb.get('median_ms', '-')}/{rb.get('max_ms', '-'):>22}")
+        rows.append([res["tensors"], res["submit_s"], res["submit_director_cpu_s"], sb.get("max_ms", "-"),
+                     ", ".join(map(str, res["round_s"])), ", ".join(map(str, res["round_director_cpu_s"])),
+                     f"{rb.get('median_ms', '-')} / {rb.get('max_ms', '-')}"])
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(cell).rjust(w) for cell, w in zip(row, widths)))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
