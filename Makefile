@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 IMAGE ?= fedjax-core:0.1.0
 PROTOS := $(wildcard protos/fedjax_proto/*.proto)
 
-.PHONY: install demo test test-slow bench bench-peers bench-scale bench-strategies bench-research fuzz proto lint clean
+.PHONY: install demo test test-slow bench bench-peers bench-scale bench-strategies bench-research bench-tensors fuzz proto lint clean
 
 install: $(STAMP)
 
@@ -40,6 +40,9 @@ bench-strategies: install
 
 bench-research: install
 	$(PY) -u benchmarks/research.py
+
+bench-tensors: install  # a model of 20,000 tiny tensors: submission, rounds and heartbeats meanwhile
+	$(PY) -u benchmarks/many_tensors.py --tensors 1000 20000 --rounds 2 --json bench-results/many_tensors.json
 
 fuzz: install
 	$(PY) -u benchmarks/fuzz_rpcs.py --messages 10000 --passes 2

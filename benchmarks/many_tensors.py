@@ -7,13 +7,16 @@ declare) float32[1] leaves makes 20,000 messages each way per envoy per round. A
 download the model and upload it back changed); meanwhile a thread sends a heartbeat every 50 ms and
 records how long each took, which is what the event loop's per-message work delays.
 
-    python benchmarks/many_tensors.py --tensors 20000 --rounds 2 --json bench-results/many_tensors.json
+    python benchmarks/many_tensors.py --tensors 1000 20000 --rounds 2 --json bench-results/many_tensors.json
+
+``make bench-tensors`` runs that. Figures: benchmarks/README.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the finally that stops the director
     results = [run(n, args.rounds) for n in args.tensors]
     rows = [["tensors", "submit s", "director CPU s", "beat max ms", "round s", "director CPU s",
              "beat median / max ms"]]

@@ -4,7 +4,10 @@ The only module besides the transport that imports generated proto code.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from fedjax_core import records as r
+from fedjax_core.errors import InvalidRequestError
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import federation_service_pb2 as fed_pb
 from fedjax_proto import tensors_pb2 as t_pb
@@ -65,8 +68,12 @@ def field_key(field) -> bytes:
 
 _DATA = t_pb.TensorChunk.DESCRIPTOR.fields_by_name["data"]
 _DATA_KEY = field_key(_DATA)
-if _DATA.number != max(f.number for f in t_pb.TensorChunk.DESCRIPTOR.fields):  # chunk_wire appends it last
-    raise ImportError("TensorChunk.data must keep the highest field number: chunk_wire writes it after the others")
+_PACKED_KEY = field_key(t_pb.TensorChunk.DESCRIPTOR.fields_by_name["packed"])
+if _DATA.number != max(f.number for f in t_pb.TensorChunk.DESCRIPTOR.fields if f.name != "packed"):
+    raise ImportError("TensorChunk.data must keep the highest field number of a chunk's own fields: chunk_wire "
+                      "writes it after the others")
+PACK_BELOW = 64 << 10  # a chunk smaller than this travels packed with others (TensorChunk.packed)
+PACK_BYTES = 1 << 20  # how much a packed message carries at most, about a full chunk's worth
 
 
 def chunk_wire(chunk: r.TensorChunk) -> tuple[bytes, bytes | memoryview]:
@@ -83,14 +90,79 @@ def chunk_wire(chunk: r.TensorChunk) -> tuple[bytes, bytes | memoryview]:
 
 
 def chunk_bytes(chunk: r.TensorChunk) -> bytes:
-    """``chunk_to_proto(chunk).SerializeToString()`` with ``data`` copied once: what the director streams
-    (its servers pass such bytes through, see director/parsing.py)."""
+    """``chunk_to_proto(chunk).SerializeToString()`` with ``data`` copied once."""
     return b"".join(chunk_wire(chunk))
 
 
+def pack(chunks: Iterable[r.TensorChunk]) -> Iterator[list[r.TensorChunk]]:
+    """``chunks`` grouped into messages: a chunk of PACK_BELOW bytes or more alone, smaller ones together up to
+    PACK_BYTES (in order: a receiver sees the same chunk sequence)."""
+    group: list[r.TensorChunk] = []
+    size = 0
+    for chunk in chunks:
+        n = memoryview(chunk.data).nbytes
+        if n >= PACK_BELOW:
+            if group:
+                yield group
+                group, size = [], 0
+            yield [chunk]
+            continue
+        group.append(chunk)
+        size += n + 64  # the spec and keys around it
+        if size >= PACK_BYTES:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def message_wire(group: list[r.TensorChunk]) -> list[bytes | memoryview]:
+    """One TensorChunk message carrying ``group`` (a group of :func:`pack`), as parts whose concatenation is
+    its serialization: the chunk itself, or a message of ``packed`` chunks."""
+    if len(group) == 1:
+        return list(chunk_wire(group[0]))
+    parts: list[bytes | memoryview] = []
+    for chunk in group:
+        head, data = chunk_wire(chunk)
+        parts += [_PACKED_KEY + varint(len(head) + memoryview(data).nbytes) + head, data]
+    return parts
+
+
+def chunk_messages(chunks: Iterable[r.TensorChunk]) -> Iterator[bytes]:
+    """``chunks`` as serialized TensorChunk messages, small ones packed: what the director streams (its servers
+    pass such bytes through, see director/parsing.py)."""
+    for group in pack(chunks):
+        yield b"".join(message_wire(group))
+
+
+def chunk_protos(chunks: Iterable[r.TensorChunk]) -> Iterator[t_pb.TensorChunk]:
+    """``chunks`` as TensorChunk messages, small ones packed (for a client stub that takes messages)."""
+    for group in pack(chunks):
+        yield (chunk_to_proto(group[0]) if len(group) == 1
+               else t_pb.TensorChunk(packed=[chunk_to_proto(c) for c in group]))
+
+
 def chunk_from_proto(msg: t_pb.TensorChunk) -> r.TensorChunk:
+    if msg.packed:
+        raise InvalidRequestError("a packed TensorChunk where a single tensor chunk belongs: packed chunks do not "
+                                  "nest")
     spec = spec_from_proto(msg.spec) if msg.HasField("spec") else None
     return r.TensorChunk(name=msg.name, offset=int(msg.offset), data=bytes(msg.data), spec=spec)
+
+
+def unpacked_chunks(msg: t_pb.TensorChunk) -> list[r.TensorChunk]:
+    """The chunks one message carries: itself, or the ones packed in it."""
+    if not msg.packed:
+        return [chunk_from_proto(msg)]
+    if msg.name or msg.offset or msg.data or msg.HasField("spec"):
+        raise InvalidRequestError("a TensorChunk carries either one chunk or packed ones, not both")
+    return [chunk_from_proto(inner) for inner in msg.packed]
+
+
+def chunk_stream(messages: Iterable[t_pb.TensorChunk]) -> Iterator[r.TensorChunk]:
+    """Every chunk a stream of TensorChunk messages carries, in order."""
+    for msg in messages:
+        yield from unpacked_chunks(msg)
 
 
 def metrics_to_proto(metrics: tuple[r.Metric, ...] | list[r.Metric]) -> list[t_pb.Metric]:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64jax_proto/tensors.proto\x12\x06\x66\x65\x64jax\"b\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0b\x32\x16.fedjax.TensorEncoding\"`\n\x0eTensorEncoding\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x08\x12\r\n\x05scale\x18\x04 \x03(\x01\x12\x12\n\nzero_point\x18\x05 \x03(\x03\"[\n\x0bTensorChunk\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.fedjax.TensorSpec\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"3\n\x06Metric\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64jax_proto/tensors.proto\x12\x06\x66\x65\x64jax\"b\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12(\n\x08\x65ncoding\x18\x04 \x01(\x0b\x32\x16.fedjax.TensorEncoding\"`\n\x0eTensorEncoding\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x08\x12\r\n\x05scale\x18\x04 \x03(\x01\x12\x12\n\nzero_point\x18\x05 \x03(\x03\"\x80\x01\n\x0bTensorChunk\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.fedjax.TensorSpec\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12#\n\x06packed\x18\x05 \x03(\x0b\x32\x13.fedjax.TensorChunk\"3\n\x06Metric\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_end=136
   _globals['_TENSORENCODING']._serialized_start=138
   _globals['_TENSORENCODING']._serialized_end=234
-  _globals['_TENSORCHUNK']._serialized_start=236
-  _globals['_TENSORCHUNK']._serialized_end=327
-  _globals['_METRIC']._serialized_start=329
-  _globals['_METRIC']._serialized_end=380
+  _globals['_TENSORCHUNK']._serialized_start=237
+  _globals['_TENSORCHUNK']._serialized_end=365
+  _globals['_METRIC']._serialized_start=367
+  _globals['_METRIC']._serialized_end=418
 # @@protoc_insertion_point(module_scope)

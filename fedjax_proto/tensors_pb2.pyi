@@ -33,16 +33,18 @@ class TensorEncoding(_message.Message):
     def __init__(self, codec: _Optional[str] = ..., dtype: _Optional[str] = ..., delta: _Optional[bool] = ..., scale: _Optional[_Iterable[float]] = ..., zero_point: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
-    __slots__ = ("spec", "name", "offset", "data")
+    __slots__ = ("spec", "name", "offset", "data", "packed")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     spec: TensorSpec
     name: str
     offset: int
     data: bytes
-    def __init__(self, spec: _Optional[_Union[TensorSpec, _Mapping]] = ..., name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    packed: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, spec: _Optional[_Union[TensorSpec, _Mapping]] = ..., name: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., packed: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class Metric(_message.Message):
     __slots__ = ("task", "name", "value")

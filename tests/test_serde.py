@@ -17,6 +17,8 @@ import pytest
 
 from fedjax_core import records as r
 from fedjax_core import serde
+from fedjax_core.errors import InvalidRequestError
+from fedjax_proto import tensors_pb2 as t_pb
 
 # Fields whose values are constrained to a vocabulary: a non-default member of it.
 _CHOICES = {
@@ -178,6 +180,30 @@ def test_chunk_bytes_are_the_bytes_protobuf_writes(chunk):
     plain = dataclasses.replace(chunk, data=memoryview(chunk.data).tobytes())
     assert serde.chunk_bytes(chunk) == serde.chunk_to_proto(plain).SerializeToString()
     assert serde.chunk_from_proto(type(serde.chunk_to_proto(plain)).FromString(serde.chunk_bytes(chunk))) == plain
+
+
+def test_chunk_messages_pack_small_chunks_and_keep_the_order():
+    small = [r.TensorChunk(f"params/t{i}", 0, bytes([i % 256]) * 40, r.TensorSpec(f"params/t{i}", "float32", (10,)))
+             for i in range(3000)]
+    big = r.TensorChunk("params/big", 0, b"\x01" * serde.PACK_BELOW, r.TensorSpec("params/big", "uint8",
+                                                                                   (serde.PACK_BELOW,)))
+    chunks = small[:10] + [big] + small[10:]
+    messages = list(serde.chunk_messages(chunks))
+    assert 3 <= len(messages) <= 6  # the 10 small ones, the big one alone, then packs of about PACK_BYTES
+    protos = [t_pb.TensorChunk.FromString(m) for m in messages]
+    assert protos[1] == serde.chunk_to_proto(big) and len(protos[0].packed) == 10
+    assert all(p.ByteSize() <= serde.PACK_BYTES + 4096 for p in protos)
+    assert list(serde.chunk_stream(protos)) == chunks
+    assert list(serde.chunk_stream(serde.chunk_protos(chunks))) == chunks
+
+
+@pytest.mark.parametrize("msg, message", [
+    (t_pb.TensorChunk(name="x", packed=[t_pb.TensorChunk(name="y")]), "either one chunk or packed ones"),
+    (t_pb.TensorChunk(packed=[t_pb.TensorChunk(packed=[t_pb.TensorChunk(name="y")])]), "do not nest"),
+])
+def test_malformed_packed_chunks_are_refused(msg, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        serde.unpacked_chunks(msg)
 
 
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 1 << 20, (1 << 63) - 1])

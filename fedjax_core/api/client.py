@@ -110,8 +110,8 @@ class FederationClient:
             yield fed_pb.SubmitExperimentRequest(header=serde.header_to_proto(header))
             for offset in range(0, len(bundle), BUNDLE_CHUNK):
                 yield fed_pb.SubmitExperimentRequest(bundle_data=bundle[offset:offset + BUNDLE_CHUNK])
-            for chunk in iter_chunks(tensors):
-                yield fed_pb.SubmitExperimentRequest(chunk=serde.chunk_to_proto(chunk))
+            for message in serde.chunk_protos(iter_chunks(tensors)):
+                yield fed_pb.SubmitExperimentRequest(chunk=message)
 
         try:
             return self._stub.SubmitExperiment(requests(), timeout=LONG_CALL_S).queue_position
@@ -129,6 +129,6 @@ class FederationClient:
     def model(self, name: str, which: str) -> dict[str, np.ndarray]:
         request = fed_pb.GetModelRequest(experiment_name=name, which=which)
         try:
-            return assemble(serde.chunk_from_proto(c) for c in self._stub.GetModel(request, timeout=LONG_CALL_S))
+            return assemble(serde.chunk_stream(self._stub.GetModel(request, timeout=LONG_CALL_S)))
         except grpc.RpcError as exc:
             raise self._error(exc) from None

@@ -207,7 +207,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     async def GetRoundModel(self, request, context):
         _check_envoy_identity(Caller.of(context), request.envoy_name)
         chunks = self.director.round_model(request.envoy_name, request.experiment_name, request.round)
-        await self.flow.send(context, "GetRoundModel", (serde.chunk_bytes(c) for c in chunks))
+        await self.flow.send(context, "GetRoundModel", serde.chunk_messages(chunks))
 
     @maps_errors
     def ReportMetrics(self, request, context):
@@ -231,7 +231,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
                 for msg in requests:
                     if not msg.HasField("chunk"):
                         raise InvalidRequestError("only tensor chunks may follow the update header")
-                    yield serde.chunk_from_proto(msg.chunk)
+                    yield from serde.unpacked_chunks(msg.chunk)
 
             return self.director.accept_update(h.envoy_name, h.experiment_name, h.round, h.train_sample_count,
                                                chunks())
@@ -312,7 +312,7 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
                     if msg.HasField("bundle_data"):
                         yield msg.bundle_data
                     elif msg.HasField("chunk"):
-                        pending.append(serde.chunk_from_proto(msg.chunk))
+                        pending.extend(serde.unpacked_chunks(msg.chunk))
                         return
                     else:
                         raise InvalidRequestError("a second header in one submission")
@@ -322,7 +322,7 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
                 for msg in requests:
                     if not msg.HasField("chunk"):
                         raise InvalidRequestError("bundle data must come before the model's tensor chunks")
-                    yield serde.chunk_from_proto(msg.chunk)
+                    yield from serde.unpacked_chunks(msg.chunk)
 
             return self.director.submit_experiment(header, bundle(), chunks())
 
@@ -375,4 +375,4 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         caller = Caller.of(context)
         self._check_submitter(caller)
         chunks = self.director.model_chunks(request.experiment_name, request.which, by=caller.viewer)
-        await self.flow.send(context, "GetModel", (serde.chunk_bytes(c) for c in chunks))
+        await self.flow.send(context, "GetModel", serde.chunk_messages(chunks))

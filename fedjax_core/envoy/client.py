@@ -6,7 +6,7 @@ import hashlib
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -24,11 +24,13 @@ from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 _CHUNK_KEY = serde.field_key(env_pb.UploadUpdateRequest.DESCRIPTOR.fields_by_name["chunk"])
 
 
-def upload_chunk_message(chunk: r.TensorChunk) -> bytes:
-    """``UploadUpdateRequest(chunk=chunk)`` serialized, the same bytes protobuf writes, with ``chunk.data``
-    (bytes or a memoryview) copied once (see serde.chunk_wire)."""
-    head, data = serde.chunk_wire(chunk)
-    return b"".join((_CHUNK_KEY, serde.varint(len(head) + len(data)), head, data))
+def upload_chunk_messages(chunks: Iterable[r.TensorChunk]) -> Iterator[bytes]:
+    """``UploadUpdateRequest(chunk=...)`` messages for ``chunks`` (small ones packed), serialized: the bytes
+    protobuf writes, with each chunk's data (bytes or a memoryview) copied once (see serde.message_wire)."""
+    for group in serde.pack(chunks):
+        parts = serde.message_wire(group)
+        size = sum(memoryview(part).nbytes for part in parts)
+        yield b"".join((_CHUNK_KEY, serde.varint(size), *parts))
 
 
 TOKEN_KEY = "fedjax-worker-token"  # the metadata key of a worker's proxy token (proxy.py)
@@ -75,7 +77,7 @@ class EnvoyClient:
         if token:
             self._channel = grpc.intercept_channel(self._channel, _WithToken(token))
         self._stub = env_grpc.EnvoyServiceStub(self._channel)
-        # UploadUpdate with requests this client serializes itself (upload_chunk_message), same wire bytes
+        # UploadUpdate with requests this client serializes itself (upload_chunk_messages), same wire bytes
         self._upload = self._channel.stream_unary("/fedjax.EnvoyService/UploadUpdate", request_serializer=None,
                                                   response_deserializer=env_pb.UploadUpdateResponse.FromString,
                                                   _registered_method=True)
@@ -132,7 +134,7 @@ class EnvoyClient:
 
         def fetch() -> dict[str, np.ndarray]:
             specs: dict[str, r.TensorSpec] = {}
-            arrays = assemble((serde.chunk_from_proto(c) for c in self._stub.GetRoundModel(req, timeout=600)), specs)
+            arrays = assemble(serde.chunk_stream(self._stub.GetRoundModel(req, timeout=600)), specs)
             decoded = {name: codecs.decode(array, specs[name].encoding) for name, array in arrays.items()}
             for array in decoded.values():  # read-only: JAX may take these buffers as they are, without a copy
                 array.flags.writeable = False
@@ -163,8 +165,7 @@ class EnvoyClient:
 
         def requests():  # serialized here: each chunk's data is copied once, straight from the arrays
             yield env_pb.UploadUpdateRequest(header=header).SerializeToString()
-            for chunk in chunk_views(tensors, encodings=encodings):
-                yield upload_chunk_message(chunk)
+            yield from upload_chunk_messages(chunk_views(tensors, encodings=encodings))
 
         return self._retry(lambda: self._upload(requests(), timeout=600).bytes_received, "upload the update")
 

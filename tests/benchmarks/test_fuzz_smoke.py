@@ -85,3 +85,9 @@ def test_the_checker_catches_a_real_server_that_raises_or_hangs():
     finally:
         release.set()
         server.stop(grace=None)
+
+
+def test_the_memory_check_fails_on_a_director_that_grows_past_its_first_pass():
+    assert fuzz_rpcs.memory_growth_problems(80.0, [120.0, 121.5, 119.0], 10_000) == []  # flat after pass 1
+    [problem] = fuzz_rpcs.memory_growth_problems(80.0, [120.0, 150.0], 10_000)
+    assert "grew by 30.0 MiB over pass 2" in problem and "something holds memory per call" in problem

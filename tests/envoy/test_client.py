@@ -1,11 +1,13 @@
-"""fedjax_core.envoy.client: the upload requests it serializes itself are protobuf's own bytes."""
+"""fedjax_core.envoy.client: the upload requests it serializes itself are protobuf's own bytes, small chunks
+packed together."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from fedjax_core import serde
-from fedjax_core.envoy.client import upload_chunk_message
+from fedjax_core.envoy.client import upload_chunk_messages
+from fedjax_proto import tensors_pb2 as t_pb
 from fedjax_core.records import Encoding, TensorChunk, TensorSpec
 from fedjax_core.tensors import chunk_views
 from fedjax_proto import envoy_service_pb2 as env_pb
@@ -24,7 +26,7 @@ def _protobufs(chunk: TensorChunk) -> bytes:
     TensorChunk("a" * 300, 5, b"x" * 130),  # lengths that take two-byte varints
 ], ids=["first", "later", "empty", "encoded", "long-name"])
 def test_upload_messages_are_the_bytes_protobuf_writes(chunk):
-    got = upload_chunk_message(chunk)
+    [got] = upload_chunk_messages([chunk])
     assert got == _protobufs(chunk)
     back = serde.chunk_from_proto(env_pb.UploadUpdateRequest.FromString(got).chunk)
     assert back == chunk
@@ -36,5 +38,21 @@ def test_upload_messages_take_views_of_the_arrays():
     assert len(views) == 6
     for chunk in views:
         assert isinstance(chunk.data, memoryview)
-        assert upload_chunk_message(chunk) == _protobufs(TensorChunk(chunk.name, chunk.offset, bytes(chunk.data),
-                                                                     chunk.spec))
+        assert list(upload_chunk_messages([chunk])) == [_protobufs(TensorChunk(chunk.name, chunk.offset, bytes(chunk.data),
+                                                                         chunk.spec))]
+
+
+def test_small_chunks_travel_packed_as_protobuf_writes_them_and_come_back_in_order():
+    tensors = {f"params/t{i}": np.full((3,), i, np.float32) for i in range(5000)}
+    tensors["params/big"] = np.arange(1 << 17, dtype=np.float32)  # 512 KiB: a message of its own
+    tensors["step"] = np.asarray(7, np.int32)
+    chunks = list(chunk_views(tensors))
+    messages = list(upload_chunk_messages(chunks))
+    assert len(messages) < 10  # not one per tensor
+    plain = [TensorChunk(c.name, c.offset, bytes(c.data), c.spec) for c in chunks]
+    expected = [env_pb.UploadUpdateRequest(chunk=serde.chunk_to_proto(group[0]) if len(group) == 1 else
+                                           t_pb.TensorChunk(packed=[serde.chunk_to_proto(c) for c in group]))
+                .SerializeToString() for group in serde.pack(plain)]
+    assert messages == expected
+    back = [c for m in messages for c in serde.unpacked_chunks(env_pb.UploadUpdateRequest.FromString(m).chunk)]
+    assert back == plain

@@ -130,7 +130,9 @@ def test_waiting_calls_past_the_limit_are_refused_as_busy_and_every_freed_place_
         streams.cancel_all()
 
 
-def test_uploads_past_max_uploads_wait_their_turn_and_stalled_ones_are_ended(start_director):
+def test_uploads_that_never_send_their_header_are_ended_and_hold_nothing(start_director):
+    """Slow-loris uploads end DEADLINE_EXCEEDED at stream_idle_s, and the director answers the next upload at
+    once. (That an admitted upload past max_uploads waits for a slot: test_director_slots.py.)"""
     director = start_director(max_uploads=2, stream_idle_s=1)
     release = threading.Event()
 
@@ -141,11 +143,10 @@ def test_uploads_past_max_uploads_wait_their_turn_and_stalled_ones_are_ended(sta
     stalled = [director.stub.UploadUpdate.future(stalled_upload(), timeout=120) for _ in range(3)]
     try:
         errors = [call.exception(timeout=60) for call in stalled]  # ended by the director, not the deadline
-        # the third waited for a slot instead of being refused, then stalled in turn
         assert [e.code() for e in errors] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
         assert all("sent no message for 1 s (the director's settings.stream_idle_s)" in e.details() for e in errors)
         director.proc.wait_for(r"ended UploadUpdate from ipv4:127\.0\.0\.1:\d+: it sent no message for 1 s")
-        # the slots came back: a real (empty) upload is answered, not left waiting
+        # nothing is held: the next upload is answered, not left waiting
         with pytest.raises(grpc.RpcError) as refused:
             director.stub.UploadUpdate(iter([env_pb.UploadUpdateRequest()]), timeout=10)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

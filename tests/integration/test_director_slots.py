@@ -14,6 +14,7 @@ import pytest
 from fedjax_core import Federation, FLExperiment, ModelInterface
 from fedjax_core import records as r
 from fedjax_core import serde
+from fedjax_core.api.client import FederationClient
 from fedjax_core.api.model_tensors import state_to_tensors
 from fedjax_core.envoy.client import EnvoyClient
 from fedjax_core.local import Process, free_port
@@ -54,7 +55,8 @@ class RawEnvoys:
 @pytest.fixture
 def running(tmp_path):
     """A director (max_uploads=1, stream_idle_s=3, max_waiting_calls=8) running experiment 'slots' on env1
-    and env2; 'intruder' is registered too, in no experiment."""
+    and env2; 'intruder' is registered too, in no experiment. Yields its port, an envoy stub, a notebook stub and
+    the director's process."""
     port = free_port()
     config = write_director_config(tmp_path / "director.yaml", port, max_uploads=1, stream_idle_s=IDLE_S,
                                    max_waiting_calls=8)
@@ -70,7 +72,7 @@ def running(tmp_path):
         exp.start(model_provider=ModelInterface(model=create_train_state()), task_keeper=make_tasks(),
                   data_loader=SubsetDataset(limit=64), rounds_to_train=1, envoys=["env1", "env2"])
         assert exp.get_experiment_status().state == "running"
-        yield port, stub, fed_grpc.FederationServiceStub(channel)
+        yield port, stub, fed_grpc.FederationServiceStub(channel), proc
     finally:
         if envoys is not None:
             envoys.close()
@@ -86,7 +88,7 @@ def header_then(envoy: str, release: threading.Event):
 
 
 def test_an_upload_from_an_envoy_no_round_waits_for_is_refused_without_a_slot(running):
-    _, stub, _ = running
+    _, stub, _, _ = running
     release = threading.Event()
     try:
         with pytest.raises(grpc.RpcError) as refused:
@@ -98,7 +100,7 @@ def test_an_upload_from_an_envoy_no_round_waits_for_is_refused_without_a_slot(ru
 
 
 def test_empty_messages_do_not_keep_a_submission_slot(running):
-    _, _, fed = running
+    _, _, fed, _ = running
     release = threading.Event()
     def held(name: str):  # a valid header, then an empty bundle message every half second: bytes that never come
         header = r.ExperimentHeader(name=name, rounds=1, opt_treatment="RESET", bundle_size=10,
@@ -134,7 +136,7 @@ def trickle(envoy: str, name: str, tensor: np.ndarray, release: threading.Event)
 def test_a_held_slot_makes_the_next_upload_wait_for_it(running):
     """With max_uploads=1, env2's upload cannot finish while env1's holds the slot, however long it is given;
     it finishes once env1's call ends."""
-    port, stub, _ = running
+    port, stub, _, _ = running
     release = threading.Event()
     env2 = EnvoyClient("env2", f"127.0.0.1:{port}", None, retry_s=0)
     pool = ThreadPoolExecutor(1)
@@ -157,7 +159,7 @@ def test_a_held_slot_makes_the_next_upload_wait_for_it(running):
 
 
 def test_notebook_streams_have_a_budget_of_their_own(running):
-    _, stub, fed = running
+    _, stub, fed, _ = running
     streams = [fed.StreamMetrics(fed_pb.StreamMetricsRequest(experiment_name="slots"), timeout=30) for _ in range(9)]
     waits = []
     try:
@@ -190,3 +192,36 @@ def _ended_with(call, within_s: float = 1.0):
     if not done.wait(within_s):
         return None
     return call.code()
+
+
+def test_a_download_the_caller_stops_reading_is_ended_at_stream_idle_s(tmp_path):
+    """An envoy that opens its round model and stops reading holds nothing: once gRPC's flow control stops the
+    director's writes (a 64 MiB model is far more than the connection buffers), the transfer's watchdog ends
+    the call after stream_idle_s."""
+    port = free_port()
+    config = write_director_config(tmp_path / "director.yaml", port, stream_idle_s=IDLE_S)
+    proc = Process([*FEDJAX, "director", "start", "-c", str(config), "--disable-tls"], cwd=tmp_path, name="director")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 8 << 20)])
+    envoys = None
+    try:
+        proc.wait_for("DIRECTOR READY")
+        stub = env_grpc.EnvoyServiceStub(channel)
+        envoys = RawEnvoys(stub, ["env1"])
+        model = {"params/w": np.ones((16, 1 << 20), np.float32)}  # 64 MiB
+        client = FederationClient("127.0.0.1", port, None)
+        client.submit(r.ExperimentHeader(name="big", rounds=1, opt_treatment="RESET", bundle_size=3, envoys=("env1",),
+                                         model_spec=tuple(spec_of(k, v) for k, v in model.items())), b"abc", model)
+        client.close()
+        stream = stub.GetRoundModel(env_pb.GetRoundModelRequest(envoy_name="env1", experiment_name="big", round=0),
+                                    timeout=120)
+        next(stream)  # the first message, then nothing more is read
+        proc.wait_for(r"ended GetRoundModel from .*: it took no message for 3 s", timeout=60)
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:
+                pass
+        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "took no message" in ended.value.details()
+    finally:
+        if envoys is not None:
+            envoys.close()
+        channel.close()
+        proc.stop()

@@ -192,15 +192,18 @@ def test_experiments_queue_while_one_runs(federation):
     first, second = (FLExperiment(federation=federation, experiment_name=n) for n in ("queue-a", "queue-b"))
     kwargs = dict(task_keeper=make_tasks(), data_loader=SubsetDataset(limit=LIMIT), rounds_to_train=1,
                   device_assignment_policy="CPU_ONLY")
-    assert first.start(model_provider=ModelInterface(model=create_train_state()), **kwargs) == 0
+    # far more rounds than the asserts below take however slow the machine: it runs until cancelled
+    assert first.start(model_provider=ModelInterface(model=create_train_state()), **{**kwargs,
+                                                                                    "rounds_to_train": 10_000}) == 0
     assert second.start(model_provider=ModelInterface(model=create_train_state()), **kwargs) == 1
     assert second.get_experiment_status().state == "queued"
     assert {s.name: s.state for s in federation.list_experiments()}["queue-b"] == "queued"
     third = FLExperiment(federation=federation, experiment_name="queue-c")
     assert third.start(model_provider=ModelInterface(model=create_train_state()), **kwargs) == 2
     assert third.cancel().state == "cancelled"  # withdrawn while queued: it never runs
+    assert first.cancel().state == "cancelled"  # the queue moves on to the second
     assert second.wait(timeout_s=300).state == "finished"
-    assert first.get_experiment_status().state == "finished"
+    assert first.get_experiment_status().state == "cancelled"
     assert third.get_experiment_status().state == "cancelled"
     assert not [e for e in third.federation.client.events("queue-c") if not e.experiment_done]
 
