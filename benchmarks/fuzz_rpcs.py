@@ -428,6 +428,10 @@ def field_value(field: FieldDescriptor, values: Values, depth: int) -> st.Search
     one = scalar(field, values, depth)
     if not field.is_repeated:
         return one
+    if field.message_type is not None and field.message_type is field.containing_type:
+        # a message that holds its own kind (TensorChunk.packed): a few, and no long lists, or the drawn
+        # request grows as 257 ** depth and the fuzzer spends minutes building it instead of calling
+        return st.lists(one, max_size=3)
     small = scalar(field, dataclasses.replace(values, small=True), depth)
     # over every list limit the director has (64 shape entries, 256 metrics, 65536 labels)
     longs = st.builds(lambda x, n: [x] * n, small, st.sampled_from([65, 257] if field.type ==
@@ -438,7 +442,7 @@ def field_value(field: FieldDescriptor, values: Values, depth: int) -> st.Search
 def message(desc: Descriptor, values: Values, depth: int = 0) -> st.SearchStrategy[Message]:
     """Any message of type ``desc``: each field set or not, each oneof unset or any one of its fields."""
     cls = message_factory.GetMessageClass(desc)
-    if depth > 4:
+    if depth > 4 or (depth > 2 and any(f.message_type is desc for f in desc.fields)):
         return st.just(cls())
     in_oneof = {f.name for o in desc.oneofs for f in o.fields}
 

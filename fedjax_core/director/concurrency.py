@@ -19,11 +19,9 @@
 - **Transfers must keep moving**: one that does not move at least ``PROGRESS_BYTES`` in
   ``idle_s`` seconds (empty messages are not progress) is ended with DEADLINE_EXCEEDED, so a
   stalled peer cannot hold a slot (or a round) forever.
-- **The event loop does as little per message as it can**, since a model may be thousands of
-  tiny tensors, each a message: a received stream is read by one task that hands messages to the
-  consuming thread through a queue (at most ``READ_AHEAD`` ahead of it; the thread gives back room
-  in batches), and a sent stream's messages are made on the transfer pool ``SEND_BATCH`` at a time.
-  A watchdog per transfer, not a timer per message, notices a stall.
+- **Few messages, made in batches**: small tensors travel packed several to a message
+  (``serde.pack``), so a model of thousands of tiny tensors is a few dozen messages, and a sent
+  stream's messages are made on the transfer pool ``SEND_BATCH`` at a time.
 """
 from __future__ import annotations
 
@@ -31,8 +29,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
-import queue
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
@@ -47,8 +43,6 @@ T = TypeVar("T")
 EVERYTHING = object()  # the key of waiters that look again on any change (metric streams)
 _END = object()
 PROGRESS_BYTES = 1024  # what a transfer must move per idle_s to count as moving
-READ_AHEAD = 64  # messages a received stream is read ahead of the thread that consumes it
-ROOM_BATCH = 16  # the consuming thread gives the reader room for this many messages at once
 SEND_BATCH = 32  # messages of a sent stream made per trip to the transfer pool
 ENVOYS, NOTEBOOKS = "envoys", "notebooks"  # the two budgets of waiting calls
 
@@ -138,29 +132,16 @@ class Flow:
 
     async def send(self, context: grpc.aio.ServicerContext, method: str, messages: Iterator) -> None:
         """Stream ``messages`` (a generator doing disk or numpy work) to the caller: they are made on the
-        transfer pool, ``SEND_BATCH`` at a time, then written; a caller that takes no message for ``idle_s``
+        transfer pool, ``SEND_BATCH`` at a time, then written; a write the caller does not take within ``idle_s``
         ends the call."""
-        taken = [self.loop.time()]  # when the caller last took a message
-
-        async def watch(writer: asyncio.Task) -> None:
-            while (left := taken[0] + self.idle_s - self.loop.time()) > 0:
-                await asyncio.sleep(left)
-            writer.cancel()  # the write it waits on ends; send() then ends the call as stalled
-
-        writer = asyncio.current_task()
-        watchdog = self.loop.create_task(watch(writer))
         try:
             while batch := await self.loop.run_in_executor(self.transfer_pool, _next_batch, messages):
-                taken[0] = self.loop.time()  # making the batch was the director's time, not the caller's
                 for message in batch:
-                    await context.write(message)
-                    taken[0] = self.loop.time()
-        except asyncio.CancelledError:
-            if watchdog.done() and not watchdog.cancelled():
-                await self._stalled(context, method, "took no message")
-            raise
+                    try:
+                        await asyncio.wait_for(context.write(message), self.idle_s)
+                    except TimeoutError:
+                        await self._stalled(context, method, "took no message")
         finally:
-            watchdog.cancel()
             with contextlib.suppress(ValueError):  # still running on its thread: it ends when that step does
                 messages.close()  # a caller that went away: the generator's files close now
 
@@ -179,24 +160,14 @@ class Flow:
         slots = self._submissions if submission else self._uploads
         await slots.acquire()
         incoming.restart()  # waiting for a slot is not the sender's stall: its idle time starts now
-        inbox: queue.SimpleQueue = queue.SimpleQueue()
-        room = asyncio.Semaphore(READ_AHEAD)
-        reader = self.loop.create_task(incoming.pump(inbox, room)) if first is not _END else None
-
-        def give_room(n: int) -> None:
-            for _ in range(n):
-                room.release()
 
         def requests() -> Iterator:
-            message, taken = first, 0
+            message = first
             while message is not _END:
                 if isinstance(message, Exception):
                     raise message
                 yield message
-                message = inbox.get()
-                taken += 1
-                if taken % ROOM_BATCH == 0:
-                    self.loop.call_soon_threadsafe(give_room, ROOM_BATCH)
+                message = asyncio.run_coroutine_threadsafe(incoming.next(), self.loop).result()
 
         done = self.transfer_pool.submit(consume, requests())
         done.add_done_callback(lambda _: self.loop.call_soon_threadsafe(slots.release))
@@ -204,11 +175,6 @@ class Flow:
             return await asyncio.wrap_future(done)
         except ConnectionError as exc:
             await self._ended(context, method, incoming, exc)
-        finally:
-            if reader is not None:
-                reader.cancel()
-            # a consumer still reading stops here: a reader that never ran put no end of its own
-            inbox.put(ConnectionError("the call ended"))
 
     async def _ended(self, context: grpc.aio.ServicerContext, method: str, incoming: _Incoming,
                      exc: Exception) -> None:
@@ -227,8 +193,8 @@ class Flow:
 
 
 class _Incoming:
-    """A call's messages, read on the event loop. The call stalls when it moves fewer than PROGRESS_BYTES
-    within ``idle_s``: empty messages keep nothing alive."""
+    """A call's messages, read one at a time on the event loop. The call stalls when it moves fewer than
+    PROGRESS_BYTES within ``idle_s``: empty messages keep nothing alive."""
 
     def __init__(self, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop, idle_s: float):
         self.context, self.loop, self.idle_s = context, loop, idle_s
@@ -238,12 +204,17 @@ class _Incoming:
     def restart(self) -> None:
         self.progress_at, self.moved, self.messages = self.loop.time(), 0, 0
 
-    def _stall(self) -> ConnectionError:
-        self.stalled = "sent no message" if not self.messages else f"sent {self.moved} bytes in {self.messages} messages"
-        return ConnectionError(f"no progress for {self.idle_s:g} s")
-
-    def _take(self, message):
-        """What a read message stands for: itself, _END, or the error of one that did not parse."""
+    async def next(self):
+        """The next message, _END, or an exception (ConnectionError for a caller that stalled or left)."""
+        left = self.progress_at + self.idle_s - self.loop.time()
+        try:
+            message = await asyncio.wait_for(self.context.read(), max(left, 0.0))
+        except TimeoutError:
+            self.stalled = ("sent no message" if not self.messages else
+                            f"sent {self.moved} bytes in {self.messages} messages")
+            return ConnectionError(f"no progress for {self.idle_s:g} s")
+        except Exception as exc:  # the call ended under us (the caller went away)
+            return ConnectionError(f"the stream ended: {exc or type(exc).__name__}")
         if isinstance(message, Unparseable):
             return message.error
         if message is grpc.aio.EOF:
@@ -253,56 +224,6 @@ class _Incoming:
         if self.moved >= PROGRESS_BYTES:
             self.restart()
         return message
-
-    async def next(self):
-        """The next message, _END, or an exception (ConnectionError for a caller that stalled or left)."""
-        left = self.progress_at + self.idle_s - self.loop.time()
-        try:
-            message = await asyncio.wait_for(self.context.read(), max(left, 0.0))
-        except TimeoutError:
-            return self._stall()
-        except Exception as exc:  # the call ended under us (the caller went away)
-            return ConnectionError(f"the stream ended: {exc or type(exc).__name__}")
-        return self._take(message)
-
-    async def pump(self, inbox: queue.SimpleQueue, room: asyncio.Semaphore) -> None:
-        """Read the rest of the call onto ``inbox`` (for the consuming thread), at most READ_AHEAD messages
-        ahead of it, until _END or an exception, which it always puts last: the thread never waits for good.
-        The time spent waiting for room is the consumer's, not the sender's stall."""
-        reading = asyncio.current_task()
-        watchdog = self.loop.create_task(self._watch(reading))
-        last = ConnectionError("the director stopped reading this call")
-        try:
-            while True:
-                if room.locked():  # the consumer is behind: waiting for it is not the sender's stall
-                    self.progress_at = math.inf
-                    await room.acquire()
-                    self.restart()
-                else:
-                    await room.acquire()
-                try:
-                    message = self._take(await self.context.read())
-                except asyncio.CancelledError:
-                    if self.stalled:
-                        last = self._stall()
-                    raise
-                except Exception as exc:  # the call ended under us (the caller went away)
-                    last = ConnectionError(f"the stream ended: {exc or type(exc).__name__}")
-                    return
-                if message is _END or isinstance(message, Exception):
-                    last = message
-                    return
-                inbox.put(message)
-        finally:
-            watchdog.cancel()
-            inbox.put(last)
-
-    async def _watch(self, reading: asyncio.Task) -> None:
-        """Cancel ``reading`` once the call has made no progress for ``idle_s``."""
-        while (left := self.progress_at + self.idle_s - self.loop.time()) > 0:
-            await asyncio.sleep(min(left, self.idle_s))
-        self.stalled = "stalled"
-        reading.cancel()
 
 
 def _next_batch(messages: Iterator) -> list:
