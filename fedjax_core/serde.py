@@ -89,11 +89,6 @@ def chunk_wire(chunk: r.TensorChunk) -> tuple[bytes, bytes | memoryview]:
     return head.SerializeToString() + data_key, chunk.data
 
 
-def chunk_bytes(chunk: r.TensorChunk) -> bytes:
-    """``chunk_to_proto(chunk).SerializeToString()`` with ``data`` copied once."""
-    return b"".join(chunk_wire(chunk))
-
-
 def pack(chunks: Iterable[r.TensorChunk]) -> Iterator[list[r.TensorChunk]]:
     """``chunks`` grouped into messages: a chunk of PACK_BELOW bytes or more alone, smaller ones together up to
     PACK_BYTES (in order: a receiver sees the same chunk sequence)."""

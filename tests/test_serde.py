@@ -176,10 +176,11 @@ def test_every_serde_pair_is_tested():
     r.TensorChunk("a" * 300, 5, b"x" * 130),  # lengths that take two-byte varints
     r.TensorChunk("params/f", 0, memoryview(array.array("f", range(40)))),  # a view of 4-byte items
 ], ids=["first", "view", "empty", "long-name", "float-view"])
-def test_chunk_bytes_are_the_bytes_protobuf_writes(chunk):
+def test_chunk_messages_are_the_bytes_protobuf_writes(chunk):
     plain = dataclasses.replace(chunk, data=memoryview(chunk.data).tobytes())
-    assert serde.chunk_bytes(chunk) == serde.chunk_to_proto(plain).SerializeToString()
-    assert serde.chunk_from_proto(type(serde.chunk_to_proto(plain)).FromString(serde.chunk_bytes(chunk))) == plain
+    [sent] = serde.chunk_messages([chunk])  # one chunk alone travels as itself
+    assert sent == serde.chunk_to_proto(plain).SerializeToString()
+    assert serde.chunk_from_proto(type(serde.chunk_to_proto(plain)).FromString(sent)) == plain
 
 
 def test_chunk_messages_pack_small_chunks_and_keep_the_order():

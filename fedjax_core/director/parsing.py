@@ -5,7 +5,7 @@ would answer them UNKNOWN with a traceback in the log; :class:`ParseGate` makes 
 deserializer return an :class:`Unparseable` instead of raising, and the handler refuse it. Streams
 get the marker as a message, which :mod:`fedjax_core.director.concurrency` refuses likewise.
 
-A streamed response that is ``bytes`` already (tensor chunks, serde.chunk_bytes) goes out as it is;
+A streamed response that is ``bytes`` already (tensor chunks, serde.chunk_messages) goes out as it is;
 any other is serialized by the method's own serializer.
 """
 from __future__ import annotations
