@@ -195,7 +195,7 @@ class Director:
     def submit_experiment(self, header: r.ExperimentHeader, bundle: Iterable[bytes],
                           chunks: Iterable[r.TensorChunk]) -> int:
         """Store a new experiment (code bundle + initial model) and queue it; returns its queue position."""
-        check_header(header, {name for name, _, _ in self.store.envoys()})
+        check_header(header, set(self.store.envoy_names()))
         size = sum(nbytes_of(spec) for spec in header.model_spec)
         if size > self.max_model_bytes:
             raise InvalidRequestError(f"the model is {size / 2**30:.2f} GiB; this director takes at most "

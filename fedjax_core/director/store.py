@@ -155,6 +155,10 @@ class Store:
                           (after, limit))
         return [(name, _shard_info_from_json(info), last_seen) for name, info, last_seen in rows]
 
+    def envoy_names(self) -> list[str]:
+        """Every registered envoy's name, sorted, without reading (or parsing) their shard info."""
+        return [name for (name,) in self._read("SELECT name FROM envoys ORDER BY name")]
+
     def envoy(self, name: str) -> tuple[r.ShardInfo, float] | None:
         """One envoy's shard info and when it was last seen, or None if it never registered."""
         rows = self._read("SELECT shard_info, last_seen FROM envoys WHERE name = ?", (name,))

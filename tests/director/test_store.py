@@ -253,3 +253,9 @@ def test_store_creates_parent_folders(tmp_path):
     s = Store(path)
     s.close()
     assert path.is_file()
+
+
+def test_envoy_names_are_the_registered_ones_sorted(store):
+    for name in ("zed", "amy", "kim"):
+        store.upsert_envoy(name, _info())
+    assert store.envoy_names() == ["amy", "kim", "zed"] == [name for name, _, _ in store.envoys()]
