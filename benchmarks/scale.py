@@ -184,7 +184,7 @@ class SimEnvoy:
                 if self.stop.is_set():
                     self._stream.cancel()
                 self.connected.set()
-                for experiment, _submitter, sha256 in self._stream:
+                for experiment, _submitter, sha256, _running in self._stream:
                     self._receive(experiment, sha256)
             except grpc.RpcError as exc:
                 self.registered.clear()

@@ -133,6 +133,22 @@ class EnvoyParams(_Model):
         return self
     jax_preallocate: bool = False
     jax_memory_fraction: float | None = Field(None, gt=0, le=1, strict=True)
+    # Experiments this envoy runs at once, each in a worker process of its own (its own device memory):
+    # on a GPU, give each a share with jax_memory_fraction (at most 1 / max_experiments).
+    max_experiments: int = Field(1, ge=1, le=64, strict=True)
+
+    @model_validator(mode="after")
+    def _memory_shares_fit(self) -> "EnvoyParams":
+        if self.max_experiments > 1 and self.cuda_devices:
+            share = self.jax_memory_fraction
+            if share is None and self.jax_preallocate:
+                raise ValueError(f"max_experiments: {self.max_experiments} workers share the GPU, but each "
+                                 "preallocates 75% of its memory (jax_preallocate: true): set jax_memory_fraction to "
+                                 f"at most {1 / self.max_experiments:.2f}, or jax_preallocate: false")
+            if share is not None and share * self.max_experiments > 1:
+                raise ValueError(f"jax_memory_fraction: {share} for each of max_experiments: {self.max_experiments} "
+                                 f"workers is more than the GPU has; give each at most {1 / self.max_experiments:.2f}")
+        return self
     work_dir: str = "envoy_workspace"  # relative to the config file
     # Start each experiment's worker ahead of time: an idle process that has imported JAX (no device
     # touched, no experiment's state) takes the next experiment, sparing its first round the imports.

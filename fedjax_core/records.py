@@ -43,7 +43,6 @@ class OptTreatment(StrEnum):
     CONTINUE_GLOBAL = "CONTINUE_GLOBAL"
 
 
-STAGE_AGGREGATED, STAGE_TRAIN, STAGE_LOCAL, STAGE_ROUND = Stage.AGGREGATED, Stage.TRAIN, Stage.LOCAL, Stage.ROUND
 STAGES = (Stage.AGGREGATED, Stage.TRAIN, Stage.LOCAL)  # the stages envoys report
 OPT_TREATMENTS = tuple(OptTreatment)
 TERMINAL_STATES = (State.FINISHED, State.FAILED, State.CANCELLED)
@@ -109,6 +108,7 @@ class ShardInfo:
     hostname: str = ""
     devices: tuple[str, ...] = ()
     label_counts: tuple[int, ...] = ()  # training records per class, when the descriptor says
+    max_experiments: int = 1  # experiments the envoy runs at once, each in a worker of its own
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def shard_info_to_proto(info: r.ShardInfo) -> env_pb.ShardInfo:
         description=info.description, sample_shape=list(info.sample_shape),
         target_shape=list(info.target_shape), train_size=info.train_size,
         valid_size=info.valid_size, hostname=info.hostname, devices=list(info.devices),
-        label_counts=list(info.label_counts),
+        label_counts=list(info.label_counts), max_experiments=info.max_experiments,
     )
 
 
@@ -182,7 +182,7 @@ def shard_info_from_proto(msg: env_pb.ShardInfo) -> r.ShardInfo:
         description=msg.description, sample_shape=tuple(msg.sample_shape),
         target_shape=tuple(msg.target_shape), train_size=int(msg.train_size),
         valid_size=int(msg.valid_size), hostname=msg.hostname, devices=tuple(msg.devices),
-        label_counts=tuple(int(n) for n in msg.label_counts),
+        label_counts=tuple(int(n) for n in msg.label_counts), max_experiments=msg.max_experiments or 1,
     )
 
 

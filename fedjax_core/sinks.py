@@ -69,7 +69,7 @@ def _require(module: str, extra: str) -> Any:
 
 def scalar_tag(event: r.MetricEvent, metric: r.Metric) -> str:
     """``<stage>/<metric>``: the name a metric has in every sink (``round/...`` for ROUND events)."""
-    if event.stage == r.STAGE_ROUND:
+    if event.stage == r.Stage.ROUND:
         return f"round/{metric.name}"
     return f"{event.stage}/{metric.name}"
 

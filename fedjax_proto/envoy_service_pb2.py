@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedjax_proto import tensors_pb2 as fedjax__proto_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedjax_proto/envoy_service.proto\x12\x06\x66\x65\x64jax\x1a\x1a\x66\x65\x64jax_proto/tensors.proto\"\xad\x01\n\tShardInfo\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x14\n\x0csample_shape\x18\x02 \x03(\t\x12\x14\n\x0ctarget_shape\x18\x03 \x03(\t\x12\x12\n\ntrain_size\x18\x04 \x01(\x03\x12\x12\n\nvalid_size\x18\x05 \x01(\x03\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x07 \x03(\t\x12\x14\n\x0clabel_counts\x18\x08 \x03(\x03\"f\n\x14RegisterEnvoyRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12%\n\nshard_info\x18\x02 \x01(\x0b\x32\x11.fedjax.ShardInfo\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"6\n\x15RegisterEnvoyResponse\x12\x1d\n\x15health_check_period_s\x18\x01 \x01(\x01\";\n\x10HeartbeatRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"+\n\x15WaitExperimentRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\"[\n\x16WaitExperimentResponse\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\x12\x11\n\tsubmitter\x18\x02 \x01(\t\x12\x15\n\rbundle_sha256\x18\x03 \x01(\t\"I\n\x1aGetExperimentBundleRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\"/\n\x0b\x42undleChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\"R\n\x0fWaitTaskRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\x12\n\nmax_wait_s\x18\x03 \x01(\x01\"\xb7\x02\n\x10WaitTaskResponse\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.fedjax.WaitTaskResponse.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\ropt_treatment\x18\x03 \x01(\t\x12\x16\n\x0eupload_tensors\x18\x04 \x03(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x13\n\x0btask_kwargs\x18\x06 \x01(\t\x12\x13\n\x0b\x66rom_global\x18\x07 \x01(\x08\x12\x10\n\x08\x63heck_in\x18\x08 \x01(\x08\x12\x13\n\x0b\x63ompression\x18\t \x01(\t\x12\x13\n\x0bsend_deltas\x18\n \x01(\x08\"A\n\x04Kind\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08VALIDATE\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x12\x08\n\x04SYNC\x10\x04\"R\n\x14GetRoundModelRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\"\x98\x01\n\x14ReportMetricsRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x1f\n\x07metrics\x18\x04 \x03(\x0b\x32\x0e.fedjax.Metric\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\r\n\x05stage\x18\x06 \x01(\t\"\x17\n\x15ReportMetricsResponse\"\xdb\x01\n\x13UploadUpdateRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".fedjax.UploadUpdateRequest.HeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedjax.TensorChunkH\x00\x1a`\n\x06Header\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x1a\n\x12train_sample_count\x18\x04 \x01(\x03\x42\x06\n\x04item\".\n\x14UploadUpdateResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\x96\x01\n\x14ReportFailureRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\x05round\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0bworker_lost\x18\x05 \x01(\x08\x12\x0f\n\x07refused\x18\x06 \x01(\x08\x42\x08\n\x06_round\"\x17\n\x15ReportFailureResponse\"`\n\x0e\x43heckInRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x12\n\ndivergence\x18\x04 \x01(\x01\"!\n\x0f\x43heckInResponse\x12\x0e\n\x06upload\x18\x01 \x01(\x08\x32\xed\x05\n\x0c\x45nvoyService\x12L\n\rRegisterEnvoy\x12\x1c.fedjax.RegisterEnvoyRequest\x1a\x1d.fedjax.RegisterEnvoyResponse\x12@\n\tHeartbeat\x12\x18.fedjax.HeartbeatRequest\x1a\x19.fedjax.HeartbeatResponse\x12Q\n\x0eWaitExperiment\x12\x1d.fedjax.WaitExperimentRequest\x1a\x1e.fedjax.WaitExperimentResponse0\x01\x12P\n\x13GetExperimentBundle\x12\".fedjax.GetExperimentBundleRequest\x1a\x13.fedjax.BundleChunk0\x01\x12=\n\x08WaitTask\x12\x17.fedjax.WaitTaskRequest\x1a\x18.fedjax.WaitTaskResponse\x12\x44\n\rGetRoundModel\x12\x1c.fedjax.GetRoundModelRequest\x1a\x13.fedjax.TensorChunk0\x01\x12L\n\rReportMetrics\x12\x1c.fedjax.ReportMetricsRequest\x1a\x1d.fedjax.ReportMetricsResponse\x12K\n\x0cUploadUpdate\x12\x1b.fedjax.UploadUpdateRequest\x1a\x1c.fedjax.UploadUpdateResponse(\x01\x12L\n\rReportFailure\x12\x1c.fedjax.ReportFailureRequest\x1a\x1d.fedjax.ReportFailureResponse\x12:\n\x07\x43heckIn\x12\x16.fedjax.CheckInRequest\x1a\x17.fedjax.CheckInResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedjax_proto/envoy_service.proto\x12\x06\x66\x65\x64jax\x1a\x1a\x66\x65\x64jax_proto/tensors.proto\"\xc6\x01\n\tShardInfo\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x14\n\x0csample_shape\x18\x02 \x03(\t\x12\x14\n\x0ctarget_shape\x18\x03 \x03(\t\x12\x12\n\ntrain_size\x18\x04 \x01(\x03\x12\x12\n\nvalid_size\x18\x05 \x01(\x03\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x07 \x03(\t\x12\x14\n\x0clabel_counts\x18\x08 \x03(\x03\x12\x17\n\x0fmax_experiments\x18\t \x01(\x03\"f\n\x14RegisterEnvoyRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12%\n\nshard_info\x18\x02 \x01(\x0b\x32\x11.fedjax.ShardInfo\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"6\n\x15RegisterEnvoyResponse\x12\x1d\n\x15health_check_period_s\x18\x01 \x01(\x01\";\n\x10HeartbeatRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"+\n\x15WaitExperimentRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\"l\n\x16WaitExperimentResponse\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\x12\x11\n\tsubmitter\x18\x02 \x01(\t\x12\x15\n\rbundle_sha256\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x03(\t\"I\n\x1aGetExperimentBundleRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\"/\n\x0b\x42undleChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\"R\n\x0fWaitTaskRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\x12\n\nmax_wait_s\x18\x03 \x01(\x01\"\xb7\x02\n\x10WaitTaskResponse\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.fedjax.WaitTaskResponse.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\ropt_treatment\x18\x03 \x01(\t\x12\x16\n\x0eupload_tensors\x18\x04 \x03(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x13\n\x0btask_kwargs\x18\x06 \x01(\t\x12\x13\n\x0b\x66rom_global\x18\x07 \x01(\x08\x12\x10\n\x08\x63heck_in\x18\x08 \x01(\x08\x12\x13\n\x0b\x63ompression\x18\t \x01(\t\x12\x13\n\x0bsend_deltas\x18\n \x01(\x08\"A\n\x04Kind\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08VALIDATE\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x12\x08\n\x04SYNC\x10\x04\"R\n\x14GetRoundModelRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\"\x98\x01\n\x14ReportMetricsRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x1f\n\x07metrics\x18\x04 \x03(\x0b\x32\x0e.fedjax.Metric\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\r\n\x05stage\x18\x06 \x01(\t\"\x17\n\x15ReportMetricsResponse\"\xdb\x01\n\x13UploadUpdateRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".fedjax.UploadUpdateRequest.HeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedjax.TensorChunkH\x00\x1a`\n\x06Header\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x1a\n\x12train_sample_count\x18\x04 \x01(\x03\x42\x06\n\x04item\".\n\x14UploadUpdateResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\x96\x01\n\x14ReportFailureRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\x05round\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0bworker_lost\x18\x05 \x01(\x08\x12\x0f\n\x07refused\x18\x06 \x01(\x08\x42\x08\n\x06_round\"\x17\n\x15ReportFailureResponse\"`\n\x0e\x43heckInRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x12\n\ndivergence\x18\x04 \x01(\x01\"!\n\x0f\x43heckInResponse\x12\x0e\n\x06upload\x18\x01 \x01(\x08\x32\xed\x05\n\x0c\x45nvoyService\x12L\n\rRegisterEnvoy\x12\x1c.fedjax.RegisterEnvoyRequest\x1a\x1d.fedjax.RegisterEnvoyResponse\x12@\n\tHeartbeat\x12\x18.fedjax.HeartbeatRequest\x1a\x19.fedjax.HeartbeatResponse\x12Q\n\x0eWaitExperiment\x12\x1d.fedjax.WaitExperimentRequest\x1a\x1e.fedjax.WaitExperimentResponse0\x01\x12P\n\x13GetExperimentBundle\x12\".fedjax.GetExperimentBundleRequest\x1a\x13.fedjax.BundleChunk0\x01\x12=\n\x08WaitTask\x12\x17.fedjax.WaitTaskRequest\x1a\x18.fedjax.WaitTaskResponse\x12\x44\n\rGetRoundModel\x12\x1c.fedjax.GetRoundModelRequest\x1a\x13.fedjax.TensorChunk0\x01\x12L\n\rReportMetrics\x12\x1c.fedjax.ReportMetricsRequest\x1a\x1d.fedjax.ReportMetricsResponse\x12K\n\x0cUploadUpdate\x12\x1b.fedjax.UploadUpdateRequest\x1a\x1c.fedjax.UploadUpdateResponse(\x01\x12L\n\rReportFailure\x12\x1c.fedjax.ReportFailureRequest\x1a\x1d.fedjax.ReportFailureResponse\x12:\n\x07\x43heckIn\x12\x16.fedjax.CheckInRequest\x1a\x17.fedjax.CheckInResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,49 +33,49 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedjax_proto.envoy_service_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SHARDINFO']._serialized_start=73
-  _globals['_SHARDINFO']._serialized_end=246
-  _globals['_REGISTERENVOYREQUEST']._serialized_start=248
-  _globals['_REGISTERENVOYREQUEST']._serialized_end=350
-  _globals['_REGISTERENVOYRESPONSE']._serialized_start=352
-  _globals['_REGISTERENVOYRESPONSE']._serialized_end=406
-  _globals['_HEARTBEATREQUEST']._serialized_start=408
-  _globals['_HEARTBEATREQUEST']._serialized_end=467
-  _globals['_HEARTBEATRESPONSE']._serialized_start=469
-  _globals['_HEARTBEATRESPONSE']._serialized_end=503
-  _globals['_WAITEXPERIMENTREQUEST']._serialized_start=505
-  _globals['_WAITEXPERIMENTREQUEST']._serialized_end=548
-  _globals['_WAITEXPERIMENTRESPONSE']._serialized_start=550
-  _globals['_WAITEXPERIMENTRESPONSE']._serialized_end=641
-  _globals['_GETEXPERIMENTBUNDLEREQUEST']._serialized_start=643
-  _globals['_GETEXPERIMENTBUNDLEREQUEST']._serialized_end=716
-  _globals['_BUNDLECHUNK']._serialized_start=718
-  _globals['_BUNDLECHUNK']._serialized_end=765
-  _globals['_WAITTASKREQUEST']._serialized_start=767
-  _globals['_WAITTASKREQUEST']._serialized_end=849
-  _globals['_WAITTASKRESPONSE']._serialized_start=852
-  _globals['_WAITTASKRESPONSE']._serialized_end=1163
-  _globals['_WAITTASKRESPONSE_KIND']._serialized_start=1098
-  _globals['_WAITTASKRESPONSE_KIND']._serialized_end=1163
-  _globals['_GETROUNDMODELREQUEST']._serialized_start=1165
-  _globals['_GETROUNDMODELREQUEST']._serialized_end=1247
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=1250
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=1402
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=1404
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=1427
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1430
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1649
-  _globals['_UPLOADUPDATEREQUEST_HEADER']._serialized_start=1545
-  _globals['_UPLOADUPDATEREQUEST_HEADER']._serialized_end=1641
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1651
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1697
-  _globals['_REPORTFAILUREREQUEST']._serialized_start=1700
-  _globals['_REPORTFAILUREREQUEST']._serialized_end=1850
-  _globals['_REPORTFAILURERESPONSE']._serialized_start=1852
-  _globals['_REPORTFAILURERESPONSE']._serialized_end=1875
-  _globals['_CHECKINREQUEST']._serialized_start=1877
-  _globals['_CHECKINREQUEST']._serialized_end=1973
-  _globals['_CHECKINRESPONSE']._serialized_start=1975
-  _globals['_CHECKINRESPONSE']._serialized_end=2008
-  _globals['_ENVOYSERVICE']._serialized_start=2011
-  _globals['_ENVOYSERVICE']._serialized_end=2760
+  _globals['_SHARDINFO']._serialized_end=271
+  _globals['_REGISTERENVOYREQUEST']._serialized_start=273
+  _globals['_REGISTERENVOYREQUEST']._serialized_end=375
+  _globals['_REGISTERENVOYRESPONSE']._serialized_start=377
+  _globals['_REGISTERENVOYRESPONSE']._serialized_end=431
+  _globals['_HEARTBEATREQUEST']._serialized_start=433
+  _globals['_HEARTBEATREQUEST']._serialized_end=492
+  _globals['_HEARTBEATRESPONSE']._serialized_start=494
+  _globals['_HEARTBEATRESPONSE']._serialized_end=528
+  _globals['_WAITEXPERIMENTREQUEST']._serialized_start=530
+  _globals['_WAITEXPERIMENTREQUEST']._serialized_end=573
+  _globals['_WAITEXPERIMENTRESPONSE']._serialized_start=575
+  _globals['_WAITEXPERIMENTRESPONSE']._serialized_end=683
+  _globals['_GETEXPERIMENTBUNDLEREQUEST']._serialized_start=685
+  _globals['_GETEXPERIMENTBUNDLEREQUEST']._serialized_end=758
+  _globals['_BUNDLECHUNK']._serialized_start=760
+  _globals['_BUNDLECHUNK']._serialized_end=807
+  _globals['_WAITTASKREQUEST']._serialized_start=809
+  _globals['_WAITTASKREQUEST']._serialized_end=891
+  _globals['_WAITTASKRESPONSE']._serialized_start=894
+  _globals['_WAITTASKRESPONSE']._serialized_end=1205
+  _globals['_WAITTASKRESPONSE_KIND']._serialized_start=1140
+  _globals['_WAITTASKRESPONSE_KIND']._serialized_end=1205
+  _globals['_GETROUNDMODELREQUEST']._serialized_start=1207
+  _globals['_GETROUNDMODELREQUEST']._serialized_end=1289
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=1292
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=1444
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=1446
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=1469
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=1472
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1691
+  _globals['_UPLOADUPDATEREQUEST_HEADER']._serialized_start=1587
+  _globals['_UPLOADUPDATEREQUEST_HEADER']._serialized_end=1683
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1693
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1739
+  _globals['_REPORTFAILUREREQUEST']._serialized_start=1742
+  _globals['_REPORTFAILUREREQUEST']._serialized_end=1892
+  _globals['_REPORTFAILURERESPONSE']._serialized_start=1894
+  _globals['_REPORTFAILURERESPONSE']._serialized_end=1917
+  _globals['_CHECKINREQUEST']._serialized_start=1919
+  _globals['_CHECKINREQUEST']._serialized_end=2015
+  _globals['_CHECKINRESPONSE']._serialized_start=2017
+  _globals['_CHECKINRESPONSE']._serialized_end=2050
+  _globals['_ENVOYSERVICE']._serialized_start=2053
+  _globals['_ENVOYSERVICE']._serialized_end=2802
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ShardInfo(_message.Message):
-    __slots__ = ("description", "sample_shape", "target_shape", "train_size", "valid_size", "hostname", "devices", "label_counts")
+    __slots__ = ("description", "sample_shape", "target_shape", "train_size", "valid_size", "hostname", "devices", "label_counts", "max_experiments")
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     TARGET_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class ShardInfo(_message.Message):
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
     description: str
     sample_shape: _containers.RepeatedScalarFieldContainer[str]
     target_shape: _containers.RepeatedScalarFieldContainer[str]
@@ -26,7 +27,8 @@ class ShardInfo(_message.Message):
     hostname: str
     devices: _containers.RepeatedScalarFieldContainer[str]
     label_counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, description: _Optional[str] = ..., sample_shape: _Optional[_Iterable[str]] = ..., target_shape: _Optional[_Iterable[str]] = ..., train_size: _Optional[int] = ..., valid_size: _Optional[int] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., label_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    max_experiments: int
+    def __init__(self, description: _Optional[str] = ..., sample_shape: _Optional[_Iterable[str]] = ..., target_shape: _Optional[_Iterable[str]] = ..., train_size: _Optional[int] = ..., valid_size: _Optional[int] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., label_counts: _Optional[_Iterable[int]] = ..., max_experiments: _Optional[int] = ...) -> None: ...
 
 class RegisterEnvoyRequest(_message.Message):
     __slots__ = ("envoy_name", "shard_info", "instance_id")
@@ -65,14 +67,16 @@ class WaitExperimentRequest(_message.Message):
     def __init__(self, envoy_name: _Optional[str] = ...) -> None: ...
 
 class WaitExperimentResponse(_message.Message):
-    __slots__ = ("experiment_name", "submitter", "bundle_sha256")
+    __slots__ = ("experiment_name", "submitter", "bundle_sha256", "running")
     EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
     SUBMITTER_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
     experiment_name: str
     submitter: str
     bundle_sha256: str
-    def __init__(self, experiment_name: _Optional[str] = ..., submitter: _Optional[str] = ..., bundle_sha256: _Optional[str] = ...) -> None: ...
+    running: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, experiment_name: _Optional[str] = ..., submitter: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., running: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetExperimentBundleRequest(_message.Message):
     __slots__ = ("envoy_name", "experiment_name")

@@ -73,7 +73,7 @@ def run_case(name: str, envoy_params: dict, rounds: int) -> dict:
         deadline = time.monotonic() + 60
         while gpu_apps() and time.monotonic() < deadline:
             time.sleep(0.5)
-        train = [e for e in exp.history if e.envoy and e.stage == r.STAGE_TRAIN]
+        train = [e for e in exp.history if e.envoy and e.stage == r.Stage.TRAIN]
         seen = {(e.envoy, m.name): m.value for e in train for m in e.metrics}
         worker_pids = sorted({int(v) for (envoy, metric), v in seen.items() if metric == "pid"})
         peak = {}

@@ -23,3 +23,15 @@ def test_every_quoted_make_target_exists():
     assert {"test", "demo", "bench-strategies", "test-slow"} <= set(quoted)  # the scan finds what is there
     missing = {t: sorted(where) for t, where in quoted.items() if t not in targets}
     assert not missing, f"make targets quoted but not defined: {missing}"
+
+
+EXAMPLE = re.compile(r"<!-- example: (\S+) -->\n```[a-z]*\n(.*?)```", re.DOTALL)
+
+
+def test_docs_examples_are_their_files_verbatim():
+    """A code block under ``<!-- example: path -->`` is that file (which its tests run), character for character."""
+    examples = [(doc, path, code) for doc in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+                for path, code in EXAMPLE.findall(doc.read_text())]
+    assert "docs/examples/fedjax_clipped_mean.py" in [path for _, path, _ in examples]
+    for doc, path, code in examples:
+        assert code == (REPO / path).read_text(), f"{doc.relative_to(REPO)}: the example differs from {path}"

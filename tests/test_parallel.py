@@ -13,7 +13,7 @@ CHECK = textwrap.dedent('''
     from flax import linen as nn
     from flax.training import train_state
     from fedjax_core.parallel import envoy_mesh, replicate, shard_batch
-    from fedjax_core.api.model_tensors import state_to_tensors, tensors_to_state, canonicalize
+    from fedjax_core.runtime.model_tensors import state_to_tensors, tensors_to_state, canonicalize
 
     class MLP(nn.Module):
         @nn.compact

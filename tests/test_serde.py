@@ -24,7 +24,7 @@ from fedjax_proto import tensors_pb2 as t_pb
 _CHOICES = {
     (r.Task, "kind"): [r.TaskKind.TRAIN, r.TaskKind.VALIDATE, r.TaskKind.FINISHED],
     (r.ExperimentHeader, "opt_treatment"): ["CONTINUE_GLOBAL"],
-    (r.MetricEvent, "stage"): [r.STAGE_LOCAL],
+    (r.MetricEvent, "stage"): [r.Stage.LOCAL],
 }
 _counter = itertools.count(1)
 

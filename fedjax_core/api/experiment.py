@@ -21,9 +21,9 @@ from fedjax_core import bundle as bundle_io
 from fedjax_core import records as r
 from fedjax_core.api.client import DirectorUnreachable
 from fedjax_core.api.federation import Federation
-from fedjax_core.api.interfaces import DataInterface, ModelInterface, TaskError, TaskInterface
-from fedjax_core.api.model_tensors import state_to_tensors, static_structure, tensors_to_state
 from fedjax_core.records import default_higher_is_better
+from fedjax_core.runtime.interfaces import DataInterface, ModelInterface, TaskError, TaskInterface
+from fedjax_core.runtime.model_tensors import state_to_tensors, static_structure, tensors_to_state
 from fedjax_core.sinks import MetricSink
 from fedjax_core.codecs import CODECS
 from fedjax_core.strategies import Strategy, as_strategy

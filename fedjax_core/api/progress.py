@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from fedjax_core import records as r
 from fedjax_core.sinks import GuardedSink, MetricSink, TensorBoardSink, guard
 
-_SHORT = {r.STAGE_AGGREGATED: "agg_val", r.STAGE_TRAIN: "train", r.STAGE_LOCAL: "local_val"}
+_SHORT = {r.Stage.AGGREGATED: "agg_val", r.Stage.TRAIN: "train", r.Stage.LOCAL: "local_val"}
 CLOSE_WAIT_S = 60.0  # how long stream_metrics waits for background sinks (MLflow, W&B) to send what they hold
 log = logging.getLogger("fedjax.sinks")
 
@@ -63,7 +63,7 @@ class MetricsView:
                 self._advance(event.round)
             return
         row = self._row(event.round)
-        if event.stage == r.STAGE_ROUND:
+        if event.stage == r.Stage.ROUND:
             row["round_time_s"] = round(event.round_time_s, 3)
             if event.participants and len(event.participants) < self.n_envoys:  # a sampled round: say who
                 row["participants"] = ",".join(event.participants)
@@ -72,8 +72,8 @@ class MetricsView:
             for m in event.metrics:  # two tasks reporting the same metric name keep apart
                 key = m.name if names.count(m.name) == 1 else f"{m.task}.{m.name}"
                 row[f"{_SHORT.get(event.stage, event.stage)}/{key}"] = m.value
-        final_validation = event.stage == r.STAGE_AGGREGATED and event.round >= self.rounds
-        if event.stage == r.STAGE_ROUND or final_validation:
+        final_validation = event.stage == r.Stage.AGGREGATED and event.round >= self.rounds
+        if event.stage == r.Stage.ROUND or final_validation:
             self._show(event.round)
 
     def _advance(self, round_: int) -> None:

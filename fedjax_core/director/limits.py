@@ -14,6 +14,7 @@ MAX_DESCRIPTION_CHARS = 4096
 MAX_SHORT_TEXT_CHARS = 256  # hostnames, device names, metric and task names, shape entries
 MAX_LIST_ITEMS = 64  # shape entries, devices
 MAX_LABELS = 1 << 16
+MAX_EXPERIMENTS_AT_ONCE = 64  # params.max_experiments of one envoy
 MAX_ERROR_CHARS = 16384
 MAX_METRICS_PER_REPORT = 256
 MAX_MODEL_BYTES = 16 << 30  # default of settings.max_model_bytes
@@ -36,6 +37,9 @@ def check_shard_info(envoy: str, info: r.ShardInfo) -> None:
         _text(f"envoy {envoy!r}: a shape entry or device name", item, MAX_SHORT_TEXT_CHARS)
     if info.train_size < 0 or info.valid_size < 0 or any(n < 0 for n in info.label_counts):
         raise InvalidRequestError(f"envoy {envoy!r}: sample counts cannot be negative")
+    if not 1 <= info.max_experiments <= MAX_EXPERIMENTS_AT_ONCE:
+        raise InvalidRequestError(f"envoy {envoy!r}: max_experiments is {info.max_experiments}; an envoy runs "
+                                  f"between 1 and {MAX_EXPERIMENTS_AT_ONCE} experiments at once")
 
 
 def check_metrics(envoy: str, metrics: tuple[r.Metric, ...]) -> None:

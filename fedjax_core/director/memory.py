@@ -37,6 +37,6 @@ def tune_allocator(arenas: int = 2) -> None:
 
 
 def release_free_memory() -> None:
-    """Hand freed heap back to the OS, e.g. after a round's updates were folded and dropped."""
+    """Hand freed heap back to the OS, e.g. after a round's updates were read and dropped."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)

@@ -1,9 +1,10 @@
-"""The round engine: a running experiment's round, folding its updates and closing it.
+"""The round engine: a running experiment's round, keeping its updates and closing it.
 
 Everything here is heavy work (checking and keeping updates, reading spooled updates,
 writing models, strategy state and events) and runs *outside* the director's lock; a round's
-own ``fold_lock`` orders its folds and its close. "Folding" an update checks it and keeps it
-spooled (``RoundUpdates.add``); the strategy reads every kept update when the round closes.
+own ``keep_lock`` orders the keeping of its updates and its close. Keeping an update checks it
+and keeps it spooled (``RoundUpdates.add``); the strategy reads every kept update when the round
+closes.
 Closing round r of a training round:
 
 1. aggregate the envoys' metrics of round r; keep model_r as best if it beats the best so far;
@@ -11,7 +12,7 @@ Closing round r of a training round:
 3. write model_{r+1} and state_{r+1} atomically, then record the round summary;
 4. advance current_round in the database (the commit point), then drop round r's files.
 
-A director killed anywhere in between restarts at round r, folds the stored updates again
+A director killed anywhere in between restarts at round r, keeps the stored updates again
 and closes the round to the same bytes (no rule depends on the order uploads arrived in).
 """
 from __future__ import annotations
@@ -21,49 +22,52 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-
-import numpy as np
+from pathlib import Path
 
 from fedjax_core import records as r
-from fedjax_core.aggregation import RoundUpdates, ServerStrategy, Upload, build
-from fedjax_core.director import rules
+from fedjax_core.aggregation import RoundUpdates, Upload
+from fedjax_core.director import closer, rules
 from fedjax_core.director.files import ExperimentFiles
+from fedjax_core.director.round_machine import CheckedIn, Dropped, Phase, RoundState, Validated, restore
 from fedjax_core.director.memory import release_free_memory
 from fedjax_core.director.store import ExperimentRow, Store
 from fedjax_core.director.submission import RoundPlan, plan_rounds
-from fedjax_core.errors import FedError, PreconditionError
+from fedjax_core.errors import FedError, InvalidRequestError
 from fedjax_core.metrics_log import Loggers
-from fedjax_core.tensors import ModelFile, ModelFileWriter
+from fedjax_core.tensors import ModelFile
 
 log = logging.getLogger("fedjax.director")
 
 
 @dataclasses.dataclass
-class Run:
-    """The running experiment's round in progress (rebuilt from the store after a restart)."""
+class Traffic:
+    """What each envoy moved in one round, as the director counts it (model messages each way)."""
 
-    row: ExperimentRow
-    round: int
-    plan: RoundPlan
-    strategy: ServerStrategy
-    participants: tuple[str, ...]  # the envoys this round waits for
-    upload: frozenset[str]  # the tensors that travel each round
-    updates: RoundUpdates
-    started_at: float  # on the engine's monotonic timer
-    done: set[str] = dataclasses.field(default_factory=set)
-    closing: bool = False  # set under the director's lock; no update is accepted after it
-    receiving: set[str] = dataclasses.field(default_factory=set)  # envoys whose upload is streaming in
-    dropped: dict[str, str] = dataclasses.field(default_factory=dict)  # envoys out of this round, and why
-    ended: bool = False  # the experiment finished, failed or was cancelled
-    averaging: rules.Averaging = rules.Averaging.ALWAYS  # whether this round averages (see rules.round_averaging)
-    from_global: bool = True  # the workers start from this round's model (it changed since they last had it)
-    checked_in: dict[str, float] = dataclasses.field(default_factory=dict)  # envoy -> divergence it reported
-    triggered: bool = False  # dynamic: a divergence crossed the threshold, so everyone uploads
-    uploaded: set[str] = dataclasses.field(default_factory=set)
     bytes_in: dict[str, int] = dataclasses.field(default_factory=dict)  # envoy -> bytes it uploaded
     bytes_out: dict[str, int] = dataclasses.field(default_factory=dict)  # envoy -> bytes of models it downloaded
     messages: dict[str, int] = dataclasses.field(default_factory=dict)  # envoy -> model downloads and uploads
-    fold_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def count(self, envoy: str, nbytes: int, upload: bool) -> None:
+        counter = self.bytes_in if upload else self.bytes_out
+        counter[envoy] = counter.get(envoy, 0) + nbytes
+        self.messages[envoy] = self.messages.get(envoy, 0) + 1
+
+
+@dataclasses.dataclass
+class Run:
+    """A running experiment's round: its state machine (``state``, replaced under the director's lock)
+    and what the director keeps beside it (the kept updates, transfers in flight, traffic)."""
+
+    row: ExperimentRow
+    plan: RoundPlan
+    state: RoundState
+    upload: frozenset[str]  # the tensors that travel each round
+    updates: RoundUpdates
+    started_at: float  # on the engine's monotonic timer
+    from_global: bool = True  # the workers start from this round's model (it changed since they last had it)
+    receiving: set[str] = dataclasses.field(default_factory=set)  # envoys whose upload is streaming in
+    traffic: Traffic = dataclasses.field(default_factory=Traffic)
+    keep_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # orders keeping updates and the close
     download_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # compressed model, once
 
     @property
@@ -75,67 +79,31 @@ class Run:
         return self.row.name
 
     @property
-    def envoys(self) -> tuple[str, ...]:
-        """Every envoy of the experiment (they all keep a worker, selected this round or not)."""
-        return self.row.envoys
+    def round(self) -> int:
+        return self.state.round
 
     @property
-    def kind(self) -> r.TaskKind:
-        return r.TaskKind.TRAIN if self.round < self.header.rounds else r.TaskKind.VALIDATE
-
-    @property
-    def pending(self) -> set[str]:
-        """Participants that still owe this round a result (neither reported nor dropped out)."""
-        return set(self.participants) - self.done - set(self.dropped)
-
-    @property
-    def complete(self) -> bool:
-        return not self.pending
-
-    @property
-    def needed(self) -> int:
-        """Results this round needs to close: min_envoys (every participant when it is 0), and in a training
-        round no fewer than its aggregation rule can aggregate (Krum: more than 2f + 2)."""
-        return max(self.header.min_envoys or len(self.participants), self.rule_floor, 1)
-
-    @property
-    def needed_because(self) -> str:
-        """What sets ``needed``, for the messages that cite it."""
-        if self.rule_floor > (self.header.min_envoys or len(self.participants)):
-            return f"{self.plan.strategy.name} aggregates no fewer than {self.rule_floor} uploads"
-        return f"min_envoys={self.header.min_envoys}" if self.header.min_envoys else "min_envoys=0: every participant"
-
-    @property
-    def rule_floor(self) -> int:
-        """The uploads the aggregation rule needs, in a training round (1 for a final validation)."""
-        return self.plan.strategy.min_uploads if self.kind == r.TaskKind.TRAIN else 1
-
-    def count_transfer(self, envoy: str, nbytes: int, upload: bool) -> None:
-        """Under the director's lock: one model message of ``nbytes`` to or from ``envoy``."""
-        counter = self.bytes_in if upload else self.bytes_out
-        counter[envoy] = counter.get(envoy, 0) + nbytes
-        self.messages[envoy] = self.messages.get(envoy, 0) + 1
-
-    def check_in(self, envoy: str, divergence: float) -> bool:
-        """Under the director's lock: record ``envoy``'s divergence; True when it must upload now.
-
-        Under dynamic averaging the first divergence over the threshold triggers an average:
-        envoys that checked in earlier owe an upload again (their next task is SYNC).
-        """
-        self.checked_in[envoy] = divergence
-        if self.averaging == rules.Averaging.DYNAMIC and divergence > self.header.sync_threshold:
-            if not self.triggered:
-                self.triggered = True
-                self.done -= set(self.checked_in) - self.uploaded
-        if self.triggered:
-            return True
-        self.done.add(envoy)
-        return False
+    def ended(self) -> bool:
+        return self.state.phase == Phase.ENDED
 
     def task_kwargs(self) -> str:
         """This round's round_config entry; the final validation round uses the last training round's."""
         kwargs = self.plan.round_kwargs
         return kwargs[min(self.round, self.header.rounds - 1)] if kwargs else ""
+
+    def task_for(self, envoy: str) -> r.Task:
+        """What ``envoy``'s worker should do now (kind NONE: nothing yet)."""
+        state = self.state
+        if envoy not in state.envoys:
+            return r.Task(kind=r.TaskKind.FINISHED, message=f"envoy {envoy!r} is not a collaborator of {self.name!r}")
+        if not state.open or envoy not in state.pending:
+            return r.Task(kind=r.TaskKind.NONE)  # sits this round out, keeping its worker and jit cache
+        h = self.header
+        kind = r.TaskKind.SYNC if envoy in state.checked_in else state.kind  # trained already: dynamic averaging
+        return r.Task(kind=kind, round=state.round, opt_treatment=h.opt_treatment,
+                      upload_tensors=tuple(sorted(self.upload)), task_kwargs=self.task_kwargs(),
+                      from_global=self.from_global, check_in=state.averaging != rules.Averaging.ALWAYS,
+                      compression=h.compression, send_deltas=h.send_deltas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +116,9 @@ class Outcome:
 
 
 class RoundEngine:
+    """Builds each round's run (sampling its participants, or reading them back after a restart), keeps
+    the updates, and closes rounds: the heavy work, outside the director's lock."""
+
     def __init__(self, store: Store, files: ExperimentFiles, loggers: Loggers, clock: Callable[[], float],
                  timer: Callable[[], float] = time.monotonic):
         self.store = store
@@ -155,7 +126,6 @@ class RoundEngine:
         self.loggers = loggers
         self.clock = clock  # wall time, for timestamps
         self.timer = timer  # monotonic, for round durations and deadlines
-        self.fold_hook: Callable[[str, str], None] | None = None  # tests pause a fold here: (experiment, envoy)
 
     # ------------------------------------------------------------------ runs
     def new_run(self, row: ExperimentRow, round_: int, plan: RoundPlan | None = None,
@@ -166,20 +136,24 @@ class RoundEngine:
         ``from_global``: whether the previous round averaged (None: look it up).
         """
         plan = plan or plan_rounds(row.header, row.envoys)
-        strategy = build(plan.strategy)
-        upload = frozenset(rules.upload_names(row.header))
-        if round_ < row.header.rounds:
-            chosen = rules.select_participants(row.envoys, plan.per_round, row.header.sampling_seed, round_)
+        h = row.header
+        upload = frozenset(rules.upload_names(h))
+        training = round_ < h.rounds
+        if training:
+            chosen = rules.select_participants(row.envoys, plan.per_round, h.sampling_seed, round_)
             participants = self.store.record_participants(row.name, round_, chosen)
         else:  # after the last round every envoy validates the final model
             participants = tuple(sorted(row.envoys))
-        specs = [s for s in row.header.model_spec if s.name in upload]
+        state = RoundState(
+            experiment=row.name, round=round_, kind=r.TaskKind.TRAIN if training else r.TaskKind.VALIDATE,
+            participants=participants, envoys=row.envoys, min_envoys=h.min_envoys,
+            rule_floor=plan.strategy.min_uploads if training else 1, rule_name=plan.strategy.name,
+            averaging=rules.round_averaging(h, round_), sync_threshold=h.sync_threshold, timeout_s=h.round_timeout_s)
         if from_global is None:
             from_global = round_ == 0 or self._averaged(row.name, round_ - 1)
-        return Run(row=row, round=round_, plan=plan, strategy=strategy, participants=participants, upload=upload,
-                   updates=RoundUpdates(specs), started_at=self.timer(),
-                   averaging=rules.round_averaging(row.header, round_),
-                   from_global=from_global or round_ >= row.header.rounds)
+        return Run(row=row, plan=plan, state=state, upload=upload,
+                   updates=RoundUpdates([s for s in h.model_spec if s.name in upload]), started_at=self.timer(),
+                   from_global=from_global or not training)
 
     @staticmethod
     def plan(row: ExperimentRow) -> RoundPlan:
@@ -198,35 +172,58 @@ class RoundEngine:
         return True
 
     def rebuild(self, row: ExperimentRow) -> Run:
-        """The run of a director that stopped mid-round: stored updates folded again."""
+        """The run of a director that stopped mid-round, as its database left it: the stored updates kept
+        again, dropouts, check-ins and final validations restored (feed it ``Resumed`` next)."""
         run = self.new_run(row, row.current_round, self.plan(row))
+        uploaded = []
         for envoy, weight, path, nbytes in self.store.updates(row.name, run.round):
             if not path.exists():  # lost with its file: that envoy uploads again
                 self.store.drop_update(row.name, run.round, envoy)
                 continue
             run.updates.add(Upload(envoy, weight, ModelFile(path)))
-            run.done.add(envoy)
-            run.uploaded.add(envoy)
-            run.count_transfer(envoy, nbytes, upload=True)
-        events = [e for _, e, _ in self.store.events(row.name, round_=run.round) if e.envoy]
-        run.dropped = {e.envoy: e.note for e in events if e.stage == r.Stage.DROPOUT}
-        for event in events:
-            if event.stage == r.Stage.SYNC_CHECK and event.envoy not in run.dropped:
-                run.check_in(event.envoy, rules.metric_value(event.metrics, "divergence") or 0.0)
-        if run.kind == r.TaskKind.VALIDATE:
-            run.done |= {e.envoy for e in events if e.stage == r.Stage.AGGREGATED}
+            run.traffic.count(envoy, nbytes, upload=True)
+            uploaded.append(envoy)
+        history = []  # the round's check-ins, dropouts and validations, in the order they were recorded
+        for _, e, _ in self.store.events(row.name, round_=run.round):
+            if e.envoy and e.stage == r.Stage.SYNC_CHECK:
+                history.append(CheckedIn(e.envoy, rules.metric_value(e.metrics, "divergence") or 0.0))
+            elif e.envoy and e.stage == r.Stage.DROPOUT:
+                history.append(Dropped(e.envoy, "dropped out", e.note))
+            elif e.envoy and e.stage == r.Stage.AGGREGATED:
+                history.append(Validated(e.envoy))
+        run.state = restore(run.state, uploaded, history)
         return run
 
-    # ------------------------------------------------------------------ folding
-    def fold(self, run: Run, envoy: str, spool, weight: float, nbytes: int) -> None:
-        """Keep an envoy's spooled update and fold it in (checked now, read when the round closes). The caller
-        holds ``run.fold_lock``."""
+    def registered(self, run: Run, envoy: str) -> tuple[int, int]:
+        """``envoy``'s (train, valid) size when ``run``'s experiment started (experiments started by an older
+        director, which kept no sizes: as registered now)."""
+        if envoy in run.row.envoy_sizes:
+            return run.row.envoy_sizes[envoy]
+        found = self.store.envoy(envoy)
+        return (found[0].train_size, found[0].valid_size) if found is not None else (0, 0)
+
+    def weight(self, run: Run, envoy: str, sample_count: int) -> float:
+        """An update's weight: its claimed sample count, capped at the train size the envoy had registered when
+        the experiment started."""
+        registered = self.registered(run, envoy)[0]
+        if registered <= 0:
+            raise InvalidRequestError(
+                f"envoy {envoy!r} had registered no training samples when experiment {run.name!r} started, so its "
+                "update cannot be weighted: check its shard descriptor's split_sizes()")
+        if registered < sample_count:
+            log.warning("envoy %r claims %d training samples but registered %d; weighting it by %d",
+                        envoy, sample_count, registered, registered)
+            return float(registered)
+        return float(sample_count)
+
+    # ------------------------------------------------------------------ keeping
+    def keep(self, run: Run, envoy: str, spool: Path, weight: float, nbytes: int) -> None:
+        """Keep an envoy's spooled update for the round (checked now, read when the round closes). The caller
+        holds ``run.keep_lock``."""
         path = self.files.keep_update(spool, run.name, run.round, envoy)
-        self.store.add_update(run.name, run.round, envoy, weight, path, nbytes)  # first: a restart folds it again
+        self.store.add_update(run.name, run.round, envoy, weight, path, nbytes)  # first: a restart keeps it again
         try:
-            if self.fold_hook is not None:
-                self.fold_hook(run.name, envoy)
-            run.updates.add(Upload(envoy, weight, ModelFile(path)))  # checks everything before folding anything
+            run.updates.add(Upload(envoy, weight, ModelFile(path)))  # checks everything before keeping anything
         except FedError:
             self.store.drop_update(run.name, run.round, envoy)
             path.unlink(missing_ok=True)
@@ -236,7 +233,7 @@ class RoundEngine:
     def close(self, run: Run) -> Outcome | None:
         """Close ``run``'s round; None if the experiment ended meanwhile (cancelled, failed).
 
-        The caller holds ``run.fold_lock`` and has set ``run.closing``; once the next run is
+        The caller holds ``run.keep_lock`` and the round is CLOSING; once the next run is
         installed it drops the round's files (:meth:`ExperimentFiles.drop_round`, ``drop_superseded``),
         which workers and notebooks may still be opening until then.
         """
@@ -247,17 +244,17 @@ class RoundEngine:
             if self.store.add_event(name, event):
                 self.loggers.log(name, event)
         self._update_best(run, aggregates, [e for _, e, _ in round_events if e.envoy])
-        if run.kind == r.TaskKind.VALIDATE:
+        if run.state.kind == r.TaskKind.VALIDATE:
             return Outcome(state=r.State.FINISHED)
         averaged = run.updates.count > 0
-        if not averaged and not run.checked_in:
+        if not averaged and not run.state.checked_in:
             return Outcome(state=r.State.FAILED, error=f"round {run.round} closed without any update")
         if averaged:
-            self._write_next_model(run)
+            closer.write_next_model(self.files, name, run.round, run.plan.strategy, run.updates)
         else:  # every envoy keeps training its own model; the global one stays
             self.files.carry_over(name, run.round)
             if run.round == 0:  # the strategy's state begins where the model does
-                self._write_state(name, 1, run.strategy.init(list(run.updates.specs.values())))
+                closer.write_initial_state(self.files, name, 1, run.plan.strategy, list(run.updates.specs.values()))
         seconds = self.timer() - run.started_at  # the round's time includes aggregating and storing its model
         if run.ended:  # cancelled or failed while this round closed: do not advance it
             return None
@@ -275,53 +272,24 @@ class RoundEngine:
     def _communication_events(self, run: Run, seconds: float, averaged: bool) -> list[r.MetricEvent]:
         """Per envoy what it moved (bytes each way, model messages, as the director counts them), then the
         round's summary. Divergence check-ins are 8-byte scalars, counted apart from model messages."""
-        now = self.clock()
+        now, state, traffic = self.clock(), run.state, run.traffic
         events = [r.MetricEvent(round=run.round, envoy=envoy, stage=r.Stage.COMM, timestamp=now, metrics=(
-            r.Metric("comm", "bytes_uploaded", run.bytes_in.get(envoy, 0)),
-            r.Metric("comm", "bytes_downloaded", run.bytes_out.get(envoy, 0)),
-            r.Metric("comm", "model_messages", run.messages.get(envoy, 0))))
-            for envoy in run.participants]
+            r.Metric("comm", "bytes_uploaded", traffic.bytes_in.get(envoy, 0)),
+            r.Metric("comm", "bytes_downloaded", traffic.bytes_out.get(envoy, 0)),
+            r.Metric("comm", "model_messages", traffic.messages.get(envoy, 0))))
+            for envoy in state.participants]
         events.append(r.MetricEvent(
             round=run.round, envoy="", stage=r.Stage.ROUND, timestamp=now, round_time_s=seconds,
-            participants=run.participants,
+            participants=state.participants,
             metrics=(r.Metric("round", "time_s", seconds),
-                     r.Metric("round", "bytes_received", sum(run.bytes_in.values())),
-                     r.Metric("round", "bytes_sent", sum(run.bytes_out.values())),
-                     r.Metric("round", "model_messages", sum(run.messages.values())),
-                     r.Metric("round", "check_ins", len(run.checked_in)),
+                     r.Metric("round", "bytes_received", sum(traffic.bytes_in.values())),
+                     r.Metric("round", "bytes_sent", sum(traffic.bytes_out.values())),
+                     r.Metric("round", "model_messages", sum(traffic.messages.values())),
+                     r.Metric("round", "check_ins", len(state.checked_in)),
                      r.Metric("round", "averaged", int(averaged)),
-                     r.Metric("round", "envoys_reported", len(run.done)),
-                     r.Metric("round", "envoys_selected", len(run.participants)))))
+                     r.Metric("round", "envoys_reported", len(state.done)),
+                     r.Metric("round", "envoys_selected", len(state.participants)))))
         return events
-
-    def _write_next_model(self, run: Run) -> None:
-        name, round_ = run.name, run.round
-        previous = ModelFile(self.files.model(name, round_))
-        state_path = self.files.server_state(name, round_)
-        if round_ == 0:
-            state = run.strategy.init(list(run.updates.specs.values()))
-        elif state_path.exists():
-            state = ModelFile(state_path)
-        elif not run.plan.strategy.server_optimizer:  # stateless (and runs begun before state files existed)
-            state = {}
-        else:
-            raise PreconditionError(f"the strategy state of round {round_} is missing ({state_path})")
-        new_state: dict[str, np.ndarray] = {}
-        with ModelFileWriter(self.files.model(name, round_ + 1)) as writer:
-            for spec in previous.specs:
-                if spec.name in run.updates.specs:  # written block by block as the strategy computes it
-                    writer.add_blocks(spec.name, spec.dtype, spec.shape,
-                                      run.strategy.leaf(spec.name, state, previous, run.updates, new_state))
-                else:  # tensors that do not travel keep their initial values
-                    writer.copy_tensor(previous, spec.name)
-            writer.commit()
-        self._write_state(name, round_ + 1, new_state)
-
-    def _write_state(self, name: str, round_: int, state) -> None:
-        with ModelFileWriter(self.files.server_state(name, round_)) as writer:
-            for key, array in state.items():
-                writer.add_array(key, np.asarray(array))
-            writer.commit()
 
     def _update_best(self, run: Run, aggregates: list[r.MetricEvent], reports: list[r.MetricEvent]) -> None:
         """Round r validated model_r; keep it as best if its metric beats the best so far (r >= 1). Unless the

@@ -165,23 +165,24 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         envoy = request.envoy_name
         _check_envoy_identity(Caller.of(context), envoy)
         async with self.flow.waiting(context):
-            sent = None
+            sent: set[str] = set()
             while not self.director.closed:
-                name = await self.flow.poll(envoy, lambda: self.director.experiment_for(envoy, sent),
-                                            lambda found: found is not None or self.director.closed, MAX_LONG_POLL_S)
-                if name is not None:
-                    sent = name
-                    submitter, sha256 = await self.flow.short(self._describe, name)
+                names = await self.flow.poll(envoy, lambda: self.director.workers.experiment_for(envoy, sent),
+                                             lambda found: bool(found) or self.director.closed, MAX_LONG_POLL_S)
+                for name in names:
+                    sent.add(name)
+                    submitter, sha256, running = await self.flow.short(self._describe, envoy, name)
                     yield env_pb.WaitExperimentResponse(experiment_name=name, submitter=submitter,
-                                                        bundle_sha256=sha256)
+                                                        bundle_sha256=sha256, running=running)
 
-    def _describe(self, name: str) -> tuple[str, str]:
-        return self.director.experiment_submitter(name), self.director.experiment_bundle_sha256(name)
+    def _describe(self, envoy: str, name: str) -> tuple[str, str, list[str]]:
+        catalog = self.director.catalog
+        return catalog.experiment_submitter(name), catalog.experiment_bundle_sha256(name), catalog.working_on(envoy)
 
     @maps_errors
     async def GetExperimentBundle(self, request, context):
         _check_envoy_identity(Caller.of(context), request.envoy_name)
-        path = await self.flow.short(self.director.experiment_bundle, request.envoy_name, request.experiment_name)
+        path = await self.flow.short(self.director.workers.experiment_bundle, request.envoy_name, request.experiment_name)
 
         def chunks() -> Iterator[env_pb.BundleChunk]:
             size = path.stat().st_size
@@ -199,20 +200,20 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
             raise InvalidRequestError(f"max_wait_s is NaN; give the seconds to wait (0 to {MAX_LONG_POLL_S:g})")
         wait = min(max(request.max_wait_s, 0.0), MAX_LONG_POLL_S)
         async with self.flow.waiting(context):
-            task = await self.flow.poll(envoy, lambda: self.director.current_task(envoy, experiment),
+            task = await self.flow.poll(envoy, lambda: self.director.workers.current_task(envoy, experiment),
                                         lambda t: t.kind != r.TaskKind.NONE or self.director.closed, wait)
         return serde.task_to_proto(task)
 
     @maps_errors
     async def GetRoundModel(self, request, context):
         _check_envoy_identity(Caller.of(context), request.envoy_name)
-        chunks = self.director.round_model(request.envoy_name, request.experiment_name, request.round)
+        chunks = self.director.workers.round_model(request.envoy_name, request.experiment_name, request.round)
         await self.flow.send(context, "GetRoundModel", serde.chunk_messages(chunks))
 
     @maps_errors
     def ReportMetrics(self, request, context):
         _check_envoy_identity(Caller.of(context), request.envoy_name)
-        self.director.report_metrics(request.envoy_name, request.experiment_name, request.round, request.stage,
+        self.director.workers.report_metrics(request.envoy_name, request.experiment_name, request.round, request.stage,
                                      serde.metrics_from_proto(request.metrics), request.sample_count)
         return env_pb.ReportMetricsResponse()
 
@@ -233,14 +234,14 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
                         raise InvalidRequestError("only tensor chunks may follow the update header")
                     yield from serde.unpacked_chunks(msg.chunk)
 
-            return self.director.accept_update(h.envoy_name, h.experiment_name, h.round, h.train_sample_count,
+            return self.director.workers.accept_update(h.envoy_name, h.experiment_name, h.round, h.train_sample_count,
                                                chunks())
 
         def admit(first) -> None:  # who and whether, before the upload takes a slot
             if first.HasField("header"):
                 h = first.header
                 _check_envoy_identity(caller, h.envoy_name)
-                self.director.check_upload(h.envoy_name, h.experiment_name, h.round)
+                self.director.workers.check_upload(h.envoy_name, h.experiment_name, h.round)
 
         received = await self.flow.receive(context, "UploadUpdate", consume, admit=admit)
         return env_pb.UploadUpdateResponse(bytes_received=received)
@@ -248,7 +249,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     @maps_errors
     def ReportFailure(self, request, context):
         _check_envoy_identity(Caller.of(context), request.envoy_name)
-        self.director.report_failure(request.envoy_name, request.experiment_name, request.error,
+        self.director.workers.report_failure(request.envoy_name, request.experiment_name, request.error,
                                      request.round if request.HasField("round") else None, request.worker_lost,
                                      request.refused)
         return env_pb.ReportFailureResponse()
@@ -256,7 +257,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     @maps_errors
     def CheckIn(self, request, context):
         _check_envoy_identity(Caller.of(context), request.envoy_name)
-        upload = self.director.check_in(request.envoy_name, request.experiment_name, request.round,
+        upload = self.director.workers.check_in(request.envoy_name, request.experiment_name, request.round,
                                         request.divergence)
         return env_pb.CheckInResponse(upload=upload)
 
@@ -282,14 +283,14 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
     @maps_errors
     def GetDatasetInfo(self, request, context):
         self._check_submitter(Caller.of(context))
-        sample, target = self.director.dataset_info()
+        sample, target = self.director.catalog.dataset_info()
         return fed_pb.GetDatasetInfoResponse(sample_shape=list(sample), target_shape=list(target))
 
     @maps_errors
     def GetShardRegistry(self, request, context):
         self._check_submitter(Caller.of(context))
         limit = paging.page_size(request.page_size)
-        entries = self.director.shard_registry(paging.name_token(request.page_token), limit + 1)
+        entries = self.director.catalog.shard_registry(paging.name_token(request.page_token), limit + 1)
         page, token = paging.fill(((e.name, serde.envoy_entry_to_proto(e)) for e in entries), limit)
         return fed_pb.GetShardRegistryResponse(envoys=page, next_page_token=token)
 
@@ -334,7 +335,7 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         caller = Caller.of(context)
         self._check_submitter(caller)
         limit = paging.page_size(request.page_size)
-        rows = self.director.experiments(caller.viewer, paging.sequence_token(request.page_token), limit + 1)
+        rows = self.director.catalog.experiments(caller.viewer, paging.sequence_token(request.page_token), limit + 1)
         page, token = paging.fill(((str(seq), serde.status_to_proto(s)) for seq, s in rows), limit)
         return fed_pb.ListExperimentsResponse(experiments=page, next_page_token=token)
 
@@ -342,7 +343,7 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
     def GetExperimentStatus(self, request, context):
         caller = Caller.of(context)
         self._check_submitter(caller)
-        return serde.status_to_proto(self.director.experiment_status(request.name, caller.viewer))
+        return serde.status_to_proto(self.director.catalog.experiment_status(request.name, caller.viewer))
 
     @maps_errors
     async def StreamMetrics(self, request, context):
@@ -350,11 +351,11 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         caller = Caller.of(context)
         self._check_submitter(caller)
         name = request.experiment_name
-        await self.flow.short(self.director.experiment_status, name, caller.viewer)  # NOT_FOUND before anything
+        await self.flow.short(self.director.catalog.experiment_status, name, caller.viewer)  # NOT_FOUND before anything
         last_id = 0
         async with self.flow.waiting(context, NOTEBOOKS):
             while not self.director.closed:
-                batch = await self.flow.poll(EVERYTHING, lambda: self.director.events_after(name, last_id),
+                batch = await self.flow.poll(EVERYTHING, lambda: self.director.catalog.events_after(name, last_id),
                                              lambda b: bool(b[0]) or b[1] is not None or self.director.closed,
                                              MAX_LONG_POLL_S)
                 rows, done = batch
@@ -374,5 +375,5 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
     async def GetModel(self, request, context):
         caller = Caller.of(context)
         self._check_submitter(caller)
-        chunks = self.director.model_chunks(request.experiment_name, request.which, by=caller.viewer)
+        chunks = self.director.catalog.model_chunks(request.experiment_name, request.which, by=caller.viewer)
         await self.flow.send(context, "GetModel", serde.chunk_messages(chunks))

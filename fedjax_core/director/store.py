@@ -230,7 +230,7 @@ class Store:
 
     def updates(self, experiment: str, round_: int) -> list[tuple[str, float, Path, int]]:
         rows = self._read("SELECT envoy, weight, path, nbytes FROM updates WHERE experiment = ? AND round = ? "
-                          "ORDER BY rowid", (experiment, round_))  # the order they were folded in
+                          "ORDER BY rowid", (experiment, round_))  # the order they were kept in
         return [(e, w, Path(p), n) for e, w, p, n in rows]
 
     def drop_update(self, experiment: str, round_: int, envoy: str) -> None:

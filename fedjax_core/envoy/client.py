@@ -6,6 +6,7 @@ import hashlib
 import os
 import threading
 import uuid
+from typing import NamedTuple
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -179,16 +180,23 @@ class EnvoyClient:
         self._stub.ReportFailure(req, timeout=30)
 
 
+class Pushed(NamedTuple):
+    """An experiment the director pushed to this envoy."""
+    experiment: str
+    submitter: str
+    sha256: str  # of its bundle, as the director received it
+    running: frozenset[str]  # every experiment the envoy works for now (empty from a director before 0.1)
+
+
 class ExperimentStream:
-    """Iterates ``(experiment name, submitter, bundle sha256)`` from an open WaitExperiment call;
-    ``cancel()`` ends it."""
+    """Iterates :class:`Pushed` experiments from an open WaitExperiment call; ``cancel()`` ends it."""
 
     def __init__(self, call):
         self._call = call
 
-    def __iter__(self) -> Iterator[tuple[str, str, str]]:
+    def __iter__(self) -> Iterator[Pushed]:
         for msg in self._call:
-            yield msg.experiment_name, msg.submitter, msg.bundle_sha256
+            yield Pushed(msg.experiment_name, msg.submitter, msg.bundle_sha256, frozenset(msg.running))
 
     def cancel(self) -> None:
         self._call.cancel()

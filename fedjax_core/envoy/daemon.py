@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import socket
 import subprocess
 import threading
@@ -35,6 +34,7 @@ from fedjax_core.envoy.launch import Launched, LauncherClosed, WorkerLauncher, k
 from fedjax_core.envoy.proxy import WorkerProxy
 from fedjax_core.envoy.review import CHECK_S, ReviewDesk, describe
 from fedjax_core.envoy.workdir import WorkDir
+from fedjax_core.envoy.worker_env import worker_environment
 from fedjax_core.errors import FedError
 from fedjax_core.shard_descriptor import ShardDescriptor, checked_description, load_shard_descriptor
 from fedjax_core.transport import Backoff, TLSFiles, is_retryable
@@ -47,58 +47,23 @@ MAX_WORKER_RESTARTS = 3
 NAME_HELD_WAIT_S = 30.0
 
 
-# The worker's environment is built from an allow-list, never copied whole from the daemon's.
-WORKER_ENV_NAMES = ("PATH", "HOME", "LANG", "TMPDIR", "TZ", "PYTHONPATH", "PYTHONUNBUFFERED", "LD_LIBRARY_PATH")
-WORKER_ENV_PREFIXES = ("LC_", "JAX_", "XLA_", "CUDA_", "NVIDIA_", "TF_", "TFDS_", "GRPC_", "FEDJAX_")
-
-
-_HOST_DEVICE_COUNT = "--xla_force_host_platform_device_count"
-# caches of compiled programs that one experiment's code could fill for another's to load
-_CACHE_PREFIXES = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_", "JAX_ENABLE_COMPILATION_CACHE")
-_SHARED_CACHE_FLAGS = ("--xla_gpu_kernel_cache_file", "--xla_gpu_per_fusion_autotune_cache_dir",
-                       "--xla_gpu_load_autotune_results_from")
-
-
-def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Path,
-                       home: str | None = None) -> dict[str, str]:
-    """The worker's environment: the allow-listed variables of ``base`` (WORKER_ENV_NAMES, and names
-    starting with WORKER_ENV_PREFIXES: locale, JAX/XLA/CUDA/TF settings, FEDJAX_* test hooks), then
-    the device choice and JAX/TF memory settings, before JAX starts. ``home``: the worker account's.
-    Nothing opens a compilation cache that experiments share: params.jax_compilation_cache gives each
-    worker its submitter's folder in the spec instead."""
-    env = {k: v for k, v in base.items()
-           if (k in WORKER_ENV_NAMES or k.startswith(WORKER_ENV_PREFIXES)) and not k.startswith(_CACHE_PREFIXES)}
-    if home is not None:
-        env["HOME"] = home
-    if params.cuda_devices:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in params.cuda_devices)
-        env.pop("JAX_PLATFORMS", None)
-    else:
-        env["CUDA_VISIBLE_DEVICES"] = ""
-        env["JAX_PLATFORMS"] = "cpu"
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_SHARED_CACHE_FLAGS)]
-    if params.cpu_devices:  # XLA reads the host device count once, when JAX starts in the worker
-        flags = [f for f in flags if not f.startswith(_HOST_DEVICE_COUNT)]
-        flags.append(f"{_HOST_DEVICE_COUNT}={params.cpu_devices}")
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
-    else:
-        env.pop("XLA_FLAGS", None)
-    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true" if params.jax_preallocate else "false"
-    if params.jax_memory_fraction is not None:
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{params.jax_memory_fraction:.3f}"
-    else:
-        env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
-    env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"  # tensorflow-datasets must not grab the GPU beside JAX
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(extra_path), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 def shard_info(shard: ShardDescriptor, params: EnvoyParams) -> r.ShardInfo:
     """What this envoy registers; ValueError, naming the descriptor's method, for a value it cannot be."""
     devices = (tuple(f"cuda:{d}" for d in params.cuda_devices)
                or tuple(f"cpu:{i}" for i in range(params.cpu_devices or 0)) or ("cpu",))
-    return r.ShardInfo(**checked_description(shard), hostname=socket.gethostname(), devices=devices)
+    return r.ShardInfo(**checked_description(shard), hostname=socket.gethostname(), devices=devices,
+                       max_experiments=params.max_experiments)
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """A running worker: its process and launch, and the token its proxy calls carry (None in plaintext)."""
+    launched: Launched
+    token: str | None
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.launched.process
 
 
 class EnvoyDaemon:
@@ -128,8 +93,8 @@ class EnvoyDaemon:
         self.launcher = WorkerLauncher(worker_environment(config.params, dict(os.environ), self.config_dir,
                                                           home=self.account[2] if self.account else None),
                                        user, standby=config.params.standby_worker, workdir=self.workdir)
-        self._worker: subprocess.Popen | None = None
-        self._worker_experiment: str | None = None
+        self.max_experiments = config.params.max_experiments
+        self._workers: dict[str, Worker] = {}  # experiment -> its worker, in the order they started
         self._worker_lock = threading.Lock()
         self._restarts: dict[str, int] = {}  # experiment -> workers started again after one died
         self._registered = threading.Event()
@@ -181,8 +146,9 @@ class EnvoyDaemon:
                 self._stream = self.client.experiments()
                 if self.stop.is_set():  # a stop request raced with the (re)connection
                     self._stream.cancel()
-                for experiment, submitter, sha256 in self._stream:
+                for experiment, submitter, sha256, running in self._stream:
                     try:
+                        self._stop_ended(running)
                         self._receive(experiment, submitter, sha256)
                     except (FedError, ConnectionError, LauncherClosed) as exc:  # e.g. it ended before we got to it
                         log.warning("envoy %s: cannot start experiment %r: %s", self.name, experiment, exc)
@@ -238,9 +204,9 @@ class EnvoyDaemon:
                                      f"({', '.join(accept_from) or 'nobody'})")
             return
         with self._worker_lock:
-            if self._worker_experiment == experiment and self._worker is not None and self._worker.poll() is None:
+            if self._running(experiment):
                 return  # pushed again after a reconnect; the worker carries on
-        if self.desk is not None:
+        if self.desk is not None and self.max_experiments == 1:  # one at a time: a new one means the last is over
             for gone in self.desk.forget_all_but(experiment):
                 self.workdir.discard_bundle(gone)
                 log.info("envoy %s: experiment %r is no longer pending review: the director moved on", self.name, gone)
@@ -324,16 +290,29 @@ class EnvoyDaemon:
         except (FedError, ConnectionError, OSError, LauncherClosed) as exc:
             log.warning("envoy %s: cannot start experiment %r: %s", self.name, experiment, exc)
 
+    def _running(self, experiment: str) -> bool:
+        """Under the worker lock: whether ``experiment``'s worker is alive."""
+        worker = self._workers.get(experiment)
+        return worker is not None and worker.process.poll() is None
+
+    def _stop_ended(self, running: frozenset[str]) -> None:
+        """The director pushed an experiment and named every one this envoy works for now: a worker of any
+        other has outlived its experiment (it ended while the worker wound down) and stops. A director that
+        names none (older than side-by-side experiments) runs one at a time: the last one is over."""
+        with self._worker_lock:
+            over = [name for name in self._workers if name not in running] if running else list(self._workers)
+            for name in over:
+                worker = self._workers.pop(name)  # popped first: its reaper neither reports nor restarts it
+                if worker.process.poll() is None:
+                    log.warning("envoy %s: the director has moved on from %r: stopping its worker", self.name, name)
+                    stop_process(worker.process)
+                self.workdir.discard_bundle(name)
+
     def _start_worker(self, experiment: str) -> None:
         """Start the worker of ``experiment``, whose bundle is downloaded and checked."""
         with self._worker_lock:
-            if self._worker is not None and self._worker.poll() is None:
-                if self._worker_experiment == experiment:
-                    return  # pushed again after a reconnect; the worker carries on
-                # the director has moved on to another experiment: the old one is over for this envoy
-                log.warning("envoy %s: stopping the worker of %r for %r", self.name, self._worker_experiment, experiment)
-                stop_process(self._worker)
-                self.workdir.discard_bundle(self._worker_experiment)
+            if self._running(experiment):
+                return  # pushed again after a reconnect; the worker carries on
             spec = {  # no key paths: under TLS the worker talks to the daemon's proxy, never to the director
                 "envoy_name": self.name, "experiment": experiment,
                 "director_target": self.proxy.target if self.proxy is not None else self.client.address,
@@ -342,34 +321,42 @@ class EnvoyDaemon:
             }
             if self.cache_dir is not None:  # the one accepted submitter's folder (config validation)
                 spec["compilation_cache_dir"] = str(self.cache_dir)
+            token = None
             if self.proxy is not None:  # this worker's calls only: a process an earlier one left has an old token
-                spec["proxy_token"] = self.proxy.token = secrets.token_hex(16)
-                self.proxy.experiment = experiment
-            launched = self.launcher.launch(lambda run: self.workdir.fill_run(run, experiment, spec))
+                spec["proxy_token"] = token = self.proxy.admit(experiment)
+            try:
+                launched = self.launcher.launch(lambda run: self.workdir.fill_run(run, experiment, spec))
+            except BaseException:
+                if token is not None:
+                    self.proxy.revoke(token)
+                raise
             log.info("envoy %s: starting worker for experiment %r (pid %d, %s; folder %s)", self.name, experiment,
                      launched.process.pid, "the standby" if launched.warm else "cold", launched.run)
-            self._worker, self._worker_experiment = launched.process, experiment
-            threading.Thread(target=self._reap, args=(launched, experiment), daemon=True).start()
+            worker = self._workers[experiment] = Worker(launched, token)
+            threading.Thread(target=self._reap, args=(worker, experiment), daemon=True).start()
+            if sum(self._running(name) for name in self._workers) < self.max_experiments:
+                self.launcher.prepare()  # room for another experiment: its standby waits ready
 
-    def _reap(self, launched: Launched, experiment: str) -> None:
+    def _reap(self, worker: Worker, experiment: str) -> None:
         """Wait for a worker and clear its folder; if it died without a word, tell the director (a dropout
         from the round in progress) and start a new one for the next rounds, at most MAX_WORKER_RESTARTS
         times. The experiment's bundle goes once no worker of it will start again."""
-        worker = launched.process
-        code = worker.wait()
-        kill_group(worker)  # what it started goes with it
+        process = worker.process
+        code = process.wait()
+        kill_group(process)  # what it started goes with it
         log.info("envoy %s: worker for %r exited with code %d", self.name, experiment, code)
-        self.workdir.close_run(launched.run)
+        self.workdir.close_run(worker.launched.run)
+        if worker.token is not None:
+            self.proxy.revoke(worker.token)
         if self.stop.is_set():
             return
         with self._worker_lock:  # held, so a worker started meanwhile finds the standby ready
-            replaced = self._worker is not worker  # stopped for the next experiment, which has its worker
-            if not replaced:
-                if self.proxy is not None:
-                    self.proxy.token = None
-                self.launcher.prepare()  # for the next experiment, or this one's restarted worker
+            replaced = self._workers.get(experiment) is not worker  # a restarted worker took over
+            if self._workers.get(experiment) is worker:
+                del self._workers[experiment]
+            self.launcher.prepare()  # for the next experiment, or this one's restarted worker
         if replaced:
-            return  # this experiment is over for this envoy; its bundle went when the next one started
+            return
         if code == 0:
             self.workdir.discard_bundle(experiment)
             return
@@ -406,8 +393,9 @@ class EnvoyDaemon:
         self.stop.set()
         self.launcher.close()
         with self._worker_lock:
-            if self._worker is not None and self._worker.poll() is None:
-                stop_process(self._worker)
+            for worker in self._workers.values():
+                if worker.process.poll() is None:
+                    stop_process(worker.process)
         self._review_wake.set()
         if self.proxy is not None:
             self.proxy.stop()

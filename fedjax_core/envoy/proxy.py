@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,8 +32,7 @@ _MAX_UNIX_PATH = 100  # sun_path holds 108 bytes
 class WorkerProxy:
     def __init__(self, envoy_name: str, channel: grpc.Channel, socket_dir: Path, owner: tuple[int, int] | None = None):
         self.envoy_name = envoy_name
-        self.experiment: str | None = None  # the experiment whose worker may call; set by the daemon
-        self.token: str | None = None  # that worker's token (its spec holds it); None: no worker may call
+        self._tokens: dict[str, str] = {}  # each running worker's token (its spec holds it) -> its experiment
         self._channel = channel
         # a work dir too deep for a socket address (sun_path): a private folder under the temp dir instead
         self._temporary = len(str(socket_dir / "envoy.sock")) > _MAX_UNIX_PATH
@@ -71,17 +71,33 @@ class WorkerProxy:
         if self._temporary:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 
+    def admit(self, experiment: str) -> str:
+        """A new token for the worker of ``experiment``: its calls, for that experiment only, get through."""
+        token = secrets.token_hex(16)
+        self._tokens[token] = experiment
+        return token
+
+    def revoke(self, token: str) -> None:
+        """That worker is gone: a process it left behind holds a token that no longer opens anything."""
+        self._tokens.pop(token, None)
+
+    def _experiment_of(self, given: str) -> str | None:
+        found = None
+        for token, experiment in list(self._tokens.items()):  # compared in constant time, each of them
+            if hmac.compare_digest(given.encode(), token.encode()):
+                found = experiment
+        return found
+
     # ---------------------------------------------------------------- checks
     def _check(self, method: str, request, context: grpc.ServicerContext) -> None:
-        """Only the current worker (its token), under this envoy's name and for its experiment, gets through:
-        a process an earlier experiment left behind holds an old token."""
-        given = dict(context.invocation_metadata()).get(TOKEN_KEY, "")
-        token = self.token
-        if not token or not hmac.compare_digest(str(given).encode(), token.encode()):
+        """Only a running worker (its token), under this envoy's name and for its own experiment, gets through:
+        a process an earlier experiment left behind holds a revoked token."""
+        experiment = self._experiment_of(str(dict(context.invocation_metadata()).get(TOKEN_KEY, "")))
+        if experiment is None:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          "the envoy's worker proxy forwards the calls of this envoy's current worker only")
+                          "the envoy's worker proxy forwards the calls of this envoy's current workers only")
         target = request.header if method == "UploadUpdate" else request
-        if target.envoy_name != self.envoy_name or not self.experiment or target.experiment_name != self.experiment:
+        if target.envoy_name != self.envoy_name or target.experiment_name != experiment:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"the envoy's worker proxy forwards calls of envoy {self.envoy_name!r} for its worker's "
                           f"experiment only, not of {target.envoy_name!r} for {target.experiment_name!r}")

@@ -21,7 +21,7 @@ from fedjax_core.envoy import sandbox
 
 _PR_SET_PDEATHSIG = 1
 STANDBY_IMPORTS = ("jax", "jax.numpy", "flax.linen", "flax.training.train_state", "optax", "cloudpickle",
-                   "fedjax_core.api.model_tensors", "fedjax_core.codecs", "fedjax_core.envoy.tasks",
+                   "fedjax_core.runtime.model_tensors", "fedjax_core.codecs", "fedjax_core.runtime.tasks",
                    "fedjax_core.envoy.worker")
 
 

@@ -107,7 +107,7 @@ class _Rounds:
 
     def __init__(self, client: EnvoyClient, experiment: str, model_interface, ti, data, device: str,
                  sandbox: Policy | None = None):
-        from fedjax_core.api.model_tensors import canonicalize
+        from fedjax_core.runtime.model_tensors import canonicalize
 
         self.client, self.experiment, self.ti, self.device = client, experiment, ti, device
         self.sandbox = sandbox
@@ -157,7 +157,7 @@ class _Rounds:
 
     def _run_tasks(self, names: list[str], state, loader, task: r.Task, train: bool, global_state):
         """Run ``names`` in order; training tasks hand their state on, validation tasks only measure."""
-        from fedjax_core.envoy.tasks import run_task
+        from fedjax_core.runtime.tasks import run_task
 
         round_kwargs = json.loads(task.task_kwargs) if task.task_kwargs else {}
         metrics = {}
@@ -170,7 +170,7 @@ class _Rounds:
 
     def _starting_state(self, task: r.Task):
         """The round's global model as a state (kept as the reference for deltas and divergences)."""
-        from fedjax_core.api.model_tensors import canonicalize, tensors_to_state
+        from fedjax_core.runtime.model_tensors import canonicalize, tensors_to_state
 
         received = self.client.round_model(self.experiment, task.round)
         self.global_tensors = received
@@ -215,7 +215,7 @@ class _Rounds:
     def _upload(self, task: r.Task, state) -> None:
         """Send the tensors the round averages: as weights or deltas, compressed as the experiment says."""
         from fedjax_core import codecs
-        from fedjax_core.api.model_tensors import state_to_tensors
+        from fedjax_core.runtime.model_tensors import state_to_tensors
 
         tensors = state_to_tensors(state)
         missing = [n for n in task.upload_tensors if n not in tensors]
@@ -228,7 +228,7 @@ class _Rounds:
     def _divergence(self, task: r.Task, state) -> float:
         """Squared L2 distance of the trained model's float tensors from the round's global model."""
         from fedjax_core import codecs
-        from fedjax_core.api.model_tensors import state_to_tensors
+        from fedjax_core.runtime.model_tensors import state_to_tensors
 
         return codecs.divergence(state_to_tensors(state), self.global_tensors, task.upload_tensors)
 

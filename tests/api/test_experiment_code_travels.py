@@ -86,3 +86,34 @@ def test_a_module_shadowing_an_installed_name_travels_and_an_editable_install_do
     modules = experiment.user_modules()
     assert utils_shadowed in modules  # the user's file, not the installed package
     assert editable_pkg not in modules  # pip install -e: the envoys install it too
+
+
+def test_the_interfaces_unpickle_and_run_in_a_worker_without_the_notebook_api(tmp_path):
+    """A pickle names each class's defining module: the interfaces and CustomTrainState are defined in
+    fedjax_core.runtime, so a worker loading the bundle never imports fedjax_core.api (nor its tqdm, IPython)."""
+    from fedjax_core import ModelInterface
+    from fl_experiment import SubsetDataset, create_train_state, make_tasks
+
+    objects = {"model_interface": ModelInterface(model=create_train_state()), "task_interface": make_tasks(),
+               "data_interface": SubsetDataset(limit=8)}
+    (tmp_path / "payload.bin").write_bytes(FLExperiment._pickle(objects, ()))
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from fedjax_core.envoy.worker import unpickle_experiment
+        from fedjax_core.runtime.tasks import run_task
+        objects = unpickle_experiment(open(sys.argv[1], "rb").read())
+        data = {"image": np.zeros((64, 32, 32, 3), np.float32), "label": np.zeros(64, np.int32)}
+        state = objects["model_interface"].model
+        _, metrics = run_task(objects["task_interface"], "train", state, data, "cpu", None, 0)
+        print(type(state).__module__, type(objects["data_interface"]).__mro__[1].__module__, sorted(metrics)[-1])
+        print(sorted(m for m in sys.modules if m == "fedjax_core.api" or m.startswith("fedjax_core.api.")))
+    """)
+    envoy_dir = tmp_path / "envoy"
+    envoy_dir.mkdir()
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "payload.bin")], cwd=envoy_dir,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    classes, api_modules = result.stdout.strip().splitlines()[-2:]
+    assert classes == "fedjax_core.runtime.train_state fedjax_core.runtime.interfaces train_acc"
+    assert api_modules == "[]"

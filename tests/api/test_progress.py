@@ -12,26 +12,26 @@ def view():
 
 def test_rows_collect_aggregates_and_round_times():
     v = view()
-    v.add(r.MetricEvent(0, "a", r.STAGE_TRAIN, (r.Metric("train", "acc", 0.5),)))  # per envoy: not in rows
-    v.add(r.MetricEvent(0, "", r.STAGE_AGGREGATED, (r.Metric("validate", "acc", 0.1),)))
-    v.add(r.MetricEvent(0, "", r.STAGE_TRAIN, (r.Metric("train", "acc", 0.2),)))
-    v.add(r.MetricEvent(0, "", r.STAGE_ROUND, (r.Metric("round", "time_s", 1.25),), round_time_s=1.25))
-    v.add(r.MetricEvent(1, "", r.STAGE_AGGREGATED, (r.Metric("validate", "acc", 0.3),)))
+    v.add(r.MetricEvent(0, "a", r.Stage.TRAIN, (r.Metric("train", "acc", 0.5),)))  # per envoy: not in rows
+    v.add(r.MetricEvent(0, "", r.Stage.AGGREGATED, (r.Metric("validate", "acc", 0.1),)))
+    v.add(r.MetricEvent(0, "", r.Stage.TRAIN, (r.Metric("train", "acc", 0.2),)))
+    v.add(r.MetricEvent(0, "", r.Stage.ROUND, (r.Metric("round", "time_s", 1.25),), round_time_s=1.25))
+    v.add(r.MetricEvent(1, "", r.Stage.AGGREGATED, (r.Metric("validate", "acc", 0.3),)))
     assert v.rows == [{"round": 0, "agg_val/acc": 0.1, "train/acc": 0.2, "round_time_s": 1.25},
                       {"round": 1, "agg_val/acc": 0.3}]
 
 
 def test_same_metric_name_from_two_tasks_keeps_both():
     v = view()
-    v.add(r.MetricEvent(0, "", r.STAGE_AGGREGATED, (r.Metric("validate", "acc", 0.1),
+    v.add(r.MetricEvent(0, "", r.Stage.AGGREGATED, (r.Metric("validate", "acc", 0.1),
                                                       r.Metric("validate_ema", "acc", 0.4))))
     assert v.rows == [{"round": 0, "agg_val/validate.acc": 0.1, "agg_val/validate_ema.acc": 0.4}]
 
 
 def test_a_sampled_round_says_who_took_part():
     v = view()
-    v.add(r.MetricEvent(0, "", r.STAGE_ROUND, (), round_time_s=1.0, participants=("b",)))
-    v.add(r.MetricEvent(1, "", r.STAGE_ROUND, (), round_time_s=1.0, participants=("a", "b")))  # everyone: no column
+    v.add(r.MetricEvent(0, "", r.Stage.ROUND, (), round_time_s=1.0, participants=("b",)))
+    v.add(r.MetricEvent(1, "", r.Stage.ROUND, (), round_time_s=1.0, participants=("a", "b")))  # everyone: no column
     assert v.rows == [{"round": 0, "round_time_s": 1.0, "participants": "b"}, {"round": 1, "round_time_s": 1.0}]
 
 
@@ -39,10 +39,10 @@ def test_progress_bars_count_the_rounds_participants_and_number_rounds_from_one(
     status = SimpleNamespace(envoys=("a", "b", "c"), rounds=2, participants={0: ("a",), 1: ("b", "c")})
     v = MetricsView(SimpleNamespace(get_experiment_status=lambda: status), log_dir=None, progress=True,
                     live_table=False)
-    v.add(r.MetricEvent(0, "a", r.STAGE_AGGREGATED, ()))
+    v.add(r.MetricEvent(0, "a", r.Stage.AGGREGATED, ()))
     assert (v._bar.total, v._bar.desc) == (3, "round 0 (1 of 2)")
-    v.add(r.MetricEvent(1, "b", r.STAGE_AGGREGATED, ()))
+    v.add(r.MetricEvent(1, "b", r.Stage.AGGREGATED, ()))
     assert (v._bar.total, v._bar.desc) == (6, "round 1 (2 of 2)")
-    v.add(r.MetricEvent(2, "b", r.STAGE_AGGREGATED, ()))
+    v.add(r.MetricEvent(2, "b", r.Stage.AGGREGATED, ()))
     assert (v._bar.total, v._bar.desc) == (3, "final validation")
     v.close()

@@ -18,8 +18,8 @@ from test_round_engine import INFO, header, submit, update
 
 def tick(d: Director, timer: list[float], to: float) -> None:
     timer[0] = to
-    with d._cond:
-        d._cond.notify_all()
+    with d.lock:
+        d.lock.notify_all()
 
 
 def test_a_full_disk_at_a_round_deadline_fails_that_experiment_and_deadlines_go_on(tmp_path, monkeypatch):
@@ -30,7 +30,7 @@ def test_a_full_disk_at_a_round_deadline_fails_that_experiment_and_deadlines_go_
         for envoy in ("a", "b"):
             d.register_envoy(envoy, INFO)
         submit(d, header(name="first", round_timeout_s=10, min_envoys=1))
-        d.accept_update("a", "first", 0, 10, iter_chunks(update("a", 0)))  # b never uploads: the deadline closes it
+        d.workers.accept_update("a", "first", 0, 10, iter_chunks(update("a", 0)))  # b never uploads: the deadline closes it
 
         def disk_full(*_args, **_kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -47,18 +47,18 @@ def test_a_full_disk_at_a_round_deadline_fails_that_experiment_and_deadlines_go_
         monkeypatch.setattr(d.engine, "close", disk_full)
         monkeypatch.setattr(d.store, "update_experiment", update_experiment)
         tick(d, timer, 11)
-        wait_until(lambda: d.experiment_status("first").state == r.State.FAILED, 30, "the experiment to fail")
-        error = d.experiment_status("first").error
+        wait_until(lambda: d.catalog.experiment_status("first").state == r.State.FAILED, 30, "the experiment to fail")
+        error = d.catalog.experiment_status("first").error
         assert "round 0" in error and "disk" in error, error
-        assert d._deadlines.is_alive()
+        assert d.deadlines.is_alive()
 
         monkeypatch.undo()
         submit(d, header(name="second", round_timeout_s=10, min_envoys=1))
-        wait_until(lambda: d.experiment_status("second").state == r.State.RUNNING, 30, "the next experiment")
+        wait_until(lambda: d.catalog.experiment_status("second").state == r.State.RUNNING, 30, "the next experiment")
         tick(d, timer, 12)
-        d.accept_update("a", "second", 0, 10, iter_chunks(update("a", 0)))
+        d.workers.accept_update("a", "second", 0, 10, iter_chunks(update("a", 0)))
         tick(d, timer, 30)  # past the second experiment's deadline: the same thread closes its round
-        wait_until(lambda: d.experiment_status("second").current_round == 1, 30, "the deadline to close round 0")
+        wait_until(lambda: d.catalog.experiment_status("second").current_round == 1, 30, "the deadline to close round 0")
     finally:
         d.close()
 

@@ -42,7 +42,7 @@ def test_a_plan_holds_nothing_per_round():
 def test_the_most_rounds_run_with_o1_state(tmp_path):
     d = make_director(tmp_path)
     submit(d, header(rounds=MAX_ROUNDS))
-    assert d.current_task("a", "exp").task_kwargs == "" and d.experiment_status("exp").rounds == MAX_ROUNDS
+    assert d.workers.current_task("a", "exp").task_kwargs == "" and d.catalog.experiment_status("exp").rounds == MAX_ROUNDS
     d.close()
 
 
@@ -50,5 +50,5 @@ def test_round_config_still_reaches_each_round(tmp_path):
     config = [{"train": {"lr_scale": 0.5}}, {}, {"train": {"lr_scale": 2.0}}]
     d = make_director(tmp_path)
     submit(d, header(round_config=json.dumps(config)))
-    assert json.loads(d.current_task("a", "exp").task_kwargs) == config[0]
+    assert json.loads(d.workers.current_task("a", "exp").task_kwargs) == config[0]
     d.close()

@@ -53,7 +53,7 @@ def encoded(weights: dict, codec: str | None, reference: dict | None):
 
 def upload(d: Director, envoy: str, round_: int, weights: dict, codec=None, reference=None, samples=10) -> int:
     wire, encodings = encoded(weights, codec, reference)
-    return d.accept_update(envoy, "exp", round_, samples, iter_chunks(wire, encodings=encodings))
+    return d.workers.accept_update(envoy, "exp", round_, samples, iter_chunks(wire, encodings=encodings))
 
 
 def comm(d: Director, round_: int) -> dict[str, dict[str, float]]:
@@ -115,7 +115,7 @@ def test_an_upload_encoded_against_the_experiments_settings_is_refused(director,
 def test_compressed_downloads_travel_as_int8_and_bytes_are_counted_per_envoy(director):
     submit(director, compression="int8", compress_downloads=True)
     specs = {}
-    arrays = assemble(director.round_model("a", "exp", 0), specs)
+    arrays = assemble(director.workers.round_model("a", "exp", 0), specs)
     assert {s.dtype for s in specs.values()} == {"int8"}
     for name, array in arrays.items():
         np.testing.assert_allclose(codecs.decode(array, specs[name].encoding), INITIAL[name],
@@ -131,30 +131,30 @@ def test_compressed_downloads_travel_as_int8_and_bytes_are_counted_per_envoy(dir
 
 def test_periodic_averaging_keeps_the_model_between_averagings(director):
     submit(director, sync="periodic", sync_every=2, rounds=4)
-    task = director.current_task("a", "exp")
+    task = director.workers.current_task("a", "exp")
     assert task.check_in and task.from_global
     with pytest.raises(PreconditionError, match="must check in first"):
         upload(director, "a", 0, trained(1.1))
-    assert director.check_in("a", "exp", 0, 0.5) is False
-    assert director.check_in("b", "exp", 0, 99.0) is False  # no threshold: periodic never averages early
-    assert director.experiment_status("exp").current_round == 1
+    assert director.workers.check_in("a", "exp", 0, 0.5) is False
+    assert director.workers.check_in("b", "exp", 0, 99.0) is False  # no threshold: periodic never averages early
+    assert director.catalog.experiment_status("exp").current_round == 1
     assert model(director, 1)["params/w"].tobytes() == INITIAL["params/w"].tobytes()
     assert round_summary(director, 0)["averaged"] == 0
-    task = director.current_task("a", "exp")
+    task = director.workers.current_task("a", "exp")
     assert task.round == 1 and not task.check_in and not task.from_global  # round 1 averages what they kept
     upload(director, "a", 1, trained(1.2))
     upload(director, "b", 1, trained(0.8))
     np.testing.assert_allclose(model(director, 2)["params/w"], INITIAL["params/w"], rtol=1e-6)
     assert round_summary(director, 1)["averaged"] == 1
-    assert director.current_task("a", "exp").from_global  # round 2 starts from the new average
+    assert director.workers.current_task("a", "exp").from_global  # round 2 starts from the new average
 
 
 def test_dynamic_averaging_asks_an_envoy_that_checked_in_under_the_threshold_to_upload(director):
     submit(director, sync="dynamic", sync_threshold=1.0)
-    assert director.check_in("a", "exp", 0, 0.2) is False  # under: a keeps its model
-    assert director.current_task("a", "exp").kind == r.TaskKind.NONE
-    assert director.check_in("b", "exp", 0, 3.0) is True  # over: everyone uploads
-    assert director.current_task("a", "exp").kind == r.TaskKind.SYNC
+    assert director.workers.check_in("a", "exp", 0, 0.2) is False  # under: a keeps its model
+    assert director.workers.current_task("a", "exp").kind == r.TaskKind.NONE
+    assert director.workers.check_in("b", "exp", 0, 3.0) is True  # over: everyone uploads
+    assert director.workers.current_task("a", "exp").kind == r.TaskKind.SYNC
     upload(director, "b", 0, trained(0.5))
     upload(director, "a", 0, trained(1.5))
     np.testing.assert_allclose(model(director, 1)["params/w"], INITIAL["params/w"], rtol=1e-6)
@@ -163,26 +163,26 @@ def test_dynamic_averaging_asks_an_envoy_that_checked_in_under_the_threshold_to_
 
 def test_dynamic_averaging_under_the_threshold_moves_no_weights(director):
     submit(director, sync="dynamic", sync_threshold=1.0, compression="fp16")
-    assert director.check_in("a", "exp", 0, 0.2) is False
-    assert director.check_in("b", "exp", 0, 0.9) is False
+    assert director.workers.check_in("a", "exp", 0, 0.2) is False
+    assert director.workers.check_in("b", "exp", 0, 0.9) is False
     assert round_summary(director, 0)["averaged"] == 0
     assert all(c["model_messages"] == 0 and c["bytes_uploaded"] == 0 for c in comm(director, 0).values())
-    assert director.current_task("b", "exp").check_in is True  # round 1 checks again
+    assert director.workers.current_task("b", "exp").check_in is True  # round 1 checks again
     events = [e for _, e, _ in director.store.events("exp", round_=0) if e.stage == r.Stage.SYNC_CHECK]
     assert {e.envoy: e.metrics[0].value for e in events} == {"a": 0.2, "b": 0.9}
 
 
 def test_a_triggered_dynamic_round_survives_a_director_restart(tmp_path, director):
     submit(director, sync="dynamic", sync_threshold=1.0)
-    director.check_in("a", "exp", 0, 0.2)
-    director.check_in("b", "exp", 0, 3.0)
+    director.workers.check_in("a", "exp", 0, 0.2)
+    director.workers.check_in("b", "exp", 0, 3.0)
     upload(director, "b", 0, trained(0.5))
     director.close()
     restarted = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60)
     try:
-        assert restarted.current_task("a", "exp").kind == r.TaskKind.SYNC
+        assert restarted.workers.current_task("a", "exp").kind == r.TaskKind.SYNC
         upload(restarted, "a", 0, trained(1.5))
-        assert restarted.experiment_status("exp").current_round == 1
+        assert restarted.catalog.experiment_status("exp").current_round == 1
     finally:
         restarted.close()
 
@@ -191,13 +191,13 @@ def test_a_triggered_dynamic_round_survives_a_director_restart(tmp_path, directo
 def test_a_divergence_that_is_not_a_squared_distance_is_refused(director, divergence):
     submit(director, sync="dynamic", sync_threshold=1.0)
     with pytest.raises(InvalidRequestError, match="finite number >= 0"):
-        director.check_in("a", "exp", 0, divergence)
+        director.workers.check_in("a", "exp", 0, divergence)
 
 
 def test_check_in_is_refused_in_a_round_that_always_averages(director):
     submit(director)
     with pytest.raises(PreconditionError, match="averages: upload the update instead"):
-        director.check_in("a", "exp", 0, 0.1)
+        director.workers.check_in("a", "exp", 0, 0.1)
 
 
 def test_a_server_optimizer_starts_its_state_even_when_round_0_does_not_average(director):
@@ -205,11 +205,11 @@ def test_a_server_optimizer_starts_its_state_even_when_round_0_does_not_average(
 
     name, params = FedAdam(eta=0.1).to_wire()
     submit(director, sync="periodic", sync_every=2, rounds=2, aggregation=name, aggregation_params=params)
-    director.check_in("a", "exp", 0, 0.1)
-    director.check_in("b", "exp", 0, 0.1)
+    director.workers.check_in("a", "exp", 0, 0.1)
+    director.workers.check_in("b", "exp", 0, 0.1)
     upload(director, "a", 1, trained(1.5))
     upload(director, "b", 1, trained(1.5))
-    assert director.experiment_status("exp").current_round == 2
+    assert director.catalog.experiment_status("exp").current_round == 2
     assert not np.allclose(model(director, 2)["params/w"], INITIAL["params/w"])
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from fedjax_core import records as r
 from fedjax_core.director.core import Director
+from fedjax_core.director.round_machine import DeadlinePassed
 from fedjax_core.errors import AlreadyExistsError, InvalidRequestError, PreconditionError
 from fedjax_core.tensors import ModelFile, iter_chunks, spec_of
 
@@ -39,13 +40,13 @@ def update(scale: float) -> dict[str, np.ndarray]:
 def test_updates_are_averaged_by_sample_count(tmp_path):
     d = make_director(tmp_path)
     submit(d)
-    d.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
-    d.accept_update("b", "exp", 0, 30, iter_chunks(update(5.0)))
+    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
+    d.workers.accept_update("b", "exp", 0, 30, iter_chunks(update(5.0)))
     model = ModelFile(tmp_path / "state" / "experiments" / "exp" / "model_round_0001.fjm").arrays()
     np.testing.assert_allclose(model["params/w"], INITIAL["params/w"] * (10 * 1 + 30 * 5) / 40, rtol=1e-6)
     np.testing.assert_allclose(model["params/b"], np.full(3, 4.0), rtol=1e-6)
     assert model["step"] == 5  # counters take the max
-    assert d.experiment_status("exp").current_round == 1
+    assert d.catalog.experiment_status("exp").current_round == 1
     d.close()
 
 
@@ -53,12 +54,12 @@ def test_restart_after_every_update_but_before_the_close_finishes_the_round(tmp_
     d = make_director(tmp_path)
     submit(d)
     monkeypatch.setattr(Director, "_close", lambda self, run: None)  # killed right here
-    d.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
-    d.accept_update("b", "exp", 0, 10, iter_chunks(update(3.0)))
+    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
+    d.workers.accept_update("b", "exp", 0, 10, iter_chunks(update(3.0)))
     d.close()
     monkeypatch.undo()
     restarted = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60)
-    assert restarted.experiment_status("exp").current_round == 1
+    assert restarted.catalog.experiment_status("exp").current_round == 1
     model = ModelFile(tmp_path / "state" / "experiments" / "exp" / "model_round_0001.fjm").arrays()
     np.testing.assert_allclose(model["params/b"], np.full(3, 2.0))
     restarted.close()
@@ -67,20 +68,20 @@ def test_restart_after_every_update_but_before_the_close_finishes_the_round(tmp_
 def test_a_straggler_whose_round_closed_meanwhile_is_told_so(tmp_path):
     d = make_director(tmp_path)
     submit(d, header(round_timeout_s=60, min_envoys=1))
-    d.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
+    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
 
     def straggling_chunks():
         chunks = list(iter_chunks(update(2.0), chunk_bytes=8))
         yield chunks[0]
-        run = d._run
-        with d._cond:  # the deadline closes round 0 while "b" is still uploading
-            run.closing = True
-        d._close(run)
+        run = d.run("exp")
+        with d.lock:  # the deadline closes round 0 while "b" is still uploading
+            effects = d.act(run, DeadlinePassed())
+        d.after(run, effects)
         yield from chunks[1:]
 
     with pytest.raises(PreconditionError, match="round 0 of 'exp' is not open"):
-        d.accept_update("b", "exp", 0, 10, straggling_chunks())
-    assert d.experiment_status("exp").current_round == 1
+        d.workers.accept_update("b", "exp", 0, 10, straggling_chunks())
+    assert d.catalog.experiment_status("exp").current_round == 1
     assert not list((tmp_path / "state" / "incoming").iterdir())  # the spooled upload is gone
     d.close()
 
@@ -94,7 +95,7 @@ def test_a_name_being_submitted_is_taken(tmp_path):
         yield from iter_chunks(INITIAL)
 
     submit(d, chunks=chunks_with_a_rival())
-    assert d.experiment_status("exp").state == "running"
+    assert d.catalog.experiment_status("exp").state == "running"
     assert (tmp_path / "state" / "experiments" / "exp" / "bundle.bin").read_bytes() == b"abc"
     d.close()
 
@@ -103,9 +104,9 @@ def test_a_failed_submission_frees_its_name(tmp_path):
     d = make_director(tmp_path)
     with pytest.raises(InvalidRequestError, match="initial model"):
         submit(d, chunks=iter_chunks({"params/w": INITIAL["params/w"]}))  # tensors missing
-    assert [s.name for s in d.experiments()] == []
+    assert [s.name for s in d.catalog.experiments()] == []
     submit(d)
-    assert d.experiment_status("exp").state == "running"
+    assert d.catalog.experiment_status("exp").state == "running"
     d.close()
 
 
@@ -125,5 +126,5 @@ def test_hostile_headers_are_refused_and_the_director_keeps_working(tmp_path, ov
     with pytest.raises(InvalidRequestError, match=message):
         submit(d, header(**overrides), chunks=iter([]))
     submit(d)  # the next, valid experiment runs
-    assert d.experiment_status("exp").state == "running"
+    assert d.catalog.experiment_status("exp").state == "running"
     d.close()

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from fedjax_core import records as r
-from fedjax_core.director import core as director_core
+from fedjax_core.director import closer, transfers
 from fedjax_core.director.core import Director
-from fedjax_core.director.rounds import RoundEngine
 from fedjax_core.errors import NotFoundError, StorageError
 from fedjax_core.metrics_log import ExperimentLogger
 from fedjax_core.tensors import ModelFileWriter, iter_chunks, spec_of
@@ -39,18 +38,18 @@ def submit(d: Director, name: str = "exp", rounds: int = 1) -> None:
 
 
 def finish(d: Director, name: str) -> None:
-    d.accept_update("a", name, 0, 10, iter_chunks(INITIAL))
-    d.report_metrics("a", name, 1, r.Stage.AGGREGATED, (r.Metric("v", "acc", 0.5),), 5)
-    assert d.experiment_status(name).state == r.State.FINISHED
+    d.workers.accept_update("a", name, 0, 10, iter_chunks(INITIAL))
+    d.workers.report_metrics("a", name, 1, r.Stage.AGGREGATED, (r.Metric("v", "acc", 0.5),), 5)
+    assert d.catalog.experiment_status(name).state == r.State.FINISHED
 
 
 def test_full_disk_while_storing_an_update_fails_the_experiment_and_the_director_serves_on(director, monkeypatch):
     submit(director)
     monkeypatch.setattr(ModelFileWriter, "add_chunk", no_space)
     with pytest.raises(StorageError, match="disk is full: it could not store this update"):
-        director.accept_update("a", "exp", 0, 10, iter_chunks(INITIAL))
+        director.workers.accept_update("a", "exp", 0, 10, iter_chunks(INITIAL))
     monkeypatch.undo()
-    status = director.experiment_status("exp")
+    status = director.catalog.experiment_status("exp")
     assert status.state == r.State.FAILED and "disk is full (No space left on device" in status.error
     assert "while storing the update of envoy 'a' for round 0" in status.error
     assert not list((director.state_dir / "incoming").iterdir())  # nothing half-written stays
@@ -61,10 +60,10 @@ def test_full_disk_while_storing_an_update_fails_the_experiment_and_the_director
 
 def test_full_disk_while_closing_a_round_fails_the_experiment_cleanly(director, monkeypatch):
     submit(director)
-    monkeypatch.setattr(RoundEngine, "_write_next_model", no_space)
-    director.accept_update("a", "exp", 0, 10, iter_chunks(INITIAL))
+    monkeypatch.setattr(closer, "write_next_model", no_space)
+    director.workers.accept_update("a", "exp", 0, 10, iter_chunks(INITIAL))
     monkeypatch.undo()
-    status = director.experiment_status("exp")
+    status = director.catalog.experiment_status("exp")
     assert status.state == r.State.FAILED and "closing round 0 failed: the director's disk is full" in status.error
     assert not (director.files.round_dir("exp", 0)).exists()  # the spooled updates went with it
     submit(director, "after")
@@ -72,7 +71,7 @@ def test_full_disk_while_closing_a_round_fails_the_experiment_cleanly(director, 
 
 
 def test_full_disk_at_submission_keeps_no_trace_and_the_name_stays_free(director, monkeypatch):
-    monkeypatch.setattr(director_core, "write_bundle", no_space)
+    monkeypatch.setattr(transfers, "write_bundle", no_space)
     with pytest.raises(StorageError, match="experiment 'exp' was not stored; free space there and submit again"):
         submit(director)
     monkeypatch.undo()
@@ -99,11 +98,11 @@ def test_keep_experiments_removes_the_files_of_older_ended_experiments(tmp_path)
             finish(d, name)
         kept = sorted(p.name for p in (tmp_path / "state" / "experiments").iterdir())
         assert kept == ["three"]
-        assert d.experiment_status("one").state == r.State.FINISHED  # the history stays
+        assert d.catalog.experiment_status("one").state == r.State.FINISHED  # the history stays
         assert [e.stage for _, e, _ in d.store.events("one")]
         with pytest.raises(NotFoundError, match="models of experiment 'one' were removed to bound disk use"):
-            d.model_chunks("one", "last")
-        assert next(d.model_chunks("three", "last")).name == "params/w"
+            d.catalog.model_chunks("one", "last")
+        assert next(d.catalog.model_chunks("three", "last")).name == "params/w"
     finally:
         d.close()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def submit(d: Director, h: r.ExperimentHeader) -> None:
 def play_round(d: Director, round_: int, envoys: tuple[str, ...]) -> None:
     for envoy in envoys:
         weights = {"params/w": np.full((3, 4), ord(envoy[0]) + round_, np.float32), "step": np.array(1, np.int32)}
-        d.accept_update(envoy, "exp", round_, 10, iter_chunks(weights))
+        d.workers.accept_update(envoy, "exp", round_, 10, iter_chunks(weights))
 
 
 def dropouts(d: Director, name: str = "exp") -> list[r.MetricEvent]:
@@ -53,26 +54,26 @@ def test_a_refusing_envoy_leaves_every_remaining_round_and_a_restart_keeps_it_ou
     d = make_director(tmp_path, envoys=("a", "b", "c"))
     submit(d, header(rounds=2))
     play_round(d, 0, envoys=("a", "b", "c"))
-    d.report_failure("b", "exp", "its submitter 'api' is not in settings.accept_from (x)", refused=True)
+    d.workers.report_failure("b", "exp", "its submitter 'api' is not in settings.accept_from (x)", refused=True)
     [event] = dropouts(d)
     assert event.envoy == "b" and event.round == 1
     assert event.note.startswith("envoy 'b' refused experiment 'exp': its submitter 'api' is not in")
     assert "2 of 3 envoys continue" in event.note
-    assert d.experiment_status("exp").envoys == ("a", "c")
-    assert d.current_task("b", "exp").kind == r.TaskKind.FINISHED
+    assert d.catalog.experiment_status("exp").envoys == ("a", "c")
+    assert d.workers.current_task("b", "exp").kind == r.TaskKind.FINISHED
     with pytest.raises(PreconditionError, match="not a collaborator"):
-        d.report_failure("b", "exp", "again", refused=True)
+        d.workers.report_failure("b", "exp", "again", refused=True)
 
     d = reopen(d, tmp_path)  # the refusal survives the director
-    assert d.experiment_status("exp").envoys == ("a", "c")
+    assert d.catalog.experiment_status("exp").envoys == ("a", "c")
     play_round(d, 1, envoys=("a", "c"))
-    run = d._run
-    assert run is not None and run.kind == r.TaskKind.VALIDATE and run.participants == ("a", "c")
+    run = d.run("exp")
+    assert run is not None and run.state.kind == r.TaskKind.VALIDATE and run.state.participants == ("a", "c")
     for envoy in ("a", "c"):
-        d.report_metrics(envoy, "exp", 2, r.Stage.AGGREGATED, (r.Metric("val", "acc", 0.5),), 5)
-    assert d.experiment_status("exp").state == "finished"
+        d.workers.report_metrics(envoy, "exp", 2, r.Stage.AGGREGATED, (r.Metric("val", "acc", 0.5),), 5)
+    assert d.catalog.experiment_status("exp").state == "finished"
     # round 1 had sampled b before it refused: it dropped out of it; the final validation left it out
-    assert d.experiment_status("exp").participants == {0: ("a", "b", "c"), 1: ("a", "b", "c")}
+    assert d.catalog.experiment_status("exp").participants == {0: ("a", "b", "c"), 1: ("a", "b", "c")}
     d.close()
 
 
@@ -80,17 +81,17 @@ def test_a_refusal_mid_round_drops_the_envoy_from_that_round_and_the_round_close
     d = make_director(tmp_path)
     submit(d, header(rounds=1))
     play_round(d, 0, envoys=("a",))
-    d.report_failure("b", "exp", "refused in review by the envoy's operator", refused=True)
-    run = d._run
-    assert run is not None and run.kind == r.TaskKind.VALIDATE and run.participants == ("a",)
+    d.workers.report_failure("b", "exp", "refused in review by the envoy's operator", refused=True)
+    run = d.run("exp")
+    assert run is not None and run.state.kind == r.TaskKind.VALIDATE and run.state.participants == ("a",)
     d.close()
 
 
 def test_a_refusal_that_leaves_too_few_envoys_fails_the_experiment_saying_so(tmp_path):
     d = make_director(tmp_path)
     submit(d, header(rounds=2, min_envoys=2))
-    d.report_failure("b", "exp", "nope", refused=True)
-    status = d.experiment_status("exp")
+    d.workers.report_failure("b", "exp", "nope", refused=True)
+    status = d.catalog.experiment_status("exp")
     assert status.state == "failed"
     assert status.error == ("envoy 'b' refused experiment 'exp' in round 0, leaving fewer than the 2 results round 0 "
                             "needs (min_envoys=2): nope")
@@ -101,5 +102,27 @@ def test_the_bundle_sha256_is_recorded_at_submission(tmp_path):
     d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60)
     d.register_envoy("a", INFO)
     d.submit_experiment(header(bundle_size=6), [b"abc", b"def"], iter_chunks(INITIAL))
-    assert d.experiment_bundle_sha256("exp") == hashlib.sha256(b"abcdef").hexdigest()
+    assert d.catalog.experiment_bundle_sha256("exp") == hashlib.sha256(b"abcdef").hexdigest()
+    d.close()
+
+
+def test_a_refusal_whose_shrunk_envoy_list_cannot_be_stored_leaves_the_round_as_it_was(tmp_path, monkeypatch):
+    d = make_director(tmp_path, envoys=("a", "b", "c"))
+    submit(d, header(rounds=1, min_envoys=2))
+    play_round(d, 0, envoys=("a", "c"))  # b's refusal would complete the round
+    real = d.store.update_experiment
+
+    def locked(name, **fields):
+        if "envoys" in fields:
+            raise sqlite3.OperationalError("database is locked")
+        return real(name, **fields)
+
+    monkeypatch.setattr(d.store, "update_experiment", locked)
+    with pytest.raises(sqlite3.OperationalError):
+        d.workers.report_failure("b", "exp", "nope", refused=True)
+    monkeypatch.undo()
+    run = d.run("exp")
+    assert run.round == 0 and "b" in run.state.envoys and run.state.pending == {"b"}  # nothing half-done
+    d.workers.report_failure("b", "exp", "nope", refused=True)  # the database is back: the refusal goes through
+    assert d.run("exp").round == 1 and d.catalog.experiment_status("exp").envoys == ("a", "c")
     d.close()

@@ -56,7 +56,7 @@ def model_file(tmp_path, round_: int, name="exp") -> dict[str, np.ndarray]:
 
 def play_round(d: Director, round_: int, envoys=("a", "b"), name="exp") -> None:
     for envoy in envoys:
-        d.accept_update(envoy, name, round_, 10 + ord(envoy[0]), iter_chunks(update(envoy, round_)))
+        d.workers.accept_update(envoy, name, round_, 10 + ord(envoy[0]), iter_chunks(update(envoy, round_)))
 
 
 @pytest.mark.parametrize("strategy", [s.FedAdam(eta=0.05), s.FedYogi(), s.FedAvgM(), s.FedMedian()], ids=repr)
@@ -76,7 +76,7 @@ def test_a_restart_between_rounds_resumes_bit_identically(tmp_path, strategy):
     d = reopen(d, tmp_path / "restarted")
     play_round(d, 2)
     got = model_file(tmp_path / "restarted", 3)
-    assert d.experiment_status("exp").current_round == 3
+    assert d.catalog.experiment_status("exp").current_round == 3
     for name in want:
         assert got[name].tobytes() == want[name].tobytes(), name
     assert not np.array_equal(got["params/w"], model_file(tmp_path / "straight", 3)["params/w"] * 0)
@@ -118,7 +118,7 @@ def test_bad_round_settings_are_refused_at_submission(tmp_path, overrides, messa
     d = make_director(tmp_path)
     with pytest.raises(InvalidRequestError, match=message):
         submit(d, header(**overrides))
-    assert d.experiments() == []
+    assert d.catalog.experiments() == []
     d.close()
 
 
@@ -129,25 +129,25 @@ def test_sampling_selects_what_the_seed_says_and_records_it(tmp_path):
     for t in range(3):
         chosen = select_participants(envoys, 2, 1234, t)
         left_out = sorted(set(envoys) - set(chosen))
-        assert d.current_task(left_out[0], "exp").kind == r.TaskKind.NONE  # sits the round out
+        assert d.workers.current_task(left_out[0], "exp").kind == r.TaskKind.NONE  # sits the round out
         with pytest.raises(PreconditionError, match=f"was not selected for round {t}"):
-            d.accept_update(left_out[0], "exp", t, 10, iter_chunks(update(left_out[0], t)))
-        assert d.current_task(chosen[0], "exp").kind == r.TaskKind.TRAIN
+            d.workers.accept_update(left_out[0], "exp", t, 10, iter_chunks(update(left_out[0], t)))
+        assert d.workers.current_task(chosen[0], "exp").kind == r.TaskKind.TRAIN
         play_round(d, t, envoys=chosen)
-    status = d.experiment_status("exp")
+    status = d.catalog.experiment_status("exp")
     assert status.participants == {t: select_participants(envoys, 2, 1234, t) for t in range(3)}
     assert len(set(status.participants.values())) > 1  # the seed draws different pairs
     summaries = [e for _, e, _ in d.store.events("exp") if e.stage == r.Stage.ROUND]
     assert [e.participants for e in summaries] == list(status.participants.values())
     # after the last round every envoy validates the final model
-    assert {e: d.current_task(e, "exp").kind for e in envoys} == dict.fromkeys(envoys, r.TaskKind.VALIDATE)
+    assert {e: d.workers.current_task(e, "exp").kind for e in envoys} == dict.fromkeys(envoys, r.TaskKind.VALIDATE)
     d.close()
 
 
 def test_a_fraction_samples_floor_of_it_and_at_least_one(tmp_path):
     d = make_director(tmp_path, ("a", "b", "c"))
     submit(d, header(envoys_fraction=0.2, sampling_seed=5))
-    assert len(d.experiment_status("exp").participants[0]) == 1
+    assert len(d.catalog.experiment_status("exp").participants[0]) == 1
     d.close()
 
 
@@ -156,23 +156,26 @@ def test_round_config_reaches_each_rounds_task(tmp_path):
     config = [{"train": {"lr": 0.1 / (t + 1)}} for t in range(3)]
     submit(d, header(round_config=json.dumps(config)))
     for t in range(3):
-        task = d.current_task("a", "exp")
+        task = d.workers.current_task("a", "exp")
         assert (task.round, json.loads(task.task_kwargs)) == (t, config[t])
         play_round(d, t)
-    assert json.loads(d.current_task("a", "exp").task_kwargs) == config[2]  # final validation: the last round's
+    assert json.loads(d.workers.current_task("a", "exp").task_kwargs) == config[2]  # final validation: the last round's
     d.close()
 
 
-def test_a_paused_fold_blocks_neither_heartbeats_nor_registry_reads(tmp_path):
+def test_a_paused_fold_blocks_neither_heartbeats_nor_registry_reads(tmp_path, monkeypatch):
     d = make_director(tmp_path, ("a", "b", "c"))
     submit(d, header(envoys=("a", "b")))
     in_fold, release = threading.Event(), threading.Event()
+    keep = d.engine.keep
 
-    def pause(experiment, envoy):
-        in_fold.set()
-        assert release.wait(30), "the test never released the fold"
+    def paused_keep(run, envoy, *args):  # holds the round's keep_lock, as keeping a large update does
+        if envoy == "a":
+            in_fold.set()
+            assert release.wait(30), "the test never released the fold"
+        return keep(run, envoy, *args)
 
-    d.engine.fold_hook = pause
+    monkeypatch.setattr(d.engine, "keep", paused_keep)
     uploader = threading.Thread(target=play_round, args=(d, 0, ("a",)))
     uploader.start()
     try:
@@ -181,10 +184,10 @@ def test_a_paused_fold_blocks_neither_heartbeats_nor_registry_reads(tmp_path):
 
         def calls():
             answers["heartbeat"] = d.heartbeat("c")
-            answers["registry"] = sorted(e.name for e in d.shard_registry())
-            answers["status"] = d.experiment_status("exp").state
-            answers["task"] = d.current_task("b", "exp").kind
-            d.report_metrics("b", "exp", 0, r.Stage.TRAIN, (r.Metric("train", "acc", 0.5),), 10)
+            answers["registry"] = sorted(e.name for e in d.catalog.shard_registry())
+            answers["status"] = d.catalog.experiment_status("exp").state
+            answers["task"] = d.workers.current_task("b", "exp").kind
+            d.workers.report_metrics("b", "exp", 0, r.Stage.TRAIN, (r.Metric("train", "acc", 0.5),), 10)
             answers["metrics"] = True
 
         caller = threading.Thread(target=calls)
@@ -196,9 +199,8 @@ def test_a_paused_fold_blocks_neither_heartbeats_nor_registry_reads(tmp_path):
     finally:
         release.set()
         uploader.join(30)
-    d.engine.fold_hook = None
     play_round(d, 0, ("b",))
-    assert d.experiment_status("exp").current_round == 1
+    assert d.catalog.experiment_status("exp").current_round == 1
     d.close()
 
 
@@ -219,8 +221,8 @@ def test_a_paused_close_blocks_neither_heartbeats_nor_status(tmp_path, monkeypat
     try:
         assert in_close.wait(30)
         result = {}
-        caller = threading.Thread(target=lambda: result.update(hb=d.heartbeat("a"), st=d.experiment_status("exp"),
-                                                               task=d.current_task("a", "exp").kind))
+        caller = threading.Thread(target=lambda: result.update(hb=d.heartbeat("a"), st=d.catalog.experiment_status("exp"),
+                                                               task=d.workers.current_task("a", "exp").kind))
         caller.start()
         caller.join(30)
         assert not caller.is_alive(), "a call waited for the round to close"
@@ -228,7 +230,7 @@ def test_a_paused_close_blocks_neither_heartbeats_nor_status(tmp_path, monkeypat
     finally:
         release.set()
         closer.join(30)
-    assert d.experiment_status("exp").current_round == 1
+    assert d.catalog.experiment_status("exp").current_round == 1
     d.close()
 
 
@@ -257,15 +259,15 @@ def test_a_round_model_asked_for_while_the_round_closes_is_refused_and_old_files
     try:
         assert in_close.wait(30)
         with pytest.raises(PreconditionError, match=r"round 0 is not open: the current round of 'exp' is 0 \(closing\)"):
-            list(d.round_model("a", "exp", 0))
-        assert len(list(d.model_chunks("exp", "last"))) > 0  # the last model is still there to download
+            list(d.workers.round_model("a", "exp", 0))
+        assert len(list(d.catalog.model_chunks("exp", "last"))) > 0  # the last model is still there to download
     finally:
         release.set()
         closer.join(30)
     assert not in_close.timed_out
     exp = tmp_path / "state" / "experiments" / "exp"
     assert not (exp / "model_round_0000.fjm").exists() and (exp / "model_round_0001.fjm").exists()
-    assert len(list(d.round_model("a", "exp", 1))) > 0
+    assert len(list(d.workers.round_model("a", "exp", 1))) > 0
     d.close()
 
 
@@ -273,7 +275,7 @@ def test_a_cancel_while_a_round_closes_does_not_advance_it(tmp_path, monkeypatch
     d = make_director(tmp_path)
     submit(d, header(envoys_per_round=1, sampling_seed=3))
     in_close, release = pause_close(d, monkeypatch)
-    chosen = d.experiment_status("exp").participants[0]
+    chosen = d.catalog.experiment_status("exp").participants[0]
     closer = threading.Thread(target=play_round, args=(d, 0, chosen))
     closer.start()
     try:
@@ -283,7 +285,7 @@ def test_a_cancel_while_a_round_closes_does_not_advance_it(tmp_path, monkeypatch
         release.set()
         closer.join(30)
     assert not in_close.timed_out
-    status = d.experiment_status("exp")
+    status = d.catalog.experiment_status("exp")
     assert (status.state, status.current_round, len(status.participants)) == ("cancelled", 0, 1)
     assert not (tmp_path / "state" / "experiments" / "exp" / "round_0000").exists()
     d.close()
@@ -302,9 +304,9 @@ def test_an_experiment_sized_on_online_envoys_waits_for_them_instead_of_failing(
         d.store._db.execute("UPDATE envoys SET last_seen = 0 WHERE name = 'b'")
     now[0] = d.store.envoys()[0][2]  # "a" seen just now
     d.cancel_experiment("first")
-    assert d.experiment_status("second").state == "queued"  # waits: only one envoy is online
+    assert d.catalog.experiment_status("second").state == "queued"  # waits: only one envoy is online
     d.heartbeat("b")
-    assert d.experiment_status("second").state == "running"
+    assert d.catalog.experiment_status("second").state == "running"
     d.close()
 
 
@@ -327,9 +329,9 @@ def test_deadlines_and_round_times_follow_the_monotonic_timer_not_the_wall_clock
     play_round(d, 0, envoys=("a",))
     wall[0] -= 3 * 24 * 3600  # the wall clock steps back three days (NTP, a VM resume...)
     timer[0] += 31  # while 31 s pass
-    with d._cond:
-        d._cond.notify_all()  # the watcher recomputes its deadline
-    wait_until(lambda: d.experiment_status("exp").current_round == 1)
+    with d.lock:
+        d.lock.notify_all()  # the watcher recomputes its deadline
+    wait_until(lambda: d.catalog.experiment_status("exp").current_round == 1)
     summary = next(e for _, e, _ in d.store.events("exp") if e.stage == r.Stage.ROUND)
     assert summary.round_time_s == pytest.approx(31.0)
     d.close()
@@ -349,11 +351,11 @@ def test_an_experiment_waiting_for_an_offline_envoy_does_not_block_the_queue(tmp
         d.store._db.execute("UPDATE envoys SET last_seen = 0 WHERE name = 'c'")
     submit(d, header(name="needs-c", envoys=("a", "c")))
     submit(d, header(name="has-its-envoys", envoys=("a", "b")))
-    assert d.experiment_status("needs-c").state == "queued"
-    assert d.experiment_status("has-its-envoys").state == "running"  # went ahead of the waiting one
+    assert d.catalog.experiment_status("needs-c").state == "queued"
+    assert d.catalog.experiment_status("has-its-envoys").state == "running"  # went ahead of the waiting one
     d.cancel_experiment("has-its-envoys")
     d.heartbeat("c")
-    assert d.experiment_status("needs-c").state == "running"
+    assert d.catalog.experiment_status("needs-c").state == "running"
     d.close()
 
 
@@ -380,8 +382,8 @@ def test_a_second_daemon_under_an_online_name_is_refused_and_a_silent_ones_name_
 def test_an_update_weighs_at_most_the_train_size_its_envoy_registered(tmp_path):
     d = make_director(tmp_path)  # a and b registered 10 training samples each
     submit(d, header())
-    d.accept_update("a", "exp", 0, 2**62, iter_chunks({**update("a", 0), "params/b": np.zeros(4, np.float32)}))
-    d.accept_update("b", "exp", 0, 10, iter_chunks({**update("b", 0), "params/b": np.ones(4, np.float32)}))
+    d.workers.accept_update("a", "exp", 0, 2**62, iter_chunks({**update("a", 0), "params/b": np.zeros(4, np.float32)}))
+    d.workers.accept_update("b", "exp", 0, 10, iter_chunks({**update("b", 0), "params/b": np.ones(4, np.float32)}))
     np.testing.assert_allclose(model_file(tmp_path, 1)["params/b"], 0.5)  # 10 : 10, not 2**62 : 10
     d.close()
 
@@ -391,7 +393,7 @@ def test_a_non_finite_update_is_refused_naming_the_tensor(tmp_path):
     submit(d, header())
     bad = {**update("a", 0), "params/w": np.full((3, 4), np.nan, np.float32)}
     with pytest.raises(InvalidRequestError, match="non-finite values in 'params/w'"):
-        d.accept_update("a", "exp", 0, 10, iter_chunks(bad))
+        d.workers.accept_update("a", "exp", 0, 10, iter_chunks(bad))
     play_round(d, 0)  # nothing of it was kept: the round goes on with good updates
     assert np.isfinite(model_file(tmp_path, 1)["params/w"]).all()
     d.close()
@@ -406,12 +408,12 @@ def test_one_upload_at_a_time_per_envoy_and_round(tmp_path):
         chunks = list(iter_chunks(update("a", 0)))
         yield chunks[0]
         try:
-            d.accept_update("a", "exp", 0, 10, iter_chunks(update("a", 0)))
+            d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update("a", 0)))
         except PreconditionError as exc:
             second_result["error"] = str(exc)
         yield from chunks[1:]
 
-    d.accept_update("a", "exp", 0, 10, chunks_with_a_second_upload())
+    d.workers.accept_update("a", "exp", 0, 10, chunks_with_a_second_upload())
     assert second_result["error"] == "an upload from envoy 'a' for round 0 is already in progress"
     d.close()
 
@@ -434,11 +436,11 @@ def test_metric_reports_and_error_texts_are_bounded(tmp_path):
     d = make_director(tmp_path)
     submit(d, header())
     with pytest.raises(InvalidRequestError, match="reported 300 metrics at once; at most 256"):
-        d.report_metrics("a", "exp", 0, r.Stage.TRAIN, tuple(r.Metric("t", f"m{i}", 1.0) for i in range(300)), 10)
+        d.workers.report_metrics("a", "exp", 0, r.Stage.TRAIN, tuple(r.Metric("t", f"m{i}", 1.0) for i in range(300)), 10)
     with pytest.raises(InvalidRequestError, match="metric name"):
-        d.report_metrics("a", "exp", 0, r.Stage.TRAIN, (r.Metric("t", "m" * 1000, 1.0),), 10)
-    d.report_failure("a", "exp", "boom " * 10_000)
-    error = d.experiment_status("exp").error
+        d.workers.report_metrics("a", "exp", 0, r.Stage.TRAIN, (r.Metric("t", "m" * 1000, 1.0),), 10)
+    d.workers.report_failure("a", "exp", "boom " * 10_000)
+    error = d.catalog.experiment_status("exp").error
     assert len(error) < 17_000 and "more characters cut by the director" in error
     d.close()
 
@@ -470,25 +472,25 @@ def test_files_left_by_a_crash_are_swept_at_start_up(tmp_path):
     kept = sorted(p.name for p in exp.iterdir())
     assert kept == ["bundle.bin", "model_round_0001.fjm", "round_0001", "server_state_round_0001.fjm"]
     play_round(d, 1, envoys=("b",))  # the spooled update of round 1 survived and is counted
-    assert d.experiment_status("exp").current_round == 2
+    assert d.catalog.experiment_status("exp").current_round == 2
     d.close()
 
 
 def test_a_dropout_survives_a_restart_and_the_round_closes_with_the_others(tmp_path):
     d = make_director(tmp_path, ("a", "b", "c"))
     submit(d, header(min_envoys=2))
-    d.report_failure("c", "exp", "ValueError: bad batch", round_=0)
-    assert d.current_task("c", "exp").kind == r.TaskKind.NONE  # out of this round
+    d.workers.report_failure("c", "exp", "ValueError: bad batch", round_=0)
+    assert d.workers.current_task("c", "exp").kind == r.TaskKind.NONE  # out of this round
     with pytest.raises(PreconditionError, match="dropped out of round 0"):
-        d.accept_update("c", "exp", 0, 10, iter_chunks(update("c", 0)))
+        d.workers.accept_update("c", "exp", 0, 10, iter_chunks(update("c", 0)))
     with pytest.raises(PreconditionError, match="has gone on without envoy 'c'"):
-        d.report_failure("c", "exp", "again", round_=0)
+        d.workers.report_failure("c", "exp", "again", round_=0)
     play_round(d, 0, envoys=("a",))
     d = reopen(d, tmp_path)  # killed with a dropped and b pending
-    assert d.experiment_status("exp").current_round == 0
+    assert d.catalog.experiment_status("exp").current_round == 0
     play_round(d, 0, envoys=("b",))
-    assert d.experiment_status("exp").current_round == 1  # closed with a and b
-    assert d.current_task("c", "exp").kind == r.TaskKind.TRAIN  # c rejoins round 1
+    assert d.catalog.experiment_status("exp").current_round == 1  # closed with a and b
+    assert d.workers.current_task("c", "exp").kind == r.TaskKind.TRAIN  # c rejoins round 1
     notes = [e.note for _, e, _ in d.store.events("exp") if e.stage == r.Stage.DROPOUT]
     assert notes == ["envoy 'c' dropped out of round 0: ValueError: bad batch; 2 of 3 continue (the round needs 2)"]
     d.close()
@@ -497,8 +499,8 @@ def test_a_dropout_survives_a_restart_and_the_round_closes_with_the_others(tmp_p
 def test_a_failure_outside_a_round_still_ends_the_experiment(tmp_path):
     d = make_director(tmp_path)
     submit(d, header(min_envoys=1))
-    d.report_failure("a", "exp", "ModuleNotFoundError: no module named 'mine'")  # the worker cannot start
-    status = d.experiment_status("exp")
+    d.workers.report_failure("a", "exp", "ModuleNotFoundError: no module named 'mine'")  # the worker cannot start
+    status = d.catalog.experiment_status("exp")
     assert status.state == "failed" and status.error == "envoy 'a' failed: ModuleNotFoundError: no module named 'mine'"
     d.close()
 
@@ -514,9 +516,9 @@ def test_a_participant_whose_heartbeats_stop_drops_out_and_rejoins_when_back(tmp
     timer[0] = 20
     d.heartbeat("a")  # a keeps beating; b has been silent since t=0
     timer[0] = 31
-    with d._cond:
-        d._cond.notify_all()
-    wait_until(lambda: d.experiment_status("exp").current_round == 1)  # closed with a alone
+    with d.lock:
+        d.lock.notify_all()
+    wait_until(lambda: d.catalog.experiment_status("exp").current_round == 1)  # closed with a alone
     notes = [e.note for _, e, _ in d.store.events("exp") if e.stage == r.Stage.DROPOUT]
     assert notes[:1] == ["envoy 'b' dropped out of round 0: no heartbeat for 30s (settings.envoy_timeout_s); it rejoins "
                      "when it is back; 1 of 2 continue (the round needs 1)"]
@@ -524,8 +526,8 @@ def test_a_participant_whose_heartbeats_stop_drops_out_and_rejoins_when_back(tmp
     wait_until(lambda: [e.round for _, e, _ in d.store.events("exp") if e.stage == r.Stage.DROPOUT] == [0, 1])
     d.heartbeat("b")  # back
     play_round(d, 1, envoys=("a",))
-    assert d.experiment_status("exp").current_round == 2
-    assert d.current_task("b", "exp").kind == r.TaskKind.TRAIN  # it takes part in round 2
+    assert d.catalog.experiment_status("exp").current_round == 2
+    assert d.workers.current_task("b", "exp").kind == r.TaskKind.TRAIN  # it takes part in round 2
     d.close()
 
 
@@ -539,9 +541,9 @@ def test_an_experiment_too_big_for_the_online_envoys_but_not_the_registered_ones
         d.register_envoy(envoy, INFO)
     with d.store._lock, d.store._db:  # "c" was last seen long ago: offline
         d.store._db.execute("UPDATE envoys SET last_seen = 0 WHERE name = 'c'")
-    d._seen.pop("c")
+    d.registry._seen.pop("c")
     submit(d, header(strategy=s.Krum(num_malicious_clients=0)))
-    assert d.experiment_status("exp").state == "queued"
+    assert d.catalog.experiment_status("exp").state == "queued"
     d.heartbeat("c")
-    assert d.experiment_status("exp").state == "running" and d.experiment_status("exp").envoys == ("a", "b", "c")
+    assert d.catalog.experiment_status("exp").state == "running" and d.catalog.experiment_status("exp").envoys == ("a", "b", "c")
     d.close()

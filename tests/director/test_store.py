@@ -27,7 +27,7 @@ def _header(name: str, rounds: int = 3) -> r.ExperimentHeader:
     )
 
 
-def _event(round_: int, envoy: str, stage: str = r.STAGE_TRAIN, value: float = 0.5) -> r.MetricEvent:
+def _event(round_: int, envoy: str, stage: str = r.Stage.TRAIN, value: float = 0.5) -> r.MetricEvent:
     return r.MetricEvent(round=round_, envoy=envoy, stage=stage,
                          metrics=(r.Metric(stage, "acc", value), r.Metric(stage, "loss", 1 / 3)),
                          timestamp=1_700_000_000.25 + round_, round_time_s=0.125 * (round_ + 1))
@@ -179,9 +179,9 @@ def test_an_envoy_has_one_update_per_round(store, tmp_path):
 
 # ---------------------------------------------------------------------- events
 def test_events_add_and_list(store):
-    e0 = _event(0, "env_one", r.STAGE_AGGREGATED, 0.1)
-    e1 = _event(0, "env_one", r.STAGE_TRAIN, 0.2)
-    e2 = _event(1, "", r.STAGE_ROUND, 0.3)
+    e0 = _event(0, "env_one", r.Stage.AGGREGATED, 0.1)
+    e1 = _event(0, "env_one", r.Stage.TRAIN, 0.2)
+    e2 = _event(1, "", r.Stage.ROUND, 0.3)
     store.add_event("exp1", e0, weight=508)
     store.add_event("exp1", e1, weight=2585)
     store.add_event("exp2", _event(0, "env_two"))
@@ -223,7 +223,7 @@ def test_data_survives_close_and_reopen(path, tmp_path):
     s.update_experiment("exp1", state="running", envoys=("env_one",), current_round=3, best_round=2,
                         best_value=0.75, error="")
     s.add_update("exp1", 3, "env_one", 2585.0, tmp_path / "u.fjm", 4096)
-    e = _event(2, "", r.STAGE_ROUND, 0.75)
+    e = _event(2, "", r.Stage.ROUND, 0.75)
     s.add_event("exp1", e, weight=3)
     s.close()
 

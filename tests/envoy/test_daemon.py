@@ -1,55 +1,55 @@
-"""The worker's environment: device choice and JAX/TF memory settings from the envoy config."""
-import os
+"""The daemon's workers when experiments run side by side: only a worker whose experiment the director has
+moved on from is stopped, never one of an experiment that still runs."""
+from __future__ import annotations
+
 import re
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
 
-from fedjax_core.config import EnvoyParams
-from fedjax_core.envoy.daemon import cache_folder, worker_environment
+import pytest
 
-
-def env_for(tmp_path, **params):
-    base = {"PATH": "/usr/bin", "PYTHONPATH": "/existing", "JAX_PLATFORMS": "cuda",
-            "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
-    return worker_environment(EnvoyParams(**params), base, tmp_path)
-
-
-def test_no_cuda_devices_means_cpu_only_and_no_preallocation(tmp_path):
-    env = env_for(tmp_path)
-    assert env["JAX_PLATFORMS"] == "cpu" and env["CUDA_VISIBLE_DEVICES"] == ""
-    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env  # an inherited fraction does not leak in
-    assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
-    assert env["PYTHONPATH"] == os.pathsep.join([str(tmp_path), "/existing"])
-    assert env["PATH"] == "/usr/bin"
+from fedjax_core.envoy.daemon import EnvoyDaemon, Worker, cache_folder
+from fedjax_core.envoy.launch import Launched
 
 
-def test_gpus_preallocation_and_fraction(tmp_path):
-    env = env_for(tmp_path, cuda_devices=[1, 3], jax_preallocate=True, jax_memory_fraction=0.45)
-    assert env["CUDA_VISIBLE_DEVICES"] == "1,3"
-    assert "JAX_PLATFORMS" not in env  # JAX picks the GPU backend itself
-    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
-    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.450"
+class FakeWorkDir:
+    def __init__(self):
+        self.discarded: list[str] = []
+
+    def discard_bundle(self, name: str) -> None:
+        self.discarded.append(name)
 
 
-def test_the_worker_environment_is_an_allow_list_not_a_copy(tmp_path):
-    base = {"PATH": "/usr/bin", "MY_SECRET_TOKEN": "hunter2", "AWS_SECRET_ACCESS_KEY": "x", "LC_ALL": "C",
-            "FEDJAX_TEST_FAIL_ROUNDS": "1", "XLA_FLAGS": "--xla_dump_to=/tmp/x", "SSH_AUTH_SOCK": "/tmp/agent"}
-    env = worker_environment(EnvoyParams(), base, tmp_path, home="/home/worker")
-    assert not {"MY_SECRET_TOKEN", "AWS_SECRET_ACCESS_KEY", "SSH_AUTH_SOCK"} & set(env)
-    assert env["LC_ALL"] == "C" and env["FEDJAX_TEST_FAIL_ROUNDS"] == "1" and env["XLA_FLAGS"].startswith("--xla")
-    assert env["HOME"] == "/home/worker"
+@pytest.fixture
+def daemon(tmp_path):
+    processes = {}
+
+    def worker(name: str) -> Worker:
+        process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        processes[name] = process
+        return Worker(Launched(process, tmp_path / name, False), None)
+
+    stub = SimpleNamespace(name="env1", _worker_lock=threading.Lock(), workdir=FakeWorkDir(),
+                           _workers={"a": worker("a"), "b": worker("b")})
+    yield stub, processes
+    for process in processes.values():
+        process.kill()
+        process.wait()
 
 
-def test_no_compilation_cache_reaches_the_worker_from_the_daemons_environment(tmp_path):
-    inherited = {"PATH": "/usr/bin", "JAX_COMPILATION_CACHE_DIR": "/shared/cache", "JAX_ENABLE_COMPILATION_CACHE": "0",
-                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "5", "JAX_PLATFORMS": "cpu",
-                 "XLA_FLAGS": "--xla_gpu_kernel_cache_file=/shared/k --xla_dump_to=/tmp/x "
-                              "--xla_gpu_per_fusion_autotune_cache_dir=/shared/a"}
-    for params in (EnvoyParams(), EnvoyParams(jax_compilation_cache=True)):  # on: the spec names the folder
-        env = worker_environment(params, inherited, tmp_path)
-        assert not [k for k in env if "CACHE" in k], env
-        assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"  # the operator's other flags stay
-    assert "XLA_FLAGS" not in worker_environment(EnvoyParams(), {"XLA_FLAGS": "--xla_gpu_kernel_cache_file=/k"},
-                                                 tmp_path)
+def test_a_push_naming_the_running_experiments_stops_only_the_workers_of_others(daemon):
+    stub, processes = daemon
+    EnvoyDaemon._stop_ended(stub, frozenset({"a", "c"}))
+    assert list(stub._workers) == ["a"] and processes["a"].poll() is None
+    assert processes["b"].wait(timeout=30) is not None and stub.workdir.discarded == ["b"]
+
+
+def test_a_director_that_names_none_runs_one_experiment_at_a_time(daemon):
+    stub, processes = daemon
+    EnvoyDaemon._stop_ended(stub, frozenset())
+    assert stub._workers == {} and all(p.wait(timeout=30) is not None for p in processes.values())
 
 
 def test_each_submitter_has_a_cache_folder_of_its_own():

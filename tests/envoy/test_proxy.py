@@ -14,7 +14,7 @@ from fedjax_core.errors import FedError
 def proxy(tmp_path):
     upstream = grpc.insecure_channel("127.0.0.1:9")  # nothing listens: a call that gets through is UNAVAILABLE
     p = WorkerProxy("env1", upstream, tmp_path / "proxy").start()
-    p.experiment, p.token = "secret-experiment", "current-token"
+    p.token = p.admit("secret-experiment")
     yield p
     p.stop()
     upstream.close()
@@ -34,11 +34,21 @@ def call(proxy: WorkerProxy, token: str | None, experiment: str = "secret-experi
 def test_a_caller_without_the_current_token_is_refused_and_learns_no_name(proxy, token):
     refused = call(proxy, token)
     text = str(refused)
-    assert "current worker only" in text and "secret-experiment" not in text
+    assert "current workers only" in text and "secret-experiment" not in text
 
 
 def test_the_current_worker_gets_through_for_its_experiment_only(proxy):
-    assert "current worker only" not in str(call(proxy, "current-token"))  # forwarded (and nothing upstream)
-    assert "for its worker's experiment only" in str(call(proxy, "current-token", experiment="other"))
-    proxy.token = None  # the worker exited
-    assert "current worker only" in str(call(proxy, "current-token"))
+    assert "current workers only" not in str(call(proxy, proxy.token))  # forwarded (and nothing upstream)
+    assert "for its worker's experiment only" in str(call(proxy, proxy.token, experiment="other"))
+    proxy.revoke(proxy.token)  # the worker exited
+    assert "current workers only" in str(call(proxy, proxy.token))
+
+
+def test_workers_of_experiments_side_by_side_each_get_through_for_their_own_only(proxy):
+    other = proxy.admit("second-experiment")
+    assert "current workers only" not in str(call(proxy, other, experiment="second-experiment"))
+    assert "for its worker's experiment only" in str(call(proxy, other))  # not the first one's experiment
+    assert "for its worker's experiment only" in str(call(proxy, proxy.token, experiment="second-experiment"))
+    proxy.revoke(other)
+    assert "current workers only" in str(call(proxy, other, experiment="second-experiment"))
+    assert "current workers only" not in str(call(proxy, proxy.token))

@@ -38,12 +38,12 @@ def test_rounds_close_at_the_deadline_with_the_envoys_that_reported(slow_stack):
     rows = exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
     assert exp.get_experiment_status().state == "finished"
     assert [row["round"] for row in rows] == [0, 1]  # one training round, then the final validation
-    summaries = [e for e in exp.history if e.stage == r.STAGE_ROUND]
+    summaries = [e for e in exp.history if e.stage == r.Stage.ROUND]
     assert [{m.name: m.value for m in e.metrics}["envoys_reported"] for e in summaries] == [1.0]
     assert all(e.round_time_s >= DEADLINE_S for e in summaries)
-    validated_final = {e.envoy for e in exp.history if e.envoy and e.stage == r.STAGE_AGGREGATED and e.round == 1}
+    validated_final = {e.envoy for e in exp.history if e.envoy and e.stage == r.Stage.AGGREGATED and e.round == 1}
     assert validated_final == {"env1"}
-    trained = {e.envoy for e in exp.history if e.envoy and e.stage == r.STAGE_TRAIN}
+    trained = {e.envoy for e in exp.history if e.envoy and e.stage == r.Stage.TRAIN}
     assert trained == {"env1"}
 
 

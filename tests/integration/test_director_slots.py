@@ -15,7 +15,7 @@ from fedjax_core import Federation, FLExperiment, ModelInterface
 from fedjax_core import records as r
 from fedjax_core import serde
 from fedjax_core.api.client import FederationClient
-from fedjax_core.api.model_tensors import state_to_tensors
+from fedjax_core.runtime.model_tensors import state_to_tensors
 from fedjax_core.envoy.client import EnvoyClient
 from fedjax_core.local import Process, free_port
 from fedjax_core.tensors import spec_of

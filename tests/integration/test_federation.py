@@ -128,7 +128,7 @@ def test_inplace_tasks_train_compile_once_and_return_best_and_last(federation, f
     assert all("agg_val/validation_accuracy" in row for row in rows)
 
     # compile once: one worker process per envoy for the whole experiment, whose jit step traced once
-    pids, traces = per_envoy(exp, r.STAGE_TRAIN, "pid"), per_envoy(exp, r.STAGE_TRAIN, "traces")
+    pids, traces = per_envoy(exp, r.Stage.TRAIN, "pid"), per_envoy(exp, r.Stage.TRAIN, "traces")
     for envoy in ("env1", "env2"):
         assert len({pids[rnd][envoy] for rnd in range(3)}) == 1
         assert [traces[rnd][envoy] for rnd in range(3)] == [1.0, 1.0, 1.0]
@@ -162,7 +162,7 @@ def test_returning_tasks_train_too_and_best_metric_is_overridable(federation):
     assert status.best_value == pytest.approx(min(accuracies), abs=1e-9)
     assert status.best_round == 1 + accuracies.index(min(accuracies))
     # the trained state came back through the (new_state, metrics) return value
-    assert per_envoy(exp, r.STAGE_TRAIN, "trace_norm_at_start")[1]["env1"] > 0
+    assert per_envoy(exp, r.Stage.TRAIN, "trace_norm_at_start")[1]["env1"] > 0
     assert int(exp.get_last_model().step) == 3 * (LIMIT // 64)
 
 
@@ -170,8 +170,8 @@ def test_opt_treatments_are_observably_different(federation):
     norms, bytes_sent = {}, {}
     for treatment in ("RESET", "CONTINUE_LOCAL", "CONTINUE_GLOBAL"):
         exp, rows = run(federation, f"opt-{treatment.lower()}", rounds=3, opt_treatment=treatment)
-        norms[treatment] = per_envoy(exp, r.STAGE_TRAIN, "trace_norm_at_start")
-        bytes_sent[treatment] = [m.value for e in exp.history if e.stage == r.STAGE_ROUND
+        norms[treatment] = per_envoy(exp, r.Stage.TRAIN, "trace_norm_at_start")
+        bytes_sent[treatment] = [m.value for e in exp.history if e.stage == r.Stage.ROUND
                                  for m in e.metrics if m.name == "bytes_sent"]
     # RESET: every round starts from a fresh optimizer state
     assert all(v == 0.0 for rnd in norms["RESET"].values() for v in rnd.values())

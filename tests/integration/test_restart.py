@@ -20,7 +20,7 @@ def test_director_killed_mid_experiment_resumes_and_keeps_best_and_last(stack):
 
     # follow the raw stream until the first round has closed, then kill the director outright
     for event in fed.client.events("survivor"):
-        if event.stage == r.STAGE_ROUND:
+        if event.stage == r.Stage.ROUND:
             break
     os.killpg(stack.director.proc.pid, signal.SIGKILL)
     stack.director.proc.wait()
@@ -35,13 +35,13 @@ def test_director_killed_mid_experiment_resumes_and_keeps_best_and_last(stack):
     assert [row["round"] for row in rows] == list(range(ROUNDS + 1))
     assert all("agg_val/validation_accuracy" in row and "train/train_acc" in row for row in rows[:ROUNDS])
     # each envoy's metrics were counted once per round, retries after the kill included
-    per_round = [sorted(e.envoy for e in exp.history if e.envoy and e.stage == r.STAGE_TRAIN and e.round == rnd)
+    per_round = [sorted(e.envoy for e in exp.history if e.envoy and e.stage == r.Stage.TRAIN and e.round == rnd)
                  for rnd in range(ROUNDS)]
     assert per_round == [["env1", "env2"]] * ROUNDS
     # the same worker process (one per envoy) carried the experiment across the restart
     pids: dict[str, set[float]] = {}
     for e in exp.history:
-        if e.envoy and e.stage == r.STAGE_TRAIN:
+        if e.envoy and e.stage == r.Stage.TRAIN:
             pids.setdefault(e.envoy, set()).update(m.value for m in e.metrics if m.name == "pid")
     assert {envoy: len(p) for envoy, p in pids.items()} == {"env1": 1, "env2": 1}
 
@@ -116,7 +116,7 @@ def test_an_envoy_killed_mid_round_and_restarted_rejoins_the_round_in_progress(t
         first = stack.processes[1]
         worker = int(first.wait_for(r"starting worker for experiment 'comeback' \(pid (\d+)").group(1))
         for event in exp.federation.client.events("comeback"):  # env2 trained round 0; env1 sits in its task
-            if event.envoy == "env2" and event.stage == r.STAGE_TRAIN:
+            if event.envoy == "env2" and event.stage == r.Stage.TRAIN:
                 break
         os.killpg(first.proc.pid, signal.SIGKILL)
         first.proc.wait()
@@ -128,7 +128,7 @@ def test_an_envoy_killed_mid_round_and_restarted_rejoins_the_round_in_progress(t
         assert exp.get_experiment_status().state == "finished", stack.logs()
         history = exp.history
         assert not [e for e in history if e.stage == r.Stage.DROPOUT], stack.logs()
-        per_round = [sorted(e.envoy for e in history if e.envoy and e.stage == r.STAGE_TRAIN and e.round == rnd)
+        per_round = [sorted(e.envoy for e in history if e.envoy and e.stage == r.Stage.TRAIN and e.round == rnd)
                      for rnd in range(2)]
         assert per_round == [["env1", "env2"]] * 2
     finally:

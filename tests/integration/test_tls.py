@@ -189,7 +189,7 @@ def test_envoy_certificate_cannot_serve_as_director(tmp_path, name, role):
             _federation(stack, "api", timeout_s=30)
         envoy = stack.start_envoy(0)
         envoy.wait_for(r"unreachable \(UNAVAILABLE, the server's certificate is not of role director\)")
-        assert "ENVOY READY" not in envoy.output() and director.shard_registry() == []
+        assert "ENVOY READY" not in envoy.output() and director.catalog.shard_registry() == []
     finally:
         stack.stop()
         server.stop(grace=None)

@@ -1,10 +1,10 @@
-"""Calling the user's registered tasks and normalising what they return."""
+"""Calling a task registered on a TaskInterface, as its contract says, and normalising what it returns."""
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from fedjax_core.api.interfaces import TaskInterface
+from fedjax_core.runtime.interfaces import TaskInterface
 
 
 class TaskResultError(TypeError):

@@ -7,8 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_core import TaskInterface, fedprox_term
-from fedjax_core.envoy.tasks import run_task
+from fedjax_core.runtime.fedprox import fedprox_term
+from fedjax_core.runtime.interfaces import TaskInterface
+from fedjax_core.runtime.tasks import run_task
 from fl_experiment import create_train_state
 
 

@@ -1,4 +1,6 @@
-"""Model states <-> named tensors: every float width travels, and a leaf that cannot is named at start()."""
+"""Model states <-> named tensors: every float width travels, and a leaf that cannot is named at start(). In the
+seed tutorial's own ``CustomTrainState`` (``opt_vars`` a pytree list of strings), leaves that are not arrays stay
+with the template and never travel, while arrays of a dtype the wire cannot carry are still refused."""
 from __future__ import annotations
 
 import jax
@@ -10,8 +12,9 @@ import pytest
 from flax import struct
 from flax.training import train_state
 
-from fedjax_core.api.model_tensors import state_to_tensors, tensors_to_state
+from fedjax_core.runtime.model_tensors import StaticList, canonicalize, state_to_tensors, tensors_to_state
 from fedjax_core.tensors import ModelFile, TensorError, assemble, iter_chunks, spec_of, write_model_file
+from seed_tutorial import apply_model, create_train_state
 
 
 def bf16_state():
@@ -70,3 +73,37 @@ def test_read_only_received_arrays_are_restored_without_a_copy_and_writable_ones
     step = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x + 1, p), donate_argnums=0)
     step({"w": restored})  # donating an aliased buffer leaves the received array as it was
     np.testing.assert_array_equal(received["params/w"], np.arange(4096, dtype=np.float32).reshape(64, 64))
+
+
+def test_the_seeds_string_opt_vars_stay_with_the_template():
+    state = create_train_state()
+    assert state.opt_vars == ["trace"]  # a pytree field of the seed's class: its strings are leaves
+    tensors = state_to_tensors(state)
+    assert not any(name.startswith("opt_vars") for name in tensors)
+    assert "params/Dense_0/kernel" in tensors and "opt_state/0/trace/Dense_0/kernel" in tensors
+    doubled = {name: np.asarray(a) * 2 for name, a in tensors.items() if name.startswith("params/")}
+    restored = tensors_to_state(state, doubled)
+    assert restored.opt_vars == ["trace"]
+    with pytest.raises(TypeError, match="state.opt_vars"):  # JAX refuses a string leaf...
+        apply_model(state, np.zeros((2, 32, 32, 3), np.float32), np.zeros(2, np.int32))
+    static = canonicalize(state)  # ...so workers hold such lists as static structure, and the state jits
+    assert isinstance(static.opt_vars, StaticList) and static.opt_vars == ["trace"]
+    apply_model(static, np.zeros((2, 32, 32, 3), np.float32), np.zeros(2, np.int32))
+    assert sorted(state_to_tensors(static)) == sorted(tensors)
+    np.testing.assert_array_equal(np.asarray(restored.params["Dense_0"]["kernel"]), doubled["params/Dense_0/kernel"])
+
+
+class WithOddLeaves(train_state.TrainState):
+    label: str = "kept"
+    raw: bytes = b"kept"
+    nothing: None = None
+    counter: int = 3  # a Python number is a tensor, as `step` is
+
+
+def test_only_array_like_leaves_travel_and_unsendable_arrays_are_still_refused():
+    state = WithOddLeaves.create(apply_fn=None, params={"w": jnp.ones(2)}, tx=optax.sgd(0.1))
+    assert sorted(state_to_tensors(state)) == ["counter", "params/w", "step"]
+    with pytest.raises(TensorError, match="state leaf 'phase' is .*complex64, which cannot cross the wire"):
+        state_to_tensors({"params": {"w": jnp.ones(2)}, "phase": jnp.ones(2, jnp.complex64)})
+    with pytest.raises(TensorError, match="state leaf 'names' is .*<U1, which cannot cross the wire"):
+        state_to_tensors({"names": np.array(["a"])})

@@ -1,0 +1,64 @@
+"""The strategy's part of closing a round: model_{r+1} and state_{r+1} written from model_r, state_r and the
+round's updates, through :mod:`fedjax_core.aggregation` (the engine) and the strategy's rule.
+
+The new model goes to its file leaf by leaf, block by block, as the rule computes it: it is never
+whole in memory; tensors that do not travel are copied from model_r block by block. The strategy's
+state (zeros at round 0, ``server_state_round_NNNN.fjm`` beside the model after that) is read block
+by block and the new one is written once the model is. Both files are written atomically, so a
+director killed in between closes the round again to the same bytes.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fedjax_core.aggregation import ArraySource, NextState, RoundUpdates, TensorSource, init_state, stepper
+from fedjax_core.director.files import ExperimentFiles
+from fedjax_core.errors import PreconditionError
+from fedjax_core.records import TensorSpec
+from fedjax_core.strategies import Strategy
+from fedjax_core.tensors import ModelFile, ModelFileWriter
+
+
+def write_next_model(files: ExperimentFiles, experiment: str, round_: int, strategy: Strategy,
+                     updates: RoundUpdates) -> None:
+    """model_{r+1} and state_{r+1} of `experiment` from model_r, state_r and the round's updates."""
+    previous = ModelFile(files.model(experiment, round_))
+    leaf = stepper(strategy, _state(files, experiment, round_, strategy, updates), previous, updates)
+    new_state = NextState()
+    with ModelFileWriter(files.model(experiment, round_ + 1)) as writer:
+        for spec in previous.specs:
+            if spec.name in updates.specs:  # written block by block as the strategy computes it
+                writer.add_blocks(spec.name, spec.dtype, spec.shape, new_state.tee(spec, leaf(spec.name)))
+            else:  # tensors that do not travel keep their initial values
+                writer.copy_tensor(previous, spec.name)
+        writer.commit()
+    _write_state(files.server_state(experiment, round_ + 1), new_state.arrays)
+
+
+def write_initial_state(files: ExperimentFiles, experiment: str, round_: int, strategy: Strategy,
+                        specs: Sequence[TensorSpec]) -> None:
+    """state_{round_} = the strategy's initial state (a round that did not average still starts the state)."""
+    _write_state(files.server_state(experiment, round_), init_state(strategy, specs))
+
+
+def _state(files: ExperimentFiles, experiment: str, round_: int, strategy: Strategy,
+           updates: RoundUpdates) -> TensorSource:
+    """The strategy's state at the start of ``round_``."""
+    path = files.server_state(experiment, round_)
+    if round_ == 0:
+        return ArraySource(init_state(strategy, list(updates.specs.values())))
+    if path.exists():
+        return ModelFile(path)
+    if not strategy.stateful:  # stateless (and runs begun before state files existed)
+        return ArraySource({})
+    raise PreconditionError(f"the strategy state of round {round_} is missing ({path})")
+
+
+def _write_state(path: Path, state: Mapping[str, np.ndarray]) -> None:
+    with ModelFileWriter(path) as writer:
+        for key, array in state.items():
+            writer.add_array(key, np.asarray(array))
+        writer.commit()

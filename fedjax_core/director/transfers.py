@@ -1,0 +1,103 @@
+"""Transfers: what streams in and out of the director, spooled to disk and checked as it arrives.
+
+A submission (code bundle + initial model) is staged and installed whole or not at all; an
+update is spooled, checked (names, dtypes, shapes, finite values) and decoded from its codec
+into the model's dtypes; a round's model is encoded once per round when downloads are
+compressed. Nothing here holds the director's lock.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from fedjax_core import codecs
+from fedjax_core import records as r
+from fedjax_core.director.files import ExperimentFiles, write_bundle
+from fedjax_core.director.rounds import Run
+from fedjax_core.errors import InvalidRequestError, StorageError, is_disk_full
+from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError
+
+
+def store_submission(files: ExperimentFiles, header: r.ExperimentHeader, bundle: Iterable[bytes],
+                     chunks: Iterable[r.TensorChunk]) -> tuple[int, str]:
+    """Stage the bundle and the initial model, then install both: ``(bundle bytes, its hex sha256)``.
+    On any error nothing stays behind."""
+    staging = files.staging_dir(header.name)
+    digest = hashlib.sha256()
+
+    def hashed() -> Iterator[bytes]:  # hashed as it streams in: envoys check their download against it
+        for piece in bundle:
+            digest.update(piece)
+            yield piece
+
+    try:
+        size = write_bundle(staging / "bundle.bin", hashed())
+        if size != header.bundle_size:
+            raise InvalidRequestError(f"bundle is {size} bytes but the header announced {header.bundle_size}")
+        with ModelFileWriter(staging / files.model(header.name, 0).name,
+                             expected={s.name: s for s in header.model_spec}) as writer:
+            for chunk in chunks:
+                writer.add_chunk(chunk)
+            writer.commit()
+        files.install(staging, header.name)
+    except BaseException as exc:
+        files.drop_staging(staging)
+        if isinstance(exc, TensorError):
+            raise InvalidRequestError(f"initial model of {header.name!r}: {exc}") from None
+        if is_disk_full(exc):
+            raise StorageError(f"the director's disk is full ({exc.strerror}, under {files.state_dir}): experiment "
+                               f"{header.name!r} was not stored; free space there and submit again") from None
+        raise
+    return size, digest.hexdigest()
+
+
+def receive_update(files: ExperimentFiles, run: Run, envoy: str, round_: int,
+                   chunks: Iterable[r.TensorChunk]) -> tuple[Path, int]:
+    """Spool an envoy's streamed update and check it: ``(spool in the model's dtypes, bytes received)``.
+    The caller removes the spool file."""
+    expected = {s.name: s for s in run.header.model_spec if s.name in run.upload}
+    spool = files.spool_path(envoy)
+    try:
+        with ModelFileWriter(spool, expected=expected, finite_only=True) as writer:  # one NaN would poison it
+            for chunk in chunks:
+                writer.add_chunk(chunk)
+            writer.commit()
+        return _decoded(files, run, envoy, spool), writer.bytes_written
+    except TensorError as exc:
+        spool.unlink(missing_ok=True)
+        raise InvalidRequestError(f"update from {envoy!r} for round {round_}: {exc}") from None
+    except BaseException:
+        spool.unlink(missing_ok=True)
+        raise
+
+
+def _decoded(files: ExperimentFiles, run: Run, envoy: str, spool: Path) -> Path:
+    """An upload in the model's dtypes: a compressed or delta one is checked against the experiment's
+    settings and decoded into a new spool file (the received one is removed)."""
+    encoded = ModelFile(spool)
+    codecs.check_update_encodings(encoded.specs, run.header.compression, run.header.send_deltas)
+    if all(spec.encoding is None for spec in encoded.specs):
+        return spool
+    decoded = files.spool_path(envoy)
+    try:
+        codecs.decode_model(encoded, decoded, ModelFile(files.model(run.name, run.round)), finite_only=True)
+    except BaseException:
+        decoded.unlink(missing_ok=True)
+        raise
+    finally:
+        spool.unlink(missing_ok=True)
+    return decoded
+
+
+def download_path(files: ExperimentFiles, run: Run, path: Path) -> Path:
+    """The file a worker downloads for ``run``'s round: the model, or under compress_downloads its
+    encoding, made once per round (the final model is validated exact)."""
+    if not (run.header.compress_downloads and run.state.kind == r.TaskKind.TRAIN):
+        return path
+    encoded = files.download(run.name, run.round, run.header.compression)
+    with run.download_lock:
+        if not encoded.exists():
+            encoded.parent.mkdir(parents=True, exist_ok=True)
+            codecs.encode_model(ModelFile(path), encoded, run.header.compression, sorted(run.upload))
+    return encoded

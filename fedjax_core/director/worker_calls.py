@@ -1,0 +1,254 @@
+"""What an experiment's workers (and their envoy's daemon) call during its rounds.
+
+Each call checks who asks and for what (the experiment runs, the envoy works for it, the round is
+the one it names), does its heavy part outside the director's lock (spooling and keeping an update,
+streaming a model), and turns what happened into a round event for the director to step and act on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Collection, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedjax_core import records as r
+from fedjax_core.director import limits, round_machine, transfers
+from fedjax_core.director.round_machine import CheckedIn, Dropped, Effect, Failed, Refused, UpdateStored, Validated
+from fedjax_core.director.rounds import Run
+from fedjax_core.errors import FedError, InvalidRequestError, PreconditionError, StorageError, is_disk_full
+from fedjax_core.tensors import ModelFile
+
+if TYPE_CHECKING:
+    from fedjax_core.director.core import Director
+
+log = logging.getLogger("fedjax.director")
+
+
+class WorkerCalls:
+    def __init__(self, director: Director):
+        self.director = director  # owns the lock and the runs, and carries out what the rounds decide
+
+    def _running(self, envoy: str, experiment: str) -> Run:
+        """Under the lock: ``experiment``'s run, refused unless it runs and ``envoy`` works for it."""
+        d = self.director
+        run = d.run(experiment)
+        if run is None:
+            row = d.catalog.row(experiment)
+            raise PreconditionError(f"experiment {experiment!r} is {row.state}, not running")
+        if envoy not in run.state.envoys:
+            raise PreconditionError(f"envoy {envoy!r} is not a collaborator of experiment {experiment!r}")
+        return run
+
+    def experiment_for(self, envoy: str, sent: Collection[str] = ()) -> list[str]:
+        """The running experiments that need ``envoy`` now, but those in ``sent`` (told already)."""
+        d = self.director
+        with d.lock:
+            return [run.name for run in d.runs() if run.name not in sent and envoy in run.state.envoys
+                    and not (run.state.kind == r.TaskKind.VALIDATE and envoy in run.state.done)]
+
+    def experiment_bundle(self, envoy: str, experiment: str) -> Path:
+        d = self.director
+        with d.lock:
+            self._running(envoy, experiment)
+        return d.files.bundle(experiment)
+
+    def current_task(self, envoy: str, experiment: str) -> r.Task:
+        """What ``envoy``'s worker should do now (kind NONE: nothing yet, wait for a change)."""
+        d = self.director
+        with d.lock:
+            run = d.run(experiment)
+            if run is not None:
+                return run.task_for(envoy)
+        row = d.catalog.row(experiment)
+        if row.state in r.TERMINAL_STATES:
+            return r.Task(kind=r.TaskKind.FINISHED, message=f"experiment {experiment!r} is {row.state}")
+        return r.Task(kind=r.TaskKind.NONE)
+
+    def round_model(self, envoy: str, experiment: str, round_: int) -> Iterator[r.TensorChunk]:
+        """Stream the model of ``round_`` to a worker: only the tensors its opt_treatment moves."""
+        d = self.director
+        with d.lock:
+            run = self._running(envoy, experiment)
+            if round_ != run.round or not run.state.open:
+                closing = " (closing)" if run.state.phase == round_machine.Phase.CLOSING else ""
+                raise PreconditionError(f"round {round_} is not open: the current round of {experiment!r} is "
+                                        f"{run.round}{closing}")
+            path = d.files.model(experiment, round_)
+        model = ModelFile(transfers.download_path(d.files, run, path))
+        sent = 0
+        for chunk in model.iter_chunks([n for n in model.names() if n in run.upload]):
+            sent += len(chunk.data)
+            yield chunk
+        with d.lock:
+            if d.run(run.name) is run:
+                run.traffic.count(envoy, sent, upload=False)
+
+    def report_metrics(self, envoy: str, experiment: str, round_: int, stage: str,
+                       metrics: tuple[r.Metric, ...], sample_count: int) -> None:
+        d = self.director
+        if stage not in r.STAGES:
+            raise InvalidRequestError(f"unknown stage {stage!r}; expected one of {', '.join(r.STAGES)}")
+        limits.check_metrics(envoy, metrics)
+        with d.lock:
+            run = self._running(envoy, experiment)
+            if round_ != run.round:
+                raise PreconditionError(f"round {round_} is not the current round ({run.round}) of {experiment!r}")
+            if envoy not in run.state.participants:
+                raise PreconditionError(f"envoy {envoy!r} was not selected for round {round_} of {experiment!r}")
+        train, valid = d.engine.registered(run, envoy)  # a report weighs at most the samples it can have measured
+        weight = min(max(sample_count, 0), train if stage == r.Stage.TRAIN else valid)
+        event = r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage(stage), metrics=metrics,
+                              timestamp=d.clock())
+        if d.store.add_event(experiment, event, weight=weight):
+            d.loggers.log(experiment, event)
+        effects: tuple[Effect, ...] = ()
+        with d.lock:
+            if stage == r.Stage.AGGREGATED and d.run(run.name) is run:
+                effects = d.act(run, Validated(envoy))
+            d.changed(envoy)
+        d.after(run, effects)
+
+    def check_upload(self, envoy: str, experiment: str, round_: int) -> None:
+        """Refuse, before it takes a transfer slot, an upload that accept_update would refuse."""
+        d = self.director
+        with d.lock:
+            self._upload_run(envoy, experiment, round_)
+
+    def _upload_run(self, envoy: str, experiment: str, round_: int) -> Run:
+        """Under the lock: the run an upload goes to, refused unless the round asked this envoy for one."""
+        run = self._running(envoy, experiment)
+        round_machine.check_upload(run.state, envoy, round_)
+        if envoy in run.receiving:
+            raise PreconditionError(f"an upload from envoy {envoy!r} for round {round_} is already in progress")
+        return run
+
+    def accept_update(self, envoy: str, experiment: str, round_: int, sample_count: int,
+                      chunks: Iterable[r.TensorChunk]) -> int:
+        """Spool an envoy's streamed update to disk, check it and keep it for the round."""
+        d = self.director
+        if sample_count <= 0:
+            raise InvalidRequestError(
+                f"envoy {envoy!r} reported {sample_count} training samples; aggregation needs a positive count "
+                "(check DataInterface.get_train_data_size)")
+        with d.lock:
+            run = self._upload_run(envoy, experiment, round_)
+            run.receiving.add(envoy)
+        try:
+            weight = d.engine.weight(run, envoy, sample_count)
+            try:
+                spool, received = transfers.receive_update(d.files, run, envoy, round_, chunks)
+                try:
+                    effects = self._keep(run, envoy, round_, spool, weight, received)
+                finally:
+                    spool.unlink(missing_ok=True)
+            except OSError as exc:
+                if not is_disk_full(exc):
+                    raise
+                d.fail(run, f"the director's disk is full ({exc.strerror}, under {d.state_dir}) while storing "
+                                f"the update of envoy {envoy!r} for round {round_}: free space there and submit the "
+                                "experiment again; its last model and metrics are kept")
+                raise StorageError(f"the director's disk is full: it could not store this update ({exc.strerror}); "
+                                   f"experiment {experiment!r} failed, its models so far and metrics are kept") from None
+        finally:
+            with d.lock:
+                run.receiving.discard(envoy)
+        d.after(run, effects)
+        return received
+
+    def _keep(self, run: Run, envoy: str, round_: int, spool: Path, weight: float,
+              received: int) -> tuple[Effect, ...]:
+        """Keep a checked update under the run's keep_lock; the round learns of it once it is stored."""
+        d = self.director
+        failure = None
+        effects: tuple[Effect, ...] = ()
+        with run.keep_lock:
+            with d.lock:
+                if d.run(run.name) is not run:
+                    raise PreconditionError(f"round {round_} of {run.name!r} is not open for training updates")
+                round_machine.check_upload(run.state, envoy, round_)  # the round may have closed meanwhile
+            try:
+                d.engine.keep(run, envoy, spool, weight, received)
+            except (FedError, OSError):
+                raise
+            except Exception as exc:  # the round's updates can no longer be trusted: stop, and say why
+                log.exception("keeping the update of %r for round %d of %r failed", envoy, round_, run.name)
+                with d.lock:
+                    if d.run(run.name) is run:
+                        d.act(run, Failed(f"keeping the update of {envoy!r} for round {round_} failed: {exc}"))
+                failure = exc
+            else:
+                with d.lock:
+                    run.traffic.count(envoy, received, upload=True)
+                    effects = d.act(run, UpdateStored(envoy))
+                    d.changed(envoy)
+        if run.ended:  # failed or cancelled meanwhile: clean up now that keep_lock is free
+            d.cleanup(run)
+        if failure is not None:
+            raise failure
+        return effects
+
+    def check_in(self, envoy: str, experiment: str, round_: int, divergence: float) -> bool:
+        """Periodic and dynamic averaging: ``envoy`` trained round ``round_`` and its model is ``divergence``
+        (squared L2) from the round's global model. True: upload it now; False: keep training it."""
+        d = self.director
+        if not (math.isfinite(divergence) and divergence >= 0):
+            raise InvalidRequestError(f"envoy {envoy!r} reported divergence {divergence}: a squared distance is a "
+                                      "finite number >= 0 (NaN or infinity: training diverged)")
+        with d.lock:
+            run = self._running(envoy, experiment)
+            round_machine.check_check_in(run.state, envoy, round_)
+            effects = d.act(run, CheckedIn(envoy, divergence))
+            upload = run.state.must_upload(envoy)
+        event = r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage.SYNC_CHECK, timestamp=d.clock(),
+                              metrics=(r.Metric("sync", "divergence", divergence),))
+        if d.store.add_event(experiment, event):
+            d.loggers.log(experiment, event)
+        with d.lock:  # after the event, so a metric stream woken by this change finds it
+            d.changed()
+        d.after(run, effects)
+        return upload
+
+    def report_failure(self, envoy: str, experiment: str, error: str, round_: int | None = None,
+                       worker_lost: bool = False, refused: bool = False) -> None:
+        """A task failed in ``round_`` (a dropout from that round), or a worker cannot go on (``round_`` None).
+
+        A dropout ends the experiment only when the round can no longer reach its needed results
+        (min_envoys, or every participant when that is 0); otherwise the others go on and the
+        notebook is told who dropped out, why, and how many continue. ``worker_lost``: the envoy's
+        worker died; it drops out of the round in progress if it still owed it a result (the
+        envoy starts a new worker, which joins the next round). ``refused``: the envoy refuses the
+        experiment (settings.accept_from, its operator's review, a bundle that fails its check): it
+        drops out of every remaining round.
+        """
+        d = self.director
+        error = limits.clip_error(error)
+        with d.lock:
+            run = self._running(envoy, experiment)
+            owes_this_round = run.state.open and envoy in run.state.pending
+            if refused:
+                event: round_machine.Event = Refused(envoy, error, self._rounds_without(run, envoy))
+            else:
+                if worker_lost:
+                    if not owes_this_round:
+                        return  # its next worker simply joins the next round
+                    round_ = run.round
+                if round_ is not None and (round_ != run.round or not owes_this_round):
+                    raise PreconditionError(f"round {round_} of {experiment!r} has gone on without envoy {envoy!r}")
+                event = (Failed(f"envoy {envoy!r} failed: {error}") if round_ is None
+                         else Dropped(envoy, "failed", error))
+            effects = d.act(run, event)
+        d.after(run, effects)
+
+    def _rounds_without(self, run: Run, envoy: str) -> str:
+        """'' when the experiment's rounds can go on without ``envoy``, else why not."""
+        d = self.director
+        remaining = tuple(e for e in run.state.envoys if e != envoy)
+        if not remaining:
+            return ""  # the round machine says: no envoy at all
+        try:
+            d.engine.plan(dataclasses.replace(run.row, envoys=remaining))
+        except InvalidRequestError as exc:
+            return f"{len(remaining)} envoys, too few for the rounds to come ({exc})"
+        return ""
