@@ -237,7 +237,8 @@ class Director:
     def act(self, run: Run, event: round_machine.Event) -> tuple[Effect, ...]:
         """Under the lock: step ``run``'s round with ``event`` and apply the quick effects; the caller passes
         the result to :meth:`after` once it has let the lock go. Raises what the round refuses."""
-        state, effects = round_machine.step(run.state, event)
+        before = run.state
+        state, effects = round_machine.step(before, event)
         try:
             for effect in effects:
                 if isinstance(effect, KeepEnvoys):  # stored first: a failed write leaves the round as it was
@@ -249,8 +250,9 @@ class Director:
             for effect in effects:
                 if isinstance(effect, Finish):
                     self._finish(run, effect)
-        finally:
-            self.changed()
+        finally:  # one envoy's result changes only its own answers, unless the round moved on for everyone
+            everyone = bool(effects) or state.triggered != before.triggered or not hasattr(event, "envoy")
+            self.changed(None if everyone else event.envoy)
         return effects
 
     def _finish(self, run: Run, finish: Finish) -> None:

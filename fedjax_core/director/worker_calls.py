@@ -182,7 +182,6 @@ class WorkerCalls:
                 with d.lock:
                     run.traffic.count(envoy, received, upload=True)
                     effects = d.act(run, UpdateStored(envoy))
-                    d.changed(envoy)
         if run.ended:  # failed or cancelled meanwhile: clean up now that keep_lock is free
             d.cleanup(run)
         if failure is not None:

@@ -6,6 +6,7 @@ queue; a director killed with two experiments mid-round resumes both.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -50,11 +51,24 @@ def params(exp: FLExperiment) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(exp.get_last_model().params)]
 
 
-def test_disjoint_and_shared_envoys_run_side_by_side_and_a_restart_resumes_them(tmp_path):
-    stack = Stack(tmp_path, n_envoys=4, envoy_params={"max_experiments": 2})
+@contextlib.contextmanager
+def federation(stack: Stack):
+    """The stack started, and a notebook connected to it; every process stopped after, its logs shown on failure."""
     try:
         stack.start()
         fed = stack.federation()
+        yield fed
+        fed.close()
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop()
+
+
+def test_disjoint_and_shared_envoys_run_side_by_side_and_a_restart_resumes_them(tmp_path):
+    stack = Stack(tmp_path, n_envoys=4, envoy_params={"max_experiments": 2})
+    with federation(stack) as fed:
         alone = start(fed, "alone", ("env1", "env2"))
         finish(alone)
 
@@ -80,28 +94,14 @@ def test_disjoint_and_shared_envoys_run_side_by_side_and_a_restart_resumes_them(
         for exp in (first, second):
             per_round = {e.round for e in fed.client.events(exp.experiment_name) if e.stage == r.Stage.ROUND}
             assert per_round == set(range(RESUMED)), (exp.experiment_name, per_round)  # each training round closed
-        fed.close()
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
 
 
 def test_with_max_experiments_1_the_second_waits_for_the_first_then_finishes(tmp_path):
     stack = Stack(tmp_path, n_envoys=2)
-    try:
-        stack.start()
-        fed = stack.federation()
+    with federation(stack) as fed:
         busy, waiting = start(fed, "busy", ("env1", "env2"), rounds=3), start(fed, "waiting", ("env1", "env2"))
         wait_until(lambda: busy.get_experiment_status().state != "queued", WAIT_S, "the first to start")
         assert waiting.get_experiment_status().state == "queued"
         finish(busy, waiting)
         assert max(event_times(fed, "busy")) < min(event_times(fed, "waiting"))
         assert "waits for its envoys (busy with as many experiments as they run at once" in stack.director.output()
-        fed.close()
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
