@@ -62,6 +62,9 @@ sys.path.insert(0, str(HERE))
 from bench import BenchStack, proc_status, run_experiment  # noqa: E402
 
 import fedjax_proto  # noqa: E402
+from fedjax_core import serde  # noqa: E402
+from fedjax_core.serde import spec_from_proto  # noqa: E402
+from fedjax_core.spec import from_flat  # noqa: E402
 from fedjax_core.transport import CHANNEL_OPTIONS  # noqa: E402
 from fedjax_proto import envoy_service_pb2 as env_pb  # noqa: E402
 from fedjax_proto import federation_service_pb2 as fed_pb  # noqa: E402
@@ -218,13 +221,12 @@ class Keeper:
                     env_pb.RegisterEnvoyResponse)
 
     def submit(self, name: str, config: dict) -> None:
-        fields = fed_pb.ExperimentHeader.DESCRIPTOR.fields_by_name
         settings_ = {"name": name, "rounds": KEEPER_ROUNDS, "opt_treatment": "RESET", "aggregation": "fedavg",
                      "aggregation_params": "{}", "bundle_size": len(b"fuzz bundle"), "envoys": list(FUZZ_ENVOYS),
                      "model_spec": [MODEL_SPEC], "min_envoys": 1, **config}
-        header = fed_pb.ExperimentHeader(**{k: v for k, v in settings_.items() if k in fields})
+        spec = serde.experiment_spec_to_proto(from_flat({**settings_, "model_spec": [spec_from_proto(MODEL_SPEC)]}))
         self._stream("/fedjax.FederationService/SubmitExperiment", [
-            fed_pb.SubmitExperimentRequest(header=header), fed_pb.SubmitExperimentRequest(bundle_data=b"fuzz bundle"),
+            fed_pb.SubmitExperimentRequest(spec=spec), fed_pb.SubmitExperimentRequest(bundle_data=b"fuzz bundle"),
             fed_pb.SubmitExperimentRequest(chunk=t_pb.TensorChunk(spec=MODEL_SPEC, name=MODEL_SPEC.name,
                                                                   data=MODEL_DATA))],
             fed_pb.SubmitExperimentResponse)

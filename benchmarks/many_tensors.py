@@ -35,6 +35,7 @@ from fedjax_core import records as r  # noqa: E402
 from fedjax_core.api.client import FederationClient  # noqa: E402
 from fedjax_core.envoy.client import EnvoyClient  # noqa: E402
 from fedjax_core.local import Process, free_port  # noqa: E402
+from fedjax_core.spec import from_flat
 from fedjax_core.tensors import spec_of  # noqa: E402
 
 def cpu_s(pid: int) -> float:
@@ -101,9 +102,9 @@ def run(n_tensors: int, rounds: int) -> dict:
                 e.register(INFO)
             beats = Beats(target, envoys)
             client = FederationClient("127.0.0.1", port, None)
-            header = r.ExperimentHeader(name="many", rounds=rounds, opt_treatment="RESET", aggregation="fedavg",
+            header = from_flat(dict(name="many", rounds=rounds, opt_treatment="RESET", aggregation="fedavg",
                                         bundle_size=3, envoys=ENVOYS, min_envoys=0,
-                                        model_spec=tuple(spec_of(k, v) for k, v in model.items()))
+                                        model_spec=tuple(spec_of(k, v) for k, v in model.items())))
             pid = director.proc.pid
             t0, c0 = time.perf_counter(), cpu_s(pid)
             client.submit(header, b"abc", model)

@@ -114,6 +114,11 @@ class ArraySource:
     def spec(self, name: str) -> TensorSpec:
         return self._specs[name]
 
+    @property
+    def specs(self) -> list[TensorSpec]:
+        """Every tensor's spec, in the order the arrays were given (as :attr:`ModelFile.specs` is file order)."""
+        return list(self._specs.values())
+
     def blocks(self, name: str, block_elements: int = BLOCK_ELEMENTS, start: int = 0,
                stop: int | None = None) -> Blocks:
         flat = self._flat[name]

@@ -194,7 +194,7 @@ def _director_gc(args) -> int:
     """Remove the files of ended experiments beyond --keep (or settings.keep_experiments); safe while running."""
     from fedjax_core.director.files import ExperimentFiles
     from fedjax_core.director.retention import collect
-    from fedjax_core.director.store import Store
+    from fedjax_core.director.store import SqliteStore
 
     config = load_config(args.config, DirectorConfig)
     keep = args.keep if args.keep is not None else config.settings.keep_experiments
@@ -204,7 +204,7 @@ def _director_gc(args) -> int:
     state_dir = resolve_path(config.settings.state_dir, Path(args.config).resolve().parent)
     if not (state_dir / "director.sqlite").exists():
         raise ConfigError(f"no director state in {state_dir} (settings.state_dir of {args.config})")
-    store = Store(state_dir / "director.sqlite")
+    store = SqliteStore(state_dir / "director.sqlite")
     try:
         removed = collect(store, ExperimentFiles(state_dir, sweep_incoming=False), keep)
     finally:

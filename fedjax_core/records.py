@@ -121,35 +121,6 @@ class EnvoyEntry:
 
 
 @dataclass(frozen=True)
-class ExperimentHeader:
-    """Everything the director needs to run an experiment, except the opaque code bundle."""
-
-    name: str
-    rounds: int
-    opt_treatment: str
-    aggregation: str = "fedavg"
-    best_metric: str = ""
-    best_higher_is_better: bool = True
-    bundle_size: int = 0
-    envoys: tuple[str, ...] = ()
-    submitter: str = ""
-    model_spec: tuple[TensorSpec, ...] = ()
-    min_envoys: int = 0  # results needed to close a round at its deadline; 0 means every participant
-    round_timeout_s: float = 0.0  # 0 means rounds wait for every participant
-    aggregation_params: str = "{}"  # the strategy's parameters, JSON
-    envoys_per_round: int = 0  # participants sampled per round; 0: see envoys_fraction
-    envoys_fraction: float = 0.0  # participants per round as a fraction of the envoys; 0: every envoy
-    sampling_seed: int = 0
-    round_config: str = ""  # JSON list, one {task: {kwarg: value}} per training round; "" for none
-    compression: str = ""  # codec of the updates envoys upload: "", "fp16", "bf16" or "int8"
-    send_deltas: bool = False  # envoys upload the change from the round's global model
-    compress_downloads: bool = False  # the round's model also travels to the envoys under `compression`
-    sync: str = ""  # when models are averaged: "" (every round), "periodic" or "dynamic"
-    sync_every: int = 0  # periodic: average every this many rounds
-    sync_threshold: float = 0.0  # dynamic: average when an envoy's squared distance from the global model exceeds it
-
-
-@dataclass(frozen=True)
 class ExperimentStatus:
     name: str
     state: str

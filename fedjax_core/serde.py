@@ -7,9 +7,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from fedjax_core import records as r
+from fedjax_core import spec as experiment_spec
 from fedjax_core.errors import InvalidRequestError
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import federation_service_pb2 as fed_pb
+from fedjax_core.records import OptTreatment
+from fedjax_core.spec import ExperimentSpec, SyncMode
 from fedjax_proto import tensors_pb2 as t_pb
 
 _TASK_KINDS = {
@@ -200,32 +203,51 @@ def envoy_entry_from_proto(msg: fed_pb.EnvoyEntry) -> r.EnvoyEntry:
     )
 
 
-def header_to_proto(h: r.ExperimentHeader) -> fed_pb.ExperimentHeader:
-    return fed_pb.ExperimentHeader(
-        name=h.name, rounds=h.rounds, opt_treatment=h.opt_treatment, aggregation=h.aggregation,
-        best_metric=h.best_metric, best_higher_is_better=h.best_higher_is_better,
-        bundle_size=h.bundle_size, envoys=list(h.envoys), submitter=h.submitter,
-        model_spec=[spec_to_proto(s) for s in h.model_spec], min_envoys=h.min_envoys,
-        round_timeout_s=h.round_timeout_s, aggregation_params=h.aggregation_params,
-        envoys_per_round=h.envoys_per_round, envoys_fraction=h.envoys_fraction, sampling_seed=h.sampling_seed,
-        round_config=h.round_config, compression=h.compression, send_deltas=h.send_deltas,
-        compress_downloads=h.compress_downloads, sync=h.sync, sync_every=h.sync_every, sync_threshold=h.sync_threshold,
+def experiment_spec_to_proto(s: ExperimentSpec) -> fed_pb.ExperimentSpec:
+    pb = fed_pb.ExperimentSpec
+    c = s.communication
+    return pb(
+        name=s.name, rounds=s.rounds, opt_treatment=str(s.opt_treatment),
+        model_spec=[spec_to_proto(t) for t in s.model_spec], envoys=list(s.envoys), submitter=s.submitter,
+        bundle_size=s.bundle_size, round_config=s.round_config,
+        sampling=pb.Sampling(envoys_per_round=s.sampling.envoys_per_round, fraction=s.sampling.fraction,
+                             seed=s.sampling.seed),
+        deadline=pb.Deadline(round_timeout_s=s.deadline.round_timeout_s, min_envoys=s.deadline.min_envoys),
+        communication=pb.Communication(compression=c.compression, send_deltas=c.send_deltas,
+                                       compress_downloads=c.compress_downloads, sync=str(c.sync),
+                                       sync_every=c.sync_every, sync_threshold=c.sync_threshold),
+        strategy=pb.Strategy(name=s.strategy.name, params=s.strategy.params),
+        best=pb.BestModel(metric=s.best.metric, higher_is_better=s.best.higher_is_better),
     )
 
 
-def header_from_proto(msg: fed_pb.ExperimentHeader) -> r.ExperimentHeader:
-    return r.ExperimentHeader(
-        name=msg.name, rounds=int(msg.rounds), opt_treatment=msg.opt_treatment,
-        aggregation=msg.aggregation, best_metric=msg.best_metric,
-        best_higher_is_better=msg.best_higher_is_better, bundle_size=int(msg.bundle_size),
-        envoys=tuple(msg.envoys), submitter=msg.submitter,
-        model_spec=tuple(spec_from_proto(s) for s in msg.model_spec), min_envoys=int(msg.min_envoys),
-        round_timeout_s=msg.round_timeout_s, aggregation_params=msg.aggregation_params or "{}",
-        envoys_per_round=int(msg.envoys_per_round), envoys_fraction=msg.envoys_fraction,
-        sampling_seed=int(msg.sampling_seed), round_config=msg.round_config, compression=msg.compression,
-        send_deltas=msg.send_deltas, compress_downloads=msg.compress_downloads, sync=msg.sync,
-        sync_every=int(msg.sync_every), sync_threshold=msg.sync_threshold,
+def experiment_spec_from_proto(msg: fed_pb.ExperimentSpec) -> ExperimentSpec:
+    """The spec a client sent; its enums must be ones this director knows (:func:`spec.validate` checks the rest)."""
+    c = msg.communication
+    return ExperimentSpec(
+        name=msg.name, rounds=int(msg.rounds), opt_treatment=experiment_spec.enum_of(
+            OptTreatment, msg.opt_treatment, "opt_treatment"),
+        model_spec=tuple(spec_from_proto(t) for t in msg.model_spec), envoys=tuple(msg.envoys),
+        submitter=msg.submitter, bundle_size=int(msg.bundle_size), round_config=msg.round_config,
+        sampling=experiment_spec.Sampling(int(msg.sampling.envoys_per_round), msg.sampling.fraction,
+                                          int(msg.sampling.seed)),
+        deadline=experiment_spec.Deadline(msg.deadline.round_timeout_s, int(msg.deadline.min_envoys)),
+        communication=experiment_spec.Communication(
+            c.compression, c.send_deltas, c.compress_downloads,
+            experiment_spec.enum_of(SyncMode, c.sync or SyncMode.EVERY_ROUND, "sync"), int(c.sync_every),
+            c.sync_threshold),
+        strategy=experiment_spec.StrategySpec(msg.strategy.name or "fedavg", msg.strategy.params or "{}"),
+        best=experiment_spec.BestModel(msg.best.metric, msg.best.higher_is_better),
     )
+
+
+def spec_from_legacy_header(msg: fed_pb.ExperimentHeader) -> ExperimentSpec:
+    """The spec of a flat header from a fedjax-core 0.1.0 notebook (read for one release)."""
+    fields = {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}
+    fields["model_spec"] = tuple(spec_from_proto(t) for t in msg.model_spec)
+    for key in ("rounds", "bundle_size", "min_envoys", "envoys_per_round", "sampling_seed", "sync_every"):
+        fields[key] = int(fields[key])
+    return experiment_spec.from_flat(fields)
 
 
 def status_to_proto(s: r.ExperimentStatus) -> fed_pb.ExperimentStatus:

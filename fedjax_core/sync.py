@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from fedjax_core.spec import SyncMode
+
 
 @dataclasses.dataclass(frozen=True)
 class Periodic:
@@ -46,13 +48,13 @@ class Dynamic:
 Sync = Periodic | Dynamic
 
 
-def to_wire(sync: Sync | None) -> tuple[str, int, float]:
-    """The header's (sync, sync_every, sync_threshold) for ``sync`` (None: average every round)."""
+def to_spec(sync: Sync | None) -> tuple[SyncMode, int, float]:
+    """The spec's (sync, sync_every, sync_threshold) for ``sync`` (None: average every round)."""
     if sync is None:
-        return "", 0, 0.0
+        return SyncMode.EVERY_ROUND, 0, 0.0
     if isinstance(sync, Periodic):
-        return "periodic", sync.every, 0.0
+        return SyncMode.PERIODIC, sync.every, 0.0
     if isinstance(sync, Dynamic):
-        return "dynamic", 0, float(sync.delta_threshold)
+        return SyncMode.DYNAMIC, 0, float(sync.delta_threshold)
     raise TypeError(f"sync must be fedjax_core.Periodic(every=k), fedjax_core.Dynamic(delta_threshold=d) or None, "
                     f"got {sync!r}")

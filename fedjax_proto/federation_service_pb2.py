@@ -26,7 +26,7 @@ from fedjax_proto import tensors_pb2 as fedjax__proto_dot_tensors__pb2
 from fedjax_proto import envoy_service_pb2 as fedjax__proto_dot_envoy__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedjax_proto/federation_service.proto\x12\x06\x66\x65\x64jax\x1a\x1a\x66\x65\x64jax_proto/tensors.proto\x1a fedjax_proto/envoy_service.proto\"\x17\n\x15GetDatasetInfoRequest\"D\n\x16GetDatasetInfoResponse\x12\x14\n\x0csample_shape\x18\x01 \x03(\t\x12\x14\n\x0ctarget_shape\x18\x02 \x03(\t\"@\n\x17GetShardRegistryRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x83\x01\n\nEnvoyEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\nshard_info\x18\x02 \x01(\x0b\x32\x11.fedjax.ShardInfo\x12\x11\n\tis_online\x18\x03 \x01(\x08\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\x12\x1a\n\x12\x63urrent_experiment\x18\x05 \x01(\t\"W\n\x18GetShardRegistryResponse\x12\"\n\x06\x65nvoys\x18\x01 \x03(\x0b\x32\x12.fedjax.EnvoyEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x99\x04\n\x10\x45xperimentHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x03\x12\x15\n\ropt_treatment\x18\x03 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x65st_metric\x18\x05 \x01(\t\x12\x1d\n\x15\x62\x65st_higher_is_better\x18\x06 \x01(\x08\x12\x13\n\x0b\x62undle_size\x18\x07 \x01(\x03\x12\x0e\n\x06\x65nvoys\x18\x08 \x03(\t\x12\x11\n\tsubmitter\x18\t \x01(\t\x12&\n\nmodel_spec\x18\n \x03(\x0b\x32\x12.fedjax.TensorSpec\x12\x12\n\nmin_envoys\x18\x0b \x01(\x03\x12\x17\n\x0fround_timeout_s\x18\x0c \x01(\x01\x12\x1a\n\x12\x61ggregation_params\x18\r \x01(\t\x12\x18\n\x10\x65nvoys_per_round\x18\x0e \x01(\x03\x12\x17\n\x0f\x65nvoys_fraction\x18\x0f \x01(\x01\x12\x15\n\rsampling_seed\x18\x10 \x01(\x03\x12\x14\n\x0cround_config\x18\x11 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x12 \x01(\t\x12\x13\n\x0bsend_deltas\x18\x13 \x01(\x08\x12\x1a\n\x12\x63ompress_downloads\x18\x14 \x01(\x08\x12\x0c\n\x04sync\x18\x15 \x01(\t\x12\x12\n\nsync_every\x18\x16 \x01(\x03\x12\x16\n\x0esync_threshold\x18\x17 \x01(\x01\"\x8a\x01\n\x17SubmitExperimentRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedjax.ExperimentHeaderH\x00\x12\x15\n\x0b\x62undle_data\x18\x02 \x01(\x0cH\x00\x12$\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x13.fedjax.TensorChunkH\x00\x42\x06\n\x04item\"2\n\x18SubmitExperimentResponse\x12\x16\n\x0equeue_position\x18\x01 \x01(\x03\"?\n\x16ListExperimentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x17ListExperimentsResponse\x12-\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x18.fedjax.ExperimentStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x1aGetExperimentStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xf9\x01\n\x10\x45xperimentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x03\x12\x0e\n\x06rounds\x18\x04 \x01(\x03\x12\x0e\n\x06\x65nvoys\x18\x05 \x03(\t\x12\x12\n\nbest_round\x18\x06 \x01(\x03\x12\x12\n\nbest_value\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x14\n\x0csubmitted_at\x18\t \x01(\x01\x12\x13\n\x0b\x62\x65st_metric\x18\n \x01(\t\x12/\n\x0cparticipants\x18\x0b \x03(\x0b\x32\x19.fedjax.RoundParticipants\"2\n\x11RoundParticipants\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06\x65nvoys\x18\x02 \x03(\t\"/\n\x14StreamMetricsRequest\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\"\xd0\x01\n\x0bMetricEvent\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05\x65nvoy\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x1f\n\x07metrics\x18\x04 \x03(\x0b\x32\x0e.fedjax.Metric\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\x12\x17\n\x0f\x65xperiment_done\x18\x06 \x01(\x08\x12\r\n\x05state\x18\x07 \x01(\t\x12\x14\n\x0cround_time_s\x18\x08 \x01(\x01\x12\x14\n\x0cparticipants\x18\t \x03(\t\x12\x0c\n\x04note\x18\n \x01(\t\"\'\n\x17\x43\x61ncelExperimentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x0fGetModelRequest\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\x12\r\n\x05which\x18\x02 \x01(\t2\x8e\x05\n\x11\x46\x65\x64\x65rationService\x12O\n\x0eGetDatasetInfo\x12\x1d.fedjax.GetDatasetInfoRequest\x1a\x1e.fedjax.GetDatasetInfoResponse\x12U\n\x10GetShardRegistry\x12\x1f.fedjax.GetShardRegistryRequest\x1a .fedjax.GetShardRegistryResponse\x12W\n\x10SubmitExperiment\x12\x1f.fedjax.SubmitExperimentRequest\x1a .fedjax.SubmitExperimentResponse(\x01\x12R\n\x0fListExperiments\x12\x1e.fedjax.ListExperimentsRequest\x1a\x1f.fedjax.ListExperimentsResponse\x12S\n\x13GetExperimentStatus\x12\".fedjax.GetExperimentStatusRequest\x1a\x18.fedjax.ExperimentStatus\x12\x44\n\rStreamMetrics\x12\x1c.fedjax.StreamMetricsRequest\x1a\x13.fedjax.MetricEvent0\x01\x12:\n\x08GetModel\x12\x17.fedjax.GetModelRequest\x1a\x13.fedjax.TensorChunk0\x01\x12M\n\x10\x43\x61ncelExperiment\x12\x1f.fedjax.CancelExperimentRequest\x1a\x18.fedjax.ExperimentStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedjax_proto/federation_service.proto\x12\x06\x66\x65\x64jax\x1a\x1a\x66\x65\x64jax_proto/tensors.proto\x1a fedjax_proto/envoy_service.proto\"\x17\n\x15GetDatasetInfoRequest\"D\n\x16GetDatasetInfoResponse\x12\x14\n\x0csample_shape\x18\x01 \x03(\t\x12\x14\n\x0ctarget_shape\x18\x02 \x03(\t\"@\n\x17GetShardRegistryRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x83\x01\n\nEnvoyEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\nshard_info\x18\x02 \x01(\x0b\x32\x11.fedjax.ShardInfo\x12\x11\n\tis_online\x18\x03 \x01(\x08\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\x12\x1a\n\x12\x63urrent_experiment\x18\x05 \x01(\t\"W\n\x18GetShardRegistryResponse\x12\"\n\x06\x65nvoys\x18\x01 \x03(\x0b\x32\x12.fedjax.EnvoyEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb3\x06\n\x0e\x45xperimentSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x03\x12\x15\n\ropt_treatment\x18\x03 \x01(\t\x12&\n\nmodel_spec\x18\x04 \x03(\x0b\x32\x12.fedjax.TensorSpec\x12\x0e\n\x06\x65nvoys\x18\x05 \x03(\t\x12\x11\n\tsubmitter\x18\x06 \x01(\t\x12\x13\n\x0b\x62undle_size\x18\x07 \x01(\x03\x12\x14\n\x0cround_config\x18\x08 \x01(\t\x12\x31\n\x08sampling\x18\t \x01(\x0b\x32\x1f.fedjax.ExperimentSpec.Sampling\x12\x31\n\x08\x64\x65\x61\x64line\x18\n \x01(\x0b\x32\x1f.fedjax.ExperimentSpec.Deadline\x12;\n\rcommunication\x18\x0b \x01(\x0b\x32$.fedjax.ExperimentSpec.Communication\x12\x31\n\x08strategy\x18\x0c \x01(\x0b\x32\x1f.fedjax.ExperimentSpec.Strategy\x12.\n\x04\x62\x65st\x18\r \x01(\x0b\x32 .fedjax.ExperimentSpec.BestModel\x1a\x44\n\x08Sampling\x12\x18\n\x10\x65nvoys_per_round\x18\x01 \x01(\x03\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x1a\x37\n\x08\x44\x65\x61\x64line\x12\x17\n\x0fround_timeout_s\x18\x01 \x01(\x01\x12\x12\n\nmin_envoys\x18\x02 \x01(\x03\x1a\x8f\x01\n\rCommunication\x12\x13\n\x0b\x63ompression\x18\x01 \x01(\t\x12\x13\n\x0bsend_deltas\x18\x02 \x01(\x08\x12\x1a\n\x12\x63ompress_downloads\x18\x03 \x01(\x08\x12\x0c\n\x04sync\x18\x04 \x01(\t\x12\x12\n\nsync_every\x18\x05 \x01(\x03\x12\x16\n\x0esync_threshold\x18\x06 \x01(\x01\x1a(\n\x08Strategy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06params\x18\x02 \x01(\t\x1a\x35\n\tBestModel\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x18\n\x10higher_is_better\x18\x02 \x01(\x08\"\x99\x04\n\x10\x45xperimentHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x03\x12\x15\n\ropt_treatment\x18\x03 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x04 \x01(\t\x12\x13\n\x0b\x62\x65st_metric\x18\x05 \x01(\t\x12\x1d\n\x15\x62\x65st_higher_is_better\x18\x06 \x01(\x08\x12\x13\n\x0b\x62undle_size\x18\x07 \x01(\x03\x12\x0e\n\x06\x65nvoys\x18\x08 \x03(\t\x12\x11\n\tsubmitter\x18\t \x01(\t\x12&\n\nmodel_spec\x18\n \x03(\x0b\x32\x12.fedjax.TensorSpec\x12\x12\n\nmin_envoys\x18\x0b \x01(\x03\x12\x17\n\x0fround_timeout_s\x18\x0c \x01(\x01\x12\x1a\n\x12\x61ggregation_params\x18\r \x01(\t\x12\x18\n\x10\x65nvoys_per_round\x18\x0e \x01(\x03\x12\x17\n\x0f\x65nvoys_fraction\x18\x0f \x01(\x01\x12\x15\n\rsampling_seed\x18\x10 \x01(\x03\x12\x14\n\x0cround_config\x18\x11 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x12 \x01(\t\x12\x13\n\x0bsend_deltas\x18\x13 \x01(\x08\x12\x1a\n\x12\x63ompress_downloads\x18\x14 \x01(\x08\x12\x0c\n\x04sync\x18\x15 \x01(\t\x12\x12\n\nsync_every\x18\x16 \x01(\x03\x12\x16\n\x0esync_threshold\x18\x17 \x01(\x01\"\xb2\x01\n\x17SubmitExperimentRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedjax.ExperimentHeaderH\x00\x12\x15\n\x0b\x62undle_data\x18\x02 \x01(\x0cH\x00\x12$\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x13.fedjax.TensorChunkH\x00\x12&\n\x04spec\x18\x04 \x01(\x0b\x32\x16.fedjax.ExperimentSpecH\x00\x42\x06\n\x04item\"2\n\x18SubmitExperimentResponse\x12\x16\n\x0equeue_position\x18\x01 \x01(\x03\"?\n\x16ListExperimentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x17ListExperimentsResponse\x12-\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32\x18.fedjax.ExperimentStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x1aGetExperimentStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xf9\x01\n\x10\x45xperimentStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rcurrent_round\x18\x03 \x01(\x03\x12\x0e\n\x06rounds\x18\x04 \x01(\x03\x12\x0e\n\x06\x65nvoys\x18\x05 \x03(\t\x12\x12\n\nbest_round\x18\x06 \x01(\x03\x12\x12\n\nbest_value\x18\x07 \x01(\x01\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x14\n\x0csubmitted_at\x18\t \x01(\x01\x12\x13\n\x0b\x62\x65st_metric\x18\n \x01(\t\x12/\n\x0cparticipants\x18\x0b \x03(\x0b\x32\x19.fedjax.RoundParticipants\"2\n\x11RoundParticipants\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06\x65nvoys\x18\x02 \x03(\t\"/\n\x14StreamMetricsRequest\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\"\xd0\x01\n\x0bMetricEvent\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05\x65nvoy\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x1f\n\x07metrics\x18\x04 \x03(\x0b\x32\x0e.fedjax.Metric\x12\x11\n\ttimestamp\x18\x05 \x01(\x01\x12\x17\n\x0f\x65xperiment_done\x18\x06 \x01(\x08\x12\r\n\x05state\x18\x07 \x01(\t\x12\x14\n\x0cround_time_s\x18\x08 \x01(\x01\x12\x14\n\x0cparticipants\x18\t \x03(\t\x12\x0c\n\x04note\x18\n \x01(\t\"\'\n\x17\x43\x61ncelExperimentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x0fGetModelRequest\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\x12\r\n\x05which\x18\x02 \x01(\t2\x8e\x05\n\x11\x46\x65\x64\x65rationService\x12O\n\x0eGetDatasetInfo\x12\x1d.fedjax.GetDatasetInfoRequest\x1a\x1e.fedjax.GetDatasetInfoResponse\x12U\n\x10GetShardRegistry\x12\x1f.fedjax.GetShardRegistryRequest\x1a .fedjax.GetShardRegistryResponse\x12W\n\x10SubmitExperiment\x12\x1f.fedjax.SubmitExperimentRequest\x1a .fedjax.SubmitExperimentResponse(\x01\x12R\n\x0fListExperiments\x12\x1e.fedjax.ListExperimentsRequest\x1a\x1f.fedjax.ListExperimentsResponse\x12S\n\x13GetExperimentStatus\x12\".fedjax.GetExperimentStatusRequest\x1a\x18.fedjax.ExperimentStatus\x12\x44\n\rStreamMetrics\x12\x1c.fedjax.StreamMetricsRequest\x1a\x13.fedjax.MetricEvent0\x01\x12:\n\x08GetModel\x12\x17.fedjax.GetModelRequest\x1a\x13.fedjax.TensorChunk0\x01\x12M\n\x10\x43\x61ncelExperiment\x12\x1f.fedjax.CancelExperimentRequest\x1a\x18.fedjax.ExperimentStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,30 +43,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENVOYENTRY']._serialized_end=404
   _globals['_GETSHARDREGISTRYRESPONSE']._serialized_start=406
   _globals['_GETSHARDREGISTRYRESPONSE']._serialized_end=493
-  _globals['_EXPERIMENTHEADER']._serialized_start=496
-  _globals['_EXPERIMENTHEADER']._serialized_end=1033
-  _globals['_SUBMITEXPERIMENTREQUEST']._serialized_start=1036
-  _globals['_SUBMITEXPERIMENTREQUEST']._serialized_end=1174
-  _globals['_SUBMITEXPERIMENTRESPONSE']._serialized_start=1176
-  _globals['_SUBMITEXPERIMENTRESPONSE']._serialized_end=1226
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=1228
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=1291
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=1293
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=1390
-  _globals['_GETEXPERIMENTSTATUSREQUEST']._serialized_start=1392
-  _globals['_GETEXPERIMENTSTATUSREQUEST']._serialized_end=1434
-  _globals['_EXPERIMENTSTATUS']._serialized_start=1437
-  _globals['_EXPERIMENTSTATUS']._serialized_end=1686
-  _globals['_ROUNDPARTICIPANTS']._serialized_start=1688
-  _globals['_ROUNDPARTICIPANTS']._serialized_end=1738
-  _globals['_STREAMMETRICSREQUEST']._serialized_start=1740
-  _globals['_STREAMMETRICSREQUEST']._serialized_end=1787
-  _globals['_METRICEVENT']._serialized_start=1790
-  _globals['_METRICEVENT']._serialized_end=1998
-  _globals['_CANCELEXPERIMENTREQUEST']._serialized_start=2000
-  _globals['_CANCELEXPERIMENTREQUEST']._serialized_end=2039
-  _globals['_GETMODELREQUEST']._serialized_start=2041
-  _globals['_GETMODELREQUEST']._serialized_end=2098
-  _globals['_FEDERATIONSERVICE']._serialized_start=2101
-  _globals['_FEDERATIONSERVICE']._serialized_end=2755
+  _globals['_EXPERIMENTSPEC']._serialized_start=496
+  _globals['_EXPERIMENTSPEC']._serialized_end=1315
+  _globals['_EXPERIMENTSPEC_SAMPLING']._serialized_start=947
+  _globals['_EXPERIMENTSPEC_SAMPLING']._serialized_end=1015
+  _globals['_EXPERIMENTSPEC_DEADLINE']._serialized_start=1017
+  _globals['_EXPERIMENTSPEC_DEADLINE']._serialized_end=1072
+  _globals['_EXPERIMENTSPEC_COMMUNICATION']._serialized_start=1075
+  _globals['_EXPERIMENTSPEC_COMMUNICATION']._serialized_end=1218
+  _globals['_EXPERIMENTSPEC_STRATEGY']._serialized_start=1220
+  _globals['_EXPERIMENTSPEC_STRATEGY']._serialized_end=1260
+  _globals['_EXPERIMENTSPEC_BESTMODEL']._serialized_start=1262
+  _globals['_EXPERIMENTSPEC_BESTMODEL']._serialized_end=1315
+  _globals['_EXPERIMENTHEADER']._serialized_start=1318
+  _globals['_EXPERIMENTHEADER']._serialized_end=1855
+  _globals['_SUBMITEXPERIMENTREQUEST']._serialized_start=1858
+  _globals['_SUBMITEXPERIMENTREQUEST']._serialized_end=2036
+  _globals['_SUBMITEXPERIMENTRESPONSE']._serialized_start=2038
+  _globals['_SUBMITEXPERIMENTRESPONSE']._serialized_end=2088
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=2090
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=2153
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=2155
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=2252
+  _globals['_GETEXPERIMENTSTATUSREQUEST']._serialized_start=2254
+  _globals['_GETEXPERIMENTSTATUSREQUEST']._serialized_end=2296
+  _globals['_EXPERIMENTSTATUS']._serialized_start=2299
+  _globals['_EXPERIMENTSTATUS']._serialized_end=2548
+  _globals['_ROUNDPARTICIPANTS']._serialized_start=2550
+  _globals['_ROUNDPARTICIPANTS']._serialized_end=2600
+  _globals['_STREAMMETRICSREQUEST']._serialized_start=2602
+  _globals['_STREAMMETRICSREQUEST']._serialized_end=2649
+  _globals['_METRICEVENT']._serialized_start=2652
+  _globals['_METRICEVENT']._serialized_end=2860
+  _globals['_CANCELEXPERIMENTREQUEST']._serialized_start=2862
+  _globals['_CANCELEXPERIMENTREQUEST']._serialized_end=2901
+  _globals['_GETMODELREQUEST']._serialized_start=2903
+  _globals['_GETMODELREQUEST']._serialized_end=2960
+  _globals['_FEDERATIONSERVICE']._serialized_start=2963
+  _globals['_FEDERATIONSERVICE']._serialized_end=3617
 # @@protoc_insertion_point(module_scope)

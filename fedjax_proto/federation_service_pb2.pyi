@@ -50,6 +50,81 @@ class GetShardRegistryResponse(_message.Message):
     next_page_token: str
     def __init__(self, envoys: _Optional[_Iterable[_Union[EnvoyEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class ExperimentSpec(_message.Message):
+    __slots__ = ("name", "rounds", "opt_treatment", "model_spec", "envoys", "submitter", "bundle_size", "round_config", "sampling", "deadline", "communication", "strategy", "best")
+    class Sampling(_message.Message):
+        __slots__ = ("envoys_per_round", "fraction", "seed")
+        ENVOYS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+        FRACTION_FIELD_NUMBER: _ClassVar[int]
+        SEED_FIELD_NUMBER: _ClassVar[int]
+        envoys_per_round: int
+        fraction: float
+        seed: int
+        def __init__(self, envoys_per_round: _Optional[int] = ..., fraction: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    class Deadline(_message.Message):
+        __slots__ = ("round_timeout_s", "min_envoys")
+        ROUND_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+        MIN_ENVOYS_FIELD_NUMBER: _ClassVar[int]
+        round_timeout_s: float
+        min_envoys: int
+        def __init__(self, round_timeout_s: _Optional[float] = ..., min_envoys: _Optional[int] = ...) -> None: ...
+    class Communication(_message.Message):
+        __slots__ = ("compression", "send_deltas", "compress_downloads", "sync", "sync_every", "sync_threshold")
+        COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+        SEND_DELTAS_FIELD_NUMBER: _ClassVar[int]
+        COMPRESS_DOWNLOADS_FIELD_NUMBER: _ClassVar[int]
+        SYNC_FIELD_NUMBER: _ClassVar[int]
+        SYNC_EVERY_FIELD_NUMBER: _ClassVar[int]
+        SYNC_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+        compression: str
+        send_deltas: bool
+        compress_downloads: bool
+        sync: str
+        sync_every: int
+        sync_threshold: float
+        def __init__(self, compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ..., compress_downloads: _Optional[bool] = ..., sync: _Optional[str] = ..., sync_every: _Optional[int] = ..., sync_threshold: _Optional[float] = ...) -> None: ...
+    class Strategy(_message.Message):
+        __slots__ = ("name", "params")
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        PARAMS_FIELD_NUMBER: _ClassVar[int]
+        name: str
+        params: str
+        def __init__(self, name: _Optional[str] = ..., params: _Optional[str] = ...) -> None: ...
+    class BestModel(_message.Message):
+        __slots__ = ("metric", "higher_is_better")
+        METRIC_FIELD_NUMBER: _ClassVar[int]
+        HIGHER_IS_BETTER_FIELD_NUMBER: _ClassVar[int]
+        metric: str
+        higher_is_better: bool
+        def __init__(self, metric: _Optional[str] = ..., higher_is_better: _Optional[bool] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    OPT_TREATMENT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SPEC_FIELD_NUMBER: _ClassVar[int]
+    ENVOYS_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTER_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    COMMUNICATION_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    BEST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rounds: int
+    opt_treatment: str
+    model_spec: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorSpec]
+    envoys: _containers.RepeatedScalarFieldContainer[str]
+    submitter: str
+    bundle_size: int
+    round_config: str
+    sampling: ExperimentSpec.Sampling
+    deadline: ExperimentSpec.Deadline
+    communication: ExperimentSpec.Communication
+    strategy: ExperimentSpec.Strategy
+    best: ExperimentSpec.BestModel
+    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., bundle_size: _Optional[int] = ..., round_config: _Optional[str] = ..., sampling: _Optional[_Union[ExperimentSpec.Sampling, _Mapping]] = ..., deadline: _Optional[_Union[ExperimentSpec.Deadline, _Mapping]] = ..., communication: _Optional[_Union[ExperimentSpec.Communication, _Mapping]] = ..., strategy: _Optional[_Union[ExperimentSpec.Strategy, _Mapping]] = ..., best: _Optional[_Union[ExperimentSpec.BestModel, _Mapping]] = ...) -> None: ...
+
 class ExperimentHeader(_message.Message):
     __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec", "min_envoys", "round_timeout_s", "aggregation_params", "envoys_per_round", "envoys_fraction", "sampling_seed", "round_config", "compression", "send_deltas", "compress_downloads", "sync", "sync_every", "sync_threshold")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -101,14 +176,16 @@ class ExperimentHeader(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., aggregation: _Optional[str] = ..., best_metric: _Optional[str] = ..., best_higher_is_better: _Optional[bool] = ..., bundle_size: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., min_envoys: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., aggregation_params: _Optional[str] = ..., envoys_per_round: _Optional[int] = ..., envoys_fraction: _Optional[float] = ..., sampling_seed: _Optional[int] = ..., round_config: _Optional[str] = ..., compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ..., compress_downloads: _Optional[bool] = ..., sync: _Optional[str] = ..., sync_every: _Optional[int] = ..., sync_threshold: _Optional[float] = ...) -> None: ...
 
 class SubmitExperimentRequest(_message.Message):
-    __slots__ = ("header", "bundle_data", "chunk")
+    __slots__ = ("header", "bundle_data", "chunk", "spec")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_DATA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
     header: ExperimentHeader
     bundle_data: bytes
     chunk: _tensors_pb2.TensorChunk
-    def __init__(self, header: _Optional[_Union[ExperimentHeader, _Mapping]] = ..., bundle_data: _Optional[bytes] = ..., chunk: _Optional[_Union[_tensors_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+    spec: ExperimentSpec
+    def __init__(self, header: _Optional[_Union[ExperimentHeader, _Mapping]] = ..., bundle_data: _Optional[bytes] = ..., chunk: _Optional[_Union[_tensors_pb2.TensorChunk, _Mapping]] = ..., spec: _Optional[_Union[ExperimentSpec, _Mapping]] = ...) -> None: ...
 
 class SubmitExperimentResponse(_message.Message):
     __slots__ = ("queue_position",)

@@ -93,7 +93,7 @@ class FederationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitExperiment(self, request_iterator, context):
-        """First message: the experiment header; then bundle bytes and model chunks.
+        """First message: the experiment spec; then bundle bytes and model chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

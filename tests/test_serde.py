@@ -17,13 +17,16 @@ import pytest
 
 from fedjax_core import records as r
 from fedjax_core import serde
+from fedjax_core import spec as experiment_spec
 from fedjax_core.errors import InvalidRequestError
+from fedjax_core.spec import ExperimentSpec
 from fedjax_proto import tensors_pb2 as t_pb
 
 # Fields whose values are constrained to a vocabulary: a non-default member of it.
 _CHOICES = {
     (r.Task, "kind"): [r.TaskKind.TRAIN, r.TaskKind.VALIDATE, r.TaskKind.FINISHED],
-    (r.ExperimentHeader, "opt_treatment"): ["CONTINUE_GLOBAL"],
+    (ExperimentSpec, "opt_treatment"): [r.OptTreatment.CONTINUE_GLOBAL],
+    (experiment_spec.Communication, "sync"): [experiment_spec.SyncMode.PERIODIC],
     (r.MetricEvent, "stage"): [r.Stage.LOCAL],
 }
 _counter = itertools.count(1)
@@ -62,7 +65,7 @@ def _value(tp, owner: type, name: str, default):
 
 
 def build(cls: type):
-    hints = typing.get_type_hints(cls, vars(r))
+    hints = typing.get_type_hints(cls, {**vars(r), **vars(experiment_spec)})
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
@@ -84,7 +87,7 @@ PAIRS = {
     r.TensorChunk: (serde.chunk_to_proto, serde.chunk_from_proto),
     r.ShardInfo: (serde.shard_info_to_proto, serde.shard_info_from_proto),
     r.EnvoyEntry: (serde.envoy_entry_to_proto, serde.envoy_entry_from_proto),
-    r.ExperimentHeader: (serde.header_to_proto, serde.header_from_proto),
+    ExperimentSpec: (serde.experiment_spec_to_proto, serde.experiment_spec_from_proto),
     r.ExperimentStatus: (serde.status_to_proto, serde.status_from_proto),
     r.MetricEvent: (serde.metric_event_to_proto, serde.metric_event_from_proto),
     r.Task: (serde.task_to_proto, serde.task_from_proto),

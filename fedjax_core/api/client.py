@@ -12,6 +12,7 @@ import numpy as np
 from fedjax_core import records as r
 from fedjax_core import serde
 from fedjax_core.director import paging
+from fedjax_core.spec import ExperimentSpec
 from fedjax_core.tensors import assemble, iter_chunks
 from fedjax_core.transport import TLSFiles, is_retryable, open_channel, raise_domain_error
 from fedjax_proto import federation_service_pb2 as fed_pb
@@ -104,10 +105,10 @@ class FederationClient:
     def cancel(self, name: str) -> r.ExperimentStatus:
         return serde.status_from_proto(self._unary("CancelExperiment", fed_pb.CancelExperimentRequest(name=name)))
 
-    def submit(self, header: r.ExperimentHeader, bundle: bytes, tensors: Mapping[str, np.ndarray]) -> int:
-        """Stream header, code bundle and initial model; returns the queue position (0: running now)."""
+    def submit(self, spec: ExperimentSpec, bundle: bytes, tensors: Mapping[str, np.ndarray]) -> int:
+        """Stream spec, code bundle and initial model; returns the queue position (0: running now)."""
         def requests():
-            yield fed_pb.SubmitExperimentRequest(header=serde.header_to_proto(header))
+            yield fed_pb.SubmitExperimentRequest(spec=serde.experiment_spec_to_proto(spec))
             for offset in range(0, len(bundle), BUNDLE_CHUNK):
                 yield fed_pb.SubmitExperimentRequest(bundle_data=bundle[offset:offset + BUNDLE_CHUNK])
             for message in serde.chunk_protos(iter_chunks(tensors)):

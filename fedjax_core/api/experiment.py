@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import dataclasses
 import inspect
 import json
 import math
@@ -25,10 +26,10 @@ from fedjax_core.records import default_higher_is_better
 from fedjax_core.runtime.interfaces import DataInterface, ModelInterface, TaskError, TaskInterface
 from fedjax_core.runtime.model_tensors import state_to_tensors, static_structure, tensors_to_state
 from fedjax_core.sinks import MetricSink
-from fedjax_core.codecs import CODECS
+from fedjax_core.spec import BestModel, Communication, Deadline, ExperimentSpec, Sampling, StrategySpec, enum_of, validate
 from fedjax_core.strategies import Strategy, as_strategy
 from fedjax_core.sync import Sync
-from fedjax_core.sync import to_wire as sync_to_wire
+from fedjax_core.sync import to_spec as sync_to_spec
 from fedjax_core.tensors import spec_of
 from fedjax_core.transport import Backoff
 
@@ -115,18 +116,6 @@ def _round_config(fn: Callable | None, rounds: int, ti: TaskInterface) -> str:
     return json.dumps(entries, allow_nan=False)
 
 
-def _compression(codec: str | None, send_deltas: bool, compress_downloads: bool) -> str:
-    """The header's codec; refuses unknown codecs and flags that are not bools, naming the fix."""
-    if codec is not None and codec not in CODECS:
-        raise ValueError(f"compression={codec!r} is not a codec: use None, {', '.join(map(repr, CODECS))}")
-    for flag, value in (("send_deltas", send_deltas), ("compress_downloads", compress_downloads)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag} must be True or False, got {value!r}")
-    if compress_downloads and codec is None:
-        raise ValueError("compress_downloads=True needs a codec: pass compression='fp16', 'bf16' or 'int8' too")
-    return codec or ""
-
-
 class FLExperiment:
     def __init__(self, federation: Federation, experiment_name: str = "experiment", serializer_plugin: Any = None):
         self.federation = federation
@@ -177,55 +166,44 @@ class FLExperiment:
             raise TypeError(f"task_keeper must be a TaskInterface, got {type(task_keeper).__name__}")
         if not isinstance(data_loader, DataInterface):
             raise TypeError(f"data_loader must be a DataInterface, got {type(data_loader).__name__}")
-        if not isinstance(rounds_to_train, int) or isinstance(rounds_to_train, bool) or rounds_to_train < 1:
-            raise ValueError(f"rounds_to_train must be an integer >= 1, got {rounds_to_train!r}")
-        if opt_treatment not in r.OPT_TREATMENTS:
-            raise ValueError(f"opt_treatment {opt_treatment!r} is not one of {', '.join(r.OPT_TREATMENTS)}")
         if device_assignment_policy not in DEVICE_POLICIES:
             raise ValueError(f"device_assignment_policy {device_assignment_policy!r} is not one of "
                              f"{', '.join(DEVICE_POLICIES)}")
         if isinstance(envoys, str):
             raise TypeError(f"envoys must be a list of envoy names, e.g. [{envoys!r}], not a string")
-        if not isinstance(min_envoys, int) or isinstance(min_envoys, bool) or min_envoys < 0:
-            raise ValueError(f"min_envoys must be an integer >= 0 (0: every envoy), got {min_envoys!r}")
-        if not isinstance(round_timeout_s, (int, float)) or not 0 <= round_timeout_s < math.inf:
-            raise ValueError(f"round_timeout_s must be a number of seconds >= 0 (0: no deadline), got {round_timeout_s!r}")
         if higher_is_better is not None and not best_metric:
             raise ValueError("higher_is_better needs best_metric: name the validation metric it applies to")
-        strategy = as_strategy(aggregation)
-        compression = _compression(compression, send_deltas, compress_downloads)
-        sync_kind, sync_every, sync_threshold = sync_to_wire(sync)
+        strategy_name, strategy_params = as_strategy(aggregation).to_wire()
+        for flag, value in (("send_deltas", send_deltas), ("compress_downloads", compress_downloads)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        sync_mode, sync_every, sync_threshold = sync_to_spec(sync)
         per_round, fraction = _sampling(envoys_per_round)
-        if sync is not None and (per_round or fraction):
-            raise ValueError("sync=Periodic/Dynamic averages models every envoy keeps training: it cannot be "
-                             "combined with envoys_per_round (drop one of the two)")
-        if sampling_seed is None:
-            sampling_seed = random.randrange(2**62)
-        elif not isinstance(sampling_seed, int) or isinstance(sampling_seed, bool) or not 0 <= sampling_seed < 2**63:
-            raise ValueError(f"sampling_seed must be an integer in [0, 2**63), got {sampling_seed!r}")
-        task_keeper.check()
-        config = _round_config(round_config, rounds_to_train, task_keeper)
         tensors = state_to_tensors(model_provider.model)
-        specs = tuple(spec_of(name, array) for name, array in tensors.items())
+        spec = ExperimentSpec(
+            name=self.experiment_name, rounds=rounds_to_train,
+            opt_treatment=enum_of(r.OptTreatment, opt_treatment, "opt_treatment"),
+            model_spec=tuple(spec_of(name, array) for name, array in tensors.items()),
+            envoys=tuple(envoys or ()), submitter=self.federation.client_id,
+            sampling=Sampling(per_round, fraction, random.randrange(2**62) if sampling_seed is None else sampling_seed),
+            deadline=Deadline(round_timeout_s, min_envoys),
+            communication=Communication(compression or "", send_deltas, compress_downloads, sync_mode, sync_every,
+                                        sync_threshold),
+            strategy=StrategySpec(strategy_name, strategy_params),
+            best=BestModel(best_metric or "", default_higher_is_better(best_metric or "") if higher_is_better is None
+                           else bool(higher_is_better)),
+        )
+        validate(spec)  # the director checks it again, and against the envoys it knows
+        task_keeper.check()
+        spec = dataclasses.replace(spec, round_config=_round_config(round_config, rounds_to_train, task_keeper))
         payload = self._pickle({"model_interface": model_provider, "task_interface": task_keeper,
                                 "data_interface": data_loader}, pickle_by_value)
         bundle = bundle_io.pack({"experiment": self.experiment_name,
                                  "device_assignment_policy": device_assignment_policy,
                                  "tasks": sorted(task_keeper.task_registry)}, payload)
-        header = r.ExperimentHeader(
-            name=self.experiment_name, rounds=rounds_to_train, opt_treatment=opt_treatment,
-            aggregation=strategy.to_wire()[0], aggregation_params=strategy.to_wire()[1],
-            envoys_per_round=per_round, envoys_fraction=fraction, sampling_seed=sampling_seed, round_config=config,
-            best_metric=best_metric or "",
-            best_higher_is_better=(default_higher_is_better(best_metric or "") if higher_is_better is None
-                                   else bool(higher_is_better)),
-            bundle_size=len(bundle), envoys=tuple(envoys or ()), submitter=self.federation.client_id,
-            model_spec=specs, min_envoys=int(min_envoys), round_timeout_s=float(round_timeout_s),
-            compression=compression, send_deltas=send_deltas, compress_downloads=compress_downloads,
-            sync=sync_kind, sync_every=sync_every, sync_threshold=sync_threshold,
-        )
-
-        position = self.federation.client.submit(header, bundle, tensors)
+        spec = dataclasses.replace(spec, bundle_size=len(bundle))
+        validate(spec)  # the round_config, as the director will read it
+        position = self.federation.client.submit(spec, bundle, tensors)
         self.model_interface = model_provider
         self.history = []
         return position

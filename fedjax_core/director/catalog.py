@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from fedjax_core import records as r
 from fedjax_core.director.files import ExperimentFiles
 from fedjax_core.director.registry import EnvoyRegistry
-from fedjax_core.director.store import ExperimentRow, Store
+from fedjax_core.director.store import ExperimentRow
+from fedjax_core.director.store_api import Store
 from fedjax_core.errors import InvalidRequestError, NotFoundError, PreconditionError
 from fedjax_core.tensors import ModelFile
 
@@ -48,7 +49,7 @@ class Catalog:
         return [(seq, row.status()) for seq, row in self.store.experiments_page(after, limit, viewer)]
 
     def experiment_submitter(self, name: str) -> str:
-        return self.row(name).header.submitter
+        return self.row(name).spec.submitter
 
     def experiment_bundle_sha256(self, name: str) -> str:
         """The hex SHA-256 of ``name``'s bundle, taken as it was submitted; envoys check their download."""
@@ -63,13 +64,13 @@ class Catalog:
     def experiment_status(self, name: str, viewer: str | None = None) -> r.ExperimentStatus:
         """``name``'s status; to a ``viewer`` other than its submitter it does not exist (nor its metrics)."""
         row = self.store.experiment(name)
-        if row is None or (viewer is not None and row.header.submitter != viewer and viewer not in self.admins):
+        if row is None or (viewer is not None and row.spec.submitter != viewer and viewer not in self.admins):
             raise NotFoundError(f"no experiment named {name!r}" + (" among yours" if viewer is not None else ""))
         return row.status(self.store.participants(name, last=STATUS_ROUNDS))
 
     def check_owner(self, row: ExperimentRow, by: str | None, action: str) -> None:
         """Under mTLS (``by`` is the caller's certificate name) only the submitter or an admin may ``action``."""
-        if by is not None and by != row.header.submitter and by not in self.admins:
+        if by is not None and by != row.spec.submitter and by not in self.admins:
             raise NotFoundError(f"no experiment named {row.name!r} among yours (only its submitter, an admin "
                                 f"certificate or one in settings.admins may {action})")
 

@@ -30,12 +30,14 @@ from fedjax_core.director.registry import EnvoyRegistry
 from fedjax_core.director.round_machine import (Cancelled, CloseRound, Completed, Effect, Failed, Finish, KeepEnvoys,
                                                 Note, Resumed)
 from fedjax_core.director.rounds import Outcome, RoundEngine, Run
-from fedjax_core.director.store import ExperimentRow, Store
+from fedjax_core.director.store import ExperimentRow, SqliteStore
+from fedjax_core.director.store_api import Store
 from fedjax_core.director.worker_calls import WorkerCalls
-from fedjax_core.director.submission import check_header
+from fedjax_core.director.submission import check_submission
 from fedjax_core.errors import InvalidRequestError, PreconditionError, is_disk_full
 from fedjax_core.metrics_log import Loggers
 from fedjax_core.sinks import SinkFactory
+from fedjax_core.spec import ExperimentSpec
 from fedjax_core.tensors import nbytes_of
 
 log = logging.getLogger("fedjax.director")
@@ -46,12 +48,14 @@ class Director:
                  health_check_period: float = 5.0, clock: Callable[[], float] = time.time,
                  timer: Callable[[], float] = time.monotonic, max_model_bytes: int = limits.MAX_MODEL_BYTES,
                  admins: Iterable[str] = (), envoy_timeout_s: float = 60.0, keep_experiments: int | None = None,
-                 metric_sinks: Sequence[SinkFactory] | None = None):
+                 metric_sinks: Sequence[SinkFactory] | None = None, store: Store | None = None):
+        """``store``: the director's state (default: the SQLite database under ``state_dir``); a simulation passes
+        a :class:`~fedjax_core.director.memory_store.MemoryStore`. The director closes it when it closes."""
         self.state_dir = Path(state_dir)
         self.max_model_bytes = max_model_bytes
         self.keep_experiments = keep_experiments  # ended experiments whose files stay (None: all)
         self.clock = clock
-        self.store = Store(self.state_dir / "director.sqlite")
+        self.store = store if store is not None else SqliteStore(self.state_dir / "director.sqlite")
         for name in self.store.abandon_submissions():  # cut off by a crash: never queued
             log.warning("dropping experiment %r: its submission did not complete before the director stopped", name)
         self.files = ExperimentFiles(self.state_dir)
@@ -133,28 +137,28 @@ class Director:
         return self._runs.get(experiment)
 
     # -------------------------------------------------------------- experiments
-    def submit_experiment(self, header: r.ExperimentHeader, bundle: Iterable[bytes],
+    def submit_experiment(self, spec: ExperimentSpec, bundle: Iterable[bytes],
                           chunks: Iterable[r.TensorChunk]) -> int:
         """Store a new experiment (code bundle + initial model) and queue it; returns its queue position."""
-        check_header(header, set(self.store.envoy_names()))
-        size = sum(nbytes_of(spec) for spec in header.model_spec)
+        check_submission(spec, set(self.store.envoy_names()))
+        size = sum(nbytes_of(tensor) for tensor in spec.model_spec)
         if size > self.max_model_bytes:
             raise InvalidRequestError(f"the model is {size / 2**30:.2f} GiB; this director takes at most "
                                       f"{self.max_model_bytes / 2**30:.2f} GiB (settings.max_model_bytes)")
-        self.store.add_experiment(header, state=r.State.SUBMITTING)  # claims the name (UNIQUE)
+        self.store.add_experiment(spec, state=r.State.SUBMITTING)  # claims the name (UNIQUE)
         try:
-            size, digest = transfers.store_submission(self.files, header, bundle, chunks)
+            size, digest = transfers.store_submission(self.files, spec, bundle, chunks)
         except BaseException:
-            self.store.delete_experiment(header.name)
+            self.store.delete_experiment(spec.name)
             raise
-        log.info("experiment %r submitted by %r: bundle of %d bytes, sha256 %s", header.name, header.submitter,
+        log.info("experiment %r submitted by %r: bundle of %d bytes, sha256 %s", spec.name, spec.submitter,
                  size, digest)
         with self.lock:
-            self.store.update_experiment(header.name, state=r.State.QUEUED, bundle_sha256=digest)
+            self.store.update_experiment(spec.name, state=r.State.QUEUED, bundle_sha256=digest)
             self._start_next()
             self.changed()
         queued = [row.name for row in self.store.experiments(r.State.QUEUED)]
-        return queued.index(header.name) + 1 if header.name in queued else 0
+        return queued.index(spec.name) + 1 if spec.name in queued else 0
 
     def cancel_experiment(self, name: str, by: str | None = None) -> r.ExperimentStatus:
         """Stop a queued or running experiment; a running one's workers are told it is over.
@@ -199,7 +203,7 @@ class Director:
         load = scheduler.load_of(run.state.envoys for run in self._runs.values())
         started = False
         for row in self.store.experiments(r.State.QUEUED):
-            decision = scheduler.decide(row.header.envoys, online, load)
+            decision = scheduler.decide(row.spec.envoys, online, load)
             if decision.wait:
                 self._waiting.waits(row.name, decision.wait)
             elif self._start(row, decision.envoys):
@@ -213,7 +217,7 @@ class Director:
         try:
             run = self.engine.new_run(row, 0)
         except InvalidRequestError as exc:
-            if not row.header.envoys:  # sized on the envoys online now: more may come
+            if not row.spec.envoys:  # sized on the envoys online now: more may come
                 self._waiting.waits(row.name, str(exc))
             else:
                 self._fail_unstartable(row, exc)

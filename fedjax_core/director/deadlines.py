@@ -27,8 +27,8 @@ def next_due(runs: Iterable[Run], silent_until: Callable[[str], float]) -> tuple
     for run in runs:
         if not run.state.open:
             continue
-        if run.header.round_timeout_s:
-            candidate = (run.started_at + run.header.round_timeout_s, run, None)
+        if run.spec.deadline.round_timeout_s:
+            candidate = (run.started_at + run.spec.deadline.round_timeout_s, run, None)
             best = candidate if best is None or candidate[0] < best[0] else best
         for envoy in sorted(run.state.pending):
             candidate = (silent_until(envoy), run, envoy)

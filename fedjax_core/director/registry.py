@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable
 
 from fedjax_core import records as r
 from fedjax_core.director import limits
-from fedjax_core.director.store import Store
-from fedjax_core.director.submission import check_name
+from fedjax_core.director.store_api import Store
+from fedjax_core.spec import check_name
 from fedjax_core.errors import AlreadyExistsError, InvalidRequestError
 from fedjax_core.sinks import AGGREGATED_RUN
 

@@ -13,7 +13,7 @@ import shutil
 
 from fedjax_core import records as r
 from fedjax_core.director.files import ExperimentFiles
-from fedjax_core.director.store import Store
+from fedjax_core.director.store_api import Store
 
 log = logging.getLogger("fedjax.director")
 

@@ -30,10 +30,13 @@ from fedjax_core.director import closer, rules
 from fedjax_core.director.files import ExperimentFiles
 from fedjax_core.director.round_machine import CheckedIn, Dropped, Phase, RoundState, Validated, restore
 from fedjax_core.director.memory import release_free_memory
-from fedjax_core.director.store import ExperimentRow, Store
+from fedjax_core.director.round_models import FileRoundModels
+from fedjax_core.director.store import ExperimentRow
+from fedjax_core.director.store_api import Store
 from fedjax_core.director.submission import RoundPlan, plan_rounds
 from fedjax_core.errors import FedError, InvalidRequestError
 from fedjax_core.metrics_log import Loggers
+from fedjax_core.spec import ExperimentSpec
 from fedjax_core.tensors import ModelFile
 
 log = logging.getLogger("fedjax.director")
@@ -71,8 +74,8 @@ class Run:
     download_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # compressed model, once
 
     @property
-    def header(self) -> r.ExperimentHeader:
-        return self.row.header
+    def spec(self) -> ExperimentSpec:
+        return self.row.spec
 
     @property
     def name(self) -> str:
@@ -89,7 +92,7 @@ class Run:
     def task_kwargs(self) -> str:
         """This round's round_config entry; the final validation round uses the last training round's."""
         kwargs = self.plan.round_kwargs
-        return kwargs[min(self.round, self.header.rounds - 1)] if kwargs else ""
+        return kwargs[min(self.round, self.spec.rounds - 1)] if kwargs else ""
 
     def task_for(self, envoy: str) -> r.Task:
         """What ``envoy``'s worker should do now (kind NONE: nothing yet)."""
@@ -98,12 +101,12 @@ class Run:
             return r.Task(kind=r.TaskKind.FINISHED, message=f"envoy {envoy!r} is not a collaborator of {self.name!r}")
         if not state.open or envoy not in state.pending:
             return r.Task(kind=r.TaskKind.NONE)  # sits this round out, keeping its worker and jit cache
-        h = self.header
+        s = self.spec
         kind = r.TaskKind.SYNC if envoy in state.checked_in else state.kind  # trained already: dynamic averaging
-        return r.Task(kind=kind, round=state.round, opt_treatment=h.opt_treatment,
+        return r.Task(kind=kind, round=state.round, opt_treatment=s.opt_treatment,
                       upload_tensors=tuple(sorted(self.upload)), task_kwargs=self.task_kwargs(),
                       from_global=self.from_global, check_in=state.averaging != rules.Averaging.ALWAYS,
-                      compression=h.compression, send_deltas=h.send_deltas)
+                      compression=s.communication.compression, send_deltas=s.communication.send_deltas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +126,7 @@ class RoundEngine:
                  timer: Callable[[], float] = time.monotonic):
         self.store = store
         self.files = files
+        self.models = FileRoundModels(files)  # what closing a round reads and writes
         self.loggers = loggers
         self.clock = clock  # wall time, for timestamps
         self.timer = timer  # monotonic, for round durations and deadlines
@@ -132,37 +136,39 @@ class RoundEngine:
                 from_global: bool | None = None) -> Run:
         """The run of ``round_``; its participants are sampled (or read back) and recorded.
 
-        ``plan``: the previous round's, when there is one (the header and envoys do not change).
+        ``plan``: the previous round's, when there is one (the spec and envoys do not change).
         ``from_global``: whether the previous round averaged (None: look it up).
         """
-        plan = plan or plan_rounds(row.header, row.envoys)
-        h = row.header
-        upload = frozenset(rules.upload_names(h))
-        training = round_ < h.rounds
+        plan = plan or plan_rounds(row.spec, row.envoys)
+        spec = row.spec
+        upload = frozenset(rules.upload_names(spec))
+        training = round_ < spec.rounds
         if training:
-            chosen = rules.select_participants(row.envoys, plan.per_round, h.sampling_seed, round_)
+            chosen = rules.select_participants(row.envoys, plan.per_round, spec.sampling.seed, round_)
             participants = self.store.record_participants(row.name, round_, chosen)
         else:  # after the last round every envoy validates the final model
             participants = tuple(sorted(row.envoys))
         state = RoundState(
             experiment=row.name, round=round_, kind=r.TaskKind.TRAIN if training else r.TaskKind.VALIDATE,
-            participants=participants, envoys=row.envoys, min_envoys=h.min_envoys,
+            participants=participants, envoys=row.envoys, min_envoys=spec.deadline.min_envoys,
             rule_floor=plan.strategy.min_uploads if training else 1, rule_name=plan.strategy.name,
-            averaging=rules.round_averaging(h, round_), sync_threshold=h.sync_threshold, timeout_s=h.round_timeout_s)
+            averaging=rules.round_averaging(spec, round_), sync_threshold=spec.communication.sync_threshold,
+            timeout_s=spec.deadline.round_timeout_s)
         if from_global is None:
             from_global = round_ == 0 or self._averaged(row.name, round_ - 1)
         return Run(row=row, plan=plan, state=state, upload=upload,
-                   updates=RoundUpdates([s for s in h.model_spec if s.name in upload]), started_at=self.timer(),
+                   updates=RoundUpdates([t for t in spec.model_spec if t.name in upload]), started_at=self.timer(),
                    from_global=from_global or not training)
 
     @staticmethod
     def plan(row: ExperimentRow) -> RoundPlan:
         """The round plan on the experiment's envoys; when refusals left fewer envoys than envoys_per_round,
         every envoy left takes part (raises InvalidRequestError when they cannot reach min_envoys)."""
-        header = row.header
-        if row.envoys and header.envoys_per_round > len(row.envoys):
-            header = dataclasses.replace(header, envoys_per_round=len(row.envoys))
-        return plan_rounds(header, row.envoys)
+        spec = row.spec
+        if row.envoys and spec.sampling.envoys_per_round > len(row.envoys):
+            spec = dataclasses.replace(spec, sampling=dataclasses.replace(spec.sampling,
+                                                                          envoys_per_round=len(row.envoys)))
+        return plan_rounds(spec, row.envoys)
 
     def _averaged(self, name: str, round_: int) -> bool:
         """Whether closed round ``round_`` averaged (runs from before sync modes always did)."""
@@ -250,11 +256,11 @@ class RoundEngine:
         if not averaged and not run.state.checked_in:
             return Outcome(state=r.State.FAILED, error=f"round {run.round} closed without any update")
         if averaged:
-            closer.write_next_model(self.files, name, run.round, run.plan.strategy, run.updates)
+            closer.write_next_model(self.models, name, run.round, run.plan.strategy, run.updates)
         else:  # every envoy keeps training its own model; the global one stays
             self.files.carry_over(name, run.round)
             if run.round == 0:  # the strategy's state begins where the model does
-                closer.write_initial_state(self.files, name, 1, run.plan.strategy, list(run.updates.specs.values()))
+                closer.write_initial_state(self.models, name, 1, run.plan.strategy, list(run.updates.specs.values()))
         seconds = self.timer() - run.started_at  # the round's time includes aggregating and storing its model
         if run.ended:  # cancelled or failed while this round closed: do not advance it
             return None
@@ -312,7 +318,7 @@ class RoundEngine:
         value = rules.metric_value(validation.metrics, metric)
         if value is None:
             return
-        higher = (run.header.best_higher_is_better if row.header.best_metric
+        higher = (run.spec.best.higher_is_better if row.spec.best.metric
                   else r.default_higher_is_better(metric))
         if rules.is_better(value, row.best_value, higher):
             self.files.copy_best(run.name, run.round)

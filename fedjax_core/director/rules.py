@@ -7,13 +7,14 @@ import time
 from enum import StrEnum
 
 from fedjax_core import records as r
+from fedjax_core.spec import ExperimentSpec, SyncMode
 
 
-def upload_names(header: r.ExperimentHeader) -> tuple[str, ...]:
+def upload_names(spec: ExperimentSpec) -> tuple[str, ...]:
     """The tensors that travel each round: params always, optimizer state only for CONTINUE_GLOBAL."""
-    if header.opt_treatment == r.OptTreatment.CONTINUE_GLOBAL:
-        return tuple(s.name for s in header.model_spec)
-    return tuple(s.name for s in header.model_spec if s.name.startswith("params/"))
+    if spec.opt_treatment == r.OptTreatment.CONTINUE_GLOBAL:
+        return tuple(t.name for t in spec.model_spec)
+    return tuple(t.name for t in spec.model_spec if t.name.startswith("params/"))
 
 
 class Averaging(StrEnum):
@@ -24,23 +25,23 @@ class Averaging(StrEnum):
     DYNAMIC = "dynamic"  # participants check in their divergence; one over the threshold makes all upload
 
 
-def round_averaging(header: r.ExperimentHeader, round_: int) -> Averaging:
+def round_averaging(spec: ExperimentSpec, round_: int) -> Averaging:
     """Periodic(k) averages after every k-th round, dynamic when a divergence crosses the threshold;
     the last training round always averages, so the final model is an average of everyone's training."""
-    last = round_ >= header.rounds - 1
-    if header.sync == "periodic":
-        return Averaging.ALWAYS if last or (round_ + 1) % header.sync_every == 0 else Averaging.NEVER
-    if header.sync == "dynamic":
+    last = round_ >= spec.rounds - 1
+    if spec.communication.sync == SyncMode.PERIODIC:
+        return Averaging.ALWAYS if last or (round_ + 1) % spec.communication.sync_every == 0 else Averaging.NEVER
+    if spec.communication.sync == SyncMode.DYNAMIC:
         return Averaging.ALWAYS if last else Averaging.DYNAMIC
     return Averaging.ALWAYS
 
 
-def participants_per_round(header: r.ExperimentHeader, n_envoys: int) -> int:
+def participants_per_round(spec: ExperimentSpec, n_envoys: int) -> int:
     """How many envoys train each round: ``envoys_per_round``, or ``floor(fraction x n)`` (at least 1), or all."""
-    if header.envoys_per_round:
-        return header.envoys_per_round
-    if header.envoys_fraction:
-        return max(1, math.floor(header.envoys_fraction * n_envoys))
+    if spec.sampling.envoys_per_round:
+        return spec.sampling.envoys_per_round
+    if spec.sampling.fraction:
+        return max(1, math.floor(spec.sampling.fraction * n_envoys))
     return n_envoys
 
 
@@ -55,10 +56,10 @@ def select_participants(envoys: tuple[str, ...], k: int, seed: int, round_: int)
     return tuple(sorted(random.Random(f"{seed}/{round_}").sample(ordered, k)))
 
 
-def round_size_floor(header: r.ExperimentHeader, k: int) -> int:
+def round_size_floor(spec: ExperimentSpec, k: int) -> int:
     """The fewest uploads a training round can close with: every participant, or min_envoys at a deadline."""
-    if header.round_timeout_s and header.min_envoys:
-        return min(header.min_envoys, k)
+    if spec.deadline.round_timeout_s and spec.deadline.min_envoys:
+        return min(spec.deadline.min_envoys, k)
     return k
 
 

@@ -301,11 +301,14 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
 
         def consume(requests: Iterator) -> int:
             first = next(requests, None)
-            if first is None or not first.HasField("header"):
-                raise InvalidRequestError("an experiment submission must start with its header")
-            header = serde.header_from_proto(first.header)
+            if first is not None and first.HasField("spec"):
+                spec = serde.experiment_spec_from_proto(first.spec)
+            elif first is not None and first.HasField("header"):  # a fedjax-core 0.1.0 notebook
+                spec = serde.spec_from_legacy_header(first.header)
+            else:
+                raise InvalidRequestError("an experiment submission must start with its spec")
             if caller.common_name is not None:  # under mTLS the certificate names the submitter, not the client
-                header = dataclasses.replace(header, submitter=caller.common_name)
+                spec = dataclasses.replace(spec, submitter=caller.common_name)
             pending: list = []
 
             def bundle() -> Iterator[bytes]:
@@ -316,7 +319,7 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
                         pending.extend(serde.unpacked_chunks(msg.chunk))
                         return
                     else:
-                        raise InvalidRequestError("a second header in one submission")
+                        raise InvalidRequestError("a second spec in one submission")
 
             def chunks() -> Iterator:
                 yield from pending
@@ -325,7 +328,7 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
                         raise InvalidRequestError("bundle data must come before the model's tensor chunks")
                     yield from serde.unpacked_chunks(msg.chunk)
 
-            return self.director.submit_experiment(header, bundle(), chunks())
+            return self.director.submit_experiment(spec, bundle(), chunks())
 
         position = await self.flow.receive(context, "SubmitExperiment", consume, submission=True)
         return fed_pb.SubmitExperimentResponse(queue_position=position)

@@ -1,4 +1,5 @@
-"""The director's durable state in SQLite: envoys, experiments, accepted updates, metric events.
+"""The director's durable state in SQLite (:class:`SqliteStore`): envoys, experiments, accepted updates, metric
+events. The contract it keeps is :class:`fedjax_core.director.store_api.Store`.
 
 Every write is one transaction, so a director killed at any point restarts from a
 consistent picture. Large blobs (code bundles, models) live as files beside the database;
@@ -16,7 +17,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 from fedjax_core import records as r
+from fedjax_core import spec as experiment_spec
 from fedjax_core.errors import AlreadyExistsError
+from fedjax_core.spec import ExperimentSpec
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS envoys (
@@ -49,20 +52,9 @@ CREATE TABLE IF NOT EXISTS rounds (
 """
 
 
-def _header_to_json(h: r.ExperimentHeader) -> str:
-    return json.dumps(dataclasses.asdict(h))
-
-
-def _header_from_json(text: str) -> r.ExperimentHeader:
-    d = json.loads(text)
-    d["envoys"] = tuple(d["envoys"])
-    d["model_spec"] = tuple(r.TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in d["model_spec"])
-    return r.ExperimentHeader(**d)
-
-
 def _experiment_row(name, header, state, envoys, current_round, best_round, best_value, best_metric, error,
                     submitted_at, envoy_sizes) -> ExperimentRow:
-    return ExperimentRow(name=name, header=_header_from_json(header), state=state, envoys=tuple(json.loads(envoys)),
+    return ExperimentRow(name=name, spec=experiment_spec.from_json(header), state=state, envoys=tuple(json.loads(envoys)),
                          current_round=current_round, best_round=best_round, best_value=best_value,
                          best_metric=best_metric, error=error, submitted_at=submitted_at,
                          envoy_sizes={k: tuple(v) for k, v in json.loads(envoy_sizes).items()})
@@ -78,7 +70,7 @@ def _shard_info_from_json(text: str) -> r.ShardInfo:
 @dataclasses.dataclass(frozen=True)
 class ExperimentRow:
     name: str
-    header: r.ExperimentHeader
+    spec: ExperimentSpec
     state: str
     envoys: tuple[str, ...]
     current_round: int
@@ -93,15 +85,16 @@ class ExperimentRow:
     def status(self, participants: Mapping[int, tuple[str, ...]] = MappingProxyType({})) -> r.ExperimentStatus:
         return r.ExperimentStatus(
             name=self.name, state=self.state, current_round=self.current_round,
-            rounds=self.header.rounds, envoys=self.envoys, best_round=self.best_round,
+            rounds=self.spec.rounds, envoys=self.envoys, best_round=self.best_round,
             best_value=float("nan") if self.best_value is None else self.best_value,
             error=self.error, submitted_at=self.submitted_at, best_metric=self.best_metric,
             participants=participants,
         )
 
 
-class Store:
-    """Thread-safe access to the director database (one connection, one lock)."""
+class SqliteStore:
+    """The :class:`~fedjax_core.director.store_api.Store` in SQLite: thread-safe access to the director database
+    (one connection, one lock)."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,16 +158,16 @@ class Store:
         return (_shard_info_from_json(rows[0][0]), rows[0][1]) if rows else None
 
     # experiments
-    def add_experiment(self, header: r.ExperimentHeader, state: str = "queued") -> None:
+    def add_experiment(self, spec: ExperimentSpec, state: str = "queued") -> None:
         """Insert a new experiment; the name's UNIQUE constraint settles concurrent submissions."""
         try:
             self._write(
                 "INSERT INTO experiments (name, header, state, submitted_at, best_metric) VALUES (?, ?, ?, ?, ?)",
-                (header.name, _header_to_json(header), state, time.time(), header.best_metric),
+                (spec.name, experiment_spec.to_json(spec), state, time.time(), spec.best.metric),
             )
         except sqlite3.IntegrityError:
             raise AlreadyExistsError(
-                f"experiment {header.name!r} already exists; choose another experiment_name") from None
+                f"experiment {spec.name!r} already exists; choose another experiment_name") from None
 
     def delete_experiment(self, name: str) -> None:
         self._write("DELETE FROM experiments WHERE name = ?", (name,))
@@ -226,7 +219,12 @@ class Store:
 
     # updates of the round in progress
     def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int) -> None:
-        self._write("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?)", (experiment, round_, envoy, weight, str(path), nbytes))
+        try:
+            self._write("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?)",
+                        (experiment, round_, envoy, weight, str(path), nbytes))
+        except sqlite3.IntegrityError:
+            raise AlreadyExistsError(f"experiment {experiment!r} keeps an update of envoy {envoy!r} for round "
+                                     f"{round_} already") from None
 
     def updates(self, experiment: str, round_: int) -> list[tuple[str, float, Path, int]]:
         rows = self._read("SELECT envoy, weight, path, nbytes FROM updates WHERE experiment = ? AND round = ? "

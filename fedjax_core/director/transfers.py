@@ -16,14 +16,15 @@ from fedjax_core import records as r
 from fedjax_core.director.files import ExperimentFiles, write_bundle
 from fedjax_core.director.rounds import Run
 from fedjax_core.errors import InvalidRequestError, StorageError, is_disk_full
+from fedjax_core.spec import ExperimentSpec
 from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError
 
 
-def store_submission(files: ExperimentFiles, header: r.ExperimentHeader, bundle: Iterable[bytes],
+def store_submission(files: ExperimentFiles, spec: ExperimentSpec, bundle: Iterable[bytes],
                      chunks: Iterable[r.TensorChunk]) -> tuple[int, str]:
     """Stage the bundle and the initial model, then install both: ``(bundle bytes, its hex sha256)``.
     On any error nothing stays behind."""
-    staging = files.staging_dir(header.name)
+    staging = files.staging_dir(spec.name)
     digest = hashlib.sha256()
 
     def hashed() -> Iterator[bytes]:  # hashed as it streams in: envoys check their download against it
@@ -33,21 +34,21 @@ def store_submission(files: ExperimentFiles, header: r.ExperimentHeader, bundle:
 
     try:
         size = write_bundle(staging / "bundle.bin", hashed())
-        if size != header.bundle_size:
-            raise InvalidRequestError(f"bundle is {size} bytes but the header announced {header.bundle_size}")
-        with ModelFileWriter(staging / files.model(header.name, 0).name,
-                             expected={s.name: s for s in header.model_spec}) as writer:
+        if size != spec.bundle_size:
+            raise InvalidRequestError(f"bundle is {size} bytes but the spec announced {spec.bundle_size}")
+        with ModelFileWriter(staging / files.model(spec.name, 0).name,
+                             expected={t.name: t for t in spec.model_spec}) as writer:
             for chunk in chunks:
                 writer.add_chunk(chunk)
             writer.commit()
-        files.install(staging, header.name)
+        files.install(staging, spec.name)
     except BaseException as exc:
         files.drop_staging(staging)
         if isinstance(exc, TensorError):
-            raise InvalidRequestError(f"initial model of {header.name!r}: {exc}") from None
+            raise InvalidRequestError(f"initial model of {spec.name!r}: {exc}") from None
         if is_disk_full(exc):
             raise StorageError(f"the director's disk is full ({exc.strerror}, under {files.state_dir}): experiment "
-                               f"{header.name!r} was not stored; free space there and submit again") from None
+                               f"{spec.name!r} was not stored; free space there and submit again") from None
         raise
     return size, digest.hexdigest()
 
@@ -56,7 +57,7 @@ def receive_update(files: ExperimentFiles, run: Run, envoy: str, round_: int,
                    chunks: Iterable[r.TensorChunk]) -> tuple[Path, int]:
     """Spool an envoy's streamed update and check it: ``(spool in the model's dtypes, bytes received)``.
     The caller removes the spool file."""
-    expected = {s.name: s for s in run.header.model_spec if s.name in run.upload}
+    expected = {t.name: t for t in run.spec.model_spec if t.name in run.upload}
     spool = files.spool_path(envoy)
     try:
         with ModelFileWriter(spool, expected=expected, finite_only=True) as writer:  # one NaN would poison it
@@ -76,7 +77,7 @@ def _decoded(files: ExperimentFiles, run: Run, envoy: str, spool: Path) -> Path:
     """An upload in the model's dtypes: a compressed or delta one is checked against the experiment's
     settings and decoded into a new spool file (the received one is removed)."""
     encoded = ModelFile(spool)
-    codecs.check_update_encodings(encoded.specs, run.header.compression, run.header.send_deltas)
+    codecs.check_update_encodings(encoded.specs, run.spec.communication.compression, run.spec.communication.send_deltas)
     if all(spec.encoding is None for spec in encoded.specs):
         return spool
     decoded = files.spool_path(envoy)
@@ -93,11 +94,11 @@ def _decoded(files: ExperimentFiles, run: Run, envoy: str, spool: Path) -> Path:
 def download_path(files: ExperimentFiles, run: Run, path: Path) -> Path:
     """The file a worker downloads for ``run``'s round: the model, or under compress_downloads its
     encoding, made once per round (the final model is validated exact)."""
-    if not (run.header.compress_downloads and run.state.kind == r.TaskKind.TRAIN):
+    if not (run.spec.communication.compress_downloads and run.state.kind == r.TaskKind.TRAIN):
         return path
-    encoded = files.download(run.name, run.round, run.header.compression)
+    encoded = files.download(run.name, run.round, run.spec.communication.compression)
     with run.download_lock:
         if not encoded.exists():
             encoded.parent.mkdir(parents=True, exist_ok=True)
-            codecs.encode_model(ModelFile(path), encoded, run.header.compression, sorted(run.upload))
+            codecs.encode_model(ModelFile(path), encoded, run.spec.communication.compression, sorted(run.upload))
     return encoded

@@ -2,37 +2,37 @@
 INVALID_ARGUMENT-mapped errors before the director holds anything for it; state per round stays O(1)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import tracemalloc
 
 import pytest
 
-from fedjax_core.director.submission import MAX_ROUNDS, MAX_TENSORS, check_header, plan_rounds
+from fedjax_core.director.submission import check_submission, plan_rounds
+from fedjax_core.spec import MAX_ROUNDS, MAX_TENSORS
 from fedjax_core.errors import InvalidRequestError
 from fedjax_core.tensors import spec_of
 from test_round_engine import INITIAL, header, make_director, submit
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(rounds=10**8), f"rounds_to_train must be between 1 and {MAX_ROUNDS}, got 100000000"),
-    (dict(rounds=2**62), "rounds_to_train must be between 1 and"),
+    (dict(rounds=10**8), f"rounds_to_train must be an integer from 1 to {MAX_ROUNDS}, got 100000000"),
+    (dict(rounds=2**62), "rounds_to_train must be an integer from 1 to"),
     (dict(best_metric="m" * (5 << 20)), "best_metric is 5242880 characters long; at most 256"),
-    (dict(aggregation_params="[" * 100_000 + "]" * 100_000), "aggregation_params is 200000 characters of JSON"),
+    (dict(aggregation_params="[" * 100_000 + "]" * 100_000), "the aggregation's parameters are 200000 characters of JSON"),
     (dict(aggregation_params="[" * 5000 + "]" * 5000), r"not valid JSON \(or nest too deeply\)"),
     (dict(model_spec=tuple(spec_of(f"params/t{i}", INITIAL["params/b"]) for i in range(MAX_TENSORS + 1))),
      f"the model has {MAX_TENSORS + 1} tensors; at most {MAX_TENSORS}"),
 ])
 def test_oversized_header_fields_are_refused(overrides, message):
     with pytest.raises(InvalidRequestError, match=message):
-        check_header(dataclasses.replace(header(), **overrides), registered={"a", "b"})
+        check_submission(header(**overrides), registered={"a", "b"})
 
 
 def test_a_plan_holds_nothing_per_round():
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        plan = plan_rounds(dataclasses.replace(header(), rounds=MAX_ROUNDS), ["a", "b"])
+        plan = plan_rounds(header(rounds=MAX_ROUNDS), ["a", "b"])
         assert tracemalloc.get_traced_memory()[0] - before < 64 << 10
     finally:
         tracemalloc.stop()

@@ -11,6 +11,7 @@ from fedjax_core import codecs
 from fedjax_core import records as r
 from fedjax_core.director.core import Director
 from fedjax_core.errors import InvalidRequestError, PreconditionError
+from fedjax_core.spec import from_flat
 from fedjax_core.tensors import ModelFile, assemble, iter_chunks, spec_of
 
 RNG = np.random.default_rng(3)
@@ -30,7 +31,7 @@ def director(tmp_path):
 def submit(d: Director, **overrides) -> None:
     fields = dict(name="exp", rounds=3, opt_treatment="RESET", bundle_size=3,
                   model_spec=tuple(spec_of(n, a) for n, a in INITIAL.items()))
-    h = r.ExperimentHeader(**{**fields, **overrides})
+    h = from_flat({**fields, **overrides})
     d.submit_experiment(h, [b"abc"], iter_chunks(INITIAL))
 
 
@@ -214,8 +215,8 @@ def test_a_server_optimizer_starts_its_state_even_when_round_0_does_not_average(
 
 
 @pytest.mark.parametrize("settings, match", [
-    (dict(compression="zip"), "compression 'zip' is not a codec"),
-    (dict(compress_downloads=True), "compress_downloads needs a codec"),
+    (dict(compression="zip"), "compression='zip' is not a codec"),
+    (dict(compress_downloads=True), "compress_downloads=True needs a codec"),
     (dict(sync="sometimes"), "sync 'sometimes' is not one of"),
     (dict(sync="periodic", sync_every=0), r"Periodic\(every=0\) must be between 1"),
     (dict(sync="dynamic", sync_threshold=float("nan")), "must be a finite number > 0"),

@@ -8,6 +8,7 @@ from fedjax_core import records as r
 from fedjax_core.director.core import Director
 from fedjax_core.director.round_machine import DeadlinePassed
 from fedjax_core.errors import AlreadyExistsError, InvalidRequestError, PreconditionError
+from fedjax_core.spec import ExperimentSpec, from_flat
 from fedjax_core.tensors import ModelFile, iter_chunks, spec_of
 
 INITIAL = {"params/w": np.arange(6, dtype=np.float32).reshape(2, 3), "params/b": np.zeros(3, np.float32),
@@ -22,13 +23,13 @@ def make_director(tmp_path) -> Director:
     return d
 
 
-def header(name="exp", **overrides) -> r.ExperimentHeader:
+def header(name="exp", **overrides) -> ExperimentSpec:
     fields = dict(name=name, rounds=2, opt_treatment="CONTINUE_GLOBAL", bundle_size=3,
                   model_spec=tuple(spec_of(n, a) for n, a in INITIAL.items()))
-    return r.ExperimentHeader(**{**fields, **overrides})
+    return from_flat({**fields, **overrides})
 
 
-def submit(d: Director, h: r.ExperimentHeader | None = None, chunks=None) -> int:
+def submit(d: Director, h: ExperimentSpec | None = None, chunks=None) -> int:
     return d.submit_experiment(h or header(), [b"abc"], chunks if chunks is not None else iter_chunks(INITIAL))
 
 
@@ -114,8 +115,8 @@ def test_a_failed_submission_frees_its_name(tmp_path):
     (dict(model_spec=(r.TensorSpec("params/w", "float32", (1,) * 70),)), "at most 32 dimensions"),
     (dict(model_spec=(r.TensorSpec("params/w", "float32", (2**31, 2**31, 0)),)), "from 0 to 2\\*\\*31 - 1"),
     (dict(model_spec=(r.TensorSpec("params/w", "float32", (2**30, 2**30)),)), "larger than 64 GiB"),
-    (dict(round_timeout_s=float("inf")), "round_timeout_s must be between"),
-    (dict(round_timeout_s=float("nan")), "round_timeout_s must be between"),
+    (dict(round_timeout_s=float("inf")), "round_timeout_s must be a number of seconds from 0"),
+    (dict(round_timeout_s=float("nan")), "round_timeout_s must be a number of seconds from 0"),
     (dict(envoys=("a", "alcie")), "no envoy named 'alcie' has registered; registered envoys: a, b"),
     (dict(envoys=("a", "a")), "lists an envoy twice"),
     (dict(name="x\n"), "experiment name 'x\\\\n' is not valid"),

@@ -13,6 +13,7 @@ from fedjax_core.director import closer, transfers
 from fedjax_core.director.core import Director
 from fedjax_core.errors import NotFoundError, StorageError
 from fedjax_core.metrics_log import ExperimentLogger
+from fedjax_core.spec import from_flat
 from fedjax_core.tensors import ModelFileWriter, iter_chunks, spec_of
 
 INITIAL = {"params/w": np.ones((2, 3), np.float32)}
@@ -32,8 +33,8 @@ def director(tmp_path):
 
 
 def submit(d: Director, name: str = "exp", rounds: int = 1) -> None:
-    h = r.ExperimentHeader(name=name, rounds=rounds, opt_treatment="RESET", bundle_size=3,
-                           model_spec=tuple(spec_of(n, a) for n, a in INITIAL.items()))
+    h = from_flat(dict(name=name, rounds=rounds, opt_treatment="RESET", bundle_size=3,
+                           model_spec=tuple(spec_of(n, a) for n, a in INITIAL.items())))
     d.submit_experiment(h, [b"abc"], iter_chunks(INITIAL))
 
 
@@ -143,8 +144,8 @@ def test_a_file_size_limit_refuses_the_submission_and_the_director_process_stays
         proc.wait_for("DIRECTOR READY")
         client = Federation(director_node_fqdn="127.0.0.1", director_port=port, tls=False).client
         big = {"params/w": np.zeros((4 << 20,), np.float32)}  # 16 MiB
-        h = r.ExperimentHeader(name="big", rounds=1, opt_treatment="RESET", bundle_size=3, envoys=(),
-                               model_spec=tuple(spec_of(n, a) for n, a in big.items()))
+        h = from_flat(dict(name="big", rounds=1, opt_treatment="RESET", bundle_size=3, envoys=(),
+                               model_spec=tuple(spec_of(n, a) for n, a in big.items())))
         with pytest.raises(StorageError, match="disk is full .*experiment 'big' was not stored"):
             client.submit(h, b"abc", big)
         assert proc.proc.poll() is None  # still serving

@@ -13,6 +13,7 @@ from fedjax_core import strategies as s
 from fedjax_core.director.core import Director
 from fedjax_core.director.rules import select_participants
 from fedjax_core.errors import InvalidRequestError, PreconditionError
+from fedjax_core.spec import ExperimentSpec, from_flat
 from fedjax_core.tensors import ModelFile, iter_chunks, spec_of
 
 INITIAL = {"params/w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "params/b": np.zeros(4, np.float32),
@@ -32,14 +33,14 @@ def reopen(d: Director, tmp_path) -> Director:
     return Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60)
 
 
-def header(name="exp", strategy: s.Strategy = s.FedAvg(), **overrides) -> r.ExperimentHeader:
+def header(name="exp", strategy: s.Strategy = s.FedAvg(), **overrides) -> ExperimentSpec:
     agg, params = strategy.to_wire()
     fields = dict(name=name, rounds=3, opt_treatment="CONTINUE_GLOBAL", bundle_size=3, aggregation=agg,
                   aggregation_params=params, model_spec=tuple(spec_of(n, a) for n, a in INITIAL.items()))
-    return r.ExperimentHeader(**{**fields, **overrides})
+    return from_flat({**fields, **overrides})
 
 
-def submit(d: Director, h: r.ExperimentHeader) -> None:
+def submit(d: Director, h: ExperimentSpec) -> None:
     d.submit_experiment(h, [b"abc"], iter_chunks(INITIAL))
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from fedjax_core import records as r
 from fedjax_core.director import rules
+from fedjax_core.spec import from_flat
 
 
 def test_sampling_is_the_documented_seeded_draw_and_covers_everyone_over_rounds():
@@ -23,7 +24,7 @@ def test_sampling_is_the_documented_seeded_draw_and_covers_everyone_over_rounds(
 @pytest.mark.parametrize("count, fraction, n, k", [(0, 0.0, 7, 7), (3, 0.0, 7, 3), (0, 0.5, 7, 3),
                                                    (0, 0.01, 7, 1), (0, 1.0, 7, 7)])
 def test_participants_per_round(count, fraction, n, k):
-    h = r.ExperimentHeader(name="x", rounds=1, opt_treatment="RESET", envoys_per_round=count, envoys_fraction=fraction)
+    h = from_flat(dict(name="x", rounds=1, opt_treatment="RESET", envoys_per_round=count, envoys_fraction=fraction))
     assert rules.participants_per_round(h, n) == k
 
 

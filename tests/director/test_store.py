@@ -1,8 +1,9 @@
-"""fedjax_core.director.store: the director's SQLite state, and that it survives a restart."""
+"""The director's state: the Store contract, run against both implementations (SqliteStore, MemoryStore), and
+what only SQLite does (a database reopened keeps everything)."""
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -10,7 +11,10 @@ import pytest
 
 from fedjax_core import records as r
 from fedjax_core.errors import AlreadyExistsError
-from fedjax_core.director.store import Store
+from fedjax_core.director.memory_store import MemoryStore
+from fedjax_core.director.store import SqliteStore
+from fedjax_core.director.store_api import Store
+from fedjax_core.spec import ExperimentSpec, from_flat
 
 
 def _info(n: int = 1) -> r.ShardInfo:
@@ -18,13 +22,13 @@ def _info(n: int = 1) -> r.ShardInfo:
                        train_size=2585 + n, valid_size=508 + n, hostname=f"host{n}", devices=("cuda:0", "cuda:1"))
 
 
-def _header(name: str, rounds: int = 3) -> r.ExperimentHeader:
-    return r.ExperimentHeader(
+def _header(name: str, rounds: int = 3) -> ExperimentSpec:
+    return from_flat(dict(
         name=name, rounds=rounds, opt_treatment="CONTINUE_GLOBAL", aggregation="fedavg", best_metric="valid_acc",
         best_higher_is_better=False, bundle_size=12345, envoys=("env_one", "env_two"), submitter="api",
         model_spec=(r.TensorSpec("params/Dense_0/kernel", "float32", (256, 10)),
                     r.TensorSpec("opt_state/count", "int32", ())),
-    )
+    ))
 
 
 def _event(round_: int, envoy: str, stage: str = r.Stage.TRAIN, value: float = 0.5) -> r.MetricEvent:
@@ -38,9 +42,10 @@ def path(tmp_path) -> Path:
     return tmp_path / "state" / "director.sqlite"
 
 
-@pytest.fixture
-def store(path):
-    s = Store(path)
+@pytest.fixture(params=["sqlite", "memory"])
+def store(request, path) -> Store:
+    """Each contract test runs on both implementations."""
+    s: Store = SqliteStore(path) if request.param == "sqlite" else MemoryStore()
     yield s
     s.close()
 
@@ -85,7 +90,7 @@ def test_add_and_read_experiment(store):
     store.add_experiment(h)
     row = store.experiment("exp1")
     assert row is not None
-    assert row.header == h
+    assert row.spec == h
     assert row.state == "queued"
     assert row.envoys == ()
     assert row.current_round == 0 and row.best_round == -1 and row.best_value is None
@@ -172,7 +177,7 @@ def test_updates_add_list_drop(store, tmp_path):
 
 def test_an_envoy_has_one_update_per_round(store, tmp_path):
     store.add_update("exp1", 0, "env_one", 1.0, tmp_path / "a", 1)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(AlreadyExistsError, match="keeps an update of envoy 'env_one' for round 0 already"):
         store.add_update("exp1", 0, "env_one", 2.0, tmp_path / "b", 2)
     assert store.updates("exp1", 0) == [("env_one", 1.0, tmp_path / "a", 1)]
 
@@ -216,7 +221,7 @@ def test_events_round_filter(store):
 
 # --------------------------------------------------------------------- restart
 def test_data_survives_close_and_reopen(path, tmp_path):
-    s = Store(path)
+    s = SqliteStore(path)
     s.upsert_envoy("env_one", _info(1))
     s.add_experiment(_header("exp1", rounds=5))
     s.add_experiment(_header("exp2"))
@@ -227,12 +232,12 @@ def test_data_survives_close_and_reopen(path, tmp_path):
     s.add_event("exp1", e, weight=3)
     s.close()
 
-    s2 = Store(path)
+    s2 = SqliteStore(path)
     try:
         assert s2.envoys()[0][:2] == ("env_one", _info(1))
         assert [row.name for row in s2.experiments()] == ["exp1", "exp2"]
         row = s2.experiment("exp1")
-        assert row.header == _header("exp1", rounds=5)
+        assert row.spec == _header("exp1", rounds=5)
         assert (row.state, row.envoys, row.current_round, row.best_round, row.best_value) == \
             ("running", ("env_one",), 3, 2, 0.75)
         assert s2.experiments("running")[0].name == "exp1"
@@ -250,7 +255,7 @@ def test_data_survives_close_and_reopen(path, tmp_path):
 
 def test_store_creates_parent_folders(tmp_path):
     path = tmp_path / "a" / "b" / "director.sqlite"
-    s = Store(path)
+    s = SqliteStore(path)
     s.close()
     assert path.is_file()
 
@@ -259,3 +264,157 @@ def test_envoy_names_are_the_registered_ones_sorted(store):
     for name in ("zed", "amy", "kim"):
         store.upsert_envoy(name, _info())
     assert store.envoy_names() == ["amy", "kim", "zed"] == [name for name, _, _ in store.envoys()]
+
+
+# ------------------------------------------------------- the contract, pinned on both
+def test_envoys_page_by_name(store):
+    for name in ("eve", "bob", "dan", "amy", "cat"):
+        store.upsert_envoy(name, _info())
+    assert [name for name, _, _ in store.envoys(limit=2)] == ["amy", "bob"]
+    assert [name for name, _, _ in store.envoys(after="bob", limit=2)] == ["cat", "dan"]
+    assert [name for name, _, _ in store.envoys(after="dan")] == ["eve"]
+    assert store.envoys(after="eve") == [] and store.envoys(limit=0) == []
+    assert store.envoy("ghost") is None
+    info, seen = store.envoy("cat")
+    assert info == _info() and seen == store.envoys(after="bob", limit=1)[0][2]
+
+
+def test_an_experiment_name_is_claimed_once_even_when_racing(store):
+    outcomes: list[str] = []
+
+    def claim(k: int) -> None:
+        try:
+            store.add_experiment(dataclasses.replace(_header("race"), submitter=f"user{k}"), state="submitting")
+            outcomes.append(f"user{k}")
+        except AlreadyExistsError as exc:
+            assert str(exc) == "experiment 'race' already exists; choose another experiment_name"
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=claim, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if o != "refused"]
+    assert len(outcomes) == 8 and len(winners) == 1
+    (row,) = store.experiments()
+    assert row.state == "submitting" and row.spec.submitter == winners[0]
+
+
+def test_experiment_numbers_only_grow_and_are_never_reused(store):
+    for name in ("a", "b"):
+        store.add_experiment(_header(name))
+    (seq_a, _), (seq_b, _) = store.experiments_page(after=0, limit=-1)
+    store.delete_experiment("b")
+    assert store.experiment("b") is None and [row.name for row in store.experiments()] == ["a"]
+    store.add_experiment(_header("b"))  # the name is free again, and comes last
+    store.add_experiment(_header("c"))
+    page = store.experiments_page(after=0, limit=-1)
+    assert [row.name for _, row in page] == ["a", "b", "c"]
+    assert page[0][0] == seq_a and seq_b < page[1][0] < page[2][0]
+    assert [row.name for _, row in store.experiments_page(after=page[1][0], limit=5)] == ["c"]
+    assert store.experiments_page(after=page[2][0], limit=5) == []
+
+
+def test_abandon_submissions_drops_only_unfinished_ones(store):
+    store.add_experiment(_header("done"))
+    store.add_experiment(_header("cut1"), state="submitting")
+    store.add_experiment(_header("cut2"), state="submitting")
+    store.update_experiment("done", state="running")
+    assert store.abandon_submissions() == ["cut1", "cut2"]
+    assert [row.name for row in store.experiments()] == ["done"]
+    assert store.abandon_submissions() == []
+
+
+def test_update_experiment_keeps_every_column(store):
+    store.add_experiment(_header("exp1"))
+    store.update_experiment("exp1", envoy_sizes={"env_one": [2586, 509]}, bundle_sha256="ab" * 32,
+                            started_at=5.0, finished_at=6.0, best_metric="valid_loss")
+    row = store.experiment("exp1")
+    assert row.envoy_sizes == {"env_one": (2586, 509)} and row.best_metric == "valid_loss"
+    assert store.bundle_sha256("exp1") == "ab" * 32 and store.bundle_sha256("nope") == ""
+    store.update_experiment("nope", state="running")  # an unknown experiment: nothing happens
+    assert store.experiment("nope") is None
+    with pytest.raises(Exception, match="no (such )?column"):
+        store.update_experiment("exp1", colour="blue")
+    assert store.experiment("exp1") == row
+
+
+def test_updates_come_back_in_the_order_they_were_kept(store, tmp_path):
+    for envoy in ("zed", "amy", "kim"):
+        store.add_update("exp1", 0, envoy, 1.5, tmp_path / envoy, 7)
+    assert [envoy for envoy, *_ in store.updates("exp1", 0)] == ["zed", "amy", "kim"]
+    store.drop_update("exp1", 0, "zed")
+    store.drop_update("exp1", 0, "ghost")  # nothing to drop
+    store.add_update("exp1", 0, "zed", 2.5, tmp_path / "zed2", 8)  # kept again: now the last
+    assert store.updates("exp1", 0) == [("amy", 1.5, tmp_path / "amy", 7), ("kim", 1.5, tmp_path / "kim", 7),
+                                        ("zed", 2.5, tmp_path / "zed2", 8)]
+    assert store.updates("exp1", 1) == [] and store.updates("exp2", 0) == []
+
+
+def test_the_first_record_of_a_rounds_participants_wins(store):
+    assert store.record_participants("exp1", 0, ("b", "a")) == ("b", "a")
+    assert store.record_participants("exp1", 0, ("c",)) == ("b", "a")  # a restart samples again: ignored
+    assert store.record_participants("exp1", 1, ()) == ()
+    store.record_participants("exp2", 0, ("z",))
+    store.record_participants("exp1", 2, ("c",))
+    assert store.participants("exp1", last=-1) == {0: ("b", "a"), 1: (), 2: ("c",)}
+    assert list(store.participants("exp1", last=2).items()) == [(1, ()), (2, ("c",))]  # oldest first
+    assert store.participants("exp1", last=0) == {} and store.participants("nope", last=5) == {}
+
+
+def test_an_event_is_recorded_once_under_growing_ids(store):
+    first = _event(0, "env_one", value=0.25)
+    assert store.add_event("exp1", first, weight=3) is True
+    assert store.add_event("exp1", _event(0, "env_one", value=0.75), weight=9) is False  # same round, envoy, stage
+    assert store.add_event("exp1", _event(0, "env_one", r.Stage.AGGREGATED)) is True
+    assert store.add_event("exp2", _event(0, "env_one")) is True  # another experiment's
+    assert store.add_event("exp1", _event(0, "env_two")) is True
+    rows = store.events("exp1")
+    assert [(ev, w) for _, ev, w in rows][0] == (first, 3.0)  # the first one stays, weight and all
+    assert len(rows) == 3
+    (other_id, _, _), = store.events("exp2")
+    ids = [i for i, _, _ in rows]
+    assert ids == sorted(ids) and ids[0] < other_id < ids[2]  # one sequence across experiments
+
+
+def test_an_event_keeps_what_the_store_persists(store):
+    sent = dataclasses.replace(_event(2, "", r.Stage.ROUND), experiment_done=True, state="finished",
+                               participants=("a", "b"), note="b dropped out")
+    store.add_event("exp1", sent)
+    (_, got, weight), = store.events("exp1")
+    assert got == dataclasses.replace(sent, experiment_done=False, state="") and weight == 0.0
+
+
+def test_concurrent_events_are_each_recorded_once(store):
+    def report(k: int) -> None:
+        for round_ in range(20):
+            store.add_event("exp1", _event(round_, f"env{k % 4}"))  # two threads per envoy race
+
+    threads = [threading.Thread(target=report, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = store.events("exp1")
+    assert len(rows) == 80 and len({i for i, _, _ in rows}) == 80
+    assert sorted((ev.round, ev.envoy) for _, ev, _ in rows) == sorted((n, f"env{k}") for n in range(20)
+                                                                        for k in range(4))
+
+
+def test_a_director_runs_on_an_injected_memory_store(tmp_path):
+    from fedjax_core.director.core import Director
+
+    memory = MemoryStore()
+    d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60,
+                 store=memory)
+    d.register_envoy("env_one", _info(1))
+    d.close()
+    assert d.store is memory and memory.envoy("env_one")[0] == _info(1)
+    assert not (tmp_path / "state" / "director.sqlite").exists()  # no database was made
+    again = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60,
+                     store=memory)  # a restart on the same store: the registry is still there
+    try:
+        assert again.registry.sizes(["env_one", "ghost"]) == {"env_one": (2586, 509), "ghost": (0, 0)}
+    finally:
+        again.close()

@@ -18,6 +18,7 @@ from fedjax_core.api.client import FederationClient
 from fedjax_core.runtime.model_tensors import state_to_tensors
 from fedjax_core.envoy.client import EnvoyClient
 from fedjax_core.local import Process, free_port
+from fedjax_core.spec import from_flat
 from fedjax_core.tensors import spec_of
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
@@ -103,9 +104,9 @@ def test_empty_messages_do_not_keep_a_submission_slot(running):
     _, _, fed, _ = running
     release = threading.Event()
     def held(name: str):  # a valid header, then an empty bundle message every half second: bytes that never come
-        header = r.ExperimentHeader(name=name, rounds=1, opt_treatment="RESET", bundle_size=10,
-                                    model_spec=(spec_of("params/w", np.ones(4, np.float32)),))
-        yield fed_pb.SubmitExperimentRequest(header=serde.header_to_proto(header))
+        header = from_flat(dict(name=name, rounds=1, opt_treatment="RESET", bundle_size=10,
+                                    model_spec=(spec_of("params/w", np.ones(4, np.float32)),)))
+        yield fed_pb.SubmitExperimentRequest(spec=serde.experiment_spec_to_proto(header))
         while not release.wait(0.5):
             yield fed_pb.SubmitExperimentRequest(bundle_data=b"")
 
@@ -209,8 +210,8 @@ def test_a_download_the_caller_stops_reading_is_ended_at_stream_idle_s(tmp_path)
         envoys = RawEnvoys(stub, ["env1"])
         model = {"params/w": np.ones((16, 1 << 20), np.float32)}  # 64 MiB
         client = FederationClient("127.0.0.1", port, None)
-        client.submit(r.ExperimentHeader(name="big", rounds=1, opt_treatment="RESET", bundle_size=3, envoys=("env1",),
-                                         model_spec=tuple(spec_of(k, v) for k, v in model.items())), b"abc", model)
+        client.submit(from_flat(dict(name="big", rounds=1, opt_treatment="RESET", bundle_size=3, envoys=("env1",),
+                                         model_spec=tuple(spec_of(k, v) for k, v in model.items()))), b"abc", model)
         client.close()
         stream = stub.GetRoundModel(env_pb.GetRoundModelRequest(envoy_name="env1", experiment_name="big", round=0),
                                     timeout=120)

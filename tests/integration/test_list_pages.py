@@ -10,6 +10,7 @@ import pytest
 from fedjax_core import Federation, serde
 from fedjax_core.director.paging import DEFAULT_PAGE_ROWS, MAX_PAGE_ROWS
 from fedjax_core.local import Process, free_port
+from fedjax_core.spec import ExperimentSpec
 from fedjax_core.tensors import iter_chunks, spec_of
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
@@ -34,10 +35,8 @@ def director(tmp_path):
 
 
 def submit(stub, name: str) -> None:
-    header = serde.header_to_proto(serde.header_from_proto(fed_pb.ExperimentHeader(
-        name=name, rounds=1, opt_treatment="RESET", aggregation="fedavg", aggregation_params="{}", bundle_size=3,
-        model_spec=[serde.spec_to_proto(spec_of(k, v)) for k, v in MODEL.items()])))
-    items = [fed_pb.SubmitExperimentRequest(header=header), fed_pb.SubmitExperimentRequest(bundle_data=b"abc")]
+    spec = ExperimentSpec(name=name, rounds=1, bundle_size=3, model_spec=tuple(spec_of(k, v) for k, v in MODEL.items()))
+    items = [fed_pb.SubmitExperimentRequest(spec=serde.experiment_spec_to_proto(spec)), fed_pb.SubmitExperimentRequest(bundle_data=b"abc")]
     items += [fed_pb.SubmitExperimentRequest(chunk=serde.chunk_to_proto(c)) for c in iter_chunks(MODEL)]
     stub.SubmitExperiment(iter(items), timeout=30)
 

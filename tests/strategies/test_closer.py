@@ -9,6 +9,7 @@ from fedjax_core import strategies as s
 from fedjax_core.aggregation import ArraySource, RoundUpdates, Upload, aggregate, init_state
 from fedjax_core.director import closer
 from fedjax_core.director.files import ExperimentFiles
+from fedjax_core.director.round_models import FileRoundModels
 from fedjax_core.errors import PreconditionError
 from fedjax_core.tensors import ModelFile, write_model_file
 
@@ -42,7 +43,7 @@ def test_two_rounds_write_the_models_and_states_the_in_memory_aggregate_gives(st
     state = init_state(strategy, specs_of(make_updates(1)[0]))
     for t in range(2):
         uploads, updates = spooled(files, t, seed=t)
-        closer.write_next_model(files, "exp", t, strategy, updates)
+        closer.write_next_model(FileRoundModels(files), "exp", t, strategy, updates)
         want_model, state = aggregate(strategy, ArraySource(state), ArraySource(x),
                                       round_updates(uploads, (3, 1, 4, 1, 5)))
         got = ModelFile(files.model("exp", t + 1)).arrays()
@@ -57,15 +58,15 @@ def test_two_rounds_write_the_models_and_states_the_in_memory_aggregate_gives(st
 def test_a_stateful_strategy_without_its_state_file_fails_clearly(tmp_path):
     files, _ = setup_experiment(tmp_path, round_=1)
     _, updates = spooled(files, 1, seed=1)
-    with pytest.raises(PreconditionError, match="the strategy state of round 1 is missing"):
-        closer.write_next_model(files, "exp", 1, s.FedAvgM(), updates)
+    with pytest.raises(PreconditionError, match="the strategy state of round 1 is missing .*server_state_round_0001"):
+        closer.write_next_model(FileRoundModels(files), "exp", 1, s.FedAvgM(), updates)
     assert not files.model("exp", 2).exists()
 
 
 def test_a_stateless_strategy_needs_no_state_file(tmp_path):
     files, x = setup_experiment(tmp_path, round_=1)
     uploads, updates = spooled(files, 1, seed=1)
-    closer.write_next_model(files, "exp", 1, s.FedAvg(), updates)
+    closer.write_next_model(FileRoundModels(files), "exp", 1, s.FedAvg(), updates)
     want, _ = aggregate(s.FedAvg(), ArraySource({}), ArraySource(x), round_updates(uploads, (3, 1, 4, 1, 5)))
     got = ModelFile(files.model("exp", 2)).arrays()
     for name in want:
@@ -76,10 +77,10 @@ def test_a_stateless_strategy_needs_no_state_file(tmp_path):
 def test_the_initial_state_is_zeros_beside_the_params_only(tmp_path):
     files, _ = setup_experiment(tmp_path)
     specs = specs_of(make_updates(1)[0])
-    closer.write_initial_state(files, "exp", 1, s.FedAdam(), specs)
+    closer.write_initial_state(FileRoundModels(files), "exp", 1, s.FedAdam(), specs)
     state = ModelFile(files.server_state("exp", 1)).arrays()
     params = [spec.name for spec in specs if spec.name.startswith("params/")]
     assert sorted(state) == sorted(f"{slot}/{name}" for slot in ("m", "v") for name in params)
     assert all(not a.any() for a in state.values())
-    closer.write_initial_state(files, "exp", 2, s.FedMedian(), specs)
+    closer.write_initial_state(FileRoundModels(files), "exp", 2, s.FedMedian(), specs)
     assert ModelFile(files.server_state("exp", 2)).names() == []
