@@ -43,7 +43,8 @@ import numpy as np
 
 from fedjax_core.errors import InvalidRequestError
 from fedjax_core.records import TensorSpec
-from fedjax_core.tensors import BLOCK_ELEMENTS, is_float_dtype
+from fedjax_core.tensors import is_float_dtype
+from fedjax_core.model_file import BLOCK_ELEMENTS
 
 if TYPE_CHECKING:
     from fedjax_core.strategies import Strategy
@@ -80,7 +81,7 @@ def _file_dtype(spec: TensorSpec) -> np.dtype:
 
 # ------------------------------------------------------------------------------ sources
 class TensorSource(Protocol):
-    """Named tensors read block by block: :class:`fedjax_core.tensors.ModelFile` and :class:`ArraySource`."""
+    """Named tensors read block by block: :class:`fedjax_core.model_file.ModelFile` and :class:`ArraySource`."""
 
     def __contains__(self, name: object) -> bool: ...
 

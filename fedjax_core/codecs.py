@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from fedjax_core.records import Encoding, TensorSpec
-from fedjax_core.tensors import (WIRE_DTYPES, ModelFile, ModelFileWriter, TensorError, is_float_dtype,
-                                 quantization_channels)
+from fedjax_core.tensors import WIRE_DTYPES, TensorError, is_float_dtype, quantization_channels
+from fedjax_core.model_file import ModelFile, ModelFileWriter
 
 CODECS = tuple(WIRE_DTYPES)  # fp16, bf16, int8
 FP16_MAX = float(np.finfo(np.float16).max)

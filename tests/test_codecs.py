@@ -4,7 +4,8 @@ import pytest
 
 from fedjax_core import codecs
 from fedjax_core.records import Encoding, TensorChunk
-from fedjax_core.tensors import BFLOAT16, ModelFile, ModelFileWriter, TensorError, assemble, check_spec, iter_chunks
+from fedjax_core.tensors import BFLOAT16, TensorError, assemble, check_spec, iter_chunks
+from fedjax_core.model_file import ModelFile, ModelFileWriter
 
 RNG = np.random.default_rng(0)
 KERNEL = (RNG.standard_normal((3, 3, 16, 32)) * np.logspace(-3, 0, 32)).astype(np.float32)  # channels differ

@@ -1,4 +1,4 @@
-"""fedjax_core.tensors: chunking, the dtype allow-list and the model file format."""
+"""fedjax_core.tensors and fedjax_core.model_file: chunking, the dtype allow-list and the model file format."""
 from __future__ import annotations
 
 import math
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fedjax_core.records import TensorChunk, TensorSpec
-from fedjax_core.tensors import (ModelFile, ModelFileWriter, TensorError, assemble, chunk_views, iter_chunks,
-                                 nbytes_of, spec_of, write_model_file)
+from fedjax_core.tensors import TensorError, assemble, chunk_views, iter_chunks, nbytes_of, spec_of
+from fedjax_core.model_file import ModelFile, ModelFileWriter, write_model_file
 
 
 def _model(seed: int = 0) -> dict[str, np.ndarray]:
@@ -319,11 +319,11 @@ def test_add_blocks_writes_a_tensor_from_reused_block_buffers(tmp_path):
 
 
 def test_a_writer_starts_the_disk_writes_of_every_writeback_range_it_wrote(tmp_path, monkeypatch):
-    import fedjax_core.tensors as tensors
+    import fedjax_core.model_file as model_file
 
-    monkeypatch.setattr(tensors, "WRITEBACK_BYTES", 4096)
+    monkeypatch.setattr(model_file, "WRITEBACK_BYTES", 4096)
     started = []
-    monkeypatch.setattr(tensors, "_start_writeback", lambda fd, offset, nbytes: started.append((offset, nbytes)))
+    monkeypatch.setattr(model_file, "_start_writeback", lambda fd, offset, nbytes: started.append((offset, nbytes)))
     model = {"a": np.arange(3000, dtype=np.float32), "b": np.ones(5000, np.float64)}
     with ModelFileWriter(tmp_path / "m.fjm") as writer:
         writer.add_array("a", model["a"])  # 12000 bytes: written in 4096-byte slices

@@ -15,7 +15,7 @@ from fedjax_core.director.registry import EnvoyRegistry
 from fedjax_core.director.store import ExperimentRow
 from fedjax_core.director.store_api import Store
 from fedjax_core.errors import InvalidRequestError, NotFoundError, PreconditionError
-from fedjax_core.tensors import ModelFile
+from fedjax_core.model_file import ModelFile
 
 STATUS_ROUNDS = 1000  # an experiment's status lists the participants of this many of its latest rounds
 

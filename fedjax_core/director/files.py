@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from fedjax_core.errors import InvalidRequestError
-from fedjax_core.tensors import fsync_dir
+from fedjax_core.model_file import fsync_dir
 
 MAX_BUNDLE_BYTES = 2 << 30
 _ROUND_FILE = re.compile(r"(?:(?:model|server_state)_)?round_(\d{4,})(?:\.fjm)?")

@@ -24,7 +24,8 @@ import numpy as np
 from fedjax_core.aggregation import ArraySource, TensorSource
 from fedjax_core.director.files import ExperimentFiles
 from fedjax_core.records import TensorSpec
-from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError
+from fedjax_core.tensors import TensorError
+from fedjax_core.model_file import ModelFile, ModelFileWriter
 
 
 class ModelSource(TensorSource, Protocol):
@@ -36,7 +37,7 @@ class ModelSource(TensorSource, Protocol):
 
 class ModelWriter(Protocol):
     """Writes one model (or state) tensor by tensor; nothing is visible until :meth:`commit`, and leaving the
-    ``with`` block on an exception discards it (as :class:`~fedjax_core.tensors.ModelFileWriter` does)."""
+    ``with`` block on an exception discards it (as :class:`~fedjax_core.model_file.ModelFileWriter` does)."""
 
     def add_array(self, name: str, array: np.ndarray) -> None:
         """Add a whole tensor."""

@@ -37,7 +37,7 @@ from fedjax_core.director.submission import RoundPlan, plan_rounds
 from fedjax_core.errors import FedError, InvalidRequestError
 from fedjax_core.metrics_log import Loggers
 from fedjax_core.spec import ExperimentSpec
-from fedjax_core.tensors import ModelFile
+from fedjax_core.model_file import ModelFile
 
 log = logging.getLogger("fedjax.director")
 

@@ -17,7 +17,8 @@ from fedjax_core.director.files import ExperimentFiles, write_bundle
 from fedjax_core.director.rounds import Run
 from fedjax_core.errors import InvalidRequestError, StorageError, is_disk_full
 from fedjax_core.spec import ExperimentSpec
-from fedjax_core.tensors import ModelFile, ModelFileWriter, TensorError
+from fedjax_core.tensors import TensorError
+from fedjax_core.model_file import ModelFile, ModelFileWriter
 
 
 def store_submission(files: ExperimentFiles, spec: ExperimentSpec, bundle: Iterable[bytes],

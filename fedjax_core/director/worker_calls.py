@@ -18,7 +18,7 @@ from fedjax_core.director import limits, round_machine, transfers
 from fedjax_core.director.round_machine import CheckedIn, Dropped, Effect, Failed, Refused, UpdateStored, Validated
 from fedjax_core.director.rounds import Run
 from fedjax_core.errors import FedError, InvalidRequestError, PreconditionError, StorageError, is_disk_full
-from fedjax_core.tensors import ModelFile
+from fedjax_core.model_file import ModelFile
 
 if TYPE_CHECKING:
     from fedjax_core.director.core import Director

@@ -12,7 +12,8 @@ from fedjax_core import records as r
 from fedjax_core.director.core import Director
 from fedjax_core.errors import InvalidRequestError, PreconditionError
 from fedjax_core.spec import from_flat
-from fedjax_core.tensors import ModelFile, assemble, iter_chunks, spec_of
+from fedjax_core.tensors import assemble, iter_chunks, spec_of
+from fedjax_core.model_file import ModelFile
 
 RNG = np.random.default_rng(3)
 INITIAL = {"params/w": RNG.standard_normal((4, 3)).astype(np.float32), "params/b": np.zeros(3, np.float32)}

@@ -9,7 +9,8 @@ from fedjax_core.director.core import Director
 from fedjax_core.director.round_machine import DeadlinePassed
 from fedjax_core.errors import AlreadyExistsError, InvalidRequestError, PreconditionError
 from fedjax_core.spec import ExperimentSpec, from_flat
-from fedjax_core.tensors import ModelFile, iter_chunks, spec_of
+from fedjax_core.tensors import iter_chunks, spec_of
+from fedjax_core.model_file import ModelFile
 
 INITIAL = {"params/w": np.arange(6, dtype=np.float32).reshape(2, 3), "params/b": np.zeros(3, np.float32),
            "step": np.array(0, np.int32)}

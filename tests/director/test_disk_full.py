@@ -14,7 +14,8 @@ from fedjax_core.director.core import Director
 from fedjax_core.errors import NotFoundError, StorageError
 from fedjax_core.metrics_log import ExperimentLogger
 from fedjax_core.spec import from_flat
-from fedjax_core.tensors import ModelFileWriter, iter_chunks, spec_of
+from fedjax_core.tensors import iter_chunks, spec_of
+from fedjax_core.model_file import ModelFileWriter
 
 INITIAL = {"params/w": np.ones((2, 3), np.float32)}
 INFO = r.ShardInfo("shard", ("32", "32", "3"), ("1",), 1000, 5)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedjax_core.director.files import ExperimentFiles
-from fedjax_core.tensors import ModelFile, write_model_file
+from fedjax_core.model_file import ModelFile, write_model_file
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from fedjax_core.director.core import Director
 from fedjax_core.director.rules import select_participants
 from fedjax_core.errors import InvalidRequestError, PreconditionError
 from fedjax_core.spec import ExperimentSpec, from_flat
-from fedjax_core.tensors import ModelFile, iter_chunks, spec_of
+from fedjax_core.tensors import iter_chunks, spec_of
+from fedjax_core.model_file import ModelFile
 
 INITIAL = {"params/w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "params/b": np.zeros(4, np.float32),
            "step": np.array(0, np.int32)}

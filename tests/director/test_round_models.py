@@ -14,7 +14,8 @@ from fedjax_core.director import closer
 from fedjax_core.director.files import ExperimentFiles
 from fedjax_core.director.round_models import FileRoundModels, MemoryRoundModels, RoundModels
 from fedjax_core.errors import PreconditionError
-from fedjax_core.tensors import ModelFile, TensorError, spec_of, write_model_file
+from fedjax_core.tensors import TensorError, spec_of
+from fedjax_core.model_file import ModelFile, write_model_file
 
 WEIGHTS = {"cat": 3.0, "amy": 10.0, "bob": 1.0}  # arrival order differs from name order on purpose
 FROZEN = "batch_stats/mean"  # in the model, never uploaded: copied as it is

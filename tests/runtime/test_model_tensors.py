@@ -13,7 +13,8 @@ from flax import struct
 from flax.training import train_state
 
 from fedjax_core.runtime.model_tensors import StaticList, canonicalize, state_to_tensors, tensors_to_state
-from fedjax_core.tensors import ModelFile, TensorError, assemble, iter_chunks, spec_of, write_model_file
+from fedjax_core.tensors import TensorError, assemble, iter_chunks, spec_of
+from fedjax_core.model_file import ModelFile, write_model_file
 from seed_tutorial import apply_model, create_train_state
 
 

@@ -5,7 +5,8 @@ import numpy as np
 
 from fedjax_core import strategies as s
 from fedjax_core.aggregation import ArraySource, RoundUpdates, Upload, aggregate, init_state
-from fedjax_core.tensors import ModelFile, spec_of, write_model_file
+from fedjax_core.tensors import spec_of
+from fedjax_core.model_file import ModelFile, write_model_file
 
 WEIGHTS = (10, 37, 1000, 5, 64)
 PARAMS = {"params/conv/kernel": (3, 3, 3, 8), "params/conv/bias": (8,), "params/dense/kernel": (17, 5),

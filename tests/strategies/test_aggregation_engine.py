@@ -15,7 +15,7 @@ from fedjax_core import strategies as s
 from fedjax_core.aggregation import (AggregationError, ArraySource, NextState, RoundUpdates, Rule, Upload, aggregate,
                                      init_state, stepper)
 from fedjax_core.records import TensorSpec
-from fedjax_core.tensors import ModelFile, ModelFileWriter
+from fedjax_core.model_file import ModelFile, ModelFileWriter
 
 COUNTERS = ("opt_state/step", "opt_state/counts", "opt_state/flags")
 

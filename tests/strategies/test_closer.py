@@ -11,7 +11,7 @@ from fedjax_core.director import closer
 from fedjax_core.director.files import ExperimentFiles
 from fedjax_core.director.round_models import FileRoundModels
 from fedjax_core.errors import PreconditionError
-from fedjax_core.tensors import ModelFile, write_model_file
+from fedjax_core.model_file import ModelFile, write_model_file
 
 FROZEN = {"batch_stats/mean": np.arange(6, dtype=np.float32)}  # a tensor that does not travel
 
