@@ -8,11 +8,11 @@ plane a row-major 32x32 image. Record counts come from file sizes, so the full a
 
 Shard r of w is, by default (`partition: contiguous`), `numpy.array_split(split, w)[r - 1]`
 of each split: contiguous, near-equal, with no sample dropped. Non-IID and unbalanced
-shards (see `partition_indices`): `partition: dirichlet` (label skew, `alpha`),
-`partition: unbalanced` (sizes from a log-normal, `sigma`) and `partition: labels`
-(`labels_per_shard` classes each), all drawn from `seed`. Only the shard's own records
-are decoded, and only on the first `get_split` call; `split_sizes()` of a contiguous
-shard needs no pixel read at all (the other partitions read the label bytes).
+shards come from `fedjax_core.partition` (see `partition_indices`): `partition: dirichlet`
+(label skew, `alpha`), `partition: unbalanced` (sizes from a log-normal, `sigma`) and
+`partition: labels` (`labels_per_shard` classes each), all drawn from `seed`. Only the
+shard's own records are decoded, and only on the first `get_split` call; `split_sizes()`
+of a contiguous shard needs no pixel read at all (the other partitions read the label bytes).
 
 Where there is a network, `download: true` (with no usable `data_dir`) loads the
 data through tensorflow-datasets instead.
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedjax_core import partition as fedjax_partition
 from fedjax_core.shard_descriptor import SPLIT_NAMES, ShardDescriptor, normalize_split_name
 
 RECORD_BYTES = 3073  # 1 label byte + 32 * 32 * 3 pixel bytes
@@ -86,6 +87,26 @@ PARTITIONS = ("contiguous", "dirichlet", "unbalanced", "labels")
 NUM_CLASSES = 10
 
 
+def shard_partitioner(partition: str, world_size: int, *, alpha: float = 0.5, sigma: float = 1.0,
+                      labels_per_shard: int = 2, seed: int = 0,
+                      num_classes: int = NUM_CLASSES) -> fedjax_partition.Partitioner:
+    """The `fedjax_core.partition` partitioner a `partition:` setting names, over `world_size` shards.
+
+    Empty shards are allowed here: the descriptor refuses only a shard without training records.
+    contiguous -> contiguous; dirichlet -> dirichlet(alpha); unbalanced -> lognormal(sigma);
+    labels -> pathological(labels_per_shard).
+    """
+    if partition == "contiguous":
+        return fedjax_partition.contiguous(world_size, allow_empty=True)
+    if partition == "dirichlet":
+        return fedjax_partition.dirichlet(world_size, alpha, seed, num_classes, allow_empty=True)
+    if partition == "unbalanced":
+        return fedjax_partition.lognormal(world_size, sigma, seed, allow_empty=True)
+    if partition == "labels":
+        return fedjax_partition.pathological(world_size, labels_per_shard, seed, num_classes, allow_empty=True)
+    raise ValueError(f"partition {partition!r} is not one of {', '.join(PARTITIONS)}")
+
+
 def partition_indices(labels: np.ndarray, rank: int, world_size: int, partition: str = "contiguous", *,
                       alpha: float = 0.5, sigma: float = 1.0, labels_per_shard: int = 2, seed: int = 0,
                       num_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -93,57 +114,19 @@ def partition_indices(labels: np.ndarray, rank: int, world_size: int, partition:
 
     The shards of one (partition, parameters, seed, world size) are disjoint and together cover
     the split. The draws depend on the seed and world size only, not on the split, so a
-    shard's train and valid splits share their skew:
-    - contiguous: `numpy.array_split(range(n), world_size)[rank - 1]`;
-    - dirichlet: per class c, proportions q_c ~ Dirichlet(alpha, ..., alpha) over the shards;
-      the class's records (shuffled) are cut at the cumulative proportions. Small alpha: few
-      classes per shard; large alpha: near IID;
-    - unbalanced: shard sizes proportional to w_r ~ LogNormal(0, sigma) (at least one record
-      each), over a seeded shuffle of the records;
-    - labels: shard i (0-based) holds classes (i * k + j) % num_classes for j < k
-      (k = labels_per_shard); each class's records are split evenly among its holders.
+    shard's train and valid splits share their skew. The algorithms are `fedjax_core.partition`'s
+    (see `shard_partitioner`); a bad setting's error names the module's parameter and this one's.
     """
-    n = len(labels)
-    if partition == "contiguous":
-        return np.arange(*shard_bounds(n, rank, world_size))
-    rng = np.random.default_rng([seed, world_size])
-    if partition == "dirichlet":
-        if not alpha > 0:
-            raise ValueError(f"partition: dirichlet needs alpha > 0, got {alpha!r}")
-        proportions = rng.dirichlet([alpha] * world_size, size=num_classes)
-        parts = []
-        for c in range(num_classes):
-            members = np.random.default_rng([seed, world_size, c]).permutation(np.flatnonzero(labels == c))
-            cuts = (np.cumsum(proportions[c])[:-1] * len(members)).astype(np.int64)
-            parts.append(np.split(members, cuts)[rank - 1])
-        return np.sort(np.concatenate(parts))
-    if partition == "unbalanced":
-        if not sigma >= 0:
-            raise ValueError(f"partition: unbalanced needs sigma >= 0, got {sigma!r}")
-        if n < world_size:
-            raise ValueError(f"partition: unbalanced needs at least one record per shard: {n} records, "
-                             f"{world_size} shards")
-        weights = rng.lognormal(0.0, sigma, world_size)
-        sizes = 1 + np.floor(weights / weights.sum() * (n - world_size)).astype(np.int64)
-        sizes[np.argsort(-weights, kind="stable")[: n - sizes.sum()]] += 1  # hand out what flooring left
-        order = rng.permutation(n)
-        stop = np.cumsum(sizes)
-        return np.sort(order[stop[rank - 1] - sizes[rank - 1]:stop[rank - 1]])
-    if partition == "labels":
-        k = labels_per_shard
-        if not (isinstance(k, int) and 1 <= k <= num_classes) or world_size * k < num_classes:
-            raise ValueError(f"partition: labels needs labels_per_shard from 1 to {num_classes} with "
-                             f"world size x labels_per_shard >= {num_classes} so every class is held, "
-                             f"got labels_per_shard={k!r} for {world_size} shards")
-        holders = {c: [i for i in range(world_size) if c in {(i * k + j) % num_classes for j in range(k)}]
-                   for c in range(num_classes)}
-        parts = []
-        for c, holding in holders.items():
-            if rank - 1 in holding:
-                members = np.random.default_rng([seed, world_size, c]).permutation(np.flatnonzero(labels == c))
-                parts.append(np.array_split(members, len(holding))[holding.index(rank - 1)])
-        return np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)
-    raise ValueError(f"partition {partition!r} is not one of {', '.join(PARTITIONS)}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition {partition!r} is not one of {', '.join(PARTITIONS)}")
+    setting = {"dirichlet": f"alpha={alpha!r}, ", "unbalanced": f"sigma={sigma!r}, ",
+               "labels": f"labels_per_shard={labels_per_shard!r}, "}.get(partition, "")
+    try:
+        parts = shard_partitioner(partition, world_size, alpha=alpha, sigma=sigma, labels_per_shard=labels_per_shard,
+                                  seed=seed, num_classes=num_classes)(labels)
+    except ValueError as exc:
+        raise ValueError(f"partition: {partition} ({setting}seed={seed!r}, world size {world_size}): {exc}") from exc
+    return parts[rank - 1]
 
 
 def count_records(path: Path) -> int:

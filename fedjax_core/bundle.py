@@ -47,9 +47,13 @@ def pack(meta: dict[str, Any], payload: bytes) -> bytes:
 
 
 def read(path: Path) -> Bundle:
-    data = Path(path).read_bytes()
+    return parse(Path(path).read_bytes(), str(path))
+
+
+def parse(data: bytes, where: str = "the data") -> Bundle:
+    """A bundle from its bytes (the simulation's, which never touch a disk)."""
     if not data.startswith(_MAGIC):
-        raise BundleError(f"{path} is not an experiment bundle")
+        raise BundleError(f"{where} is not an experiment bundle")
     start = len(_MAGIC) + _LEN.size
     (size,) = _LEN.unpack(data[len(_MAGIC):start])
     return Bundle(meta=json.loads(data[start:start + size]), payload=data[start + size:])

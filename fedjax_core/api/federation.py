@@ -1,6 +1,7 @@
 """``Federation``: the notebook's connection to the director."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from fedjax_core import records as r
@@ -38,20 +39,7 @@ class Federation:
 
     def get_shard_registry(self) -> dict[str, dict]:
         """Per envoy: shard info, whether it is online, when it was last seen, its current experiment."""
-        out = {}
-        for entry in self.client.shard_registry():
-            info = entry.shard_info
-            out[entry.name] = {
-                "shard_info": {"description": info.description, "n_samples": {"train": info.train_size,
-                                                                              "valid": info.valid_size},
-                               "sample_shape": list(info.sample_shape), "target_shape": list(info.target_shape),
-                               "hostname": info.hostname, "devices": list(info.devices),
-                               "label_counts": list(info.label_counts)},
-                "is_online": entry.is_online,
-                "last_updated": entry.last_seen,
-                "current_experiment": entry.current_experiment or None,
-            }
-        return out
+        return registry_table(self.client.shard_registry())
 
     def get_dummy_shard_descriptor(self, size: int) -> DummyShardDescriptor:
         """A data-free stand-in with the federation's sample and target shapes, to build models against."""
@@ -62,3 +50,21 @@ class Federation:
 
     def close(self) -> None:
         self.client.close()
+
+
+def registry_table(entries: Iterable[r.EnvoyEntry]) -> dict[str, dict]:
+    """The shard registry as the notebook shows it, by envoy name (a federation's, or a simulation's)."""
+    out = {}
+    for entry in entries:
+        info = entry.shard_info
+        out[entry.name] = {
+            "shard_info": {"description": info.description, "n_samples": {"train": info.train_size,
+                                                                          "valid": info.valid_size},
+                           "sample_shape": list(info.sample_shape), "target_shape": list(info.target_shape),
+                           "hostname": info.hostname, "devices": list(info.devices),
+                           "label_counts": list(info.label_counts)},
+            "is_online": entry.is_online,
+            "last_updated": entry.last_seen,
+            "current_experiment": entry.current_experiment or None,
+        }
+    return out

@@ -310,7 +310,7 @@ class Director:
             self.cleanup(run)
         else:  # nobody can ask for round r's files now: the current run is round r + 1
             self.files.drop_round(run.name, run.round)
-            self.files.drop_superseded(run.name, run.round)
+            self.engine.models.drop(run.name, run.round)
 
     def cleanup(self, run: Run) -> None:
         """Drop an ended run's kept updates and close its writers. Without the lock.

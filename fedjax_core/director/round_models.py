@@ -75,6 +75,18 @@ class RoundModels(Protocol):
     def state_writer(self, experiment: str, round_: int) -> ModelWriter:
         """A writer whose commit makes round ``round_``'s strategy state (replacing any before it)."""
 
+    def carry_over(self, experiment: str, round_: int) -> None:
+        """A round that did not average: round r + 1 starts from round r's model and strategy state."""
+
+    def keep_best(self, experiment: str, round_: int) -> None:
+        """Round r's model becomes the experiment's best model."""
+
+    def best(self, experiment: str) -> ModelSource | None:
+        """The best model so far (None before one is kept)."""
+
+    def drop(self, experiment: str, round_: int) -> None:
+        """Round r's model and strategy state, once round r + 1 runs (the best model keeps its own copy)."""
+
     def state_location(self, experiment: str, round_: int) -> str:
         """Where round ``round_``'s strategy state is (or would be) kept, for messages."""
 
@@ -97,6 +109,19 @@ class FileRoundModels:
 
     def state_writer(self, experiment: str, round_: int) -> ModelFileWriter:
         return ModelFileWriter(self.files.server_state(experiment, round_))
+
+    def carry_over(self, experiment: str, round_: int) -> None:
+        self.files.carry_over(experiment, round_)
+
+    def keep_best(self, experiment: str, round_: int) -> None:
+        self.files.copy_best(experiment, round_)
+
+    def best(self, experiment: str) -> ModelFile | None:
+        path = self.files.best(experiment)
+        return ModelFile(path) if path.exists() else None
+
+    def drop(self, experiment: str, round_: int) -> None:
+        self.files.drop_superseded(experiment, round_)
 
     def state_location(self, experiment: str, round_: int) -> str:
         return str(self.files.server_state(experiment, round_))
@@ -124,6 +149,24 @@ class MemoryRoundModels:
 
     def state_writer(self, experiment: str, round_: int) -> MemoryModelWriter:
         return MemoryModelWriter(self, ("state", experiment, round_))
+
+    def carry_over(self, experiment: str, round_: int) -> None:
+        with self._lock:
+            for kind in ("model", "state"):
+                if (kind, experiment, round_) in self._kept:
+                    self._kept[(kind, experiment, round_ + 1)] = self._kept[(kind, experiment, round_)]
+
+    def keep_best(self, experiment: str, round_: int) -> None:
+        with self._lock:
+            self._kept[("best", experiment, 0)] = self._kept[("model", experiment, round_)]
+
+    def best(self, experiment: str) -> ArraySource | None:
+        return self._get("best", experiment, 0)
+
+    def drop(self, experiment: str, round_: int) -> None:
+        with self._lock:
+            for kind in ("model", "state"):
+                self._kept.pop((kind, experiment, round_), None)
 
     def state_location(self, experiment: str, round_: int) -> str:
         return f"in memory: experiment {experiment!r}, round {round_}"

@@ -30,7 +30,7 @@ from fedjax_core.director import closer, rules
 from fedjax_core.director.files import ExperimentFiles
 from fedjax_core.director.round_machine import CheckedIn, Dropped, Phase, RoundState, Validated, restore
 from fedjax_core.director.memory import release_free_memory
-from fedjax_core.director.round_models import FileRoundModels
+from fedjax_core.director.round_models import FileRoundModels, RoundModels
 from fedjax_core.director.store import ExperimentRow
 from fedjax_core.director.store_api import Store
 from fedjax_core.director.submission import RoundPlan, plan_rounds
@@ -122,11 +122,11 @@ class RoundEngine:
     """Builds each round's run (sampling its participants, or reading them back after a restart), keeps
     the updates, and closes rounds: the heavy work, outside the director's lock."""
 
-    def __init__(self, store: Store, files: ExperimentFiles, loggers: Loggers, clock: Callable[[], float],
-                 timer: Callable[[], float] = time.monotonic):
+    def __init__(self, store: Store, files: ExperimentFiles | None, loggers: Loggers, clock: Callable[[], float],
+                 timer: Callable[[], float] = time.monotonic, models: RoundModels | None = None):
         self.store = store
-        self.files = files
-        self.models = FileRoundModels(files)  # what closing a round reads and writes
+        self.files = files  # spooled uploads (keep); None where updates arrive in memory (the simulation)
+        self.models = models if models is not None else FileRoundModels(files)  # what closing a round reads and writes
         self.loggers = loggers
         self.clock = clock  # wall time, for timestamps
         self.timer = timer  # monotonic, for round durations and deadlines
@@ -258,7 +258,7 @@ class RoundEngine:
         if averaged:
             closer.write_next_model(self.models, name, run.round, run.plan.strategy, run.updates)
         else:  # every envoy keeps training its own model; the global one stays
-            self.files.carry_over(name, run.round)
+            self.models.carry_over(name, run.round)
             if run.round == 0:  # the strategy's state begins where the model does
                 closer.write_initial_state(self.models, name, 1, run.plan.strategy, list(run.updates.specs.values()))
         seconds = self.timer() - run.started_at  # the round's time includes aggregating and storing its model
@@ -321,7 +321,7 @@ class RoundEngine:
         higher = (run.spec.best.higher_is_better if row.spec.best.metric
                   else r.default_higher_is_better(metric))
         if rules.is_better(value, row.best_value, higher):
-            self.files.copy_best(run.name, run.round)
+            self.models.keep_best(run.name, run.round)
             self.store.update_experiment(run.name, best_round=run.round, best_value=value, best_metric=metric)
         elif not row.best_metric:
             self.store.update_experiment(run.name, best_metric=metric)

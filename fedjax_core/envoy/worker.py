@@ -9,7 +9,6 @@ Started through start_worker.py, which enters the worker's sandbox first.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ from fedjax_core import records as r
 from fedjax_core.envoy.client import EnvoyClient
 from fedjax_core.envoy.sandbox import ModulesBeside, Policy, explain
 from fedjax_core.errors import PreconditionError
+from fedjax_core.runtime.round_runner import RoundRunner
 from fedjax_core.shard_descriptor import load_shard_descriptor
 
 
@@ -53,28 +53,6 @@ def _mesh_if_asked(ti, device: str):
     from fedjax_core.parallel import envoy_mesh
 
     return envoy_mesh(jax.devices("cpu") if device == "cpu" else jax.devices())
-
-
-class OptimizerInit:
-    """``state.tx.init(state.params)`` for RESET rounds, compiled once: run op by op, it compiles every
-    zeros_like on its own (0.3 s of the seed CNN's first round). An init that cannot be traced (it branches
-    on values, or leaves JAX) runs op by op from then on, as does one on a mesh (``eager``)."""
-
-    def __init__(self, eager: bool = False):
-        self._compiled = False if eager else None
-
-    def __call__(self, state):
-        import jax
-
-        if self._compiled is False:
-            return state.tx.init(state.params)
-        if self._compiled is None:
-            self._compiled = jax.jit(state.tx.init)
-        try:
-            return self._compiled(state.params)
-        except jax.errors.JAXTypeError:
-            self._compiled = False
-            return state.tx.init(state.params)
 
 
 class MetricReports:
@@ -109,23 +87,16 @@ class _Rounds:
                  sandbox: Policy | None = None):
         from fedjax_core.runtime.model_tensors import canonicalize
 
-        self.client, self.experiment, self.ti, self.device = client, experiment, ti, device
-        self.sandbox = sandbox
-        self.optimizer = model_interface.optimizer
-        self.mesh = _mesh_if_asked(ti, device)
+        self.client, self.experiment, self.sandbox = client, experiment, sandbox
+        mesh = _mesh_if_asked(ti, device)
         template = model_interface.model
-        if self.mesh is not None:  # replicated once: every model restored from the wire keeps that placement
+        if mesh is not None:  # replicated once: every model restored from the wire keeps that placement
             from fedjax_core.parallel import replicate
 
-            template = replicate(template, self.mesh)
-        self.template = canonicalize(template)
-        self.local_state = self.template  # kept between rounds for CONTINUE_LOCAL and between averagings
-        self.global_tensors = None  # the last global model received: what deltas and divergences measure from
-        self.global_state = None  # the same as a state, for tasks that take global_model= (FedProx)
-        self.fresh_opt_state = OptimizerInit(eager=self.mesh is not None)
+            template = replicate(template, mesh)
         self.reports = MetricReports(client)
-        self.train_loader, self.valid_loader = data.get_train_loader(), data.get_valid_loader()
-        self.n_train, self.n_valid = int(data.get_train_data_size()), int(data.get_valid_data_size())
+        self.runner = RoundRunner(client, self.reports, experiment, canonicalize(template), model_interface.optimizer,
+                                  ti, data, device, mesh, log=lambda text: print(text, flush=True))
 
     def run(self) -> None:
         while True:
@@ -137,7 +108,7 @@ class _Rounds:
                 continue
             try:
                 try:
-                    self._round(task)
+                    self.runner.run_round(task)
                 except BaseException:  # its reports are sent (or fail) before anything else is said
                     self.reports.wait(raise_first=False)
                     raise
@@ -154,83 +125,6 @@ class _Rounds:
                                                round_=task.round)
                 except PreconditionError:  # the round went on (or closed) meanwhile: nothing to drop out of
                     pass
-
-    def _run_tasks(self, names: list[str], state, loader, task: r.Task, train: bool, global_state):
-        """Run ``names`` in order; training tasks hand their state on, validation tasks only measure."""
-        from fedjax_core.runtime.tasks import run_task
-
-        round_kwargs = json.loads(task.task_kwargs) if task.task_kwargs else {}
-        metrics = {}
-        for name in names:
-            after, metrics[name] = run_task(self.ti, name, state, loader, self.device, self.optimizer, task.round,
-                                            round_kwargs.get(name), global_state, self.mesh)
-            if train:
-                state = after
-        return state, metrics
-
-    def _starting_state(self, task: r.Task):
-        """The round's global model as a state (kept as the reference for deltas and divergences)."""
-        from fedjax_core.runtime.model_tensors import canonicalize, tensors_to_state
-
-        received = self.client.round_model(self.experiment, task.round)
-        self.global_tensors = received
-        if task.opt_treatment == "CONTINUE_LOCAL":
-            return tensors_to_state(self.local_state, received)
-        state = tensors_to_state(self.template, received)
-        if task.opt_treatment == "RESET" and hasattr(state, "tx"):
-            state = state.replace(opt_state=canonicalize(self.fresh_opt_state(state)), step=self.template.step)
-        return state
-
-    def _round(self, task: r.Task) -> None:
-        exp, rnd = self.experiment, task.round
-        if task.kind == r.TaskKind.SYNC:  # dynamic averaging was triggered after this envoy checked in
-            self._upload(task, self.local_state)
-            return
-        if task.from_global or self.global_tensors is None:  # a new worker has no model of its own yet
-            state = self._starting_state(task)
-            global_state = copy.copy(state)  # its own object: the seed's update_state() mutates `state` in place
-            _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False,
-                                            global_state)
-            self.reports.send(exp, rnd, r.Stage.AGGREGATED, validation, self.n_valid)
-            self.global_state = global_state
-        else:  # periodic or dynamic averaging: keep training this envoy's own model
-            state = self.local_state
-        if task.kind == r.TaskKind.VALIDATE:
-            return
-        state, train_metrics = self._run_tasks(self.ti.train_tasks, state, self.train_loader, task, True,
-                                               self.global_state)
-        self.reports.send(exp, rnd, r.Stage.TRAIN, train_metrics, self.n_train)
-        _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False,
-                                        self.global_state)
-        self.reports.send(exp, rnd, r.Stage.LOCAL, validation, self.n_valid)
-        self.local_state = state
-        self.reports.wait()  # before the check-in or upload that may close the round
-        if task.check_in and not self.client.check_in(exp, rnd, self._divergence(task, state)):
-            print(f"[worker {self.client.envoy_name}] round {rnd} done, model kept (no averaging)", flush=True)
-            return
-        self._upload(task, state)
-        print(f"[worker {self.client.envoy_name}] round {rnd} done: "
-              + ", ".join(f"{k}={v:.4f}" for m in train_metrics.values() for k, v in m.items()), flush=True)
-
-    def _upload(self, task: r.Task, state) -> None:
-        """Send the tensors the round averages: as weights or deltas, compressed as the experiment says."""
-        from fedjax_core import codecs
-        from fedjax_core.runtime.model_tensors import state_to_tensors
-
-        tensors = state_to_tensors(state)
-        missing = [n for n in task.upload_tensors if n not in tensors]
-        if missing:
-            raise RuntimeError(f"the trained state lacks tensors {missing[:3]}: did a task change the model's structure?")
-        wire, encodings = codecs.encode_update(tensors, task.upload_tensors, task.compression or None,
-                                               self.global_tensors if task.send_deltas else None)
-        self.client.upload(self.experiment, task.round, self.n_train, wire, encodings)
-
-    def _divergence(self, task: r.Task, state) -> float:
-        """Squared L2 distance of the trained model's float tensors from the round's global model."""
-        from fedjax_core import codecs
-        from fedjax_core.runtime.model_tensors import state_to_tensors
-
-        return codecs.divergence(state_to_tensors(state), self.global_tensors, task.upload_tensors)
 
 
 def unpickle_experiment(payload: bytes) -> dict[str, Any]:

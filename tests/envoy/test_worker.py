@@ -14,7 +14,8 @@ import optax
 import pytest
 from flax.training import train_state
 
-from fedjax_core.envoy.worker import MetricReports, OptimizerInit
+from fedjax_core.envoy.worker import MetricReports
+from fedjax_core.runtime.round_runner import OptimizerInit
 from fedjax_core.errors import PreconditionError
 
 

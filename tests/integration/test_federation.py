@@ -316,3 +316,31 @@ def test_the_aggregated_model_is_the_mean_of_the_envoys_trained_models(federatio
                                    err_msg=jax.tree_util.keystr(path))
     assert not np.allclose(np.asarray(trained[0].params["Dense_1"]["kernel"]),
                            np.asarray(trained[1].params["Dense_1"]["kernel"]))  # the mean is of two different models
+
+
+def test_a_simulation_of_the_same_shards_trains_to_the_federations_model(federation):
+    """The same experiment (shards, seeds, strategy, opt treatment) on the real envoys and as a
+    SimulatedFederation in this process ends with the same model, and the same aggregated metrics."""
+    import sys
+
+    import jax
+
+    from fedjax_core import FedAdam
+    from fedjax_core.simulation import SimulatedFederation
+
+    sys.path.insert(0, str(REPO / "envoy"))
+    from cifar10_shard_descriptor import CIFAR10ShardDescriptor
+
+    settings = dict(rounds=2, opt_treatment="CONTINUE_LOCAL", aggregation=FedAdam(eta=0.01), sampling_seed=3)
+    real, real_rows = run(federation, "twin-real", **settings)
+    sim_fed = SimulatedFederation({f"env{i}": CIFAR10ShardDescriptor(rank_worldsize=f"{i}, 2", data_dir=str(SHARED_DATA))
+                                   for i in (1, 2)})
+    try:
+        sim, sim_rows = run(sim_fed, "twin-sim", **settings)
+        for got, want in zip(jax.tree_util.tree_leaves(sim.get_last_model().params),
+                             jax.tree_util.tree_leaves(real.get_last_model().params)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+        agg = "agg_val/validation_accuracy"
+        assert [row.get(agg) for row in sim_rows] == pytest.approx([row.get(agg) for row in real_rows])
+    finally:
+        sim_fed.close()
