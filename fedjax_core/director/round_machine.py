@@ -53,11 +53,28 @@ class RoundState:
     checked_in: Mapping[str, float] = dataclasses.field(default_factory=lambda: _EMPTY)  # envoy -> divergence
     triggered: bool = False  # dynamic averaging: a divergence crossed the threshold, so everyone uploads
     phase: Phase = Phase.OPEN
+    # the participants as a set, made once per round (``replace`` hands it on): with thousands of envoys, one
+    # result must not cost a pass over all of them. done and dropped only ever hold participants.
+    members: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        if len(self.members) != len(self.participants):
+            object.__setattr__(self, "members", frozenset(self.participants))
 
     @property
     def pending(self) -> frozenset[str]:
         """Participants that still owe this round a result."""
-        return frozenset(self.participants) - self.done - frozenset(self.dropped)
+        return self.members - self.done - frozenset(self.dropped)
+
+    def owes(self, envoy: str) -> bool:
+        """Whether ``envoy`` still owes this round a result (``envoy in pending``, without building it)."""
+        return envoy in self.members and envoy not in self.done and envoy not in self.dropped
+
+    @property
+    def owed(self) -> bool:
+        """Whether any participant still owes a result (``bool(pending)``, counted rather than built)."""
+        resolved = len(self.done) + sum(1 for envoy in self.dropped if envoy not in self.done)
+        return resolved < len(self.members)
 
     @property
     def needed(self) -> int:
@@ -183,7 +200,7 @@ def check_result(state: RoundState, envoy: str, round_: int, in_flight: bool = F
     if state.kind != r.TaskKind.TRAIN or round_ != state.round or not (
             state.open or (in_flight and state.phase == Phase.CLOSING)):
         raise PreconditionError(f"round {round_} of {state.experiment!r} is not open for training updates")
-    if envoy not in state.participants:
+    if envoy not in state.members:
         raise PreconditionError(f"envoy {envoy!r} was not selected for round {round_} of {state.experiment!r}")
     if envoy in state.done:
         raise PreconditionError(f"envoy {envoy!r} already sent its update for round {round_}")
@@ -223,7 +240,7 @@ def step(state: RoundState, event: Event) -> tuple[RoundState, tuple[Effect, ...
             check_check_in(state, envoy, state.round)
             return _claim_close(_checked_in(state, envoy, divergence))
         case Validated(envoy):
-            if state.kind != r.TaskKind.VALIDATE or envoy not in state.pending or not state.open:
+            if state.kind != r.TaskKind.VALIDATE or not state.owes(envoy) or not state.open:
                 return state, ()  # a late report of an envoy that dropped out changes nothing
             return _claim_close(dataclasses.replace(state, done=state.done | {envoy}))
         case Dropped(envoy, what, reason):
@@ -248,7 +265,7 @@ def step(state: RoundState, event: Event) -> tuple[RoundState, tuple[Effect, ...
 
 def _claim_close(state: RoundState, effects: tuple[Effect, ...] = ()) -> tuple[RoundState, tuple[Effect, ...]]:
     """The one place a round closes: once, when it is open and owes nothing."""
-    if not state.open or state.pending:
+    if not state.open or state.owed:
         return state, effects
     return dataclasses.replace(state, phase=Phase.CLOSING), effects + (CloseRound(),)
 
@@ -276,7 +293,7 @@ def _without(state: RoundState, envoy: str, reason: str) -> RoundState:
 
 def _drop(state: RoundState, envoy: str, what: str, reason: str) -> tuple[RoundState, tuple[Effect, ...]]:
     """``envoy`` leaves the round, or the experiment ends when the round can no longer get what it needs."""
-    if not state.open or envoy not in state.pending:
+    if not state.open or not state.owes(envoy):
         raise PreconditionError(f"round {state.round} of {state.experiment!r} has gone on without envoy {envoy!r}")
     left = len(state.participants) - len(state.dropped) - 1
     if left < state.needed:
@@ -295,7 +312,7 @@ def _refuse(state: RoundState, envoy: str, reason: str, future: str) -> tuple[Ro
     if envoy not in state.envoys:
         raise PreconditionError(f"envoy {envoy!r} is not a collaborator of experiment {state.experiment!r}")
     remaining = tuple(e for e in state.envoys if e != envoy)
-    in_round = state.open and envoy in state.pending
+    in_round = state.open and state.owes(envoy)
     floor = max(state.min_envoys, state.rule_floor, 1)
     if in_round and len(state.participants) - len(state.dropped) - 1 < floor:
         future = f"fewer than the {floor} results round {state.round} needs ({state.needed_because})"
@@ -338,7 +355,7 @@ def restore(state: RoundState, uploaded: Iterable[str],
         if isinstance(fact, CheckedIn):
             if envoy in state.participants and envoy not in state.checked_in and envoy not in state.dropped:
                 state = _checked_in(state, envoy, fact.divergence)
-        elif envoy in state.pending:
+        elif state.owes(envoy):
             if isinstance(fact, Dropped):
                 state = _without(state, envoy, fact.reason)
             elif state.kind == r.TaskKind.VALIDATE:

@@ -99,7 +99,7 @@ class Run:
         state = self.state
         if envoy not in state.envoys:
             return r.Task(kind=r.TaskKind.FINISHED, message=f"envoy {envoy!r} is not a collaborator of {self.name!r}")
-        if not state.open or envoy not in state.pending:
+        if not state.open or not state.owes(envoy):
             return r.Task(kind=r.TaskKind.NONE)  # sits this round out, keeping its worker and jit cache
         s = self.spec
         kind = r.TaskKind.SYNC if envoy in state.checked_in else state.kind  # trained already: dynamic averaging

@@ -225,7 +225,7 @@ class WorkerCalls:
         error = limits.clip_error(error)
         with d.lock:
             run = self._running(envoy, experiment)
-            owes_this_round = run.state.open and envoy in run.state.pending
+            owes_this_round = run.state.open and run.state.owes(envoy)
             if refused:
                 event: round_machine.Event = Refused(envoy, error, self._rounds_without(run, envoy))
             else:

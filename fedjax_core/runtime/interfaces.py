@@ -43,19 +43,30 @@ class TaskInterface:
 
     def __init__(self):
         self.task_registry: dict[str, Callable] = {}
-        self.task_contract: dict[str, dict[str, str | None]] = {}
+        self.task_contract: dict[str, dict[str, Any]] = {}
         self.task_settings: dict[str, dict[str, Any]] = {}
 
     def register_fl_task(self, model: str, data_loader: str, device: str, optimizer: str | None = None,
                          round_num: str | None = None, global_model: str | None = None,
-                         mesh: str | None = None) -> Callable[[Callable], Callable]:
+                         mesh: str | None = None, vectorized: bool = False) -> Callable[[Callable], Callable]:
         """Decorator: register a task, mapping the platform's inputs to the function's parameter names.
 
         ``global_model`` names a parameter that receives the model the round started from
         (for FedProx: ``loss + fedjax_core.fedprox_term(params, global_state.params, mu)``).
         ``mesh`` names one that receives a ``jax.sharding.Mesh`` over the envoy's devices (axis
         ``data``; see ``fedjax_core.parallel``).
+
+        ``vectorized=True`` promises a pure JAX function of the model state and a dict of arrays (the data
+        loader's, one row per sample) that also holds ``mask`` (1.0 for a sample, 0.0 for padding),
+        returning ``(new_state, metrics)`` or ``metrics`` as arrays: a simulation then runs a round's
+        participants under one ``jax.vmap`` (docs/simulation.md). Elsewhere it runs as any task, with a
+        mask of ones.
         """
+        if not isinstance(vectorized, bool):
+            raise TaskError(f"register_fl_task(vectorized=...) must be True or False, got {vectorized!r}")
+        if vectorized and mesh is not None:
+            raise TaskError("register_fl_task: a vectorized task cannot also take a mesh (a simulation spreads the "
+                            "cohort itself); drop one of vectorized=True and mesh=")
         contract = {"model": model, "data_loader": data_loader, "device": device, "optimizer": optimizer,
                     "round_num": round_num, "global_model": global_model, "mesh": mesh}
 
@@ -66,7 +77,7 @@ class TaskInterface:
                         f"task {fn.__name__!r}: register_fl_task({role}={name!r}) names a parameter the function "
                         f"does not have; its parameters are {list(inspect.signature(fn).parameters)}")
             self.task_registry[fn.__name__] = fn
-            self.task_contract[fn.__name__] = contract
+            self.task_contract[fn.__name__] = {**contract, "vectorized": vectorized}
             return fn
 
         return decorator

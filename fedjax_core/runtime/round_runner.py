@@ -86,15 +86,11 @@ class RoundRunner:
         if task.kind == r.TaskKind.SYNC:  # dynamic averaging was triggered after this envoy checked in
             self._upload(task, self.local_state)
             return
-        if task.from_global or self.global_tensors is None:  # a new worker has no model of its own yet
-            state = self._starting_state(task)
-            global_state = copy.copy(state)  # its own object: the seed's update_state() mutates `state` in place
+        state, fresh = self.start(task)
+        if fresh:  # the round's model: validated before training, as the aggregated model of the last round
             _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False,
-                                            global_state)
+                                            self.global_state)
             self.reports.send(exp, rnd, r.Stage.AGGREGATED, validation, self.n_valid)
-            self.global_state = global_state
-        else:  # periodic or dynamic averaging: keep training this envoy's own model
-            state = self.local_state
         if task.kind == r.TaskKind.VALIDATE:
             return
         state, train_metrics = self._run_tasks(self.ti.train_tasks, state, self.train_loader, task, True,
@@ -103,6 +99,26 @@ class RoundRunner:
         _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False,
                                         self.global_state)
         self.reports.send(exp, rnd, r.Stage.LOCAL, validation, self.n_valid)
+        self.finish(task, state, train_metrics)
+
+    def start(self, task: r.Task) -> tuple[Any, bool]:
+        """The state this round trains, and whether it is the round's model (``fresh``) rather than this envoy's
+        own (periodic or dynamic averaging between averagings; a new worker has no model of its own yet)."""
+        if task.from_global or self.global_tensors is None:
+            state = self._starting_state(task)
+            self.global_state = copy.copy(state)  # its own object: the seed's update_state() mutates `state`
+            return state, True
+        return self.local_state, False
+
+    def start_like(self, task: r.Task, other: RoundRunner) -> None:
+        """Start this round from the state ``other`` started from (the same global model and, unless
+        CONTINUE_LOCAL, the same optimizer state): the simulation restores a cohort's model once."""
+        self.global_tensors = self.link.round_model(self.experiment, task.round)
+        self.global_state = other.global_state
+
+    def finish(self, task: r.Task, state: Any, train_metrics: Mapping[str, Mapping[str, float]]) -> None:
+        """Keep the trained ``state``, then upload it, or check in its divergence and upload only if asked."""
+        exp, rnd = self.experiment, task.round
         self.local_state = state
         self.reports.wait()  # before the check-in or upload that may close the round
         if task.check_in and not self.link.check_in(exp, rnd, self._divergence(task, state)):

@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from fedjax_core.runtime.interfaces import TaskInterface
 
 
@@ -26,6 +28,8 @@ def run_task(ti: TaskInterface, name: str, state: Any, loader: Any, device: str,
     """
     fn = ti.get_task(name)
     contract = ti.task_contract[name]
+    if contract.get("vectorized"):
+        loader = with_mask(name, loader)
     kwargs: dict[str, Any] = {contract["model"]: state, contract["data_loader"]: loader, contract["device"]: device}
     if contract["optimizer"] is not None:
         kwargs[contract["optimizer"]] = optimizer
@@ -47,6 +51,15 @@ def run_task(ti: TaskInterface, name: str, state: Any, loader: Any, device: str,
             f"task {name!r} returned {type(result).__name__}; return a dict of metrics "
             "(after state.update_state(new_state)) or a tuple (new_state, metrics)")
     return new_state, {key: _scalar(name, key, value) for key, value in metrics.items()}
+
+
+def with_mask(task: str, loader: Any) -> dict[str, Any]:
+    """A vectorized task's data: the loader's arrays and a ``mask`` of ones (no row is padding)."""
+    if not isinstance(loader, Mapping) or not loader:
+        raise TaskResultError(f"task {task!r} is vectorized: its data loader must return a dict of arrays with one "
+                              f"row per sample, got {type(loader).__name__}")
+    rows = len(next(iter(loader.values())))
+    return {**loader, "mask": np.ones(rows, np.float32)}
 
 
 def _scalar(task: str, key: str, value: Any) -> float:

@@ -45,8 +45,9 @@ STATUS_ROUNDS = 100  # participants listed per status, as the director's
 class SimulatedDirector:
     """A director and its envoys in one process; the same methods as ``api.client.FederationClient``."""
 
-    def __init__(self, shards: Mapping[str, ShardDescriptor]):
+    def __init__(self, shards: Mapping[str, ShardDescriptor], vectorize: bool = True, max_cohort: int = 256):
         self.shards = dict(shards)
+        self.vectorize, self.max_cohort = vectorize, max_cohort
         self.store = MemoryStore()
         self.models = MemoryRoundModels()
         self.loggers = Loggers(Path("."), sinks=[])  # events stay in the store; the notebook's stream writes them
@@ -172,7 +173,7 @@ class SimulatedDirector:
             self.store.update_experiment(name, state=r.State.RUNNING, envoys=envoys, started_at=time.time(),
                                          envoy_sizes=sizes)
             self._runs[name] = run = self.engine.new_run(row, 0)
-            cohort = VirtualEnvoys(self, name, objects)
+            cohort = VirtualEnvoys(self, name, objects, self.vectorize, self.max_cohort)
             while run is not None:
                 run = self._play(run, cohort)
         except Exception as exc:  # the simulation's own error: the experiment fails and says why
@@ -190,10 +191,7 @@ class SimulatedDirector:
                      if (task := run.task_for(envoy)).kind not in (r.TaskKind.NONE, r.TaskKind.FINISHED)]
             if not asked:
                 raise RuntimeError(f"round {run.round} of {run.name!r} waits for nothing and did not close")
-            for envoy, task in asked:
-                cohort.play(envoy, run, task)
-                if self._runs.get(run.name) is not run:
-                    break
+            cohort.play(run, asked)
         cohort.release()
         return self._runs.get(run.name)
 

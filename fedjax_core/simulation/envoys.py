@@ -26,6 +26,7 @@ from fedjax_core.director.round_machine import CheckedIn, Dropped, UpdateStored
 from fedjax_core.director.rounds import Run
 from fedjax_core.errors import InvalidRequestError
 from fedjax_core.runtime.round_runner import OptimizerInit, RoundRunner
+from fedjax_core.simulation.cohort import Cohort, CohortError, vectorizable
 from fedjax_core.spec import SyncMode
 from fedjax_core.tensors import check_finite, is_float_dtype
 
@@ -72,7 +73,8 @@ class _Link:
 class VirtualEnvoys:
     """The envoys of one simulated experiment."""
 
-    def __init__(self, director: SimulatedDirector, experiment: str, objects: dict[str, Any]):
+    def __init__(self, director: SimulatedDirector, experiment: str, objects: dict[str, Any], vectorize: bool = True,
+                 max_cohort: int = 256):
         from fedjax_core.runtime.model_tensors import canonicalize
 
         self.director, self.experiment = director, experiment
@@ -81,19 +83,45 @@ class VirtualEnvoys:
         self.template = canonicalize(self.model_interface.model)
         self.fresh_opt_state = OptimizerInit()  # one compiled init for every envoy
         self.runners: dict[str, RoundRunner] = {}
+        self.cohort = Cohort(self.ti, self.model_interface.optimizer) if vectorize and vectorizable(self.ti) else None
+        self.max_cohort = max_cohort
         self.run: Run | None = None
         self._model: tuple[int, dict[str, np.ndarray]] | None = None  # (round, the round's model)
 
-    def play(self, envoy: str, run: Run, task: r.Task) -> None:
-        """``envoy`` does ``task``; a task that raises drops it out of the round, as a worker's failure does."""
+    def play(self, run: Run, asked: list[tuple[str, r.Task]]) -> None:
+        """The tasks ``run``'s round asks for: TRAIN and VALIDATE ones as vectorised cohorts (at most ``max_cohort``
+        envoys each) when every task is vectorised, the others envoy by envoy; stops when the round closes."""
         self.run = run
-        try:
-            self._runner(envoy).run_round(task)
-        except Exception as exc:
-            text = traceback.format_exc()
-            error = limits.clip_error(f"{type(exc).__name__}: {exc}\n{text[-3000:]}")
-            if self.director.is_current(run) and envoy in run.state.pending:
-                self.director.act(run, Dropped(envoy, "failed", error))
+        if self.cohort is not None:
+            together = [(e, t) for e, t in asked if t.kind in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE)]
+            asked = [(e, t) for e, t in asked if t.kind not in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE)]
+            for first in range(0, len(together), self.max_cohort):
+                chunk = together[first:first + self.max_cohort]
+                try:
+                    self.cohort.play([self._runner(e) for e, _ in chunk], [t for _, t in chunk],
+                                     lambda envoy, exc: self._drop(run, envoy, exc))
+                except Exception as exc:
+                    raise CohortError(
+                        f"the vectorised tasks cannot run as one cohort ({type(exc).__name__}: {exc}): a task "
+                        "registered with vectorized=True must be a pure JAX function of its state and data (no "
+                        "float() or Python branches on values, metrics returned as arrays); register the tasks "
+                        "without vectorized=True to run them envoy by envoy") from exc
+                if not self.director.is_current(run):
+                    return
+        for envoy, task in asked:
+            try:
+                self._runner(envoy).run_round(task)
+            except Exception as exc:
+                self._drop(run, envoy, exc)
+            if not self.director.is_current(run):
+                return
+
+    def _drop(self, run: Run, envoy: str, exc: BaseException) -> None:
+        """A task that raised drops its envoy out of the round, as a worker's failure does."""
+        text = "".join(traceback.format_exception(exc))
+        error = limits.clip_error(f"{type(exc).__name__}: {exc}\n{text[-3000:]}")
+        if self.director.is_current(run) and run.state.owes(envoy):
+            self.director.act(run, Dropped(envoy, "failed", error))
 
     def release(self) -> None:
         """Between rounds: each envoy keeps only what its next round needs, on the host."""

@@ -23,9 +23,13 @@ class SimulatedFederation:
     ``shards``: ``{envoy name: ShardDescriptor}``, or a list of them (named ``env_0``, ``env_1``, ...).
     Tasks run one envoy at a time, each envoy's data loaders keeping their place between rounds as a
     worker's do, so an experiment trains to the model a federation of the same shards would.
+
+    When every task was registered with ``vectorized=True``, a round's participants instead run each task
+    together under one ``jax.vmap``, ``max_cohort`` envoys at a time (``vectorize=False``: envoy by envoy).
     """
 
-    def __init__(self, shards: Mapping[str, ShardDescriptor] | Sequence[ShardDescriptor], client_id: str = "api"):
+    def __init__(self, shards: Mapping[str, ShardDescriptor] | Sequence[ShardDescriptor], client_id: str = "api", *,
+                 vectorize: bool = True, max_cohort: int = 256):
         if isinstance(shards, Mapping):
             named = dict(shards)
         elif isinstance(shards, Sequence) and not isinstance(shards, (str, bytes)):
@@ -40,13 +44,17 @@ class SimulatedFederation:
             if not isinstance(shard, ShardDescriptor):
                 raise TypeError(f"shard of envoy {name!r} is a {type(shard).__name__}, not a "
                                 "fedjax_core.ShardDescriptor (SimulatedFederation.from_arrays builds them from arrays)")
+        if not isinstance(vectorize, bool):
+            raise TypeError(f"vectorize must be True or False, got {vectorize!r}")
+        if isinstance(max_cohort, bool) or not isinstance(max_cohort, int) or max_cohort < 1:
+            raise ValueError(f"max_cohort must be an integer >= 1 (envoys run together per vmap), got {max_cohort!r}")
         self.client_id = client_id
-        self.client = SimulatedDirector(named)
+        self.client = SimulatedDirector(named, vectorize=vectorize, max_cohort=max_cohort)
         self.sample_shape, self.target_shape = self.client.dataset_info()
 
     @classmethod
     def from_arrays(cls, train: tuple[Any, Any], valid: tuple[Any, Any], partition: Partitioner,
-                    client_id: str = "api") -> SimulatedFederation:
+                    client_id: str = "api", **options: Any) -> SimulatedFederation:
         """Envoys over arrays already in memory: ``partition`` (``fedjax_core.partition``) splits the train and
         the valid samples among ``partition.n_envoys`` envoys by their labels (the targets, one class each)."""
         if not isinstance(partition, Partitioner):
@@ -64,7 +72,7 @@ class SimulatedFederation:
         shards = {f"env_{i}": ArrayShard(arrays, {split: parts[split][i] for split in arrays},
                                          f"simulated shard {i} of {partition.n_envoys}")
                   for i in range(partition.n_envoys)}
-        return cls(shards, client_id=client_id)
+        return cls(shards, client_id=client_id, **options)
 
     def get_shard_registry(self) -> dict[str, dict]:
         """Per envoy: shard sizes and label counts, as a federation's registry lists them."""

@@ -197,6 +197,9 @@ def test_random_events_never_close_twice_never_count_the_unasked_and_a_restart_l
         history += [Dropped(e.envoy, "failed", e.text) for e in effects if isinstance(e, Note)]
         assert closes <= 1 and finishes <= 1
         assert state.done <= set(start.participants) and state.uploaded <= state.done
+        assert set(state.dropped) <= set(start.participants)  # what owed and owes() count on
+        assert state.owed == bool(state.pending) and state.members == frozenset(start.participants)
+        assert all(state.owes(e) == (e in state.pending) for e in ENVOYS)
         assert set(state.envoys) <= set(start.envoys)
         if state.phase == Phase.OPEN:
             assert closes == 0

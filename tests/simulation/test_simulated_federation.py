@@ -96,11 +96,11 @@ def shard_sets(fed, split: str):
 
 def test_fedavg_rounds_are_the_weighted_mean_of_each_envoys_step(fed):
     """RESET, every envoy each round: the next model is the sample-weighted mean of one SGD step per envoy."""
-    exp = run(fed, "fedavg", rounds=3, opt_treatment="RESET")
+    exp = run(fed, "fedavg", rounds=2, opt_treatment="RESET")
     assert exp.get_experiment_status().state == "finished"
     sets = shard_sets(fed, "train")
     model = linear_state()
-    for _ in range(3):
+    for _ in range(2):
         stepped = [(step(model, s["image"], s["label"]), len(s["label"])) for s in sets.values()]
         total = sum(n for _, n in stepped)
         mean = jax.tree_util.tree_map(lambda *leaves: sum(np.asarray(l, np.float64) * n for l, (_, n) in
