@@ -208,3 +208,15 @@ def copy_tutorial(tmp_path: Path, port: int) -> tuple[Path, Path]:
         config["shard_descriptor"]["params"]["data_dir"] = str(SHARED_DATA)
         (envoy / name).write_text(yaml.safe_dump(config))
     return director, envoy
+
+
+def notebook_text(nb) -> str:
+    """Everything an executed notebook printed (stdout streams and plain-text results), in cell order."""
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stdout":
+                parts.append(out["text"])
+            elif out.get("output_type") in ("execute_result", "display_data") and "text/plain" in out.get("data", {}):
+                parts.append(out["data"]["text/plain"] + "\n")
+    return "".join(parts)

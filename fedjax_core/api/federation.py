@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from fedjax_core import records as r
 from fedjax_core.api.client import FederationClient
@@ -10,7 +11,30 @@ from fedjax_core.shard_descriptor import DummyShardDescriptor
 from fedjax_core.transport import TLSFiles
 
 
-class Federation:
+class FederationView:
+    """What a notebook reads of a federation through its ``client`` (a director's, or a simulation's): the
+    shard registry, the samples' shapes, the experiments."""
+
+    client: Any
+    sample_shape: list[str]
+    target_shape: list[str]
+
+    def get_shard_registry(self) -> dict[str, dict]:
+        """Per envoy: shard info, whether it is online, when it was last seen, its current experiment."""
+        return registry_table(self.client.shard_registry())
+
+    def get_dummy_shard_descriptor(self, size: int) -> DummyShardDescriptor:
+        """A data-free stand-in with the federation's sample and target shapes, to build models against."""
+        return DummyShardDescriptor(self.sample_shape, self.target_shape, size)
+
+    def list_experiments(self) -> list[r.ExperimentStatus]:
+        return self.client.experiments()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Federation(FederationView):
     """A director and the envoys registered with it.
 
     ``tls=True`` (the default) needs ``cert_chain`` (the federation's root CA),
@@ -36,20 +60,6 @@ class Federation:
             tls_files = TLSFiles(Path(cert_chain), Path(api_cert), Path(api_private_key))
         self.client = FederationClient(director_node_fqdn, self.director_port, tls_files, timeout_s)
         self.sample_shape, self.target_shape = self.client.dataset_info()
-
-    def get_shard_registry(self) -> dict[str, dict]:
-        """Per envoy: shard info, whether it is online, when it was last seen, its current experiment."""
-        return registry_table(self.client.shard_registry())
-
-    def get_dummy_shard_descriptor(self, size: int) -> DummyShardDescriptor:
-        """A data-free stand-in with the federation's sample and target shapes, to build models against."""
-        return DummyShardDescriptor(self.sample_shape, self.target_shape, size)
-
-    def list_experiments(self) -> list[r.ExperimentStatus]:
-        return self.client.experiments()
-
-    def close(self) -> None:
-        self.client.close()
 
 
 def registry_table(entries: Iterable[r.EnvoyEntry]) -> dict[str, dict]:

@@ -6,16 +6,15 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_core import records as r
-from fedjax_core.api.federation import registry_table
+from fedjax_core.api.federation import FederationView
 from fedjax_core.partition import Partitioner
-from fedjax_core.shard_descriptor import DummyShardDescriptor, ShardDescriptor
+from fedjax_core.shard_descriptor import ShardDescriptor
 from fedjax_core.simulation.director import SimulatedDirector
 from fedjax_core.simulation.shards import ArrayShard
 from fedjax_core.spec import check_name
 
 
-class SimulatedFederation:
+class SimulatedFederation(FederationView):
     """Envoys that exist only in this process: ``FLExperiment(federation=SimulatedFederation(shards), ...)`` runs
     the experiment's rounds here, with the director's round machine, sampling and strategies and the workers'
     own round code, and the notebook follows it as it follows a federation (events, status, models).
@@ -74,17 +73,3 @@ class SimulatedFederation:
                   for i in range(partition.n_envoys)}
         return cls(shards, client_id=client_id, **options)
 
-    def get_shard_registry(self) -> dict[str, dict]:
-        """Per envoy: shard sizes and label counts, as a federation's registry lists them."""
-        return registry_table(self.client.shard_registry())
-
-    def get_dummy_shard_descriptor(self, size: int) -> DummyShardDescriptor:
-        """A data-free stand-in with the envoys' sample and target shapes, to build models against."""
-        return DummyShardDescriptor(self.sample_shape, self.target_shape, size)
-
-    def list_experiments(self) -> list[r.ExperimentStatus]:
-        return self.client.experiments()
-
-    def close(self) -> None:
-        """Cancel what still runs and wait for it."""
-        self.client.close()

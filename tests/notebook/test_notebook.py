@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fedjax_core.local import QUIET_KERNEL_ARGS
-from processes import REPO, SHARED_DATA, Process, copy_tutorial, free_port
+from processes import Process, REPO, SHARED_DATA, copy_tutorial, free_port, notebook_text
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -30,18 +30,6 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOK = REPO / "workspace" / "FLAX_CIFAR10_CNN.ipynb"
 ROUNDS = int(os.environ.get("FEDJAX_TEST_ROUNDS", "3"))
 EXPERIMENT = "notebook_cifar10"
-
-
-def _text_outputs(nb) -> str:
-    """Everything the notebook printed (stdout streams and plain-text results), in cell order."""
-    parts = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "stream" and out.get("name") == "stdout":
-                parts.append(out["text"])
-            elif out.get("output_type") in ("execute_result", "display_data") and "text/plain" in out.get("data", {}):
-                parts.append(out["data"]["text/plain"] + "\n")
-    return "".join(parts)
 
 
 def _value(text: str, key: str) -> float:
@@ -105,7 +93,7 @@ def test_tutorial_notebook_runs_against_the_shipped_scripts(tmp_path, monkeypatc
         for p in reversed(processes):
             p.stop()
 
-    text = _text_outputs(nb)
+    text = notebook_text(nb)
     print(text)
     print(f"stack start {stack_ready - started:.1f}s, notebook {finished - stack_ready:.1f}s")
 

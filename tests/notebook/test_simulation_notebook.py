@@ -18,7 +18,7 @@ import pytest
 
 from fedjax_core.director.rules import select_participants
 from fedjax_core.local import QUIET_KERNEL_ARGS
-from processes import REPO, SHARED_DATA
+from processes import REPO, SHARED_DATA, notebook_text
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -29,18 +29,6 @@ N_ENVOYS = 1000
 PER_ROUND = 20
 SAMPLING_SEED = 0  # the notebook's sampling_seed
 N_TEST = 1017  # test images of the CIFAR-10 subset: the envoys' validation splits together
-
-
-def _text_outputs(nb) -> str:
-    """Everything the notebook printed (stdout streams and plain-text results), in cell order."""
-    parts = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "stream" and out.get("name") == "stdout":
-                parts.append(out["text"])
-            elif out.get("output_type") in ("execute_result", "display_data") and "text/plain" in out.get("data", {}):
-                parts.append(out["data"]["text/plain"] + "\n")
-    return "".join(parts)
 
 
 def _value(text: str, key: str) -> str:
@@ -75,7 +63,7 @@ def test_simulation_notebook_runs_1000_envoys_on_a_dirichlet_split(tmp_path, mon
     finally:
         nbformat.write(nb, tmp_path / "executed.ipynb")
     print(f"notebook ran in {time.monotonic() - started:.1f}s")
-    text = _text_outputs(nb)
+    text = notebook_text(nb)
     print(text)
 
     # the experiment finished every round
