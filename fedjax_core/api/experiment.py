@@ -26,7 +26,8 @@ from fedjax_core.records import default_higher_is_better
 from fedjax_core.runtime.interfaces import DataInterface, ModelInterface, TaskError, TaskInterface
 from fedjax_core.runtime.model_tensors import state_to_tensors, static_structure, tensors_to_state
 from fedjax_core.sinks import MetricSink
-from fedjax_core.spec import BestModel, Communication, Deadline, ExperimentSpec, Sampling, StrategySpec, enum_of, validate
+from fedjax_core.spec import (BestModel, Communication, Deadline, ExperimentSpec, Sampling, StrategySpec, enum_of,
+                              parse_round_config, validate)
 from fedjax_core.strategies import Strategy, as_strategy
 from fedjax_core.sync import Sync
 from fedjax_core.sync import to_spec as sync_to_spec
@@ -202,7 +203,7 @@ class FLExperiment:
                                  "device_assignment_policy": device_assignment_policy,
                                  "tasks": sorted(task_keeper.task_registry)}, payload)
         spec = dataclasses.replace(spec, bundle_size=len(bundle))
-        validate(spec)  # the round_config, as the director will read it
+        parse_round_config(spec.round_config, spec.rounds)  # the round_config, as the director will read it
         position = self.federation.client.submit(spec, bundle, tensors)
         self.model_interface = model_provider
         self.history = []

@@ -208,6 +208,11 @@ class RoundEngine:
         found = self.store.envoy(envoy)
         return (found[0].train_size, found[0].valid_size) if found is not None else (0, 0)
 
+    def report_weight(self, run: Run, envoy: str, stage: str, sample_count: int) -> float:
+        """A metric report's weight: its sample count, at most the samples of the split it measured as registered."""
+        train, valid = self.registered(run, envoy)
+        return min(max(sample_count, 0), train if stage == r.Stage.TRAIN else valid)
+
     def weight(self, run: Run, envoy: str, sample_count: int) -> float:
         """An update's weight: its claimed sample count, capped at the train size the envoy had registered when
         the experiment started."""

@@ -97,8 +97,7 @@ class WorkerCalls:
                 raise PreconditionError(f"round {round_} is not the current round ({run.round}) of {experiment!r}")
             if envoy not in run.state.participants:
                 raise PreconditionError(f"envoy {envoy!r} was not selected for round {round_} of {experiment!r}")
-        train, valid = d.engine.registered(run, envoy)  # a report weighs at most the samples it can have measured
-        weight = min(max(sample_count, 0), train if stage == r.Stage.TRAIN else valid)
+        weight = d.engine.report_weight(run, envoy, stage, sample_count)
         event = r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage(stage), metrics=metrics,
                               timestamp=d.clock())
         if d.store.add_event(experiment, event, weight=weight):

@@ -26,6 +26,7 @@ import numpy as np
 from fedjax_core import bundle as bundle_io
 from fedjax_core import records as r
 from fedjax_core.director import round_machine
+from fedjax_core.director.catalog import STATUS_ROUNDS
 from fedjax_core.director.memory_store import MemoryStore
 from fedjax_core.director.round_machine import (CloseRound, Completed, Effect, Failed, Finish, Note,
                                                 Validated)
@@ -39,7 +40,6 @@ from fedjax_core.simulation.envoys import VirtualEnvoys, arrays_of
 from fedjax_core.spec import ExperimentSpec
 
 log = logging.getLogger("fedjax.simulation")
-STATUS_ROUNDS = 100  # participants listed per status, as the director's
 
 
 class SimulatedDirector:

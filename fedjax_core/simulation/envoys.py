@@ -162,8 +162,7 @@ class VirtualEnvoys:
         reported = tuple(r.Metric(task, name, value) for task, values in metrics.items()
                          for name, value in values.items())
         limits.check_metrics(envoy, reported)
-        train, valid = self.director.engine.registered(run, envoy)
-        weight = min(max(sample_count, 0), train if stage == r.Stage.TRAIN else valid)
+        weight = self.director.engine.report_weight(run, envoy, stage, sample_count)
         event = r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage(stage), metrics=reported,
                               timestamp=time.time())
         self.director.record(self.experiment, event, weight=weight)
