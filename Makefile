@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 IMAGE ?= fedjax-core:0.1.0
 PROTOS := $(wildcard protos/fedjax_proto/*.proto)
 
-.PHONY: install demo test test-slow bench bench-peers bench-scale bench-strategies bench-research bench-tensors fuzz proto lint clean
+.PHONY: install demo test test-slow bench bench-peers bench-scale bench-simulation bench-strategies bench-research bench-tensors fuzz proto lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ bench-peers: install  # this project and Flower side by side (Flower in its own 
 
 bench-scale: install  # 256 simulated envoys on one director: rounds, heartbeats, director CPU and memory per envoy
 	$(PY) -u benchmarks/scale.py
+
+bench-simulation: install  # 1,000 simulated envoys: this project (sequential, vectorised), Flower's engine, the floor
+	$(PY) -u benchmarks/simulation.py
 
 bench-strategies: install
 	$(PY) -u benchmarks/strategies.py

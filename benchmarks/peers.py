@@ -63,7 +63,8 @@ STAGE_AGG = "aggregated_model_validation"
 def flower_pins() -> list[str]:
     from importlib.metadata import version
 
-    return [f"flwr=={FLWR_VERSION}"] + [f"{name}=={version(name)}" for name in PINNED]
+    # the simulation extra (Ray) serves make bench-simulation; bench-peers does not use it
+    return [f"flwr[simulation]=={FLWR_VERSION}"] + [f"{name}=={version(name)}" for name in PINNED]
 
 
 def ensure_flower_venv(venv: Path = FLOWER_VENV) -> Path:

@@ -185,6 +185,9 @@ class EnvoySettings(_Model):
     # daemon's own user. Give that account read access to the shard's data and nothing more.
     worker_user: str | None = Field(None, min_length=1)
     sandbox: SandboxSettings = SandboxSettings()
+    # How long this daemon keeps trying while the director says another daemon of this name is online (a
+    # restarted envoy waits for its old daemon to fall silent), before it gives up and exits.
+    name_held_wait_s: float = Field(30.0, ge=0, le=3600)
 
 
 class ShardDescriptorConfig(_Model):

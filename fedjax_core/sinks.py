@@ -26,6 +26,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -89,27 +90,39 @@ class TensorBoardSink:
     ``EventsWriter``. Its ``SummaryWriter`` would keep two threads and a multiprocessing queue per run
     (512 threads in a director with 256 envoys), and its ``flush()`` does not wait for what is queued.
     A run is flushed (an fsync) at its first event, then at most every FLUSH_S, and at ``close()``: the
-    director logs under a lock that every envoy's metric report takes."""
+    director logs under a lock that every envoy's metric report takes. At most MAX_OPEN_RUNS event files
+    are open at once (a simulation of 10,000 envoys would otherwise hold 10,000): the run least recently
+    written is closed, and a new event file in its folder continues it when it gets events again
+    (TensorBoard reads a run's files in name order, and the names keep them in the order written)."""
 
     FLUSH_S = 2.0
+    MAX_OPEN_RUNS = 128
 
     def __init__(self, log_dir: str | Path):
         self.log_dir = Path(log_dir)
-        self._writers: dict[str, EventsWriter] = {}
+        self._writers: OrderedDict[str, EventsWriter] = OrderedDict()  # least recently written first
         self._flushed: dict[str, float] = {}
         self._lock = threading.Lock()
         self._closed = False
+        # files are named by the second; the pid and a random part keep two sinks' files of one run apart, and
+        # a counter keeps one sink's successive files of a run in order within a second
+        self._suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self._files = 0
 
     def _writer(self, run: str) -> EventsWriter:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"the TensorBoard sink for {self.log_dir} is closed")
-            if run not in self._writers:
-                (self.log_dir / run).mkdir(parents=True, exist_ok=True)
-                # files are named by the second; the pid and a random part keep two writers of one run apart
-                suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
-                self._writers[run] = EventsWriter(str(self.log_dir / run / "events"), suffix)
-                self._flushed[run] = 0.0
+            if run in self._writers:
+                self._writers.move_to_end(run)
+                return self._writers[run]
+            while len(self._writers) >= self.MAX_OPEN_RUNS:
+                _, oldest = self._writers.popitem(last=False)
+                oldest.close()
+            (self.log_dir / run).mkdir(parents=True, exist_ok=True)
+            self._files += 1
+            self._writers[run] = EventsWriter(str(self.log_dir / run / "events"), f"{self._suffix}.{self._files:08d}")
+            self._flushed[run] = 0.0
             return self._writers[run]
 
     def log(self, event: r.MetricEvent) -> None:

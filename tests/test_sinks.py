@@ -65,6 +65,24 @@ def test_tensorboard_sink_writes_the_same_runs_and_tags_as_before(tmp_path):
         "aggregated_model_validation/acc": [(0, 0.1), (1, 1.1)], "train/loss": [(0, 2.0), (1, 1.0)]}
 
 
+def test_tensorboard_sink_keeps_few_files_open_and_continues_a_closed_run_in_order(tmp_path, monkeypatch):
+    """With thousands of envoys (a simulation) only MAX_OPEN_RUNS event files stay open; a run whose file was
+    closed continues in a new one, and TensorBoard reads every value of every run, in order."""
+    monkeypatch.setattr(TensorBoardSink, "MAX_OPEN_RUNS", 2)
+    sink = TensorBoardSink(tmp_path / "exp")
+    envoys = [f"env{i}" for i in range(5)]
+    for round_ in range(3):
+        for i, envoy in enumerate(envoys):
+            sink.log(r.MetricEvent(round_, envoy, r.Stage.TRAIN, (M("train", "loss", 10.0 * i + round_),),
+                                   timestamp=1000.0 + round_))
+            assert len(sink._writers) <= 2
+    sink.close()
+    for i, envoy in enumerate(envoys):
+        assert len(list((tmp_path / "exp" / envoy).iterdir())) == 3  # one file per round: evicted in between
+        assert tensorboard_scalars(tmp_path / "exp" / envoy) == {
+            "train/loss": [(round_, 10.0 * i + round_) for round_ in range(3)]}
+
+
 def test_tensorboard_sink_keeps_notes_participants_and_wall_times(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -41,6 +41,19 @@ class ExperimentFailed(RuntimeError):
     pass
 
 
+def pickle_user_objects(objects: Any, extra_modules: Iterable[ModuleType] = ()) -> bytes:
+    """``objects`` cloudpickled with the user's own modules (``user_modules``) and ``extra_modules`` by value,
+    so that a process without them (an envoy's worker, a Ray actor) can load them."""
+    modules = list({id(m): m for m in [*user_modules(), *extra_modules]}.values())
+    for module in modules:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(objects)
+    finally:
+        for module in modules:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
 def user_modules() -> list[ModuleType]:
     """Imported modules that belong to no installed distribution, wherever their files live.
 
@@ -211,14 +224,7 @@ class FLExperiment:
 
     @staticmethod
     def _pickle(objects: dict, extra_modules: Iterable[ModuleType]) -> bytes:
-        modules = list({id(m): m for m in [*user_modules(), *extra_modules]}.values())
-        for module in modules:
-            cloudpickle.register_pickle_by_value(module)
-        try:
-            return cloudpickle.dumps(objects)
-        finally:
-            for module in modules:
-                cloudpickle.unregister_pickle_by_value(module)
+        return pickle_user_objects(objects, extra_modules)
 
     # --------------------------------------------------------------- follow
     def get_experiment_status(self) -> r.ExperimentStatus:

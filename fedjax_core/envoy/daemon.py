@@ -42,9 +42,8 @@ from fedjax_core.transport import Backoff, TLSFiles, is_retryable
 log = logging.getLogger("fedjax.envoy")
 MAX_WORKER_RESTARTS = 3
 # A restarted daemon finds its name held by its silent predecessor until the director lets it go
-# (2.5 heartbeat periods: 12.5 s at the default period); it keeps trying this long before it
-# concludes that another live daemon has the name, and exits saying so.
-NAME_HELD_WAIT_S = 30.0
+# (2.5 heartbeat periods: 12.5 s at the default period); it keeps trying for settings.name_held_wait_s
+# before it concludes that another live daemon has the name, and exits saying so.
 
 
 def shard_info(shard: ShardDescriptor, params: EnvoyParams) -> r.ShardInfo:
@@ -159,7 +158,7 @@ class EnvoyDaemon:
                 delay = backoff.next_delay()
                 if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
                     name_held_since = name_held_since or time.monotonic()
-                    if time.monotonic() - name_held_since < NAME_HELD_WAIT_S:
+                    if time.monotonic() - name_held_since < self.config.settings.name_held_wait_s:
                         log.warning("envoy %s: %s; retrying in %.1fs (a restarted envoy waits for its old daemon "
                                     "to fall silent)", self.name, exc.details(), delay)
                         self.stop.wait(delay)

@@ -45,9 +45,11 @@ log = logging.getLogger("fedjax.simulation")
 class SimulatedDirector:
     """A director and its envoys in one process; the same methods as ``api.client.FederationClient``."""
 
-    def __init__(self, shards: Mapping[str, ShardDescriptor], vectorize: bool = True, max_cohort: int = 256):
+    def __init__(self, shards: Mapping[str, ShardDescriptor], vectorize: bool = True, max_cohort: int = 256,
+                 ray: Any = None):
         self.shards = dict(shards)
         self.vectorize, self.max_cohort = vectorize, max_cohort
+        self.ray = ray  # a ray_backend.RayEnvoyHosts, or None: every task runs in this process
         self.store = MemoryStore()
         self.models = MemoryRoundModels()
         self.loggers = Loggers(Path("."), sinks=[])  # events stay in the store; the notebook's stream writes them
@@ -89,16 +91,14 @@ class SimulatedDirector:
         if self._closed:
             raise PreconditionError("this SimulatedFederation is closed; make a new one")
         check_submission(spec, set(self.store.envoy_names()))
-        if spec.communication.compress_downloads:
-            raise InvalidRequestError("compress_downloads is not simulated (a simulation moves no bytes): drop it, "
-                                      "or run the experiment on a federation")
-        objects = cloudpickle.loads(bundle_io.parse(bundle).payload)  # the notebook's own code, in its own process
+        payload = bundle_io.parse(bundle).payload
+        objects = cloudpickle.loads(payload)  # the notebook's own code, in its own process
         self.store.add_experiment(spec, state=r.State.QUEUED)  # a name taken raises AlreadyExistsError
         with self.models.model_writer(spec.name, 0) as writer:
             for name, array in tensors.items():
                 writer.add_array(name, np.asarray(array))
             writer.commit()
-        thread = threading.Thread(target=self._run, args=(spec.name, objects), name=f"simulation-{spec.name}",
+        thread = threading.Thread(target=self._run, args=(spec.name, objects, payload), name=f"simulation-{spec.name}",
                                   daemon=True)
         self._threads[spec.name] = thread
         thread.start()
@@ -161,9 +161,11 @@ class SimulatedDirector:
             self.act(run, round_machine.Cancelled("the SimulatedFederation was closed"))
         for thread in list(self._threads.values()):
             thread.join()
+        if self.ray is not None:
+            self.ray.close()
 
     # ------------------------------------------------------------------ the rounds
-    def _run(self, name: str, objects: dict[str, Any]) -> None:
+    def _run(self, name: str, objects: dict[str, Any], payload: bytes) -> None:
         try:
             row = self.store.experiment(name)
             envoys = row.spec.envoys or tuple(self.store.envoy_names())
@@ -173,9 +175,12 @@ class SimulatedDirector:
             self.store.update_experiment(name, state=r.State.RUNNING, envoys=envoys, started_at=time.time(),
                                          envoy_sizes=sizes)
             self._runs[name] = run = self.engine.new_run(row, 0)
-            cohort = VirtualEnvoys(self, name, objects, self.vectorize, self.max_cohort)
-            while run is not None:
-                run = self._play(run, cohort)
+            cohort = VirtualEnvoys(self, name, objects, payload, self.vectorize, self.max_cohort, self.ray)
+            try:
+                while run is not None:
+                    run = self._play(run, cohort)
+            finally:
+                cohort.close()
         except Exception as exc:  # the simulation's own error: the experiment fails and says why
             log.exception("simulated experiment %r failed", name)
             run = self._runs.get(name)

@@ -1,18 +1,15 @@
-"""A simulation's envoys: each participant's tasks, run in the notebook's process by the workers' own runner.
+"""A simulation's envoys as the director sees them: where their calls arrive and are checked.
 
-:class:`VirtualEnvoys` keeps one :class:`~fedjax_core.runtime.round_runner.RoundRunner` per envoy
-that has taken part (its loaders keep their place between rounds, as a worker's do), and is
-the runner's link to the simulated director: the round's model, metric reports, check-ins and
-uploads arrive there as calls, checked and weighed as the director checks and weighs them. Between
-rounds an envoy keeps on the host only what its next round starts from (its own model for
-CONTINUE_LOCAL and between averagings), so device memory holds one participant at a time.
+:class:`VirtualEnvoys` has a round's tasks run (in this process by
+:class:`~fedjax_core.simulation.participants.Participants`, or on Ray actors) and takes what the
+participants send as the director would: the round's model each asks for (counted as a download),
+metric reports weighed by the round engine, divergence check-ins, and uploads decoded and checked
+by the director's own rules before the strategy sees them.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
-import traceback
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +22,7 @@ from fedjax_core.director import limits
 from fedjax_core.director.round_machine import CheckedIn, Dropped, UpdateStored
 from fedjax_core.director.rounds import Run
 from fedjax_core.errors import InvalidRequestError
-from fedjax_core.runtime.round_runner import OptimizerInit, RoundRunner
-from fedjax_core.simulation.cohort import Cohort, CohortError, vectorizable
+from fedjax_core.simulation.participants import Participants
 from fedjax_core.spec import SyncMode
 from fedjax_core.tensors import check_finite, is_float_dtype
 
@@ -43,114 +39,77 @@ def arrays_of(source: TensorSource) -> dict[str, np.ndarray]:
     return out
 
 
-class _Link:
-    """One envoy's calls to the simulated director, as ``envoy/client.EnvoyClient`` makes them over gRPC."""
-
-    def __init__(self, envoys: VirtualEnvoys, envoy: str):
-        self.envoys, self.envoy_name = envoys, envoy
-
-    def round_model(self, experiment: str, round_: int) -> dict[str, np.ndarray]:
-        model = self.envoys.round_model(round_)
-        self.envoys.run.traffic.count(self.envoy_name, sum(a.nbytes for a in model.values()), upload=False)
-        return model
-
-    def check_in(self, experiment: str, round_: int, divergence: float) -> bool:
-        return self.envoys.check_in(self.envoy_name, round_, divergence)
-
-    def upload(self, experiment: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray],
-               encodings: Mapping[str, r.Encoding]) -> None:
-        self.envoys.upload(self.envoy_name, round_, sample_count, tensors, encodings)
-
-    # the runner's Reports: sent as they come, nothing to wait for
-    def send(self, experiment: str, round_: int, stage: str, metrics: dict[str, dict[str, float]],
-             sample_count: int) -> None:
-        self.envoys.report(self.envoy_name, round_, stage, metrics, sample_count)
-
-    def wait(self, raise_first: bool = True) -> None:
-        pass
-
-
 class VirtualEnvoys:
-    """The envoys of one simulated experiment."""
+    """The envoys of one simulated experiment, seen from the director: their tasks run in this process
+    (:class:`~fedjax_core.simulation.participants.Participants`) or on Ray actors (``ray_backend``), and
+    their calls arrive here to be checked and weighed as the director checks and weighs them."""
 
-    def __init__(self, director: SimulatedDirector, experiment: str, objects: dict[str, Any], vectorize: bool = True,
-                 max_cohort: int = 256):
-        from fedjax_core.runtime.model_tensors import canonicalize
-
+    def __init__(self, director: SimulatedDirector, experiment: str, objects: dict[str, Any], payload: bytes,
+                 vectorize: bool = True, max_cohort: int = 256, ray: Any = None):
+        """``objects``: the experiment's interfaces, unpickled from the bundle's ``payload`` (which Ray actors
+        unpickle for themselves); ``ray``: a ``ray_backend.RayEnvoyHosts``, or None to run every task here."""
         self.director, self.experiment = director, experiment
-        self.model_interface = objects["model_interface"]
-        self.ti, self.data = objects["task_interface"], objects["data_interface"]
-        self.template = canonicalize(self.model_interface.model)
-        self.fresh_opt_state = OptimizerInit()  # one compiled init for every envoy
-        self.runners: dict[str, RoundRunner] = {}
-        self.cohort = Cohort(self.ti, self.model_interface.optimizer) if vectorize and vectorizable(self.ti) else None
-        self.max_cohort = max_cohort
         self.run: Run | None = None
         self._model: tuple[int, dict[str, np.ndarray]] | None = None  # (round, the round's model)
+        self._download: tuple[int, dict[str, np.ndarray], int] | None = None  # (round, as received, bytes)
+        if ray is None:
+            self.players = Participants(self, experiment, objects, director.shards, vectorize, max_cohort)
+        else:
+            self.players = ray.participants(self, experiment, payload, vectorize, max_cohort)
 
     def play(self, run: Run, asked: list[tuple[str, r.Task]]) -> None:
-        """The tasks ``run``'s round asks for: TRAIN and VALIDATE ones as vectorised cohorts (at most ``max_cohort``
-        envoys each) when every task is vectorised, the others envoy by envoy; stops when the round closes."""
+        """The tasks ``run``'s round asks for; stops when the round closes."""
         self.run = run
-        if self.cohort is not None:
-            together = [(e, t) for e, t in asked if t.kind in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE)]
-            asked = [(e, t) for e, t in asked if t.kind not in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE)]
-            for first in range(0, len(together), self.max_cohort):
-                chunk = together[first:first + self.max_cohort]
-                try:
-                    self.cohort.play([self._runner(e) for e, _ in chunk], [t for _, t in chunk],
-                                     lambda envoy, exc: self._drop(run, envoy, exc))
-                except Exception as exc:
-                    raise CohortError(
-                        f"the vectorised tasks cannot run as one cohort ({type(exc).__name__}: {exc}): a task "
-                        "registered with vectorized=True must be a pure JAX function of its state and data (no "
-                        "float() or Python branches on values, metrics returned as arrays); register the tasks "
-                        "without vectorized=True to run them envoy by envoy") from exc
-                if not self.director.is_current(run):
-                    return
-        for envoy, task in asked:
-            try:
-                self._runner(envoy).run_round(task)
-            except Exception as exc:
-                self._drop(run, envoy, exc)
-            if not self.director.is_current(run):
-                return
-
-    def _drop(self, run: Run, envoy: str, exc: BaseException) -> None:
-        """A task that raised drops its envoy out of the round, as a worker's failure does."""
-        text = "".join(traceback.format_exception(exc))
-        error = limits.clip_error(f"{type(exc).__name__}: {exc}\n{text[-3000:]}")
-        if self.director.is_current(run) and run.state.owes(envoy):
-            self.director.act(run, Dropped(envoy, "failed", error))
+        self.players.play(asked)
 
     def release(self) -> None:
         """Between rounds: each envoy keeps only what its next round needs, on the host."""
         keep_local = (self.run is not None and (self.run.spec.opt_treatment == r.OptTreatment.CONTINUE_LOCAL
                                                 or self.run.spec.communication.sync != SyncMode.EVERY_ROUND))
-        import jax
+        self.players.release(keep_local)
+        self._model = self._download = None
 
-        for runner in self.runners.values():
-            runner.global_state = None
-            if keep_local:
-                runner.local_state = jax.device_get(runner.local_state)
-            else:
-                runner.local_state, runner.global_tensors = runner.template, None
-        self._model = None
-
-    def _runner(self, envoy: str) -> RoundRunner:
-        runner = self.runners.get(envoy)
-        if runner is None:
-            data = copy.copy(self.data)  # each envoy's own, as each worker unpickles its own
-            data.shard_descriptor = self.director.shards[envoy]
-            link = _Link(self, envoy)
-            runner = RoundRunner(link, link, self.experiment, self.template, self.model_interface.optimizer, self.ti,
-                                 data, "cpu", fresh_opt_state=self.fresh_opt_state, log=lambda text: None)
-            self.runners[envoy] = runner
-        return runner
+    def close(self) -> None:
+        """The experiment ended: what its participants hold elsewhere (Ray actors) is let go."""
+        close = getattr(self.players, "close", None)
+        if close is not None:
+            close()
 
     # ------------------------------------------------------------------ what the director takes
-    def round_model(self, round_: int) -> dict[str, np.ndarray]:
-        """The tensors of the round's model that travel (the director sends only those, as the opt treatment says)."""
+    def open(self) -> bool:
+        return self.run is not None and self.director.is_current(self.run)
+
+    def dropped(self, envoy: str, error: str) -> None:
+        """A task that raised drops its envoy out of the round, as a worker's failure does."""
+        run = self.run
+        if self.director.is_current(run) and run.state.owes(envoy):
+            self.director.act(run, Dropped(envoy, "failed", error))
+
+    def round_model(self, envoy: str, round_: int) -> dict[str, np.ndarray]:
+        """What ``envoy`` receives of the round's model (counted as its download)."""
+        tensors, nbytes = self.download(round_)
+        self.run.traffic.count(envoy, nbytes, upload=False)
+        return tensors
+
+    def download(self, round_: int) -> tuple[dict[str, np.ndarray], int]:
+        """The round's model as the participants receive it, and the bytes that would travel: the tensors the
+        opt treatment sends, exact, or under compress_downloads in a training round, encoded by the experiment's
+        codec and decoded (as a worker decodes them; the final validation gets the model exact)."""
+        if self._download is None or self._download[0] != round_:
+            model = self.model(round_)
+            communication = self.run.spec.communication
+            if communication.compress_downloads and self.run.state.kind == r.TaskKind.TRAIN:
+                encoded = {name: codecs.encode(name, a, communication.compression) for name, a in model.items()}
+                tensors = {name: codecs.decode(wire, encoding) for name, (wire, encoding) in encoded.items()}
+                nbytes = sum(wire.nbytes for wire, _ in encoded.values())
+            else:
+                tensors, nbytes = model, sum(a.nbytes for a in model.values())
+            self._download = (round_, tensors, nbytes)
+        return self._download[1], self._download[2]
+
+    def model(self, round_: int) -> dict[str, np.ndarray]:
+        """The round's model, exact: the tensors that travel (the director sends only those, as the opt treatment
+        says), and what uploaded deltas apply to."""
         if self._model is None or self._model[0] != round_:
             model = arrays_of(self.director.models.model(self.experiment, round_))
             self._model = (round_, {name: a for name, a in model.items() if name in self.run.upload})
@@ -189,7 +148,7 @@ class VirtualEnvoys:
                  for name, a in tensors.items()]
         codecs.check_update_encodings(specs, run.spec.communication.compression,
                                       run.spec.communication.send_deltas)
-        model = self.round_model(round_)
+        model = self.model(round_)
         decoded = {}
         for name, wire in tensors.items():
             encoding = encodings.get(name)

@@ -25,10 +25,16 @@ class SimulatedFederation(FederationView):
 
     When every task was registered with ``vectorized=True``, a round's participants instead run each task
     together under one ``jax.vmap``, ``max_cohort`` envoys at a time (``vectorize=False``: envoy by envoy).
+
+    ``backend="ray"`` spreads the envoys over Ray actors (``pip install 'fedjax-core[ray]'``), the rounds and
+    the strategy staying in this process; ``ray_options`` are :class:`~fedjax_core.simulation.ray_backend.RayOptions`
+    (``address``, ``actors``, ``cpus_per_actor``, ``gpus_per_actor``, ``jax_memory_fraction``, ``env``), and
+    ``address=`` may be given on its own. ``close()`` ends the actors (and Ray, when this started it).
     """
 
     def __init__(self, shards: Mapping[str, ShardDescriptor] | Sequence[ShardDescriptor], client_id: str = "api", *,
-                 vectorize: bool = True, max_cohort: int = 256):
+                 vectorize: bool = True, max_cohort: int = 256, backend: str = "local", address: str | None = None,
+                 ray_options: Mapping[str, Any] | None = None):
         if isinstance(shards, Mapping):
             named = dict(shards)
         elif isinstance(shards, Sequence) and not isinstance(shards, (str, bytes)):
@@ -47,8 +53,14 @@ class SimulatedFederation(FederationView):
             raise TypeError(f"vectorize must be True or False, got {vectorize!r}")
         if isinstance(max_cohort, bool) or not isinstance(max_cohort, int) or max_cohort < 1:
             raise ValueError(f"max_cohort must be an integer >= 1 (envoys run together per vmap), got {max_cohort!r}")
+        hosts = _ray_hosts(backend, address, ray_options, named)
         self.client_id = client_id
-        self.client = SimulatedDirector(named, vectorize=vectorize, max_cohort=max_cohort)
+        try:
+            self.client = SimulatedDirector(named, vectorize=vectorize, max_cohort=max_cohort, ray=hosts)
+        except BaseException:
+            if hosts is not None:
+                hosts.close()
+            raise
         self.sample_shape, self.target_shape = self.client.dataset_info()
 
     @classmethod
@@ -73,3 +85,30 @@ class SimulatedFederation(FederationView):
                   for i in range(partition.n_envoys)}
         return cls(shards, client_id=client_id, **options)
 
+
+
+def _ray_hosts(backend: str, address: str | None, ray_options: Mapping[str, Any] | None,
+               shards: Mapping[str, ShardDescriptor]):
+    """The Ray actors for ``backend="ray"`` (checked options first, then Ray), or None for ``"local"``."""
+    if backend == "local":
+        if address is not None or ray_options:
+            raise ValueError("address and ray_options are for backend='ray'; drop them, or pass backend='ray'")
+        return None
+    if backend != "ray":
+        raise ValueError(f"backend {backend!r} is not one of 'local' (every envoy in this process) or 'ray'")
+    from pydantic import ValidationError
+
+    from fedjax_core.simulation.ray_backend import RayEnvoyHosts, RayOptions
+
+    settings = dict(ray_options or {})
+    if address is not None:
+        if settings.get("address", address) != address:
+            raise ValueError(f"address={address!r} and ray_options['address']={settings['address']!r} differ: "
+                             "give the Ray cluster's address once")
+        settings["address"] = address
+    try:
+        options = RayOptions(**settings)
+    except ValidationError as exc:
+        problems = "; ".join(f"ray_options[{'.'.join(map(str, e['loc']))!r}]: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"SimulatedFederation(backend='ray'): {problems}") from None
+    return RayEnvoyHosts(options, shards)

@@ -104,7 +104,7 @@ def test_an_envoy_killed_mid_round_and_restarted_rejoins_the_round_in_progress(t
     """kill -9 of an envoy's daemon in the middle of its training task, then a restart at once: the new daemon
     is accepted once the old one fell silent (refused and retrying until then, if it came back sooner), and its
     new worker trains the round the old one left; nobody drops out."""
-    from fedjax_core.envoy.daemon import NAME_HELD_WAIT_S
+    from fedjax_core.config import EnvoySettings
     from processes import Stack, alive, wait_until
 
     stack = Stack(tmp_path)
@@ -123,7 +123,7 @@ def test_an_envoy_killed_mid_round_and_restarted_rejoins_the_round_in_progress(t
         wait_until(lambda: not alive(worker), 30, "the killed daemon's worker to exit")
 
         second = stack.start_envoy(0)  # no train delay this time
-        second.wait_for("ENVOY READY env1", timeout=NAME_HELD_WAIT_S + 30)
+        second.wait_for("ENVOY READY env1", timeout=EnvoySettings().name_held_wait_s + 30)
         exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
         assert exp.get_experiment_status().state == "finished", stack.logs()
         history = exp.history

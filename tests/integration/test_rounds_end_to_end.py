@@ -11,9 +11,8 @@ import pytest
 from fedjax_core import FedAdam, FedAvgM, FLExperiment, ModelInterface
 from fedjax_core import records as r
 from fedjax_core.director.rules import select_participants
-from fedjax_core.envoy.daemon import NAME_HELD_WAIT_S
 from fl_experiment import SubsetDataset, create_train_state, make_tasks
-from processes import Stack
+from processes import Stack, set_settings
 
 ROUNDS = 4
 
@@ -102,13 +101,14 @@ def test_two_of_four_envoys_sampled_with_a_seed_and_round_config_reaching_the_ta
 
 def test_a_second_daemon_claiming_an_online_name_is_refused(tmp_path):
     # heartbeats every 5 s: env1 counts as online for 12.5 s after each, so no late beat on a loaded machine lets
-    # the twin take the name during the NAME_HELD_WAIT_S it keeps trying
+    # the twin take the name during the settings.name_held_wait_s (5 s here) it keeps trying
     stack = Stack(tmp_path, director_settings={"envoy_health_check_period": 5})
     try:
         stack.start()
-        twin = stack.start_envoy(0)  # env1 again, while env1 is online: it tries for NAME_HELD_WAIT_S, then gives up
+        set_settings(stack.envoy_configs[0], name_held_wait_s=5)
+        twin = stack.start_envoy(0)  # env1 again, while env1 is online: it tries for 5 s, then gives up
         twin.wait_for(r"an envoy named 'env1' is already online .*; retrying in .*a restarted envoy waits for its old")
-        assert twin.proc.wait(timeout=NAME_HELD_WAIT_S + 60) != 0
+        assert twin.proc.wait(timeout=5 + 60) != 0
         twin.wait_for(r"director refused envoy 'env1': an envoy named 'env1' is already online .*stop that daemon or "
                       "start this one under another name")
         registry = stack.federation().get_shard_registry()
