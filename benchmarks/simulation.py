@@ -9,13 +9,16 @@ FedAvg, ``--rounds`` rounds. Each run is a process of its own, its process tree'
 
 - ``floor``: a plain loop of the jitted step over the same clients, FedAvg in numpy, nothing else;
 - ``sequential``: ``SimulatedFederation`` with Python-loop tasks (run envoy by envoy);
-- ``vectorised``: ``SimulatedFederation`` with ``vectorized=True`` tasks (cohorts under one ``jax.vmap``);
+- ``ray``: the sequential tasks on ``SimulatedFederation(backend="ray")``, one actor per CPU (as Flower's engine);
+- ``vectorised``: ``SimulatedFederation`` with ``vectorized=True`` tasks (cohorts under one ``jax.vmap``), for
+  ``--vectorised-rounds`` rounds (slow on CPUs: see benchmarks/README.md);
 - ``flower``: ``flwr.simulation.start_simulation`` (Ray backend, ``.venv-flower``), NumPyClients over the same
   shards, a FedAvg that picks the same clients (``simulation_flower.py``);
 - ``memory N``: a tiny vectorised model with a fixed cohort over N envoys, for how memory grows with N.
 
 Reported: seconds per round (the first, with compiles, and the median of the rest), clients per second, peak
-memory of the process tree, traces (compiles), and each run's ratio to the floor.
+memory of the process tree, XLA compilations after the first round (recompilations: in the process that trains;
+Flower's in its actors, summed; with Ray, the driver's only), and each run's ratio to the floor.
 
     python benchmarks/simulation.py [--envoys 1000 --per-round 100 --rounds 5 --alpha 0.3]
                                     [--runs floor sequential vectorised flower] [--memory-envoys 100 1000 10000]
@@ -38,7 +41,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "envoy"))
 
 DATA = REPO.parent / "shared" / "data" / "cifar10-subset"
-RUNS = ("floor", "sequential", "vectorised", "flower")
+RUNS = ("floor", "sequential", "ray", "vectorised", "flower")
 
 
 # ----------------------------------------------------------------------------- shared set-up
@@ -65,10 +68,11 @@ def chosen(config: dict) -> list[list[int]]:
             for r in range(config["rounds"])]
 
 
-def result(round_s: list[float], per_round: int, traces: int, accuracy: float | None, **extra) -> dict:
+def result(round_s: list[float], per_round: int, recompiles: int, accuracy: float | None, **extra) -> dict:
     rest = round_s[1:] or round_s
     return {"round_s": round_s, "first_round_s": round_s[0], "steady_round_s": statistics.median(rest),
-            "clients_per_s": per_round / statistics.median(rest), "traces": traces, "accuracy": accuracy, **extra}
+            "clients_per_s": per_round / statistics.median(rest), "recompiles": recompiles, "accuracy": accuracy,
+            **extra}
 
 
 # ----------------------------------------------------------------------------- the runs (each its own process)
@@ -80,7 +84,7 @@ def run_floor(config: dict) -> dict:
     (x, y), (xt, yt) = load(Path(config["data_dir"]))
     parts = split(config, y)
     template = m.initial_state()  # its optimizer state is a fresh one: RESET
-    model, round_s = template, []
+    model, round_s, first_end = template, [], None
     for clients in chosen(config):
         t0 = time.perf_counter()
         results = []
@@ -90,7 +94,9 @@ def run_floor(config: dict) -> dict:
                 results.append((m.params_of(state), len(parts[i])))
         model = m.with_params(template, [a.astype(np.float32) for a in m.fedavg(results)])
         round_s.append(time.perf_counter() - t0)
-    return result(round_s, config["per_round"], m.traces(), m.accuracy(model, xt, yt))
+        first_end = first_end or time.time()
+    recompiles = m.compiles_between(first_end, time.time())
+    return result(round_s, config["per_round"], recompiles, m.accuracy(model, xt, yt))
 
 
 def project_tasks(vectorised: bool):
@@ -127,40 +133,23 @@ def project_tasks(vectorised: bool):
     return ti
 
 
-def splits_interface():
-    from fedjax_core import DataInterface
-
-    class Splits(DataInterface):
-        def get_train_loader(self, **kwargs):
-            return self.shard_descriptor.get_split("train")
-
-        def get_valid_loader(self, **kwargs):
-            return self.shard_descriptor.get_split("valid")
-
-        def get_train_data_size(self):
-            return len(self.get_train_loader()["label"])
-
-        def get_valid_data_size(self):
-            return len(self.get_valid_loader()["label"])
-
-    return Splits()
-
-
-def run_project(config: dict, vectorised: bool) -> dict:
+def run_project(config: dict, vectorised: bool, ray: bool = False) -> dict:
     import sim_model as m
-    from fedjax_core import FLExperiment, ModelInterface, partition
+    from fedjax_core import DataInterface, FLExperiment, ModelInterface, partition
     from fedjax_core.records import Stage
     from fedjax_core.simulation import SimulatedFederation
 
     (x, y), (xt, yt) = load(Path(config["data_dir"]))
+    options = {"backend": "ray", "ray_options": {"actors": os.cpu_count()}} if ray else {}
     fed = SimulatedFederation.from_arrays(
         train=(x, y), valid=(xt, yt), vectorize=vectorised, max_cohort=config["per_round"],
-        partition=partition.dirichlet(n_envoys=config["envoys"], alpha=config["alpha"], seed=0, allow_empty=True))
+        partition=partition.dirichlet(n_envoys=config["envoys"], alpha=config["alpha"], seed=0, allow_empty=True),
+        **options)
     try:
         exp = FLExperiment(federation=fed, experiment_name="bench")
         t0 = time.time()
         exp.start(model_provider=ModelInterface(model=m.initial_state()), task_keeper=project_tasks(vectorised),
-                  data_loader=splits_interface(), rounds_to_train=config["rounds"],
+                  data_loader=DataInterface(), rounds_to_train=config["rounds"],
                   envoys_per_round=config["per_round"], sampling_seed=0, opt_treatment="RESET")
         exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
         status = exp.get_experiment_status()
@@ -172,7 +161,8 @@ def run_project(config: dict, vectorised: bool) -> dict:
         same = all(sorted(int(n.split("_")[1]) for n in status.participants[r]) == sorted(want[r])
                    for r in range(config["rounds"]))
         model = exp.get_last_model()
-        return result(round_s, config["per_round"], m.traces(), m.accuracy(model, xt, yt), same_clients=same)
+        recompiles = m.compiles_between(ends[0], ends[-1])  # in this process (with Ray: the driver's only)
+        return result(round_s, config["per_round"], recompiles, m.accuracy(model, xt, yt), same_clients=same)
     finally:
         fed.close()
 
@@ -185,7 +175,7 @@ def run_memory(config: dict, n_envoys: int) -> dict:
     import optax
     from flax.training import train_state
 
-    from fedjax_core import FLExperiment, ModelInterface, TaskInterface, partition
+    from fedjax_core import DataInterface, FLExperiment, ModelInterface, TaskInterface, partition
     from fedjax_core.simulation import SimulatedFederation
 
     rng = np.random.default_rng(0)
@@ -214,7 +204,7 @@ def run_memory(config: dict, n_envoys: int) -> dict:
     try:
         exp = FLExperiment(federation=fed, experiment_name="memory")
         t0 = time.perf_counter()
-        exp.start(model_provider=ModelInterface(model=state), task_keeper=ti, data_loader=splits_interface(),
+        exp.start(model_provider=ModelInterface(model=state), task_keeper=ti, data_loader=DataInterface(),
                   rounds_to_train=config["rounds"], envoys_per_round=config["per_round"], sampling_seed=0)
         exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
         return {"envoys": n_envoys, "wall_s": time.perf_counter() - t0, "state": exp.get_experiment_status().state}
@@ -287,7 +277,7 @@ def run_flower(config: dict) -> dict:
 
 def table(results: dict) -> str:
     floor = results["runs"].get("floor", {}).get("steady_round_s")
-    lines = ["| run | first round s | steady round s | clients/s | x floor | peak memory MiB | traces | accuracy |",
+    lines = ["| run | first round s | steady round s | clients/s | x floor | peak memory MiB | recompiles | accuracy |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results["runs"].items():
         if "error" in r:
@@ -296,7 +286,7 @@ def table(results: dict) -> str:
         ratio = f"{r['steady_round_s'] / floor:.2f}" if floor else "-"
         accuracy = "-" if r.get("accuracy") is None else f"{r['accuracy']:.3f}"
         lines.append(f"| {name} | {r['first_round_s']:.2f} | {r['steady_round_s']:.3f} | {r['clients_per_s']:.1f} | "
-                     f"{ratio} | {r['peak_rss_mb']:.0f} | {r.get('traces', '-')} | {accuracy} |")
+                     f"{ratio} | {r['peak_rss_mb']:.0f} | {r.get('recompiles', '-')} | {accuracy} |")
     if results.get("memory"):
         lines += ["", "| envoys (tiny model, cohort fixed) | peak memory MiB | wall s |", "| --- | --- | --- |"]
         lines += [f"| {m['envoys']} | {m['peak_rss_mb']:.0f} | {m['wall_s']:.1f} |" for m in results["memory"]]
@@ -308,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--envoys", type=int, default=1000)
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--vectorised-rounds", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=RUNS)
     parser.add_argument("--memory-envoys", nargs="*", type=int, default=[100, 1000, 10_000])
@@ -318,11 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:  # a child: one measurement
+        import sim_model
+
+        sim_model.count_compiles()
         config = json.loads(args.config)
         if args.one == "floor":
             out = run_floor(config)
-        elif args.one in ("sequential", "vectorised"):
-            out = run_project(config, args.one == "vectorised")
+        elif args.one in ("sequential", "vectorised", "ray"):
+            out = run_project(config, args.one == "vectorised", ray=args.one == "ray")
         else:
             out = run_memory(config, int(args.one.split(":")[1]))
         print("RESULT " + json.dumps(out), flush=True)
@@ -337,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     for run in args.runs:
         print(f"{run} ...", flush=True)
         try:
-            results["runs"][run] = run_flower(config) if run == "flower" else spawn(run, config)
+            if run == "flower":
+                results["runs"][run] = run_flower(config)
+            else:
+                rounds = args.vectorised_rounds if run == "vectorised" else args.rounds
+                results["runs"][run] = spawn(run, {**config, "rounds": rounds})
         except Exception as exc:  # one failed run is reported, the others still run
             results["runs"][run] = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
         print(f"  {json.dumps(results['runs'][run])[:300]}", flush=True)

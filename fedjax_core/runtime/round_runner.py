@@ -80,13 +80,14 @@ class RoundRunner:
         self.train_loader, self.valid_loader = data.get_train_loader(), data.get_valid_loader()
         self.n_train, self.n_valid = int(data.get_train_data_size()), int(data.get_valid_data_size())
 
-    def run_round(self, task: r.Task) -> None:
-        """Do ``task`` (TRAIN, VALIDATE or SYNC): report its metrics, then upload or check in as it says."""
+    def run_round(self, task: r.Task, started: tuple[Any, bool] | None = None) -> None:
+        """Do ``task`` (TRAIN, VALIDATE or SYNC): report its metrics, then upload or check in as it says.
+        ``started``: the state to start from and whether it is the round's model, when already made (``start_like``)."""
         exp, rnd = self.experiment, task.round
         if task.kind == r.TaskKind.SYNC:  # dynamic averaging was triggered after this envoy checked in
             self._upload(task, self.local_state)
             return
-        state, fresh = self.start(task)
+        state, fresh = started if started is not None else self.start(task)
         if fresh:  # the round's model: validated before training, as the aggregated model of the last round
             _, validation = self._run_tasks(self.ti.validation_tasks, state, self.valid_loader, task, False,
                                             self.global_state)
@@ -110,11 +111,12 @@ class RoundRunner:
             return state, True
         return self.local_state, False
 
-    def start_like(self, task: r.Task, other: RoundRunner) -> None:
-        """Start this round from the state ``other`` started from (the same global model and, unless
-        CONTINUE_LOCAL, the same optimizer state): the simulation restores a cohort's model once."""
+    def start_like(self, task: r.Task, global_state: Any) -> None:
+        """Start this round from the round's model restored by another envoy's runner (``global_state``: its state,
+        shared and read-only, with the optimizer state every participant starts from unless CONTINUE_LOCAL): the
+        simulation restores a round's model once."""
         self.global_tensors = self.link.round_model(self.experiment, task.round)
-        self.global_state = other.global_state
+        self.global_state = global_state
 
     def finish(self, task: r.Task, state: Any, train_metrics: Mapping[str, Mapping[str, float]]) -> None:
         """Keep the trained ``state``, then upload it, or check in its divergence and upload only if asked."""

@@ -99,7 +99,7 @@ class Cohort:
         if all(t.from_global for t in tasks) and task.opt_treatment != r.OptTreatment.CONTINUE_LOCAL:
             state, fresh = runners[0].start(tasks[0])  # one model to restore: every participant starts from it
             for runner, t in zip(runners[1:], tasks[1:]):
-                runner.start_like(t, runners[0])
+                runner.start_like(t, runners[0].global_state)
             states, shared = state, True
         else:
             started = [runner.start(t) for runner, t in zip(runners, tasks)]

@@ -60,14 +60,17 @@ class VirtualEnvoys:
     def play(self, run: Run, asked: list[tuple[str, r.Task]]) -> None:
         """The tasks ``run``'s round asks for; stops when the round closes."""
         self.run = run
-        self.players.play(asked)
+        self.players.play(asked, self._keep_local())
 
     def release(self) -> None:
         """Between rounds: each envoy keeps only what its next round needs, on the host."""
-        keep_local = (self.run is not None and (self.run.spec.opt_treatment == r.OptTreatment.CONTINUE_LOCAL
-                                                or self.run.spec.communication.sync != SyncMode.EVERY_ROUND))
-        self.players.release(keep_local)
+        self.players.release(self._keep_local())
         self._model = self._download = None
+
+    def _keep_local(self) -> bool:
+        """Whether an envoy's own model outlives its round: CONTINUE_LOCAL, or averaging less than every round."""
+        return self.run is not None and (self.run.spec.opt_treatment == r.OptTreatment.CONTINUE_LOCAL
+                                         or self.run.spec.communication.sync != SyncMode.EVERY_ROUND)
 
     def close(self) -> None:
         """The experiment ended: what its participants hold elsewhere (Ray actors) is let go."""

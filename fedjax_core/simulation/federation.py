@@ -65,12 +65,20 @@ class SimulatedFederation(FederationView):
 
     @classmethod
     def from_arrays(cls, train: tuple[Any, Any], valid: tuple[Any, Any], partition: Partitioner,
-                    client_id: str = "api", **options: Any) -> SimulatedFederation:
+                    client_id: str = "api", valid_partition: Partitioner | None = None,
+                    **options: Any) -> SimulatedFederation:
         """Envoys over arrays already in memory: ``partition`` (``fedjax_core.partition``) splits the train and
-        the valid samples among ``partition.n_envoys`` envoys by their labels (the targets, one class each)."""
-        if not isinstance(partition, Partitioner):
-            raise TypeError(f"partition must be a fedjax_core.partition partitioner such as "
-                            f"partition.dirichlet(n_envoys=100, alpha=0.3), got {type(partition).__name__}")
+        the valid samples among ``partition.n_envoys`` envoys by their labels (the targets, one class each);
+        ``valid_partition``, if given, splits the valid samples instead (for instance with ``allow_empty=True``
+        when there are fewer test samples than envoys). ``options`` go to the constructor."""
+        valid_partition = partition if valid_partition is None else valid_partition
+        for key, value in (("partition", partition), ("valid_partition", valid_partition)):
+            if not isinstance(value, Partitioner):
+                raise TypeError(f"{key} must be a fedjax_core.partition partitioner such as "
+                                f"partition.dirichlet(n_envoys=100, alpha=0.3), got {type(value).__name__}")
+        if valid_partition.n_envoys != partition.n_envoys:
+            raise ValueError(f"valid_partition splits among {valid_partition.n_envoys} envoys but partition among "
+                             f"{partition.n_envoys}: give both the same n_envoys")
         arrays = {}
         for split, pair in (("train", train), ("valid", valid)):
             if not (isinstance(pair, tuple) and len(pair) == 2):
@@ -79,7 +87,8 @@ class SimulatedFederation(FederationView):
             if len(samples) != len(targets):
                 raise ValueError(f"{split}: {len(samples)} samples but {len(targets)} targets")
             arrays[split] = (samples, targets)
-        parts = {split: partition(arrays[split][1].reshape(len(arrays[split][1]), -1)[:, 0]) for split in arrays}
+        splitters = {"train": partition, "valid": valid_partition}
+        parts = {split: splitters[split](arrays[split][1].reshape(len(arrays[split][1]), -1)[:, 0]) for split in arrays}
         shards = {f"env_{i}": ArrayShard(arrays, {split: parts[split][i] for split in arrays},
                                          f"simulated shard {i} of {partition.n_envoys}")
                   for i in range(partition.n_envoys)}

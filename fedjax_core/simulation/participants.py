@@ -74,6 +74,26 @@ def error_text(exc: BaseException) -> str:
     return limits.clip_error(f"{type(exc).__name__}: {exc}\n{text[-3000:]}")
 
 
+def starts_alike(task: r.Task) -> bool:
+    """Whether every participant given ``task`` starts from the same state: the round's model, with the optimizer
+    state the template has (RESET) or the model carries (CONTINUE_GLOBAL), not one of its own (CONTINUE_LOCAL)."""
+    return (task.kind in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE) and task.from_global
+            and task.opt_treatment != r.OptTreatment.CONTINUE_LOCAL)
+
+
+def settle(runner: RoundRunner, keep_local: bool) -> None:
+    """An envoy done with its task keeps only what its next one needs, on the host: its own model with
+    ``keep_local`` (CONTINUE_LOCAL, periodic and dynamic averaging: a SYNC task may still upload it, measured from
+    the round's model), else nothing of this round's."""
+    import jax
+
+    runner.global_state = None
+    if keep_local:
+        runner.local_state = jax.device_get(runner.local_state)
+    else:
+        runner.local_state, runner.global_tensors = runner.template, None
+
+
 class Participants:
     """The envoys of one experiment that run in this process (all of a simulation's, or a Ray actor's share)."""
 
@@ -90,16 +110,18 @@ class Participants:
         self.cohort = Cohort(self.ti, self.model_interface.optimizer) if vectorize and vectorizable(self.ti) else None
         self.max_cohort = max_cohort
 
-    def play(self, asked: list[tuple[str, r.Task]]) -> None:
+    def play(self, asked: list[tuple[str, r.Task]], keep_local: bool) -> None:
         """The tasks asked for: TRAIN and VALIDATE ones as vectorised cohorts (at most ``max_cohort`` envoys each)
-        when every task is vectorised, the others envoy by envoy; stops once the round no longer takes work."""
+        when every task is vectorised, the others envoy by envoy; stops once the round no longer takes work. Each
+        envoy that is done keeps only what it needs next (``settle``), so memory holds one cohort's states."""
         if self.cohort is not None:
             together = [(e, t) for e, t in asked if t.kind in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE)]
             asked = [(e, t) for e, t in asked if t.kind not in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE)]
             for first in range(0, len(together), self.max_cohort):
                 chunk = together[first:first + self.max_cohort]
+                runners = [self._runner(e) for e, _ in chunk]
                 try:
-                    self.cohort.play([self._runner(e) for e, _ in chunk], [t for _, t in chunk],
+                    self.cohort.play(runners, [t for _, t in chunk],
                                      lambda envoy, exc: self.side.dropped(envoy, error_text(exc)))
                 except Exception as exc:
                     raise CohortError(
@@ -107,27 +129,35 @@ class Participants:
                         "registered with vectorized=True must be a pure JAX function of its state and data (no "
                         "float() or Python branches on values, metrics returned as arrays); register the tasks "
                         "without vectorized=True to run them envoy by envoy") from exc
+                finally:
+                    for runner in runners:
+                        settle(runner, keep_local)
                 if not self.side.open():
                     return
+        first: tuple[Any, Any] | None = None  # the round's start state, restored once, and its global state
         for envoy, task in asked:
+            runner = self._runner(envoy)
             try:
-                self._runner(envoy).run_round(task)
+                if not starts_alike(task):
+                    runner.run_round(task)
+                elif first is None:
+                    state, fresh = runner.start(task)
+                    first = (copy.copy(state), runner.global_state)
+                    runner.run_round(task, (state, fresh))
+                else:  # the same start as the first: each envoy trains its own copy
+                    runner.start_like(task, first[1])
+                    runner.run_round(task, (copy.copy(first[0]), True))
             except Exception as exc:
                 self.side.dropped(envoy, error_text(exc))
+            finally:
+                settle(runner, keep_local)
             if not self.side.open():
                 return
 
     def release(self, keep_local: bool) -> None:
-        """Between rounds: each envoy keeps only what its next round needs, on the host (``keep_local``: its own
-        model, for CONTINUE_LOCAL and between averagings); device memory holds only a round's participants."""
-        import jax
-
+        """Between rounds: every envoy settled (see ``settle``), whatever its last task did."""
         for runner in self.runners.values():
-            runner.global_state = None
-            if keep_local:
-                runner.local_state = jax.device_get(runner.local_state)
-            else:
-                runner.local_state, runner.global_tensors = runner.template, None
+            settle(runner, keep_local)
 
     def _runner(self, envoy: str) -> RoundRunner:
         runner = self.runners.get(envoy)

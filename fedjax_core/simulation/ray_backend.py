@@ -114,7 +114,7 @@ class EnvoyHost:
         return f"{socket.gethostname()} pid {os.getpid()}"
 
     def play(self, experiment: str, setup: list, asked: list[tuple[str, r.Task]],
-             model: dict[str, np.ndarray] | None) -> list[tuple]:
+             model: dict[str, np.ndarray] | None, keep_local: bool) -> list[tuple]:
         """Run ``asked`` (this actor's envoys' tasks of one round); the calls they made. ``setup`` wraps
         ``[payload ref, vectorize, max_cohort]`` in a list so that Ray fetches the bundle only when needed."""
         if experiment not in self.experiments:
@@ -128,7 +128,7 @@ class EnvoyHost:
         players, outbox = self.experiments[experiment]
         outbox.model = model
         try:
-            players.play(asked)
+            players.play(asked, keep_local)
         finally:
             calls = outbox.take()
         return calls
@@ -194,7 +194,7 @@ class RayParticipants:
         self.hosts, self.side, self.experiment = hosts, side, experiment
         self.setup = [hosts.ray.put(payload), vectorize, max_cohort]
 
-    def play(self, asked: list[tuple[str, r.Task]]) -> None:
+    def play(self, asked: list[tuple[str, r.Task]], keep_local: bool) -> None:
         """Each actor runs its envoys' tasks; their calls reach the director's side as each actor finishes."""
         ray, hosts = self.hosts.ray, self.hosts
         by_actor: dict[int, list[tuple[str, r.Task]]] = {}
@@ -202,7 +202,7 @@ class RayParticipants:
             by_actor.setdefault(hosts.home[envoy], []).append((envoy, task))
         needs_model = [t for _, t in asked if t.kind != r.TaskKind.SYNC]
         model = ray.put(self.side.download(needs_model[0].round)[0]) if needs_model else None
-        pending = {hosts.actors[i].play.remote(self.experiment, self.setup, tasks, model): (i, tasks)
+        pending = {hosts.actors[i].play.remote(self.experiment, self.setup, tasks, model, keep_local): (i, tasks)
                    for i, tasks in by_actor.items()}
         while pending and self.side.open():
             (done,), _ = ray.wait(list(pending), num_returns=1)
@@ -217,7 +217,8 @@ class RayParticipants:
                 continue
             syncs = self._deliver(calls, dict(tasks))
             if syncs and self.side.open():
-                pending[hosts.actors[index].play.remote(self.experiment, self.setup, syncs, None)] = (index, syncs)
+                pending[hosts.actors[index].play.remote(self.experiment, self.setup, syncs, None,
+                                                        keep_local)] = (index, syncs)
 
     def _deliver(self, calls: list[tuple], tasks: dict[str, r.Task]) -> list[tuple[str, r.Task]]:
         """Hand ``calls`` to the director's side in order; an envoy whose call is refused drops out and its later

@@ -219,6 +219,24 @@ def test_bad_shards_are_refused_naming_the_fix():
         SimulatedFederation.from_arrays(train=data(5, 0), valid=data(5, 1), partition="iid")
 
 
+def test_the_valid_split_may_have_a_partition_of_its_own():
+    """Fewer test samples than envoys: the valid split's own partitioner may leave envoys without any."""
+    fed = SimulatedFederation.from_arrays(train=data(600, 0), valid=data(5, 1), partition=partition.iid(n_envoys=10),
+                                          valid_partition=partition.iid(n_envoys=10, allow_empty=True))
+    try:
+        valid = [e["shard_info"]["n_samples"]["valid"] for e in fed.get_shard_registry().values()]
+        train = [e["shard_info"]["n_samples"]["train"] for e in fed.get_shard_registry().values()]
+        assert sum(valid) == 5 and valid.count(0) == 5 and train == [60] * 10
+    finally:
+        fed.close()
+    with pytest.raises(ValueError, match="valid_partition splits among 5 envoys but partition among 10"):
+        SimulatedFederation.from_arrays(train=data(600, 0), valid=data(5, 1), partition=partition.iid(n_envoys=10),
+                                        valid_partition=partition.iid(n_envoys=5))
+    with pytest.raises(TypeError, match="valid_partition must be"):
+        SimulatedFederation.from_arrays(train=data(600, 0), valid=data(5, 1), partition=partition.iid(n_envoys=10),
+                                        valid_partition="iid")
+
+
 def test_a_thousand_envoys_run_their_rounds():
     """Equal shards (an IID split): the tasks compile once, so this measures the platform, not JAX; every envoy
     validates the final model, as on a federation."""
