@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -174,6 +175,21 @@ class RayEnvoyHosts:
             self.close()
             raise
 
+    def wait_for(self, index: int, timeout_s: float = 300.0) -> None:
+        """After a failed call: wait until actor ``index`` answers again (Ray restarts it, up to max_restarts), so the
+        next round's call reaches the new process rather than racing its restart; one that stays dead is left to
+        fail that call, which drops its envoys again saying why."""
+        ray, deadline = self.ray, time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                left = max(1.0, deadline - time.monotonic())
+                self.where[index] = ray.get(self.actors[index].where.remote(), timeout=left)
+                return
+            except ray.exceptions.ActorDiedError:
+                return  # no restarts left
+            except ray.exceptions.RayError:
+                time.sleep(0.2)  # unreachable while it restarts: ask again
+
     def participants(self, side: VirtualEnvoys, experiment: str, payload: bytes, vectorize: bool,
                      max_cohort: int) -> RayParticipants:
         return RayParticipants(self, side, experiment, payload, vectorize, max_cohort)
@@ -214,6 +230,7 @@ class RayParticipants:
                 for envoy, _ in tasks:
                     self.side.dropped(envoy, f"the Ray actor running envoy {envoy!r} ({hosts.where[index]}) "
                                              f"failed; the envoy drops out of this round: {text}")
+                hosts.wait_for(index)
                 continue
             syncs = self._deliver(calls, dict(tasks))
             if syncs and self.side.open():
