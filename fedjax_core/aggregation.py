@@ -152,8 +152,9 @@ class RoundUpdates:
     Integer and bool leaves are small: their running maximum is kept. Float leaves are left in the
     uploads (spooled files in the director) until a rule reads them, block by block."""
 
-    def __init__(self, specs: Sequence[TensorSpec]):
+    def __init__(self, specs: Sequence[TensorSpec], check: Callable[[Upload, Sequence[TensorSpec]], None] | None = None):
         self.specs = {spec.name: spec for spec in specs}
+        self.check = check  # more checks of an upload before it is kept (CentralDP's clip_on="envoy" norm)
         self.uploads: list[Upload] = []
         self.total_weight = 0.0
         self._maxima: dict[str, np.ndarray] = {}
@@ -172,6 +173,8 @@ class RoundUpdates:
             if np.dtype(got.dtype) != np.dtype(spec.dtype):
                 raise AggregationError(f"the update of {upload.envoy!r}: tensor {name!r} is {got.dtype}, "
                                        f"expected {spec.dtype}")
+        if self.check is not None:
+            self.check(upload, list(self.specs.values()))
         for name, spec in self.specs.items():
             if not is_float(spec.dtype):
                 x = _read_whole(upload.tensors, spec)
@@ -311,13 +314,17 @@ def _stepped(rule: Rule, spec: TensorSpec, targets: Blocks, global_model: Tensor
 
 
 def stepper(strategy: Strategy, state: TensorSource, global_model: TensorSource,
-            updates: RoundUpdates) -> Callable[[str], Iterator[LeafBlock]]:
+            updates: RoundUpdates, combiner: Callable[[RoundUpdates], Combine] | None = None
+            ) -> Callable[[str], Iterator[LeafBlock]]:
     """Prepare a round (the strategy's combiner runs once here) and return ``leaf(name)``: the new value of
     one leaf of ``updates.specs`` as ``(block, values, state)`` over the flattened leaf, values in the leaf's
-    dtype (valid until the next block) and state the leaf's new slot blocks, float64, by ``slot/leaf``."""
+    dtype (valid until the next block) and state the leaf's new slot blocks, float64, by ``slot/leaf``.
+    ``combiner``: one that replaces the strategy's (central DP's clipped, noised mean)."""
     if updates.count == 0:
         raise AggregationError("no update to aggregate")
     rule = strategy.rule()
+    if combiner is not None:
+        rule = dataclasses.replace(rule, combiner=combiner)
     combine = rule.combiner(updates)
 
     def leaf(name: str) -> Iterator[LeafBlock]:

@@ -135,6 +135,9 @@ class ExperimentStatus:
     # the envoys selected for each of the last rounds so far (at most the director's STATUS_ROUNDS), by round; every round's
     # are on its round event (MetricEvent.participants)
     participants: Mapping[int, tuple[str, ...]] = field(default_factory=dict)
+    # differential privacy spent so far: epsilon at delta over the rounds trained (NaN without DP)
+    epsilon: float = float("nan")
+    delta: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -167,3 +170,5 @@ class Task:
     check_in: bool = False  # report the divergence after training and upload only if the director says so
     compression: str = ""  # codec for the upload ("" none)
     send_deltas: bool = False  # upload the change from the global model, not the weights
+    clip_norm: float = 0.0  # clip the change from the round's model to this L2 norm before uploading (0: no)
+    noise_std: float = 0.0  # then add Gaussian noise of this standard deviation per coordinate (local DP)

@@ -4,6 +4,8 @@ The only module besides the transport that imports generated proto code.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterable, Iterator
 
 from fedjax_core import records as r
@@ -218,6 +220,9 @@ def experiment_spec_to_proto(s: ExperimentSpec) -> fed_pb.ExperimentSpec:
                                        sync_every=c.sync_every, sync_threshold=c.sync_threshold),
         strategy=pb.Strategy(name=s.strategy.name, params=s.strategy.params),
         best=pb.BestModel(metric=s.best.metric, higher_is_better=s.best.higher_is_better),
+        privacy=pb.Privacy(**{f.name: (str(getattr(s.privacy, f.name)) if f.name in ("mode", "clip_on")
+                                      else getattr(s.privacy, f.name))
+                              for f in dataclasses.fields(s.privacy)}) if s.privacy.enabled else None,
     )
 
 
@@ -238,7 +243,14 @@ def experiment_spec_from_proto(msg: fed_pb.ExperimentSpec) -> ExperimentSpec:
             c.sync_threshold),
         strategy=experiment_spec.StrategySpec(msg.strategy.name or "fedavg", msg.strategy.params or "{}"),
         best=experiment_spec.BestModel(msg.best.metric, msg.best.higher_is_better),
+        privacy=_privacy_section(msg.privacy) if msg.HasField("privacy") else experiment_spec.Privacy(),
     )
+
+
+def _privacy_section(msg: fed_pb.ExperimentSpec.Privacy) -> experiment_spec.Privacy:
+    """The privacy section a client sent (its mode and clip_on must be known here; ``validate`` checks the rest)."""
+    fields = {f.name: getattr(msg, f.name) for f in dataclasses.fields(experiment_spec.Privacy)}
+    return experiment_spec.privacy_from_dict(fields)
 
 
 def spec_from_legacy_header(msg: fed_pb.ExperimentHeader) -> ExperimentSpec:
@@ -256,6 +268,7 @@ def status_to_proto(s: r.ExperimentStatus) -> fed_pb.ExperimentStatus:
         envoys=list(s.envoys), best_round=s.best_round, best_value=s.best_value, error=s.error,
         submitted_at=s.submitted_at, best_metric=s.best_metric,
         participants=[fed_pb.RoundParticipants(round=i, envoys=list(p)) for i, p in s.participants.items()],
+        epsilon=None if math.isnan(s.epsilon) else s.epsilon, delta=None if math.isnan(s.delta) else s.delta,
     )
 
 
@@ -265,6 +278,8 @@ def status_from_proto(msg: fed_pb.ExperimentStatus) -> r.ExperimentStatus:
         envoys=tuple(msg.envoys), best_round=int(msg.best_round), best_value=msg.best_value,
         error=msg.error, submitted_at=msg.submitted_at, best_metric=msg.best_metric,
         participants={int(p.round): tuple(p.envoys) for p in sorted(msg.participants, key=lambda p: p.round)},
+        epsilon=msg.epsilon if msg.HasField("epsilon") else math.nan,
+        delta=msg.delta if msg.HasField("delta") else math.nan,
     )
 
 
@@ -293,6 +308,7 @@ def task_to_proto(t: r.Task) -> env_pb.WaitTaskResponse:
         kind=_TASK_KINDS[t.kind], round=t.round, opt_treatment=t.opt_treatment,
         upload_tensors=list(t.upload_tensors), message=t.message, task_kwargs=t.task_kwargs,
         from_global=t.from_global, check_in=t.check_in, compression=t.compression, send_deltas=t.send_deltas,
+        clip_norm=t.clip_norm, noise_std=t.noise_std,
     )
 
 
@@ -301,4 +317,5 @@ def task_from_proto(msg: env_pb.WaitTaskResponse) -> r.Task:
         kind=_TASK_KIND_NAMES[msg.kind], round=int(msg.round), opt_treatment=msg.opt_treatment,
         upload_tensors=tuple(msg.upload_tensors), message=msg.message, task_kwargs=msg.task_kwargs,
         from_global=msg.from_global, check_in=msg.check_in, compression=msg.compression, send_deltas=msg.send_deltas,
+        clip_norm=msg.clip_norm, noise_std=msg.noise_std,
     )

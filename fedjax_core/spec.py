@@ -93,6 +93,46 @@ class BestModel:
     higher_is_better: bool = True
 
 
+class PrivacyMode(StrEnum):
+    """Who makes an experiment's updates differentially private (``fedjax_core.privacy``)."""
+
+    NONE = ""
+    CENTRAL = "central"  # the director clips (or checks the envoys' clipping) and noises the average
+    LOCAL = "local"  # each envoy clips and noises its own update before it leaves
+
+
+class ClipOn(StrEnum):
+    DIRECTOR = "director"
+    ENVOY = "envoy"
+
+
+@dataclasses.dataclass(frozen=True)
+class Privacy:
+    """Differential privacy of the updates, as ``CentralDP``/``LocalDP`` put it (see docs/privacy.md).
+
+    Central: every update's change from the round's model is clipped to ``clipping_norm`` (its initial
+    value when ``adaptive``), the clipped changes are averaged unweighted, and Gaussian noise of standard
+    deviation ``noise_multiplier * clipping_norm / n`` is added. Local: each envoy clips its change to
+    ``clipping_norm`` and adds the Gaussian noise that makes one upload (``epsilon``, ``delta``)-DP.
+    """
+
+    mode: PrivacyMode = PrivacyMode.NONE
+    clipping_norm: float = 0.0
+    noise_multiplier: float = 0.0  # central
+    delta: float = 0.0
+    epsilon: float = 0.0  # local: one upload's budget
+    clip_on: ClipOn = ClipOn.DIRECTOR  # central
+    adaptive: bool = False  # central, clip_on=director: Andrew et al. 2021
+    target_clipped_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    clipped_count_stddev: float = -1.0  # -1: participants per round / 20 (Flower's default)
+    max_epsilon: float = 0.0  # central: stop before the round that would exceed it (0: no cap)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != PrivacyMode.NONE
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentSpec:
     """An experiment as submitted: its name, rounds and model, and how its rounds run."""
@@ -110,6 +150,7 @@ class ExperimentSpec:
     communication: Communication = Communication()
     strategy: StrategySpec = StrategySpec()
     best: BestModel = BestModel()
+    privacy: Privacy = Privacy()
 
 
 def check_name(kind: str, name: str) -> None:
@@ -141,6 +182,10 @@ def validate(spec: ExperimentSpec) -> None:
     except InvalidRequestError as exc:
         raise SpecError(str(exc)) from None
     parse_round_config(spec.round_config, spec.rounds)
+    if spec.privacy.enabled:
+        from fedjax_core.privacy.checks import check_privacy  # the privacy package builds on the spec
+
+        check_privacy(spec)
 
 
 def _check_int(setting: str, value: Any, low: int, high: int, meaning: str = "") -> None:
@@ -252,7 +297,16 @@ def from_dict(d: Mapping[str, Any]) -> ExperimentSpec:
         deadline=Deadline(**d["deadline"]),
         communication=Communication(**{**d["communication"], "sync": SyncMode(d["communication"]["sync"])}),
         strategy=StrategySpec(**d["strategy"]), best=BestModel(**d["best"]),
+        privacy=privacy_from_dict(d.get("privacy") or {}),
     )
+
+
+def privacy_from_dict(d: Mapping[str, Any]) -> Privacy:
+    """The privacy section as stored (specs stored before privacy existed have none)."""
+    if not d:
+        return Privacy()
+    return Privacy(**{**d, "mode": enum_of(PrivacyMode, d.get("mode", ""), "privacy"),
+                      "clip_on": enum_of(ClipOn, d.get("clip_on") or ClipOn.DIRECTOR, "clip_on")})
 
 
 def from_flat(d: Mapping[str, Any]) -> ExperimentSpec:

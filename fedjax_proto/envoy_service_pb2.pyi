@@ -105,7 +105,7 @@ class WaitTaskRequest(_message.Message):
     def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
 
 class WaitTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message", "task_kwargs", "from_global", "check_in", "compression", "send_deltas")
+    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message", "task_kwargs", "from_global", "check_in", "compression", "send_deltas", "clip_norm", "noise_std")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NONE: _ClassVar[WaitTaskResponse.Kind]
@@ -128,6 +128,8 @@ class WaitTaskResponse(_message.Message):
     CHECK_IN_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     SEND_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    NOISE_STD_FIELD_NUMBER: _ClassVar[int]
     kind: WaitTaskResponse.Kind
     round: int
     opt_treatment: str
@@ -138,7 +140,9 @@ class WaitTaskResponse(_message.Message):
     check_in: bool
     compression: str
     send_deltas: bool
-    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., task_kwargs: _Optional[str] = ..., from_global: _Optional[bool] = ..., check_in: _Optional[bool] = ..., compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ...) -> None: ...
+    clip_norm: float
+    noise_std: float
+    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., task_kwargs: _Optional[str] = ..., from_global: _Optional[bool] = ..., check_in: _Optional[bool] = ..., compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ...) -> None: ...
 
 class GetRoundModelRequest(_message.Message):
     __slots__ = ("envoy_name", "experiment_name", "round")
@@ -173,16 +177,20 @@ class ReportMetricsResponse(_message.Message):
 class UploadUpdateRequest(_message.Message):
     __slots__ = ("header", "chunk")
     class Header(_message.Message):
-        __slots__ = ("envoy_name", "experiment_name", "round", "train_sample_count")
+        __slots__ = ("envoy_name", "experiment_name", "round", "train_sample_count", "clip_norm", "noise_std")
         ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
         EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
         ROUND_FIELD_NUMBER: _ClassVar[int]
         TRAIN_SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+        CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+        NOISE_STD_FIELD_NUMBER: _ClassVar[int]
         envoy_name: str
         experiment_name: str
         round: int
         train_sample_count: int
-        def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., round: _Optional[int] = ..., train_sample_count: _Optional[int] = ...) -> None: ...
+        clip_norm: float
+        noise_std: float
+        def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., round: _Optional[int] = ..., train_sample_count: _Optional[int] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ...) -> None: ...
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: UploadUpdateRequest.Header

@@ -51,7 +51,7 @@ class GetShardRegistryResponse(_message.Message):
     def __init__(self, envoys: _Optional[_Iterable[_Union[EnvoyEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ExperimentSpec(_message.Message):
-    __slots__ = ("name", "rounds", "opt_treatment", "model_spec", "envoys", "submitter", "bundle_size", "round_config", "sampling", "deadline", "communication", "strategy", "best")
+    __slots__ = ("name", "rounds", "opt_treatment", "model_spec", "envoys", "submitter", "bundle_size", "round_config", "sampling", "deadline", "communication", "strategy", "best", "privacy")
     class Sampling(_message.Message):
         __slots__ = ("envoys_per_round", "fraction", "seed")
         ENVOYS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,31 @@ class ExperimentSpec(_message.Message):
         metric: str
         higher_is_better: bool
         def __init__(self, metric: _Optional[str] = ..., higher_is_better: _Optional[bool] = ...) -> None: ...
+    class Privacy(_message.Message):
+        __slots__ = ("mode", "clipping_norm", "noise_multiplier", "delta", "epsilon", "clip_on", "adaptive", "target_clipped_quantile", "clip_norm_lr", "clipped_count_stddev", "max_epsilon")
+        MODE_FIELD_NUMBER: _ClassVar[int]
+        CLIPPING_NORM_FIELD_NUMBER: _ClassVar[int]
+        NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+        DELTA_FIELD_NUMBER: _ClassVar[int]
+        EPSILON_FIELD_NUMBER: _ClassVar[int]
+        CLIP_ON_FIELD_NUMBER: _ClassVar[int]
+        ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+        TARGET_CLIPPED_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+        CLIP_NORM_LR_FIELD_NUMBER: _ClassVar[int]
+        CLIPPED_COUNT_STDDEV_FIELD_NUMBER: _ClassVar[int]
+        MAX_EPSILON_FIELD_NUMBER: _ClassVar[int]
+        mode: str
+        clipping_norm: float
+        noise_multiplier: float
+        delta: float
+        epsilon: float
+        clip_on: str
+        adaptive: bool
+        target_clipped_quantile: float
+        clip_norm_lr: float
+        clipped_count_stddev: float
+        max_epsilon: float
+        def __init__(self, mode: _Optional[str] = ..., clipping_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon: _Optional[float] = ..., clip_on: _Optional[str] = ..., adaptive: _Optional[bool] = ..., target_clipped_quantile: _Optional[float] = ..., clip_norm_lr: _Optional[float] = ..., clipped_count_stddev: _Optional[float] = ..., max_epsilon: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     OPT_TREATMENT_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +135,7 @@ class ExperimentSpec(_message.Message):
     COMMUNICATION_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     BEST_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     name: str
     rounds: int
     opt_treatment: str
@@ -123,7 +149,8 @@ class ExperimentSpec(_message.Message):
     communication: ExperimentSpec.Communication
     strategy: ExperimentSpec.Strategy
     best: ExperimentSpec.BestModel
-    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., bundle_size: _Optional[int] = ..., round_config: _Optional[str] = ..., sampling: _Optional[_Union[ExperimentSpec.Sampling, _Mapping]] = ..., deadline: _Optional[_Union[ExperimentSpec.Deadline, _Mapping]] = ..., communication: _Optional[_Union[ExperimentSpec.Communication, _Mapping]] = ..., strategy: _Optional[_Union[ExperimentSpec.Strategy, _Mapping]] = ..., best: _Optional[_Union[ExperimentSpec.BestModel, _Mapping]] = ...) -> None: ...
+    privacy: ExperimentSpec.Privacy
+    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., bundle_size: _Optional[int] = ..., round_config: _Optional[str] = ..., sampling: _Optional[_Union[ExperimentSpec.Sampling, _Mapping]] = ..., deadline: _Optional[_Union[ExperimentSpec.Deadline, _Mapping]] = ..., communication: _Optional[_Union[ExperimentSpec.Communication, _Mapping]] = ..., strategy: _Optional[_Union[ExperimentSpec.Strategy, _Mapping]] = ..., best: _Optional[_Union[ExperimentSpec.BestModel, _Mapping]] = ..., privacy: _Optional[_Union[ExperimentSpec.Privacy, _Mapping]] = ...) -> None: ...
 
 class ExperimentHeader(_message.Message):
     __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec", "min_envoys", "round_timeout_s", "aggregation_params", "envoys_per_round", "envoys_fraction", "sampling_seed", "round_config", "compression", "send_deltas", "compress_downloads", "sync", "sync_every", "sync_threshold")
@@ -216,7 +243,7 @@ class GetExperimentStatusRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ExperimentStatus(_message.Message):
-    __slots__ = ("name", "state", "current_round", "rounds", "envoys", "best_round", "best_value", "error", "submitted_at", "best_metric", "participants")
+    __slots__ = ("name", "state", "current_round", "rounds", "envoys", "best_round", "best_value", "error", "submitted_at", "best_metric", "participants", "epsilon", "delta")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +255,8 @@ class ExperimentStatus(_message.Message):
     SUBMITTED_AT_FIELD_NUMBER: _ClassVar[int]
     BEST_METRIC_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     current_round: int
@@ -239,7 +268,9 @@ class ExperimentStatus(_message.Message):
     submitted_at: float
     best_metric: str
     participants: _containers.RepeatedCompositeFieldContainer[RoundParticipants]
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., best_round: _Optional[int] = ..., best_value: _Optional[float] = ..., error: _Optional[str] = ..., submitted_at: _Optional[float] = ..., best_metric: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[RoundParticipants, _Mapping]]] = ...) -> None: ...
+    epsilon: float
+    delta: float
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., best_round: _Optional[int] = ..., best_value: _Optional[float] = ..., error: _Optional[str] = ..., submitted_at: _Optional[float] = ..., best_metric: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[RoundParticipants, _Mapping]]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
 
 class RoundParticipants(_message.Message):
     __slots__ = ("round", "envoys")

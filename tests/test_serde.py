@@ -28,6 +28,8 @@ _CHOICES = {
     (ExperimentSpec, "opt_treatment"): [r.OptTreatment.CONTINUE_GLOBAL],
     (experiment_spec.Communication, "sync"): [experiment_spec.SyncMode.PERIODIC],
     (r.MetricEvent, "stage"): [r.Stage.LOCAL],
+    (experiment_spec.Privacy, "mode"): [experiment_spec.PrivacyMode.CENTRAL],
+    (experiment_spec.Privacy, "clip_on"): [experiment_spec.ClipOn.ENVOY],
 }
 _counter = itertools.count(1)
 

@@ -67,6 +67,13 @@ class MetricsView:
             row["round_time_s"] = round(event.round_time_s, 3)
             if event.participants and len(event.participants) < self.n_envoys:  # a sampled round: say who
                 row["participants"] = ",".join(event.participants)
+            privacy = {m.name: m.value for m in event.metrics if m.task == "privacy"}
+            if "epsilon" in privacy:
+                row["epsilon"] = privacy["epsilon"]
+            if privacy.get("training_stopped"):  # max_epsilon: the final validation comes next
+                self.rounds = event.round + 1
+            if event.note and (self.progress or self.live_table):
+                tqdm.write(event.note)
         else:
             names = [m.name for m in event.metrics]
             for m in event.metrics:  # two tasks reporting the same metric name keep apart

@@ -18,15 +18,22 @@ import numpy as np
 from fedjax_core.aggregation import ArraySource, NextState, RoundUpdates, TensorSource, init_state, stepper
 from fedjax_core.director.round_models import ModelWriter, RoundModels
 from fedjax_core.errors import PreconditionError
+from fedjax_core.privacy import central
 from fedjax_core.records import TensorSpec
+from fedjax_core.spec import Privacy, PrivacyMode
 from fedjax_core.strategies import Strategy
 
 
 def write_next_model(models: RoundModels, experiment: str, round_: int, strategy: Strategy,
-                     updates: RoundUpdates) -> None:
-    """model_{r+1} and state_{r+1} of `experiment` from model_r, state_r and the round's updates."""
+                     updates: RoundUpdates, privacy: Privacy = Privacy(), per_round: int = 0) -> dict[str, float]:
+    """model_{r+1} and state_{r+1} of `experiment` from model_r, state_r and the round's updates; under central
+    DP (``privacy``, with ``per_round`` participants expected), what the round's clipping and noise were."""
     previous = models.model(experiment, round_)
-    leaf = stepper(strategy, _state(models, experiment, round_, strategy, updates), previous, updates)
+    state = _state(models, experiment, round_, strategy, updates)
+    dp = None
+    if privacy.mode == PrivacyMode.CENTRAL:
+        dp = central.CentralRound(privacy, central.clipping_norm_of(privacy, state), per_round)
+    leaf = stepper(strategy, state, previous, updates, combiner=dp.combiner(previous) if dp else None)
     new_state = NextState()
     with models.model_writer(experiment, round_ + 1) as writer:
         for spec in previous.specs:
@@ -35,7 +42,8 @@ def write_next_model(models: RoundModels, experiment: str, round_: int, strategy
             else:  # tensors that do not travel keep their initial values
                 writer.copy_tensor(previous, spec.name)
         writer.commit()
-    _write_state(models.state_writer(experiment, round_ + 1), new_state.arrays)
+    _write_state(models.state_writer(experiment, round_ + 1), {**new_state.arrays, **(dp.next_state() if dp else {})})
+    return dp.metrics() if dp else {}
 
 
 def write_initial_state(models: RoundModels, experiment: str, round_: int, strategy: Strategy,

@@ -36,6 +36,8 @@ from fedjax_core.director.store_api import Store
 from fedjax_core.director.submission import RoundPlan, plan_rounds
 from fedjax_core.errors import FedError, InvalidRequestError
 from fedjax_core.metrics_log import Loggers
+from fedjax_core.privacy import accounting, central
+from fedjax_core.privacy.local import envoy_treatment
 from fedjax_core.spec import ExperimentSpec
 from fedjax_core.model_file import ModelFile
 
@@ -103,10 +105,12 @@ class Run:
             return r.Task(kind=r.TaskKind.NONE)  # sits this round out, keeping its worker and jit cache
         s = self.spec
         kind = r.TaskKind.SYNC if envoy in state.checked_in else state.kind  # trained already: dynamic averaging
+        clip_norm, noise_std = envoy_treatment(s.privacy)
         return r.Task(kind=kind, round=state.round, opt_treatment=s.opt_treatment,
                       upload_tensors=tuple(sorted(self.upload)), task_kwargs=self.task_kwargs(),
                       from_global=self.from_global, check_in=state.averaging != rules.Averaging.ALWAYS,
-                      compression=s.communication.compression, send_deltas=s.communication.send_deltas)
+                      compression=s.communication.compression, send_deltas=s.communication.send_deltas,
+                      clip_norm=clip_norm, noise_std=noise_std)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +146,7 @@ class RoundEngine:
         plan = plan or plan_rounds(row.spec, row.envoys)
         spec = row.spec
         upload = frozenset(rules.upload_names(spec))
-        training = round_ < spec.rounds
+        training = round_ < self.rounds_to_train(row, plan)
         if training:
             chosen = rules.select_participants(row.envoys, plan.per_round, spec.sampling.seed, round_)
             participants = self.store.record_participants(row.name, round_, chosen)
@@ -156,9 +160,22 @@ class RoundEngine:
             timeout_s=spec.deadline.round_timeout_s)
         if from_global is None:
             from_global = round_ == 0 or self._averaged(row.name, round_ - 1)
+        check = central.upload_check(spec.privacy, lambda: self.models.model(row.name, round_))
         return Run(row=row, plan=plan, state=state, upload=upload,
-                   updates=RoundUpdates([t for t in spec.model_spec if t.name in upload]), started_at=self.timer(),
-                   from_global=from_global or not training)
+                   updates=RoundUpdates([t for t in spec.model_spec if t.name in upload], check),
+                   started_at=self.timer(), from_global=from_global or not training)
+
+    @staticmethod
+    def privacy_rate(row: ExperimentRow, plan: RoundPlan) -> float:
+        """The fraction of the experiment's envoys that train in a round, as the privacy accountant takes it.
+        Refusals only shrink the envoys, so the current fraction bounds every earlier round's."""
+        return accounting.sampling_rate(plan.per_round, len(row.envoys))
+
+    def rounds_to_train(self, row: ExperimentRow, plan: RoundPlan) -> int:
+        """``rounds_to_train``, or fewer when central DP's ``max_epsilon`` would be exceeded."""
+        if not row.spec.privacy.max_epsilon:
+            return row.spec.rounds
+        return accounting.rounds_within(row.spec, self.privacy_rate(row, plan))
 
     @staticmethod
     def plan(row: ExperimentRow) -> RoundPlan:
@@ -260,8 +277,10 @@ class RoundEngine:
         averaged = run.updates.count > 0
         if not averaged and not run.state.checked_in:
             return Outcome(state=r.State.FAILED, error=f"round {run.round} closed without any update")
+        privacy_metrics = {}
         if averaged:
-            closer.write_next_model(self.models, name, run.round, run.plan.strategy, run.updates)
+            privacy_metrics = closer.write_next_model(self.models, name, run.round, run.plan.strategy, run.updates,
+                                                      run.spec.privacy, run.plan.per_round)
         else:  # every envoy keeps training its own model; the global one stays
             self.models.carry_over(name, run.round)
             if run.round == 0:  # the strategy's state begins where the model does
@@ -269,7 +288,10 @@ class RoundEngine:
         seconds = self.timer() - run.started_at  # the round's time includes aggregating and storing its model
         if run.ended:  # cancelled or failed while this round closed: do not advance it
             return None
-        for event in self._communication_events(run, seconds, averaged):
+        events = self._communication_events(run, seconds, averaged)
+        if run.spec.privacy.enabled:
+            events[-1] = self._with_privacy(run, events[-1], privacy_metrics)
+        for event in events:
             if self.store.add_event(name, event):
                 self.loggers.log(name, event)
         self.store.update_experiment(name, current_round=run.round + 1)  # the commit point
@@ -301,6 +323,24 @@ class RoundEngine:
                      r.Metric("round", "envoys_reported", len(state.done)),
                      r.Metric("round", "envoys_selected", len(state.participants)))))
         return events
+
+    def _with_privacy(self, run: Run, event: r.MetricEvent, metrics: dict[str, float]) -> r.MetricEvent:
+        """The round's summary with what it spent: epsilon at delta so far, the clipping norm and noise it used;
+        its note says so when the privacy budget ends training before rounds_to_train."""
+        rate = self.privacy_rate(run.row, run.plan)
+        epsilon = accounting.experiment_epsilon(run.spec, run.round + 1, rate)
+        extra = [r.Metric("privacy", "epsilon", epsilon), r.Metric("privacy", "delta", run.spec.privacy.delta)]
+        extra += [r.Metric("privacy", key, value) for key, value in metrics.items()]
+        note = ""
+        last = self.rounds_to_train(run.row, run.plan)
+        if run.round + 1 == last < run.spec.rounds:
+            after = accounting.experiment_epsilon(run.spec, last + 1, rate)
+            note = (f"training stops after round {run.round}: round {last} would raise epsilon to {after:.4g}, above "
+                    f"max_epsilon={run.spec.privacy.max_epsilon:g} (epsilon is {epsilon:.4g} at delta="
+                    f"{run.spec.privacy.delta:g}); every envoy now validates the last model")
+            log.info("experiment %r: %s", run.name, note)
+            extra.append(r.Metric("privacy", "training_stopped", 1))
+        return dataclasses.replace(event, metrics=event.metrics + tuple(extra), note=note)
 
     def _update_best(self, run: Run, aggregates: list[r.MetricEvent], reports: list[r.MetricEvent]) -> None:
         """Round r validated model_r; keep it as best if its metric beats the best so far (r >= 1). Unless the

@@ -235,7 +235,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
                     yield from serde.unpacked_chunks(msg.chunk)
 
             return self.director.workers.accept_update(h.envoy_name, h.experiment_name, h.round, h.train_sample_count,
-                                               chunks())
+                                               chunks(), (h.clip_norm, h.noise_std))
 
         def admit(first) -> None:  # who and whether, before the upload takes a slot
             if first.HasField("header"):

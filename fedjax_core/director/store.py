@@ -18,7 +18,9 @@ from types import MappingProxyType
 
 from fedjax_core import records as r
 from fedjax_core import spec as experiment_spec
+from fedjax_core.director.rules import participants_per_round
 from fedjax_core.errors import AlreadyExistsError
+from fedjax_core.privacy import accounting
 from fedjax_core.spec import ExperimentSpec
 
 _SCHEMA = """
@@ -88,8 +90,18 @@ class ExperimentRow:
             rounds=self.spec.rounds, envoys=self.envoys, best_round=self.best_round,
             best_value=float("nan") if self.best_value is None else self.best_value,
             error=self.error, submitted_at=self.submitted_at, best_metric=self.best_metric,
-            participants=participants,
+            participants=participants, **self.privacy_spent(),
         )
+
+    def privacy_spent(self) -> dict[str, float]:
+        """``epsilon`` at ``delta`` over the rounds trained so far; {} without differential privacy."""
+        privacy = self.spec.privacy
+        if not privacy.enabled:
+            return {}
+        per_round = min(participants_per_round(self.spec, len(self.envoys)), len(self.envoys))
+        rate = accounting.sampling_rate(per_round, len(self.envoys))
+        trained = min(self.current_round, accounting.rounds_within(self.spec, rate))
+        return {"epsilon": accounting.experiment_epsilon(self.spec, trained, rate), "delta": privacy.delta}
 
 
 class SqliteStore:

@@ -12,6 +12,7 @@ from collections.abc import Collection, Sequence
 
 from fedjax_core.director.rules import participants_per_round, round_size_floor
 from fedjax_core.errors import InvalidRequestError
+from fedjax_core.privacy.checks import check_privacy_plan
 from fedjax_core.spec import ExperimentSpec, parse_round_config, validate
 from fedjax_core.strategies import Strategy, strategy_from_wire
 
@@ -53,4 +54,6 @@ def plan_rounds(spec: ExperimentSpec, envoys: Sequence[str]) -> RoundPlan:
         raise InvalidRequestError(f"min_envoys={spec.deadline.min_envoys} is more than the {per_round} envoys that "
                                   "take part in each round: lower min_envoys or raise envoys_per_round")
     strategy.check_round_size(round_size_floor(spec, per_round))
+    if spec.privacy.enabled:
+        check_privacy_plan(spec, per_round, len(envoys))
     return RoundPlan(strategy=strategy, per_round=per_round, round_kwargs=round_kwargs)

@@ -17,6 +17,7 @@ from fedjax_core import records as r
 from fedjax_core.director import limits, round_machine, transfers
 from fedjax_core.director.round_machine import CheckedIn, Dropped, Effect, Failed, Refused, UpdateStored, Validated
 from fedjax_core.director.rounds import Run
+from fedjax_core.privacy.local import check_applied
 from fedjax_core.errors import FedError, InvalidRequestError, PreconditionError, StorageError, is_disk_full
 from fedjax_core.model_file import ModelFile
 
@@ -124,8 +125,9 @@ class WorkerCalls:
         return run
 
     def accept_update(self, envoy: str, experiment: str, round_: int, sample_count: int,
-                      chunks: Iterable[r.TensorChunk]) -> int:
-        """Spool an envoy's streamed update to disk, check it and keep it for the round."""
+                      chunks: Iterable[r.TensorChunk], applied: tuple[float, float] = (0.0, 0.0)) -> int:
+        """Spool an envoy's streamed update to disk, check it and keep it for the round. ``applied``: the
+        (clip_norm, noise_std) its header says the worker privatised it with."""
         d = self.director
         if sample_count <= 0:
             raise InvalidRequestError(
@@ -133,6 +135,8 @@ class WorkerCalls:
                 "(check DataInterface.get_train_data_size)")
         with d.lock:
             run = self._upload_run(envoy, experiment, round_)
+        check_applied(run.spec.privacy, envoy, *applied)
+        with d.lock:
             run.receiving.add(envoy)
         try:
             weight = d.engine.weight(run, envoy, sample_count)

@@ -160,9 +160,11 @@ class EnvoyClient:
         self._retry(lambda: self._stub.ReportMetrics(req, timeout=60), "report metrics")
 
     def upload(self, experiment: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray],
-               encodings: Mapping[str, r.Encoding] | None = None) -> int:
+               encodings: Mapping[str, r.Encoding] | None = None, applied: tuple[float, float] = (0.0, 0.0)) -> int:
+        """``applied``: the (clip_norm, noise_std) the update was privatised with, which the director checks."""
         header = env_pb.UploadUpdateRequest.Header(envoy_name=self.envoy_name, experiment_name=experiment,
-                                                   round=round_, train_sample_count=sample_count)
+                                                   round=round_, train_sample_count=sample_count,
+                                                   clip_norm=applied[0], noise_std=applied[1])
 
         def requests():  # serialized here: each chunk's data is copied once, straight from the arrays
             yield env_pb.UploadUpdateRequest(header=header).SerializeToString()

@@ -29,7 +29,8 @@ class DirectorLink(Protocol):
     def check_in(self, experiment: str, round_: int, divergence: float) -> bool: ...
 
     def upload(self, experiment: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray],
-               encodings: Mapping[str, r.Encoding]) -> None: ...
+               encodings: Mapping[str, r.Encoding], applied: tuple[float, float] = (0.0, 0.0)) -> None:
+        """``applied``: the (clip_norm, noise_std) the update was privatised with, as the task said."""
 
 
 class Reports(Protocol):
@@ -39,6 +40,15 @@ class Reports(Protocol):
              sample_count: int) -> None: ...
 
     def wait(self, raise_first: bool = True) -> None: ...
+
+
+def check_finite_update(tensors: Mapping[str, Any], names) -> None:
+    """Refuse to privatise an update with a NaN or infinity: clipping would hide it in the noise."""
+    for name in names:
+        array = np.asarray(tensors[name])
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise RuntimeError(f"the trained model's {name!r} holds NaN or infinite values: this envoy does not "
+                               "upload it (lower the learning rate, or check the data)")
 
 
 class OptimizerInit:
@@ -165,9 +175,14 @@ class RoundRunner:
         missing = [n for n in task.upload_tensors if n not in tensors]
         if missing:
             raise RuntimeError(f"the trained state lacks tensors {missing[:3]}: did a task change the model's structure?")
+        if task.clip_norm:  # differential privacy: clip (and under local DP noise) the change before it leaves
+            from fedjax_core.privacy.local import privatize
+
+            check_finite_update(tensors, task.upload_tensors)
+            tensors = privatize(tensors, task.upload_tensors, self.global_tensors, task.clip_norm, task.noise_std)
         wire, encodings = codecs.encode_update(tensors, task.upload_tensors, task.compression or None,
                                                self.global_tensors if task.send_deltas else None)
-        self.link.upload(self.experiment, task.round, self.n_train, wire, encodings)
+        self.link.upload(self.experiment, task.round, self.n_train, wire, encodings, (task.clip_norm, task.noise_std))
 
     def _divergence(self, task: r.Task, state) -> float:
         """Squared L2 distance of the trained model's float tensors from the round's global model."""

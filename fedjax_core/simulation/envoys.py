@@ -22,6 +22,7 @@ from fedjax_core.director import limits
 from fedjax_core.director.round_machine import CheckedIn, Dropped, UpdateStored
 from fedjax_core.director.rounds import Run
 from fedjax_core.errors import InvalidRequestError
+from fedjax_core.privacy.local import check_applied
 from fedjax_core.simulation.participants import Participants
 from fedjax_core.spec import SyncMode
 from fedjax_core.tensors import check_finite, is_float_dtype
@@ -143,9 +144,10 @@ class VirtualEnvoys:
         return run.state.must_upload(envoy)
 
     def upload(self, envoy: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray],
-               encodings: Mapping[str, r.Encoding]) -> None:
+               encodings: Mapping[str, r.Encoding], applied: tuple[float, float] = (0.0, 0.0)) -> None:
         """Decode, check and keep ``envoy``'s update, as the director's transfers and round engine do."""
         run = self.run
+        check_applied(run.spec.privacy, envoy, *applied)
         weight = self.director.engine.weight(run, envoy, sample_count)
         specs = [r.TensorSpec(name, np.asarray(a).dtype.name, tuple(np.shape(a)), encodings.get(name))
                  for name, a in tensors.items()]

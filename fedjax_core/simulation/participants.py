@@ -34,7 +34,7 @@ class DirectorSide(Protocol):
     def check_in(self, envoy: str, round_: int, divergence: float) -> bool: ...
 
     def upload(self, envoy: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray],
-               encodings: Mapping[str, r.Encoding]) -> None: ...
+               encodings: Mapping[str, r.Encoding], applied: tuple[float, float] = (0.0, 0.0)) -> None: ...
 
     def dropped(self, envoy: str, error: str) -> None: ...
 
@@ -56,8 +56,8 @@ class _Link:
         return self.side.check_in(self.envoy_name, round_, divergence)
 
     def upload(self, experiment: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray],
-               encodings: Mapping[str, r.Encoding]) -> None:
-        self.side.upload(self.envoy_name, round_, sample_count, tensors, encodings)
+               encodings: Mapping[str, r.Encoding], applied: tuple[float, float] = (0.0, 0.0)) -> None:
+        self.side.upload(self.envoy_name, round_, sample_count, tensors, encodings, applied)
 
     # the runner's Reports: sent as they come, nothing to wait for
     def send(self, experiment: str, round_: int, stage: str, metrics: dict[str, dict[str, float]],

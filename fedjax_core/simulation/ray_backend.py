@@ -89,9 +89,9 @@ class _Outbox:
         return False
 
     def upload(self, envoy: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray],
-               encodings: Mapping[str, r.Encoding]) -> None:
+               encodings: Mapping[str, r.Encoding], applied: tuple[float, float] = (0.0, 0.0)) -> None:
         self.calls.append(("upload", envoy, round_, sample_count, {k: np.asarray(v) for k, v in tensors.items()},
-                           dict(encodings)))
+                           dict(encodings), tuple(applied)))
 
     def dropped(self, envoy: str, error: str) -> None:
         self.calls.append(("dropped", envoy, error))

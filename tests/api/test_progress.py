@@ -46,3 +46,18 @@ def test_progress_bars_count_the_rounds_participants_and_number_rounds_from_one(
     v.add(r.MetricEvent(2, "b", r.Stage.AGGREGATED, ()))
     assert (v._bar.total, v._bar.desc) == (3, "final validation")
     v.close()
+
+
+def test_a_private_round_shows_its_epsilon_and_an_early_stop_makes_the_next_validation_final(capsys):
+    status = SimpleNamespace(envoys=("a", "b"), rounds=5)
+    v = MetricsView(SimpleNamespace(get_experiment_status=lambda: status), log_dir=None, progress=False,
+                    live_table=True)
+    v.add(r.MetricEvent(0, "", r.Stage.ROUND, (r.Metric("privacy", "epsilon", 1.5),), round_time_s=1.0))
+    v.add(r.MetricEvent(1, "", r.Stage.ROUND, (r.Metric("privacy", "epsilon", 2.5),
+                                                r.Metric("privacy", "training_stopped", 1)),
+                        round_time_s=1.0, note="training stops after round 1: round 2 would raise epsilon"))
+    v.add(r.MetricEvent(2, "", r.Stage.AGGREGATED, (r.Metric("validate", "acc", 0.7),)))
+    assert [row.get("epsilon") for row in v.rows] == [1.5, 2.5, None]
+    out = capsys.readouterr().out
+    assert "training stops after round 1" in out
+    assert "round=2, agg_val/acc=0.7000" in out  # shown as the final validation, not left waiting for round 2

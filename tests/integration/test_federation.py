@@ -344,3 +344,36 @@ def test_a_simulation_of_the_same_shards_trains_to_the_federations_model(federat
         assert [row.get(agg) for row in sim_rows] == pytest.approx([row.get(agg) for row in real_rows])
     finally:
         sim_fed.close()
+
+
+def test_differential_privacy_is_applied_by_real_envoys_and_reported_over_grpc(federation):
+    """One round each, fresh optimizer state, as in the mean test above. CentralDP(clip_on="envoy") without noise:
+    the model is the initial one plus the unweighted mean of each envoy's change clipped (by the envoy) to C.
+    LocalDP: the same clipped mean plus the two envoys' noise, averaged: standard deviation sigma / sqrt(2)."""
+    import jax
+
+    from fedjax_core.privacy import CentralDP, LocalDP, accounting
+
+    def flat(params):
+        return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(params)])
+
+    initial = flat(create_train_state().params)
+    changes = [flat(train_epoch(create_train_state(), train, 64)[0].params) - initial for train in envoy_sets("train")]
+    norms = [np.linalg.norm(c) for c in changes]
+    C = 0.5 * min(norms)
+    clipped_mean = np.mean([c * C / n for c, n in zip(changes, norms)], axis=0)
+
+    exp, rows = run(federation, "dp-envoy-clip", rounds=1, opt_treatment="RESET",
+                    privacy=CentralDP(noise_multiplier=0.0, clipping_norm=C, delta=1e-5, clip_on="envoy"))
+    status = exp.get_experiment_status()
+    assert status.state == "finished" and status.epsilon == float("inf") and status.delta == 1e-5
+    np.testing.assert_allclose(flat(exp.get_last_model().params) - initial, clipped_mean, rtol=1e-3, atol=1e-6)
+    assert rows[0]["epsilon"] == float("inf")
+
+    exp, _ = run(federation, "dp-local", rounds=1, opt_treatment="RESET",
+                 privacy=LocalDP(clipping_norm=C, epsilon=8.0, delta=1e-5))
+    status = exp.get_experiment_status()
+    assert status.state == "finished" and status.epsilon == pytest.approx(8.0, rel=1e-4)
+    noise = flat(exp.get_last_model().params) - initial - clipped_mean
+    sigma = C * accounting.local_noise_multiplier(8.0, 1e-5)
+    assert np.std(noise) == pytest.approx(sigma / np.sqrt(2), rel=0.05)

@@ -19,7 +19,8 @@ import pytest
 from fedjax_core import Dynamic, FLExperiment, ModelInterface, partition
 from fedjax_core.records import Stage
 from fedjax_core.simulation import SimulatedFederation
-from test_simulated_federation import FAIL, Arrays, data, linear_state, run, shard_sets, tasks
+from linear_federation import FAIL, Arrays, data, linear_state, run, tasks
+from test_simulated_federation import shard_sets
 
 # `ray start` turns on token authentication; a driver that connects must say so before Ray is imported (Ray reads
 # its mode then), and finds the token where `ray start` left it (~/.ray/auth_token).
