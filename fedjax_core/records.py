@@ -34,6 +34,7 @@ class TaskKind(StrEnum):
     TRAIN = "train"        # validate the round's model, train, validate, upload
     VALIDATE = "validate"  # validate the final aggregated model only
     SYNC = "sync"          # upload the model trained this round (dynamic averaging was triggered)
+    SECAGG = "secagg"      # the next step of the round's secure aggregation (Task.secagg says which)
     FINISHED = "finished"  # the experiment is over for this envoy
 
 
@@ -157,6 +158,34 @@ class MetricEvent:
 
 
 @dataclass(frozen=True)
+class SecAggKeys:
+    cipher_pk: bytes
+    mask_pk: bytes
+
+
+@dataclass(frozen=True)
+class SecAggStep:
+    """A step of a round's secure aggregation (``fedjax_core/secagg``), as the director tells a worker.
+
+    ``setup`` (with a TRAIN task): the round's public parameters; ``share``: the neighbours' public keys;
+    ``mask``: the encrypted shares neighbours sent; ``unmask``: which neighbours survived and which dropped.
+    """
+
+    phase: str
+    participants: tuple[str, ...] = ()
+    threshold: float = 0.0
+    bits: int = 0
+    clip_range: float = 0.0
+    size: int = 0
+    seed: int = 0
+    weight_scale: float = 0.0  # the envoy multiplies its update (and weight) by train samples x weight_scale
+    keys: Mapping[str, SecAggKeys] = field(default_factory=dict)
+    ciphertexts: Mapping[str, bytes] = field(default_factory=dict)
+    survivors: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Task:
     """What a worker is told to do next."""
 
@@ -172,3 +201,4 @@ class Task:
     send_deltas: bool = False  # upload the change from the global model, not the weights
     clip_norm: float = 0.0  # clip the change from the round's model to this L2 norm before uploading (0: no)
     noise_std: float = 0.0  # then add Gaussian noise of this standard deviation per coordinate (local DP)
+    secagg: SecAggStep | None = None  # secure aggregation: TRAIN's setup, or the step of a SECAGG task

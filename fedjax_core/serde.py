@@ -23,6 +23,7 @@ _TASK_KINDS = {
     r.TaskKind.VALIDATE: env_pb.WaitTaskResponse.VALIDATE,
     r.TaskKind.FINISHED: env_pb.WaitTaskResponse.FINISHED,
     r.TaskKind.SYNC: env_pb.WaitTaskResponse.SYNC,
+    r.TaskKind.SECAGG: env_pb.WaitTaskResponse.SECAGG,
 }
 _TASK_KIND_NAMES = {v: k for k, v in _TASK_KINDS.items()}
 
@@ -223,6 +224,8 @@ def experiment_spec_to_proto(s: ExperimentSpec) -> fed_pb.ExperimentSpec:
         privacy=pb.Privacy(**{f.name: (str(getattr(s.privacy, f.name)) if f.name in ("mode", "clip_on")
                                       else getattr(s.privacy, f.name))
                               for f in dataclasses.fields(s.privacy)}) if s.privacy.enabled else None,
+        secure=pb.SecureAggregation(enabled=True, threshold=s.secure.threshold, clip_range=s.secure.clip_range,
+                                    bits=s.secure.bits) if s.secure.enabled else None,
     )
 
 
@@ -244,6 +247,9 @@ def experiment_spec_from_proto(msg: fed_pb.ExperimentSpec) -> ExperimentSpec:
         strategy=experiment_spec.StrategySpec(msg.strategy.name or "fedavg", msg.strategy.params or "{}"),
         best=experiment_spec.BestModel(msg.best.metric, msg.best.higher_is_better),
         privacy=_privacy_section(msg.privacy) if msg.HasField("privacy") else experiment_spec.Privacy(),
+        secure=experiment_spec.SecureAggregation(msg.secure.enabled, msg.secure.threshold, msg.secure.clip_range,
+                                                 int(msg.secure.bits)) if msg.HasField("secure")
+        else experiment_spec.SecureAggregation(),
     )
 
 
@@ -309,6 +315,7 @@ def task_to_proto(t: r.Task) -> env_pb.WaitTaskResponse:
         upload_tensors=list(t.upload_tensors), message=t.message, task_kwargs=t.task_kwargs,
         from_global=t.from_global, check_in=t.check_in, compression=t.compression, send_deltas=t.send_deltas,
         clip_norm=t.clip_norm, noise_std=t.noise_std,
+        secagg=secagg_step_to_proto(t.secagg) if t.secagg is not None else None,
     )
 
 
@@ -318,4 +325,29 @@ def task_from_proto(msg: env_pb.WaitTaskResponse) -> r.Task:
         upload_tensors=tuple(msg.upload_tensors), message=msg.message, task_kwargs=msg.task_kwargs,
         from_global=msg.from_global, check_in=msg.check_in, compression=msg.compression, send_deltas=msg.send_deltas,
         clip_norm=msg.clip_norm, noise_std=msg.noise_std,
+        secagg=secagg_step_from_proto(msg.secagg) if msg.HasField("secagg") else None,
     )
+
+
+def secagg_keys_to_proto(k: r.SecAggKeys) -> env_pb.SecAggKeys:
+    return env_pb.SecAggKeys(cipher_pk=k.cipher_pk, mask_pk=k.mask_pk)
+
+
+def secagg_keys_from_proto(msg: env_pb.SecAggKeys) -> r.SecAggKeys:
+    return r.SecAggKeys(bytes(msg.cipher_pk), bytes(msg.mask_pk))
+
+
+def secagg_step_to_proto(s: r.SecAggStep) -> env_pb.SecAggStep:
+    return env_pb.SecAggStep(
+        phase=s.phase, participants=list(s.participants), threshold=s.threshold, bits=s.bits,
+        clip_range=s.clip_range, size=s.size, seed=s.seed, weight_scale=s.weight_scale,
+        keys={k: secagg_keys_to_proto(v) for k, v in s.keys.items()},
+        ciphertexts=dict(s.ciphertexts), survivors=list(s.survivors), dropped=list(s.dropped))
+
+
+def secagg_step_from_proto(msg: env_pb.SecAggStep) -> r.SecAggStep:
+    return r.SecAggStep(
+        phase=msg.phase, participants=tuple(msg.participants), threshold=msg.threshold, bits=int(msg.bits),
+        clip_range=msg.clip_range, size=int(msg.size), seed=int(msg.seed), weight_scale=msg.weight_scale,
+        keys={k: secagg_keys_from_proto(v) for k, v in msg.keys.items()},
+        ciphertexts=dict(msg.ciphertexts), survivors=tuple(msg.survivors), dropped=tuple(msg.dropped))

@@ -134,6 +134,18 @@ class Privacy:
 
 
 @dataclasses.dataclass(frozen=True)
+class SecureAggregation:
+    """SecAgg+ (``fedjax_core/secagg``): the director learns only the sum of each round's updates. ``threshold``: the
+    fraction of a participant's neighbours whose shares rebuild its secrets; updates are clipped entrywise to
+    ``clip_range`` and quantised into the ring Z_(2^bits)."""
+
+    enabled: bool = False
+    threshold: float = 0.5
+    clip_range: float = 1.0
+    bits: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentSpec:
     """An experiment as submitted: its name, rounds and model, and how its rounds run."""
 
@@ -151,6 +163,7 @@ class ExperimentSpec:
     strategy: StrategySpec = StrategySpec()
     best: BestModel = BestModel()
     privacy: Privacy = Privacy()
+    secure: SecureAggregation = SecureAggregation()
 
 
 def check_name(kind: str, name: str) -> None:
@@ -182,10 +195,13 @@ def validate(spec: ExperimentSpec) -> None:
     except InvalidRequestError as exc:
         raise SpecError(str(exc)) from None
     parse_round_config(spec.round_config, spec.rounds)
-    if spec.privacy.enabled:
-        from fedjax_core.privacy.checks import check_privacy  # the privacy package builds on the spec
+    if spec.privacy.enabled or spec.secure.enabled:
+        from fedjax_core.privacy.checks import check_privacy, check_secure  # the privacy package builds on the spec
 
-        check_privacy(spec)
+        if spec.privacy.enabled:
+            check_privacy(spec)
+        if spec.secure.enabled:
+            check_secure(spec)
 
 
 def _check_int(setting: str, value: Any, low: int, high: int, meaning: str = "") -> None:
@@ -298,6 +314,7 @@ def from_dict(d: Mapping[str, Any]) -> ExperimentSpec:
         communication=Communication(**{**d["communication"], "sync": SyncMode(d["communication"]["sync"])}),
         strategy=StrategySpec(**d["strategy"]), best=BestModel(**d["best"]),
         privacy=privacy_from_dict(d.get("privacy") or {}),
+        secure=SecureAggregation(**(d.get("secure") or {})),
     )
 
 

@@ -105,7 +105,7 @@ class WaitTaskRequest(_message.Message):
     def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
 
 class WaitTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message", "task_kwargs", "from_global", "check_in", "compression", "send_deltas", "clip_norm", "noise_std")
+    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message", "task_kwargs", "from_global", "check_in", "compression", "send_deltas", "clip_norm", "noise_std", "secagg")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NONE: _ClassVar[WaitTaskResponse.Kind]
@@ -113,11 +113,13 @@ class WaitTaskResponse(_message.Message):
         VALIDATE: _ClassVar[WaitTaskResponse.Kind]
         FINISHED: _ClassVar[WaitTaskResponse.Kind]
         SYNC: _ClassVar[WaitTaskResponse.Kind]
+        SECAGG: _ClassVar[WaitTaskResponse.Kind]
     NONE: WaitTaskResponse.Kind
     TRAIN: WaitTaskResponse.Kind
     VALIDATE: WaitTaskResponse.Kind
     FINISHED: WaitTaskResponse.Kind
     SYNC: WaitTaskResponse.Kind
+    SECAGG: WaitTaskResponse.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     OPT_TREATMENT_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +132,7 @@ class WaitTaskResponse(_message.Message):
     SEND_DELTAS_FIELD_NUMBER: _ClassVar[int]
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     NOISE_STD_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     kind: WaitTaskResponse.Kind
     round: int
     opt_treatment: str
@@ -142,7 +145,91 @@ class WaitTaskResponse(_message.Message):
     send_deltas: bool
     clip_norm: float
     noise_std: float
-    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., task_kwargs: _Optional[str] = ..., from_global: _Optional[bool] = ..., check_in: _Optional[bool] = ..., compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ...) -> None: ...
+    secagg: SecAggStep
+    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., task_kwargs: _Optional[str] = ..., from_global: _Optional[bool] = ..., check_in: _Optional[bool] = ..., compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ..., secagg: _Optional[_Union[SecAggStep, _Mapping]] = ...) -> None: ...
+
+class SecAggKeys(_message.Message):
+    __slots__ = ("cipher_pk", "mask_pk")
+    CIPHER_PK_FIELD_NUMBER: _ClassVar[int]
+    MASK_PK_FIELD_NUMBER: _ClassVar[int]
+    cipher_pk: bytes
+    mask_pk: bytes
+    def __init__(self, cipher_pk: _Optional[bytes] = ..., mask_pk: _Optional[bytes] = ...) -> None: ...
+
+class SecAggStep(_message.Message):
+    __slots__ = ("phase", "participants", "threshold", "bits", "clip_range", "size", "seed", "weight_scale", "keys", "ciphertexts", "survivors", "dropped")
+    class KeysEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SecAggKeys
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SecAggKeys, _Mapping]] = ...) -> None: ...
+    class CiphertextsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SCALE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    threshold: float
+    bits: int
+    clip_range: float
+    size: int
+    seed: int
+    weight_scale: float
+    keys: _containers.MessageMap[str, SecAggKeys]
+    ciphertexts: _containers.ScalarMap[str, bytes]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, phase: _Optional[str] = ..., participants: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., bits: _Optional[int] = ..., clip_range: _Optional[float] = ..., size: _Optional[int] = ..., seed: _Optional[int] = ..., weight_scale: _Optional[float] = ..., keys: _Optional[_Mapping[str, SecAggKeys]] = ..., ciphertexts: _Optional[_Mapping[str, bytes]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggShares(_message.Message):
+    __slots__ = ("items",)
+    class ItemsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.ScalarMap[str, bytes]
+    def __init__(self, items: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("envoy_name", "experiment_name", "round", "keys", "shares", "reveal")
+    ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    REVEAL_FIELD_NUMBER: _ClassVar[int]
+    envoy_name: str
+    experiment_name: str
+    round: int
+    keys: SecAggKeys
+    shares: SecAggShares
+    reveal: SecAggShares
+    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., round: _Optional[int] = ..., keys: _Optional[_Union[SecAggKeys, _Mapping]] = ..., shares: _Optional[_Union[SecAggShares, _Mapping]] = ..., reveal: _Optional[_Union[SecAggShares, _Mapping]] = ...) -> None: ...
+
+class SecAggResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class GetRoundModelRequest(_message.Message):
     __slots__ = ("envoy_name", "experiment_name", "round")

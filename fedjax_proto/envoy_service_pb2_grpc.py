@@ -85,6 +85,11 @@ class EnvoyServiceStub:
                 request_serializer=fedjax__proto_dot_envoy__service__pb2.CheckInRequest.SerializeToString,
                 response_deserializer=fedjax__proto_dot_envoy__service__pb2.CheckInResponse.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/fedjax.EnvoyService/SecAgg',
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_envoy__service__pb2.SecAggResponse.FromString,
+                _registered_method=True)
 
 
 class EnvoyServiceServicer:
@@ -153,6 +158,13 @@ class EnvoyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """Secure aggregation: a worker's keys, encrypted shares or revealed shares for its round (docs/privacy.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnvoyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +217,11 @@ def add_EnvoyServiceServicer_to_server(servicer, server):
                     servicer.CheckIn,
                     request_deserializer=fedjax__proto_dot_envoy__service__pb2.CheckInRequest.FromString,
                     response_serializer=fedjax__proto_dot_envoy__service__pb2.CheckInResponse.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.SecAggRequest.FromString,
+                    response_serializer=fedjax__proto_dot_envoy__service__pb2.SecAggResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +494,33 @@ class EnvoyService:
             '/fedjax.EnvoyService/CheckIn',
             fedjax__proto_dot_envoy__service__pb2.CheckInRequest.SerializeToString,
             fedjax__proto_dot_envoy__service__pb2.CheckInResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjax.EnvoyService/SecAgg',
+            fedjax__proto_dot_envoy__service__pb2.SecAggRequest.SerializeToString,
+            fedjax__proto_dot_envoy__service__pb2.SecAggResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,7 +51,7 @@ class GetShardRegistryResponse(_message.Message):
     def __init__(self, envoys: _Optional[_Iterable[_Union[EnvoyEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ExperimentSpec(_message.Message):
-    __slots__ = ("name", "rounds", "opt_treatment", "model_spec", "envoys", "submitter", "bundle_size", "round_config", "sampling", "deadline", "communication", "strategy", "best", "privacy")
+    __slots__ = ("name", "rounds", "opt_treatment", "model_spec", "envoys", "submitter", "bundle_size", "round_config", "sampling", "deadline", "communication", "strategy", "best", "privacy", "secure")
     class Sampling(_message.Message):
         __slots__ = ("envoys_per_round", "fraction", "seed")
         ENVOYS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,17 @@ class ExperimentSpec(_message.Message):
         clipped_count_stddev: float
         max_epsilon: float
         def __init__(self, mode: _Optional[str] = ..., clipping_norm: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., delta: _Optional[float] = ..., epsilon: _Optional[float] = ..., clip_on: _Optional[str] = ..., adaptive: _Optional[bool] = ..., target_clipped_quantile: _Optional[float] = ..., clip_norm_lr: _Optional[float] = ..., clipped_count_stddev: _Optional[float] = ..., max_epsilon: _Optional[float] = ...) -> None: ...
+    class SecureAggregation(_message.Message):
+        __slots__ = ("enabled", "threshold", "clip_range", "bits")
+        ENABLED_FIELD_NUMBER: _ClassVar[int]
+        THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+        CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
+        BITS_FIELD_NUMBER: _ClassVar[int]
+        enabled: bool
+        threshold: float
+        clip_range: float
+        bits: int
+        def __init__(self, enabled: _Optional[bool] = ..., threshold: _Optional[float] = ..., clip_range: _Optional[float] = ..., bits: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     OPT_TREATMENT_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +147,7 @@ class ExperimentSpec(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     BEST_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    SECURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     rounds: int
     opt_treatment: str
@@ -150,7 +162,8 @@ class ExperimentSpec(_message.Message):
     strategy: ExperimentSpec.Strategy
     best: ExperimentSpec.BestModel
     privacy: ExperimentSpec.Privacy
-    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., bundle_size: _Optional[int] = ..., round_config: _Optional[str] = ..., sampling: _Optional[_Union[ExperimentSpec.Sampling, _Mapping]] = ..., deadline: _Optional[_Union[ExperimentSpec.Deadline, _Mapping]] = ..., communication: _Optional[_Union[ExperimentSpec.Communication, _Mapping]] = ..., strategy: _Optional[_Union[ExperimentSpec.Strategy, _Mapping]] = ..., best: _Optional[_Union[ExperimentSpec.BestModel, _Mapping]] = ..., privacy: _Optional[_Union[ExperimentSpec.Privacy, _Mapping]] = ...) -> None: ...
+    secure: ExperimentSpec.SecureAggregation
+    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., bundle_size: _Optional[int] = ..., round_config: _Optional[str] = ..., sampling: _Optional[_Union[ExperimentSpec.Sampling, _Mapping]] = ..., deadline: _Optional[_Union[ExperimentSpec.Deadline, _Mapping]] = ..., communication: _Optional[_Union[ExperimentSpec.Communication, _Mapping]] = ..., strategy: _Optional[_Union[ExperimentSpec.Strategy, _Mapping]] = ..., best: _Optional[_Union[ExperimentSpec.BestModel, _Mapping]] = ..., privacy: _Optional[_Union[ExperimentSpec.Privacy, _Mapping]] = ..., secure: _Optional[_Union[ExperimentSpec.SecureAggregation, _Mapping]] = ...) -> None: ...
 
 class ExperimentHeader(_message.Message):
     __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec", "min_envoys", "round_timeout_s", "aggregation_params", "envoys_per_round", "envoys_fraction", "sampling_seed", "round_config", "compression", "send_deltas", "compress_downloads", "sync", "sync_every", "sync_threshold")

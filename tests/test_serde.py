@@ -24,7 +24,7 @@ from fedjax_proto import tensors_pb2 as t_pb
 
 # Fields whose values are constrained to a vocabulary: a non-default member of it.
 _CHOICES = {
-    (r.Task, "kind"): [r.TaskKind.TRAIN, r.TaskKind.VALIDATE, r.TaskKind.FINISHED],
+    (r.Task, "kind"): [r.TaskKind.TRAIN, r.TaskKind.VALIDATE, r.TaskKind.FINISHED, r.TaskKind.SECAGG],
     (ExperimentSpec, "opt_treatment"): [r.OptTreatment.CONTINUE_GLOBAL],
     (experiment_spec.Communication, "sync"): [experiment_spec.SyncMode.PERIODIC],
     (r.MetricEvent, "stage"): [r.Stage.LOCAL],
@@ -93,6 +93,8 @@ PAIRS = {
     r.ExperimentStatus: (serde.status_to_proto, serde.status_from_proto),
     r.MetricEvent: (serde.metric_event_to_proto, serde.metric_event_from_proto),
     r.Task: (serde.task_to_proto, serde.task_from_proto),
+    r.SecAggKeys: (serde.secagg_keys_to_proto, serde.secagg_keys_from_proto),
+    r.SecAggStep: (serde.secagg_step_to_proto, serde.secagg_step_from_proto),
 }
 
 

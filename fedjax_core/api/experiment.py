@@ -26,7 +26,7 @@ from fedjax_core.records import default_higher_is_better
 from fedjax_core.runtime.interfaces import DataInterface, ModelInterface, TaskError, TaskInterface
 from fedjax_core.runtime.model_tensors import state_to_tensors, static_structure, tensors_to_state
 from fedjax_core.sinks import MetricSink
-from fedjax_core.privacy.settings import CentralDP, LocalDP, privacy_to_spec
+from fedjax_core.privacy.settings import CentralDP, LocalDP, SecureAggregation, privacy_to_spec, secure_to_spec
 from fedjax_core.spec import (BestModel, Communication, Deadline, ExperimentSpec, Sampling, StrategySpec, enum_of,
                               parse_round_config, validate)
 from fedjax_core.strategies import Strategy, as_strategy
@@ -149,6 +149,7 @@ class FLExperiment:
               min_envoys: int = 1, round_timeout_s: float = 0.0,
               compression: str | None = None, send_deltas: bool = False, compress_downloads: bool = False,
               sync: Sync | None = None, privacy: CentralDP | LocalDP | None = None,
+              secure_aggregation: SecureAggregation | None = None,
               pickle_by_value: Iterable[ModuleType] = (), pip_install_options: Any = None) -> int:
         """Submit the experiment; returns its place in the director's queue (0: running now).
 
@@ -167,6 +168,8 @@ class FLExperiment:
         averages less often than every round (see ``fedjax_core.sync``).
         ``privacy``: ``fedjax_core.privacy.CentralDP(...)`` or ``LocalDP(...)`` makes the updates
         differentially private; the status then reports ``epsilon`` at ``delta`` (docs/privacy.md).
+        ``secure_aggregation``: ``fedjax_core.privacy.SecureAggregation(...)`` masks the updates so that
+        the director learns only each round's sum (SecAgg+; docs/privacy.md).
 
         A round closes when every participant has reported or dropped out (a task that raises
         drops its envoy out of that round; it rejoins at the next), or, with ``round_timeout_s``
@@ -210,7 +213,7 @@ class FLExperiment:
             strategy=StrategySpec(strategy_name, strategy_params),
             best=BestModel(best_metric or "", default_higher_is_better(best_metric or "") if higher_is_better is None
                            else bool(higher_is_better)),
-            privacy=privacy_to_spec(privacy),
+            privacy=privacy_to_spec(privacy), secure=secure_to_spec(secure_aggregation),
         )
         validate(spec)  # the director checks it again, and against the envoys it knows
         task_keeper.check()

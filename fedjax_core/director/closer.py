@@ -25,14 +25,16 @@ from fedjax_core.strategies import Strategy
 
 
 def write_next_model(models: RoundModels, experiment: str, round_: int, strategy: Strategy,
-                     updates: RoundUpdates, privacy: Privacy = Privacy(), per_round: int = 0) -> dict[str, float]:
+                     updates: RoundUpdates, privacy: Privacy = Privacy(), per_round: int = 0,
+                     summed: int = 0) -> dict[str, float]:
     """model_{r+1} and state_{r+1} of `experiment` from model_r, state_r and the round's updates; under central
-    DP (``privacy``, with ``per_round`` participants expected), what the round's clipping and noise were."""
+    DP (``privacy``, with ``per_round`` participants expected), what the round's clipping and noise were.
+    ``summed``: the one update is the secure sum of that many envoys' (clipped) updates."""
     previous = models.model(experiment, round_)
     state = _state(models, experiment, round_, strategy, updates)
     dp = None
     if privacy.mode == PrivacyMode.CENTRAL:
-        dp = central.CentralRound(privacy, central.clipping_norm_of(privacy, state), per_round)
+        dp = central.CentralRound(privacy, central.clipping_norm_of(privacy, state), per_round, summed=summed)
     leaf = stepper(strategy, state, previous, updates, combiner=dp.combiner(previous) if dp else None)
     new_state = NextState()
     with models.model_writer(experiment, round_ + 1) as writer:

@@ -257,6 +257,21 @@ class Director:
         finally:  # one envoy's result changes only its own answers, unless the round moved on for everyone
             everyone = bool(effects) or state.triggered != before.triggered or not hasattr(event, "envoy")
             self.changed(None if everyone else event.envoy)
+        return effects + self.advance_secure(run)
+
+    def advance_secure(self, run: Run) -> tuple[Effect, ...]:
+        """Under the lock: move the round's secure aggregation on once every participant still in the round took
+        its step; when the round can no longer be unmasked, count those left as done so that it closes."""
+        state = run.state
+        if run.secure is None or state.kind != r.TaskKind.TRAIN or not state.open:
+            return ()
+        moved, finish = run.secure.advance(state.members - frozenset(state.dropped))
+        if moved:
+            self.changed()
+        effects: tuple[Effect, ...] = ()
+        for envoy in finish:
+            if run.state.open and run.state.owes(envoy):
+                effects += self.act(run, round_machine.UpdateStored(envoy))
         return effects
 
     def _finish(self, run: Run, finish: Finish) -> None:

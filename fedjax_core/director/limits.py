@@ -60,3 +60,20 @@ def clip_error(text: str) -> str:
     if len(text) <= MAX_ERROR_CHARS:
         return text
     return text[:MAX_ERROR_CHARS] + f"\n[... {len(text) - MAX_ERROR_CHARS} more characters cut by the director]"
+
+
+MAX_SECAGG_ITEMS = 1024  # neighbours a participant shares with (SecAgg+ neighbourhoods are O(log n))
+MAX_SECAGG_ITEM_BYTES = 4096  # one encrypted pair of shares is about 170 bytes
+
+
+def check_secagg(items: dict[str, bytes] | None) -> None:
+    """A secure aggregation step's shares: a bounded number of bounded ciphertexts, to envoys with valid names."""
+    if items is None:
+        return
+    if len(items) > MAX_SECAGG_ITEMS:
+        raise InvalidRequestError(f"a secure aggregation step carries {len(items)} shares; at most {MAX_SECAGG_ITEMS}")
+    for name, data in items.items():
+        _text("a secure aggregation neighbour's name", name, MAX_SHORT_TEXT_CHARS)
+        if len(data) > MAX_SECAGG_ITEM_BYTES:
+            raise InvalidRequestError(f"the share for {name[:64]!r} is {len(data)} bytes; at most "
+                                      f"{MAX_SECAGG_ITEM_BYTES} are allowed")

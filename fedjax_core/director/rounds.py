@@ -38,6 +38,8 @@ from fedjax_core.errors import FedError, InvalidRequestError
 from fedjax_core.metrics_log import Loggers
 from fedjax_core.privacy import accounting, central
 from fedjax_core.privacy.local import envoy_treatment
+from fedjax_core.director.secure_rounds import SecureRound, secure_leaves
+from fedjax_core.secagg.protocol import SecAggError
 from fedjax_core.spec import ExperimentSpec
 from fedjax_core.model_file import ModelFile
 
@@ -74,6 +76,7 @@ class Run:
     traffic: Traffic = dataclasses.field(default_factory=Traffic)
     keep_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # orders keeping updates and the close
     download_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # compressed model, once
+    secure: SecureRound | None = None  # a training round's secure aggregation (SecAgg+)
 
     @property
     def spec(self) -> ExperimentSpec:
@@ -105,12 +108,20 @@ class Run:
             return r.Task(kind=r.TaskKind.NONE)  # sits this round out, keeping its worker and jit cache
         s = self.spec
         kind = r.TaskKind.SYNC if envoy in state.checked_in else state.kind  # trained already: dynamic averaging
+        secagg = None
+        if self.secure is not None:
+            if self.secure.trained(envoy):  # trained: the protocol's next step, or wait for the others
+                step = self.secure.task_step(envoy)
+                if step is None:
+                    return r.Task(kind=r.TaskKind.NONE)
+                return r.Task(kind=r.TaskKind.SECAGG, round=state.round, secagg=step)
+            secagg = self.secure.setup_step()
         clip_norm, noise_std = envoy_treatment(s.privacy)
         return r.Task(kind=kind, round=state.round, opt_treatment=s.opt_treatment,
                       upload_tensors=tuple(sorted(self.upload)), task_kwargs=self.task_kwargs(),
                       from_global=self.from_global, check_in=state.averaging != rules.Averaging.ALWAYS,
                       compression=s.communication.compression, send_deltas=s.communication.send_deltas,
-                      clip_norm=clip_norm, noise_std=noise_std)
+                      clip_norm=clip_norm, noise_std=noise_std, secagg=secagg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +172,23 @@ class RoundEngine:
         if from_global is None:
             from_global = round_ == 0 or self._averaged(row.name, round_ - 1)
         check = central.upload_check(spec.privacy, lambda: self.models.model(row.name, round_))
-        return Run(row=row, plan=plan, state=state, upload=upload,
-                   updates=RoundUpdates([t for t in spec.model_spec if t.name in upload], check),
-                   started_at=self.timer(), from_global=from_global or not training)
+        uploaded = [t for t in spec.model_spec if t.name in upload]
+        secure = None
+        if training and spec.secure.enabled:
+            secure, check = self._secure_round(row, round_, participants, uploaded), None
+        return Run(row=row, plan=plan, state=state, upload=upload, updates=RoundUpdates(uploaded, check),
+                   started_at=self.timer(), from_global=from_global or not training, secure=secure)
+
+    def _secure_round(self, row: ExperimentRow, round_: int, participants: tuple[str, ...],
+                      uploaded: list[r.TensorSpec]) -> SecureRound:
+        """The round's SecAgg+: envoys weigh their change by their train samples over the largest registered among
+        the participants (unweighted under central DP, whose sensitivity needs it)."""
+        weight_scale = 0.0
+        if not row.spec.privacy.enabled:
+            largest = max((row.envoy_sizes.get(e, (0, 0))[0] for e in participants), default=0)
+            weight_scale = 1.0 / largest if largest > 0 else 0.0
+        return SecureRound(row.name, round_, participants, row.spec.secure, secure_leaves(uploaded), weight_scale,
+                           row.spec.sampling.seed + round_)
 
     @staticmethod
     def privacy_rate(row: ExperimentRow, plan: RoundPlan) -> float:
@@ -274,13 +299,14 @@ class RoundEngine:
         self._update_best(run, aggregates, [e for _, e, _ in round_events if e.envoy])
         if run.state.kind == r.TaskKind.VALIDATE:
             return Outcome(state=r.State.FINISHED)
+        summed, secure_note = self._unmask(run) if run.secure is not None else (0, "")
         averaged = run.updates.count > 0
-        if not averaged and not run.state.checked_in:
+        if not averaged and not run.state.checked_in and not secure_note:
             return Outcome(state=r.State.FAILED, error=f"round {run.round} closed without any update")
         privacy_metrics = {}
         if averaged:
             privacy_metrics = closer.write_next_model(self.models, name, run.round, run.plan.strategy, run.updates,
-                                                      run.spec.privacy, run.plan.per_round)
+                                                      run.spec.privacy, run.plan.per_round, summed)
         else:  # every envoy keeps training its own model; the global one stays
             self.models.carry_over(name, run.round)
             if run.round == 0:  # the strategy's state begins where the model does
@@ -291,6 +317,9 @@ class RoundEngine:
         events = self._communication_events(run, seconds, averaged)
         if run.spec.privacy.enabled:
             events[-1] = self._with_privacy(run, events[-1], privacy_metrics)
+        if secure_note:
+            log.warning("experiment %r: %s", name, secure_note)
+            events[-1] = dataclasses.replace(events[-1], note="; ".join(filter(None, [secure_note, events[-1].note])))
         for event in events:
             if self.store.add_event(name, event):
                 self.loggers.log(name, event)
@@ -323,6 +352,19 @@ class RoundEngine:
                      r.Metric("round", "envoys_reported", len(state.done)),
                      r.Metric("round", "envoys_selected", len(state.participants)))))
         return events
+
+    def _unmask(self, run: Run) -> tuple[int, str]:
+        """A secure round's sum, kept as the round's one upload: (envoys it sums, ''), or (0, why it failed)."""
+        why = run.secure.failed
+        if not why:
+            try:
+                upload, summed = run.secure.aggregate(self.models.model(run.name, run.round))
+                run.updates.add(upload)
+                return summed, ""
+            except SecAggError as exc:
+                why = str(exc)
+        return 0, (f"the secure aggregation of round {run.round} failed: {why}; the model stays as it was and the "
+                   "experiment goes on")
 
     def _with_privacy(self, run: Run, event: r.MetricEvent, metrics: dict[str, float]) -> r.MetricEvent:
         """The round's summary with what it spent: epsilon at delta so far, the clipping norm and noise it used;

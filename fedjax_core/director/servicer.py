@@ -13,7 +13,7 @@ import grpc
 
 from fedjax_core import pki, serde
 from fedjax_core import records as r
-from fedjax_core.director import paging
+from fedjax_core.director import limits, paging
 from fedjax_core.director.concurrency import EVERYTHING, NOTEBOOKS, Flow
 from fedjax_core.director.core import Director
 from fedjax_core.director.gates import guarded_handler
@@ -245,6 +245,19 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
         received = await self.flow.receive(context, "UploadUpdate", consume, admit=admit)
         return env_pb.UploadUpdateResponse(bytes_received=received)
+
+    @maps_errors
+    def SecAgg(self, request, context):
+        _check_envoy_identity(Caller.of(context), request.envoy_name)
+        step = request.WhichOneof("step")
+        if step is None:
+            raise InvalidRequestError("a SecAgg request carries keys, shares or reveal")
+        items = dict(getattr(request, step).items) if step in ("shares", "reveal") else None
+        keys = serde.secagg_keys_from_proto(request.keys) if step == "keys" else None
+        limits.check_secagg(items)
+        self.director.workers.secure_step(request.envoy_name, request.experiment_name, request.round, step, keys,
+                                          items)
+        return env_pb.SecAggResponse()
 
     @maps_errors
     def ReportFailure(self, request, context):

@@ -13,10 +13,13 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fedjax_core import records as r
 from fedjax_core.director import limits, round_machine, transfers
 from fedjax_core.director.round_machine import CheckedIn, Dropped, Effect, Failed, Refused, UpdateStored, Validated
 from fedjax_core.director.rounds import Run
+from fedjax_core.secagg.protocol import MASKED_TENSOR
 from fedjax_core.privacy.local import check_applied
 from fedjax_core.errors import FedError, InvalidRequestError, PreconditionError, StorageError, is_disk_full
 from fedjax_core.model_file import ModelFile
@@ -136,6 +139,8 @@ class WorkerCalls:
         with d.lock:
             run = self._upload_run(envoy, experiment, round_)
         check_applied(run.spec.privacy, envoy, *applied)
+        if run.secure is not None:
+            return self._accept_masked(run, envoy, round_, chunks)
         with d.lock:
             run.receiving.add(envoy)
         try:
@@ -159,6 +164,52 @@ class WorkerCalls:
                 run.receiving.discard(envoy)
         d.after(run, effects)
         return received
+
+    def _accept_masked(self, run: Run, envoy: str, round_: int, chunks: Iterable[r.TensorChunk]) -> int:
+        """A secure round's masked vector: read whole into memory (it reveals nothing without the others'), added
+        to the round's running sum, and dropped."""
+        d, size = self.director, run.secure.size
+        masked = np.empty(size, np.uint64)
+        view, received = masked.view(np.uint8), 0
+        for chunk in chunks:
+            spec = chunk.spec
+            if spec is not None and (spec.name != MASKED_TENSOR or spec.dtype != "uint64" or tuple(spec.shape) != (size,)):
+                raise InvalidRequestError(f"a secure round's upload is one tensor {MASKED_TENSOR!r} of {size} uint64, got "
+                                          f"{spec.name!r} {spec.dtype} {tuple(spec.shape)}")
+            if chunk.name != MASKED_TENSOR or chunk.offset != received or received + len(chunk.data) > view.size:
+                raise InvalidRequestError(f"the masked upload of {envoy!r} arrives out of order or too long")
+            view[received:received + len(chunk.data)] = np.frombuffer(chunk.data, np.uint8)
+            received += len(chunk.data)
+        if received != view.size:
+            raise InvalidRequestError(f"the masked upload of {envoy!r} has {received} bytes, expected {view.size}")
+        with d.lock:
+            if d.run(run.name) is not run or run.state.round != round_ or not run.state.owes(envoy):
+                raise PreconditionError(f"round {round_} of {run.name!r} no longer takes envoy {envoy!r}'s upload")
+            run.secure.add_masked(envoy, masked)
+            run.traffic.count(envoy, received, upload=True)
+            effects = d.advance_secure(run)
+        d.after(run, effects)
+        return received
+
+    def secure_step(self, envoy: str, experiment: str, round_: int, phase: str, keys: r.SecAggKeys | None = None,
+                    items: dict[str, bytes] | None = None) -> None:
+        """A worker's keys, encrypted shares or revealed shares for its secure round; revealing is its last step,
+        after which the round counts it as done."""
+        d = self.director
+        size = sum(len(v) for v in (items or {}).values()) + (64 if keys is not None else 0)
+        with d.lock:
+            run = self._running(envoy, experiment)
+            if run.secure is None or round_ != run.round or not run.state.owes(envoy):
+                raise PreconditionError(f"round {round_} of {experiment!r} does not take envoy {envoy!r}'s secure "
+                                        "aggregation steps now")
+            run.secure.add(envoy, phase, keys, items)
+            run.traffic.count(envoy, size, upload=True)
+            if phase == "reveal":
+                effects = d.act(run, UpdateStored(envoy))
+            else:
+                effects = d.advance_secure(run)
+                d.changed(envoy)
+        d.after(run, effects)
 
     def _keep(self, run: Run, envoy: str, round_: int, spool: Path, weight: float,
               received: int) -> tuple[Effect, ...]:

@@ -172,6 +172,17 @@ class EnvoyClient:
 
         return self._retry(lambda: self._upload(requests(), timeout=600).bytes_received, "upload the update")
 
+    def secagg(self, experiment: str, round_: int, phase: str, keys: r.SecAggKeys | None = None,
+               items: Mapping[str, bytes] | None = None) -> None:
+        """A step of the round's secure aggregation: ``keys`` (phase 'keys'), or encrypted ('shares') or revealed
+        ('reveal') shares by neighbour."""
+        req = env_pb.SecAggRequest(envoy_name=self.envoy_name, experiment_name=experiment, round=round_)
+        if phase == "keys":
+            req.keys.CopyFrom(serde.secagg_keys_to_proto(keys))
+        else:
+            getattr(req, phase).items.update(dict(items or {}))
+        self._stub.SecAgg(req, timeout=60)
+
     def report_failure(self, experiment: str, error: str, round_: int | None = None,
                        worker_lost: bool = False, refused: bool = False) -> None:
         """``round_``: a task failed in that round (a dropout); ``worker_lost``: the worker died (a dropout

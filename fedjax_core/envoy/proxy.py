@@ -25,7 +25,7 @@ from fedjax_proto import envoy_service_pb2 as env_pb
 log = logging.getLogger("fedjax.envoy")
 SERVICE = "fedjax.EnvoyService"
 # What a worker calls; registration, the experiment stream and the bundle stay with the daemon.
-WORKER_METHODS = ("WaitTask", "GetRoundModel", "ReportMetrics", "UploadUpdate", "ReportFailure", "CheckIn")
+WORKER_METHODS = ("WaitTask", "GetRoundModel", "ReportMetrics", "UploadUpdate", "ReportFailure", "CheckIn", "SecAgg")
 _MAX_UNIX_PATH = 100  # sun_path holds 108 bytes
 
 

@@ -55,6 +55,7 @@ class CentralRound:
     privacy: Privacy
     clipping_norm: float
     per_round: int
+    summed: int = 0  # the round's one upload is already the mean of this many envoy-clipped updates (secure aggregation)
     rng: np.random.Generator = dataclasses.field(default_factory=noise.fresh_generator)
     noise_std: float = 0.0
     next_clipping_norm: float = 0.0
@@ -64,9 +65,12 @@ class CentralRound:
         def combiner(updates: RoundUpdates) -> Combine:
             uploads = updates.sorted_uploads()
             leaves = [spec for spec in updates.specs.values() if is_param(spec)]
-            norms = [clipping.update_norm(u.tensors, global_model, leaves) for u in uploads]
-            factors = [clipping.clip_factor(norm, self.clipping_norm) for norm in norms]
-            n = len(uploads)
+            if self.summed:  # clipped on the envoys and summed unseen: nothing to clip here
+                norms, factors, n = [], [1.0] * len(uploads), self.summed
+            else:
+                norms = [clipping.update_norm(u.tensors, global_model, leaves) for u in uploads]
+                factors = [clipping.clip_factor(norm, self.clipping_norm) for norm in norms]
+                n = len(uploads)
             self.noise_std = update_noise_multiplier(self.privacy, self.per_round) * self.clipping_norm / n
             self.next_clipping_norm = self.clipping_norm
             if self.privacy.adaptive:
@@ -76,7 +80,7 @@ class CentralRound:
 
             def combine(name: str):
                 yield from _noised_mean(updates.specs[name], uploads, factors, global_model, self.noise_std,
-                                        self.rng)
+                                        self.rng, divide_by=len(uploads))
             return combine
         return combiner
 
@@ -91,7 +95,7 @@ class CentralRound:
 
 
 def _noised_mean(spec, uploads: list[Upload], factors: list[float], global_model: TensorSource, std: float,
-                 rng: np.random.Generator):
+                 rng: np.random.Generator, divide_by: int):
     """``(block, x + mean_k(f_k (u_k - x)) + N(0, std^2))`` over the flattened leaf, in float64."""
     size = math.prod(spec.shape)
     dtype = np.dtype(spec.dtype).newbyteorder("<")
@@ -103,7 +107,7 @@ def _noised_mean(spec, uploads: list[Upload], factors: list[float], global_model
         acc = np.zeros(width)
         for u, factor in zip(uploads, factors):
             acc += factor * (u.tensors.read_into(spec.name, start, buffer[:width]).astype(np.float64) - base)
-        acc /= len(uploads)
+        acc /= divide_by
         acc += noise.gaussian(rng, std, width)
         yield block, base + acc
 

@@ -111,3 +111,33 @@ def _check_adaptive(p: Privacy) -> None:
             raise SpecError(f"CentralDP(clipped_count_stddev={p.clipped_count_stddev:g}) must exceed noise_multiplier "
                             f"/ 2 ({p.noise_multiplier / 2:g}) for adaptive clipping to keep noise_multiplier's "
                             "guarantee; raise it, or lower noise_multiplier")
+
+
+def check_secure(spec: ExperimentSpec) -> None:
+    """Secure aggregation's settings, and refusals of what needs single updates, which the director never sees."""
+    s = spec.secure
+    _number("SecureAggregation(threshold)", s.threshold, 0.5, 1, low_open=False)
+    _number("SecureAggregation(clip_range)", s.clip_range, 0, 1e9)
+    if isinstance(s.bits, bool) or not isinstance(s.bits, int) or not 16 <= s.bits <= 62:
+        raise SpecError(f"SecureAggregation(bits={s.bits!r}) must be an integer from 16 to 62")
+    why = "secure aggregation gives the director only the sum of a round's updates, never one of them"
+    strategy = strategy_from_wire(spec.strategy.name, spec.strategy.params)
+    if strategy.rule().combiner is not weighted_mean:
+        raise SpecError(f"aggregation {strategy.name!r} looks at each update (a robust rule), but {why}: use fedavg, "
+                        "fedavgm, fedadam, fedyogi or fedadagrad")
+    if spec.communication.compression:
+        raise SpecError(f"compression={spec.communication.compression!r} encodes each update for the wire, but {why} "
+                        "and quantises the masked updates itself (bits=): drop compression")
+    if spec.communication.sync == SyncMode.DYNAMIC:
+        raise SpecError(f"sync=Dynamic compares each envoy's model with the global one at the director, but {why}: "
+                        "use Periodic or the default")
+    if spec.communication.sync == SyncMode.PERIODIC:
+        raise SpecError("sync=Periodic with secure aggregation is not supported: leave sync at its default")
+    if spec.opt_treatment == OptTreatment.CONTINUE_GLOBAL:
+        raise SpecError(f"opt_treatment='CONTINUE_GLOBAL' averages optimizer state and takes the maximum of step "
+                        f"counters, but {why}: use 'RESET' or 'CONTINUE_LOCAL'")
+    if spec.privacy.mode == PrivacyMode.CENTRAL and spec.privacy.clip_on != ClipOn.ENVOY:
+        raise SpecError("CentralDP clips each update on the director, but " + why + ": pass CentralDP(..., "
+                        "clip_on='envoy'), whose clipping happens on the envoys")
+    if spec.privacy.adaptive:
+        raise SpecError(f"adaptive clipping needs each update's norm, but {why}")

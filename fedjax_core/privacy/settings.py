@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from fedjax_core import spec as experiment_spec
 from fedjax_core.spec import ClipOn, Privacy, PrivacyMode
 
 
@@ -74,3 +75,29 @@ def privacy_to_spec(privacy: CentralDP | LocalDP | None) -> Privacy:
     if isinstance(privacy, (CentralDP, LocalDP)):
         return privacy.to_spec()
     raise TypeError(f"privacy must be fedjax_core.privacy.CentralDP(...) or LocalDP(...), got {type(privacy).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureAggregation:
+    """SecAgg+ (Bell et al. 2020): each round's participants mask their updates so that the director can unmask
+    only their sum. ``threshold``: the fraction of a participant's neighbours that must stay to rebuild its masks
+    (at least 0.5); up to ``1 - threshold`` of them may drop after the key sharing. Each entry of an update
+    (multiplied by the envoy's share of the round's weight) is clipped to ``clip_range`` and quantised into the
+    ring Z_(2^bits); the sum's error per entry is below ``participants * 2 * clip_range / ((2^bits - 1) //
+    participants)`` (docs/privacy.md)."""
+
+    threshold: float = 0.5
+    clip_range: float = 1.0
+    bits: int = 32
+
+    def to_spec(self) -> experiment_spec.SecureAggregation:
+        return experiment_spec.SecureAggregation(True, self.threshold, self.clip_range, self.bits)
+
+
+def secure_to_spec(secure: SecureAggregation | None) -> experiment_spec.SecureAggregation:
+    """The spec's secure aggregation section for ``FLExperiment.start(secure_aggregation=...)``."""
+    if secure is None:
+        return experiment_spec.SecureAggregation()
+    if isinstance(secure, SecureAggregation):
+        return secure.to_spec()
+    raise TypeError(f"secure_aggregation must be fedjax_core.privacy.SecureAggregation(...), got {type(secure).__name__}")

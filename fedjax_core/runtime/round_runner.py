@@ -87,6 +87,7 @@ class RoundRunner:
         self.local_state = template  # kept between rounds for CONTINUE_LOCAL and between averagings
         self.global_tensors: dict[str, np.ndarray] | None = None  # what deltas and divergences measure from
         self.global_state = None  # the same as a state, for tasks that take global_model= (FedProx)
+        self.secure = None  # this round's secure aggregation, between its steps
         self.train_loader, self.valid_loader = data.get_train_loader(), data.get_valid_loader()
         self.n_train, self.n_valid = int(data.get_train_data_size()), int(data.get_valid_data_size())
 
@@ -96,6 +97,9 @@ class RoundRunner:
         exp, rnd = self.experiment, task.round
         if task.kind == r.TaskKind.SYNC:  # dynamic averaging was triggered after this envoy checked in
             self._upload(task, self.local_state)
+            return
+        if task.kind == r.TaskKind.SECAGG:  # the next step of this round's secure aggregation
+            self._secure_step(task)
             return
         state, fresh = started if started is not None else self.start(task)
         if fresh:  # the round's model: validated before training, as the aggregated model of the last round
@@ -180,9 +184,31 @@ class RoundRunner:
 
             check_finite_update(tensors, task.upload_tensors)
             tensors = privatize(tensors, task.upload_tensors, self.global_tensors, task.clip_norm, task.noise_std)
+        if task.secagg is not None:  # secure aggregation: the update leaves only masked, step by step
+            self._secure_start(task, tensors)
+            return
         wire, encodings = codecs.encode_update(tensors, task.upload_tensors, task.compression or None,
                                                self.global_tensors if task.send_deltas else None)
         self.link.upload(self.experiment, task.round, self.n_train, wire, encodings, (task.clip_norm, task.noise_std))
+
+    def _secure_start(self, task: r.Task, tensors: Mapping[str, np.ndarray]) -> None:
+        from fedjax_core.runtime.secure_upload import SecureUpload, update_vector
+
+        setup = task.secagg
+        weight = 1.0 if setup.weight_scale <= 0 else min(1.0, self.n_train * setup.weight_scale)
+        vector = update_vector(tensors, self.global_tensors, task.upload_tensors, weight, setup.clip_range)
+        self.secure = SecureUpload(self.link, self.experiment, task.round, setup, vector,
+                                   (task.clip_norm, task.noise_std), self.log)
+        self.secure.start()
+
+    def _secure_step(self, task: r.Task) -> None:
+        secure = getattr(self, "secure", None)
+        if secure is None or secure.round != task.round or task.secagg is None:
+            raise RuntimeError(f"the director asks for a secure aggregation step of round {task.round}, but this worker "
+                               "holds no update of that round (it restarted): it drops out of the round")
+        secure.step(task.secagg)
+        if secure.done:
+            self.secure = None
 
     def _divergence(self, task: r.Task, state) -> float:
         """Squared L2 distance of the trained model's float tensors from the round's global model."""

@@ -91,6 +91,11 @@ class SimulatedDirector:
         if self._closed:
             raise PreconditionError("this SimulatedFederation is closed; make a new one")
         check_submission(spec, set(self.store.envoy_names()))
+        if spec.secure.enabled:
+            raise InvalidRequestError("SimulatedFederation does not run secure aggregation: its envoys share one "
+                                      "process, so masking hides nothing from it. Simulate the experiment without "
+                                      "secure_aggregation (the sum it unmasks is the same up to its quantisation, "
+                                      "docs/privacy.md); `make bench` measures the protocol's cost")
         payload = bundle_io.parse(bundle).payload
         objects = cloudpickle.loads(payload)  # the notebook's own code, in its own process
         self.store.add_experiment(spec, state=r.State.QUEUED)  # a name taken raises AlreadyExistsError

@@ -1,0 +1,1 @@
+"""Secure aggregation (SecAgg+): the director learns the sum of a round's updates, never one of them."""

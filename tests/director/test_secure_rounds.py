@@ -1,0 +1,81 @@
+"""The director's side of a secure round: the step each participant is told, the phases moving on as everyone
+still in the round takes theirs, and a round that can no longer be unmasked counting those left as done."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedjax_core import records as r
+from fedjax_core.aggregation import ArraySource
+from fedjax_core.director.secure_rounds import SecureRound, secure_leaves
+from fedjax_core.errors import PreconditionError
+from fedjax_core.records import TensorSpec
+from fedjax_core.runtime.secure_upload import update_vector
+from fedjax_core.secagg.protocol import Client
+from fedjax_core.spec import SecureAggregation
+
+LEAVES = [TensorSpec("params/w", "float32", (3, 2)), TensorSpec("params/b", "float32", (2,))]
+NAMES = ["a", "b", "c", "d", "e"]
+
+
+def new_round(weight_scale=0.01) -> SecureRound:
+    return SecureRound("exp", 0, NAMES, SecureAggregation(threshold=0.5, clip_range=1.0, bits=32),
+                       secure_leaves(LEAVES + [TensorSpec("params/step", "int32", ())]), weight_scale, 7)
+
+
+def test_a_round_walks_its_phases_and_unmasks_the_weighted_mean_change():
+    sr = new_round()
+    assert sr.size == 9 and [s.name for s in sr.leaves] == ["params/b", "params/w"]
+    setup = sr.setup_step()
+    clients = {n: Client(n, sr.setup) for n in NAMES}
+    rng = np.random.default_rng(0)
+    glob = {"params/w": rng.normal(size=(3, 2)).astype(np.float32), "params/b": np.zeros(2, np.float32)}
+    sizes = {"a": 100, "b": 50, "c": 100, "d": 25, "e": 100}
+    trained = {n: {k: v + rng.normal(size=v.shape).astype(np.float32) * 0.1 for k, v in glob.items()} for n in NAMES}
+    for n in NAMES:
+        assert sr.task_step(n) is None and not sr.trained(n)  # trains first
+        sr.add(n, "keys", r.SecAggKeys(*clients[n].advertise()))
+    assert sr.advance(frozenset(NAMES)) == (True, []) and sr.task_step("a").phase == "share"
+    for n in NAMES:
+        keys = {m: (k.cipher_pk, k.mask_pk) for m, k in sr.task_step(n).keys.items()}
+        sr.add(n, "shares", items=clients[n].share(keys))
+    sr.advance(frozenset(NAMES))
+    alive = frozenset(NAMES) - {"d"}  # d drops after sharing
+    for n in sorted(alive):
+        weight = min(1.0, sizes[n] * setup.weight_scale)
+        vector = update_vector(trained[n], glob, ["params/b", "params/w"], weight, setup.clip_range)
+        sr.add_masked(n, clients[n].mask(vector, sr.task_step(n).ciphertexts))
+    with pytest.raises(PreconditionError, match="out of turn"):
+        sr.add("a", "keys", r.SecAggKeys(b"x" * 32, b"y" * 32))
+    assert sr.advance(alive) == (True, [])
+    step = sr.task_step("a")
+    assert step.phase == "unmask" and "d" in step.dropped
+    for n in sorted(alive):
+        s = sr.task_step(n)
+        sr.add(n, "reveal", items=clients[n].reveal(s.survivors, s.dropped))
+    upload, summed = sr.aggregate(ArraySource(glob))
+    assert summed == 4
+    w = {n: sizes[n] / 100 for n in alive}
+    for name in glob:
+        want = glob[name] + sum(w[n] * (trained[n][name].astype(np.float64) - glob[name]) for n in alive) / sum(w.values())
+        got = upload.tensors.read_into(name, 0, np.empty(glob[name].size, np.float32)).reshape(glob[name].shape)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_a_round_that_can_no_longer_be_unmasked_says_why_and_lets_the_others_finish():
+    sr = new_round()
+    clients = {n: Client(n, sr.setup) for n in NAMES}
+    for n in NAMES:
+        sr.add(n, "keys", r.SecAggKeys(*clients[n].advertise()))
+    sr.advance(frozenset(NAMES))
+    for n in NAMES:
+        keys = {m: (k.cipher_pk, k.mask_pk) for m, k in sr.task_step(n).keys.items()}
+        sr.add(n, "shares", items=clients[n].share(keys))
+    sr.advance(frozenset(NAMES))
+    alive = frozenset({"a", "b"})  # three dropped after sharing: each survivor keeps one neighbour, needs three
+    for n in sorted(alive):
+        sr.add_masked(n, clients[n].mask(np.zeros(sr.size), sr.task_step(n).ciphertexts))
+    moved, finish = sr.advance(alive)
+    assert moved and finish == ["a", "b"]
+    assert "kept fewer than the 3 neighbours needed to rebuild masks" in sr.failed
+    assert sr.task_step("a") is None

@@ -1,0 +1,44 @@
+"""What secure aggregation cannot do without single updates is refused at submission, saying why."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fedjax_core.privacy import CentralDP, LocalDP, SecureAggregation
+from fedjax_core.privacy.settings import privacy_to_spec, secure_to_spec
+from fedjax_core.records import OptTreatment, TensorSpec
+from fedjax_core.spec import Communication, ExperimentSpec, SpecError, StrategySpec, SyncMode, validate
+
+MODEL = (TensorSpec("params/w", "float32", (4, 3)),)
+
+
+def spec(secure=SecureAggregation(), privacy=None, **kwargs) -> ExperimentSpec:
+    return ExperimentSpec(name="sa", rounds=3, model_spec=MODEL, secure=secure_to_spec(secure),
+                          privacy=privacy_to_spec(privacy), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"strategy": StrategySpec("krum")}, r"'krum' looks at each update.*never one of them"),
+    ({"strategy": StrategySpec("fedtrimmedavg")}, r"robust rule"),
+    ({"communication": Communication(compression="int8")}, r"quantises the masked updates itself"),
+    ({"communication": Communication(sync=SyncMode.DYNAMIC, sync_threshold=1.0)}, r"sync=Dynamic compares"),
+    ({"opt_treatment": OptTreatment.CONTINUE_GLOBAL}, r"averages optimizer state"),
+    ({"privacy": CentralDP(noise_multiplier=1.0, clipping_norm=1.0, delta=1e-5)}, r"clip_on='envoy'"),
+    ({"secure": SecureAggregation(threshold=0.3)}, r"threshold\) must be a number in \[0.5, 1\]"),
+    ({"secure": SecureAggregation(bits=64)}, r"bits=64\) must be an integer from 16 to 62"),
+    ({"secure": SecureAggregation(clip_range=0.0)}, r"clip_range\) must be a number in \(0"),
+])
+def test_refusals(kwargs, message):
+    with pytest.raises(SpecError, match=message):
+        validate(spec(**kwargs))
+
+
+def test_what_composes_passes():
+    validate(spec(privacy=CentralDP(noise_multiplier=1.0, clipping_norm=1.0, delta=1e-5, clip_on="envoy")))
+    validate(spec(privacy=LocalDP(clipping_norm=1.0, epsilon=1.0, delta=1e-5)))
+    validate(spec(strategy=StrategySpec("fedadam", '{"eta": 0.1}'), opt_treatment=OptTreatment.CONTINUE_LOCAL))
+    validate(spec(communication=Communication(compress_downloads=False)))
+    with pytest.raises(TypeError, match="SecureAggregation\\(...\\), got dict"):
+        secure_to_spec({"threshold": 0.5})
+    assert dataclasses.asdict(secure_to_spec(None))["enabled"] is False
