@@ -79,3 +79,80 @@ def test_a_round_that_can_no_longer_be_unmasked_says_why_and_lets_the_others_fin
     assert moved and finish == ["a", "b"]
     assert "kept fewer than the 3 neighbours needed to rebuild masks" in sr.failed
     assert sr.task_step("a") is None
+
+
+def play_round(sr: SecureRound, vectors: dict[str, np.ndarray]) -> None:
+    """Every participant of ``sr`` through every step, with the given vectors."""
+    clients = {n: Client(n, sr.setup) for n in vectors}
+    for n in vectors:
+        sr.add(n, "keys", r.SecAggKeys(*clients[n].advertise()))
+    sr.advance(frozenset(vectors))
+    for n in vectors:
+        keys = {m: (k.cipher_pk, k.mask_pk) for m, k in sr.task_step(n).keys.items()}
+        sr.add(n, "shares", items=clients[n].share(keys))
+    sr.advance(frozenset(vectors))
+    for n, v in vectors.items():
+        sr.add_masked(n, clients[n].mask(v, sr.task_step(n).ciphertexts))
+    sr.advance(frozenset(vectors))
+    for n in vectors:
+        s = sr.task_step(n)
+        sr.add(n, "reveal", items=clients[n].reveal(s.survivors, s.dropped))
+
+
+def test_a_server_optimizer_steps_on_the_unmasked_mean_as_on_the_plain_one():
+    from fedjax_core.aggregation import RoundUpdates, Upload
+    from fedjax_core.director import closer
+    from fedjax_core.director.round_models import MemoryRoundModels
+    from fedjax_core.strategies import FedAdam
+
+    rng = np.random.default_rng(5)
+    glob = {"params/w": rng.normal(size=(3, 2)).astype(np.float32), "params/b": rng.normal(size=2).astype(np.float32)}
+    trained = {n: {k: v + rng.normal(size=v.shape).astype(np.float32) * 0.05 for k, v in glob.items()} for n in NAMES}
+
+    def next_model(uploads):
+        models = MemoryRoundModels()
+        with models.model_writer("e", 0) as writer:
+            for k, v in glob.items():
+                writer.add_array(k, v)
+            writer.commit()
+        updates = RoundUpdates(LEAVES)
+        for upload in uploads:
+            updates.add(upload)
+        closer.write_next_model(models, "e", 0, FedAdam(eta=0.1), updates)
+        out = models.model("e", 1)
+        return {k: out.read_into(k, 0, np.empty(v.size, np.float32)) for k, v in glob.items()}
+
+    plain = next_model([Upload(n, 100.0, ArraySource(trained[n])) for n in NAMES])
+    sr = new_round()
+    play_round(sr, {n: update_vector(trained[n], glob, list(glob), 1.0, 1.0) for n in NAMES})
+    secure = next_model([sr.aggregate(ArraySource(glob))[0]])
+    for k in glob:
+        np.testing.assert_allclose(secure[k], plain[k], atol=1e-5)
+
+
+def test_central_dp_noise_on_a_secure_sum_is_z_c_over_the_envoys_summed():
+    from fedjax_core.aggregation import RoundUpdates, Upload
+    from fedjax_core.director import closer
+    from fedjax_core.director.round_models import MemoryRoundModels
+    from fedjax_core.spec import ClipOn, Privacy, PrivacyMode
+    from fedjax_core.strategies import FedAvg
+
+    glob = {"params/w": np.zeros((400, 250), np.float32)}
+    models = MemoryRoundModels()
+    with models.model_writer("e", 0) as writer:
+        writer.add_array("params/w", glob["params/w"])
+        writer.commit()
+    updates = RoundUpdates([TensorSpec("params/w", "float32", (400, 250))])
+    updates.add(Upload("the secure sum of 5 envoys", 5.0, ArraySource(glob)))
+    privacy = Privacy(mode=PrivacyMode.CENTRAL, clipping_norm=2.0, noise_multiplier=1.5, delta=1e-5,
+                      clip_on=ClipOn.ENVOY)
+    metrics = closer.write_next_model(models, "e", 0, FedAvg(), updates, privacy, per_round=5, summed=5)
+    noise = models.model("e", 1).read_into("params/w", 0, np.empty(100_000, np.float32))
+    assert metrics["noise_std"] == pytest.approx(1.5 * 2.0 / 5)
+    assert np.std(noise) == pytest.approx(1.5 * 2.0 / 5, rel=0.02)
+
+
+def test_an_envoy_does_not_mask_an_update_with_nan():
+    with pytest.raises(RuntimeError, match="NaN or infinite values: this envoy does not send it"):
+        update_vector({"params/w": np.array([np.nan, 1.0], np.float32)}, {"params/w": np.zeros(2, np.float32)},
+                      ["params/w"], 1.0, 1.0)
