@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 IMAGE ?= fedjax-core:0.1.0
 PROTOS := $(wildcard protos/fedjax_proto/*.proto)
 
-.PHONY: install demo test test-slow bench bench-peers bench-scale bench-simulation bench-strategies bench-research bench-tensors fuzz proto lint clean
+.PHONY: install demo test test-slow bench bench-peers bench-scale bench-simulation bench-privacy bench-strategies bench-research bench-tensors fuzz proto lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,7 @@ test-slow: install
 
 bench: install
 	$(PY) -u benchmarks/bench.py
+	$(PY) -u benchmarks/secagg.py
 
 bench-peers: install  # this project and Flower side by side (Flower in its own .venv-flower/)
 	$(PY) -u benchmarks/peers.py
@@ -37,6 +38,9 @@ bench-scale: install  # 256 simulated envoys on one director: rounds, heartbeats
 
 bench-simulation: install  # 1,000 simulated envoys: this project (sequential, vectorised), Flower's engine, the floor
 	$(PY) -u benchmarks/simulation.py
+
+bench-privacy: install  # accuracy against epsilon: no DP, CentralDP at three noise multipliers, LocalDP at two epsilons
+	$(PY) -u benchmarks/privacy_accuracy.py --json bench-results/privacy_accuracy.json
 
 bench-strategies: install
 	$(PY) -u benchmarks/strategies.py

@@ -372,6 +372,9 @@ class RoundEngine:
         rate = self.privacy_rate(run.row, run.plan)
         epsilon = accounting.experiment_epsilon(run.spec, run.round + 1, rate)
         extra = [r.Metric("privacy", "epsilon", epsilon), r.Metric("privacy", "delta", run.spec.privacy.delta)]
+        if rate < 1:  # against whoever knows who took part (the notebook does), sampling amplifies nothing
+            extra.append(r.Metric("privacy", "epsilon_unsampled", accounting.experiment_epsilon(run.spec, run.round + 1,
+                                                                                               1.0)))
         extra += [r.Metric("privacy", key, value) for key, value in metrics.items()]
         note = ""
         last = self.rounds_to_train(run.row, run.plan)

@@ -70,8 +70,10 @@ def adaptive_noise_multiplier(noise_multiplier: float, clipped_count_stddev: flo
 def adapted_clipping_norm(clipping_norm: float, norms: Iterable[float], target_quantile: float, lr: float,
                           count_noise: float) -> float:
     """Andrew et al. 2021's geometric update: ``C * exp(-lr * (b - target_quantile))``, where ``b`` is the
-    fraction of updates whose norm was at most ``C`` (not clipped), its count noised by ``count_noise`` (one
-    draw of N(0, sigma_b^2)). With ``target_quantile`` 0.5, C tracks the median update norm."""
+    fraction of updates whose norm was at most ``C`` (not clipped), estimated privately: each bit is centred
+    (``bit - 1/2``, so that one site moves the sum by 1/2, the sensitivity the noise split of
+    :func:`adaptive_noise_multiplier` assumes), the centred sum is noised by ``count_noise`` (one draw of
+    N(0, sigma_b^2)), and ``b = sum / n + 1/2``. With ``target_quantile`` 0.5, C tracks the median update norm."""
     norms = list(norms)
-    unclipped = sum(1 for n in norms if n <= clipping_norm) + count_noise
-    return clipping_norm * math.exp(-lr * (unclipped / len(norms) - target_quantile))
+    centred = sum(1.0 if n <= clipping_norm else 0.0 for n in norms) - len(norms) / 2 + count_noise
+    return clipping_norm * math.exp(-lr * (centred / len(norms) + 0.5 - target_quantile))

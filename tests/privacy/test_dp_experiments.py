@@ -40,6 +40,8 @@ def test_central_dp_reports_epsilon_each_round_and_in_the_status(fed):
     assert [rounds[i]["epsilon"] for i in range(3)] == pytest.approx(per_round, rel=1e-12)
     assert all(rounds[i]["noise_std"] == pytest.approx(1.2 * 0.5 / 3) for i in range(3))
     assert all(rounds[i]["clipping_norm"] == 0.5 for i in range(3))
+    assert rounds[2]["epsilon_unsampled"] == pytest.approx(accounting.experiment_epsilon(spec, 3, 1.0), rel=1e-12)
+    assert rounds[2]["epsilon_unsampled"] > rounds[2]["epsilon"]
 
 
 def exp_spec(fed, name):
