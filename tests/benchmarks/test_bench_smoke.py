@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from processes import assert_positive, run_benchmark
 
 TIMEOUT_S = 85
 
 
+@pytest.mark.slow  # the quick benchmark takes 40 s: `make test-slow` runs it, `make bench` is the real run
 def test_quick_benchmark_writes_its_figures(tmp_path):
     out = tmp_path / "bench.json"
     output = run_benchmark("bench.py", "--quick", "--out", str(out), timeout_s=TIMEOUT_S)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from processes import assert_positive, run_benchmark
 
 TIMEOUT_S = 180
 
 
+@pytest.mark.slow  # 22 s: `make test-slow` runs it, `make bench-scale` is the real run
 def test_quick_scale_run_completes_with_every_heartbeat_on_time(tmp_path):
     out = tmp_path / "scale.json"
     output = run_benchmark("scale.py", "--quick", "--out", str(out), timeout_s=TIMEOUT_S)

@@ -20,7 +20,7 @@ from processes import Stack, alive, set_settings
 
 LIMIT = 128
 N = 5
-SLOW = 4  # env4 trains this many seconds longer: the others have sent their keys well before the sharing starts
+SLOW = 2  # env4 trains this many seconds longer: the others have sent their keys well before the sharing starts
 HOLD = "env5"  # stopped after sending its keys until the victims are killed: the round waits in the sharing phase
 
 

@@ -95,5 +95,10 @@ def test_a_refused_combination_fails_start_before_anything_is_sent(fed):
         run(fed, "refused", rounds=2, sync=Periodic(every=2),
             privacy=CentralDP(noise_multiplier=1.0, clipping_norm=1.0, delta=1e-5))
     assert "refused" not in {s.name for s in fed.client.experiments()}
+    from fedjax_core.errors import InvalidRequestError
+    from fedjax_core.privacy import SecureAggregation
+
+    with pytest.raises(InvalidRequestError, match="does not run secure aggregation: its envoys share one process"):
+        run(fed, "masked", rounds=1, secure_aggregation=SecureAggregation())
     assert math.isnan(run(fed, "plain", rounds=1).get_experiment_status().epsilon)
     assert linear_state() is not None
