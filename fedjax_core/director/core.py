@@ -241,6 +241,11 @@ class Director:
     def act(self, run: Run, event: round_machine.Event) -> tuple[Effect, ...]:
         """Under the lock: step ``run``'s round with ``event`` and apply the quick effects; the caller passes
         the result to :meth:`after` once it has let the lock go. Raises what the round refuses."""
+        if isinstance(event, round_machine.DeadlinePassed) and self._secure_in_progress(run):
+            return self._secure_deadline(run)
+        return self._step(run, event) + self.advance_secure(run)
+
+    def _step(self, run: Run, event: round_machine.Event) -> tuple[Effect, ...]:
         before = run.state
         state, effects = round_machine.step(before, event)
         try:
@@ -257,21 +262,38 @@ class Director:
         finally:  # one envoy's result changes only its own answers, unless the round moved on for everyone
             everyone = bool(effects) or state.triggered != before.triggered or not hasattr(event, "envoy")
             self.changed(None if everyone else event.envoy)
+        return effects
+
+    @staticmethod
+    def _secure_in_progress(run: Run) -> bool:
+        return run.secure is not None and run.state.kind == r.TaskKind.TRAIN and run.state.open
+
+    def _secure_deadline(self, run: Run) -> tuple[Effect, ...]:
+        """A secure round's deadline drops those that have not taken the protocol's current step; the others go on
+        with it, as min_envoys allows, under a deadline as long again from now."""
+        step = run.secure.current_step
+        run.secure.deadline_rearmed_at = self.engine.timer()
+        effects: tuple[Effect, ...] = ()
+        for envoy in sorted(run.state.pending - run.secure.done[step]):
+            if run.state.open and run.state.owes(envoy):
+                effects += self._step(run, round_machine.Dropped(
+                    envoy, "was late", f"it had not sent its secure aggregation {step} by the round's deadline "
+                    f"({run.state.timeout_s:g}s)"))
         return effects + self.advance_secure(run)
 
     def advance_secure(self, run: Run) -> tuple[Effect, ...]:
         """Under the lock: move the round's secure aggregation on once every participant still in the round took
         its step; when the round can no longer be unmasked, count those left as done so that it closes."""
-        state = run.state
-        if run.secure is None or state.kind != r.TaskKind.TRAIN or not state.open:
+        if not self._secure_in_progress(run):
             return ()
+        state = run.state
         moved, finish = run.secure.advance(state.members - frozenset(state.dropped))
         if moved:
             self.changed()
         effects: tuple[Effect, ...] = ()
-        for envoy in finish:
+        for envoy in finish:  # stepped one by one here: no recursion through act, however many are left
             if run.state.open and run.state.owes(envoy):
-                effects += self.act(run, round_machine.UpdateStored(envoy))
+                effects += self._step(run, round_machine.UpdateStored(envoy))
         return effects
 
     def _finish(self, run: Run, finish: Finish) -> None:

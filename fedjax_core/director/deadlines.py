@@ -28,7 +28,10 @@ def next_due(runs: Iterable[Run], silent_until: Callable[[str], float]) -> tuple
         if not run.state.open:
             continue
         if run.spec.deadline.round_timeout_s:
-            candidate = (run.started_at + run.spec.deadline.round_timeout_s, run, None)
+            start = run.started_at
+            if run.secure is not None and run.secure.deadline_rearmed_at is not None:
+                start = run.secure.deadline_rearmed_at  # a secure round's later steps get a deadline of their own
+            candidate = (start + run.spec.deadline.round_timeout_s, run, None)
             best = candidate if best is None or candidate[0] < best[0] else best
         for envoy in sorted(run.state.pending):
             candidate = (silent_until(envoy), run, envoy)

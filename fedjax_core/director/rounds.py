@@ -40,7 +40,7 @@ from fedjax_core.privacy import accounting, central
 from fedjax_core.privacy.local import envoy_treatment
 from fedjax_core.director.secure_rounds import SecureRound, secure_leaves
 from fedjax_core.secagg.protocol import SecAggError
-from fedjax_core.spec import ExperimentSpec
+from fedjax_core.spec import ExperimentSpec, PrivacyMode
 from fedjax_core.model_file import ModelFile
 
 log = logging.getLogger("fedjax.director")
@@ -182,13 +182,16 @@ class RoundEngine:
     def _secure_round(self, row: ExperimentRow, round_: int, participants: tuple[str, ...],
                       uploaded: list[r.TensorSpec]) -> SecureRound:
         """The round's SecAgg+: envoys weigh their change by their train samples over the largest registered among
-        the participants (unweighted under central DP, whose sensitivity needs it)."""
+        the participants (unweighted under central DP, whose sensitivity needs it). Integer params are not summed:
+        they keep the round's model's values."""
         weight_scale = 0.0
-        if not row.spec.privacy.enabled:
+        if row.spec.privacy.mode != PrivacyMode.CENTRAL:
             largest = max((row.envoy_sizes.get(e, (0, 0))[0] for e in participants), default=0)
             weight_scale = 1.0 / largest if largest > 0 else 0.0
-        return SecureRound(row.name, round_, participants, row.spec.secure, secure_leaves(uploaded), weight_scale,
-                           row.spec.sampling.seed + round_)
+        leaves = secure_leaves(uploaded)
+        others = [t for t in uploaded if t not in leaves]
+        return SecureRound(row.name, round_, participants, row.spec.secure, leaves, weight_scale,
+                           row.spec.sampling.seed + round_, others)
 
     @staticmethod
     def privacy_rate(row: ExperimentRow, plan: RoundPlan) -> float:
@@ -377,6 +380,12 @@ class RoundEngine:
                                                                                                1.0)))
         extra += [r.Metric("privacy", key, value) for key, value in metrics.items()]
         note = ""
+        if run.spec.privacy.max_epsilon and epsilon > run.spec.privacy.max_epsilon:
+            note = (f"epsilon is {epsilon:.4g}, above max_epsilon={run.spec.privacy.max_epsilon:g}: envoys left the "
+                    "experiment during this round, which raised the fraction sampled each round; training stops "
+                    "here and every envoy validates the last model")
+            log.warning("experiment %r: %s", run.name, note)
+            extra.append(r.Metric("privacy", "training_stopped", 1))
         last = self.rounds_to_train(run.row, run.plan)
         if run.round + 1 == last < run.spec.rounds:
             after = accounting.experiment_epsilon(run.spec, last + 1, rate)

@@ -36,17 +36,20 @@ class SecureRound:
     """One round's SecAgg+ server and progress."""
 
     def __init__(self, experiment: str, round_: int, participants: Sequence[str], settings: SecureAggregation,
-                 leaves: Sequence[TensorSpec], weight_scale: float, seed: int):
+                 leaves: Sequence[TensorSpec], weight_scale: float, seed: int, others: Sequence[TensorSpec] = ()):
         self.leaves = list(leaves)
+        self.others = list(others)  # uploaded tensors that are not summed (integer params): the round's model's
         self.weight_scale = weight_scale  # 0: unweighted (central DP)
         self.size = sum(math.prod(s.shape) for s in self.leaves) + 1  # the last entry carries the weight
         self.settings, self.seed = settings, seed
+        seed %= 1 << 63  # it travels as an int64
         self.setup = protocol.setup(f"{experiment}/{round_}", participants, settings.threshold, settings.bits,
                                     settings.clip_range, self.size, seed)
         self.server = protocol.Server(self.setup)
         self.phase = 0
         self.done: dict[str, set[str]] = {p: set() for p in PHASES}
         self.failed = ""  # why the round cannot be unmasked, once known
+        self.deadline_rearmed_at: float | None = None  # when the round's deadline last passed (its steps then get another)
 
     # ------------------------------------------------------------------ what each participant does next
     def setup_step(self) -> r.SecAggStep:
@@ -67,6 +70,11 @@ class SecureRound:
             return r.SecAggStep(phase="mask", ciphertexts=self.server.shares_for(envoy))
         survivors, dropped = self.server.unmask_request(envoy)
         return r.SecAggStep(phase="unmask", survivors=tuple(survivors), dropped=tuple(dropped))
+
+    @property
+    def current_step(self) -> str:
+        """What the round collects now: keys, shares, masked or reveal."""
+        return PHASES[self.phase]
 
     def trained(self, envoy: str) -> bool:
         """Whether ``envoy`` trained and advertised its keys (else its next task is the round's TRAIN)."""
@@ -150,5 +158,8 @@ class SecureRound:
             base = global_model.read_into(spec.name, 0, base).astype(np.float64)
             arrays[spec.name] = (base + mean[at:at + n]).astype(spec.dtype).reshape(spec.shape)
             at += n
+        for spec in self.others:
+            kept = np.empty(math.prod(spec.shape), np.dtype(spec.dtype).newbyteorder("<"))
+            arrays[spec.name] = global_model.read_into(spec.name, 0, kept).reshape(spec.shape)
         label = f"the secure sum of {len(survivors)} envoys"
         return Upload(label, float(weight), ArraySource(arrays)), len(survivors)

@@ -183,7 +183,7 @@ class WorkerCalls:
         if received != view.size:
             raise InvalidRequestError(f"the masked upload of {envoy!r} has {received} bytes, expected {view.size}")
         with d.lock:
-            if d.run(run.name) is not run or run.state.round != round_ or not run.state.owes(envoy):
+            if d.run(run.name) is not run or run.state.round != round_ or not run.state.open or not run.state.owes(envoy):
                 raise PreconditionError(f"round {round_} of {run.name!r} no longer takes envoy {envoy!r}'s upload")
             run.secure.add_masked(envoy, masked)
             run.traffic.count(envoy, received, upload=True)
@@ -199,7 +199,7 @@ class WorkerCalls:
         size = sum(len(v) for v in (items or {}).values()) + (64 if keys is not None else 0)
         with d.lock:
             run = self._running(envoy, experiment)
-            if run.secure is None or round_ != run.round or not run.state.owes(envoy):
+            if run.secure is None or round_ != run.round or not run.state.open or not run.state.owes(envoy):
                 raise PreconditionError(f"round {round_} of {experiment!r} does not take envoy {envoy!r}'s secure "
                                         "aggregation steps now")
             run.secure.add(envoy, phase, keys, items)

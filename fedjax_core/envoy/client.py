@@ -181,7 +181,7 @@ class EnvoyClient:
             req.keys.CopyFrom(serde.secagg_keys_to_proto(keys))
         else:
             getattr(req, phase).items.update(dict(items or {}))
-        self._stub.SecAgg(req, timeout=60)
+        self._retry(lambda: self._stub.SecAgg(req, timeout=60), f"send its secure aggregation {phase}")
 
     def report_failure(self, experiment: str, error: str, round_: int | None = None,
                        worker_lost: bool = False, refused: bool = False) -> None:

@@ -90,6 +90,8 @@ def check_privacy_plan(spec: ExperimentSpec, per_round: int, envoys: int) -> Non
         raise SpecError(f"CentralDP(adaptive=True): the default clipped_count_stddev, participants per round / 20 = "
                         f"{per_round / 20:g}, must exceed noise_multiplier / 2 ({p.noise_multiplier / 2:g}); pass "
                         f"clipped_count_stddev above {p.noise_multiplier / 2:g}")
+    if spec.secure.enabled:
+        _check_quantisation(spec, per_round)
     if p.max_epsilon:
         rate = accounting.sampling_rate(per_round, envoys)
         first = accounting.experiment_epsilon(spec, 1, rate)
@@ -97,6 +99,20 @@ def check_privacy_plan(spec: ExperimentSpec, per_round: int, envoys: int) -> Non
             raise SpecError(f"CentralDP(max_epsilon={p.max_epsilon:g}): one round of {per_round} of {envoys} envoys "
                             f"already spends epsilon={first:.4g} at delta={p.delta:g}; raise noise_multiplier or "
                             "max_epsilon")
+
+
+def _check_quantisation(spec: ExperimentSpec, per_round: int) -> None:
+    """Under secure aggregation an envoy's clipped change is quantised: its norm can grow by up to a step per entry,
+    step * sqrt(entries) in all, which the noise's sensitivity (clipping_norm) must dwarf."""
+    from fedjax_core.aggregation import is_param
+
+    entries = sum(math.prod(t.shape) for t in spec.model_spec if is_param(t)) + 1
+    step = 2 * spec.secure.clip_range / (((1 << spec.secure.bits) - 1) // max(per_round, 1))
+    if step * math.sqrt(entries) > 0.01 * spec.privacy.clipping_norm:
+        raise SpecError(f"SecureAggregation(bits={spec.secure.bits}, clip_range={spec.secure.clip_range:g}) quantises "
+                        f"{per_round} envoys' updates in steps of {step:.3g}, which can lengthen a clipped update of "
+                        f"{entries} entries by up to {step * math.sqrt(entries):.3g}, more than 1% of CentralDP's "
+                        f"clipping_norm {spec.privacy.clipping_norm:g}: raise bits or lower clip_range")
 
 
 def _check_adaptive(p: Privacy) -> None:

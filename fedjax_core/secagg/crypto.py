@@ -35,6 +35,16 @@ def agree(private: X25519PrivateKey | bytes, public: bytes, context: bytes) -> b
     return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=context).derive(shared)
 
 
+def usable_public_key(public: bytes) -> bool:
+    """Whether an X25519 public key agrees a secret (a low-order point gives the all-zero one, which the
+    library refuses)."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
+
+
 def encrypt(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
     nonce = os.urandom(12)
     return nonce + AESGCM(key).encrypt(nonce, plaintext, associated)

@@ -234,6 +234,10 @@ class Server:
         self._member(name)
         if len(cipher_pk) != 32 or len(mask_pk) != 32:
             raise SecAggError(f"{name!r}'s public keys must be 32 bytes each (X25519)")
+        for key in (cipher_pk, mask_pk):
+            if not crypto.usable_public_key(key):
+                raise SecAggError(f"{name!r} sent an X25519 public key of low order, which no one can agree a secret "
+                                  "with")
         self.keys[name] = (cipher_pk, mask_pk)
 
     def keys_for(self, name: str) -> dict[str, tuple[bytes, bytes]]:
@@ -241,9 +245,13 @@ class Server:
 
     def add_shares(self, name: str, ciphertexts: Mapping[str, bytes]) -> None:
         self._member(name)
-        wrong = set(ciphertexts) - set(self.keys_for(name))
-        if wrong:
-            raise SecAggError(f"{name!r} sent shares to {sorted(wrong)}, who are not neighbours that advertised keys")
+        if name not in self.keys:
+            raise SecAggError(f"{name!r} sends shares but advertised no keys")
+        expected = set(self.keys_for(name))
+        if set(ciphertexts) != expected:  # one-sided pairwise masks would leave the sum garbage
+            raise SecAggError(f"{name!r} must send shares to each neighbour that advertised keys, exactly: missing "
+                              f"{sorted(expected - set(ciphertexts))[:5]}, unexpected "
+                              f"{sorted(set(ciphertexts) - expected)[:5]}")
         for receiver, ciphertext in ciphertexts.items():
             self._shares.setdefault(receiver, {})[name] = ciphertext
         self.shared.add(name)

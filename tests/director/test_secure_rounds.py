@@ -12,6 +12,7 @@ from fedjax_core.errors import PreconditionError
 from fedjax_core.records import TensorSpec
 from fedjax_core.runtime.secure_upload import update_vector
 from fedjax_core.secagg.protocol import Client
+from fedjax_core.model_file import ModelFile
 from fedjax_core.spec import SecureAggregation
 
 LEAVES = [TensorSpec("params/w", "float32", (3, 2)), TensorSpec("params/b", "float32", (2,))]
@@ -156,3 +157,66 @@ def test_an_envoy_does_not_mask_an_update_with_nan():
     with pytest.raises(RuntimeError, match="NaN or infinite values: this envoy does not send it"):
         update_vector({"params/w": np.array([np.nan, 1.0], np.float32)}, {"params/w": np.zeros(2, np.float32)},
                       ["params/w"], 1.0, 1.0)
+
+
+def test_the_director_drops_at_the_deadline_only_those_behind_and_sums_the_others(tmp_path):
+    """In-process director, four envoys, min_envoys=3: at the deadline "d" has not even sent its keys; it is dropped
+    and the other three go through every step to a model that is the mean of their changes."""
+    import dataclasses
+
+    from fedjax_core.director.round_machine import DeadlinePassed
+    from fedjax_core.tensors import iter_chunks
+    from test_core import INFO, header, make_director, submit
+
+    d = make_director(tmp_path)
+    for envoy in ("c", "d"):
+        d.register_envoy(envoy, INFO)
+    spec = dataclasses.replace(header(round_timeout_s=60, min_envoys=3, rounds=1), opt_treatment=r.OptTreatment.RESET,
+                               secure=SecureAggregation(True, 0.5, 1.0, 32))
+    submit(d, spec)
+    glob = {"params/w": np.arange(6, dtype=np.float32).reshape(2, 3), "params/b": np.zeros(3, np.float32)}
+    trained = {e: {k: v + np.float32(0.01 * (i + 1)) for k, v in glob.items()} for i, e in enumerate("abc")}
+    clients = {}
+    for e in "abc":
+        task = d.workers.current_task(e, "exp")
+        assert task.kind == r.TaskKind.TRAIN and task.secagg.phase == "setup"
+        s = task.secagg
+        setup = protocol_setup(s)
+        clients[e] = (Client(e, setup), update_vector(trained[e], glob, list(glob), 1.0, s.clip_range))
+        d.workers.secure_step(e, "exp", 0, "keys", r.SecAggKeys(*clients[e][0].advertise()))
+    assert d.workers.current_task("a", "exp").kind == r.TaskKind.NONE  # waits for "d"
+    run = d.run("exp")
+    with d.lock:
+        effects = d.act(run, DeadlinePassed())
+    d.after(run, effects)
+    dropouts = [e for _, e, _ in d.store.events("exp") if e.stage == r.Stage.DROPOUT]
+    assert [e.envoy for e in dropouts] == ["d"] and "secure aggregation keys by the round's deadline" in dropouts[0].note
+    from fedjax_core.director.deadlines import next_due
+
+    when, _, _ = next_due([run], lambda envoy: float("inf"))
+    assert when == run.secure.deadline_rearmed_at + 60 > run.started_at + 60  # the next steps get a deadline anew
+    for e in "abc":
+        step = d.workers.current_task(e, "exp").secagg
+        assert step.phase == "share" and set(step.keys) == set("abc") - {e}
+        keys = {m: (k.cipher_pk, k.mask_pk) for m, k in step.keys.items()}
+        d.workers.secure_step(e, "exp", 0, "shares", items=clients[e][0].share(keys))
+    for e in "abc":
+        step = d.workers.current_task(e, "exp").secagg
+        masked = clients[e][0].mask(clients[e][1], step.ciphertexts)
+        d.workers.accept_update(e, "exp", 0, 1, iter_chunks({"secagg/masked": masked}))
+    for e in "abc":
+        step = d.workers.current_task(e, "exp").secagg
+        d.workers.secure_step(e, "exp", 0, "reveal", items=clients[e][0].reveal(step.survivors, step.dropped))
+    status = d.catalog.experiment_status("exp")
+    assert status.current_round == 1, status
+    model = ModelFile(tmp_path / "state" / "experiments" / "exp" / "model_round_0001.fjm").arrays()
+    for k in glob:
+        np.testing.assert_allclose(model[k], glob[k] + 0.02, atol=1e-6)  # the mean of +0.01, +0.02, +0.03
+    np.testing.assert_array_equal(model["step"], 0)  # not uploaded under RESET: the round's model's
+    d.close()
+
+
+def protocol_setup(s: r.SecAggStep):
+    from fedjax_core.secagg import protocol
+
+    return protocol.setup("exp/0", s.participants, s.threshold, s.bits, s.clip_range, s.size, s.seed)

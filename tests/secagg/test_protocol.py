@@ -95,7 +95,7 @@ def test_the_server_refuses_what_breaks_the_protocol():
     for m, c in clients.items():
         server.add_keys(m, *c.advertise())
     shares = clients["e00"].share(server.keys_for("e00"))
-    with pytest.raises(SecAggError, match="not neighbours that advertised keys"):
+    with pytest.raises(SecAggError, match=r"unexpected \[.e09.\]"):
         server.add_shares("e00", {**shares, "e09": b"z"})
     server.add_shares("e00", shares)
     with pytest.raises(SecAggError, match="uint64 values below 2\\^32"):
@@ -133,3 +133,18 @@ def test_quantisation_is_unbiased_and_clips_to_the_range():
     assert abs(back.mean() - 0.1234567) < 3 * s.step / np.sqrt(100_000)  # unbiased below the step
     assert np.abs(back - v).max() < s.step
     assert protocol.dequantise(protocol.quantise(np.array([9.0, -9.0]), s, rng), s, 1) == pytest.approx([0.25, -0.25])
+
+
+def test_the_server_refuses_low_order_keys_and_partial_or_keyless_shares():
+    s = protocol.setup("exp/0", names(5), 0.5, 32, 1.0, 10, 3)
+    server = Server(s)
+    with pytest.raises(SecAggError, match="low order"):
+        server.add_keys("e00", bytes(32), bytes(32))  # the identity point: every agreement with it is zero
+    clients = {m: Client(m, s) for m in names(5)}
+    with pytest.raises(SecAggError, match="advertised no keys"):
+        server.add_shares("e00", {})
+    for m, c in clients.items():
+        server.add_keys(m, *c.advertise())
+    shares = clients["e00"].share(server.keys_for("e00"))
+    with pytest.raises(SecAggError, match=r"each neighbour that advertised keys, exactly: missing \['e01'\]"):
+        server.add_shares("e00", {k: v for k, v in shares.items() if k != "e01"})

@@ -42,3 +42,16 @@ def test_what_composes_passes():
     with pytest.raises(TypeError, match="SecureAggregation\\(...\\), got dict"):
         secure_to_spec({"threshold": 0.5})
     assert dataclasses.asdict(secure_to_spec(None))["enabled"] is False
+
+
+def test_quantisation_that_could_lengthen_a_clipped_update_past_1_percent_of_c_is_refused_on_the_plan():
+    from fedjax_core.director.submission import plan_rounds
+
+    big = (TensorSpec("params/w", "float32", (1000, 1000)),)
+    dp = CentralDP(noise_multiplier=1.0, clipping_norm=1.0, delta=1e-5, clip_on="envoy")
+    coarse = dataclasses.replace(spec(SecureAggregation(bits=16, clip_range=0.5), privacy=dp), model_spec=big)
+    validate(coarse)
+    with pytest.raises(SpecError, match=r"bits=16.*more than 1% of CentralDP's clipping_norm 1: raise bits"):
+        plan_rounds(coarse, [f"e{i}" for i in range(50)])
+    plan_rounds(dataclasses.replace(coarse, secure=dataclasses.replace(coarse.secure, bits=40)),
+                [f"e{i}" for i in range(50)])

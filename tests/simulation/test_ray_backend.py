@@ -155,10 +155,11 @@ class CrashOnce(Arrays):
     marker = ""
 
     def get_train_loader(self, **kwargs):
-        if not os.path.exists(self.marker):
-            Path(self.marker).touch()
-            os._exit(1)
-        return super().get_train_loader(**kwargs)
+        try:  # created atomically: of two actors loading at once, exactly one wins and dies
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return super().get_train_loader(**kwargs)
+        os._exit(1)
 
 
 def test_an_actor_that_dies_drops_its_envoys_for_the_round_and_comes_back(on_ray, tmp_path):
