@@ -66,8 +66,13 @@ def is_float(dtype: str) -> bool:
     return is_float_dtype(dtype)
 
 
+def is_param_leaf(name: str, dtype) -> bool:
+    """Whether a tensor is one of the ``params/`` float leaves that rules, clipping and secure sums work on."""
+    return name.startswith("params/") and is_float_dtype(dtype)
+
+
 def is_param(spec: TensorSpec) -> bool:
-    return spec.name.startswith("params/") and is_float(spec.dtype)
+    return is_param_leaf(spec.name, spec.dtype)
 
 
 def state_dtype(spec: TensorSpec) -> np.dtype:

@@ -16,7 +16,7 @@ import numpy as np
 from fedjax_core.errors import InvalidRequestError
 from fedjax_core.privacy import accounting, clipping, noise
 from fedjax_core.spec import ClipOn, Privacy, PrivacyMode
-from fedjax_core.tensors import is_float_dtype
+from fedjax_core.aggregation import is_param_leaf
 
 
 def envoy_treatment(privacy: Privacy) -> tuple[float, float]:
@@ -45,7 +45,7 @@ def privatize(tensors: Mapping[str, np.ndarray], names: Iterable[str], global_te
     """``tensors`` with the ``params/`` float leaves among ``names`` replaced by ``global + clip(delta) + noise``:
     their change from ``global_tensors`` clipped to ``clip_norm`` as one vector, then Gaussian noise of
     ``noise_std`` per coordinate (drawn from the OS's entropy unless ``rng`` is given), in each leaf's dtype."""
-    leaves = [n for n in names if n.startswith("params/") and is_float_dtype(np.asarray(tensors[n]).dtype)]
+    leaves = [n for n in names if is_param_leaf(n, np.asarray(tensors[n]).dtype)]
     delta = {n: np.asarray(tensors[n], np.float64) - np.asarray(global_tensors[n], np.float64) for n in leaves}
     clipped, _ = clipping.clip_arrays(delta, clip_norm)
     rng = rng or noise.fresh_generator()

@@ -11,7 +11,7 @@ import numpy as np
 from fedjax_core import records as r
 from fedjax_core.secagg import protocol
 from fedjax_core.secagg.protocol import MASKED_TENSOR
-from fedjax_core.tensors import is_float_dtype
+from fedjax_core.aggregation import is_param_leaf
 
 
 
@@ -29,7 +29,7 @@ def update_vector(tensors: Mapping[str, np.ndarray], global_tensors: Mapping[str
                   weight: float, clip_range: float) -> np.ndarray:
     """``weight * (tensors - global)`` over the ``params/`` float leaves of ``names`` in name order, then
     ``weight * clip_range``: the director divides the sum by the last entry's to get the weighted mean."""
-    leaves = sorted(n for n in names if n.startswith("params/") and is_float_dtype(np.asarray(tensors[n]).dtype))
+    leaves = sorted(n for n in names if is_param_leaf(n, np.asarray(tensors[n]).dtype))
     parts = [(np.asarray(tensors[n], np.float64) - np.asarray(global_tensors[n], np.float64)).ravel() * weight
              for n in leaves]
     if any(not np.isfinite(p).all() for p in parts):

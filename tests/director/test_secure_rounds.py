@@ -65,14 +65,7 @@ def test_a_round_walks_its_phases_and_unmasks_the_weighted_mean_change():
 
 def test_a_round_that_can_no_longer_be_unmasked_says_why_and_lets_the_others_finish():
     sr = new_round()
-    clients = {n: Client(n, sr.setup) for n in NAMES}
-    for n in NAMES:
-        sr.add(n, "keys", r.SecAggKeys(*clients[n].advertise()))
-    sr.advance(frozenset(NAMES))
-    for n in NAMES:
-        keys = {m: (k.cipher_pk, k.mask_pk) for m, k in sr.task_step(n).keys.items()}
-        sr.add(n, "shares", items=clients[n].share(keys))
-    sr.advance(frozenset(NAMES))
+    clients = share_keys(sr, NAMES)
     alive = frozenset({"a", "b"})  # three dropped after sharing: each survivor keeps one neighbour, needs three
     for n in sorted(alive):
         sr.add_masked(n, clients[n].mask(np.zeros(sr.size), sr.task_step(n).ciphertexts))
@@ -82,16 +75,22 @@ def test_a_round_that_can_no_longer_be_unmasked_says_why_and_lets_the_others_fin
     assert sr.task_step("a") is None
 
 
-def play_round(sr: SecureRound, vectors: dict[str, np.ndarray]) -> None:
-    """Every participant of ``sr`` through every step, with the given vectors."""
-    clients = {n: Client(n, sr.setup) for n in vectors}
-    for n in vectors:
+def share_keys(sr: SecureRound, names) -> dict[str, Client]:
+    """Every participant named through the keys and shares steps; their protocol clients."""
+    clients = {n: Client(n, sr.setup) for n in names}
+    for n in names:
         sr.add(n, "keys", r.SecAggKeys(*clients[n].advertise()))
-    sr.advance(frozenset(vectors))
-    for n in vectors:
+    sr.advance(frozenset(names))
+    for n in names:
         keys = {m: (k.cipher_pk, k.mask_pk) for m, k in sr.task_step(n).keys.items()}
         sr.add(n, "shares", items=clients[n].share(keys))
-    sr.advance(frozenset(vectors))
+    sr.advance(frozenset(names))
+    return clients
+
+
+def play_round(sr: SecureRound, vectors: dict[str, np.ndarray]) -> None:
+    """Every participant of ``sr`` through every step, with the given vectors."""
+    clients = share_keys(sr, list(vectors))
     for n, v in vectors.items():
         sr.add_masked(n, clients[n].mask(v, sr.task_step(n).ciphertexts))
     sr.advance(frozenset(vectors))
