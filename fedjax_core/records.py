@@ -139,6 +139,40 @@ class ExperimentStatus:
     # differential privacy spent so far: epsilon at delta over the rounds trained (NaN without DP)
     epsilon: float = float("nan")
     delta: float = float("nan")
+    submitter: str = ""  # the certificate name (or plaintext client_id) that submitted it
+    started_at: float = 0.0  # 0 until it started
+    # with personal layers: each envoy's latest validation of the aggregated model with its own personal tensors
+    personal_validation: tuple["EnvoyValidation", ...] = ()
+
+
+@dataclass(frozen=True)
+class EnvoyValidation:
+    """One envoy's validation metrics of one round (its personalised model's, under personal layers)."""
+
+    envoy: str
+    round: int
+    metrics: tuple[Metric, ...] = ()
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One line of the director's audit trail: who did what, from where, to which experiment."""
+
+    action: str  # AuditAction
+    actor: str  # a certificate name, or a plaintext client's client_id
+    peer: str = ""  # ip:port the call came from
+    experiment: str = ""
+    detail: str = ""  # a JSON object: bundle sha256 and envoys, which model, a refusal's reason...
+    timestamp: float = 0.0
+    id: int = 0  # its place in the trail, from 1
+
+
+class AuditAction(StrEnum):
+    SUBMIT = "submit"
+    CANCEL = "cancel"
+    DOWNLOAD = "download"
+    REGISTER = "register"
+    REFUSE = "refuse"
 
 
 @dataclass(frozen=True)

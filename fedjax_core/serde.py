@@ -226,6 +226,7 @@ def experiment_spec_to_proto(s: ExperimentSpec) -> fed_pb.ExperimentSpec:
                               for f in dataclasses.fields(s.privacy)}) if s.privacy.enabled else None,
         secure=pb.SecureAggregation(enabled=True, threshold=s.secure.threshold, clip_range=s.secure.clip_range,
                                     bits=s.secure.bits) if s.secure.enabled else None,
+        personal=list(s.personal),
     )
 
 
@@ -250,6 +251,7 @@ def experiment_spec_from_proto(msg: fed_pb.ExperimentSpec) -> ExperimentSpec:
         secure=experiment_spec.SecureAggregation(msg.secure.enabled, msg.secure.threshold, msg.secure.clip_range,
                                                  int(msg.secure.bits)) if msg.HasField("secure")
         else experiment_spec.SecureAggregation(),
+        personal=tuple(msg.personal),
     )
 
 
@@ -275,6 +277,8 @@ def status_to_proto(s: r.ExperimentStatus) -> fed_pb.ExperimentStatus:
         submitted_at=s.submitted_at, best_metric=s.best_metric,
         participants=[fed_pb.RoundParticipants(round=i, envoys=list(p)) for i, p in s.participants.items()],
         epsilon=None if math.isnan(s.epsilon) else s.epsilon, delta=None if math.isnan(s.delta) else s.delta,
+        submitter=s.submitter, started_at=s.started_at,
+        personal_validation=[envoy_validation_to_proto(v) for v in s.personal_validation],
     )
 
 
@@ -286,7 +290,27 @@ def status_from_proto(msg: fed_pb.ExperimentStatus) -> r.ExperimentStatus:
         participants={int(p.round): tuple(p.envoys) for p in sorted(msg.participants, key=lambda p: p.round)},
         epsilon=msg.epsilon if msg.HasField("epsilon") else math.nan,
         delta=msg.delta if msg.HasField("delta") else math.nan,
+        submitter=msg.submitter, started_at=msg.started_at,
+        personal_validation=tuple(envoy_validation_from_proto(v) for v in msg.personal_validation),
     )
+
+
+def envoy_validation_to_proto(v: r.EnvoyValidation) -> fed_pb.EnvoyValidation:
+    return fed_pb.EnvoyValidation(envoy=v.envoy, round=v.round, metrics=metrics_to_proto(v.metrics))
+
+
+def envoy_validation_from_proto(msg: fed_pb.EnvoyValidation) -> r.EnvoyValidation:
+    return r.EnvoyValidation(envoy=msg.envoy, round=int(msg.round), metrics=metrics_from_proto(msg.metrics))
+
+
+def audit_entry_to_proto(e: r.AuditEntry) -> fed_pb.AuditEntry:
+    return fed_pb.AuditEntry(id=e.id, timestamp=e.timestamp, action=e.action, actor=e.actor, peer=e.peer,
+                             experiment=e.experiment, detail=e.detail)
+
+
+def audit_entry_from_proto(msg: fed_pb.AuditEntry) -> r.AuditEntry:
+    return r.AuditEntry(action=msg.action, actor=msg.actor, peer=msg.peer, experiment=msg.experiment,
+                        detail=msg.detail, timestamp=msg.timestamp, id=int(msg.id))
 
 
 def metric_event_to_proto(e: r.MetricEvent) -> fed_pb.MetricEvent:

@@ -164,6 +164,8 @@ class ExperimentSpec:
     best: BestModel = BestModel()
     privacy: Privacy = Privacy()
     secure: SecureAggregation = SecureAggregation()
+    # personal layers: pytree path patterns of tensors that never leave the envoys (fedjax_core/personal.py)
+    personal: tuple[str, ...] = ()
 
 
 def check_name(kind: str, name: str) -> None:
@@ -315,6 +317,7 @@ def from_dict(d: Mapping[str, Any]) -> ExperimentSpec:
         strategy=StrategySpec(**d["strategy"]), best=BestModel(**d["best"]),
         privacy=privacy_from_dict(d.get("privacy") or {}),
         secure=SecureAggregation(**(d.get("secure") or {})),
+        personal=tuple(d.get("personal") or ()),
     )
 
 

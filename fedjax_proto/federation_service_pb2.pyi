@@ -51,7 +51,7 @@ class GetShardRegistryResponse(_message.Message):
     def __init__(self, envoys: _Optional[_Iterable[_Union[EnvoyEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ExperimentSpec(_message.Message):
-    __slots__ = ("name", "rounds", "opt_treatment", "model_spec", "envoys", "submitter", "bundle_size", "round_config", "sampling", "deadline", "communication", "strategy", "best", "privacy", "secure")
+    __slots__ = ("name", "rounds", "opt_treatment", "model_spec", "envoys", "submitter", "bundle_size", "round_config", "sampling", "deadline", "communication", "strategy", "best", "privacy", "secure", "personal")
     class Sampling(_message.Message):
         __slots__ = ("envoys_per_round", "fraction", "seed")
         ENVOYS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class ExperimentSpec(_message.Message):
     BEST_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     SECURE_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     rounds: int
     opt_treatment: str
@@ -163,7 +164,8 @@ class ExperimentSpec(_message.Message):
     best: ExperimentSpec.BestModel
     privacy: ExperimentSpec.Privacy
     secure: ExperimentSpec.SecureAggregation
-    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., bundle_size: _Optional[int] = ..., round_config: _Optional[str] = ..., sampling: _Optional[_Union[ExperimentSpec.Sampling, _Mapping]] = ..., deadline: _Optional[_Union[ExperimentSpec.Deadline, _Mapping]] = ..., communication: _Optional[_Union[ExperimentSpec.Communication, _Mapping]] = ..., strategy: _Optional[_Union[ExperimentSpec.Strategy, _Mapping]] = ..., best: _Optional[_Union[ExperimentSpec.BestModel, _Mapping]] = ..., privacy: _Optional[_Union[ExperimentSpec.Privacy, _Mapping]] = ..., secure: _Optional[_Union[ExperimentSpec.SecureAggregation, _Mapping]] = ...) -> None: ...
+    personal: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., rounds: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., model_spec: _Optional[_Iterable[_Union[_tensors_pb2.TensorSpec, _Mapping]]] = ..., envoys: _Optional[_Iterable[str]] = ..., submitter: _Optional[str] = ..., bundle_size: _Optional[int] = ..., round_config: _Optional[str] = ..., sampling: _Optional[_Union[ExperimentSpec.Sampling, _Mapping]] = ..., deadline: _Optional[_Union[ExperimentSpec.Deadline, _Mapping]] = ..., communication: _Optional[_Union[ExperimentSpec.Communication, _Mapping]] = ..., strategy: _Optional[_Union[ExperimentSpec.Strategy, _Mapping]] = ..., best: _Optional[_Union[ExperimentSpec.BestModel, _Mapping]] = ..., privacy: _Optional[_Union[ExperimentSpec.Privacy, _Mapping]] = ..., secure: _Optional[_Union[ExperimentSpec.SecureAggregation, _Mapping]] = ..., personal: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExperimentHeader(_message.Message):
     __slots__ = ("name", "rounds", "opt_treatment", "aggregation", "best_metric", "best_higher_is_better", "bundle_size", "envoys", "submitter", "model_spec", "min_envoys", "round_timeout_s", "aggregation_params", "envoys_per_round", "envoys_fraction", "sampling_seed", "round_config", "compression", "send_deltas", "compress_downloads", "sync", "sync_every", "sync_threshold")
@@ -256,7 +258,7 @@ class GetExperimentStatusRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ExperimentStatus(_message.Message):
-    __slots__ = ("name", "state", "current_round", "rounds", "envoys", "best_round", "best_value", "error", "submitted_at", "best_metric", "participants", "epsilon", "delta")
+    __slots__ = ("name", "state", "current_round", "rounds", "envoys", "best_round", "best_value", "error", "submitted_at", "best_metric", "participants", "epsilon", "delta", "submitter", "started_at", "personal_validation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +272,9 @@ class ExperimentStatus(_message.Message):
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTER_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_VALIDATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     current_round: int
@@ -283,7 +288,20 @@ class ExperimentStatus(_message.Message):
     participants: _containers.RepeatedCompositeFieldContainer[RoundParticipants]
     epsilon: float
     delta: float
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., best_round: _Optional[int] = ..., best_value: _Optional[float] = ..., error: _Optional[str] = ..., submitted_at: _Optional[float] = ..., best_metric: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[RoundParticipants, _Mapping]]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ...) -> None: ...
+    submitter: str
+    started_at: float
+    personal_validation: _containers.RepeatedCompositeFieldContainer[EnvoyValidation]
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., current_round: _Optional[int] = ..., rounds: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ..., best_round: _Optional[int] = ..., best_value: _Optional[float] = ..., error: _Optional[str] = ..., submitted_at: _Optional[float] = ..., best_metric: _Optional[str] = ..., participants: _Optional[_Iterable[_Union[RoundParticipants, _Mapping]]] = ..., epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., submitter: _Optional[str] = ..., started_at: _Optional[float] = ..., personal_validation: _Optional[_Iterable[_Union[EnvoyValidation, _Mapping]]] = ...) -> None: ...
+
+class EnvoyValidation(_message.Message):
+    __slots__ = ("envoy", "round", "metrics")
+    ENVOY_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    envoy: str
+    round: int
+    metrics: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.Metric]
+    def __init__(self, envoy: _Optional[str] = ..., round: _Optional[int] = ..., metrics: _Optional[_Iterable[_Union[_tensors_pb2.Metric, _Mapping]]] = ...) -> None: ...
 
 class RoundParticipants(_message.Message):
     __slots__ = ("round", "envoys")
@@ -328,6 +346,42 @@ class CancelExperimentRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class GetAuditLogRequest(_message.Message):
+    __slots__ = ("since", "after_id", "page_size")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    since: float
+    after_id: int
+    page_size: int
+    def __init__(self, since: _Optional[float] = ..., after_id: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("id", "timestamp", "action", "actor", "peer", "experiment", "detail")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    timestamp: float
+    action: str
+    actor: str
+    peer: str
+    experiment: str
+    detail: str
+    def __init__(self, id: _Optional[int] = ..., timestamp: _Optional[float] = ..., action: _Optional[str] = ..., actor: _Optional[str] = ..., peer: _Optional[str] = ..., experiment: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class GetAuditLogResponse(_message.Message):
+    __slots__ = ("entries", "more")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    more: bool
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("experiment_name", "which")

@@ -75,6 +75,11 @@ class FederationServiceStub:
                 request_serializer=fedjax__proto_dot_federation__service__pb2.CancelExperimentRequest.SerializeToString,
                 response_deserializer=fedjax__proto_dot_federation__service__pb2.ExperimentStatus.FromString,
                 _registered_method=True)
+        self.GetAuditLog = channel.unary_unary(
+                '/fedjax.FederationService/GetAuditLog',
+                request_serializer=fedjax__proto_dot_federation__service__pb2.GetAuditLogRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_federation__service__pb2.GetAuditLogResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServiceServicer:
@@ -131,6 +136,14 @@ class FederationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAuditLog(self, request, context):
+        """The director's audit trail (submissions, cancellations, downloads, registrations, refusals), oldest
+        first: an admin (or a plaintext caller) reads every entry, an api certificate those of its own experiments.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +186,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.CancelExperiment,
                     request_deserializer=fedjax__proto_dot_federation__service__pb2.CancelExperimentRequest.FromString,
                     response_serializer=fedjax__proto_dot_federation__service__pb2.ExperimentStatus.SerializeToString,
+            ),
+            'GetAuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditLog,
+                    request_deserializer=fedjax__proto_dot_federation__service__pb2.GetAuditLogRequest.FromString,
+                    response_serializer=fedjax__proto_dot_federation__service__pb2.GetAuditLogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -391,6 +409,33 @@ class FederationService:
             '/fedjax.FederationService/CancelExperiment',
             fedjax__proto_dot_federation__service__pb2.CancelExperimentRequest.SerializeToString,
             fedjax__proto_dot_federation__service__pb2.ExperimentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjax.FederationService/GetAuditLog',
+            fedjax__proto_dot_federation__service__pb2.GetAuditLogRequest.SerializeToString,
+            fedjax__proto_dot_federation__service__pb2.GetAuditLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -95,6 +95,8 @@ PAIRS = {
     r.Task: (serde.task_to_proto, serde.task_from_proto),
     r.SecAggKeys: (serde.secagg_keys_to_proto, serde.secagg_keys_from_proto),
     r.SecAggStep: (serde.secagg_step_to_proto, serde.secagg_step_from_proto),
+    r.EnvoyValidation: (serde.envoy_validation_to_proto, serde.envoy_validation_from_proto),
+    r.AuditEntry: (serde.audit_entry_to_proto, serde.audit_entry_from_proto),
 }
 
 

@@ -20,8 +20,8 @@ from fedjax_core.errors import AlreadyExistsError
 from fedjax_core.spec import ExperimentSpec
 
 _ROW_COLUMNS = frozenset({"state", "envoys", "current_round", "best_round", "best_value", "best_metric", "error",
-                          "submitted_at", "envoy_sizes"})
-_OTHER_COLUMNS = frozenset({"started_at", "finished_at", "bundle_sha256"})  # kept, but not part of a row
+                          "submitted_at", "envoy_sizes", "started_at"})
+_OTHER_COLUMNS = frozenset({"finished_at", "bundle_sha256"})  # kept, but not part of a row
 
 
 @dataclasses.dataclass

@@ -55,11 +55,12 @@ CREATE TABLE IF NOT EXISTS rounds (
 
 
 def _experiment_row(name, header, state, envoys, current_round, best_round, best_value, best_metric, error,
-                    submitted_at, envoy_sizes) -> ExperimentRow:
+                    submitted_at, envoy_sizes, started_at) -> ExperimentRow:
     return ExperimentRow(name=name, spec=experiment_spec.from_json(header), state=state, envoys=tuple(json.loads(envoys)),
                          current_round=current_round, best_round=best_round, best_value=best_value,
                          best_metric=best_metric, error=error, submitted_at=submitted_at,
-                         envoy_sizes={k: tuple(v) for k, v in json.loads(envoy_sizes).items()})
+                         envoy_sizes={k: tuple(v) for k, v in json.loads(envoy_sizes).items()},
+                         started_at=started_at or 0.0)
 
 
 def _shard_info_from_json(text: str) -> r.ShardInfo:
@@ -83,6 +84,7 @@ class ExperimentRow:
     submitted_at: float
     # envoy -> (train size, valid size) as registered when the experiment started: what caps its weights
     envoy_sizes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    started_at: float = 0.0  # 0 until it started
 
     def status(self, participants: Mapping[int, tuple[str, ...]] = MappingProxyType({})) -> r.ExperimentStatus:
         return r.ExperimentStatus(
@@ -90,7 +92,8 @@ class ExperimentRow:
             rounds=self.spec.rounds, envoys=self.envoys, best_round=self.best_round,
             best_value=float("nan") if self.best_value is None else self.best_value,
             error=self.error, submitted_at=self.submitted_at, best_metric=self.best_metric,
-            participants=participants, **self.privacy_spent(),
+            participants=participants, submitter=self.spec.submitter, started_at=self.started_at,
+            **self.privacy_spent(),
         )
 
     def privacy_spent(self) -> dict[str, float]:
@@ -199,7 +202,7 @@ class SqliteStore:
         self._write(f"UPDATE experiments SET {sets} WHERE name = ?", (*fields.values(), name))
 
     _EXPERIMENT_COLUMNS = ("name, header, state, envoys, current_round, best_round, best_value, best_metric, "
-                           "error, submitted_at, envoy_sizes")
+                           "error, submitted_at, envoy_sizes, started_at")
 
     def experiments(self, state: str | None = None, name: str | None = None) -> list[ExperimentRow]:
         """Every experiment (or those in ``state``, or the one named ``name``), in submission order."""

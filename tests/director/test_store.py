@@ -109,7 +109,7 @@ def test_experiment_names_are_unique(store):
 def test_update_experiment(store):
     store.add_experiment(_header("exp1"))
     store.update_experiment("exp1", state="running", envoys=("env_two", "env_one"), current_round=2,
-                            best_round=1, best_value=0.8125, error="")
+                            best_round=1, best_value=0.8125, error="", started_at=12.5)
     row = store.experiment("exp1")
     assert row.state == "running"
     assert row.envoys == ("env_two", "env_one")
@@ -117,7 +117,8 @@ def test_update_experiment(store):
     status = row.status()
     assert status == r.ExperimentStatus(name="exp1", state="running", current_round=2, rounds=3,
                                         envoys=("env_two", "env_one"), best_round=1, best_value=0.8125,
-                                        error="", submitted_at=row.submitted_at, best_metric="valid_acc")
+                                        error="", submitted_at=row.submitted_at, best_metric="valid_acc",
+                                        submitter=row.spec.submitter, started_at=12.5)
 
 
 def test_status_without_best_value_is_nan(store):
