@@ -177,7 +177,9 @@ def check_name(kind: str, name: str) -> None:
 def validate(spec: ExperimentSpec) -> None:
     """Refuse a spec that cannot run, whoever built it; every message names the setting and the fix."""
     check_name("experiment", spec.name)
-    _check_int("rounds_to_train", spec.rounds, 1, MAX_ROUNDS)
+    _check_int("rounds_to_train", spec.rounds, 0, MAX_ROUNDS, " (0: validate the given model only)")
+    if spec.rounds == 0:
+        _check_evaluation_only(spec)
     if spec.opt_treatment not in tuple(OptTreatment):
         raise SpecError(f"opt_treatment {spec.opt_treatment!r} is not one of {', '.join(OptTreatment)}")
     for setting, value in (("best_metric", spec.best.metric), ("compression", spec.communication.compression),
@@ -204,6 +206,19 @@ def validate(spec: ExperimentSpec) -> None:
             check_privacy(spec)
         if spec.secure.enabled:
             check_secure(spec)
+
+
+def _check_evaluation_only(spec: ExperimentSpec) -> None:
+    """rounds_to_train=0 validates the given model on every envoy: settings of training have nothing to act on."""
+    training = [name for name, used in (
+        ("privacy", spec.privacy.enabled), ("secure_aggregation", spec.secure.enabled),
+        ("sync", spec.communication.sync != SyncMode.EVERY_ROUND), ("compression", bool(spec.communication.compression)),
+        ("send_deltas", spec.communication.send_deltas), ("envoys_per_round", bool(spec.sampling.envoys_per_round
+                                                                                  or spec.sampling.fraction)),
+        ("personal", bool(spec.personal))) if used]
+    if training:
+        raise SpecError(f"rounds_to_train=0 only validates the given model on every envoy, so {', '.join(training)} "
+                        "would do nothing: leave it out, or train for at least one round")
 
 
 def _check_int(setting: str, value: Any, low: int, high: int, meaning: str = "") -> None:

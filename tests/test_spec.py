@@ -103,7 +103,7 @@ def test_unknown_enum_names_on_the_wire_are_refused_naming_the_choices(value, se
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(name="../etc"), "experiment name '../etc' is not valid"),
-    (dict(rounds=0), "rounds_to_train must be an integer from 1 to 100000, got 0"),
+    (dict(rounds=-1), "rounds_to_train must be an integer from 0 to 100000"),
     (dict(rounds=True), "rounds_to_train must be an integer"),
     (dict(opt_treatment="GLOBAL"), "opt_treatment 'GLOBAL' is not one of RESET"),
     (dict(model_spec=()), "the model has no tensors"),

@@ -399,8 +399,9 @@ class RoundEngine:
     def _update_best(self, run: Run, aggregates: list[r.MetricEvent], reports: list[r.MetricEvent]) -> None:
         """Round r validated model_r; keep it as best if its metric beats the best so far (r >= 1). Unless the
         notebook named the metric, it is chosen among those every envoy that validated reported, so that no
-        single envoy can pick it by reporting a name of its own."""
-        if run.round < 1:
+        single envoy can pick it by reporting a name of its own. An evaluation-only experiment's (rounds_to_train=0)
+        one validated model is its best."""
+        if run.round < 1 and run.spec.rounds > 0:
             return
         validation = next((e for e in aggregates if e.stage == r.Stage.AGGREGATED), None)
         if validation is None or not validation.metrics:

@@ -68,7 +68,7 @@ def test_defaults_keep_fedavg_every_envoy_and_a_recorded_random_seed():
     (dict(envoys_per_round=1.5), ValueError, "envoys_per_round must be a count"),
     (dict(envoys_per_round=True), ValueError, "envoys_per_round must be a count"),
     (dict(sampling_seed=-1), ValueError, "sampling_seed must be an integer"),
-    (dict(rounds_to_train="3"), ValueError, "rounds_to_train must be an integer from 1"),
+    (dict(rounds_to_train="3"), ValueError, "rounds_to_train must be an integer from 0"),
     (dict(opt_treatment="GLOBAL"), ValueError, "opt_treatment 'GLOBAL' is not one of RESET"),
     (dict(min_envoys=-1), ValueError, "min_envoys must be an integer from 0"),
     (dict(round_timeout_s=float("inf")), ValueError, "round_timeout_s must be a number of seconds"),

@@ -15,8 +15,8 @@ from test_round_engine import INITIAL, header, make_director, submit
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(rounds=10**8), f"rounds_to_train must be an integer from 1 to {MAX_ROUNDS}, got 100000000"),
-    (dict(rounds=2**62), "rounds_to_train must be an integer from 1 to"),
+    (dict(rounds=10**8), f"rounds_to_train must be an integer from 0 to {MAX_ROUNDS} .0: validate the given model only., got 100000000"),
+    (dict(rounds=2**62), "rounds_to_train must be an integer from 0 to"),
     (dict(best_metric="m" * (5 << 20)), "best_metric is 5242880 characters long; at most 256"),
     (dict(aggregation_params="[" * 100_000 + "]" * 100_000), "the aggregation's parameters are 200000 characters of JSON"),
     (dict(aggregation_params="[" * 5000 + "]" * 5000), r"not valid JSON \(or nest too deeply\)"),
