@@ -4,6 +4,8 @@
     fedjax envoy start -n NAME -c envoy_config.yaml -dh HOST -dp PORT [--disable-tls]
     fedjax envoy review -c envoy_config.yaml [-n NAME] [--approve NAME | --refuse NAME [--reason TEXT]]
     fedjax pki init|certify ...    # certify --role director|envoy|api|admin: see fedjax_core.pki
+    fedjax envoys list | experiments list|show|logs|cancel|pull | audit   # an operator's view: fedjax_core.commands
+    fedjax dashboard -dh HOST -dp PORT [--port 8050]                        # a live web page: fedjax_core.dashboard
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from fedjax_core import commands
 from fedjax_core.config import ConfigError, DirectorConfig, EnvoyConfig, load_config, resolve_path
 
 
@@ -28,6 +31,10 @@ def _start_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root-cert-path", "-rc", help="federation root CA (overrides the config's tls section)")
     parser.add_argument("--public-cert-path", "-pc", help="this party's certificate (overrides the config's)")
     parser.add_argument("--private-key-path", "-pk", help="this party's private key (overrides the config's)")
+    parser.add_argument("--log-file", help="also write the log to this file, rotated at --log-max-mb (keeping "
+                                           "--log-backups older files beside it)")
+    parser.add_argument("--log-max-mb", type=float, default=50.0, help="rotate --log-file past this size (default 50)")
+    parser.add_argument("--log-backups", type=int, default=5, help="rotated log files kept (default 5)")
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -103,7 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "name; the director's certificate needs --role director)")
     p_cert.add_argument("--san", action="append", default=[],
                         help="extra DNS name or IP the director is dialled at (repeatable; --role director only)")
+    commands.add_parsers(sub)
+    _add_dashboard(sub)
     return parser
+
+
+def _add_dashboard(sub) -> None:
+    """``fedjax dashboard``; its options come from the dashboard package, which needs the dashboard extra only
+    to run (its parser is plain argparse)."""
+    from fedjax_core.dashboard import command
+
+    command.add_parser(sub)
 
 
 def _tls(args, config_tls, config_dir: Path):
@@ -274,6 +291,32 @@ def _pki(args) -> int:
     return 0
 
 
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+
+
+def _log_to_file(args) -> None:
+    """With --log-file, the log also goes to that file (beside stdout), rotated by size."""
+    from logging.handlers import RotatingFileHandler
+
+    path = getattr(args, "log_file", None)
+    if not path:
+        return
+    if args.log_max_mb <= 0 or args.log_backups < 0:
+        raise ConfigError("--log-max-mb must be above 0 and --log-backups at least 0")
+    path = Path(path).resolve()
+    if not path.parent.is_dir():
+        raise ConfigError(f"--log-file {path}: the folder {path.parent} does not exist; create it or choose another")
+    try:
+        handler = RotatingFileHandler(path, maxBytes=int(args.log_max_mb * (1 << 20)), backupCount=args.log_backups,
+                                      encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--log-file {path}: {exc.strerror}") from None
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("fedjax").info("logging to %s as well (rotated at %g MB, %d kept)", path, args.log_max_mb,
+                                     args.log_backups)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = getattr(args, "start_log_level", None) or args.log_level or os.environ.get("FEDJAX_LOG_LEVEL") or "INFO"
@@ -282,7 +325,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # gRPC's own C-core logging (TLS handshake noise from refused peers) only when debugging
     os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if level == "DEBUG" else "NONE")
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    if args.component in ("envoys", "experiments", "audit"):
+        return commands.run(args)
+    if args.component == "dashboard":
+        from fedjax_core.dashboard import command
+
+        return command.run(args)
+    try:
+        _log_to_file(args)
+    except ConfigError as exc:
+        print(f"fedjax {args.component}: {exc}", file=sys.stderr)
+        return 2
     handlers = {("director", "start"): _director_start, ("director", "gc"): _director_gc,
                 ("envoy", "start"): _envoy_start, ("envoy", "review"): _envoy_review}
     handler = handlers.get((args.component, args.action), _pki)

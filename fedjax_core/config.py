@@ -111,6 +111,9 @@ class DirectorSettings(_Model):
     # Keep the files (models, code bundle) of this many most recent ended experiments and remove
     # older ones; their metrics and status stay. Unset: keep everything (`fedjax director gc` on demand).
     keep_experiments: int | None = Field(None, ge=0, strict=True)
+    # The audit trail (submissions, cancellations, downloads, registrations, refusals) is in the database, read
+    # with `fedjax audit`; a path here also appends it to that file as JSON lines (relative to the config).
+    audit_log: str | None = None
     # Where each experiment's metrics go besides the database: a list of {type: tensorboard},
     # {type: mlflow, ...}, {type: wandb, ...}; [] writes none (not even TensorBoard).
     metric_sinks: list[SinkConfig] = [TensorBoardSinkConfig(type="tensorboard")]

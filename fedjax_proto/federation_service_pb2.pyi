@@ -312,10 +312,12 @@ class RoundParticipants(_message.Message):
     def __init__(self, round: _Optional[int] = ..., envoys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StreamMetricsRequest(_message.Message):
-    __slots__ = ("experiment_name",)
+    __slots__ = ("experiment_name", "snapshot")
     EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     experiment_name: str
-    def __init__(self, experiment_name: _Optional[str] = ...) -> None: ...
+    snapshot: bool
+    def __init__(self, experiment_name: _Optional[str] = ..., snapshot: _Optional[bool] = ...) -> None: ...
 
 class MetricEvent(_message.Message):
     __slots__ = ("round", "envoy", "stage", "metrics", "timestamp", "experiment_done", "state", "round_time_s", "participants", "note")

@@ -119,13 +119,28 @@ class FederationClient:
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
-    def events(self, name: str, timeout_s: float | None = None) -> Iterator[r.MetricEvent]:
-        """Every event of experiment ``name`` from the start, then new ones, ending with a 'done' event."""
+    def events(self, name: str, timeout_s: float | None = None, follow: bool = True) -> Iterator[r.MetricEvent]:
+        """Every event of experiment ``name`` from the start, then new ones, ending with a 'done' event; with
+        ``follow=False`` only the events recorded so far."""
+        request = fed_pb.StreamMetricsRequest(experiment_name=name, snapshot=not follow)
         try:
-            for msg in self._stub.StreamMetrics(fed_pb.StreamMetricsRequest(experiment_name=name), timeout=timeout_s):
+            for msg in self._stub.StreamMetrics(request, timeout=timeout_s):
                 yield serde.metric_event_from_proto(msg)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+
+    def audit(self, since: float = 0.0) -> Iterator[r.AuditEntry]:
+        """The director's audit trail from ``since`` (Unix time), oldest first: all of it for an admin, else
+        what this client did and what was done to its experiments."""
+        after = 0
+        while True:
+            reply = self._unary("GetAuditLog", fed_pb.GetAuditLogRequest(since=since, after_id=after,
+                                                                          page_size=paging.MAX_PAGE_ROWS))
+            for message in reply.entries:
+                yield serde.audit_entry_from_proto(message)
+                after = message.id
+            if not reply.more or not reply.entries:
+                return
 
     def model(self, name: str, which: str) -> dict[str, np.ndarray]:
         request = fed_pb.GetModelRequest(experiment_name=name, which=which)

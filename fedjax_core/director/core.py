@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fedjax_core import records as r
 from fedjax_core.director import limits, retention, round_machine, scheduler, transfers
+from fedjax_core.director.audit import AuditTrail
 from fedjax_core.director.catalog import Catalog
 from fedjax_core.director.deadlines import DeadlineWatch
 from fedjax_core.director.files import ExperimentFiles
@@ -48,9 +49,11 @@ class Director:
                  health_check_period: float = 5.0, clock: Callable[[], float] = time.time,
                  timer: Callable[[], float] = time.monotonic, max_model_bytes: int = limits.MAX_MODEL_BYTES,
                  admins: Iterable[str] = (), envoy_timeout_s: float = 60.0, keep_experiments: int | None = None,
-                 metric_sinks: Sequence[SinkFactory] | None = None, store: Store | None = None):
+                 metric_sinks: Sequence[SinkFactory] | None = None, store: Store | None = None,
+                 audit_log: Path | None = None):
         """``store``: the director's state (default: the SQLite database under ``state_dir``); a simulation passes
-        a :class:`~fedjax_core.director.memory_store.MemoryStore`. The director closes it when it closes."""
+        a :class:`~fedjax_core.director.memory_store.MemoryStore`. The director closes it when it closes.
+        ``audit_log``: a file the audit trail is also appended to, as JSON lines (settings.audit_log)."""
         self.state_dir = Path(state_dir)
         self.max_model_bytes = max_model_bytes
         self.keep_experiments = keep_experiments  # ended experiments whose files stay (None: all)
@@ -58,6 +61,7 @@ class Director:
         self.store = store if store is not None else SqliteStore(self.state_dir / "director.sqlite")
         for name in self.store.abandon_submissions():  # cut off by a crash: never queued
             log.warning("dropping experiment %r: its submission did not complete before the director stopped", name)
+        self.audit = AuditTrail(self.store, clock, audit_log)
         self.files = ExperimentFiles(self.state_dir)
         for row in self.store.experiments():
             for path in self.files.sweep(row.name, row.current_round):

@@ -52,6 +52,7 @@ class MemoryStore:
         self._events: dict[str, list[_Event]] = {}
         self._event_keys: set[tuple[str, int, str, str]] = set()
         self._last_event_id = 0
+        self._audit: list[r.AuditEntry] = []
 
     def close(self) -> None:
         """Nothing to release: the data stays for whoever holds the store."""
@@ -201,3 +202,18 @@ class MemoryStore:
 def _first(items: list, limit: int) -> list:
     """The first ``limit`` items (-1, or any negative limit: all of them), as SQL's LIMIT."""
     return items if limit < 0 else items[:limit]
+    # audit trail
+    def add_audit(self, entry: r.AuditEntry) -> int:
+        with self._lock:
+            entry = dataclasses.replace(entry, id=len(self._audit) + 1)
+            self._audit.append(entry)
+            return entry.id
+
+    def audit(self, since: float = 0.0, after_id: int = 0, limit: int = -1,
+              viewer: str | None = None) -> list[r.AuditEntry]:
+        with self._lock:
+            owned = {name for name, e in self._experiments.items() if e.row.spec.submitter == viewer}
+            found = [e for e in self._audit[after_id:] if e.timestamp >= since
+                     and (viewer is None or e.actor == viewer or e.experiment in owned)]
+        return found if limit < 0 else found[:limit]
+

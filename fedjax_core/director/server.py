@@ -16,7 +16,7 @@ from fedjax_core.director.concurrency import Flow
 from fedjax_core.director.core import Director
 from fedjax_core.director.memory import tune_allocator
 from fedjax_core.director.parsing import ParseGate
-from fedjax_core.director.servicer import EnvoyServicer, FederationServicer, RoleGate
+from fedjax_core.director.servicer import EnvoyServicer, FederationServicer, Refusals, RoleGate
 from fedjax_core.sinks import factories_from_config
 from fedjax_core.transport import SERVER_OPTIONS, TLSFiles, server_credentials
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
@@ -52,11 +52,13 @@ class DirectorServer:
         self._short_pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="director")
         self.flow = Flow(self._loop, self._short_pool, max_uploads, stream_idle_s, max_waiting_calls)
         self.director.subscribe(self.flow.changes.notify)
+        refusals = Refusals(self.director.audit)  # logged and audited once per (caller, host, reason)
         self._server = grpc.aio.server(migration_thread_pool=self._short_pool, options=SERVER_OPTIONS,
-                                       interceptors=([RoleGate(allowed_envoys)] if tls else []) + [ParseGate()])
-        env_grpc.add_EnvoyServiceServicer_to_server(EnvoyServicer(self.director, self.flow), self._server)
-        fed_grpc.add_FederationServiceServicer_to_server(FederationServicer(self.director, self.flow, submitters),
-                                                         self._server)
+                                       interceptors=([RoleGate(allowed_envoys, refusals)] if tls else [])
+                                       + [ParseGate()])
+        env_grpc.add_EnvoyServiceServicer_to_server(EnvoyServicer(self.director, self.flow, refusals), self._server)
+        fed_grpc.add_FederationServiceServicer_to_server(
+            FederationServicer(self.director, self.flow, submitters, refusals), self._server)
         address = f"{host}:{port}"
         try:
             bound = (self._server.add_secure_port(address, server_credentials(tls)) if tls
@@ -131,7 +133,8 @@ def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path)
                         sample_shape=s.sample_shape, target_shape=s.target_shape,
                         health_check_period=s.envoy_health_check_period, max_model_bytes=s.max_model_bytes,
                         admins=s.admins, envoy_timeout_s=s.envoy_timeout_s, keep_experiments=s.keep_experiments,
-                        metric_sinks=sinks)
+                        metric_sinks=sinks,
+                        audit_log=resolve_path(s.audit_log, config_dir) if s.audit_log else None)
     allowed_envoys = None if s.allowed_envoys is None else frozenset(s.allowed_envoys)
     if allowed_envoys is not None and tls is None:
         log.warning("settings.allowed_envoys applies to certificate names under mTLS; with TLS disabled any "

@@ -14,10 +14,11 @@ import grpc
 from fedjax_core import pki, serde
 from fedjax_core import records as r
 from fedjax_core.director import limits, paging
+from fedjax_core.director.audit import AuditTrail
 from fedjax_core.director.concurrency import EVERYTHING, NOTEBOOKS, Flow
 from fedjax_core.director.core import Director
 from fedjax_core.director.gates import guarded_handler
-from fedjax_core.errors import InvalidRequestError, PermissionDeniedError
+from fedjax_core.errors import FedError, InvalidRequestError, PermissionDeniedError
 from fedjax_core.transport import maps_errors, peer_common_name
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
@@ -29,10 +30,11 @@ BUNDLE_CHUNK = 1 << 20
 MAX_LONG_POLL_S = 30.0
 
 
-class _Refusals:
-    """Logs each refused caller once (per certificate name, host and reason), so floods stay one line."""
+class Refusals:
+    """Logs and audits each refused caller once (per certificate name, host and reason), so floods stay one line."""
 
-    def __init__(self):
+    def __init__(self, audit: AuditTrail | None = None):
+        self.audit = audit
         self._seen: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
 
@@ -43,6 +45,8 @@ class _Refusals:
             self._seen.add(key)
         if first:
             log.warning("refused a call from %s (certificate %r): %s", peer, name, error)
+            if self.audit is not None:
+                self.audit.record(r.AuditAction.REFUSE, name, peer, reason=str(error))
         raise error
 
 
@@ -65,7 +69,6 @@ class Caller:
         return None if self.role == pki.ADMIN else self.common_name
 
 
-_refusals = _Refusals()
 # Under mTLS, the role a caller's certificate needs for each service (pki module docstring).
 SERVICE_ROLES = {env_pb.DESCRIPTOR.services_by_name["EnvoyService"].full_name: pki.ENVOY,
                  fed_pb.DESCRIPTOR.services_by_name["FederationService"].full_name: pki.API}
@@ -80,7 +83,8 @@ def _identity(pem: bytes) -> pki.Identity:
         return pki.Identity(None, None)
 
 
-def check_role(context: grpc.ServicerContext, method: str, allowed_envoys: frozenset[str] | None) -> None:
+def check_role(context: grpc.ServicerContext, method: str, allowed_envoys: frozenset[str] | None,
+               refusals: Refusals) -> None:
     """Under mTLS, the one gate every RPC passes (see ``RoleGate``): the client certificate must carry
     a usable name and the role that ``method``'s service needs (``SERVICE_ROLES``), and an envoy must
     be in ``allowed_envoys`` when that is set. Refusals raise PermissionDeniedError, logged once."""
@@ -105,15 +109,16 @@ def check_role(context: grpc.ServicerContext, method: str, allowed_envoys: froze
                  f"({', '.join(sorted(allowed_envoys)) or 'empty'}): add {who.name} there and restart the director")
     else:
         return
-    _refusals.refuse(context.peer(), who.name or "", PermissionDeniedError(error))
+    refusals.refuse(context.peer(), who.name or "", PermissionDeniedError(error))
 
 
 class RoleGate(grpc.aio.ServerInterceptor):
     """Runs ``check_role`` before every RPC of a TLS server, new RPCs included; refusals end PERMISSION_DENIED.
     Wraps plain, coroutine and async generator handlers alike, keeping their kind."""
 
-    def __init__(self, allowed_envoys: frozenset[str] | None = None):
+    def __init__(self, allowed_envoys: frozenset[str] | None = None, refusals: Refusals | None = None):
         self.allowed_envoys = allowed_envoys
+        self.refusals = refusals or Refusals()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -123,7 +128,7 @@ class RoleGate(grpc.aio.ServerInterceptor):
 
         def refusal(request, context) -> tuple[grpc.StatusCode, str] | None:
             try:
-                check_role(context, method, self.allowed_envoys)
+                check_role(context, method, self.allowed_envoys, self.refusals)
             except PermissionDeniedError as exc:
                 return grpc.StatusCode.PERMISSION_DENIED, str(exc)
             return None
@@ -131,10 +136,10 @@ class RoleGate(grpc.aio.ServerInterceptor):
         return guarded_handler(handler, refusal)
 
 
-def _check_envoy_identity(caller: Caller, envoy_name: str) -> None:
+def _check_envoy_identity(caller: Caller, envoy_name: str, refusals: Refusals) -> None:
     """Under mTLS an envoy (and its worker) may act only under the name its certificate carries."""
     if caller.common_name is not None and caller.common_name != envoy_name:
-        _refusals.refuse(caller.peer, caller.common_name, PermissionDeniedError(
+        refusals.refuse(caller.peer, caller.common_name, PermissionDeniedError(
             f"the client certificate is for {caller.common_name!r}, not for envoy {envoy_name!r}: give each envoy "
             f"its own certificate ({pki.fix_command(pki.ENVOY, envoy_name)})"))
 
@@ -143,27 +148,42 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     """Plain methods are short calls, run on the server's thread pool; coroutines wait or transfer through
     ``flow`` (see :mod:`fedjax_core.director.concurrency`)."""
 
-    def __init__(self, director: Director, flow: Flow):
+    def __init__(self, director: Director, flow: Flow, refusals: Refusals | None = None):
         self.director = director
         self.flow = flow
+        self.refusals = refusals or Refusals(director.audit)
+
+    def _check_identity(self, caller: Caller, envoy_name: str) -> None:
+        _check_envoy_identity(caller, envoy_name, self.refusals)
 
     @maps_errors
     def RegisterEnvoy(self, request, context):
-        _check_envoy_identity(Caller.of(context), request.envoy_name)
-        period = self.director.register_envoy(request.envoy_name, serde.shard_info_from_proto(request.shard_info),
-                                              request.instance_id)
+        caller = Caller.of(context)
+        self._check_identity(caller, request.envoy_name)
+        info = serde.shard_info_from_proto(request.shard_info)
+        try:
+            period = self.director.register_envoy(request.envoy_name, info, request.instance_id)
+        except PermissionDeniedError:
+            raise  # audited by the refusal itself
+        except FedError as exc:
+            self.director.audit.record(r.AuditAction.REFUSE, caller.common_name or request.envoy_name, caller.peer,
+                                       call="RegisterEnvoy", envoy=request.envoy_name, reason=str(exc))
+            raise
+        self.director.audit.record(r.AuditAction.REGISTER, caller.common_name or request.envoy_name, caller.peer,
+                                   envoy=request.envoy_name, train_size=info.train_size, valid_size=info.valid_size,
+                                   hostname=info.hostname)
         return env_pb.RegisterEnvoyResponse(health_check_period_s=period)
 
     @maps_errors
     async def Heartbeat(self, request, context):
-        _check_envoy_identity(Caller.of(context), request.envoy_name)
+        self._check_identity(Caller.of(context), request.envoy_name)
         known = await self.flow.heartbeat(self.director.heartbeat, request.envoy_name, request.instance_id)
         return env_pb.HeartbeatResponse(known=known)
 
     @maps_errors
     async def WaitExperiment(self, request, context):
         envoy = request.envoy_name
-        _check_envoy_identity(Caller.of(context), envoy)
+        self._check_identity(Caller.of(context), envoy)
         async with self.flow.waiting(context):
             sent: set[str] = set()
             while not self.director.closed:
@@ -181,7 +201,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
     @maps_errors
     async def GetExperimentBundle(self, request, context):
-        _check_envoy_identity(Caller.of(context), request.envoy_name)
+        self._check_identity(Caller.of(context), request.envoy_name)
         path = await self.flow.short(self.director.workers.experiment_bundle, request.envoy_name, request.experiment_name)
 
         def chunks() -> Iterator[env_pb.BundleChunk]:
@@ -195,7 +215,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     @maps_errors
     async def WaitTask(self, request, context):
         envoy, experiment = request.envoy_name, request.experiment_name
-        _check_envoy_identity(Caller.of(context), envoy)
+        self._check_identity(Caller.of(context), envoy)
         if math.isnan(request.max_wait_s):  # min/max pass NaN through, and a NaN timeout never expires
             raise InvalidRequestError(f"max_wait_s is NaN; give the seconds to wait (0 to {MAX_LONG_POLL_S:g})")
         wait = min(max(request.max_wait_s, 0.0), MAX_LONG_POLL_S)
@@ -206,13 +226,13 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
     @maps_errors
     async def GetRoundModel(self, request, context):
-        _check_envoy_identity(Caller.of(context), request.envoy_name)
+        self._check_identity(Caller.of(context), request.envoy_name)
         chunks = self.director.workers.round_model(request.envoy_name, request.experiment_name, request.round)
         await self.flow.send(context, "GetRoundModel", serde.chunk_messages(chunks))
 
     @maps_errors
     def ReportMetrics(self, request, context):
-        _check_envoy_identity(Caller.of(context), request.envoy_name)
+        self._check_identity(Caller.of(context), request.envoy_name)
         self.director.workers.report_metrics(request.envoy_name, request.experiment_name, request.round, request.stage,
                                      serde.metrics_from_proto(request.metrics), request.sample_count)
         return env_pb.ReportMetricsResponse()
@@ -226,7 +246,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
             if first is None or not first.HasField("header"):
                 raise InvalidRequestError("an update stream must start with its header")
             h = first.header
-            _check_envoy_identity(caller, h.envoy_name)
+            self._check_identity(caller, h.envoy_name)
 
             def chunks() -> Iterator:
                 for msg in requests:
@@ -240,7 +260,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         def admit(first) -> None:  # who and whether, before the upload takes a slot
             if first.HasField("header"):
                 h = first.header
-                _check_envoy_identity(caller, h.envoy_name)
+                self._check_identity(caller, h.envoy_name)
                 self.director.workers.check_upload(h.envoy_name, h.experiment_name, h.round)
 
         received = await self.flow.receive(context, "UploadUpdate", consume, admit=admit)
@@ -248,7 +268,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
     @maps_errors
     def SecAgg(self, request, context):
-        _check_envoy_identity(Caller.of(context), request.envoy_name)
+        self._check_identity(Caller.of(context), request.envoy_name)
         step = request.WhichOneof("step")
         if step is None:
             raise InvalidRequestError("a SecAgg request carries keys, shares or reveal")
@@ -261,7 +281,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
     @maps_errors
     def ReportFailure(self, request, context):
-        _check_envoy_identity(Caller.of(context), request.envoy_name)
+        self._check_identity(Caller.of(context), request.envoy_name)
         self.director.workers.report_failure(request.envoy_name, request.experiment_name, request.error,
                                      request.round if request.HasField("round") else None, request.worker_lost,
                                      request.refused)
@@ -269,17 +289,19 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
 
     @maps_errors
     def CheckIn(self, request, context):
-        _check_envoy_identity(Caller.of(context), request.envoy_name)
+        self._check_identity(Caller.of(context), request.envoy_name)
         upload = self.director.workers.check_in(request.envoy_name, request.experiment_name, request.round,
                                         request.divergence)
         return env_pb.CheckInResponse(upload=upload)
 
 
 class FederationServicer(fed_grpc.FederationServiceServicer):
-    def __init__(self, director: Director, flow: Flow, submitters: frozenset[str] = frozenset({"api"})):
+    def __init__(self, director: Director, flow: Flow, submitters: frozenset[str] = frozenset({"api"}),
+                 refusals: Refusals | None = None):
         self.director = director
         self.flow = flow
         self.submitters = submitters
+        self.refusals = refusals or Refusals(director.audit)
 
     def _check_submitter(self, caller: Caller, submitting: bool = False) -> None:
         """Under mTLS only the certificates named in settings.submitters (and, except to submit, those of role
@@ -289,7 +311,7 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
 
     def _check_named(self, caller: Caller) -> None:
         if caller.common_name is not None and caller.common_name not in self.submitters:
-            _refusals.refuse(caller.peer, caller.common_name, PermissionDeniedError(
+            self.refusals.refuse(caller.peer, caller.common_name, PermissionDeniedError(
                 f"the client certificate {caller.common_name!r} may not use the notebook API; this director allows "
                 f"{', '.join(sorted(self.submitters))} (settings.submitters in its config)"))
 
@@ -322,6 +344,7 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
                 raise InvalidRequestError("an experiment submission must start with its spec")
             if caller.common_name is not None:  # under mTLS the certificate names the submitter, not the client
                 spec = dataclasses.replace(spec, submitter=caller.common_name)
+            submitted["spec"] = spec
             pending: list = []
 
             def bundle() -> Iterator[bytes]:
@@ -343,7 +366,23 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
 
             return self.director.submit_experiment(spec, bundle(), chunks())
 
-        position = await self.flow.receive(context, "SubmitExperiment", consume, submission=True)
+        submitted: dict = {}
+        audit = self.director.audit
+        try:
+            position = await self.flow.receive(context, "SubmitExperiment", consume, submission=True)
+        except PermissionDeniedError:
+            raise
+        except FedError as exc:
+            spec = submitted.get("spec")
+            await self.flow.short(functools.partial(
+                audit.record, r.AuditAction.REFUSE, caller.common_name or getattr(spec, "submitter", ""), caller.peer,
+                getattr(spec, "name", "")[:128], call="SubmitExperiment", reason=str(exc)))
+            raise
+        spec = submitted["spec"]
+        sha256 = await self.flow.short(self.director.catalog.experiment_bundle_sha256, spec.name)
+        await self.flow.short(functools.partial(
+            audit.record, r.AuditAction.SUBMIT, spec.submitter, caller.peer, spec.name, bundle_sha256=sha256,
+            envoys=list(spec.envoys) or "every online envoy", rounds=spec.rounds, queue_position=position))
         return fed_pb.SubmitExperimentResponse(queue_position=position)
 
     @maps_errors
@@ -368,6 +407,13 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         self._check_submitter(caller)
         name = request.experiment_name
         await self.flow.short(self.director.catalog.experiment_status, name, caller.viewer)  # NOT_FOUND before anything
+        if request.snapshot:  # the events so far, without waiting for more
+            rows, done = await self.flow.short(self.director.catalog.events_after, name, 0)
+            for _, event in rows:
+                yield serde.metric_event_to_proto(event)
+            if not rows and done is not None:
+                yield serde.metric_event_to_proto(done)
+            return
         last_id = 0
         async with self.flow.waiting(context, NOTEBOOKS):
             while not self.director.closed:
@@ -385,11 +431,27 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
     def CancelExperiment(self, request, context):
         caller = Caller.of(context)
         self._check_submitter(caller)
-        return serde.status_to_proto(self.director.cancel_experiment(request.name, by=caller.viewer))
+        status = self.director.cancel_experiment(request.name, by=caller.viewer)
+        self.director.audit.record(r.AuditAction.CANCEL, caller.common_name or "", caller.peer, request.name,
+                                   state=status.state)
+        return serde.status_to_proto(status)
 
     @maps_errors
     async def GetModel(self, request, context):
         caller = Caller.of(context)
         self._check_submitter(caller)
         chunks = self.director.catalog.model_chunks(request.experiment_name, request.which, by=caller.viewer)
+        await self.flow.short(functools.partial(self.director.audit.record, r.AuditAction.DOWNLOAD,
+                                                caller.common_name or "", caller.peer, request.experiment_name,
+                                                which=request.which))
         await self.flow.send(context, "GetModel", serde.chunk_messages(chunks))
+
+    @maps_errors
+    def GetAuditLog(self, request, context):
+        caller = Caller.of(context)
+        self._check_submitter(caller)
+        if not math.isfinite(request.since):
+            raise InvalidRequestError(f"since is {request.since}; give a Unix time (0: from the start)")
+        entries, more = self.director.audit.entries(caller.viewer, request.since, max(request.after_id, 0),
+                                                    paging.page_size(request.page_size))
+        return fed_pb.GetAuditLogResponse(entries=[serde.audit_entry_to_proto(e) for e in entries], more=more)

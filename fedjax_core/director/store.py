@@ -47,6 +47,16 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_experiment ON events (experiment, id);
 -- one event per (round, envoy, stage): a report retried after a lost reply is not counted twice
 CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events (experiment, round, envoy, stage);
+-- the audit trail (fedjax_core/director/audit.py): append-only, which the triggers below enforce
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, action TEXT NOT NULL, actor TEXT NOT NULL,
+    peer TEXT NOT NULL, experiment TEXT NOT NULL, detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (ts);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
 CREATE TABLE IF NOT EXISTS rounds (
     experiment TEXT NOT NULL, round INTEGER NOT NULL, participants TEXT NOT NULL,
     PRIMARY KEY (experiment, round)
@@ -266,6 +276,24 @@ class SqliteStore:
         return {round_: tuple(json.loads(p)) for round_, p in reversed(rows)}
 
     # metric events
+    # audit trail
+    def add_audit(self, entry: r.AuditEntry) -> int:
+        return self._write("INSERT INTO audit (ts, action, actor, peer, experiment, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                           (entry.timestamp, entry.action, entry.actor, entry.peer, entry.experiment,
+                            entry.detail)).lastrowid
+
+    def audit(self, since: float = 0.0, after_id: int = 0, limit: int = -1,
+              viewer: str | None = None) -> list[r.AuditEntry]:
+        sql = "SELECT id, ts, action, actor, peer, experiment, detail FROM audit WHERE id > ? AND ts >= ?"
+        args: tuple = (after_id, since)
+        if viewer is not None:
+            sql += (" AND (actor = ? OR experiment IN (SELECT name FROM experiments "
+                    "WHERE json_extract(header, '$.submitter') = ?))")
+            args += (viewer, viewer)
+        rows = self._read(sql + " ORDER BY id LIMIT ?", args + (limit,))
+        return [r.AuditEntry(action=action, actor=actor, peer=peer, experiment=experiment, detail=detail,
+                             timestamp=ts, id=id_) for id_, ts, action, actor, peer, experiment, detail in rows]
+
     def add_event(self, experiment: str, event: r.MetricEvent, weight: float = 0.0) -> bool:
         """Record an event; False when the same (round, envoy, stage) was recorded before."""
         metrics = json.dumps([[m.task, m.name, m.value] for m in event.metrics])

@@ -96,3 +96,12 @@ class Store(Protocol):
                round_: int | None = None) -> list[tuple[int, r.MetricEvent, float]]:
         """``(id, event, weight)`` of the experiment's events with ids above ``after_id`` (of round ``round_``
         when given), by id."""
+
+    # audit trail
+    def add_audit(self, entry: r.AuditEntry) -> int:
+        """Append ``entry`` (its ``id`` is ignored); returns the id it was given. Entries are never changed."""
+
+    def audit(self, since: float = 0.0, after_id: int = 0, limit: int = -1,
+              viewer: str | None = None) -> list[r.AuditEntry]:
+        """``limit`` entries (-1: all) with an id above ``after_id`` and a timestamp at or after ``since``, oldest
+        first; only those ``viewer`` acted in or about its own experiments when given."""

@@ -32,6 +32,8 @@ from fedjax_core.envoy import landlock, sandbox
 from fedjax_core.envoy.client import EnvoyClient
 from fedjax_core.envoy.launch import Launched, LauncherClosed, WorkerLauncher, kill_group, stop_process
 from fedjax_core.envoy.proxy import WorkerProxy
+from fedjax_core.envoy import audit as envoy_audit
+from fedjax_core.envoy.audit import EnvoyAudit
 from fedjax_core.envoy.review import CHECK_S, ReviewDesk, describe
 from fedjax_core.envoy.workdir import WorkDir
 from fedjax_core.envoy.worker_env import worker_environment
@@ -81,6 +83,8 @@ class EnvoyDaemon:
         self.info = shard_info(self.shard, config.params)
         self.client = EnvoyClient(name, f"{host}:{port}", tls, stop=self.stop)
         self.desk = ReviewDesk(self.workdir.review) if config.settings.review == "manual" else None
+        self.audit = EnvoyAudit(self.work_dir / envoy_audit.FILE)
+        self._consented: dict[str, dict] = {}  # experiment -> its submitter and checked bundle sha256
         # Under TLS the worker reaches the director only through this proxy, so it never holds the key;
         # in plaintext (loopback only) there is no key to keep and the worker connects directly.
         self.proxy = WorkerProxy(name, self.client.channel, self.workdir.proxy,
@@ -224,6 +228,8 @@ class EnvoyDaemon:
                                      f"{sha256} when it was submitted: it was altered on the way or on the "
                                      "director's disk, so this envoy does not run it")
             return
+        self._consented[experiment] = {"submitter": submitter, "bundle_sha256": digest,
+                                       "approved": "automatically" if self.desk is None else "in review"}
         if self.desk is not None:
             decision = self.desk.decision(experiment, digest)
             if decision is None:
@@ -237,6 +243,9 @@ class EnvoyDaemon:
     def _refuse(self, experiment: str, reason: str) -> None:
         """Tell the director this envoy refuses ``experiment``: it drops out of the experiment."""
         log.warning("envoy %s refused experiment %r: %s", self.name, experiment, reason)
+        consented = self._consented.pop(experiment, {})
+        self.audit.record("refuse", experiment, reason=reason, submitter=consented.get("submitter"),
+                          bundle_sha256=consented.get("bundle_sha256"))
         self.workdir.discard_bundle(experiment)
         try:
             self.client.report_failure(experiment, reason, refused=True)
@@ -332,6 +341,7 @@ class EnvoyDaemon:
             log.info("envoy %s: starting worker for experiment %r (pid %d, %s; folder %s)", self.name, experiment,
                      launched.process.pid, "the standby" if launched.warm else "cold", launched.run)
             worker = self._workers[experiment] = Worker(launched, token)
+            self.audit.record("run", experiment, pid=launched.process.pid, **self._consented.get(experiment, {}))
             threading.Thread(target=self._reap, args=(worker, experiment), daemon=True).start()
             if sum(self._running(name) for name in self._workers) < self.max_experiments:
                 self.launcher.prepare()  # room for another experiment: its standby waits ready
@@ -344,6 +354,7 @@ class EnvoyDaemon:
         code = process.wait()
         kill_group(process)  # what it started goes with it
         log.info("envoy %s: worker for %r exited with code %d", self.name, experiment, code)
+        self.audit.record("worker_exit", experiment, pid=process.pid, code=code)
         self.workdir.close_run(worker.launched.run)
         if worker.token is not None:
             self.proxy.revoke(worker.token)
