@@ -45,7 +45,7 @@ def logits(params, images):
     return images.reshape((images.shape[0], -1)) @ params["w"] + params["b"]
 
 
-def linear_state(lr: float = 0.01) -> train_state.TrainState:
+def linear_state(lr: float = 0.005) -> train_state.TrainState:
     """A linear softmax classifier of CIFAR-10 images: its start costs the notebook no compilation."""
     params = {"w": jnp.asarray(np.zeros((32 * 32 * 3, 10), np.float32)), "b": jnp.asarray(np.zeros(10, np.float32))}
     return train_state.TrainState.create(apply_fn=logits, params=params, tx=optax.sgd(lr))

@@ -37,7 +37,7 @@ def test_the_page_lists_the_envoys_and_a_curve_gains_a_point_when_a_round_closes
         wait.until(lambda d: d.find_element("id", "experiment-title").text == "dashboard_live", "the experiment")
         wait.until(lambda d: points(d, "round/time_s") == 1, "round 0's point")
         assert sorted(trace_names(driver, "aggregated_model_validation/accuracy")) == ["aggregate", "env1", "env2"]
-        assert sorted(trace_names(driver, "round/bytes")) == ["env1", "env2", "received", "sent"]
+        assert sorted(trace_names(driver, "round/bytes")) == ["received (updates)", "sent (models)"]
         assert points(driver, "round/time_s") == 1  # round 1 is held at its gate: no second point yet
 
         driver.execute_script("window.notReloaded = true;")
@@ -45,7 +45,8 @@ def test_the_page_lists_the_envoys_and_a_curve_gains_a_point_when_a_round_closes
         wait.until(lambda d: points(d, "round/time_s") == 2, "round 1's point")
         assert driver.execute_script("return window.notReloaded === true;")
         wait.until(lambda d: "finished" in d.find_element("id", "experiment-summary").text, "the experiment's end")
-        assert points(driver, "aggregated_model_validation/accuracy", "aggregate") == 3  # rounds 0, 1 and the final
+        wait.until(lambda d: points(d, "aggregated_model_validation/accuracy", "aggregate") == 3,
+                   "the final model's validation")  # rounds 0, 1 and the final one
         rounds = table_text(driver, "rounds")
         assert "env1, env2" in rounds and "MB" in rounds
         assert severe_logs(driver) == []  # no script error, no refusal by the page's Content-Security-Policy

@@ -5,6 +5,8 @@
 
 const TOKEN = new URLSearchParams(location.search).get("token");
 const STAGES = ["aggregated_model_validation", "locally_tuned_model_validation", "train"];
+const ROUND_CHARTS = ["round/time_s", "round/bytes", "round/envoys", "privacy/epsilon"];  // after the stages' charts
+const PLOT_CONFIG = {displaylogo: false, displayModeBar: false, responsive: true};
 const page = {envoys: [], experiments: [], selected: null, chosen: false, source: null, run: null, drawn: new Map()};
 
 // ---- small helpers
@@ -91,7 +93,7 @@ function showEnvoys(snapshot) {
     Plotly.react(chart, counted.map((e) => ({
       type: "bar", name: plotText(e.name), x: e.shard_info.label_counts.map((_, label) => label),
       y: e.shard_info.label_counts,
-    })), layout("training records per label", "label"), {displaylogo: false, responsive: true});
+    })), layout("training records per label"), PLOT_CONFIG);
   }
 }
 
@@ -158,15 +160,14 @@ class Run {
         sent: metric("round", "bytes_sent"), epsilon: metric("privacy", "epsilon"), note: ev.note || undefined,
       });
       this.point("round/time_s", "round time (s)", "round", ev.round, row.time);
-      this.point("round/bytes", "bytes moved (MB)", "received", ev.round, row.received / 1e6);
-      this.point("round/bytes", "bytes moved (MB)", "sent", ev.round, row.sent / 1e6);
-      this.point("round/envoys", "envoys per round", "participants", ev.round, ev.participants.length);
-      this.point("round/envoys", "envoys per round", "reported", ev.round, metric("round", "envoys_reported"));
-      this.point("round/envoys", "envoys per round", "dropped out", ev.round, row.dropped.length);
+      this.point("round/bytes", "bytes moved (MB)", "received (updates)", ev.round, row.received / 1e6);
+      this.point("round/bytes", "bytes moved (MB)", "sent (models)", ev.round, row.sent / 1e6);
+      this.point("round/envoys", "envoys", "participants", ev.round, ev.participants.length);
+      this.point("round/envoys", "envoys", "reported", ev.round, metric("round", "envoys_reported"));
+      this.point("round/envoys", "envoys", "dropped out", ev.round, row.dropped.length);
       this.point("privacy/epsilon", "privacy spent (epsilon)", "epsilon", ev.round, row.epsilon);
     } else if (ev.stage === "comm") {
-      const moved = (metric("comm", "bytes_uploaded") ?? 0) + (metric("comm", "bytes_downloaded") ?? 0);
-      this.point("round/bytes", "bytes moved (MB)", ev.envoy, ev.round, moved / 1e6);
+      // each envoy's bytes: the round's totals above sum them
     } else {
       for (const m of ev.metrics) {
         this.point(`${ev.stage}/${m.name}`, `${m.name} (${ev.stage.replaceAll("_", " ")})`, ev.envoy || "aggregate",
@@ -231,14 +232,16 @@ function schedule() {
   setTimeout(() => { pending = false; draw(); }, 100);
 }
 
-function layout(title, xTitle) {
-  return {title: {text: plotText(title), font: {size: 13}}, margin: {l: 55, r: 15, t: 35, b: 40},
-    xaxis: {title: {text: xTitle}}, legend: {orientation: "h", y: -0.2}, uirevision: title};
+function layout(title) {  // x: rounds (or labels), whole numbers
+  return {title: {text: plotText(title), font: {size: 13}}, margin: {l: 55, r: 15, t: 35, b: 30},
+    xaxis: {tickformat: "d"}, legend: {orientation: "h", y: -0.15}, uirevision: title};
 }
 
 function chartOrder(key) {
   const stage = STAGES.indexOf(key.split("/")[0]);
-  return stage >= 0 ? stage : STAGES.length;
+  if (stage >= 0) return stage;
+  const round = ROUND_CHARTS.indexOf(key);
+  return STAGES.length + (round >= 0 ? round : ROUND_CHARTS.length);
 }
 
 function draw() {
@@ -260,7 +263,9 @@ function draw() {
       return {type: "scatter", mode: "lines+markers", name: plotText(name), x: points.map((p) => p[0]),
         y: points.map((p) => p[1]), line: {width: name === "aggregate" ? 3 : 1.5}};
     });
-    Plotly.react(div, traces, layout(chart.title, "round"), {displaylogo: false, responsive: true});
+    const look = layout(`${chart.title} per round`);
+    if (ROUND_CHARTS.includes(key)) look.yaxis = {rangemode: "tozero"};  // counts, seconds, bytes: from 0
+    Plotly.react(div, traces, look, PLOT_CONFIG);
   }
   fillTable("rounds", [...run.rounds].sort((a, b) => a[0] - b[0]).map(([n, row]) => [
     {text: n, className: "num"},
