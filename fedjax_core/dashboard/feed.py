@@ -136,24 +136,25 @@ class ExperimentFeed:
                         continue
                     seen += 1
                     delay = 1.0
-                    self.hub.call_on_loop(self._publish, frame("metric", event), event.experiment_done)
+                    self.hub.call_on_loop(self._publish, frame("metric", event), True, event.experiment_done)
                     if event.experiment_done:
                         return
                 return  # the stream ended without 'done' (the director stopped serving it): nothing more comes
             except DirectorUnreachable as exc:
                 if self.hub.stopping.is_set():
                     return
-                self.hub.call_on_loop(self._publish, frame("feed", {"ok": False, "error": str(exc)}), False)
+                self.hub.call_on_loop(self._publish, frame("feed", {"ok": False, "error": str(exc)}), False, False)
                 if not exc.retryable:
                     return
                 self.hub.stopping.wait(delay)
                 delay = min(2 * delay, RETRY_MAX_S)
             except Exception as exc:  # noqa: BLE001  (not found, permission denied: told to the page)
-                self.hub.call_on_loop(self._publish, frame("feed", {"ok": False, "error": str(exc)}), False)
+                self.hub.call_on_loop(self._publish, frame("feed", {"ok": False, "error": str(exc)}), False, False)
                 return
 
-    def _publish(self, item: str, done: bool) -> None:
-        if item.startswith("event: metric"):
+    def _publish(self, item: str, keep: bool, done: bool) -> None:
+        """On the loop: send ``item`` to every page watching; ``keep`` it for pages that open later."""
+        if keep:
             self.frames.append(item)
         for sub in self.subscribers:
             sub.put(item)
@@ -204,6 +205,7 @@ class Hub:
         self.stopping.set()
         if self._poller is not None:
             self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
         await asyncio.to_thread(self.client.close)  # cancels the followers' streams
         threads = [feed.thread for feed in self.feeds.values() if feed.thread.is_alive()]
         await asyncio.to_thread(lambda: [t.join(timeout=5) for t in threads])
@@ -273,7 +275,7 @@ class Hub:
         """A stream of experiment ``name``'s 'metric' frames from its first round; it ends after the 'done'
         event. 'feed' frames say when the director's stream broke."""
         feed = self._feed(name)
-        sub = Subscription(backlog=max(MAX_BACKLOG, len(feed.frames) + MAX_BACKLOG))
+        sub = Subscription(backlog=len(feed.frames) + MAX_BACKLOG)
         for item in feed.frames:
             sub.put(item)
         if feed.done or self._ending:
