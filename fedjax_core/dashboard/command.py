@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from fedjax_core.config import ConfigError
-from fedjax_core.transport import is_loopback
 
 MISSING_EXTRA = "fedjax dashboard needs the dashboard extra: pip install 'fedjax-core[dashboard]'"
 EXTRA = ("starlette", "uvicorn", "plotly")
@@ -78,6 +77,8 @@ def read_token(args) -> str | None:
 def check_page_security(host: str, tls_cert: str | None, tls_key: str | None, token: str | None,
                         client_ca: str | None) -> None:
     """Loopback needs nothing; any other interface needs HTTPS and a token or client certificates."""
+    from fedjax_core.transport import is_loopback
+
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("HTTPS needs both --tls-cert and --tls-key")
     if client_ca and not tls_cert:
@@ -134,6 +135,7 @@ def run(args) -> int:
     from fedjax_core.cli import _check_plaintext, _tls
     from fedjax_core.dashboard.app import LOOPBACK_NAMES, create_app
     from fedjax_core.errors import FedError
+    from fedjax_core.transport import is_loopback
 
     try:
         token = read_token(args)
