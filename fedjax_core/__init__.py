@@ -12,6 +12,7 @@ _LAZY = {
     "Federation": "fedjax_core.api.federation",
     "FLExperiment": "fedjax_core.api.experiment",
     "ExperimentFailed": "fedjax_core.api.experiment",
+    "ExperimentCancelled": "fedjax_core.api.experiment",
     "ModelInterface": "fedjax_core.runtime.interfaces",
     "TaskInterface": "fedjax_core.runtime.interfaces",
     "DataInterface": "fedjax_core.runtime.interfaces",

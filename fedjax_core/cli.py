@@ -223,7 +223,8 @@ def _director_gc(args) -> int:
         raise ConfigError(f"no director state in {state_dir} (settings.state_dir of {args.config})")
     store = SqliteStore(state_dir / "director.sqlite")
     try:
-        removed = collect(store, ExperimentFiles(state_dir, sweep_incoming=False), keep)
+        removed = collect(store, ExperimentFiles(state_dir, sweep_incoming=False), keep,
+                          "--keep" if args.keep is not None else "settings.keep_experiments")
     finally:
         store.close()
     print(f"removed the files of {len(removed)} experiment(s){': ' + ', '.join(removed) if removed else ''}")

@@ -56,12 +56,18 @@ def main() -> int:
     processes: list[Process] = []
     try:
         print(f"== starting the director on port {port} and two envoys (shards 1/2 and 2/2)")
-        director = Process([str(REPO / "director" / "start_director.sh"), "--listen-port", str(port)], name="director")
+        logs = {"director": REPO / "director" / "logs" / "director.log",
+                "env_one": REPO / "envoy" / "logs" / "env_one.log", "env_two": REPO / "envoy" / "logs" / "env_two.log"}
+        for path in logs.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        print("   their logs: " + ", ".join(str(p.relative_to(REPO)) for p in logs.values()))
+        director = Process([str(REPO / "director" / "start_director.sh"), "--listen-port", str(port),
+                            "--log-file", str(logs["director"])], name="director")
         processes.append(director)
         director.wait_for("DIRECTOR READY", timeout=60)
         for name, config in (("env_one", "envoy_config.yaml"), ("env_two", "envoy_config_2.yaml")):
-            processes.append(Process([str(REPO / "envoy" / "start_envoy.sh"), name, config, "-dp", str(port)],
-                                     name=name))
+            processes.append(Process([str(REPO / "envoy" / "start_envoy.sh"), name, config, "-dp", str(port),
+                                      "--log-file", str(logs[name])], name=name))
         for envoy in processes[1:]:
             envoy.wait_for("ENVOY READY", timeout=60)
 
@@ -87,11 +93,12 @@ def main() -> int:
         test_acc = re.search(r"^TEST_ACCURACY=(\S+)$", text, re.MULTILINE)
         print(f"\nexperiment {experiment!r}: {status.state}, best round {status.best_round} "
               f"({status.best_metric} {status.best_value:.4f})")
-        print(f"best model pulled back into the notebook, test-split accuracy: "
+        print(f"best model pulled back into the notebook, accuracy on the envoys' validation shards: "
               f"{float(test_acc.group(1)):.4f}" if test_acc else "the notebook printed no TEST_ACCURACY line")
         print(f"executed notebook: {executed.relative_to(REPO)}")
         print("TensorBoard:  .venv/bin/tensorboard --logdir workspace/logs   (notebook side)")
         print("              .venv/bin/tensorboard --logdir director/logs    (director side)")
+        print("daemon logs:  " + "  ".join(str(p.relative_to(REPO)) for p in logs.values()))
         print(f"wall time: {time.monotonic() - started:.1f}s")
         return 0 if status.state == "finished" and test_acc else 1
     except BaseException:

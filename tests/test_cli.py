@@ -237,3 +237,29 @@ def test_envoy_refuses_a_descriptor_value_it_would_misread(tmp_path, counts, why
     proc = fedjax(tmp_path, "envoy", "start", "-n", "env1", "-c", str(config), "-dp", "1", "--disable-tls")
     _assert_clean_exit(proc)
     assert re.search(why, proc.stderr), proc.stderr
+
+
+def test_log_file_gets_the_daemons_log_and_rotates(tmp_path):
+    from fedjax_core.local import Process
+
+    config = _write(tmp_path / "director.yaml", DIRECTOR_YAML)
+    log = tmp_path / "director.log"
+    director = Process([sys.executable, "-m", "fedjax_core", "director", "start", "-c", str(config), "--disable-tls",
+                        "--log-file", str(log), "--log-max-mb", "0.0005", "--log-backups", "2"],
+                       cwd=tmp_path, name="director")
+    try:
+        director.wait_for("DIRECTOR READY")
+        logged = "".join(p.read_text() for p in tmp_path.glob("director.log*"))
+        assert "director listening on 127.0.0.1:" in logged  # what stdout says, in the file too
+        assert (tmp_path / "director.log.1").exists()  # 512 bytes each: the start-up lines already rotated
+        assert not (tmp_path / "director.log.3").exists()  # --log-backups 2 keeps two
+    finally:
+        director.stop()
+
+
+def test_a_log_file_in_a_missing_folder_is_refused_before_starting(tmp_path):
+    config = _write(tmp_path / "director.yaml", DIRECTOR_YAML)
+    proc = fedjax(tmp_path, "director", "start", "-c", str(config), "--disable-tls", "--log-file",
+                  str(tmp_path / "nowhere" / "d.log"))
+    _assert_clean_exit(proc)
+    assert "the folder" in proc.stderr and "does not exist" in proc.stderr

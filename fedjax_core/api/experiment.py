@@ -19,6 +19,7 @@ from typing import Any
 import cloudpickle
 
 from fedjax_core import bundle as bundle_io
+from fedjax_core import code_sources
 from fedjax_core import records as r
 from fedjax_core.api.client import DirectorUnreachable
 from fedjax_core.api.federation import Federation
@@ -39,17 +40,28 @@ DEVICE_POLICIES = ("CPU_ONLY", "CUDA_PREFERRED")
 
 
 class ExperimentFailed(RuntimeError):
-    pass
+    """The experiment failed: the message carries the director's reason (which envoy, which round, why)."""
+
+
+class ExperimentCancelled(RuntimeError):
+    """The experiment was cancelled on purpose (``exp.cancel()``, ``fedjax experiments cancel``): not a failure;
+    the events so far are in ``exp.history`` and its last model can still be downloaded."""
 
 
 def pickle_user_objects(objects: Any, extra_modules: Iterable[ModuleType] = ()) -> bytes:
     """``objects`` cloudpickled with the user's own modules (``user_modules``) and ``extra_modules`` by value,
     so that a process without them (an envoy's worker, a Ray actor) can load them."""
+    return pickle_with_sources(objects, extra_modules)[0]
+
+
+def pickle_with_sources(objects: Any, extra_modules: Iterable[ModuleType] = ()) -> tuple[bytes, dict[str, str]]:
+    """:func:`pickle_user_objects`, keeping the code's file names, and the source text of those files for the
+    tracebacks of the process that runs it (``fedjax_core.code_sources``)."""
     modules = list({id(m): m for m in [*user_modules(), *extra_modules]}.values())
     for module in modules:
         cloudpickle.register_pickle_by_value(module)
     try:
-        return cloudpickle.dumps(objects)
+        return code_sources.dumps(objects)
     finally:
         for module in modules:
             cloudpickle.unregister_pickle_by_value(module)
@@ -218,21 +230,17 @@ class FLExperiment:
         validate(spec)  # the director checks it again, and against the envoys it knows
         task_keeper.check()
         spec = dataclasses.replace(spec, round_config=_round_config(round_config, rounds_to_train, task_keeper))
-        payload = self._pickle({"model_interface": model_provider, "task_interface": task_keeper,
-                                "data_interface": data_loader}, pickle_by_value)
+        payload, sources = pickle_with_sources({"model_interface": model_provider, "task_interface": task_keeper,
+                                                "data_interface": data_loader}, pickle_by_value)
         bundle = bundle_io.pack({"experiment": self.experiment_name,
                                  "device_assignment_policy": device_assignment_policy,
-                                 "tasks": sorted(task_keeper.task_registry)}, payload)
+                                 "tasks": sorted(task_keeper.task_registry), "sources": sources}, payload)
         spec = dataclasses.replace(spec, bundle_size=len(bundle))
         parse_round_config(spec.round_config, spec.rounds)  # the round_config, as the director will read it
         position = self.federation.client.submit(spec, bundle, tensors)
         self.model_interface = model_provider
         self.history = []
         return position
-
-    @staticmethod
-    def _pickle(objects: dict, extra_modules: Iterable[ModuleType]) -> bytes:
-        return pickle_user_objects(objects, extra_modules)
 
     # --------------------------------------------------------------- follow
     def get_experiment_status(self) -> r.ExperimentStatus:
@@ -241,7 +249,8 @@ class FLExperiment:
     def stream_metrics(self, tensorboard_logs: bool = True, log_dir: str | Path = "logs", progress: bool = True,
                        live_table: bool = True, sinks: Sequence[MetricSink] | None = None) -> list[dict]:
         """Follow the experiment to its end: a progress bar per round, a table of aggregated metrics,
-        TensorBoard curves under ``log_dir``. Returns the table's rows; raises ExperimentFailed on failure.
+        TensorBoard curves under ``log_dir``. Returns the table's rows; raises ExperimentFailed on failure and
+        ExperimentCancelled after a cancel.
 
         ``sinks``: more metric sinks (``fedjax_core.sinks.MLflowSink(...)``, ``WandbSink(...)``, any
         object with ``log(event)`` and ``close()``), fed in addition to TensorBoard; pass
@@ -271,6 +280,10 @@ class FLExperiment:
         finally:
             view.close()
         return view.rows
+                    if event.state == r.State.CANCELLED:
+                        raise ExperimentCancelled(f"experiment {self.experiment_name!r} was cancelled "
+                                                  f"({self.get_experiment_status().error}); its events so far are in "
+                                                  "exp.history, its last model in exp.get_last_model()")
 
     def _events(self, timeout_s: float = math.inf, reconnect_s: float = 120.0) -> Iterator[r.MetricEvent]:
         """The experiment's events in order, riding out a director restart of up to ``reconnect_s``.

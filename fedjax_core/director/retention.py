@@ -18,8 +18,9 @@ from fedjax_core.director.store_api import Store
 log = logging.getLogger("fedjax.director")
 
 
-def collect(store: Store, files: ExperimentFiles, keep: int) -> list[str]:
-    """Remove the folders of ended experiments older than the newest ``keep``; returns their names."""
+def collect(store: Store, files: ExperimentFiles, keep: int, source: str = "settings.keep_experiments") -> list[str]:
+    """Remove the folders of ended experiments older than the newest ``keep``; returns their names. ``source``
+    names where ``keep`` came from, for the log (the setting, or `fedjax director gc --keep`)."""
     if keep < 0:
         raise ValueError(f"keep must be >= 0, got {keep}")
     ended = [row.name for row in store.experiments() if row.state in r.TERMINAL_STATES]  # in submission order
@@ -29,6 +30,5 @@ def collect(store: Store, files: ExperimentFiles, keep: int) -> list[str]:
         if folder.exists():
             shutil.rmtree(folder)
             removed.append(name)
-            log.info("removed the files of experiment %r (settings.keep_experiments=%d); its history stays",
-                     name, keep)
+            log.info("removed the files of experiment %r (%s=%d); its history stays", name, source, keep)
     return removed

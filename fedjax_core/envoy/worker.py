@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedjax_core import bundle as bundle_io
+from fedjax_core import code_sources
 from fedjax_core import records as r
 from fedjax_core.envoy.client import EnvoyClient
 from fedjax_core.envoy.sandbox import ModulesBeside, Policy, explain
@@ -178,6 +179,9 @@ def main(spec_path: Path, sandbox: Policy | None) -> int:
         sys.path.insert(0, spec["shard_base_dir"])
         if sandbox is not None:
             ModulesBeside(spec["shard_base_dir"]).install()
+        sources = bundle.meta.get("sources")
+        if isinstance(sources, dict):  # tracebacks name the user's files and lines
+            code_sources.install(sources)
         objects = unpickle_experiment(bundle.payload)
         shard = load_shard_descriptor(spec["shard_template"], spec["shard_params"], Path(spec["shard_base_dir"]))
         objects["data_interface"].shard_descriptor = shard

@@ -7,7 +7,7 @@ import textwrap
 import cloudpickle
 import numpy
 
-from fedjax_core.api.experiment import FLExperiment, user_modules
+from fedjax_core.api.experiment import pickle_user_objects, user_modules
 from fedjax_core.envoy import worker
 
 
@@ -44,7 +44,7 @@ def test_a_module_outside_the_notebooks_folder_travels_by_value(tmp_path, monkey
     def task(x):  # defined "in the notebook", calling into the module in ../lib
         return my_models.scaled(x) + 1
 
-    result = _load_elsewhere(tmp_path, FLExperiment._pickle({"task": task}, ()))
+    result = _load_elsewhere(tmp_path, pickle_user_objects({"task": task}))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "16"
     # registration is undone after pickling, so later pickles are unaffected
@@ -96,7 +96,7 @@ def test_the_interfaces_unpickle_and_run_in_a_worker_without_the_notebook_api(tm
 
     objects = {"model_interface": ModelInterface(model=create_train_state()), "task_interface": make_tasks(),
                "data_interface": SubsetDataset(limit=8)}
-    (tmp_path / "payload.bin").write_bytes(FLExperiment._pickle(objects, ()))
+    (tmp_path / "payload.bin").write_bytes(pickle_user_objects(objects))
     script = textwrap.dedent("""
         import sys
         import numpy as np

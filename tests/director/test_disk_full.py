@@ -109,7 +109,7 @@ def test_keep_experiments_removes_the_files_of_older_ended_experiments(tmp_path)
         d.close()
 
 
-def test_director_gc_removes_old_files_on_demand(tmp_path, capsys):
+def test_director_gc_removes_old_files_on_demand(tmp_path, capsys, caplog):
     from fedjax_core.cli import main
 
     d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60)
@@ -121,8 +121,10 @@ def test_director_gc_removes_old_files_on_demand(tmp_path, capsys):
     config = tmp_path / "director.yaml"
     config.write_text(f"settings:\n  sample_shape: ['32', '32', '3']\n  target_shape: ['1']\n"
                       f"  state_dir: {tmp_path / 'state'}\n")
-    assert main(["director", "gc", "-c", str(config), "--keep", "1"]) == 0
+    with caplog.at_level("INFO", "fedjax.director"):
+        assert main(["director", "gc", "-c", str(config), "--keep", "1"]) == 0
     assert sorted(p.name for p in (tmp_path / "state" / "experiments").iterdir()) == ["two"]
+    assert "removed the files of experiment 'one' (--keep=1)" in caplog.text  # what was given, not the setting
     assert main(["director", "gc", "-c", str(config)]) == 2  # how many to keep is not said anywhere
     assert "--keep N (N >= 0), or settings.keep_experiments" in capsys.readouterr().err
 

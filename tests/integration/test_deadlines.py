@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedjax_core import ExperimentFailed, Federation, FLExperiment, ModelInterface
+from fedjax_core import ExperimentCancelled, ExperimentFailed, Federation, FLExperiment, ModelInterface
 from fedjax_core import records as r
 from fl_experiment import SubsetDataset, create_train_state, make_tasks
 from processes import Stack
@@ -63,7 +63,7 @@ def test_cancel_ends_an_experiment_stuck_on_a_slow_envoy(slow_stack):
     exp.federation.client.events("stuck").__next__()  # the experiment is under way
     status = exp.cancel()
     assert status.state == "cancelled" and status.error == "cancelled by the notebook API"
-    with pytest.raises(ExperimentFailed, match="experiment 'stuck' cancelled"):
+    with pytest.raises(ExperimentCancelled, match="experiment 'stuck' was cancelled .cancelled by the notebook API."):
         exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)
     from fedjax_core.errors import PreconditionError
 

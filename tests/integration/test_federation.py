@@ -217,7 +217,12 @@ def test_failing_task_fails_the_experiment_with_its_message(federation):
 
     with pytest.raises(ExperimentFailed, match="labels look wrong"):
         run(federation, "failing", rounds=1, tasks=TI)
-    assert "labels look wrong" in FLExperiment(federation, "failing").get_experiment_status().error
+    error = FLExperiment(federation, "failing").get_experiment_status().error
+    assert "labels look wrong" in error
+    # the worker's traceback names this file and line, and shows the line (not cloudpickle's <dynamic-code>)
+    line = validate.__code__.co_firstlineno + 2
+    assert f'File "{__file__}", line {line}, in validate' in error, error
+    assert 'raise ValueError("labels look wrong")' in error and "<dynamic-code>" not in error
 
 
 def test_bad_notebook_calls_get_clear_errors(federation):
