@@ -183,6 +183,12 @@ def test_mtls_identities_see_what_their_role_allows_and_refusals_are_audited(tmp
         with np.load(pulled) as saved:
             for name, array in state_to_tensors(model).items():
                 np.testing.assert_array_equal(saved[name], array)
+        code, out, _ = as_("alice", "envoys", "list")
+        assert code == 0 and out == "no envoy has registered with this director\n"
+        code, out, _ = as_("alice", "experiments", "logs", "alices")  # queued: no event yet
+        assert code == 0 and out == ""
+        code, _, err = as_("api", "experiments", "logs", "alices")
+        assert code == commands.NOT_FOUND
         code, out, _ = as_("ops", "experiments", "list", "--json")  # an admin sees every experiment
         assert [x["name"] for x in json.loads(out)] == ["alices"]
         code, out, _ = as_("ops", "experiments", "cancel", "alices")
