@@ -165,6 +165,9 @@ class FLExperiment:
               pickle_by_value: Iterable[ModuleType] = (), pip_install_options: Any = None) -> int:
         """Submit the experiment; returns its place in the director's queue (0: running now).
 
+        ``rounds_to_train=0`` trains nothing: every envoy validates the given model and the director
+        aggregates the metrics (evaluation only, docs/operations.md).
+
         ``aggregation``: a strategy from ``fedjax_core.strategies`` (``FedAdam(eta=0.1)``...) or its
         name (``"fedavg"``). ``envoys_per_round``: a count, or a fraction of the experiment's envoys
         (at least 1), sampled each round with ``sampling_seed`` (random when None; the status
