@@ -274,6 +274,10 @@ class FLExperiment:
         try:
             for event in self._events():
                 if event.experiment_done:
+                    if event.state == r.State.CANCELLED:
+                        raise ExperimentCancelled(f"experiment {self.experiment_name!r} was cancelled "
+                                                  f"({self.get_experiment_status().error}); its events so far are in "
+                                                  "exp.history, its last model in exp.get_last_model()")
                     if event.state != "finished":
                         raise ExperimentFailed(f"experiment {self.experiment_name!r} {event.state}: "
                                                f"{self.get_experiment_status().error}")
@@ -283,10 +287,6 @@ class FLExperiment:
         finally:
             view.close()
         return view.rows
-                    if event.state == r.State.CANCELLED:
-                        raise ExperimentCancelled(f"experiment {self.experiment_name!r} was cancelled "
-                                                  f"({self.get_experiment_status().error}); its events so far are in "
-                                                  "exp.history, its last model in exp.get_last_model()")
 
     def _events(self, timeout_s: float = math.inf, reconnect_s: float = 120.0) -> Iterator[r.MetricEvent]:
         """The experiment's events in order, riding out a director restart of up to ``reconnect_s``.

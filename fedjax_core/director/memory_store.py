@@ -198,10 +198,6 @@ class MemoryStore:
             return [(e.id, e.event, e.weight) for e in self._events.get(experiment, ())
                     if e.id > after_id and (round_ is None or e.event.round == round_)]
 
-
-def _first(items: list, limit: int) -> list:
-    """The first ``limit`` items (-1, or any negative limit: all of them), as SQL's LIMIT."""
-    return items if limit < 0 else items[:limit]
     # audit trail
     def add_audit(self, entry: r.AuditEntry) -> int:
         with self._lock:
@@ -217,3 +213,7 @@ def _first(items: list, limit: int) -> list:
                      and (viewer is None or e.actor == viewer or e.experiment in owned)]
         return found if limit < 0 else found[:limit]
 
+
+def _first(items: list, limit: int) -> list:
+    """The first ``limit`` items (-1, or any negative limit: all of them), as SQL's LIMIT."""
+    return items if limit < 0 else items[:limit]
