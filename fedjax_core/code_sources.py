@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import cloudpickle
 from cloudpickle import cloudpickle as _cloudpickle
 
-MAX_SOURCE_BYTES = 4 << 20  # source text a bundle carries at most; files beyond it travel without their text
+MAX_SOURCE_CHARS = 4 << 20  # source text a bundle carries at most; files beyond it travel without their text
 _DYNAMIC = "<dynamic-code>"
 
 
@@ -37,16 +37,19 @@ class _Pickler(cloudpickle.Pickler):
         return rebuild, tuple(filename if isinstance(a, str) and a == _DYNAMIC else a for a in args)
 
     def _keep_source(self, filename: str) -> None:
-        if filename in self.sources or self._size >= MAX_SOURCE_BYTES:
+        if filename in self.sources or self._size >= MAX_SOURCE_CHARS:
             return
         text = "".join(linecache.getlines(filename))
-        if text and self._size + len(text) <= MAX_SOURCE_BYTES:
+        if text and self._size + len(text) <= MAX_SOURCE_CHARS:
             self.sources[filename] = text
             self._size += len(text)
 
 
 def dumps(obj: object) -> tuple[bytes, dict[str, str]]:
-    """``cloudpickle.dumps(obj)`` keeping the code's file names; also the source text of those files."""
+    """``cloudpickle.dumps(obj)`` keeping the code's file names; also the source text of those files. With a
+    cloudpickle whose internals differ (no ``_code_reduce``), plain ``cloudpickle.dumps`` and no sources."""
+    if not hasattr(_cloudpickle, "_code_reduce"):
+        return cloudpickle.dumps(obj), {}
     buffer = io.BytesIO()
     pickler = _Pickler(buffer)
     pickler.dump(obj)
@@ -54,11 +57,8 @@ def dumps(obj: object) -> tuple[bytes, dict[str, str]]:
 
 
 def install(sources: Mapping[str, str]) -> None:
-    """Make ``linecache`` (and so every traceback) read the shipped files' text, where it has no file of its
-    own by that name (a file this machine has is what it runs)."""
+    """Make ``linecache`` (and so every traceback) read the shipped files' text: the code that runs is the
+    shipped code, even where this machine has a file of the same name."""
     for filename, text in sources.items():
-        if not isinstance(filename, str) or not isinstance(text, str):
-            continue
-        if linecache.getlines(filename):
-            continue
-        linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+        if isinstance(filename, str) and isinstance(text, str):
+            linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)

@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -260,25 +261,41 @@ def experiments_pull(client, args, out: TextIO) -> int:
 
 
 def save_npz(target: Path, tensors: dict[str, np.ndarray]) -> None:
-    """``np.savez`` under the tensors' pytree paths, written beside ``target`` and renamed (no half file). Types
-    numpy cannot read back alone (bfloat16 and other ml_dtypes) are widened to float32 and say so in
-    ``__dtypes__``, so ``np.load(..., allow_pickle=False)`` reads every array."""
-    arrays, widened = {}, {}
-    for name, array in tensors.items():
-        if array.dtype.kind == "V" or array.dtype.type.__module__.startswith("ml_dtypes"):
-            widened[name] = str(array.dtype)
-            array = array.astype(np.float32)
-        arrays[name] = array
-    if widened:
-        arrays["__dtypes__"] = np.array(json.dumps(widened))
+    """The tensors as a ``.npz`` (what ``np.savez`` writes: one ``NAME.npy`` per tensor in a zip) under their pytree
+    paths, any name kept as it is; written beside ``target`` and renamed (no half file). Types numpy cannot read back
+    alone (bfloat16 and other ml_dtypes) are widened to float32 and listed in ``__dtypes__``, so
+    ``np.load(..., allow_pickle=False)`` reads every array."""
+    if DTYPES_ENTRY in tensors:
+        raise CommandError(f"the model has a tensor named {DTYPES_ENTRY!r}, the name this file format keeps for "
+                           "widened types: rename it in the model", FAILED)
+    widened = {}
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".npz", dir=target.parent)
     os.close(handle)
     try:
-        np.savez(temporary, **arrays)
+        with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in tensors.items():
+                if array.dtype.kind == "V" or array.dtype.type.__module__.startswith("ml_dtypes"):
+                    widened[name] = str(array.dtype)
+                    array = array.astype(np.float32)
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+            if widened:
+                with archive.open(f"{DTYPES_ENTRY}.npy", "w") as member:
+                    np.lib.format.write_array(member, np.array(json.dumps(widened)), allow_pickle=False)
+        os.chmod(temporary, 0o644 & ~_umask())
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+DTYPES_ENTRY = "__dtypes__"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def audit(client, args, out: TextIO) -> int:

@@ -58,11 +58,12 @@ def test_plain_cloudpickle_loses_both():
     assert 'File "<dynamic-code>", line 3, in train' in text and "return len(batch)" not in text
 
 
-def test_a_file_present_on_the_machine_is_not_overridden_and_sources_are_bounded(tmp_path, monkeypatch):
-    real = tmp_path / "real.py"
-    real.write_text("x = 1\n")
-    code_sources.install({str(real): "something else\n", 3: "ignored"})
-    assert linecache.getlines(str(real)) == ["x = 1\n"]
-    monkeypatch.setattr(code_sources, "MAX_SOURCE_BYTES", 10)
+def test_the_shipped_text_wins_over_a_stale_local_file_and_sources_are_bounded(tmp_path, monkeypatch):
+    stale = tmp_path / "stale.py"
+    stale.write_text("x = 1\n")
+    linecache.getlines(str(stale))  # read (and cached) before the shipped text arrives
+    code_sources.install({str(stale): "what ran\n", 3: "ignored"})
+    assert linecache.getlines(str(stale)) == ["what ran\n"]
+    monkeypatch.setattr(code_sources, "MAX_SOURCE_CHARS", 10)
     _, sources = code_sources.dumps(cell_function())
     assert sources == {}  # the cell's text is longer than the bound: the names travel, the text does not

@@ -93,8 +93,10 @@ def test_logs_print_every_event_and_follow_ends_with_the_experiment(finished):
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(lines) == len(events)
     assert [(x["round"], x["envoy"], x["stage"]) for x in lines] == [(e.round, e.envoy, str(e.stage)) for e in events]
-    code, out, _ = fedjax("experiments", "logs", "twice", *plain(stack), "--follow")
-    assert code == 0 and out.splitlines()[-1].endswith("experiment twice finished")
+    for follow in ((), ("--follow",)):  # an ended experiment's stream says so, followed or not
+        code, out, _ = fedjax("experiments", "logs", "twice", *plain(stack), *follow)
+        assert code == 0 and out.splitlines()[-1].endswith("experiment twice finished")
+        assert len(out.splitlines()) == len(events) + 1
 
 
 def test_pull_writes_the_model_as_named_arrays(finished, tmp_path):
@@ -110,8 +112,26 @@ def test_pull_writes_the_model_as_named_arrays(finished, tmp_path):
         np.testing.assert_array_equal(pulled[name], array)
     code, _, err = fedjax("experiments", "pull", "twice", *plain(stack), "--out", str(target))
     assert code == commands.BAD_ARGUMENTS and "--force" in err  # nothing is overwritten unasked
+    code, _, _ = fedjax("experiments", "pull", "twice", *plain(stack), "--out", str(target), "--force")
+    assert code == 0
     code, _, err = fedjax("experiments", "pull", "twice", *plain(stack), "--out", str(tmp_path / "m.txt"))
     assert code == commands.BAD_ARGUMENTS and ".npz" in err
+
+
+def test_npz_keeps_any_tensor_name_and_widens_what_numpy_cannot_read(tmp_path):
+    import ml_dtypes
+
+    tensors = {"params/Dense 0/kernel": np.arange(6, dtype=np.float32).reshape(2, 3), "file": np.ones(2, np.int32),
+               "allow_pickle": np.zeros(1, np.int8), "params/ü/../b": np.array([1.5, -2], ml_dtypes.bfloat16)}
+    commands.save_npz(tmp_path / "m.npz", tensors)
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as saved:
+        assert sorted(saved.files) == sorted([*tensors, commands.DTYPES_ENTRY])
+        for name, array in tensors.items():
+            np.testing.assert_array_equal(saved[name], array.astype(np.float32) if name.endswith("/b") else array)
+        assert json.loads(str(saved[commands.DTYPES_ENTRY])) == {"params/ü/../b": "bfloat16"}
+    with pytest.raises(commands.CommandError, match="rename it"):
+        commands.save_npz(tmp_path / "n.npz", {commands.DTYPES_ENTRY: np.zeros(1)})
+    assert not (tmp_path / "n.npz").exists() and len(list(tmp_path.iterdir())) == 1  # no half file left
 
 
 def test_failures_have_their_own_exit_codes(finished):
@@ -142,14 +162,22 @@ def test_the_audit_trail_records_registration_submission_and_download(finished, 
     assert submit["actor"] == "api" and submit["peer"].startswith("ipv4:127.0.0.1:")
     assert len(submit["detail"]["bundle_sha256"]) == 64
     assert [e["id"] for e in entries] == sorted(e["id"] for e in entries)
+    # the envoy's own record: it ran the bundle whose hash the director recorded at submission
+    envoy_log = [json.loads(line) for line in
+                 (stack.workdir / "envoy_workspace" / "env1" / "audit.jsonl").read_text().splitlines()]
+    [ran] = [e for e in envoy_log if e["action"] == "run"]
+    assert (ran["experiment"], ran["submitter"], ran["bundle_sha256"], ran["approved"]) == (
+        "twice", "api", submit["detail"]["bundle_sha256"], "automatically")
+    assert [e["code"] for e in envoy_log if e["action"] == "worker_exit"] in ([], [0])  # ends after the experiment
     code, out, _ = fedjax("audit", *plain(stack), "--since", "0s")  # from now on: nothing yet
     assert code == 0 and out.strip() == "no audit entries since then"
 
 
 def test_mtls_identities_see_what_their_role_allows_and_refusals_are_audited(tmp_path):
     stack = Stack(tmp_path, n_envoys=1, tls=True,
-                  director_settings={"submitters": ["api", "alice"], "audit_log": str(tmp_path / "audit.jsonl")})
-    for name, role in (("alice", pki.API), ("ops", pki.ADMIN), ("mallory", pki.API)):
+                  director_settings={"submitters": ["api", "alice", "auditor"], "admins": ["auditor"],
+                                     "audit_log": str(tmp_path / "audit.jsonl")})
+    for name, role in (("alice", pki.API), ("ops", pki.ADMIN), ("mallory", pki.API), ("auditor", pki.API)):
         pki.certify(stack.pki, name, role=role)
     try:
         stack.start_director()  # no envoy online: the experiment waits in the queue
@@ -205,6 +233,8 @@ def test_mtls_identities_see_what_their_role_allows_and_refusals_are_audited(tmp
         mine = [json.loads(line) for line in out.splitlines()]
         assert mine and all(e["actor"] == "alice" or e["experiment"] == "alices" for e in mine)
         assert not any(e["actor"] == "mallory" for e in mine)
+        code, out, _ = as_("auditor", "audit", "--json")  # named in settings.admins: every entry, as for ops
+        assert [json.loads(line) for line in out.splitlines()] == entries
         written = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
         assert written == entries  # settings.audit_log holds the same trail
     except BaseException:

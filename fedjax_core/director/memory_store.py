@@ -52,7 +52,7 @@ class MemoryStore:
         self._events: dict[str, list[_Event]] = {}
         self._event_keys: set[tuple[str, int, str, str]] = set()
         self._last_event_id = 0
-        self._audit: list[r.AuditEntry] = []
+        self._audit: list[tuple[r.AuditEntry, str]] = []  # (entry, owner)
 
     def close(self) -> None:
         """Nothing to release: the data stays for whoever holds the store."""
@@ -199,18 +199,17 @@ class MemoryStore:
                     if e.id > after_id and (round_ is None or e.event.round == round_)]
 
     # audit trail
-    def add_audit(self, entry: r.AuditEntry) -> int:
+    def add_audit(self, entry: r.AuditEntry, owner: str = "") -> int:
         with self._lock:
             entry = dataclasses.replace(entry, id=len(self._audit) + 1)
-            self._audit.append(entry)
+            self._audit.append((entry, owner))
             return entry.id
 
     def audit(self, since: float = 0.0, after_id: int = 0, limit: int = -1,
               viewer: str | None = None) -> list[r.AuditEntry]:
         with self._lock:
-            owned = {name for name, e in self._experiments.items() if e.row.spec.submitter == viewer}
-            found = [e for e in self._audit[after_id:] if e.timestamp >= since
-                     and (viewer is None or e.actor == viewer or e.experiment in owned)]
+            found = [e for e, owner in self._audit[max(after_id, 0):] if e.timestamp >= since
+                     and (viewer is None or viewer in (e.actor, owner))]
         return found if limit < 0 else found[:limit]
 
 

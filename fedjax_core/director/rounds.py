@@ -401,7 +401,7 @@ class RoundEngine:
         notebook named the metric, it is chosen among those every envoy that validated reported, so that no
         single envoy can pick it by reporting a name of its own. An evaluation-only experiment's (rounds_to_train=0)
         one validated model is its best."""
-        if run.round < 1 and run.spec.rounds > 0:
+        if run.round < 1 and self.rounds_to_train(run.row, run.plan) > 0:
             return
         validation = next((e for e in aggregates if e.stage == r.Stage.AGGREGATED), None)
         if validation is None or not validation.metrics:

@@ -31,7 +31,11 @@ MAX_LONG_POLL_S = 30.0
 
 
 class Refusals:
-    """Logs and audits each refused caller once (per certificate name, host and reason), so floods stay one line."""
+    """Logs and audits each refused caller once per certificate name, host and reason, so that a caller retrying
+    stays one line; the audit trail also rate-limits each caller (AuditTrail.refused), so that one varying its
+    requests cannot flood it."""
+
+    MAX_REMEMBERED = 10_000  # (name, host, reason) keys remembered; past it the memory starts afresh
 
     def __init__(self, audit: AuditTrail | None = None):
         self.audit = audit
@@ -42,11 +46,13 @@ class Refusals:
         key = (name, peer.rsplit(":", 1)[0], str(error))
         with self._lock:
             first = key not in self._seen
+            if first and len(self._seen) >= self.MAX_REMEMBERED:
+                self._seen.clear()
             self._seen.add(key)
         if first:
             log.warning("refused a call from %s (certificate %r): %s", peer, name, error)
             if self.audit is not None:
-                self.audit.record(r.AuditAction.REFUSE, name, peer, reason=str(error))
+                self.audit.refused(name, peer, reason=str(error))
         raise error
 
 
@@ -166,12 +172,11 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         except PermissionDeniedError:
             raise  # audited by the refusal itself
         except FedError as exc:
-            self.director.audit.record(r.AuditAction.REFUSE, caller.common_name or request.envoy_name, caller.peer,
-                                       call="RegisterEnvoy", envoy=request.envoy_name, reason=str(exc))
+            self.director.audit.refused(caller.common_name, caller.peer, call="RegisterEnvoy",
+                                        envoy=request.envoy_name, reason=str(exc))
             raise
-        self.director.audit.record(r.AuditAction.REGISTER, caller.common_name or request.envoy_name, caller.peer,
-                                   envoy=request.envoy_name, train_size=info.train_size, valid_size=info.valid_size,
-                                   hostname=info.hostname)
+        self.director.audit.record(r.AuditAction.REGISTER, caller.common_name, caller.peer, envoy=request.envoy_name,
+                                   train_size=info.train_size, valid_size=info.valid_size, hostname=info.hostname)
         return env_pb.RegisterEnvoyResponse(health_check_period_s=period)
 
     @maps_errors
@@ -375,13 +380,14 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         except FedError as exc:
             spec = submitted.get("spec")
             await self.flow.short(functools.partial(
-                audit.record, r.AuditAction.REFUSE, caller.common_name or getattr(spec, "submitter", ""), caller.peer,
-                getattr(spec, "name", "")[:128], call="SubmitExperiment", reason=str(exc)))
+                audit.refused, caller.common_name or getattr(spec, "submitter", ""), caller.peer,
+                getattr(spec, "name", ""), call="SubmitExperiment", reason=str(exc)))
             raise
         spec = submitted["spec"]
         sha256 = await self.flow.short(self.director.catalog.experiment_bundle_sha256, spec.name)
         await self.flow.short(functools.partial(
-            audit.record, r.AuditAction.SUBMIT, spec.submitter, caller.peer, spec.name, bundle_sha256=sha256,
+            audit.record, r.AuditAction.SUBMIT, spec.submitter, caller.peer, spec.name, owner=spec.submitter,
+            bundle_sha256=sha256,
             envoys=list(spec.envoys) or "every online envoy", rounds=spec.rounds, queue_position=position))
         return fed_pb.SubmitExperimentResponse(queue_position=position)
 
@@ -407,13 +413,16 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         self._check_submitter(caller)
         name = request.experiment_name
         await self.flow.short(self.director.catalog.experiment_status, name, caller.viewer)  # NOT_FOUND before anything
-        if request.snapshot:  # the events so far, without waiting for more
-            rows, done = await self.flow.short(self.director.catalog.events_after, name, 0)
-            for _, event in rows:
-                yield serde.metric_event_to_proto(event)
-            if not rows and done is not None:
-                yield serde.metric_event_to_proto(done)
-            return
+        if request.snapshot:  # the events so far, then 'done' if it has ended, without waiting for more
+            last_id = 0
+            while True:
+                rows, done = await self.flow.short(self.director.catalog.events_after, name, last_id)
+                for last_id, event in rows:
+                    yield serde.metric_event_to_proto(event)
+                if not rows:
+                    if done is not None:
+                        yield serde.metric_event_to_proto(done)
+                    return
         last_id = 0
         async with self.flow.waiting(context, NOTEBOOKS):
             while not self.director.closed:
@@ -432,8 +441,8 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         caller = Caller.of(context)
         self._check_submitter(caller)
         status = self.director.cancel_experiment(request.name, by=caller.viewer)
-        self.director.audit.record(r.AuditAction.CANCEL, caller.common_name or "", caller.peer, request.name,
-                                   state=status.state)
+        self.director.audit.record(r.AuditAction.CANCEL, caller.common_name, caller.peer, request.name,
+                                   owner=status.submitter, state=status.state)
         return serde.status_to_proto(status)
 
     @maps_errors
@@ -441,9 +450,10 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         caller = Caller.of(context)
         self._check_submitter(caller)
         chunks = self.director.catalog.model_chunks(request.experiment_name, request.which, by=caller.viewer)
+        owner = await self.flow.short(self.director.catalog.experiment_submitter, request.experiment_name)
         await self.flow.short(functools.partial(self.director.audit.record, r.AuditAction.DOWNLOAD,
-                                                caller.common_name or "", caller.peer, request.experiment_name,
-                                                which=request.which))
+                                                caller.common_name, caller.peer, request.experiment_name,
+                                                owner=owner, which=request.which))
         await self.flow.send(context, "GetModel", serde.chunk_messages(chunks))
 
     @maps_errors
@@ -452,6 +462,7 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         self._check_submitter(caller)
         if not math.isfinite(request.since):
             raise InvalidRequestError(f"since is {request.since}; give a Unix time (0: from the start)")
-        entries, more = self.director.audit.entries(caller.viewer, request.since, max(request.after_id, 0),
+        viewer = None if caller.viewer in self.director.catalog.admins else caller.viewer  # settings.admins
+        entries, more = self.director.audit.entries(viewer, request.since, max(request.after_id, 0),
                                                     paging.page_size(request.page_size))
         return fed_pb.GetAuditLogResponse(entries=[serde.audit_entry_to_proto(e) for e in entries], more=more)

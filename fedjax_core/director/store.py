@@ -50,7 +50,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events (experiment, round, envo
 -- the audit trail (fedjax_core/director/audit.py): append-only, which the triggers below enforce
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, action TEXT NOT NULL, actor TEXT NOT NULL,
-    peer TEXT NOT NULL, experiment TEXT NOT NULL, detail TEXT NOT NULL
+    peer TEXT NOT NULL, experiment TEXT NOT NULL, detail TEXT NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''  -- the experiment's submitter when the entry was recorded: who may read it
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (ts);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
@@ -275,25 +276,24 @@ class SqliteStore:
                           (experiment, last))
         return {round_: tuple(json.loads(p)) for round_, p in reversed(rows)}
 
-    # metric events
     # audit trail
-    def add_audit(self, entry: r.AuditEntry) -> int:
-        return self._write("INSERT INTO audit (ts, action, actor, peer, experiment, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                           (entry.timestamp, entry.action, entry.actor, entry.peer, entry.experiment,
-                            entry.detail)).lastrowid
+    def add_audit(self, entry: r.AuditEntry, owner: str = "") -> int:
+        return self._write("INSERT INTO audit (ts, action, actor, peer, experiment, detail, owner) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (entry.timestamp, entry.action, entry.actor, entry.peer,
+                                                           entry.experiment, entry.detail, owner)).lastrowid
 
     def audit(self, since: float = 0.0, after_id: int = 0, limit: int = -1,
               viewer: str | None = None) -> list[r.AuditEntry]:
         sql = "SELECT id, ts, action, actor, peer, experiment, detail FROM audit WHERE id > ? AND ts >= ?"
         args: tuple = (after_id, since)
         if viewer is not None:
-            sql += (" AND (actor = ? OR experiment IN (SELECT name FROM experiments "
-                    "WHERE json_extract(header, '$.submitter') = ?))")
+            sql += " AND (actor = ? OR owner = ?)"
             args += (viewer, viewer)
         rows = self._read(sql + " ORDER BY id LIMIT ?", args + (limit,))
         return [r.AuditEntry(action=action, actor=actor, peer=peer, experiment=experiment, detail=detail,
                              timestamp=ts, id=id_) for id_, ts, action, actor, peer, experiment, detail in rows]
 
+    # metric events
     def add_event(self, experiment: str, event: r.MetricEvent, weight: float = 0.0) -> bool:
         """Record an event; False when the same (round, envoy, stage) was recorded before."""
         metrics = json.dumps([[m.task, m.name, m.value] for m in event.metrics])

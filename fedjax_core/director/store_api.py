@@ -98,10 +98,11 @@ class Store(Protocol):
         when given), by id."""
 
     # audit trail
-    def add_audit(self, entry: r.AuditEntry) -> int:
-        """Append ``entry`` (its ``id`` is ignored); returns the id it was given. Entries are never changed."""
+    def add_audit(self, entry: r.AuditEntry, owner: str = "") -> int:
+        """Append ``entry`` (its ``id`` is ignored) with its ``owner`` (the submitter of its experiment then, who may
+        read it; "" for none); returns the id it was given. Entries are never changed."""
 
     def audit(self, since: float = 0.0, after_id: int = 0, limit: int = -1,
               viewer: str | None = None) -> list[r.AuditEntry]:
         """``limit`` entries (-1: all) with an id above ``after_id`` and a timestamp at or after ``since``, oldest
-        first; only those ``viewer`` acted in or about its own experiments when given."""
+        first; when ``viewer`` is given, only those it made or owns."""

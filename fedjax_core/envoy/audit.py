@@ -29,6 +29,7 @@ class EnvoyAudit:
         try:
             with self._lock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                os.fchmod(fd, 0o600)  # a file that existed keeps no wider mode
                 with os.fdopen(fd, "a", encoding="utf-8") as f:
                     f.write(line + "\n")
         except OSError as exc:

@@ -204,7 +204,7 @@ class EnvoyDaemon:
         accept_from = self.config.settings.accept_from
         if accept_from is not None and submitter not in accept_from:
             self._refuse(experiment, f"its submitter {submitter!r} is not in this envoy's settings.accept_from "
-                                     f"({', '.join(accept_from) or 'nobody'})")
+                                     f"({', '.join(accept_from) or 'nobody'})", submitter=submitter)
             return
         with self._worker_lock:
             if self._running(experiment):
@@ -240,11 +240,11 @@ class EnvoyDaemon:
                 return
         self._start_worker(experiment)
 
-    def _refuse(self, experiment: str, reason: str) -> None:
+    def _refuse(self, experiment: str, reason: str, submitter: str | None = None) -> None:
         """Tell the director this envoy refuses ``experiment``: it drops out of the experiment."""
         log.warning("envoy %s refused experiment %r: %s", self.name, experiment, reason)
         consented = self._consented.pop(experiment, {})
-        self.audit.record("refuse", experiment, reason=reason, submitter=consented.get("submitter"),
+        self.audit.record("refuse", experiment, reason=reason, submitter=consented.get("submitter", submitter),
                           bundle_sha256=consented.get("bundle_sha256"))
         self.workdir.discard_bundle(experiment)
         try:
@@ -355,6 +355,8 @@ class EnvoyDaemon:
         kill_group(process)  # what it started goes with it
         log.info("envoy %s: worker for %r exited with code %d", self.name, experiment, code)
         self.audit.record("worker_exit", experiment, pid=process.pid, code=code)
+        if code == 0:
+            self._consented.pop(experiment, None)
         self.workdir.close_run(worker.launched.run)
         if worker.token is not None:
             self.proxy.revoke(worker.token)

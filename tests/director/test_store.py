@@ -419,3 +419,36 @@ def test_a_director_runs_on_an_injected_memory_store(tmp_path):
         assert again.registry.sizes(["env_one", "ghost"]) == {"env_one": (2586, 509), "ghost": (0, 0)}
     finally:
         again.close()
+
+
+def _audit(action: str, actor: str, experiment: str = "", ts: float = 100.0) -> r.AuditEntry:
+    return r.AuditEntry(action=action, actor=actor, peer="ipv4:127.0.0.1:5", experiment=experiment,
+                        detail='{"k": 1}', timestamp=ts)
+
+
+def test_audit_entries_are_numbered_and_read_by_time_id_and_viewer(store):
+    ids = [store.add_audit(_audit("submit", "alice", "exp_a", 100.0), owner="alice"),
+           store.add_audit(_audit("refuse", "carol", "exp_b", 101.0)),  # carol's refused try at bob's later name
+           store.add_audit(_audit("submit", "bob", "exp_b", 102.0), owner="bob"),
+           store.add_audit(_audit("download", "ops", "exp_a", 103.0), owner="alice"),
+           store.add_audit(_audit("register", "env1", "", 104.0))]
+    assert ids == [1, 2, 3, 4, 5]
+    everything = store.audit()
+    assert [e.id for e in everything] == ids and everything[0] == dataclasses.replace(
+        _audit("submit", "alice", "exp_a", 100.0), id=1)
+    assert [e.id for e in store.audit(since=102.0)] == [3, 4, 5]
+    assert [e.id for e in store.audit(after_id=3, limit=1)] == [4]
+    # a viewer reads what it did and what was done to its experiments, not another's refusal under its name
+    assert [e.id for e in store.audit(viewer="alice")] == [1, 4]
+    assert [e.id for e in store.audit(viewer="bob")] == [3]
+    assert [e.id for e in store.audit(viewer="carol")] == [2]
+
+
+def test_the_audit_table_refuses_changes(path):
+    store = SqliteStore(path)
+    store.add_audit(_audit("submit", "alice"))
+    for sql in ("UPDATE audit SET actor = 'mallory'", "DELETE FROM audit"):
+        with pytest.raises(Exception, match="the audit trail is append-only"):
+            store._write(sql)
+    assert [e.actor for e in store.audit()] == ["alice"]
+    store.close()
