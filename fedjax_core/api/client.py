@@ -119,12 +119,17 @@ class FederationClient:
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
-    def events(self, name: str, timeout_s: float | None = None, follow: bool = True) -> Iterator[r.MetricEvent]:
+    def events(self, name: str, timeout_s: float | None = None, follow: bool = True,
+               calls: list | None = None) -> Iterator[r.MetricEvent]:
         """Every event of experiment ``name`` from the start, then new ones, ending with a 'done' event; with
-        ``follow=False`` only the events recorded so far."""
+        ``follow=False`` only the events recorded so far. The gRPC call is appended to ``calls`` when given, so
+        that another thread can ``cancel()`` it (the iteration then raises DirectorUnreachable)."""
         request = fed_pb.StreamMetricsRequest(experiment_name=name, snapshot=not follow)
         try:
-            for msg in self._stub.StreamMetrics(request, timeout=timeout_s):
+            call = self._stub.StreamMetrics(request, timeout=timeout_s)
+            if calls is not None:
+                calls.append(call)
+            for msg in call:
                 yield serde.metric_event_from_proto(msg)
         except grpc.RpcError as exc:
             raise self._error(exc) from None

@@ -35,6 +35,7 @@ MAX_EVENTS = 100_000  # events kept per watched experiment (about 300 bytes each
 MAX_FEEDS = 32  # ended experiments whose events stay in memory for the next page that opens them
 MAX_BACKLOG = 20_000  # frames a page may fall behind by before its stream is cut (its browser reconnects)
 RETRY_MAX_S = 30.0
+FOLLOW_IDLE_S = 60.0  # a feed no page has watched for this long closes its stream (each holds a director slot)
 
 
 class DirectorClient(Protocol):
@@ -44,7 +45,8 @@ class DirectorClient(Protocol):
 
     def shard_registry(self) -> list[r.EnvoyEntry]: ...
     def experiments(self) -> list[r.ExperimentStatus]: ...
-    def events(self, name: str) -> Any: ...  # an iterator of MetricEvent, ending after the 'done' event
+    # an iterator of MetricEvent, ending after the 'done' event; the gRPC call goes into ``calls`` (to cancel it)
+    def events(self, name: str, calls: list | None = None) -> Any: ...
     def close(self) -> None: ...
 
 
@@ -117,6 +119,8 @@ class ExperimentFeed:
         self.frames: deque[str] = deque(maxlen=hub.max_events)
         self.subscribers: set[Subscription] = set()
         self.done = False  # the experiment ended and every event was received
+        self.calls: list = []  # the director stream's gRPC call, so that an idle feed can cancel it
+        self.idle_stopped = False  # its stream was cancelled because no page watched it
         self.thread = threading.Thread(target=self._follow, name=f"dashboard-follow-{name}", daemon=True)
 
     @property
@@ -131,7 +135,8 @@ class ExperimentFeed:
         seen, delay = 0, 1.0
         while not self.hub.stopping.is_set():
             try:
-                for i, event in enumerate(self.hub.client.events(self.name)):
+                self.calls.clear()  # a reconnection's call replaces the last one
+                for i, event in enumerate(self.hub.client.events(self.name, calls=self.calls)):
                     if i < seen:  # a reconnection replays the experiment from its start
                         continue
                     seen += 1
@@ -141,7 +146,7 @@ class ExperimentFeed:
                         return
                 return  # the stream ended without 'done' (the director stopped serving it): nothing more comes
             except DirectorUnreachable as exc:
-                if self.hub.stopping.is_set():
+                if self.hub.stopping.is_set() or self.idle_stopped:
                     return
                 self.hub.call_on_loop(self._publish, frame("feed", {"ok": False, "error": str(exc)}), False, False)
                 if not exc.retryable:
@@ -149,8 +154,18 @@ class ExperimentFeed:
                 self.hub.stopping.wait(delay)
                 delay = min(2 * delay, RETRY_MAX_S)
             except Exception as exc:  # noqa: BLE001  (not found, permission denied: told to the page)
+                if self.idle_stopped:
+                    return
                 self.hub.call_on_loop(self._publish, frame("feed", {"ok": False, "error": str(exc)}), False, False)
                 return
+
+    def stop_if_idle(self) -> None:
+        """On the loop: with no page watching (still), cancel the director stream; a page that opens the
+        experiment later starts a new follower, which replays the events."""
+        if not self.subscribers and self.following and not self.done:
+            self.idle_stopped = True
+            for call in self.calls:
+                call.cancel()
 
     def _publish(self, item: str, keep: bool, done: bool) -> None:
         """On the loop: send ``item`` to every page watching; ``keep`` it for pages that open later."""
@@ -172,8 +187,9 @@ class Hub:
     """
 
     def __init__(self, client: DirectorClient, refresh_s: float = 2.0, max_events: int = MAX_EVENTS,
-                 max_feeds: int = MAX_FEEDS):
+                 max_feeds: int = MAX_FEEDS, follow_idle_s: float = FOLLOW_IDLE_S):
         self.client = client
+        self.follow_idle_s = follow_idle_s
         self.refresh_s = refresh_s
         self.max_events = max_events
         self.max_feeds = max_feeds
@@ -285,11 +301,13 @@ class Hub:
             yield sub
         finally:
             feed.subscribers.discard(sub)
+            if not feed.subscribers and not feed.done and self._loop is not None:
+                self._loop.call_later(self.follow_idle_s, feed.stop_if_idle)
 
     def _feed(self, name: str) -> ExperimentFeed:
         """``name``'s feed, started if needed; a feed whose follower gave up (an error) starts afresh."""
         feed = self.feeds.get(name)
-        if feed is None or not (feed.done or feed.following):
+        if feed is None or not (feed.done or feed.following) or feed.idle_stopped:
             feed = ExperimentFeed(self, name)
             self.feeds[name] = feed
             if not self._ending:

@@ -44,6 +44,16 @@ def round_events(round_: int) -> list[r.MetricEvent]:
     return [acc, closed]
 
 
+class FakeCall:
+    """What the dashboard does with a gRPC stream's call: cancel it."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def cancel(self):
+        self.cancelled.set()
+
+
 class FakeClient:
     """The FederationClient calls the dashboard makes; an experiment's events come from ``streams`` and a
     stream stays open (as a running experiment's does) until ``release`` is set or the client is closed."""
@@ -74,15 +84,20 @@ class FakeClient:
     def experiments(self):
         return self.statuses
 
-    def events(self, name):
+    def events(self, name, calls=None):
         self.event_calls += 1
         if name not in self.streams:
             from fedjax_core.errors import NotFoundError
 
             raise NotFoundError(f"no experiment named {name!r}")
+        call = FakeCall()
+        if calls is not None:
+            calls.append(call)
         yield from self.streams[name]
         if name == "live":
             while not (self.release.is_set() or self.closed.is_set()):
+                if call.cancelled.is_set():
+                    raise DirectorUnreachable("cannot reach the director (CANCELLED: Locally cancelled)", False)
                 time.sleep(0.01)
 
     def close(self):
@@ -278,6 +293,25 @@ def test_a_live_experiment_fans_out_to_every_page_and_new_pages_get_the_past(fak
         later = client.portal.call(watch, 2)  # the follower is still running; the past comes from memory
         assert later == first and fake.event_calls == 1
     assert hub.feeds["live"].thread.is_alive() is False  # closing the app stopped the follower
+
+
+def test_a_feed_no_page_watches_gives_its_director_stream_back(fake):
+    """Each open StreamMetrics holds one of the director's stream slots: a feed left without pages cancels it
+    after follow_idle_s, and a page that opens the experiment again starts a new follower."""
+    app = create_app(fake)
+    hub = app.state.hub
+    hub.follow_idle_s = 0.2
+    with TestClient(app) as client:
+        async def watch_once() -> None:
+            async with hub.watch_experiment("live") as sub:
+                assert await sub.next(5)
+
+        client.portal.call(watch_once)
+        feed = hub.feeds["live"]
+        feed.thread.join(timeout=10)  # ends once its stream is cancelled, with no page watching
+        assert not feed.thread.is_alive() and feed.idle_stopped and fake.event_calls == 1
+        client.portal.call(watch_once)  # opened again: a new follower replays the events
+        assert fake.event_calls == 2 and hub.feeds["live"] is not feed
 
 
 def args_for(*argv: str) -> argparse.Namespace:
