@@ -236,3 +236,4 @@ class Task:
     clip_norm: float = 0.0  # clip the change from the round's model to this L2 norm before uploading (0: no)
     noise_std: float = 0.0  # then add Gaussian noise of this standard deviation per coordinate (local DP)
     secagg: SecAggStep | None = None  # secure aggregation: TRAIN's setup, or the step of a SECAGG task
+    personal: tuple[str, ...] = field(default_factory=tuple)  # the experiment's personal-layer patterns (personal.py)

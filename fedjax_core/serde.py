@@ -339,7 +339,7 @@ def task_to_proto(t: r.Task) -> env_pb.WaitTaskResponse:
         upload_tensors=list(t.upload_tensors), message=t.message, task_kwargs=t.task_kwargs,
         from_global=t.from_global, check_in=t.check_in, compression=t.compression, send_deltas=t.send_deltas,
         clip_norm=t.clip_norm, noise_std=t.noise_std,
-        secagg=secagg_step_to_proto(t.secagg) if t.secagg is not None else None,
+        secagg=secagg_step_to_proto(t.secagg) if t.secagg is not None else None, personal=list(t.personal),
     )
 
 
@@ -350,6 +350,7 @@ def task_from_proto(msg: env_pb.WaitTaskResponse) -> r.Task:
         from_global=msg.from_global, check_in=msg.check_in, compression=msg.compression, send_deltas=msg.send_deltas,
         clip_norm=msg.clip_norm, noise_std=msg.noise_std,
         secagg=secagg_step_from_proto(msg.secagg) if msg.HasField("secagg") else None,
+        personal=tuple(msg.personal),
     )
 
 

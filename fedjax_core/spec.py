@@ -21,7 +21,7 @@ from fedjax_core.codecs import CODECS
 from fedjax_core.errors import InvalidRequestError
 from fedjax_core.records import OptTreatment, TensorSpec
 from fedjax_core.strategies import strategy_from_wire
-from fedjax_core.tensors import check_spec
+from fedjax_core.tensors import check_spec, is_float_dtype
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MAX_ROUNDS = 100_000
@@ -199,6 +199,7 @@ def validate(spec: ExperimentSpec) -> None:
     except InvalidRequestError as exc:
         raise SpecError(str(exc)) from None
     parse_round_config(spec.round_config, spec.rounds)
+    _check_personal(spec)
     if spec.privacy.enabled or spec.secure.enabled:
         from fedjax_core.privacy.checks import check_privacy, check_secure  # the privacy package builds on the spec
 
@@ -219,6 +220,23 @@ def _check_evaluation_only(spec: ExperimentSpec) -> None:
     if training:
         raise SpecError(f"rounds_to_train=0 only validates the given model on every envoy, so {', '.join(training)} "
                         "would do nothing: leave it out, or train for at least one round")
+
+
+def _check_personal(spec: ExperimentSpec) -> None:
+    """Personal layers (``fedjax_core/personal.py``): valid patterns, each matching a tensor of the model, leaving a
+    ``params/`` float tensor shared, and no averaged optimizer state (CONTINUE_GLOBAL)."""
+    if not spec.personal:
+        return
+    from fedjax_core.personal import PatternError, check_patterns
+
+    try:
+        check_patterns(spec.personal, [(t.name, is_float_dtype(t.dtype)) for t in spec.model_spec])
+    except PatternError as exc:
+        raise SpecError(str(exc)) from None
+    if spec.opt_treatment == OptTreatment.CONTINUE_GLOBAL:
+        raise SpecError("personal layers cannot be combined with opt_treatment='CONTINUE_GLOBAL', which averages the "
+                        "optimizer state, the personal tensors' included: use 'CONTINUE_LOCAL' (each envoy keeps its "
+                        "own optimizer state) or 'RESET'")
 
 
 def _check_int(setting: str, value: Any, low: int, high: int, meaning: str = "") -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedjax_proto import tensors_pb2 as fedjax__proto_dot_tensors__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedjax_proto/envoy_service.proto\x12\x06\x66\x65\x64jax\x1a\x1a\x66\x65\x64jax_proto/tensors.proto\"\xc6\x01\n\tShardInfo\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x14\n\x0csample_shape\x18\x02 \x03(\t\x12\x14\n\x0ctarget_shape\x18\x03 \x03(\t\x12\x12\n\ntrain_size\x18\x04 \x01(\x03\x12\x12\n\nvalid_size\x18\x05 \x01(\x03\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x07 \x03(\t\x12\x14\n\x0clabel_counts\x18\x08 \x03(\x03\x12\x17\n\x0fmax_experiments\x18\t \x01(\x03\"f\n\x14RegisterEnvoyRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12%\n\nshard_info\x18\x02 \x01(\x0b\x32\x11.fedjax.ShardInfo\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"6\n\x15RegisterEnvoyResponse\x12\x1d\n\x15health_check_period_s\x18\x01 \x01(\x01\";\n\x10HeartbeatRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"+\n\x15WaitExperimentRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\"l\n\x16WaitExperimentResponse\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\x12\x11\n\tsubmitter\x18\x02 \x01(\t\x12\x15\n\rbundle_sha256\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x03(\t\"I\n\x1aGetExperimentBundleRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\"/\n\x0b\x42undleChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\"R\n\x0fWaitTaskRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\x12\n\nmax_wait_s\x18\x03 \x01(\x01\"\x8d\x03\n\x10WaitTaskResponse\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.fedjax.WaitTaskResponse.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\ropt_treatment\x18\x03 \x01(\t\x12\x16\n\x0eupload_tensors\x18\x04 \x03(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x13\n\x0btask_kwargs\x18\x06 \x01(\t\x12\x13\n\x0b\x66rom_global\x18\x07 \x01(\x08\x12\x10\n\x08\x63heck_in\x18\x08 \x01(\x08\x12\x13\n\x0b\x63ompression\x18\t \x01(\t\x12\x13\n\x0bsend_deltas\x18\n \x01(\x08\x12\x11\n\tclip_norm\x18\x0b \x01(\x01\x12\x11\n\tnoise_std\x18\x0c \x01(\x01\x12\"\n\x06secagg\x18\r \x01(\x0b\x32\x12.fedjax.SecAggStep\"M\n\x04Kind\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08VALIDATE\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x12\x08\n\x04SYNC\x10\x04\x12\n\n\x06SECAGG\x10\x05\"0\n\nSecAggKeys\x12\x11\n\tcipher_pk\x18\x01 \x01(\x0c\x12\x0f\n\x07mask_pk\x18\x02 \x01(\x0c\"\x97\x03\n\nSecAggStep\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x0c\n\x04\x62its\x18\x04 \x01(\x03\x12\x12\n\nclip_range\x18\x05 \x01(\x01\x12\x0c\n\x04size\x18\x06 \x01(\x03\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x14\n\x0cweight_scale\x18\x08 \x01(\x01\x12*\n\x04keys\x18\t \x03(\x0b\x32\x1c.fedjax.SecAggStep.KeysEntry\x12\x38\n\x0b\x63iphertexts\x18\n \x03(\x0b\x32#.fedjax.SecAggStep.CiphertextsEntry\x12\x11\n\tsurvivors\x18\x0b \x03(\t\x12\x0f\n\x07\x64ropped\x18\x0c \x03(\t\x1a?\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedjax.SecAggKeys:\x02\x38\x01\x1a\x32\n\x10\x43iphertextsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"l\n\x0cSecAggShares\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.fedjax.SecAggShares.ItemsEntry\x1a,\n\nItemsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xc7\x01\n\rSecAggRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\"\n\x04keys\x18\x04 \x01(\x0b\x32\x12.fedjax.SecAggKeysH\x00\x12&\n\x06shares\x18\x05 \x01(\x0b\x32\x14.fedjax.SecAggSharesH\x00\x12&\n\x06reveal\x18\x06 \x01(\x0b\x32\x14.fedjax.SecAggSharesH\x00\x42\x06\n\x04step\"\x10\n\x0eSecAggResponse\"R\n\x14GetRoundModelRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\"\x98\x01\n\x14ReportMetricsRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x1f\n\x07metrics\x18\x04 \x03(\x0b\x32\x0e.fedjax.Metric\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\r\n\x05stage\x18\x06 \x01(\t\"\x17\n\x15ReportMetricsResponse\"\x82\x02\n\x13UploadUpdateRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".fedjax.UploadUpdateRequest.HeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedjax.TensorChunkH\x00\x1a\x86\x01\n\x06Header\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x1a\n\x12train_sample_count\x18\x04 \x01(\x03\x12\x11\n\tclip_norm\x18\x05 \x01(\x01\x12\x11\n\tnoise_std\x18\x06 \x01(\x01\x42\x06\n\x04item\".\n\x14UploadUpdateResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\x96\x01\n\x14ReportFailureRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\x05round\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0bworker_lost\x18\x05 \x01(\x08\x12\x0f\n\x07refused\x18\x06 \x01(\x08\x42\x08\n\x06_round\"\x17\n\x15ReportFailureResponse\"`\n\x0e\x43heckInRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x12\n\ndivergence\x18\x04 \x01(\x01\"!\n\x0f\x43heckInResponse\x12\x0e\n\x06upload\x18\x01 \x01(\x08\x32\xa6\x06\n\x0c\x45nvoyService\x12L\n\rRegisterEnvoy\x12\x1c.fedjax.RegisterEnvoyRequest\x1a\x1d.fedjax.RegisterEnvoyResponse\x12@\n\tHeartbeat\x12\x18.fedjax.HeartbeatRequest\x1a\x19.fedjax.HeartbeatResponse\x12Q\n\x0eWaitExperiment\x12\x1d.fedjax.WaitExperimentRequest\x1a\x1e.fedjax.WaitExperimentResponse0\x01\x12P\n\x13GetExperimentBundle\x12\".fedjax.GetExperimentBundleRequest\x1a\x13.fedjax.BundleChunk0\x01\x12=\n\x08WaitTask\x12\x17.fedjax.WaitTaskRequest\x1a\x18.fedjax.WaitTaskResponse\x12\x44\n\rGetRoundModel\x12\x1c.fedjax.GetRoundModelRequest\x1a\x13.fedjax.TensorChunk0\x01\x12L\n\rReportMetrics\x12\x1c.fedjax.ReportMetricsRequest\x1a\x1d.fedjax.ReportMetricsResponse\x12K\n\x0cUploadUpdate\x12\x1b.fedjax.UploadUpdateRequest\x1a\x1c.fedjax.UploadUpdateResponse(\x01\x12L\n\rReportFailure\x12\x1c.fedjax.ReportFailureRequest\x1a\x1d.fedjax.ReportFailureResponse\x12:\n\x07\x43heckIn\x12\x16.fedjax.CheckInRequest\x1a\x17.fedjax.CheckInResponse\x12\x37\n\x06SecAgg\x12\x15.fedjax.SecAggRequest\x1a\x16.fedjax.SecAggResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedjax_proto/envoy_service.proto\x12\x06\x66\x65\x64jax\x1a\x1a\x66\x65\x64jax_proto/tensors.proto\"\xc6\x01\n\tShardInfo\x12\x13\n\x0b\x64\x65scription\x18\x01 \x01(\t\x12\x14\n\x0csample_shape\x18\x02 \x03(\t\x12\x14\n\x0ctarget_shape\x18\x03 \x03(\t\x12\x12\n\ntrain_size\x18\x04 \x01(\x03\x12\x12\n\nvalid_size\x18\x05 \x01(\x03\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x07 \x03(\t\x12\x14\n\x0clabel_counts\x18\x08 \x03(\x03\x12\x17\n\x0fmax_experiments\x18\t \x01(\x03\"f\n\x14RegisterEnvoyRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12%\n\nshard_info\x18\x02 \x01(\x0b\x32\x11.fedjax.ShardInfo\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"6\n\x15RegisterEnvoyResponse\x12\x1d\n\x15health_check_period_s\x18\x01 \x01(\x01\";\n\x10HeartbeatRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"+\n\x15WaitExperimentRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\"l\n\x16WaitExperimentResponse\x12\x17\n\x0f\x65xperiment_name\x18\x01 \x01(\t\x12\x11\n\tsubmitter\x18\x02 \x01(\t\x12\x15\n\rbundle_sha256\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x03(\t\"I\n\x1aGetExperimentBundleRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\"/\n\x0b\x42undleChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\"R\n\x0fWaitTaskRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\x12\n\nmax_wait_s\x18\x03 \x01(\x01\"\x9f\x03\n\x10WaitTaskResponse\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.fedjax.WaitTaskResponse.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x15\n\ropt_treatment\x18\x03 \x01(\t\x12\x16\n\x0eupload_tensors\x18\x04 \x03(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x13\n\x0btask_kwargs\x18\x06 \x01(\t\x12\x13\n\x0b\x66rom_global\x18\x07 \x01(\x08\x12\x10\n\x08\x63heck_in\x18\x08 \x01(\x08\x12\x13\n\x0b\x63ompression\x18\t \x01(\t\x12\x13\n\x0bsend_deltas\x18\n \x01(\x08\x12\x11\n\tclip_norm\x18\x0b \x01(\x01\x12\x11\n\tnoise_std\x18\x0c \x01(\x01\x12\"\n\x06secagg\x18\r \x01(\x0b\x32\x12.fedjax.SecAggStep\x12\x10\n\x08personal\x18\x0e \x03(\t\"M\n\x04Kind\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08VALIDATE\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x12\x08\n\x04SYNC\x10\x04\x12\n\n\x06SECAGG\x10\x05\"0\n\nSecAggKeys\x12\x11\n\tcipher_pk\x18\x01 \x01(\x0c\x12\x0f\n\x07mask_pk\x18\x02 \x01(\x0c\"\x97\x03\n\nSecAggStep\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x0c\n\x04\x62its\x18\x04 \x01(\x03\x12\x12\n\nclip_range\x18\x05 \x01(\x01\x12\x0c\n\x04size\x18\x06 \x01(\x03\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x14\n\x0cweight_scale\x18\x08 \x01(\x01\x12*\n\x04keys\x18\t \x03(\x0b\x32\x1c.fedjax.SecAggStep.KeysEntry\x12\x38\n\x0b\x63iphertexts\x18\n \x03(\x0b\x32#.fedjax.SecAggStep.CiphertextsEntry\x12\x11\n\tsurvivors\x18\x0b \x03(\t\x12\x0f\n\x07\x64ropped\x18\x0c \x03(\t\x1a?\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.fedjax.SecAggKeys:\x02\x38\x01\x1a\x32\n\x10\x43iphertextsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"l\n\x0cSecAggShares\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.fedjax.SecAggShares.ItemsEntry\x1a,\n\nItemsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\xc7\x01\n\rSecAggRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\"\n\x04keys\x18\x04 \x01(\x0b\x32\x12.fedjax.SecAggKeysH\x00\x12&\n\x06shares\x18\x05 \x01(\x0b\x32\x14.fedjax.SecAggSharesH\x00\x12&\n\x06reveal\x18\x06 \x01(\x0b\x32\x14.fedjax.SecAggSharesH\x00\x42\x06\n\x04step\"\x10\n\x0eSecAggResponse\"R\n\x14GetRoundModelRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\"\x98\x01\n\x14ReportMetricsRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x1f\n\x07metrics\x18\x04 \x03(\x0b\x32\x0e.fedjax.Metric\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\r\n\x05stage\x18\x06 \x01(\t\"\x17\n\x15ReportMetricsResponse\"\x82\x02\n\x13UploadUpdateRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".fedjax.UploadUpdateRequest.HeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.fedjax.TensorChunkH\x00\x1a\x86\x01\n\x06Header\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x1a\n\x12train_sample_count\x18\x04 \x01(\x03\x12\x11\n\tclip_norm\x18\x05 \x01(\x01\x12\x11\n\tnoise_std\x18\x06 \x01(\x01\x42\x06\n\x04item\".\n\x14UploadUpdateResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"\x96\x01\n\x14ReportFailureRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\x05round\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0bworker_lost\x18\x05 \x01(\x08\x12\x0f\n\x07refused\x18\x06 \x01(\x08\x42\x08\n\x06_round\"\x17\n\x15ReportFailureResponse\"`\n\x0e\x43heckInRequest\x12\x12\n\nenvoy_name\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x12\n\ndivergence\x18\x04 \x01(\x01\"!\n\x0f\x43heckInResponse\x12\x0e\n\x06upload\x18\x01 \x01(\x08\x32\xa6\x06\n\x0c\x45nvoyService\x12L\n\rRegisterEnvoy\x12\x1c.fedjax.RegisterEnvoyRequest\x1a\x1d.fedjax.RegisterEnvoyResponse\x12@\n\tHeartbeat\x12\x18.fedjax.HeartbeatRequest\x1a\x19.fedjax.HeartbeatResponse\x12Q\n\x0eWaitExperiment\x12\x1d.fedjax.WaitExperimentRequest\x1a\x1e.fedjax.WaitExperimentResponse0\x01\x12P\n\x13GetExperimentBundle\x12\".fedjax.GetExperimentBundleRequest\x1a\x13.fedjax.BundleChunk0\x01\x12=\n\x08WaitTask\x12\x17.fedjax.WaitTaskRequest\x1a\x18.fedjax.WaitTaskResponse\x12\x44\n\rGetRoundModel\x12\x1c.fedjax.GetRoundModelRequest\x1a\x13.fedjax.TensorChunk0\x01\x12L\n\rReportMetrics\x12\x1c.fedjax.ReportMetricsRequest\x1a\x1d.fedjax.ReportMetricsResponse\x12K\n\x0cUploadUpdate\x12\x1b.fedjax.UploadUpdateRequest\x1a\x1c.fedjax.UploadUpdateResponse(\x01\x12L\n\rReportFailure\x12\x1c.fedjax.ReportFailureRequest\x1a\x1d.fedjax.ReportFailureResponse\x12:\n\x07\x43heckIn\x12\x16.fedjax.CheckInRequest\x1a\x17.fedjax.CheckInResponse\x12\x37\n\x06SecAgg\x12\x15.fedjax.SecAggRequest\x1a\x16.fedjax.SecAggResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,45 +59,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WAITTASKREQUEST']._serialized_start=809
   _globals['_WAITTASKREQUEST']._serialized_end=891
   _globals['_WAITTASKRESPONSE']._serialized_start=894
-  _globals['_WAITTASKRESPONSE']._serialized_end=1291
-  _globals['_WAITTASKRESPONSE_KIND']._serialized_start=1214
-  _globals['_WAITTASKRESPONSE_KIND']._serialized_end=1291
-  _globals['_SECAGGKEYS']._serialized_start=1293
-  _globals['_SECAGGKEYS']._serialized_end=1341
-  _globals['_SECAGGSTEP']._serialized_start=1344
-  _globals['_SECAGGSTEP']._serialized_end=1751
-  _globals['_SECAGGSTEP_KEYSENTRY']._serialized_start=1636
-  _globals['_SECAGGSTEP_KEYSENTRY']._serialized_end=1699
-  _globals['_SECAGGSTEP_CIPHERTEXTSENTRY']._serialized_start=1701
-  _globals['_SECAGGSTEP_CIPHERTEXTSENTRY']._serialized_end=1751
-  _globals['_SECAGGSHARES']._serialized_start=1753
-  _globals['_SECAGGSHARES']._serialized_end=1861
-  _globals['_SECAGGSHARES_ITEMSENTRY']._serialized_start=1817
-  _globals['_SECAGGSHARES_ITEMSENTRY']._serialized_end=1861
-  _globals['_SECAGGREQUEST']._serialized_start=1864
-  _globals['_SECAGGREQUEST']._serialized_end=2063
-  _globals['_SECAGGRESPONSE']._serialized_start=2065
-  _globals['_SECAGGRESPONSE']._serialized_end=2081
-  _globals['_GETROUNDMODELREQUEST']._serialized_start=2083
-  _globals['_GETROUNDMODELREQUEST']._serialized_end=2165
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=2168
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=2320
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=2322
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=2345
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=2348
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=2606
-  _globals['_UPLOADUPDATEREQUEST_HEADER']._serialized_start=2464
-  _globals['_UPLOADUPDATEREQUEST_HEADER']._serialized_end=2598
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=2608
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=2654
-  _globals['_REPORTFAILUREREQUEST']._serialized_start=2657
-  _globals['_REPORTFAILUREREQUEST']._serialized_end=2807
-  _globals['_REPORTFAILURERESPONSE']._serialized_start=2809
-  _globals['_REPORTFAILURERESPONSE']._serialized_end=2832
-  _globals['_CHECKINREQUEST']._serialized_start=2834
-  _globals['_CHECKINREQUEST']._serialized_end=2930
-  _globals['_CHECKINRESPONSE']._serialized_start=2932
-  _globals['_CHECKINRESPONSE']._serialized_end=2965
-  _globals['_ENVOYSERVICE']._serialized_start=2968
-  _globals['_ENVOYSERVICE']._serialized_end=3774
+  _globals['_WAITTASKRESPONSE']._serialized_end=1309
+  _globals['_WAITTASKRESPONSE_KIND']._serialized_start=1232
+  _globals['_WAITTASKRESPONSE_KIND']._serialized_end=1309
+  _globals['_SECAGGKEYS']._serialized_start=1311
+  _globals['_SECAGGKEYS']._serialized_end=1359
+  _globals['_SECAGGSTEP']._serialized_start=1362
+  _globals['_SECAGGSTEP']._serialized_end=1769
+  _globals['_SECAGGSTEP_KEYSENTRY']._serialized_start=1654
+  _globals['_SECAGGSTEP_KEYSENTRY']._serialized_end=1717
+  _globals['_SECAGGSTEP_CIPHERTEXTSENTRY']._serialized_start=1719
+  _globals['_SECAGGSTEP_CIPHERTEXTSENTRY']._serialized_end=1769
+  _globals['_SECAGGSHARES']._serialized_start=1771
+  _globals['_SECAGGSHARES']._serialized_end=1879
+  _globals['_SECAGGSHARES_ITEMSENTRY']._serialized_start=1835
+  _globals['_SECAGGSHARES_ITEMSENTRY']._serialized_end=1879
+  _globals['_SECAGGREQUEST']._serialized_start=1882
+  _globals['_SECAGGREQUEST']._serialized_end=2081
+  _globals['_SECAGGRESPONSE']._serialized_start=2083
+  _globals['_SECAGGRESPONSE']._serialized_end=2099
+  _globals['_GETROUNDMODELREQUEST']._serialized_start=2101
+  _globals['_GETROUNDMODELREQUEST']._serialized_end=2183
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=2186
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=2338
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=2340
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=2363
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=2366
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=2624
+  _globals['_UPLOADUPDATEREQUEST_HEADER']._serialized_start=2482
+  _globals['_UPLOADUPDATEREQUEST_HEADER']._serialized_end=2616
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=2626
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=2672
+  _globals['_REPORTFAILUREREQUEST']._serialized_start=2675
+  _globals['_REPORTFAILUREREQUEST']._serialized_end=2825
+  _globals['_REPORTFAILURERESPONSE']._serialized_start=2827
+  _globals['_REPORTFAILURERESPONSE']._serialized_end=2850
+  _globals['_CHECKINREQUEST']._serialized_start=2852
+  _globals['_CHECKINREQUEST']._serialized_end=2948
+  _globals['_CHECKINRESPONSE']._serialized_start=2950
+  _globals['_CHECKINRESPONSE']._serialized_end=2983
+  _globals['_ENVOYSERVICE']._serialized_start=2986
+  _globals['_ENVOYSERVICE']._serialized_end=3792
 # @@protoc_insertion_point(module_scope)

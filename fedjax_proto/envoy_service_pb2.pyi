@@ -105,7 +105,7 @@ class WaitTaskRequest(_message.Message):
     def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
 
 class WaitTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message", "task_kwargs", "from_global", "check_in", "compression", "send_deltas", "clip_norm", "noise_std", "secagg")
+    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message", "task_kwargs", "from_global", "check_in", "compression", "send_deltas", "clip_norm", "noise_std", "secagg", "personal")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NONE: _ClassVar[WaitTaskResponse.Kind]
@@ -133,6 +133,7 @@ class WaitTaskResponse(_message.Message):
     CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     NOISE_STD_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_FIELD_NUMBER: _ClassVar[int]
     kind: WaitTaskResponse.Kind
     round: int
     opt_treatment: str
@@ -146,7 +147,8 @@ class WaitTaskResponse(_message.Message):
     clip_norm: float
     noise_std: float
     secagg: SecAggStep
-    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., task_kwargs: _Optional[str] = ..., from_global: _Optional[bool] = ..., check_in: _Optional[bool] = ..., compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ..., secagg: _Optional[_Union[SecAggStep, _Mapping]] = ...) -> None: ...
+    personal: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., task_kwargs: _Optional[str] = ..., from_global: _Optional[bool] = ..., check_in: _Optional[bool] = ..., compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ..., secagg: _Optional[_Union[SecAggStep, _Mapping]] = ..., personal: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SecAggKeys(_message.Message):
     __slots__ = ("cipher_pk", "mask_pk")

@@ -161,7 +161,7 @@ class FLExperiment:
               min_envoys: int = 1, round_timeout_s: float = 0.0,
               compression: str | None = None, send_deltas: bool = False, compress_downloads: bool = False,
               sync: Sync | None = None, privacy: CentralDP | LocalDP | None = None,
-              secure_aggregation: SecureAggregation | None = None,
+              secure_aggregation: SecureAggregation | None = None, personal: Iterable[str] = (),
               pickle_by_value: Iterable[ModuleType] = (), pip_install_options: Any = None) -> int:
         """Submit the experiment; returns its place in the director's queue (0: running now).
 
@@ -185,6 +185,11 @@ class FLExperiment:
         differentially private; the status then reports ``epsilon`` at ``delta`` (docs/privacy.md).
         ``secure_aggregation``: ``fedjax_core.privacy.SecureAggregation(...)`` masks the updates so that
         the director learns only each round's sum (SecAgg+; docs/privacy.md).
+        ``personal``: personal layers (FedPer, FedBN; docs/personal.md), pytree path patterns such as
+        ``["params/head/**", "batch_stats/**"]`` (``*`` within one path segment, ``**`` any number of
+        segments): the tensors they match never leave the envoys, each envoy keeps and trains its own, the
+        aggregated validation uses them, the models you download hold the template's values for them, and
+        the status reports each envoy's validation (``personal_validation``).
 
         A round closes when every participant has reported or dropped out (a task that raises
         drops its envoy out of that round; it rejoins at the next), or, with ``round_timeout_s``
@@ -215,6 +220,9 @@ class FLExperiment:
                 raise TypeError(f"{flag} must be True or False, got {value!r}")
         sync_mode, sync_every, sync_threshold = sync_to_spec(sync)
         per_round, fraction = _sampling(envoys_per_round)
+        if isinstance(personal, str) or not isinstance(personal, Iterable):
+            raise TypeError(f"personal must be a list of pytree path patterns, e.g. [{personal!r}], not "
+                            f"{type(personal).__name__}")
         tensors = state_to_tensors(model_provider.model)
         spec = ExperimentSpec(
             name=self.experiment_name, rounds=rounds_to_train,
@@ -229,6 +237,7 @@ class FLExperiment:
             best=BestModel(best_metric or "", default_higher_is_better(best_metric or "") if higher_is_better is None
                            else bool(higher_is_better)),
             privacy=privacy_to_spec(privacy), secure=secure_to_spec(secure_aggregation),
+            personal=tuple(personal),
         )
         validate(spec)  # the director checks it again, and against the envoys it knows
         task_keeper.check()

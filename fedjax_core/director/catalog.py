@@ -6,6 +6,7 @@ not exist, since a refusal would say that it does, and whose it is.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
@@ -18,6 +19,16 @@ from fedjax_core.errors import InvalidRequestError, NotFoundError, PreconditionE
 from fedjax_core.model_file import ModelFile
 
 STATUS_ROUNDS = 1000  # an experiment's status lists the participants of this many of its latest rounds
+
+
+def status_of(store: Store, row: ExperimentRow) -> r.ExperimentStatus:
+    """``row``'s status with the participants of its latest rounds and, under personal layers, each envoy's latest
+    validation of the aggregated model with its own personal tensors (its personalised model)."""
+    status = row.status(store.participants(row.name, last=STATUS_ROUNDS))
+    if not row.spec.personal:
+        return status
+    return dataclasses.replace(status, personal_validation=tuple(
+        store.latest_envoy_metrics(row.name, r.Stage.AGGREGATED)))
 
 
 class Catalog:
@@ -66,7 +77,7 @@ class Catalog:
         row = self.store.experiment(name)
         if row is None or (viewer is not None and row.spec.submitter != viewer and viewer not in self.admins):
             raise NotFoundError(f"no experiment named {name!r}" + (" among yours" if viewer is not None else ""))
-        return row.status(self.store.participants(name, last=STATUS_ROUNDS))
+        return status_of(self.store, row)
 
     def check_owner(self, row: ExperimentRow, by: str | None, action: str) -> None:
         """Under mTLS (``by`` is the caller's certificate name) only the submitter or an admin may ``action``."""

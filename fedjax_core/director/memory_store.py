@@ -179,6 +179,15 @@ class MemoryStore:
             return {round_: self._rounds[experiment, round_] for round_ in latest}
 
     # metric events
+    def latest_envoy_metrics(self, experiment: str, stage: str) -> list[r.EnvoyValidation]:
+        latest: dict[str, r.MetricEvent] = {}
+        with self._lock:
+            for e in self._events.get(experiment, ()):
+                event = e.event
+                if event.envoy and event.stage == stage and event.round >= latest.get(event.envoy, event).round:
+                    latest[event.envoy] = event
+        return [r.EnvoyValidation(envoy, event.round, event.metrics) for envoy, event in sorted(latest.items())]
+
     def add_event(self, experiment: str, event: r.MetricEvent, weight: float = 0.0) -> bool:
         kept = r.MetricEvent(round=event.round, envoy=event.envoy, stage=event.stage, metrics=tuple(event.metrics),
                              timestamp=event.timestamp, round_time_s=event.round_time_s,

@@ -36,6 +36,7 @@ from fedjax_core.director.store_api import Store
 from fedjax_core.director.submission import RoundPlan, plan_rounds
 from fedjax_core.errors import FedError, InvalidRequestError
 from fedjax_core.metrics_log import Loggers
+from fedjax_core.personal import personal_names
 from fedjax_core.privacy import accounting, central
 from fedjax_core.privacy.local import envoy_treatment
 from fedjax_core.director.secure_rounds import SecureRound, secure_leaves
@@ -77,6 +78,7 @@ class Run:
     keep_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # orders keeping updates and the close
     download_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)  # compressed model, once
     secure: SecureRound | None = None  # a training round's secure aggregation (SecAgg+)
+    personal: frozenset[str] = frozenset()  # the tensors that stay with each envoy (spec.personal): never uploaded
 
     @property
     def spec(self) -> ExperimentSpec:
@@ -121,7 +123,7 @@ class Run:
                       upload_tensors=tuple(sorted(self.upload)), task_kwargs=self.task_kwargs(),
                       from_global=self.from_global, check_in=state.averaging != rules.Averaging.ALWAYS,
                       compression=s.communication.compression, send_deltas=s.communication.send_deltas,
-                      clip_norm=clip_norm, noise_std=noise_std, secagg=secagg)
+                      clip_norm=clip_norm, noise_std=noise_std, secagg=secagg, personal=s.personal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +179,8 @@ class RoundEngine:
         if training and spec.secure.enabled:
             secure, check = self._secure_round(row, round_, participants, uploaded), None
         return Run(row=row, plan=plan, state=state, upload=upload, updates=RoundUpdates(uploaded, check),
-                   started_at=self.timer(), from_global=from_global or not training, secure=secure)
+                   started_at=self.timer(), from_global=from_global or not training, secure=secure,
+                   personal=frozenset(personal_names([t.name for t in spec.model_spec], spec.personal)))
 
     def _secure_round(self, row: ExperimentRow, round_: int, participants: tuple[str, ...],
                       uploaded: list[r.TensorSpec]) -> SecureRound:

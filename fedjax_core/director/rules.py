@@ -6,15 +6,19 @@ import random
 import time
 from enum import StrEnum
 
+from fedjax_core import personal
 from fedjax_core import records as r
 from fedjax_core.spec import ExperimentSpec, SyncMode
 
 
 def upload_names(spec: ExperimentSpec) -> tuple[str, ...]:
-    """The tensors that travel each round: params always, optimizer state only for CONTINUE_GLOBAL."""
+    """The tensors that travel each round: params always, optimizer state only for CONTINUE_GLOBAL; never the
+    personal ones (``spec.personal``), which stay with each envoy."""
     if spec.opt_treatment == r.OptTreatment.CONTINUE_GLOBAL:
-        return tuple(t.name for t in spec.model_spec)
-    return tuple(t.name for t in spec.model_spec if t.name.startswith("params/"))
+        names = [t.name for t in spec.model_spec]
+    else:
+        names = [t.name for t in spec.model_spec if t.name.startswith("params/")]
+    return personal.split(names, spec.personal)[0] if spec.personal else tuple(names)
 
 
 class Averaging(StrEnum):

@@ -318,3 +318,10 @@ class SqliteStore:
                                            round_time_s=rts, participants=tuple(json.loads(who)), note=note),
                         weight))
         return out
+
+    def latest_envoy_metrics(self, experiment: str, stage: str) -> list[r.EnvoyValidation]:
+        # one query: SQLite takes the bare column (metrics) from the row that holds MAX(round)
+        rows = self._read("SELECT envoy, MAX(round), metrics FROM events WHERE experiment = ? AND stage = ? "
+                          "AND envoy != '' GROUP BY envoy ORDER BY envoy", (experiment, stage))
+        return [r.EnvoyValidation(envoy, round_, tuple(r.Metric(t, n, v) for t, n, v in json.loads(metrics)))
+                for envoy, round_, metrics in rows]

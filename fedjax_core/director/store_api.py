@@ -87,6 +87,9 @@ class Store(Protocol):
         """The participants of the experiment's ``last`` (-1: all) most recent rounds, by round, oldest first."""
 
     # metric events
+    def latest_envoy_metrics(self, experiment: str, stage: str) -> list[r.EnvoyValidation]:
+        """Each envoy's metrics of ``stage`` from the latest round it reported that stage in, by envoy name."""
+
     def add_event(self, experiment: str, event: r.MetricEvent, weight: float = 0.0) -> bool:
         """Record an event under a new, larger id; False (nothing recorded) when the same (round, envoy, stage)
         was recorded before. What is kept: round, envoy, stage, metrics, timestamp, round_time_s,

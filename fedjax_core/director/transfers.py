@@ -16,6 +16,7 @@ from fedjax_core import records as r
 from fedjax_core.director.files import ExperimentFiles, write_bundle
 from fedjax_core.director.rounds import Run
 from fedjax_core.errors import InvalidRequestError, StorageError, is_disk_full
+from fedjax_core.personal import check_not_personal
 from fedjax_core.spec import ExperimentSpec
 from fedjax_core.tensors import TensorError
 from fedjax_core.model_file import ModelFile, ModelFileWriter
@@ -63,6 +64,7 @@ def receive_update(files: ExperimentFiles, run: Run, envoy: str, round_: int,
     try:
         with ModelFileWriter(spool, expected=expected, finite_only=True) as writer:  # one NaN would poison it
             for chunk in chunks:
+                check_not_personal(run.personal, envoy, chunk.name)
                 writer.add_chunk(chunk)
             writer.commit()
         return _decoded(files, run, envoy, spool), writer.bytes_written

@@ -8,7 +8,7 @@ template, and any mismatch names the offending path.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 import jax
@@ -44,8 +44,9 @@ def _is_array_like(leaf: Any) -> bool:
     return isinstance(leaf, (np.ndarray, np.generic, jax.Array, bool, int, float, complex))
 
 
-def state_to_tensors(state: Any) -> dict[str, np.ndarray]:
-    """Every array leaf of ``state`` as a numpy array, with the dtype JAX itself holds it in.
+def state_to_tensors(state: Any, only: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """Every array leaf of ``state`` (those named in ``only``, when given) as a numpy array, with the dtype JAX
+    itself holds it in.
 
     An array the platform cannot send (complex numbers, an array of strings) is an error that names
     its pytree path: it would otherwise be left out of every round without anyone knowing. Leaves that
@@ -54,7 +55,7 @@ def state_to_tensors(state: Any) -> dict[str, np.ndarray]:
     """
     out = {}
     for name, leaf in _flat(state).items():
-        if _is_empty(leaf) or not _is_array_like(leaf):
+        if _is_empty(leaf) or not _is_array_like(leaf) or (only is not None and name not in only):
             continue
         if not _is_tensor(leaf):
             what = f"{type(leaf).__name__} of dtype {leaf.dtype}" if hasattr(leaf, "dtype") else type(leaf).__name__

@@ -5,7 +5,9 @@ simulation drives one per participant in its own process (``fedjax_core/simulati
 the same code for a round, so the same experiment trains to the same model either way: the
 starting state (global model, kept optimizer state, or a fresh one), the validation of the
 round's model, training, the local validation, and the upload (weights or deltas, under the
-experiment's codec) or the divergence check-in of periodic and dynamic averaging.
+experiment's codec) or the divergence check-in of periodic and dynamic averaging. With personal layers
+(``task.personal``) the runner also keeps this envoy's own personal tensors between rounds and lays them
+over every model it receives; they are never uploaded (``fedjax_core/personal.py``).
 """
 from __future__ import annotations
 
@@ -88,6 +90,7 @@ class RoundRunner:
         self.global_tensors: dict[str, np.ndarray] | None = None  # what deltas and divergences measure from
         self.global_state = None  # the same as a state, for tasks that take global_model= (FedProx)
         self.secure = None  # this round's secure aggregation, between its steps
+        self.personal: dict[str, np.ndarray] | None = None  # this envoy's own personal tensors, on the host
         self.train_loader, self.valid_loader = data.get_train_loader(), data.get_valid_loader()
         self.n_train, self.n_valid = int(data.get_train_data_size()), int(data.get_valid_data_size())
 
@@ -136,6 +139,7 @@ class RoundRunner:
         """Keep the trained ``state``, then upload it, or check in its divergence and upload only if asked."""
         exp, rnd = self.experiment, task.round
         self.local_state = state
+        self._keep_personal(task, state)
         self.reports.wait()  # before the check-in or upload that may close the round
         if task.check_in and not self.link.check_in(exp, rnd, self._divergence(task, state)):
             self.log(f"[worker {self.link.envoy_name}] round {rnd} done, model kept (no averaging)")
@@ -164,17 +168,41 @@ class RoundRunner:
         received = self.link.round_model(self.experiment, task.round)
         self.global_tensors = received
         if task.opt_treatment == "CONTINUE_LOCAL":
-            return tensors_to_state(self.local_state, received)
-        state = tensors_to_state(self.template, received)
+            return self._with_personal(task, tensors_to_state(self.local_state, received))
+        state = self._with_personal(task, tensors_to_state(self.template, received))
         if task.opt_treatment == "RESET" and hasattr(state, "tx"):
             state = state.replace(opt_state=canonicalize(self.fresh_opt_state(state)), step=self.template.step)
         return state
 
+    def _with_personal(self, task: r.Task, state):
+        """``state`` with this envoy's own personal tensors laid over it: the template's until it first trained."""
+        if not task.personal:
+            return state
+        from fedjax_core.personal import personal_names
+        from fedjax_core.runtime.model_tensors import state_to_tensors, tensors_to_state
+
+        if self.personal is None:
+            template = state_to_tensors(self.template)
+            self.personal = {name: template[name] for name in personal_names(template, task.personal)}
+        return tensors_to_state(state, self.personal)
+
+    def _keep_personal(self, task: r.Task, trained) -> None:
+        """Keep the trained state's personal tensors for this envoy's next rounds."""
+        if task.personal and self.personal:
+            from fedjax_core.runtime.model_tensors import state_to_tensors
+
+            self.personal = state_to_tensors(trained, only=self.personal.keys())
+
     def _upload(self, task: r.Task, state) -> None:
         """Send the tensors the round averages: as weights or deltas, compressed as the experiment says."""
         from fedjax_core import codecs
+        from fedjax_core.personal import personal_names
         from fedjax_core.runtime.model_tensors import state_to_tensors
 
+        leaked = personal_names(task.upload_tensors, task.personal)
+        if leaked:
+            raise RuntimeError(f"the director asks for personal tensors {list(leaked[:3])}, which never leave this "
+                               "envoy: it does not upload")
         tensors = state_to_tensors(state)
         missing = [n for n in task.upload_tensors if n not in tensors]
         if missing:

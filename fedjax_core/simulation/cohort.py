@@ -96,7 +96,8 @@ class Cohort:
 
         task, n = tasks[0], len(runners)
         names = [runner.link.envoy_name for runner in runners]
-        if all(t.from_global for t in tasks) and task.opt_treatment != r.OptTreatment.CONTINUE_LOCAL:
+        if all(t.from_global for t in tasks) and task.opt_treatment != r.OptTreatment.CONTINUE_LOCAL \
+                and not task.personal:
             state, fresh = runners[0].start(tasks[0])  # one model to restore: every participant starts from it
             for runner, t in zip(runners[1:], tasks[1:]):
                 runner.start_like(t, runners[0].global_state)

@@ -26,7 +26,7 @@ import numpy as np
 from fedjax_core import bundle as bundle_io
 from fedjax_core import records as r
 from fedjax_core.director import round_machine
-from fedjax_core.director.catalog import STATUS_ROUNDS
+from fedjax_core.director.catalog import STATUS_ROUNDS, status_of
 from fedjax_core.director.memory_store import MemoryStore
 from fedjax_core.director.round_machine import (CloseRound, Completed, Effect, Failed, Finish, Note,
                                                 Validated)
@@ -84,7 +84,7 @@ class SimulatedDirector:
         row = self.store.experiment(name)
         if row is None:
             raise NotFoundError(f"no experiment named {name!r} in this simulation")
-        return row.status(self.store.participants(name, last=STATUS_ROUNDS))
+        return status_of(self.store, row)
 
     def submit(self, spec: ExperimentSpec, bundle: bytes, tensors: Mapping[str, np.ndarray]) -> int:
         """Check and keep the experiment, then run it on a thread of its own; returns 0 (it starts now)."""

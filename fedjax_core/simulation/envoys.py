@@ -22,6 +22,7 @@ from fedjax_core.director import limits
 from fedjax_core.director.round_machine import CheckedIn, Dropped, UpdateStored
 from fedjax_core.director.rounds import Run
 from fedjax_core.errors import InvalidRequestError
+from fedjax_core.personal import check_not_personal
 from fedjax_core.privacy.local import check_applied
 from fedjax_core.simulation.participants import Participants
 from fedjax_core.spec import SyncMode
@@ -155,6 +156,8 @@ class VirtualEnvoys:
                                       run.spec.communication.send_deltas)
         model = self.model(round_)
         decoded = {}
+        for name in tensors:
+            check_not_personal(run.personal, envoy, name)
         for name, wire in tensors.items():
             encoding = encodings.get(name)
             delta = encoding is not None and encoding.delta

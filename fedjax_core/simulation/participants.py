@@ -76,9 +76,10 @@ def error_text(exc: BaseException) -> str:
 
 def starts_alike(task: r.Task) -> bool:
     """Whether every participant given ``task`` starts from the same state: the round's model, with the optimizer
-    state the template has (RESET) or the model carries (CONTINUE_GLOBAL), not one of its own (CONTINUE_LOCAL)."""
+    state the template has (RESET) or the model carries (CONTINUE_GLOBAL), not one of its own (CONTINUE_LOCAL), and
+    no personal layers (each envoy lays its own over the model)."""
     return (task.kind in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE) and task.from_global
-            and task.opt_treatment != r.OptTreatment.CONTINUE_LOCAL)
+            and task.opt_treatment != r.OptTreatment.CONTINUE_LOCAL and not task.personal)
 
 
 def settle(runner: RoundRunner, keep_local: bool) -> None:
