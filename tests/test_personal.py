@@ -93,3 +93,11 @@ def test_an_upload_carrying_a_personal_tensor_is_a_protocol_violation():
     personal.check_not_personal(frozenset({"params/head/kernel"}), "env_1", "params/body/Dense_0/kernel")
     with pytest.raises(InvalidRequestError, match="protocol violation.*'env_1'.*'params/head/kernel'"):
         personal.check_not_personal(frozenset({"params/head/kernel"}), "env_1", "params/head/kernel")
+
+
+def test_tasks_carry_the_patterns_over_the_wire():
+    from fedjax_core import records as r
+    from fedjax_core import serde
+
+    task = r.Task(kind=r.TaskKind.TRAIN, round=3, upload_tensors=("params/body/w",), personal=("params/head/**",))
+    assert serde.task_from_proto(serde.task_to_proto(task)) == task
