@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from fedjax_core import commands
+from fedjax_core.commands import port_number as _port
 from fedjax_core.config import ConfigError, DirectorConfig, EnvoyConfig, load_config, resolve_path
 
 
@@ -39,16 +40,6 @@ def _start_args(parser: argparse.ArgumentParser) -> None:
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 ROLES = ("director", "envoy", "api")  # fedjax_core.pki.ROLES, without importing cryptography for --help
-
-
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {value!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, got {port}")
-    return port
 
 
 def build_parser() -> argparse.ArgumentParser:

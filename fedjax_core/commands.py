@@ -48,7 +48,7 @@ class CommandError(Exception):
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
     """How to reach the director, as ``fedjax envoy start`` takes it."""
     parser.add_argument("-dh", "--director-host", default="localhost")
-    parser.add_argument("-dp", "--director-port", type=_port, default=50055)
+    parser.add_argument("-dp", "--director-port", type=port_number, default=50055)
     parser.add_argument("--disable-tls", action="store_true",
                         help="plaintext gRPC (only to a loopback address unless --allow-remote-plaintext)")
     parser.add_argument("--allow-remote-plaintext", action="store_true",
@@ -59,7 +59,8 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
 
 
-def _port(value: str) -> int:
+def port_number(value: str) -> int:
+    """An argparse type: a TCP port, or an error that says what a port is."""
     try:
         port = int(value)
     except ValueError:
