@@ -16,7 +16,6 @@ director keeps holds their initial values. See docs/personal.md.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Iterable, Sequence
 
 from fedjax_core.errors import InvalidRequestError
@@ -37,9 +36,9 @@ def check_syntax(pattern: str) -> None:
     if len(pattern) > MAX_PATTERN_CHARS:
         raise PatternError(f"personal pattern {pattern[:40]!r}... is {len(pattern)} characters long; at most "
                            f"{MAX_PATTERN_CHARS} are allowed: use '*' or '**' to shorten it")
-    if any(c.isspace() or not c.isprintable() for c in pattern):
-        raise PatternError(f"personal pattern {pattern!r} holds whitespace or control characters; tensor names "
-                           "have none")
+    if not pattern.isprintable():
+        raise PatternError(f"personal pattern {pattern!r} holds control characters (a tab, a newline...); write the "
+                           "tensor's path as the model names it, with '*' for characters you cannot type")
     for segment in pattern.split("/"):
         if not segment:
             raise PatternError(f"personal pattern {pattern!r} has an empty path segment: separate segments with one "
@@ -49,33 +48,57 @@ def check_syntax(pattern: str) -> None:
                                "within a segment use '*' ('params/Dense_*/bias')")
 
 
-@functools.lru_cache(maxsize=1024)
-def _compiled(pattern: str) -> re.Pattern:
-    """The regex of ``pattern``, matched against ``name + '/'``: each segment is ``segment/``, and ``**`` any number
-    of ``segment/`` pieces."""
-    pieces = []
-    for segment in pattern.split("/"):
-        if segment == "**":
-            pieces.append("(?:[^/]+/)*")
+def _glob(pattern: str, segment: str) -> bool:
+    """Whether one path ``segment`` matches one pattern segment, ``*`` standing for any characters. Two pointers
+    that go back only to the last ``*``: time linear in the lengths' product, never exponential (a regex with
+    several ``*`` could backtrack for seconds on a crafted name, holding the director)."""
+    p = s = 0
+    star, mark = -1, 0
+    while s < len(segment):
+        if p < len(pattern) and pattern[p] == "*":
+            star, mark, p = p, s, p + 1
+        elif p < len(pattern) and pattern[p] == segment[s]:
+            p, s = p + 1, s + 1
+        elif star >= 0:
+            p, mark = star + 1, mark + 1
+            s = mark
         else:
-            pieces.append("[^/]*".join(re.escape(part) for part in segment.split("*")) + "/")
-    return re.compile("".join(pieces))
+            return False
+    return all(c == "*" for c in pattern[p:])
+
+
+@functools.lru_cache(maxsize=1024)
+def _segments(pattern: str) -> tuple[str, ...]:
+    return tuple(pattern.split("/"))
+
+
+def _match(pattern: str, name: str) -> bool:
+    """``name`` against a checked ``pattern``, segment by segment: ``reach[j]`` says whether the pattern's
+    segments so far can match the name's first ``j`` segments (``**`` takes any number of them)."""
+    parts = name.split("/")
+    reach = [True] + [False] * len(parts)
+    for segment in _segments(pattern):
+        if segment == "**":
+            for j in range(1, len(parts) + 1):
+                reach[j] = reach[j] or reach[j - 1]
+        else:
+            reach = [False] + [reach[j - 1] and _glob(segment, parts[j - 1]) for j in range(1, len(parts) + 1)]
+    return reach[-1]
 
 
 def matches(pattern: str, name: str) -> bool:
     """Whether tensor ``name`` is matched by ``pattern`` (checked with :func:`check_syntax` first)."""
     check_syntax(pattern)
-    return _compiled(pattern).fullmatch(name + "/") is not None
+    return _match(pattern, name)
 
 
 def split(names: Iterable[str], patterns: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(shared, personal)``: ``names`` in their order, split by whether any of ``patterns`` matches them."""
     for pattern in patterns:
         check_syntax(pattern)
-    compiled = [_compiled(p) for p in patterns]
     shared, personal = [], []
     for name in names:
-        (personal if any(c.fullmatch(name + "/") for c in compiled) else shared).append(name)
+        (personal if any(_match(p, name) for p in patterns) else shared).append(name)
     return tuple(shared), tuple(personal)
 
 
@@ -90,12 +113,14 @@ def check_patterns(patterns: Sequence[str], model: Sequence[tuple[str, bool]]) -
     if len(patterns) > MAX_PATTERNS:
         raise PatternError(f"personal lists {len(patterns)} patterns; at most {MAX_PATTERNS} are allowed: merge them "
                            "with '*' and '**'")
-    if len(set(patterns)) != len(patterns):
-        raise PatternError(f"personal lists a pattern twice: {list(patterns)}")
-    names = [name for name, _ in model]
     for pattern in patterns:
         check_syntax(pattern)
-        if not any(_compiled(pattern).fullmatch(name + "/") for name in names):
+    twice = sorted({p for p in patterns if patterns.count(p) > 1})
+    if twice:
+        raise PatternError(f"personal lists {', '.join(map(repr, twice))} twice: drop the copies")
+    names = [name for name, _ in model]
+    for pattern in patterns:
+        if not any(_match(pattern, name) for name in names):
             example = next((n for n in names if n.startswith("params/")), names[0] if names else "-")
             raise PatternError(f"personal pattern {pattern!r} matches no tensor of the model (its tensors are named "
                                f"like {example!r}): fix the path, or drop the pattern")

@@ -45,6 +45,8 @@ CREATE TABLE IF NOT EXISTS events (
     note TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_by_experiment ON events (experiment, id);
+-- each envoy's latest event of a stage (latest_envoy_metrics: the status under personal layers)
+CREATE INDEX IF NOT EXISTS events_by_stage ON events (experiment, stage, envoy, round);
 -- one event per (round, envoy, stage): a report retried after a lost reply is not counted twice
 CREATE UNIQUE INDEX IF NOT EXISTS events_once ON events (experiment, round, envoy, stage);
 -- the audit trail (fedjax_core/director/audit.py): append-only, which the triggers below enforce

@@ -105,8 +105,10 @@ def _check_quantisation(spec: ExperimentSpec, per_round: int) -> None:
     """Under secure aggregation an envoy's clipped change is quantised: its norm can grow by up to a step per entry,
     step * sqrt(entries) in all, which the noise's sensitivity (clipping_norm) must dwarf."""
     from fedjax_core.aggregation import is_param
+    from fedjax_core.personal import personal_names
 
-    entries = sum(math.prod(t.shape) for t in spec.model_spec if is_param(t)) + 1
+    personal = set(personal_names([t.name for t in spec.model_spec], spec.personal))  # never summed
+    entries = sum(math.prod(t.shape) for t in spec.model_spec if is_param(t) and t.name not in personal) + 1
     step = 2 * spec.secure.clip_range / (((1 << spec.secure.bits) - 1) // max(per_round, 1))
     if step * math.sqrt(entries) > 0.01 * spec.privacy.clipping_norm:
         raise SpecError(f"SecureAggregation(bits={spec.secure.bits}, clip_range={spec.secure.clip_range:g}) quantises "
