@@ -244,8 +244,8 @@ def test_bad_notebook_calls_get_clear_errors(federation):
     with pytest.raises(ValueError, match="higher_is_better needs best_metric"):
         exp.start(model_provider=model, task_keeper=make_tasks(), data_loader=SubsetDataset(), rounds_to_train=1,
                   higher_is_better=False)
-    with pytest.raises(ValueError, match="rounds_to_train"):
-        exp.start(model_provider=model, task_keeper=make_tasks(), data_loader=SubsetDataset(), rounds_to_train=0)
+    with pytest.raises(ValueError, match=r"rounds_to_train must be an integer from 0 .*0: validate the given model"):
+        exp.start(model_provider=model, task_keeper=make_tasks(), data_loader=SubsetDataset(), rounds_to_train=-1)
     with pytest.raises(NotFoundError, match="no experiment named 'never'"):
         exp.get_experiment_status()
 
