@@ -40,3 +40,7 @@ def test_a_built_wheel_installs_into_a_fresh_venv_and_runs_fedjax(tmp_path):
     assert all(Path(p).is_relative_to(venv) for p in where), where  # the wheel's copy, not the repository's
     run([venv / "bin" / "fedjax", "pki", "init", "--dir", tmp_path / "pki"], cwd=tmp_path)
     assert (tmp_path / "pki" / "root_ca.crt").is_file()
+    # the dashboard's page ships inside the package (package data), so `fedjax dashboard` works from the wheel
+    static = run([venv / "bin" / "python", "-c", "from fedjax_core.dashboard.app import STATIC; "
+                  "print(sorted(p.name for p in STATIC.iterdir()))"], cwd=tmp_path).stdout
+    assert all(name in static for name in ("index.html", "dashboard.js", "dashboard.css")), static
