@@ -130,3 +130,32 @@ def test_a_director_asking_for_a_personal_tensor_gets_no_upload():
     with pytest.raises(RuntimeError, match="personal tensors \\['params/head/w'\\].*does not upload"):
         runner(link).run_round(task(0, upload=(*SHARED, "params/head/w")))
     assert link.uploads == []
+
+
+def momentum_tasks() -> TaskInterface:
+    ti = TaskInterface()
+
+    @ti.register_fl_task(model="state", data_loader="x", device="device", optimizer="optimizer")
+    def train(state, x, device, optimizer):  # a gradient of one on the head, none on the body
+        grads = {"body": {"w": jnp.zeros(2)}, "head": {"w": jnp.ones(2)}}
+        return state.apply_gradients(grads=grads), {"loss": 0.0}
+
+    @ti.register_fl_task(model="state", data_loader="x", device="device")
+    def validate(state, x, device):
+        return {"head": float(state.params["head"]["w"][0])}
+
+    return ti
+
+
+@pytest.mark.parametrize("opt_treatment, final_head", [("RESET", -2.0), ("CONTINUE_LOCAL", -2.5)])
+def test_continue_local_keeps_the_personal_layers_optimizer_state(opt_treatment, final_head):
+    """SGD with momentum 0.5, lr 1, a gradient of 1 each round: a fresh optimizer steps -1 twice (RESET); the kept
+    one steps -1 then -(1 + 0.5) (CONTINUE_LOCAL), so the envoy's momentum for its own head survives the rounds."""
+    link = Link()
+    state = canonicalize(BNState.create(apply_fn=None, params={"body": {"w": jnp.zeros(2)}, "head": {"w": jnp.zeros(2)}},
+                                        tx=optax.sgd(1.0, momentum=0.5), batch_stats={"mean": jnp.zeros(2)}))
+    run = RoundRunner(link, link, "exp", state, None, momentum_tasks(), Data(1.0), "cpu", log=lambda text: None)
+    for round_ in range(2):
+        run.run_round(task(round_, opt_treatment=opt_treatment))
+    run.run_round(task(2, kind=r.TaskKind.VALIDATE, opt_treatment=opt_treatment))
+    assert [validated(link, k)["head"] for k in range(3)] == [0.0, -1.0, final_head]
