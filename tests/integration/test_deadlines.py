@@ -33,6 +33,7 @@ def start(stack, name, min_envoys, round_timeout_s=DEADLINE_S):
     return exp
 
 
+@pytest.mark.slow  # two 30 s deadlines (a minute); make test keeps the real-process deadline failure and the cancel
 def test_rounds_close_at_the_deadline_with_the_envoys_that_reported(slow_stack):
     exp = start(slow_stack, "partial", min_envoys=1)
     rows = exp.stream_metrics(tensorboard_logs=False, progress=False, live_table=False)

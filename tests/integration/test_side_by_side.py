@@ -12,6 +12,7 @@ import signal
 
 import jax
 import numpy as np
+import pytest
 
 from fedjax_core import FLExperiment, ModelInterface
 from fedjax_core import records as r
@@ -66,6 +67,7 @@ def federation(stack: Stack):
         stack.stop()
 
 
+@pytest.mark.slow  # about a minute; make test keeps the scheduler's side-by-side rules (tests/director) and restarts
 def test_disjoint_and_shared_envoys_run_side_by_side_and_a_restart_resumes_them(tmp_path):
     stack = Stack(tmp_path, n_envoys=4, envoy_params={"max_experiments": 2})
     with federation(stack) as fed:
