@@ -220,9 +220,38 @@ def experiments_show(client, args, out: TextIO) -> int:
     return OK
 
 
-def experiments_logs(client, args, out: TextIO) -> int:
+RECONNECT_S = 120.0  # how long `logs --follow` rides out a director that restarts
+
+
+def _followed(client, name: str, follow: bool, err: TextIO, sleep: Callable[[float], None] = time.sleep):
+    """``name``'s events; with ``follow``, reconnecting (and skipping what was seen: the director replays from the
+    start) while the director is unreachable for up to RECONNECT_S, as the notebook does."""
+    from fedjax_core.api.client import DirectorUnreachable
+    from fedjax_core.transport import Backoff
+
+    seen, backoff, down_since = 0, Backoff(), None
+    while True:
+        try:
+            for index, event in enumerate(client.events(name, follow=follow)):
+                down_since = None
+                if index >= seen:
+                    seen += 1
+                    yield event
+            return
+        except DirectorUnreachable as exc:
+            if not (follow and exc.retryable):
+                raise
+            now = time.monotonic()
+            down_since = down_since or now
+            if now - down_since > RECONNECT_S:
+                raise
+            err.write(f"the director is unreachable ({exc}); reconnecting\n")
+            sleep(backoff.next_delay())
+
+
+def experiments_logs(client, args, out: TextIO, err: TextIO = sys.stderr) -> int:
     state = ""
-    for event in client.events(args.name, follow=args.follow):
+    for event in _followed(client, args.name, args.follow, err):
         if event.experiment_done:
             state = event.state
             if not args.json:
@@ -332,7 +361,8 @@ def run(args, out: TextIO = sys.stdout, err: TextIO = sys.stderr, client_factory
     client = None
     try:
         client = connect(args, client_factory)
-        return handler(client, args, out)
+        extra = {"err": err} if handler is experiments_logs else {}  # where reconnection notes go
+        return handler(client, args, out, **extra)
     except CommandError as exc:
         code, message = exc.code, str(exc)
     except NotFoundError as exc:

@@ -118,6 +118,34 @@ def test_pull_writes_the_model_as_named_arrays(finished, tmp_path):
     assert code == commands.BAD_ARGUMENTS and ".npz" in err
 
 
+def test_logs_follow_rides_out_a_director_restart_without_repeating_events():
+    from fedjax_core import records as r
+    from fedjax_core.api.client import DirectorUnreachable
+
+    events = [r.MetricEvent(round=k, envoy="", stage=r.Stage.AGGREGATED, metrics=(r.Metric("v", "acc", k / 10),))
+              for k in range(3)]
+    done = r.MetricEvent(round=3, envoy="", stage="", experiment_done=True, state="finished")
+
+    class Restarting:  # the director goes away after two events, then replays everything from the start
+        calls = 0
+
+        def events(self, name, follow=True):
+            self.calls += 1
+            if self.calls == 1:
+                yield from events[:2]
+                raise DirectorUnreachable("cannot reach the director (UNAVAILABLE)", retryable=True)
+            yield from [*events, done]
+
+    out, err = io.StringIO(), io.StringIO()
+    args = cli.build_parser().parse_args(["experiments", "logs", "x", "--follow", "--json"])
+    got = list(commands._followed(Restarting(), "x", True, err, sleep=lambda s: None))
+    assert got == [*events, done] and "reconnecting" in err.getvalue()
+    assert commands.experiments_logs(type("C", (Restarting,), {"calls": 1})(), args, out, err) == 0
+    assert [json.loads(line)["round"] for line in out.getvalue().splitlines()] == [0, 1, 2]
+    with pytest.raises(DirectorUnreachable):  # without --follow a broken stream is an error at once
+        list(commands._followed(Restarting(), "x", False, err, sleep=lambda s: None))
+
+
 def test_npz_keeps_any_tensor_name_and_widens_what_numpy_cannot_read(tmp_path):
     import ml_dtypes
 
