@@ -224,29 +224,13 @@ RECONNECT_S = 120.0  # how long `logs --follow` rides out a director that restar
 
 
 def _followed(client, name: str, follow: bool, err: TextIO, sleep: Callable[[float], None] = time.sleep):
-    """``name``'s events; with ``follow``, reconnecting (and skipping what was seen: the director replays from the
-    start) while the director is unreachable for up to RECONNECT_S, as the notebook does."""
-    from fedjax_core.api.client import DirectorUnreachable
-    from fedjax_core.transport import Backoff
+    """``name``'s events; with ``follow``, to the end, riding out a director restart as the notebook does."""
+    from fedjax_core.api.client import followed_events
 
-    seen, backoff, down_since = 0, Backoff(), None
-    while True:
-        try:
-            for index, event in enumerate(client.events(name, follow=follow)):
-                down_since = None
-                if index >= seen:
-                    seen += 1
-                    yield event
-            return
-        except DirectorUnreachable as exc:
-            if not (follow and exc.retryable):
-                raise
-            now = time.monotonic()
-            down_since = down_since or now
-            if now - down_since > RECONNECT_S:
-                raise
-            err.write(f"the director is unreachable ({exc}); reconnecting\n")
-            sleep(backoff.next_delay())
+    if not follow:
+        return client.events(name, follow=False)
+    return followed_events(client, name, reconnect_s=RECONNECT_S, sleep=sleep,
+                           on_retry=lambda exc: err.write(f"the director is unreachable ({exc}); reconnecting\n"))
 
 
 def experiments_logs(client, args, out: TextIO, err: TextIO = sys.stderr) -> int:

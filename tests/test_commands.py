@@ -129,7 +129,7 @@ def test_logs_follow_rides_out_a_director_restart_without_repeating_events():
     class Restarting:  # the director goes away after two events, then replays everything from the start
         calls = 0
 
-        def events(self, name, follow=True):
+        def events(self, name, timeout_s=None, follow=True):
             self.calls += 1
             if self.calls == 1:
                 yield from events[:2]

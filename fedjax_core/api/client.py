@@ -4,7 +4,9 @@
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 import numpy as np
@@ -14,7 +16,7 @@ from fedjax_core import serde
 from fedjax_core.director import paging
 from fedjax_core.spec import ExperimentSpec
 from fedjax_core.tensors import assemble, iter_chunks
-from fedjax_core.transport import TLSFiles, is_retryable, open_channel, raise_domain_error
+from fedjax_core.transport import Backoff, TLSFiles, is_retryable, open_channel, raise_domain_error
 from fedjax_proto import federation_service_pb2 as fed_pb
 from fedjax_proto import federation_service_pb2_grpc as fed_grpc
 
@@ -48,6 +50,33 @@ def diagnose_connection(details: str, tls: bool) -> str:
                 "issued the director's certificate.")
     return ("Is it running? Check director_node_fqdn, director_port and that tls= matches how the director was "
             "started.")
+
+
+def followed_events(client, name: str, timeout_s: float = math.inf, reconnect_s: float = 120.0,
+                    on_retry: Callable[[DirectorUnreachable], None] = lambda exc: None,
+                    sleep: Callable[[float], None] = time.sleep) -> Iterator[r.MetricEvent]:
+    """Experiment ``name``'s events in order to its 'done' event, riding out a director restart of up to
+    ``reconnect_s`` (``on_retry`` hears of each reconnection). The director replays every event from the start
+    on each call, so after a reconnect the ones already seen are skipped. TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    seen, backoff, down_since = 0, Backoff(), None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"experiment {name!r} did not finish within {timeout_s}s")
+        try:
+            for index, event in enumerate(client.events(name, timeout_s=None if math.isinf(remaining) else remaining)):
+                down_since = None
+                if index >= seen:
+                    seen += 1
+                    yield event
+            return
+        except DirectorUnreachable as exc:
+            down_since = down_since or time.monotonic()
+            if not exc.retryable or time.monotonic() - down_since > reconnect_s:
+                raise
+            on_retry(exc)
+            sleep(backoff.next_delay())
 
 
 class FederationClient:

@@ -10,7 +10,6 @@ import random
 import site
 import sys
 import sysconfig
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -21,7 +20,7 @@ import cloudpickle
 from fedjax_core import bundle as bundle_io
 from fedjax_core import code_sources
 from fedjax_core import records as r
-from fedjax_core.api.client import DirectorUnreachable
+from fedjax_core.api.client import followed_events
 from fedjax_core.api.federation import Federation
 from fedjax_core.records import default_higher_is_better
 from fedjax_core.runtime.interfaces import DataInterface, ModelInterface, TaskError, TaskInterface
@@ -34,7 +33,6 @@ from fedjax_core.strategies import Strategy, as_strategy
 from fedjax_core.sync import Sync
 from fedjax_core.sync import to_spec as sync_to_spec
 from fedjax_core.tensors import spec_of
-from fedjax_core.transport import Backoff
 
 DEVICE_POLICIES = ("CPU_ONLY", "CUDA_PREFERRED")
 
@@ -298,30 +296,8 @@ class FLExperiment:
         return view.rows
 
     def _events(self, timeout_s: float = math.inf, reconnect_s: float = 120.0) -> Iterator[r.MetricEvent]:
-        """The experiment's events in order, riding out a director restart of up to ``reconnect_s``.
-
-        The director replays every event from the start on each call, so after a reconnect the
-        ones already seen are skipped.
-        """
-        deadline = time.monotonic() + timeout_s
-        seen, backoff, down_since = 0, Backoff(), None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"experiment {self.experiment_name!r} did not finish within {timeout_s}s")
-            try:
-                for index, event in enumerate(self.federation.client.events(
-                        self.experiment_name, timeout_s=None if math.isinf(remaining) else remaining)):
-                    down_since = None
-                    if index >= seen:
-                        seen += 1
-                        yield event
-                return
-            except DirectorUnreachable as exc:
-                down_since = down_since or time.monotonic()
-                if not exc.retryable or time.monotonic() - down_since > reconnect_s:
-                    raise
-                time.sleep(backoff.next_delay())
+        """The experiment's events in order, riding out a director restart of up to ``reconnect_s``."""
+        return followed_events(self.federation.client, self.experiment_name, timeout_s, reconnect_s)
 
     def cancel(self) -> r.ExperimentStatus:
         """Stop this experiment, queued or running; its envoys' workers end and free their devices."""
