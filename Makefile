@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 IMAGE ?= fedjax-core:0.1.0
 PROTOS := $(wildcard protos/fedjax_proto/*.proto)
 
-.PHONY: install demo test test-slow bench bench-peers bench-scale bench-simulation bench-privacy bench-strategies bench-research bench-tensors fuzz proto lint clean
+.PHONY: install demo test test-slow bench bench-peers bench-scale bench-scale-1000 bench-simulation bench-privacy bench-strategies bench-research bench-tensors fuzz proto lint clean
 
 install: $(STAMP)
 
@@ -34,7 +34,10 @@ bench-peers: install  # this project and Flower side by side (Flower in its own 
 	$(PY) -u benchmarks/peers.py
 
 bench-scale: install  # 256 simulated envoys on one director: rounds, heartbeats, director CPU and memory per envoy
-	$(PY) -u benchmarks/scale.py
+	$(PY) -u benchmarks/scale.py $(SCALE_ARGS)
+
+bench-scale-1000: install  # the same with 1,000 envoys (make bench-scale SCALE_ARGS="--envoys N ..." for others)
+	$(PY) -u benchmarks/scale.py --envoys 1000 --out bench-results/scale-1000.json $(SCALE_ARGS)
 
 bench-simulation: install  # 1,000 simulated envoys: this project (sequential, vectorised), Flower's engine, the floor
 	$(PY) -u benchmarks/simulation.py

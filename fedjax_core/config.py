@@ -6,6 +6,7 @@ YAML key, what was given and what is expected.
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -117,6 +118,17 @@ class DirectorSettings(_Model):
     # Where each experiment's metrics go besides the database: a list of {type: tensorboard},
     # {type: mlflow, ...}, {type: wandb, ...}; [] writes none (not even TensorBoard).
     metric_sinks: list[SinkConfig] = [TensorBoardSinkConfig(type="tensorboard")]
+    # The gRPC server's event loop: uvloop (installed with fedjax-core on Linux and macOS; a fifth less of the
+    # director's CPU per envoy and round, benchmarks/README.md) or Python's own asyncio loop; auto: uvloop when
+    # it is installed.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+
+    @model_validator(mode="after")
+    def _event_loop_installed(self) -> "DirectorSettings":
+        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ValueError("event_loop: uvloop is not installed here: `pip install uvloop`, or set event_loop to "
+                             "auto or asyncio")
+        return self
 
 
 class DirectorConfig(_Model):

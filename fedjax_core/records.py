@@ -98,6 +98,15 @@ class Metric:
 
 
 @dataclass(frozen=True)
+class StageReport:
+    """One stage's metrics from an envoy's round, as one ReportMetrics call (or an upload's header) carries them."""
+
+    stage: str
+    metrics: tuple[Metric, ...]
+    sample_count: int
+
+
+@dataclass(frozen=True)
 class ShardInfo:
     """What an envoy tells the director about its local shard (never the data)."""
 
@@ -237,3 +246,4 @@ class Task:
     noise_std: float = 0.0  # then add Gaussian noise of this standard deviation per coordinate (local DP)
     secagg: SecAggStep | None = None  # secure aggregation: TRAIN's setup, or the step of a SECAGG task
     personal: tuple[str, ...] = field(default_factory=tuple)  # the experiment's personal-layer patterns (personal.py)
+    reports_with_upload: bool = False  # send this round's metric reports inside the upload (one call, not four)

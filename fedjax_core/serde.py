@@ -174,6 +174,14 @@ def metrics_from_proto(msgs) -> tuple[r.Metric, ...]:
     return tuple(r.Metric(task=m.task, name=m.name, value=float(m.value)) for m in msgs)
 
 
+def stage_report_to_proto(rep: r.StageReport) -> env_pb.StageReport:
+    return env_pb.StageReport(stage=rep.stage, metrics=metrics_to_proto(rep.metrics), sample_count=rep.sample_count)
+
+
+def stage_report_from_proto(msg: env_pb.StageReport) -> r.StageReport:
+    return r.StageReport(msg.stage, metrics_from_proto(msg.metrics), int(msg.sample_count))
+
+
 def shard_info_to_proto(info: r.ShardInfo) -> env_pb.ShardInfo:
     return env_pb.ShardInfo(
         description=info.description, sample_shape=list(info.sample_shape),
@@ -340,6 +348,7 @@ def task_to_proto(t: r.Task) -> env_pb.WaitTaskResponse:
         from_global=t.from_global, check_in=t.check_in, compression=t.compression, send_deltas=t.send_deltas,
         clip_norm=t.clip_norm, noise_std=t.noise_std,
         secagg=secagg_step_to_proto(t.secagg) if t.secagg is not None else None, personal=list(t.personal),
+        reports_with_upload=t.reports_with_upload,
     )
 
 
@@ -350,7 +359,7 @@ def task_from_proto(msg: env_pb.WaitTaskResponse) -> r.Task:
         from_global=msg.from_global, check_in=msg.check_in, compression=msg.compression, send_deltas=msg.send_deltas,
         clip_norm=msg.clip_norm, noise_std=msg.noise_std,
         secagg=secagg_step_from_proto(msg.secagg) if msg.HasField("secagg") else None,
-        personal=tuple(msg.personal),
+        personal=tuple(msg.personal), reports_with_upload=msg.reports_with_upload,
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import queue
 import re
 import threading
@@ -83,6 +84,12 @@ def metric_key(event: r.MetricEvent, metric: r.Metric) -> str:
     return f"envoys/{_UNSAFE.sub('_', event.envoy)}/{tag}"
 
 
+def open_runs_limit() -> int:
+    """Event files a TensorBoard sink keeps open: a quarter of the open-files limit, within 128..4096."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 4096 if soft == resource.RLIM_INFINITY else max(128, min(4096, soft // 4))
+
+
 class TensorBoardSink:
     """TensorBoard runs under ``log_dir``: ``aggregated`` and one per envoy.
 
@@ -91,12 +98,14 @@ class TensorBoardSink:
     (512 threads in a director with 256 envoys), and its ``flush()`` does not wait for what is queued.
     A run is flushed (an fsync) at its first event, then at most every FLUSH_S, and at ``close()``: the
     director logs under a lock that every envoy's metric report takes. At most MAX_OPEN_RUNS event files
-    are open at once (a simulation of 10,000 envoys would otherwise hold 10,000): the run least recently
-    written is closed, and a new event file in its folder continues it when it gets events again
-    (TensorBoard reads a run's files in name order, and the names keep them in the order written)."""
+    are open at once (a simulation of 10,000 envoys would otherwise hold 10,000; by default a quarter of
+    the process's open-files limit, within 128..4096, so that a director's envoys each keep theirs open):
+    the run least recently written is closed, and a new event file in its folder continues it when it gets
+    events again (TensorBoard reads a run's files in name order, and the names keep them in the order
+    written)."""
 
     FLUSH_S = 2.0
-    MAX_OPEN_RUNS = 128
+    MAX_OPEN_RUNS: int | None = None  # None: open_runs_limit()
 
     def __init__(self, log_dir: str | Path):
         self.log_dir = Path(log_dir)
@@ -116,7 +125,7 @@ class TensorBoardSink:
             if run in self._writers:
                 self._writers.move_to_end(run)
                 return self._writers[run]
-            while len(self._writers) >= self.MAX_OPEN_RUNS:
+            while len(self._writers) >= (self.MAX_OPEN_RUNS or open_runs_limit()):
                 _, oldest = self._writers.popitem(last=False)
                 oldest.close()
             (self.log_dir / run).mkdir(parents=True, exist_ok=True)

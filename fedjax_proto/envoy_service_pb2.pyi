@@ -95,17 +95,19 @@ class BundleChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class WaitTaskRequest(_message.Message):
-    __slots__ = ("envoy_name", "experiment_name", "max_wait_s")
+    __slots__ = ("envoy_name", "experiment_name", "max_wait_s", "inline_model")
     ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    INLINE_MODEL_FIELD_NUMBER: _ClassVar[int]
     envoy_name: str
     experiment_name: str
     max_wait_s: float
-    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., max_wait_s: _Optional[float] = ...) -> None: ...
+    inline_model: bool
+    def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., max_wait_s: _Optional[float] = ..., inline_model: _Optional[bool] = ...) -> None: ...
 
 class WaitTaskResponse(_message.Message):
-    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message", "task_kwargs", "from_global", "check_in", "compression", "send_deltas", "clip_norm", "noise_std", "secagg", "personal")
+    __slots__ = ("kind", "round", "opt_treatment", "upload_tensors", "message", "task_kwargs", "from_global", "check_in", "compression", "send_deltas", "clip_norm", "noise_std", "secagg", "personal", "model", "model_inline", "reports_with_upload")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NONE: _ClassVar[WaitTaskResponse.Kind]
@@ -134,6 +136,9 @@ class WaitTaskResponse(_message.Message):
     NOISE_STD_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     PERSONAL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_INLINE_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_WITH_UPLOAD_FIELD_NUMBER: _ClassVar[int]
     kind: WaitTaskResponse.Kind
     round: int
     opt_treatment: str
@@ -148,7 +153,10 @@ class WaitTaskResponse(_message.Message):
     noise_std: float
     secagg: SecAggStep
     personal: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., task_kwargs: _Optional[str] = ..., from_global: _Optional[bool] = ..., check_in: _Optional[bool] = ..., compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ..., secagg: _Optional[_Union[SecAggStep, _Mapping]] = ..., personal: _Optional[_Iterable[str]] = ...) -> None: ...
+    model: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorChunk]
+    model_inline: bool
+    reports_with_upload: bool
+    def __init__(self, kind: _Optional[_Union[WaitTaskResponse.Kind, str]] = ..., round: _Optional[int] = ..., opt_treatment: _Optional[str] = ..., upload_tensors: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ..., task_kwargs: _Optional[str] = ..., from_global: _Optional[bool] = ..., check_in: _Optional[bool] = ..., compression: _Optional[str] = ..., send_deltas: _Optional[bool] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ..., secagg: _Optional[_Union[SecAggStep, _Mapping]] = ..., personal: _Optional[_Iterable[str]] = ..., model: _Optional[_Iterable[_Union[_tensors_pb2.TensorChunk, _Mapping]]] = ..., model_inline: _Optional[bool] = ..., reports_with_upload: _Optional[bool] = ...) -> None: ...
 
 class SecAggKeys(_message.Message):
     __slots__ = ("cipher_pk", "mask_pk")
@@ -263,23 +271,35 @@ class ReportMetricsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class StageReport(_message.Message):
+    __slots__ = ("stage", "metrics", "sample_count")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    metrics: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.Metric]
+    sample_count: int
+    def __init__(self, stage: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_tensors_pb2.Metric, _Mapping]]] = ..., sample_count: _Optional[int] = ...) -> None: ...
+
 class UploadUpdateRequest(_message.Message):
     __slots__ = ("header", "chunk")
     class Header(_message.Message):
-        __slots__ = ("envoy_name", "experiment_name", "round", "train_sample_count", "clip_norm", "noise_std")
+        __slots__ = ("envoy_name", "experiment_name", "round", "train_sample_count", "clip_norm", "noise_std", "reports")
         ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
         EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
         ROUND_FIELD_NUMBER: _ClassVar[int]
         TRAIN_SAMPLE_COUNT_FIELD_NUMBER: _ClassVar[int]
         CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
         NOISE_STD_FIELD_NUMBER: _ClassVar[int]
+        REPORTS_FIELD_NUMBER: _ClassVar[int]
         envoy_name: str
         experiment_name: str
         round: int
         train_sample_count: int
         clip_norm: float
         noise_std: float
-        def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., round: _Optional[int] = ..., train_sample_count: _Optional[int] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ...) -> None: ...
+        reports: _containers.RepeatedCompositeFieldContainer[StageReport]
+        def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., round: _Optional[int] = ..., train_sample_count: _Optional[int] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ..., reports: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ...) -> None: ...
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: UploadUpdateRequest.Header

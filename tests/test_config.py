@@ -82,6 +82,21 @@ def test_unknown_key_names_the_dotted_key_and_allowed_keys(tmp_path):
         assert allowed in line, allowed
 
 
+def test_event_loop_is_auto_uvloop_or_asyncio_and_uvloop_must_be_installed(tmp_path, monkeypatch):
+    d = load_config(_write(tmp_path, DIRECTOR_YAML), DirectorConfig)
+    assert d.settings.event_loop == "auto"
+    msg = _error(tmp_path, DIRECTOR_YAML.replace("settings:\n", "settings:\n  event_loop: trio\n", 1), DirectorConfig)
+    assert "settings.event_loop" in msg and "uvloop" in msg and "asyncio" in msg
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    msg = _error(tmp_path, DIRECTOR_YAML.replace("settings:\n", "settings:\n  event_loop: uvloop\n", 1), DirectorConfig)
+    assert "uvloop is not installed" in msg and "pip install uvloop" in msg
+    assert load_config(_write(tmp_path, DIRECTOR_YAML.replace("settings:\n", "settings:\n  event_loop: asyncio\n", 1)),
+                       DirectorConfig).settings.event_loop == "asyncio"
+
+
 def test_unknown_top_level_key(tmp_path):
     msg = _error(tmp_path, DIRECTOR_YAML + "setings: {}\n", DirectorConfig)
     assert "setings" in msg and "unknown key" in msg

@@ -97,6 +97,7 @@ PAIRS = {
     r.SecAggStep: (serde.secagg_step_to_proto, serde.secagg_step_from_proto),
     r.EnvoyValidation: (serde.envoy_validation_to_proto, serde.envoy_validation_from_proto),
     r.AuditEntry: (serde.audit_entry_to_proto, serde.audit_entry_from_proto),
+    r.StageReport: (serde.stage_report_to_proto, serde.stage_report_from_proto),
 }
 
 

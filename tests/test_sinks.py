@@ -15,7 +15,7 @@ from fedjax_core import records as r
 from fedjax_core.config import ConfigError, DirectorConfig, load_config
 from fedjax_core.metrics_log import Loggers
 from fedjax_core.sinks import GuardedSink, MetricSink, MLflowSink, TensorBoardSink, WandbSink, \
-    factories_from_config, metric_key
+    factories_from_config, metric_key, open_runs_limit
 
 M = r.Metric
 
@@ -81,6 +81,29 @@ def test_tensorboard_sink_keeps_few_files_open_and_continues_a_closed_run_in_ord
         assert len(list((tmp_path / "exp" / envoy).iterdir())) == 3  # one file per round: evicted in between
         assert tensorboard_scalars(tmp_path / "exp" / envoy) == {
             "train/loss": [(round_, 10.0 * i + round_) for round_ in range(3)]}
+
+
+def test_tensorboard_sink_keeps_every_envoys_file_open_under_the_default_limit(tmp_path):
+    """300 envoys reporting three stages a round for two rounds: one event file each (the old fixed limit of 128
+    closed and reopened a file at nearly every report, a new file and an fsync each time)."""
+    assert open_runs_limit() >= 301 or pytest.skip("this process may open too few files")
+    sink = TensorBoardSink(tmp_path / "exp")
+    envoys = [f"env{i:03d}" for i in range(300)]
+    for round_ in range(2):
+        for envoy in envoys:
+            for stage in r.STAGES:
+                sink.log(r.MetricEvent(round_, envoy, stage, (M("t", "m", 1.0 * round_),), timestamp=1000.0 + round_))
+    sink.close()
+    assert [len(list((tmp_path / "exp" / envoy).iterdir())) for envoy in envoys] == [1] * len(envoys)
+    assert tensorboard_scalars(tmp_path / "exp" / "env299")["train/m"] == [(0, 0.0), (1, 1.0)]
+
+
+@pytest.mark.parametrize("soft, limit", [(1024, 256), (20000, 4096), (256, 128)])
+def test_open_runs_follow_the_open_files_limit(monkeypatch, soft, limit):
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, 1 << 20))
+    assert open_runs_limit() == limit
 
 
 def test_tensorboard_sink_keeps_notes_participants_and_wall_times(tmp_path):

@@ -34,10 +34,11 @@ def status_of(store: Store, row: ExperimentRow) -> r.ExperimentStatus:
 class Catalog:
     def __init__(self, store: Store, files: ExperimentFiles, registry: EnvoyRegistry, admins: frozenset[str],
                  running_for: Callable[[str], Iterable[str]], lock: threading.Condition,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], is_running: Callable[[str], bool] = lambda name: False):
         self.store, self.files, self.registry = store, files, registry
         self.admins = admins  # certificate names that may see, cancel or download any experiment
         self._running_for = running_for  # envoy -> the experiments it works for now
+        self._is_running = is_running  # experiment -> whether it runs now (it has not ended)
         self._lock = lock  # the director's: a round closing removes old model files under it
         self._clock = clock
 
@@ -89,7 +90,7 @@ class Catalog:
         """``name``'s events with an id above ``after_id``, as ``(id, event)``; with none left and the
         experiment ended, the final 'done' event as the second item."""
         rows = [(id_, event) for id_, event, _ in self.store.events(name, after_id=after_id)]
-        if rows:
+        if rows or self._is_running(name):  # a running experiment has not ended: no need to read its status
             return rows, None
         status = self.experiment_status(name)
         if status.state in r.TERMINAL_STATES and not self.store.events(name, after_id=after_id):

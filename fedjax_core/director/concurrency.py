@@ -44,6 +44,8 @@ EVERYTHING = object()  # the key of waiters that look again on any change (metri
 _END = object()
 PROGRESS_BYTES = 1024  # what a transfer must move per idle_s to count as moving
 SEND_BATCH = 32  # messages of a sent stream made per trip to the transfer pool
+READ_AHEAD_BYTES = 256 << 10  # what a received call's first messages may hold before its consumer starts
+READ_AHEAD_MESSAGES = 2  # and how many reads after the first (the second may be the call's end)
 ENVOYS, NOTEBOOKS = "envoys", "notebooks"  # the two budgets of waiting calls
 
 
@@ -160,14 +162,26 @@ class Flow:
         slots = self._submissions if submission else self._uploads
         await slots.acquire()
         incoming.restart()  # waiting for a slot is not the sender's stall: its idle time starts now
+        try:  # a small call (a header, a chunk, its end) is read whole here, sparing its consumer trips to the loop
+            ahead = [first]
+            while (len(ahead) <= READ_AHEAD_MESSAGES and ahead[-1] is not _END and not isinstance(ahead[-1], Exception)
+                   and incoming.total < READ_AHEAD_BYTES):
+                ahead.append(await incoming.next())
+        except BaseException:
+            slots.release()
+            raise
 
         def requests() -> Iterator:
-            message = first
-            while message is not _END:
+            for message in ahead:
+                if message is _END:
+                    return
                 if isinstance(message, Exception):
                     raise message
                 yield message
-                message = asyncio.run_coroutine_threadsafe(incoming.next(), self.loop).result()
+            while (message := asyncio.run_coroutine_threadsafe(incoming.next(), self.loop).result()) is not _END:
+                if isinstance(message, Exception):
+                    raise message
+                yield message
 
         done = self.transfer_pool.submit(consume, requests())
         done.add_done_callback(lambda _: self.loop.call_soon_threadsafe(slots.release))
@@ -199,6 +213,7 @@ class _Incoming:
     def __init__(self, context: grpc.aio.ServicerContext, loop: asyncio.AbstractEventLoop, idle_s: float):
         self.context, self.loop, self.idle_s = context, loop, idle_s
         self.progress_at, self.moved, self.messages = loop.time(), 0, 0  # bytes and messages since progress_at
+        self.total = 0  # bytes of every message read
         self.stalled = ""  # what the caller did instead of moving, once it stalled
 
     def restart(self) -> None:
@@ -219,7 +234,9 @@ class _Incoming:
             return message.error
         if message is grpc.aio.EOF:
             return _END
-        self.moved += message.ByteSize()
+        size = message.ByteSize()
+        self.moved += size
+        self.total += size
         self.messages += 1
         if self.moved >= PROGRESS_BYTES:
             self.restart()

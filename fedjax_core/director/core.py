@@ -73,7 +73,7 @@ class Director:
                                       clock, timer)
         self.lock = threading.Condition()
         self.catalog = Catalog(self.store, self.files, self.registry, frozenset(admins), self._working_on,
-                               self.lock, clock)
+                               self.lock, clock, is_running=lambda name: name in self._runs)
         self.workers = WorkerCalls(self)
         self._listeners: list[Callable[[str | None], None]] = []
         self._runs: dict[str, Run] = {}  # running experiments by name

@@ -93,9 +93,18 @@ class DeadlineWatch:
             self._fail(run, exc)
 
     def _wait_due(self) -> tuple[Run, str | None] | None:
-        """Under the lock: wait until a round's deadline passes or a pending participant falls silent."""
+        """Under the lock: wait until a round's deadline passes or a pending participant falls silent.
+
+        Within one phase of the same rounds, a change can only put deadlines off (a heartbeat, a participant
+        done), never bring one closer (but for what _rounds_signature holds): the earliest is recomputed, over every pending participant, only when
+        the rounds move or when it comes due, not at each of the many changes of a round with many envoys."""
+        due, seen = None, None
         while not self._closed():
-            due = next_due(self._runs(), lambda envoy: self._silent_until(envoy, self.envoy_timeout_s))
+            runs = list(self._runs())
+            now_seen = _rounds_signature(runs)
+            if now_seen != seen or (due is not None and due[0] <= self._timer()):
+                due = next_due(runs, lambda envoy: self._silent_until(envoy, self.envoy_timeout_s))
+                seen = now_seen
             if due is None:
                 self._cond.wait()
                 continue
@@ -106,3 +115,10 @@ class DeadlineWatch:
                 continue
             return run, envoy
         return None
+
+
+def _rounds_signature(runs: list[Run]) -> tuple:
+    """What, when it changes, can bring a deadline closer: the runs, their rounds, phases, members and deadline
+    starts, and dynamic averaging's trigger (which has envoys that checked in owe an upload again)."""
+    return tuple((id(run), run.round, run.state.phase, id(run.state.members), run.state.triggered, run.started_at,
+                  run.secure.deadline_rearmed_at if run.secure is not None else None) for run in runs)

@@ -6,6 +6,7 @@ the limit.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from fedjax_core import records as r
 from fedjax_core.errors import InvalidRequestError
@@ -53,6 +54,18 @@ def check_metrics(envoy: str, metrics: tuple[r.Metric, ...]) -> None:
             raise InvalidRequestError(
                 f"envoy {envoy!r} reported {m.task}/{m.name} = {m.value}: metrics must be finite numbers (a diverged "
                 "loss, or a task that divides by zero); the report is refused and the envoy drops out of the round")
+
+
+def check_reports(envoy: str, reports: Sequence[r.StageReport]) -> None:
+    """An envoy's metric reports for one round: known stages, each at most once, each within check_metrics."""
+    stages = [report.stage for report in reports]
+    for stage in stages:
+        if stage not in r.STAGES:
+            raise InvalidRequestError(f"unknown stage {stage[:40]!r}; expected one of {', '.join(r.STAGES)}")
+    if len(set(stages)) != len(stages):
+        raise InvalidRequestError(f"envoy {envoy!r} sent stages {stages} in one upload: each stage at most once")
+    for report in reports:
+        check_metrics(envoy, report.metrics)
 
 
 def clip_error(text: str) -> str:

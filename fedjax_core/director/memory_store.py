@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fedjax_core import records as r
@@ -187,6 +188,9 @@ class MemoryStore:
                 if event.envoy and event.stage == stage and event.round >= latest.get(event.envoy, event).round:
                     latest[event.envoy] = event
         return [r.EnvoyValidation(envoy, event.round, event.metrics) for envoy, event in sorted(latest.items())]
+
+    def add_events(self, experiment: str, events: Sequence[tuple[r.MetricEvent, float]]) -> list[bool]:
+        return [self.add_event(experiment, event, weight) for event, weight in events]
 
     def add_event(self, experiment: str, event: r.MetricEvent, weight: float = 0.0) -> bool:
         kept = r.MetricEvent(round=event.round, envoy=event.envoy, stage=event.stage, metrics=tuple(event.metrics),

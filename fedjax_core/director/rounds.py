@@ -119,11 +119,13 @@ class Run:
                 return r.Task(kind=r.TaskKind.SECAGG, round=state.round, secagg=step)
             secagg = self.secure.setup_step()
         clip_norm, noise_std = envoy_treatment(s.privacy)
+        check_in = state.averaging != rules.Averaging.ALWAYS
         return r.Task(kind=kind, round=state.round, opt_treatment=s.opt_treatment,
                       upload_tensors=tuple(sorted(self.upload)), task_kwargs=self.task_kwargs(),
-                      from_global=self.from_global, check_in=state.averaging != rules.Averaging.ALWAYS,
+                      from_global=self.from_global, check_in=check_in,
                       compression=s.communication.compression, send_deltas=s.communication.send_deltas,
-                      clip_norm=clip_norm, noise_std=noise_std, secagg=secagg, personal=s.personal)
+                      clip_norm=clip_norm, noise_std=noise_std, secagg=secagg, personal=s.personal,
+                      reports_with_upload=kind == r.TaskKind.TRAIN and not check_in and secagg is None)
 
 
 @dataclasses.dataclass(frozen=True)

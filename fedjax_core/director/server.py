@@ -25,6 +25,20 @@ from fedjax_proto import federation_service_pb2_grpc as fed_grpc
 log = logging.getLogger("fedjax.director")
 
 
+def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
+    """The server's event loop (settings.event_loop): uvloop's, which spends less of the director's CPU on each
+    call, when asked for or, with ``auto``, installed; else Python's own."""
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 class DirectorServer:
     """The director's gRPC server: ``grpc.aio`` on an event loop of its own thread, so long-polls wait without
     threads (:mod:`fedjax_core.director.concurrency`); ``start``/``stop`` are called from any other thread."""
@@ -32,9 +46,9 @@ class DirectorServer:
     def __init__(self, director: Director, host: str, port: int, tls: TLSFiles | None, max_workers: int = 32,
                  stream_idle_s: float = 120.0, submitters: frozenset[str] = frozenset({"api"}),
                  allowed_envoys: frozenset[str] | None = None, max_uploads: int = 4,
-                 max_waiting_calls: int = 4096):
+                 max_waiting_calls: int = 4096, event_loop: str = "auto"):
         self.director = director
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop(event_loop)
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="director-grpc")
         self._thread.start()
         try:
@@ -43,6 +57,10 @@ class DirectorServer:
         except BaseException:
             self._end_loop()
             raise
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
 
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -142,13 +160,14 @@ def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path)
     server, port = create_server(director, s.listen_host, s.listen_port, tls, max_workers=s.max_workers,
                                  stream_idle_s=s.stream_idle_s, submitters=frozenset(s.submitters),
                                  allowed_envoys=allowed_envoys, max_uploads=s.max_uploads,
-                                 max_waiting_calls=s.max_waiting_calls)
+                                 max_waiting_calls=s.max_waiting_calls, event_loop=s.event_loop)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    log.info("director listening on %s:%d (%s); state in %s; metric sinks: %s",
-             s.listen_host, port, "mTLS" if tls else "plaintext, TLS disabled", director.state_dir,
+    log.info("director listening on %s:%d (%s, %s event loop); state in %s; metric sinks: %s",
+             s.listen_host, port, "mTLS" if tls else "plaintext, TLS disabled", type(server.loop).__module__.split(".")[0],
+             director.state_dir,
              ", ".join(_describe_sink(m, log_dir) for m in s.metric_sinks) or "none (metrics stay in the database)")
     print(f"DIRECTOR READY {s.listen_host}:{port}", flush=True)
     stop.wait()

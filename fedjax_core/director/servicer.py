@@ -192,7 +192,10 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         async with self.flow.waiting(context):
             sent: set[str] = set()
             while not self.director.closed:
-                names = await self.flow.poll(envoy, lambda: self.director.workers.experiment_for(envoy, sent),
+                # its own key: an experiment starts (or the director closes) with a change for everyone, so the
+                # envoy's own changes (each report, upload, heartbeat) need not wake this stream
+                names = await self.flow.poll(("experiments", envoy),
+                                             lambda: self.director.workers.experiment_for(envoy, sent),
                                              lambda found: bool(found) or self.director.closed, MAX_LONG_POLL_S)
                 for name in names:
                     sent.add(name)
@@ -224,10 +227,16 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         if math.isnan(request.max_wait_s):  # min/max pass NaN through, and a NaN timeout never expires
             raise InvalidRequestError(f"max_wait_s is NaN; give the seconds to wait (0 to {MAX_LONG_POLL_S:g})")
         wait = min(max(request.max_wait_s, 0.0), MAX_LONG_POLL_S)
+        inline = request.inline_model
         async with self.flow.waiting(context):
-            task = await self.flow.poll(envoy, lambda: self.director.workers.current_task(envoy, experiment),
-                                        lambda t: t.kind != r.TaskKind.NONE or self.director.closed, wait)
-        return serde.task_to_proto(task)
+            task, model = await self.flow.poll(
+                envoy, lambda: self.director.workers.task_with_model(envoy, experiment, inline),
+                lambda found: found[0].kind != r.TaskKind.NONE or self.director.closed, wait)
+        response = serde.task_to_proto(task)
+        if model is not None:
+            response.model.extend(serde.chunk_protos(model))
+            response.model_inline = True
+        return response
 
     @maps_errors
     async def GetRoundModel(self, request, context):
@@ -260,13 +269,15 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
                     yield from serde.unpacked_chunks(msg.chunk)
 
             return self.director.workers.accept_update(h.envoy_name, h.experiment_name, h.round, h.train_sample_count,
-                                               chunks(), (h.clip_norm, h.noise_std))
+                                                       chunks(), (h.clip_norm, h.noise_std),
+                                                       [serde.stage_report_from_proto(m) for m in h.reports])
 
         def admit(first) -> None:  # who and whether, before the upload takes a slot
             if first.HasField("header"):
                 h = first.header
                 self._check_identity(caller, h.envoy_name)
-                self.director.workers.check_upload(h.envoy_name, h.experiment_name, h.round)
+                self.director.workers.check_upload(h.envoy_name, h.experiment_name, h.round,
+                                                   [serde.stage_report_from_proto(m) for m in h.reports])
 
         received = await self.flow.receive(context, "UploadUpdate", consume, admit=admit)
         return env_pb.UploadUpdateResponse(bytes_received=received)

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -118,6 +118,10 @@ class ExperimentRow:
         rate = accounting.sampling_rate(per_round, len(self.envoys))
         trained = min(self.current_round, accounting.rounds_within(self.spec, rate))
         return {"epsilon": accounting.experiment_epsilon(self.spec, trained, rate), "delta": privacy.delta}
+
+
+_INSERT_EVENT = ("INSERT OR IGNORE INTO events (experiment, round, envoy, stage, metrics, weight, ts, round_time_s, "
+                 "participants, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 class SqliteStore:
@@ -298,13 +302,16 @@ class SqliteStore:
     # metric events
     def add_event(self, experiment: str, event: r.MetricEvent, weight: float = 0.0) -> bool:
         """Record an event; False when the same (round, envoy, stage) was recorded before."""
-        metrics = json.dumps([[m.task, m.name, m.value] for m in event.metrics])
-        return self._write(
-            "INSERT OR IGNORE INTO events (experiment, round, envoy, stage, metrics, weight, ts, round_time_s, "
-            "participants, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (experiment, event.round, event.envoy, event.stage, metrics, weight, event.timestamp, event.round_time_s,
-             json.dumps(list(event.participants)), event.note),
-        ).rowcount > 0
+        return self.add_events(experiment, [(event, weight)])[0]
+
+    def add_events(self, experiment: str, events: Sequence[tuple[r.MetricEvent, float]]) -> list[bool]:
+        """Record ``(event, weight)`` pairs in one transaction (one disk sync for them all)."""
+        with self._lock, self._db:
+            return [self._db.execute(_INSERT_EVENT, (
+                experiment, event.round, event.envoy, event.stage,
+                json.dumps([[m.task, m.name, m.value] for m in event.metrics]), weight, event.timestamp,
+                event.round_time_s, json.dumps(list(event.participants)), event.note)).rowcount > 0
+                for event, weight in events]
 
     def events(self, experiment: str, after_id: int = 0, round_: int | None = None) -> list[tuple[int, r.MetricEvent, float]]:
         sql = ("SELECT id, round, envoy, stage, metrics, weight, ts, round_time_s, participants, note FROM events "

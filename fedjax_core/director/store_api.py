@@ -9,6 +9,7 @@ contract against both. Every method is safe to call from any thread.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -94,6 +95,9 @@ class Store(Protocol):
         """Record an event under a new, larger id; False (nothing recorded) when the same (round, envoy, stage)
         was recorded before. What is kept: round, envoy, stage, metrics, timestamp, round_time_s,
         participants and note."""
+
+    def add_events(self, experiment: str, events: Sequence[tuple[r.MetricEvent, float]]) -> list[bool]:
+        """``add_event`` for each ``(event, weight)``, at once: one transaction where the store has them."""
 
     def events(self, experiment: str, after_id: int = 0,
                round_: int | None = None) -> list[tuple[int, r.MetricEvent, float]]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Collection, Iterable, Iterator
+import threading
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from fedjax_core.secagg.protocol import MASKED_TENSOR
 from fedjax_core.privacy.local import check_applied
 from fedjax_core.errors import FedError, InvalidRequestError, PreconditionError, StorageError, is_disk_full
 from fedjax_core.model_file import ModelFile
+from fedjax_core.tensors import nbytes_of
 
 if TYPE_CHECKING:
     from fedjax_core.director.core import Director
@@ -30,9 +32,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedjax.director")
 
 
+# A round model up to this size rides inside each participant's task: a round opening for every envoy at once then
+# holds at most this much per waiting call (settings.max_waiting_calls) in answers not yet sent.
+INLINE_MODEL_BYTES = 16 << 10
+MAX_INLINE_MODELS = 64  # experiments whose inline round model is kept
+
+
 class WorkerCalls:
     def __init__(self, director: Director):
         self.director = director  # owns the lock and the runs, and carries out what the rounds decide
+        self._inline: dict[str, tuple[Path, list[r.TensorChunk] | None, int]] = {}  # experiment -> its round's
+        self._inline_lock = threading.Lock()
 
     def _running(self, envoy: str, experiment: str) -> Run:
         """Under the lock: ``experiment``'s run, refused unless it runs and ``envoy`` works for it."""
@@ -89,33 +99,88 @@ class WorkerCalls:
             if d.run(run.name) is run:
                 run.traffic.count(envoy, sent, upload=False)
 
-    def report_metrics(self, envoy: str, experiment: str, round_: int, stage: str,
-                       metrics: tuple[r.Metric, ...], sample_count: int) -> None:
+    def task_with_model(self, envoy: str, experiment: str, inline: bool) -> tuple[r.Task, list[r.TensorChunk] | None]:
+        """``current_task``, and with ``inline`` the round's model to carry with it (``inline_model``) when the
+        task starts from it; None: none to carry (the worker calls GetRoundModel if it needs it)."""
+        task = self.current_task(envoy, experiment)
+        if not (inline and task.from_global and task.kind in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE)):
+            return task, None
+        try:
+            return task, self.inline_model(envoy, experiment, task.round)
+        except PreconditionError:  # it ended meanwhile: the task goes as it is, and the worker learns of it next
+            return task, None
+
+    def inline_model(self, envoy: str, experiment: str, round_: int) -> list[r.TensorChunk] | None:
+        """The chunks of ``round_``'s model for a worker to take inside its task (WaitTaskResponse.model); None
+        when the model is larger than INLINE_MODEL_BYTES (the worker streams it with GetRoundModel). Read once
+        per round and kept: every participant takes the same chunks."""
         d = self.director
-        if stage not in r.STAGES:
-            raise InvalidRequestError(f"unknown stage {stage!r}; expected one of {', '.join(r.STAGES)}")
-        limits.check_metrics(envoy, metrics)
         with d.lock:
             run = self._running(envoy, experiment)
-            if round_ != run.round:
-                raise PreconditionError(f"round {round_} is not the current round ({run.round}) of {experiment!r}")
-            if envoy not in run.state.participants:
-                raise PreconditionError(f"envoy {envoy!r} was not selected for round {round_} of {experiment!r}")
-        weight = d.engine.report_weight(run, envoy, stage, sample_count)
-        event = r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage(stage), metrics=metrics,
-                              timestamp=d.clock())
-        if d.store.add_event(experiment, event, weight=weight):
-            d.loggers.log(experiment, event)
+            if round_ != run.round or not run.state.open:
+                return None  # the round moved on since the task was read: the worker asks again
+            path = transfers.download_path(d.files, run, d.files.model(experiment, round_))
+        with self._inline_lock:
+            cached = self._inline.get(experiment)
+        if cached is None or cached[0] != path:
+            model = ModelFile(path)
+            names = [n for n in model.names() if n in run.upload]
+            if sum(nbytes_of(model.spec(n)) for n in names) > INLINE_MODEL_BYTES:
+                chunks = None
+            else:
+                chunks = list(model.iter_chunks(names))
+            cached = (path, chunks, sum(len(c.data) for c in chunks or ()))
+            with self._inline_lock:
+                self._inline.pop(experiment, None)
+                self._inline[experiment] = cached
+                while len(self._inline) > MAX_INLINE_MODELS:
+                    self._inline.pop(next(iter(self._inline)))
+        _, chunks, size = cached
+        if chunks is not None:
+            with d.lock:
+                if d.run(run.name) is run:
+                    run.traffic.count(envoy, size, upload=False)
+        return chunks
+
+    def report_metrics(self, envoy: str, experiment: str, round_: int, stage: str,
+                       metrics: tuple[r.Metric, ...], sample_count: int) -> None:
+        report = r.StageReport(stage, metrics, sample_count)
+        limits.check_reports(envoy, [report])
+        with self.director.lock:
+            run = self._reporting_run(envoy, experiment, round_)
+        self._record(run, envoy, round_, [report])
+
+    def _reporting_run(self, envoy: str, experiment: str, round_: int) -> Run:
+        """Under the lock: the run ``envoy`` reports round ``round_``'s metrics to, refused unless it takes part."""
+        run = self._running(envoy, experiment)
+        if round_ != run.round:
+            raise PreconditionError(f"round {round_} is not the current round ({run.round}) of {experiment!r}")
+        if envoy not in run.state.participants:
+            raise PreconditionError(f"envoy {envoy!r} was not selected for round {round_} of {experiment!r}")
+        return run
+
+    def _record(self, run: Run, envoy: str, round_: int, reports: Sequence[r.StageReport]) -> None:
+        """Record checked ``reports`` of ``envoy`` in one write, log them, and tell the round of a validation."""
+        d = self.director
+        now = d.clock()
+        events = [(r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage(rep.stage), metrics=rep.metrics,
+                                 timestamp=now), d.engine.report_weight(run, envoy, rep.stage, rep.sample_count))
+                  for rep in reports]
+        for (event, _), added in zip(events, d.store.add_events(run.name, events)):
+            if added:
+                d.loggers.log(run.name, event)
         effects: tuple[Effect, ...] = ()
         with d.lock:
-            if stage == r.Stage.AGGREGATED and d.run(run.name) is run:
+            if any(rep.stage == r.Stage.AGGREGATED for rep in reports) and d.run(run.name) is run:
                 effects = d.act(run, Validated(envoy))
             d.changed(envoy)
         d.after(run, effects)
 
-    def check_upload(self, envoy: str, experiment: str, round_: int) -> None:
+    def check_upload(self, envoy: str, experiment: str, round_: int,
+                     reports: Sequence[r.StageReport] = ()) -> None:
         """Refuse, before it takes a transfer slot, an upload that accept_update would refuse."""
         d = self.director
+        limits.check_reports(envoy, reports)
         with d.lock:
             self._upload_run(envoy, experiment, round_)
 
@@ -128,16 +193,22 @@ class WorkerCalls:
         return run
 
     def accept_update(self, envoy: str, experiment: str, round_: int, sample_count: int,
-                      chunks: Iterable[r.TensorChunk], applied: tuple[float, float] = (0.0, 0.0)) -> int:
+                      chunks: Iterable[r.TensorChunk], applied: tuple[float, float] = (0.0, 0.0),
+                      reports: Sequence[r.StageReport] = ()) -> int:
         """Spool an envoy's streamed update to disk, check it and keep it for the round. ``applied``: the
-        (clip_norm, noise_std) its header says the worker privatised it with."""
+        (clip_norm, noise_std) its header says the worker privatised it with; ``reports``: the round's metric
+        reports it carried (recorded once the update is checked, before the round learns of it)."""
         d = self.director
         if sample_count <= 0:
             raise InvalidRequestError(
                 f"envoy {envoy!r} reported {sample_count} training samples; aggregation needs a positive count "
                 "(check DataInterface.get_train_data_size)")
+        limits.check_reports(envoy, reports)
         with d.lock:
             run = self._upload_run(envoy, experiment, round_)
+        if reports and run.secure is not None:  # a masked upload is summed, nothing else kept: they would be lost
+            raise InvalidRequestError(f"envoy {envoy!r} sent metric reports with the secure upload of round {round_}, "
+                                      "which takes them by ReportMetrics only (its task did not say reports_with_upload)")
         check_applied(run.spec.privacy, envoy, *applied)
         if run.secure is not None:
             return self._accept_masked(run, envoy, round_, chunks)
@@ -148,6 +219,8 @@ class WorkerCalls:
             try:
                 spool, received = transfers.receive_update(d.files, run, envoy, round_, chunks)
                 try:
+                    if reports:
+                        self._record(run, envoy, round_, reports)
                     effects = self._keep(run, envoy, round_, spool, weight, received)
                 finally:
                     spool.unlink(missing_ok=True)

@@ -84,6 +84,10 @@ class EnvoyClient:
                                                   _registered_method=True)
         self._stop = stop or threading.Event()
         self._retry_s = retry_s
+        self._inline: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # (experiment, round) -> model its task carried
+        self._batching: dict[str, int] = {}  # experiment -> the round whose reports ride in its upload
+        self._held: dict[tuple[str, int], list[r.StageReport]] = {}  # those reports, until the upload takes them
+        self._held_lock = threading.Lock()
 
     @property
     def channel(self) -> grpc.Channel:
@@ -125,22 +129,32 @@ class EnvoyClient:
         return self._retry(fetch, "download the experiment bundle")
 
     def wait_task(self, experiment: str, max_wait_s: float = 30.0) -> r.Task:
-        req = env_pb.WaitTaskRequest(envoy_name=self.envoy_name, experiment_name=experiment, max_wait_s=max_wait_s)
-        return self._retry(lambda: serde.task_from_proto(self._stub.WaitTask(req, timeout=max_wait_s + 30)),
-                           "wait for a task")
+        """The next task. A small round model comes inside the answer (kept for :meth:`round_model`), and the
+        director may ask for the round's metric reports inside its upload (kept by :meth:`report_metrics`)."""
+        req = env_pb.WaitTaskRequest(envoy_name=self.envoy_name, experiment_name=experiment, max_wait_s=max_wait_s,
+                                     inline_model=True)
+        response = self._retry(lambda: self._stub.WaitTask(req, timeout=max_wait_s + 30), "wait for a task")
+        task = serde.task_from_proto(response)
+        if task.kind == r.TaskKind.NONE:
+            return task
+        self._inline = {}
+        if response.model_inline:
+            self._inline[(experiment, task.round)] = _decoded(serde.chunk_stream(response.model))
+        with self._held_lock:
+            self._held = {key: held for key, held in self._held.items() if key[0] != experiment}  # an older round's
+            if task.reports_with_upload:
+                self._batching[experiment] = task.round
+            else:
+                self._batching.pop(experiment, None)
+        return task
 
     def round_model(self, experiment: str, round_: int) -> dict[str, np.ndarray]:
         """The round's model, decoded when it travelled compressed."""
+        carried = self._inline.pop((experiment, round_), None)
+        if carried is not None:
+            return carried
         req = env_pb.GetRoundModelRequest(envoy_name=self.envoy_name, experiment_name=experiment, round=round_)
-
-        def fetch() -> dict[str, np.ndarray]:
-            specs: dict[str, r.TensorSpec] = {}
-            arrays = assemble(serde.chunk_stream(self._stub.GetRoundModel(req, timeout=600)), specs)
-            decoded = {name: codecs.decode(array, specs[name].encoding) for name, array in arrays.items()}
-            for array in decoded.values():  # read-only: JAX may take these buffers as they are, without a copy
-                array.flags.writeable = False
-            return decoded
-
+        fetch = lambda: _decoded(serde.chunk_stream(self._stub.GetRoundModel(req, timeout=600)))  # noqa: E731
         return self._retry(fetch, "download the round's model")
 
     def check_in(self, experiment: str, round_: int, divergence: float) -> bool:
@@ -151,26 +165,48 @@ class EnvoyClient:
 
     def report_metrics(self, experiment: str, round_: int, stage: str, metrics: Mapping[str, Mapping[str, float]],
                        sample_count: int) -> None:
-        req = env_pb.ReportMetricsRequest(
-            envoy_name=self.envoy_name, experiment_name=experiment, round=round_, stage=stage,
-            sample_count=sample_count,
-            metrics=serde.metrics_to_proto([r.Metric(task, name, value)
-                                            for task, values in metrics.items() for name, value in values.items()]),
-        )
+        """Report one stage's metrics; held for the upload when the round's task said reports_with_upload."""
+        report = r.StageReport(stage, tuple(r.Metric(task, name, value) for task, values in metrics.items()
+                                            for name, value in values.items()), sample_count)
+        with self._held_lock:
+            if self._batching.get(experiment) == round_:
+                self._held.setdefault((experiment, round_), []).append(report)
+                return
+        self._send_report(experiment, round_, report)
+
+    def _send_report(self, experiment: str, round_: int, report: r.StageReport) -> None:
+        req = env_pb.ReportMetricsRequest(envoy_name=self.envoy_name, experiment_name=experiment, round=round_,
+                                          stage=report.stage, sample_count=report.sample_count,
+                                          metrics=serde.metrics_to_proto(report.metrics))
         self._retry(lambda: self._stub.ReportMetrics(req, timeout=60), "report metrics")
+
+    def send_held_reports(self, experiment: str, round_: int) -> None:
+        """Send, one ReportMetrics each, the reports held for a round that ends without an upload (a task failed)."""
+        with self._held_lock:
+            held = self._held.pop((experiment, round_), [])
+            if self._batching.get(experiment) == round_:
+                del self._batching[experiment]
+        for report in held:
+            self._send_report(experiment, round_, report)
 
     def upload(self, experiment: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray],
                encodings: Mapping[str, r.Encoding] | None = None, applied: tuple[float, float] = (0.0, 0.0)) -> int:
         """``applied``: the (clip_norm, noise_std) the update was privatised with, which the director checks."""
+        with self._held_lock:
+            held = list(self._held.get((experiment, round_), ()))
         header = env_pb.UploadUpdateRequest.Header(envoy_name=self.envoy_name, experiment_name=experiment,
                                                    round=round_, train_sample_count=sample_count,
-                                                   clip_norm=applied[0], noise_std=applied[1])
+                                                   clip_norm=applied[0], noise_std=applied[1],
+                                                   reports=[serde.stage_report_to_proto(rep) for rep in held])
 
         def requests():  # serialized here: each chunk's data is copied once, straight from the arrays
             yield env_pb.UploadUpdateRequest(header=header).SerializeToString()
             yield from upload_chunk_messages(chunk_views(tensors, encodings=encodings))
 
-        return self._retry(lambda: self._upload(requests(), timeout=600).bytes_received, "upload the update")
+        received = self._retry(lambda: self._upload(requests(), timeout=600).bytes_received, "upload the update")
+        with self._held_lock:  # taken with the update; on a failure they stay for send_held_reports
+            self._held.pop((experiment, round_), None)
+        return received
 
     def secagg(self, experiment: str, round_: int, phase: str, keys: r.SecAggKeys | None = None,
                items: Mapping[str, bytes] | None = None) -> None:
@@ -191,6 +227,17 @@ class EnvoyClient:
         req = env_pb.ReportFailureRequest(envoy_name=self.envoy_name, experiment_name=experiment, error=error,
                                           round=round_, worker_lost=worker_lost, refused=refused)
         self._stub.ReportFailure(req, timeout=30)
+
+
+def _decoded(chunks: Iterable[r.TensorChunk]) -> dict[str, np.ndarray]:
+    """A round model's arrays from its chunks, decoded when it travelled compressed, read-only (JAX may take these
+    buffers as they are, without a copy)."""
+    specs: dict[str, r.TensorSpec] = {}
+    arrays = assemble(chunks, specs)
+    decoded = {name: codecs.decode(array, specs[name].encoding) for name, array in arrays.items()}
+    for array in decoded.values():
+        array.flags.writeable = False
+    return decoded
 
 
 class Pushed(NamedTuple):

@@ -22,7 +22,7 @@ from fedjax_core import code_sources
 from fedjax_core import records as r
 from fedjax_core.envoy.client import EnvoyClient
 from fedjax_core.envoy.sandbox import ModulesBeside, Policy, explain
-from fedjax_core.errors import PreconditionError
+from fedjax_core.errors import FedError, PreconditionError
 from fedjax_core.runtime.round_runner import RoundRunner
 from fedjax_core.shard_descriptor import load_shard_descriptor
 
@@ -121,6 +121,11 @@ class _Rounds:
                 text = traceback.format_exc() + explain(exc, self.sandbox)
                 print(f"[worker {self.client.envoy_name}] round {task.round} failed:\n{text}", file=sys.stderr,
                       flush=True)
+                try:  # the reports held for the upload that did not happen go first, as they would have
+                    self.client.send_held_reports(self.experiment, task.round)
+                except (FedError, ConnectionError) as error:
+                    print(f"[worker {self.client.envoy_name}] the round's metric reports were not taken: {error}",
+                          file=sys.stderr, flush=True)
                 try:
                     self.client.report_failure(self.experiment, f"{type(exc).__name__}: {exc}\n{text[-3000:]}",
                                                round_=task.round)

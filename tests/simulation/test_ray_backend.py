@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,8 +24,11 @@ from linear_federation import FAIL, Arrays, data, linear_state, run, tasks
 from test_simulated_federation import shard_sets
 
 # `ray start` turns on token authentication; a driver that connects must say so before Ray is imported (Ray reads
-# its mode then), and finds the token where `ray start` left it (~/.ray/auth_token).
+# its mode then). The token is this run's own, in the environment of the head and of this driver: `ray start` does
+# not make one (Ray 2.60 refuses to start without ~/.ray/auth_token or RAY_AUTH_TOKEN), and none is left behind.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+if not (Path.home() / ".ray" / "auth_token").exists() and "RAY_AUTH_TOKEN_PATH" not in os.environ:
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fedjax-core[ray]'")
 
 

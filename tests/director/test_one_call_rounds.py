@@ -1,0 +1,151 @@
+"""A round in two calls per envoy: the round's model inside the task, the metric reports inside the upload."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fedjax_core import records as r
+from fedjax_core.director import worker_calls
+from fedjax_core.director.memory_store import MemoryStore
+from fedjax_core.director.store import SqliteStore
+from fedjax_core.errors import InvalidRequestError
+from fedjax_core.model_file import ModelFile
+from fedjax_core.spec import SecureAggregation
+from fedjax_core.tensors import assemble, iter_chunks
+from test_core import INITIAL, header, make_director, submit, update
+
+
+def reports(agg: float, train: float, local: float, valid: int = 5, n_train: int = 10) -> list[r.StageReport]:
+    return [r.StageReport(r.Stage.AGGREGATED, (r.Metric("validate", "acc", agg),), valid),
+            r.StageReport(r.Stage.TRAIN, (r.Metric("train", "loss", train),), n_train),
+            r.StageReport(r.Stage.LOCAL, (r.Metric("validate", "acc", local),), valid)]
+
+
+def round_events(d, round_: int) -> dict[tuple[str, str], r.MetricEvent]:
+    return {(e.envoy, e.stage): e for _, e, _ in d.store.events("exp", round_=round_)}
+
+
+def test_a_plain_training_round_asks_for_reports_with_the_upload_and_others_do_not(tmp_path):
+    d = make_director(tmp_path / "plain")
+    submit(d, header(rounds=1))
+    assert d.workers.current_task("a", "exp").reports_with_upload
+    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))
+    d.workers.accept_update("b", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.3, 1.0, 0.4))
+    final = d.workers.current_task("a", "exp")
+    assert final.kind == r.TaskKind.VALIDATE and not final.reports_with_upload  # validation only: ReportMetrics
+    d.close()
+    d = make_director(tmp_path / "periodic")
+    submit(d, header(rounds=4, sync="periodic", sync_every=2))
+    task = d.workers.current_task("a", "exp")
+    assert task.kind == r.TaskKind.TRAIN and task.check_in and not task.reports_with_upload  # may not upload
+    d.close()
+
+
+def test_reports_in_uploads_are_recorded_and_averaged_like_report_calls(tmp_path):
+    d = make_director(tmp_path)
+    submit(d)
+    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.2, 1.5, 0.3, valid=5))
+    assert d.catalog.experiment_status("exp").current_round == 0
+    events = round_events(d, 0)
+    assert {stage for envoy, stage in events if envoy == "a"} == set(r.STAGES)  # kept before the round closes
+    assert events[("a", r.Stage.TRAIN)].metrics == (r.Metric("train", "loss", 1.5),)
+    d.workers.accept_update("b", "exp", 0, 30, iter_chunks(update(5.0)), reports=reports(0.6, 0.5, 0.9, valid=5))
+    assert d.catalog.experiment_status("exp").current_round == 1
+    aggregated = round_events(d, 0)[("", r.Stage.AGGREGATED)].metrics
+    # weighted by the validation counts the reports carried (5 and 5; INFO registers 5 validation samples)
+    np.testing.assert_allclose([m.value for m in aggregated if m.name == "acc"], [np.average([0.2, 0.6], weights=[5, 5])])
+    train = round_events(d, 0)[("", r.Stage.TRAIN)].metrics
+    np.testing.assert_allclose([m.value for m in train if m.name == "loss"], [np.average([1.5, 0.5], weights=[10, 10])])
+    d.close()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([r.StageReport("testing", (), 5)], "unknown stage"),
+    ([r.StageReport(r.Stage.TRAIN, (), 5), r.StageReport(r.Stage.TRAIN, (), 5)], "each stage at most once"),
+    ([r.StageReport(r.Stage.TRAIN, (r.Metric("train", "loss", float("nan")),), 5)], "finite"),
+    ([r.StageReport(r.Stage.TRAIN, tuple(r.Metric("t", f"m{i}", 1.0) for i in range(300)), 5)], "at most"),
+])
+def test_bad_reports_refuse_the_upload_before_anything_is_kept(tmp_path, bad, message):
+    d = make_director(tmp_path)
+    submit(d)
+    with pytest.raises(InvalidRequestError, match=message):
+        d.workers.check_upload("a", "exp", 0, bad)
+    with pytest.raises(InvalidRequestError, match=message):
+        d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=bad)
+    assert round_events(d, 0) == {}
+    assert d.store.updates("exp", 0) == []
+    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))  # still open
+    d.close()
+
+
+def test_a_secure_round_takes_reports_by_call_and_refuses_them_in_an_upload(tmp_path):
+    """Its upload is a masked vector, which the director adds up without recording anything else: reports there
+    would be lost, so they are refused."""
+    d = make_director(tmp_path)
+    spec = dataclasses.replace(header(rounds=1), opt_treatment=r.OptTreatment.RESET,
+                               secure=SecureAggregation(True, 0.5, 1.0, 32))
+    submit(d, spec)
+    task = d.workers.current_task("a", "exp")
+    assert task.secagg is not None and not task.reports_with_upload
+    with pytest.raises(InvalidRequestError, match="ReportMetrics only"):
+        d.workers.accept_update("a", "exp", 0, 10, iter([]), reports=reports(0.1, 1.0, 0.2))
+    assert round_events(d, 0) == {}
+    d.close()
+
+
+def test_the_task_carries_the_rounds_model_as_get_round_model_streams_it(tmp_path):
+    d = make_director(tmp_path)
+    submit(d)
+    task, chunks = d.workers.task_with_model("a", "exp", inline=True)
+    assert task.kind == r.TaskKind.TRAIN and chunks is not None
+    streamed = assemble(d.workers.round_model("b", "exp", 0), {})
+    carried = assemble(iter(chunks), {})
+    assert carried.keys() == streamed.keys() == set(INITIAL)
+    for name in INITIAL:
+        np.testing.assert_array_equal(carried[name], streamed[name])
+        np.testing.assert_array_equal(carried[name], INITIAL[name])
+    traffic = d.run("exp").traffic  # counted like a download, for the round's bytes_sent
+    assert traffic.bytes_out["a"] == traffic.bytes_out["b"] == sum(a.nbytes for a in INITIAL.values())
+    assert d.workers.task_with_model("a", "exp", inline=False) == (task, None)  # a worker before 0.2 asks for none
+    d.close()
+
+
+def test_a_model_over_the_inline_limit_is_left_to_get_round_model(tmp_path, monkeypatch):
+    d = make_director(tmp_path)
+    submit(d)
+    monkeypatch.setattr(worker_calls, "INLINE_MODEL_BYTES", sum(a.nbytes for a in INITIAL.values()) - 1)
+    task, chunks = d.workers.task_with_model("a", "exp", inline=True)
+    assert task.kind == r.TaskKind.TRAIN and chunks is None
+    d.close()
+
+
+def test_each_round_carries_its_own_model(tmp_path):
+    d = make_director(tmp_path)
+    submit(d)
+    d.workers.task_with_model("a", "exp", inline=True)  # round 0's model kept
+    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
+    d.workers.accept_update("b", "exp", 0, 10, iter_chunks(update(3.0)))
+    task, chunks = d.workers.task_with_model("a", "exp", inline=True)
+    assert task.round == 1
+    expected = ModelFile(tmp_path / "state" / "experiments" / "exp" / "model_round_0001.fjm").arrays()
+    carried = assemble(iter(chunks), {})
+    np.testing.assert_allclose(carried["params/b"], np.full(3, 2.0))
+    for name, array in expected.items():
+        np.testing.assert_array_equal(carried[name], array)
+    d.close()
+
+
+@pytest.mark.parametrize("make_store", [lambda tmp: SqliteStore(tmp / "db.sqlite"), lambda tmp: MemoryStore()],
+                         ids=["sqlite", "memory"])
+def test_add_events_records_a_batch_and_skips_what_was_recorded(tmp_path, make_store):
+    store = make_store(tmp_path)
+    store.add_experiment(header())
+    first = r.MetricEvent(round=0, envoy="a", stage=r.Stage.TRAIN, metrics=(r.Metric("t", "loss", 1.0),), timestamp=1.0)
+    second = r.MetricEvent(round=0, envoy="a", stage=r.Stage.LOCAL, metrics=(r.Metric("v", "acc", 0.5),), timestamp=2.0)
+    assert store.add_events("exp", [(first, 10.0), (second, 5.0)]) == [True, True]
+    assert store.add_events("exp", [(first, 10.0), (second, 5.0)]) == [False, False]
+    rows = store.events("exp")
+    assert [(e.stage, w) for _, e, w in rows] == [(r.Stage.TRAIN, 10.0), (r.Stage.LOCAL, 5.0)]
+    assert rows[0][0] < rows[1][0]

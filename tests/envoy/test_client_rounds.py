@@ -1,0 +1,143 @@
+"""EnvoyClient's round in two calls (the model inside the task, the reports inside the upload) against a director
+that offers it, and in six against one before 0.2 that does not: the same arrays and reports reach it either way."""
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from fedjax_core import records as r
+from fedjax_core import serde
+from fedjax_core.envoy.client import EnvoyClient
+from fedjax_core.errors import InvalidRequestError
+from fedjax_core.tensors import iter_chunks
+from fedjax_proto import envoy_service_pb2 as env_pb
+from fedjax_proto import envoy_service_pb2_grpc as env_grpc
+
+MODEL = {"params/w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.array(3, np.int32)}
+
+
+class FakeDirector(env_grpc.EnvoyServiceServicer):
+    """Answers one TRAIN task for round 2 and records every call; ``offers``: whether it is a 0.2 director."""
+
+    def __init__(self, offers: bool, refuse_upload: bool = False):
+        self.offers, self.refuse_upload = offers, refuse_upload
+        self.calls: list[str] = []
+        self.reports: list[r.StageReport] = []
+        self.uploaded_reports: list[r.StageReport] = []
+        self.asked_inline: list[bool] = []
+        self._lock = threading.Lock()
+
+    def _called(self, name: str) -> None:
+        with self._lock:
+            self.calls.append(name)
+
+    def WaitTask(self, request, context):
+        self._called("WaitTask")
+        self.asked_inline.append(request.inline_model)
+        response = serde.task_to_proto(r.Task(kind=r.TaskKind.TRAIN, round=2, upload_tensors=tuple(MODEL),
+                                              reports_with_upload=self.offers))
+        if self.offers and request.inline_model:
+            response.model.extend(serde.chunk_protos(iter_chunks(MODEL)))
+            response.model_inline = True
+        return response
+
+    def GetRoundModel(self, request, context):
+        self._called("GetRoundModel")
+        yield from serde.chunk_protos(iter_chunks(MODEL))
+
+    def ReportMetrics(self, request, context):
+        self._called("ReportMetrics")
+        self.reports.append(r.StageReport(request.stage, serde.metrics_from_proto(request.metrics),
+                                          request.sample_count))
+        return env_pb.ReportMetricsResponse()
+
+    def UploadUpdate(self, request_iterator, context):
+        self._called("UploadUpdate")
+        header = next(request_iterator).header
+        received = sum(len(c.data) for m in request_iterator for c in serde.unpacked_chunks(m.chunk))
+        if self.refuse_upload:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "update from 'env': NaN in params/w")
+        self.uploaded_reports = [serde.stage_report_from_proto(m) for m in header.reports]
+        return env_pb.UploadUpdateResponse(bytes_received=received)
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(director: FakeDirector) -> EnvoyClient:
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        env_grpc.add_EnvoyServiceServicer_to_server(director, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        client = EnvoyClient("env", f"127.0.0.1:{port}", None, retry_s=0)
+        servers.append((server, client))
+        return client
+
+    yield start
+    for server, client in servers:
+        client.close()
+        server.stop(None)
+
+
+def play_round(client: EnvoyClient) -> dict[str, np.ndarray]:
+    """What a worker does in a TRAIN round (round_runner's calls, in order)."""
+    task = client.wait_task("exp")
+    model = client.round_model("exp", task.round)
+    client.report_metrics("exp", task.round, r.Stage.AGGREGATED, {"validate": {"acc": 0.25}}, 5)
+    client.report_metrics("exp", task.round, r.Stage.TRAIN, {"train": {"loss": 1.5}}, 10)
+    client.report_metrics("exp", task.round, r.Stage.LOCAL, {"validate": {"acc": 0.5}}, 5)
+    client.upload("exp", task.round, 10, {name: model[name] + 1 for name in task.upload_tensors})
+    return model
+
+
+EXPECTED_REPORTS = [r.StageReport(r.Stage.AGGREGATED, (r.Metric("validate", "acc", 0.25),), 5),
+                    r.StageReport(r.Stage.TRAIN, (r.Metric("train", "loss", 1.5),), 10),
+                    r.StageReport(r.Stage.LOCAL, (r.Metric("validate", "acc", 0.5),), 5)]
+
+
+def test_a_director_that_offers_it_gets_the_round_in_two_calls(serve):
+    director = FakeDirector(offers=True)
+    model = play_round(serve(director))
+    assert director.calls == ["WaitTask", "UploadUpdate"]
+    assert director.uploaded_reports == EXPECTED_REPORTS and director.reports == []
+    for name, array in MODEL.items():
+        np.testing.assert_array_equal(model[name], array)
+        assert not model[name].flags.writeable  # as GetRoundModel's arrays: JAX may take them without a copy
+
+
+def test_a_director_before_it_gets_every_call_as_before(serve):
+    director = FakeDirector(offers=False)
+    model = play_round(serve(director))
+    assert director.asked_inline == [True]  # asked; an older director ignores the field
+    assert director.calls == ["WaitTask", "GetRoundModel", "ReportMetrics", "ReportMetrics", "ReportMetrics",
+                              "UploadUpdate"]
+    assert director.reports == EXPECTED_REPORTS and director.uploaded_reports == []
+    for name, array in MODEL.items():
+        np.testing.assert_array_equal(model[name], array)
+
+
+def test_reports_held_for_an_upload_that_failed_are_sent_on_their_own(serve):
+    director = FakeDirector(offers=True, refuse_upload=True)
+    client = serve(director)
+    with pytest.raises(InvalidRequestError, match="NaN"):
+        play_round(client)
+    assert director.reports == []
+    client.send_held_reports("exp", 2)  # what the worker does before it reports the round's failure
+    assert director.reports == EXPECTED_REPORTS
+    client.send_held_reports("exp", 2)
+    assert director.reports == EXPECTED_REPORTS  # sent once
+
+
+def test_a_new_task_forgets_the_reports_of_a_round_that_went_on(serve):
+    director = FakeDirector(offers=True)
+    client = serve(director)
+    task = client.wait_task("exp")
+    client.report_metrics("exp", task.round, r.Stage.AGGREGATED, {"validate": {"acc": 0.25}}, 5)
+    client.wait_task("exp")  # the round closed without this envoy: the next task comes
+    client.send_held_reports("exp", task.round)
+    assert director.reports == []
