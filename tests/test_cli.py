@@ -128,13 +128,15 @@ def test_partial_tls_flags_are_refused(tmp_path):
 
 
 def test_daemons_never_import_jax():
+    """Nor dp-accounting and SciPy (77 MiB of a director's memory), loaded by the first DP experiment's accounting."""
     code = textwrap.dedent("""
         import sys
         import fedjax_core.director.server
         import fedjax_core.envoy.daemon
         import fedjax_core.cli
         import fedjax_core
-        heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax'))
+        heavy = sorted(m for m in sys.modules
+                       if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax', 'dp_accounting', 'scipy'))
         print('HEAVY=' + ','.join(heavy))
         assert 'jax' not in sys.modules
     """)

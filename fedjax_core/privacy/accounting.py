@@ -13,7 +13,8 @@ that one upload is (epsilon, delta)-DP under this same accountant; a site's uplo
 rounds it trains in (counted as every round: an upper bound under sampling).
 
 The Renyi-DP accountant (``dp_accounting.rdp``) is used throughout: a thousand rounds cost about
-0.1 s; results are cached, since the director asks again for every status.
+0.1 s; results are cached, since the director asks again for every status. dp-accounting (and SciPy under
+it, 77 MiB of a process's memory) is imported at the first use: a director without a DP experiment never loads it.
 """
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ import functools
 import logging
 import math
 
-import dp_accounting
-from dp_accounting import rdp
+from typing import TYPE_CHECKING
 
 from fedjax_core.spec import ExperimentSpec, PrivacyMode
 
@@ -31,9 +31,14 @@ from fedjax_core.spec import ExperimentSpec, PrivacyMode
 # fails to sum for many (q, z) pairs (it logs a warning and skips them); the integer orders decide the bound.
 ORDERS = tuple(range(2, 64)) + (80, 96, 128, 192, 256, 384, 512)
 
+if TYPE_CHECKING:
+    import dp_accounting
+
 
 def round_event(noise_multiplier: float, sampling_rate: float) -> dp_accounting.DpEvent:
     """One central-DP round: the Gaussian mechanism, Poisson-subsampled at ``sampling_rate`` when below 1."""
+    import dp_accounting
+
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
     return gaussian if sampling_rate >= 1 else dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
 
@@ -56,6 +61,8 @@ def epsilon_of(noise_multiplier: float, sampling_rate: float, rounds: int, delta
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
+    from dp_accounting import rdp
+
     accountant = rdp.RdpAccountant(list(ORDERS))
     accountant.compose(round_event(noise_multiplier, sampling_rate), rounds)
     with _quiet_absl():
@@ -65,6 +72,9 @@ def epsilon_of(noise_multiplier: float, sampling_rate: float, rounds: int, delta
 @functools.lru_cache(maxsize=256)
 def local_noise_multiplier(epsilon: float, delta: float) -> float:
     """The noise multiplier that makes one Gaussian upload (``epsilon``, ``delta``)-DP under the accountant."""
+    import dp_accounting
+    from dp_accounting import rdp
+
     def accountant() -> rdp.RdpAccountant:
         return rdp.RdpAccountant(list(ORDERS))
 
