@@ -121,6 +121,11 @@ class Director:
             self._start_next()
         return self.registry.health_check_period
 
+    def heartbeat_in_memory(self, name: str, instance_id: str = "") -> bool:
+        """True when the heartbeat was taken from memory alone (cheap enough for the event loop); else call
+        :meth:`heartbeat`."""
+        return self.registry.heartbeat_in_memory(name, instance_id)
+
     def heartbeat(self, name: str, instance_id: str = "") -> bool:
         """Keep ``name`` online; False (register again) if unknown or held by another daemon."""
         known, came_online = self.registry.heartbeat(name, instance_id)

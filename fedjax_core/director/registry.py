@@ -61,6 +61,20 @@ class EnvoyRegistry:
         self._heard[name] = self._timer()
         self._seen[name] = self._persisted_seen[name] = self._clock()
 
+    def heartbeat_in_memory(self, name: str, instance_id: str = "") -> bool:
+        """The common heartbeat, from memory alone (no database, no lock): True when ``name``, held by this
+        ``instance_id``, was online and its last-seen time is persisted recently enough; False (nothing done)
+        when ``heartbeat`` must run instead (a refusal, a database write due, an envoy coming back online)."""
+        if self._instances.get(name, instance_id) != instance_id:
+            return False
+        now, persisted = self._clock(), self._persisted_seen.get(name)
+        seen = self._seen.get(name)
+        if persisted is None or now - persisted >= LAST_SEEN_PERSIST_S or seen is None or not self._online(seen):
+            return False
+        self._heard[name] = self._timer()
+        self._seen[name] = now
+        return True
+
     def heartbeat(self, name: str, instance_id: str = "") -> tuple[bool, bool]:
         """Keep ``name`` online: ``(known, came_online)``; known False means register again (unknown, or the
         name is held by another daemon); came_online True when it had been offline."""

@@ -66,8 +66,8 @@ def receive_update(files: ExperimentFiles, run: Run, envoy: str, round_: int,
             for chunk in chunks:
                 check_not_personal(run.personal, envoy, chunk.name)
                 writer.add_chunk(chunk)
-            writer.commit()
-        return _decoded(files, run, envoy, spool), writer.bytes_written
+            specs = writer.commit()
+        return _decoded(files, run, envoy, spool, specs), writer.bytes_written
     except TensorError as exc:
         spool.unlink(missing_ok=True)
         raise InvalidRequestError(f"update from {envoy!r} for round {round_}: {exc}") from None
@@ -76,13 +76,13 @@ def receive_update(files: ExperimentFiles, run: Run, envoy: str, round_: int,
         raise
 
 
-def _decoded(files: ExperimentFiles, run: Run, envoy: str, spool: Path) -> Path:
-    """An upload in the model's dtypes: a compressed or delta one is checked against the experiment's
-    settings and decoded into a new spool file (the received one is removed)."""
-    encoded = ModelFile(spool)
-    codecs.check_update_encodings(encoded.specs, run.spec.communication.compression, run.spec.communication.send_deltas)
-    if all(spec.encoding is None for spec in encoded.specs):
+def _decoded(files: ExperimentFiles, run: Run, envoy: str, spool: Path, specs: list[r.TensorSpec]) -> Path:
+    """An upload in the model's dtypes: a compressed or delta one (``specs``: as written) is checked against the
+    experiment's settings and decoded into a new spool file (the received one is removed)."""
+    codecs.check_update_encodings(specs, run.spec.communication.compression, run.spec.communication.send_deltas)
+    if all(spec.encoding is None for spec in specs):
         return spool
+    encoded = ModelFile(spool)
     decoded = files.spool_path(envoy)
     try:
         codecs.decode_model(encoded, decoded, ModelFile(files.model(run.name, run.round)), finite_only=True)

@@ -549,3 +549,27 @@ def test_an_experiment_too_big_for_the_online_envoys_but_not_the_registered_ones
     d.heartbeat("c")
     assert d.catalog.experiment_status("exp").state == "running" and d.catalog.experiment_status("exp").envoys == ("a", "b", "c")
     d.close()
+
+
+def test_a_heartbeat_from_memory_does_what_the_full_one_does_and_leaves_the_rest_to_it(tmp_path):
+    """The event loop answers most heartbeats from memory; a refusal, a database write that is due or an envoy
+    coming back online go the full way, untouched."""
+    now, timer = [1000.0], [0.0]
+    d = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=1,
+                 clock=lambda: now[0], timer=lambda: timer[0])
+    d.register_envoy("a", INFO, "daemon-1")
+    now[0], timer[0] = 1001.0, 1.0
+    assert d.heartbeat_in_memory("a", "daemon-1")
+    assert d.registry.silent_until("a", 30) == 31.0  # heard at 1.0, as a full heartbeat would have it
+    assert not d.heartbeat_in_memory("a", "daemon-2")  # another daemon's claim: the full heartbeat refuses it
+    assert d.heartbeat("a", "daemon-2") is False
+    assert not d.heartbeat_in_memory("ghost", "x")  # never registered
+    now[0] = 1001.0 + 31  # last_seen persisted 31 s ago: the database's turn (and offline by now: 2.5 periods)
+    assert not d.heartbeat_in_memory("a", "daemon-1")
+    assert d.heartbeat("a", "daemon-1") is True
+    assert d.registry._persisted_seen["a"] == now[0]  # the full heartbeat wrote last_seen to the database
+    now[0] += 1
+    assert d.heartbeat_in_memory("a", "daemon-1")
+    now[0] += 3  # silent 3 s = 3 periods: offline; coming back may start a queued experiment
+    assert not d.heartbeat_in_memory("a", "daemon-1")
+    d.close()
