@@ -42,6 +42,7 @@ from fedjax_core.spec import ExperimentSpec
 from fedjax_core.tensors import nbytes_of
 
 log = logging.getLogger("fedjax.director")
+LOGGED_ENVOYS = 20  # an experiment's start names this many of its envoys in the log (the status has them all)
 
 
 class Director:
@@ -238,7 +239,9 @@ class Director:
                                      envoy_sizes=row.envoy_sizes)
         self._runs[row.name] = run
         self._waiting.started(row.name)
-        log.info("experiment %r started on %s", row.name, ", ".join(envoys))
+        more = len(envoys) - LOGGED_ENVOYS
+        shown = ", ".join(envoys[:LOGGED_ENVOYS]) + (f" and {more} more" if more > 0 else "")
+        log.info("experiment %r started on %d envoys: %s", row.name, len(envoys), shown)
         return True
 
     def _fail_unstartable(self, row: ExperimentRow, exc: Exception) -> None:

@@ -24,7 +24,7 @@ from fedjax_core.secagg.protocol import MASKED_TENSOR
 from fedjax_core.privacy.local import check_applied
 from fedjax_core.errors import FedError, InvalidRequestError, PreconditionError, StorageError, is_disk_full
 from fedjax_core.model_file import ModelFile
-from fedjax_core.tensors import nbytes_of
+from fedjax_core.tensors import TensorError, nbytes_of
 
 if TYPE_CHECKING:
     from fedjax_core.director.core import Director
@@ -107,8 +107,8 @@ class WorkerCalls:
             return task, None
         try:
             return task, self.inline_model(envoy, experiment, task.round)
-        except PreconditionError:  # it ended meanwhile: the task goes as it is, and the worker learns of it next
-            return task, None
+        except (PreconditionError, OSError, TensorError):  # the round ended or moved on meanwhile (its file went):
+            return task, None  # the task goes as it is, and GetRoundModel tells the worker
 
     def inline_model(self, envoy: str, experiment: str, round_: int) -> list[r.TensorChunk] | None:
         """The chunks of ``round_``'s model for a worker to take inside its task (WaitTaskResponse.model); None
@@ -171,7 +171,8 @@ class WorkerCalls:
                 d.loggers.log(run.name, event)
         effects: tuple[Effect, ...] = ()
         with d.lock:
-            if any(rep.stage == r.Stage.AGGREGATED for rep in reports) and d.run(run.name) is run:
+            validated = any(rep.stage == r.Stage.AGGREGATED for rep in reports)
+            if validated and run.state.kind == r.TaskKind.VALIDATE and d.run(run.name) is run:  # only it waits for them
                 effects = d.act(run, Validated(envoy))
             d.changed(envoy)
         d.after(run, effects)
