@@ -108,7 +108,7 @@ def test_the_task_carries_the_rounds_model_as_get_round_model_streams_it(tmp_pat
         np.testing.assert_array_equal(carried[name], INITIAL[name])
     traffic = d.run("exp").traffic  # counted like a download, for the round's bytes_sent
     assert traffic.bytes_out["a"] == traffic.bytes_out["b"] == sum(a.nbytes for a in INITIAL.values())
-    assert d.workers.task_with_model("a", "exp", inline=False) == (task, None)  # a worker before 0.2 asks for none
+    assert d.workers.task_with_model("a", "exp", inline=False) == (task, None)  # an older worker asks for none
     d.close()
 
 

@@ -1,5 +1,5 @@
 """EnvoyClient's round in two calls (the model inside the task, the reports inside the upload) against a director
-that offers it, and in six against one before 0.2 that does not: the same arrays and reports reach it either way."""
+that offers it, and in six against an older one that does not: the same arrays and reports reach it either way."""
 from __future__ import annotations
 
 import threading
@@ -21,7 +21,7 @@ MODEL = {"params/w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.a
 
 
 class FakeDirector(env_grpc.EnvoyServiceServicer):
-    """Answers one TRAIN task for round 2 and records every call; ``offers``: whether it is a 0.2 director."""
+    """Answers one TRAIN task for round 2 and records every call; ``offers``: a director with two-call rounds."""
 
     def __init__(self, offers: bool, refuse_upload: bool = False):
         self.offers, self.refuse_upload = offers, refuse_upload
