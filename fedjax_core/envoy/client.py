@@ -16,6 +16,7 @@ import numpy as np
 from fedjax_core import codecs
 from fedjax_core import records as r
 from fedjax_core import serde
+from fedjax_core.envoy.held_reports import HeldReports
 from fedjax_core.tensors import assemble, chunk_views
 from fedjax_core.transport import TLSFiles, call_with_retry, open_channel
 from fedjax_proto import envoy_service_pb2 as env_pb
@@ -85,9 +86,7 @@ class EnvoyClient:
         self._stop = stop or threading.Event()
         self._retry_s = retry_s
         self._inline: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # (experiment, round) -> model its task carried
-        self._batching: dict[str, int] = {}  # experiment -> the round whose reports ride in its upload
-        self._held: dict[tuple[str, int], list[r.StageReport]] = {}  # those reports, until the upload takes them
-        self._held_lock = threading.Lock()
+        self._reports = HeldReports(self._send_report)  # a round's metric reports, for its upload
 
     @property
     def channel(self) -> grpc.Channel:
@@ -140,12 +139,7 @@ class EnvoyClient:
         self._inline = {}
         if response.model_inline:
             self._inline[(experiment, task.round)] = _decoded(serde.chunk_stream(response.model))
-        with self._held_lock:
-            self._held = {key: held for key, held in self._held.items() if key[0] != experiment}  # an older round's
-            if task.reports_with_upload:
-                self._batching[experiment] = task.round
-            else:
-                self._batching.pop(experiment, None)
+        self._reports.round_started(experiment, task.round, task.reports_with_upload)
         return task
 
     def round_model(self, experiment: str, round_: int) -> dict[str, np.ndarray]:
@@ -165,14 +159,12 @@ class EnvoyClient:
 
     def report_metrics(self, experiment: str, round_: int, stage: str, metrics: Mapping[str, Mapping[str, float]],
                        sample_count: int) -> None:
-        """Report one stage's metrics; held for the upload when the round's task said reports_with_upload."""
+        """Report one stage's metrics; held for the upload when the round's task said reports_with_upload (see
+        HeldReports: one held a while is sent on its own)."""
         report = r.StageReport(stage, tuple(r.Metric(task, name, value) for task, values in metrics.items()
                                             for name, value in values.items()), sample_count)
-        with self._held_lock:
-            if self._batching.get(experiment) == round_:
-                self._held.setdefault((experiment, round_), []).append(report)
-                return
-        self._send_report(experiment, round_, report)
+        if not self._reports.hold(experiment, round_, report):
+            self._send_report(experiment, round_, report)
 
     def _send_report(self, experiment: str, round_: int, report: r.StageReport) -> None:
         req = env_pb.ReportMetricsRequest(envoy_name=self.envoy_name, experiment_name=experiment, round=round_,
@@ -182,31 +174,22 @@ class EnvoyClient:
 
     def send_held_reports(self, experiment: str, round_: int) -> None:
         """Send, one ReportMetrics each, the reports held for a round that ends without an upload (a task failed)."""
-        with self._held_lock:
-            held = self._held.pop((experiment, round_), [])
-            if self._batching.get(experiment) == round_:
-                del self._batching[experiment]
-        for report in held:
-            self._send_report(experiment, round_, report)
+        self._reports.send_now(experiment, round_)
 
     def upload(self, experiment: str, round_: int, sample_count: int, tensors: Mapping[str, np.ndarray],
                encodings: Mapping[str, r.Encoding] | None = None, applied: tuple[float, float] = (0.0, 0.0)) -> int:
         """``applied``: the (clip_norm, noise_std) the update was privatised with, which the director checks."""
-        with self._held_lock:
-            held = list(self._held.get((experiment, round_), ()))
-        header = env_pb.UploadUpdateRequest.Header(envoy_name=self.envoy_name, experiment_name=experiment,
-                                                   round=round_, train_sample_count=sample_count,
-                                                   clip_norm=applied[0], noise_std=applied[1],
-                                                   reports=[serde.stage_report_to_proto(rep) for rep in held])
+        with self._reports.for_upload(experiment, round_) as held:
+            header = env_pb.UploadUpdateRequest.Header(envoy_name=self.envoy_name, experiment_name=experiment,
+                                                       round=round_, train_sample_count=sample_count,
+                                                       clip_norm=applied[0], noise_std=applied[1],
+                                                       reports=[serde.stage_report_to_proto(rep) for rep in held])
 
-        def requests():  # serialized here: each chunk's data is copied once, straight from the arrays
-            yield env_pb.UploadUpdateRequest(header=header).SerializeToString()
-            yield from upload_chunk_messages(chunk_views(tensors, encodings=encodings))
+            def requests():  # serialized here: each chunk's data is copied once, straight from the arrays
+                yield env_pb.UploadUpdateRequest(header=header).SerializeToString()
+                yield from upload_chunk_messages(chunk_views(tensors, encodings=encodings))
 
-        received = self._retry(lambda: self._upload(requests(), timeout=600).bytes_received, "upload the update")
-        with self._held_lock:  # taken with the update; on a failure they stay for send_held_reports
-            self._held.pop((experiment, round_), None)
-        return received
+            return self._retry(lambda: self._upload(requests(), timeout=600).bytes_received, "upload the update")
 
     def secagg(self, experiment: str, round_: int, phase: str, keys: r.SecAggKeys | None = None,
                items: Mapping[str, bytes] | None = None) -> None:

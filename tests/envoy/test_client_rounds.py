@@ -3,6 +3,7 @@ that offers it, and in six against an older one that does not: the same arrays a
 from __future__ import annotations
 
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -141,3 +142,43 @@ def test_a_new_task_forgets_the_reports_of_a_round_that_went_on(serve):
     client.wait_task("exp")  # the round closed without this envoy: the next task comes
     client.send_held_reports("exp", task.round)
     assert director.reports == []
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_report_held_past_hold_s_goes_on_its_own_so_the_notebook_sees_it_while_the_envoy_trains(serve):
+    director = FakeDirector(offers=True)
+    client = serve(director)
+    client._reports.hold_s = 0.05
+    task = client.wait_task("exp")
+    client.round_model("exp", task.round)
+    client.report_metrics("exp", task.round, r.Stage.AGGREGATED, {"validate": {"acc": 0.25}}, 5)
+    wait_for(lambda: director.reports == EXPECTED_REPORTS[:1])  # training takes long: sent without the upload
+    client._reports.hold_s = 60
+    client.report_metrics("exp", task.round, r.Stage.TRAIN, {"train": {"loss": 1.5}}, 10)
+    client.report_metrics("exp", task.round, r.Stage.LOCAL, {"validate": {"acc": 0.5}}, 5)
+    client.upload("exp", task.round, 10, {name: MODEL[name] for name in task.upload_tensors})
+    assert director.uploaded_reports == EXPECTED_REPORTS[1:]  # each report once, none lost
+    assert director.calls == ["WaitTask", "ReportMetrics", "UploadUpdate"]
+
+
+def test_the_upload_raises_the_failure_of_a_report_sent_on_its_own_and_does_not_upload(serve):
+    class Refusing(FakeDirector):
+        def ReportMetrics(self, request, context):
+            self._called("ReportMetrics")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "envoy 'env' reported validate/acc = nan")
+
+    director = Refusing(offers=True)
+    client = serve(director)
+    client._reports.hold_s = 0.05
+    task = client.wait_task("exp")
+    client.report_metrics("exp", task.round, r.Stage.AGGREGATED, {"validate": {"acc": float("nan")}}, 5)
+    wait_for(lambda: "ReportMetrics" in director.calls)
+    with pytest.raises(InvalidRequestError, match="nan"):
+        client.upload("exp", task.round, 10, {name: MODEL[name] for name in task.upload_tensors})
+    assert "UploadUpdate" not in director.calls
