@@ -34,7 +34,7 @@ def status_of(store: Store, row: ExperimentRow) -> r.ExperimentStatus:
 class Catalog:
     def __init__(self, store: Store, files: ExperimentFiles, registry: EnvoyRegistry, admins: frozenset[str],
                  running_for: Callable[[str], Iterable[str]], lock: threading.Condition,
-                 clock: Callable[[], float], is_running: Callable[[str], bool] = lambda name: False):
+                 clock: Callable[[], float], is_running: Callable[[str], bool]):
         self.store, self.files, self.registry = store, files, registry
         self.admins = admins  # certificate names that may see, cancel or download any experiment
         self._running_for = running_for  # envoy -> the experiments it works for now

@@ -96,8 +96,9 @@ class DeadlineWatch:
         """Under the lock: wait until a round's deadline passes or a pending participant falls silent.
 
         Within one phase of the same rounds, a change can only put deadlines off (a heartbeat, a participant
-        done), never bring one closer (but for what _rounds_signature holds): the earliest is recomputed, over every pending participant, only when
-        the rounds move or when it comes due, not at each of the many changes of a round with many envoys."""
+        done), never bring one closer (but for what _rounds_signature holds): the earliest is recomputed, over
+        every pending participant, only when the rounds move or when it comes due, not at each of the many
+        changes of a round with many envoys."""
         due, seen = None, None
         while not self._closed():
             runs = list(self._runs())
