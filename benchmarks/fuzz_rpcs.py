@@ -72,7 +72,7 @@ from fedjax_proto import tensors_pb2 as t_pb  # noqa: E402
 
 # Calls that legitimately last until their deadline: DEADLINE_EXCEEDED is fine for them only.
 LONG_POLLS = frozenset({"fedjax.EnvoyService/WaitExperiment", "fedjax.EnvoyService/WaitTask",
-                        "fedjax.FederationService/StreamMetrics"})
+                        "fedjax.FederationService/StreamMetrics", "fedjax.FederationService/StreamMetricBatches"})
 GRPC_UNPARSEABLE = "Exception deserializing request!"  # grpcio's INTERNAL for bytes that do not parse
 UNPARSEABLE = "UNPARSEABLE"
 CLIENT_ERROR = "CLIENT_ERROR"  # the call could not be made at all (a bug of this script)

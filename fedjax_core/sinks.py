@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from tensorboardX import summary as tb_summary
 from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto import event_pb2
+from tensorboardX.proto import event_pb2, summary_pb2
 
 from fedjax_core import records as r
 
@@ -74,6 +74,13 @@ def scalar_tag(event: r.MetricEvent, metric: r.Metric) -> str:
     if event.stage == r.Stage.ROUND:
         return f"round/{metric.name}"
     return f"{event.stage}/{metric.name}"
+
+
+_TB_INVALID = re.compile(r"[^-/\w.]")  # what tensorboardX's scalar() replaces by _ in a tag
+
+
+def _tb_tag(tag: str) -> str:
+    return _TB_INVALID.sub("_", tag).lstrip("/")
 
 
 def metric_key(event: r.MetricEvent, metric: r.Metric) -> str:
@@ -142,8 +149,9 @@ class TensorBoardSink:
         def write(summary) -> None:
             writer.write_event(event_pb2.Event(summary=summary, step=event.round, wall_time=walltime))
 
-        for metric in event.metrics:
-            write(tb_summary.scalar(scalar_tag(event, metric), metric.value))
+        if event.metrics:  # one event for all of them, made directly (tensorboardX's scalar() is numpy work per value)
+            write(summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=_tb_tag(scalar_tag(event, m)),
+                                                                       simple_value=m.value) for m in event.metrics]))
         if event.note:
             write(tb_summary.text(event.stage, event.note))
         if event.participants:

@@ -343,6 +343,12 @@ class MetricEvent(_message.Message):
     note: str
     def __init__(self, round: _Optional[int] = ..., envoy: _Optional[str] = ..., stage: _Optional[str] = ..., metrics: _Optional[_Iterable[_Union[_tensors_pb2.Metric, _Mapping]]] = ..., timestamp: _Optional[float] = ..., experiment_done: _Optional[bool] = ..., state: _Optional[str] = ..., round_time_s: _Optional[float] = ..., participants: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ...) -> None: ...
 
+class MetricEventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[MetricEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[MetricEvent, _Mapping]]] = ...) -> None: ...
+
 class CancelExperimentRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]

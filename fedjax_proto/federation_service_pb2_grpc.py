@@ -65,6 +65,11 @@ class FederationServiceStub:
                 request_serializer=fedjax__proto_dot_federation__service__pb2.StreamMetricsRequest.SerializeToString,
                 response_deserializer=fedjax__proto_dot_federation__service__pb2.MetricEvent.FromString,
                 _registered_method=True)
+        self.StreamMetricBatches = channel.unary_stream(
+                '/fedjax.FederationService/StreamMetricBatches',
+                request_serializer=fedjax__proto_dot_federation__service__pb2.StreamMetricsRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_federation__service__pb2.MetricEventBatch.FromString,
+                _registered_method=True)
         self.GetModel = channel.unary_stream(
                 '/fedjax.FederationService/GetModel',
                 request_serializer=fedjax__proto_dot_federation__service__pb2.GetModelRequest.SerializeToString,
@@ -123,6 +128,14 @@ class FederationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamMetricBatches(self, request, context):
+        """The same events, many to a message (what was recorded between two looks, up to MAX_EVENT_BATCH_BYTES):
+        what the notebook API calls, falling back to StreamMetrics against a director without it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -176,6 +189,11 @@ def add_FederationServiceServicer_to_server(servicer, server):
                     servicer.StreamMetrics,
                     request_deserializer=fedjax__proto_dot_federation__service__pb2.StreamMetricsRequest.FromString,
                     response_serializer=fedjax__proto_dot_federation__service__pb2.MetricEvent.SerializeToString,
+            ),
+            'StreamMetricBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamMetricBatches,
+                    request_deserializer=fedjax__proto_dot_federation__service__pb2.StreamMetricsRequest.FromString,
+                    response_serializer=fedjax__proto_dot_federation__service__pb2.MetricEventBatch.SerializeToString,
             ),
             'GetModel': grpc.unary_stream_rpc_method_handler(
                     servicer.GetModel,
@@ -355,6 +373,33 @@ class FederationService:
             '/fedjax.FederationService/StreamMetrics',
             fedjax__proto_dot_federation__service__pb2.StreamMetricsRequest.SerializeToString,
             fedjax__proto_dot_federation__service__pb2.MetricEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamMetricBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedjax.FederationService/StreamMetricBatches',
+            fedjax__proto_dot_federation__service__pb2.StreamMetricsRequest.SerializeToString,
+            fedjax__proto_dot_federation__service__pb2.MetricEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

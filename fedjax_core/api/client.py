@@ -154,7 +154,20 @@ class FederationClient:
         ``follow=False`` only the events recorded so far. The gRPC call is appended to ``calls`` when given, so
         that another thread can ``cancel()`` it (the iteration then raises DirectorUnreachable)."""
         request = fed_pb.StreamMetricsRequest(experiment_name=name, snapshot=not follow)
+        received = False
         try:
+            call = self._stub.StreamMetricBatches(request, timeout=timeout_s)
+            if calls is not None:
+                calls.append(call)
+            for batch in call:
+                received = True
+                for msg in batch.events:
+                    yield serde.metric_event_from_proto(msg)
+            return
+        except grpc.RpcError as exc:
+            if received or exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise self._error(exc) from None
+        try:  # a director from before StreamMetricBatches: one message an event
             call = self._stub.StreamMetrics(request, timeout=timeout_s)
             if calls is not None:
                 calls.append(call)

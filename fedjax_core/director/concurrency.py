@@ -1,6 +1,6 @@
 """How the director's asyncio server spends threads, so that hundreds of envoys fit in a few.
 
-- **Long-polls wait without a thread.** ``WaitExperiment``, ``WaitTask`` and ``StreamMetrics``
+- **Long-polls wait without a thread.** ``WaitExperiment``, ``WaitTask`` and the metric streams
   are coroutines that sleep on :class:`Changes` until the director reports a change that
   concerns them (an envoy's own, or everyone's), then look again on a pool thread. At most
   ``max_waiting`` envoy calls, and apart from them ``max_waiting`` notebook streams, wait at
@@ -130,7 +130,8 @@ class Flow:
             if ready(answer) or left <= 0:
                 return answer
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), left)
+                async with asyncio.timeout(left):  # unlike wait_for, no task per wait
+                    await changed.wait()
 
     async def send(self, context: grpc.aio.ServicerContext, method: str, messages: Iterator) -> None:
         """Stream ``messages`` (a generator doing disk or numpy work) to the caller: they are made on the
@@ -140,7 +141,8 @@ class Flow:
             while batch := await self.loop.run_in_executor(self.transfer_pool, _next_batch, messages):
                 for message in batch:
                     try:
-                        await asyncio.wait_for(context.write(message), self.idle_s)
+                        async with asyncio.timeout(self.idle_s):
+                            await context.write(message)
                     except TimeoutError:
                         await self._stalled(context, method, "took no message")
         finally:
@@ -223,7 +225,8 @@ class _Incoming:
         """The next message, _END, or an exception (ConnectionError for a caller that stalled or left)."""
         left = self.progress_at + self.idle_s - self.loop.time()
         try:
-            message = await asyncio.wait_for(self.context.read(), max(left, 0.0))
+            async with asyncio.timeout(max(left, 0.0)):
+                message = await self.context.read()
         except TimeoutError:
             self.stalled = ("sent no message" if not self.messages else
                             f"sent {self.moved} bytes in {self.messages} messages")

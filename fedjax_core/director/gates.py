@@ -7,6 +7,26 @@ from collections.abc import Callable
 import grpc
 
 Refusal = Callable[[object, object], "tuple[grpc.StatusCode, str] | None"]  # (request, context) -> why not, or None
+MAX_KNOWN_METHODS = 256
+
+
+class WrappedHandlers:
+    """An interceptor's wrapped handlers, made once per method instead of once per call (an interceptor runs
+    for every call). Kept while the service answers a method with the same handler; at most MAX_KNOWN_METHODS
+    (method names come from callers, though only the services' own get a handler)."""
+
+    def __init__(self, wrap: Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]):
+        self._wrap = wrap
+        self._made: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # method: (its, ours)
+
+    def of(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        known = self._made.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(handler, method)
+        if len(self._made) < MAX_KNOWN_METHODS:
+            self._made[method] = (handler, wrapped)
+        return wrapped
 
 
 def guarded_handler(handler: grpc.RpcMethodHandler, refusal: Refusal | None,

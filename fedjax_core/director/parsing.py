@@ -13,7 +13,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
-from fedjax_core.director.gates import guarded_handler
+from fedjax_core.director.gates import WrappedHandlers, guarded_handler
 from fedjax_core.errors import InvalidRequestError
 
 
@@ -36,15 +36,22 @@ def _safe(deserializer):
 
 
 class ParseGate(grpc.aio.ServerInterceptor):
+    def __init__(self):
+        self._handlers = WrappedHandlers(_parse_checked)
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        # a stream's messages are checked where the stream is read; a single request here
-        return guarded_handler(handler, None if handler.request_streaming else _refuse_unparseable,
-                               request_deserializer=_safe(handler.request_deserializer),
-                               response_serializer=_serialized_passes(handler.response_serializer)
-                               if handler.response_streaming else None)
+        return self._handlers.of(handler, handler_call_details.method)
+
+
+def _parse_checked(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    # a stream's messages are checked where the stream is read; a single request here
+    return guarded_handler(handler, None if handler.request_streaming else _refuse_unparseable,
+                           request_deserializer=_safe(handler.request_deserializer),
+                           response_serializer=_serialized_passes(handler.response_serializer)
+                           if handler.response_streaming else None)
 
 
 def _serialized_passes(serializer):

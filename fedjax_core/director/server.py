@@ -14,7 +14,7 @@ import grpc
 from fedjax_core.config import DirectorConfig, resolve_path
 from fedjax_core.director.concurrency import Flow
 from fedjax_core.director.core import Director
-from fedjax_core.director.memory import tune_allocator
+from fedjax_core.director.memory import tune_allocator, tune_gc
 from fedjax_core.director.parsing import ParseGate
 from fedjax_core.director.servicer import EnvoyServicer, FederationServicer, Refusals, RoleGate
 from fedjax_core.sinks import factories_from_config
@@ -165,6 +165,7 @@ def run_director(config: DirectorConfig, tls: TLSFiles | None, config_dir: Path)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
+    tune_gc()
     log.info("director listening on %s:%d (%s, %s event loop); state in %s; metric sinks: %s",
              s.listen_host, port, "mTLS" if tls else "plaintext, TLS disabled", type(server.loop).__module__.split(".")[0],
              director.state_dir,

@@ -6,7 +6,7 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import NoReturn
 
 import grpc
@@ -17,7 +17,7 @@ from fedjax_core.director import limits, paging
 from fedjax_core.director.audit import AuditTrail
 from fedjax_core.director.concurrency import EVERYTHING, NOTEBOOKS, Flow
 from fedjax_core.director.core import Director
-from fedjax_core.director.gates import guarded_handler
+from fedjax_core.director.gates import WrappedHandlers, guarded_handler
 from fedjax_core.errors import FedError, InvalidRequestError, PermissionDeniedError
 from fedjax_core.transport import maps_errors, peer_common_name
 from fedjax_proto import envoy_service_pb2 as env_pb
@@ -28,6 +28,7 @@ from fedjax_proto import federation_service_pb2_grpc as fed_grpc
 log = logging.getLogger("fedjax.director")
 BUNDLE_CHUNK = 1 << 20
 MAX_LONG_POLL_S = 30.0
+MAX_EVENT_BATCH_BYTES = 1 << 20  # a StreamMetricBatches message holds events up to this size (one at least)
 
 
 class Refusals:
@@ -125,13 +126,15 @@ class RoleGate(grpc.aio.ServerInterceptor):
     def __init__(self, allowed_envoys: frozenset[str] | None = None, refusals: Refusals | None = None):
         self.allowed_envoys = allowed_envoys
         self.refusals = refusals or Refusals()
+        self._handlers = WrappedHandlers(self._guarded)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
+        return self._handlers.of(handler, handler_call_details.method)
 
+    def _guarded(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         def refusal(request, context) -> tuple[grpc.StatusCode, str] | None:
             try:
                 check_role(context, method, self.allowed_envoys, self.refusals)
@@ -422,6 +425,28 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
     @maps_errors
     async def StreamMetrics(self, request, context):
         """Every event of the experiment so far, then new ones as they come, then a final 'done' event."""
+        async for events in self._event_lists(request, context):
+            for event in events:
+                yield serde.metric_event_to_proto(event)
+
+    @maps_errors
+    async def StreamMetricBatches(self, request, context):
+        """StreamMetrics' events, those of each look together (up to MAX_EVENT_BATCH_BYTES a message): with
+        hundreds of envoys reporting, one message a look instead of one an event."""
+        async for events in self._event_lists(request, context):
+            batch, size = fed_pb.MetricEventBatch(), 0
+            for event in events:
+                message = serde.metric_event_to_proto(event)
+                if batch.events and size + message.ByteSize() > MAX_EVENT_BATCH_BYTES:
+                    yield batch
+                    batch, size = fed_pb.MetricEventBatch(), 0
+                batch.events.append(message)
+                size += message.ByteSize()
+            yield batch
+
+    async def _event_lists(self, request, context) -> AsyncIterator[list[r.MetricEvent]]:
+        """The metric streams' events as lists, one per look at the database (never empty), the last one
+        ending with the 'done' event once the experiment has ended (or, for a snapshot, the last one found)."""
         caller = Caller.of(context)
         self._check_submitter(caller)
         name = request.experiment_name
@@ -430,23 +455,25 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
             last_id = 0
             while True:
                 rows, done = await self.flow.short(self.director.catalog.events_after, name, last_id)
-                for last_id, event in rows:
-                    yield serde.metric_event_to_proto(event)
-                if not rows:
+                if rows:
+                    last_id = rows[-1][0]
+                    yield [event for _, event in rows]
+                else:
                     if done is not None:
-                        yield serde.metric_event_to_proto(done)
+                        yield [done]
                     return
         last_id = 0
         async with self.flow.waiting(context, NOTEBOOKS):
             while not self.director.closed:
-                batch = await self.flow.poll(EVERYTHING, lambda: self.director.catalog.events_after(name, last_id),
-                                             lambda b: bool(b[0]) or b[1] is not None or self.director.closed,
-                                             MAX_LONG_POLL_S)
-                rows, done = batch
-                for last_id, event in rows:
-                    yield serde.metric_event_to_proto(event)
+                rows, done = await self.flow.poll(EVERYTHING, lambda: self.director.catalog.events_after(name, last_id),
+                                                  lambda b: bool(b[0]) or b[1] is not None or self.director.closed,
+                                                  MAX_LONG_POLL_S)
+                events = [event for _, event in rows] + ([done] if done is not None else [])
+                if rows:
+                    last_id = rows[-1][0]
+                if events:
+                    yield events
                 if done is not None:
-                    yield serde.metric_event_to_proto(done)
                     return
 
     @maps_errors

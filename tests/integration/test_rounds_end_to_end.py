@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import signal
 
+import grpc
 import numpy as np
 import pytest
 
 from fedjax_core import FedAdam, FedAvgM, FLExperiment, ModelInterface
 from fedjax_core import records as r
+from fedjax_core import serde
 from fedjax_core.director.rules import select_participants
+from fedjax_proto import federation_service_pb2 as fed_pb
+from fedjax_proto import federation_service_pb2_grpc as fed_grpc
 from fl_experiment import SubsetDataset, create_train_state, make_tasks
 from processes import Stack, set_settings
 
@@ -35,6 +39,7 @@ def test_fedadam_killed_mid_experiment_ends_with_the_uninterrupted_model(stack):
     settings = dict(rounds_to_train=ROUNDS, opt_treatment="CONTINUE_GLOBAL", aggregation=FedAdam(eta=0.02))
     straight = start(fed, "adam-straight", **settings)
     assert straight.wait(timeout_s=300).state == "finished", stack.logs()
+    assert_streams_agree(stack, "adam-straight")
 
     killed = start(fed, "adam-killed", **settings)
     for event in fed.client.events("adam-killed"):
@@ -56,6 +61,23 @@ def test_fedadam_killed_mid_experiment_ends_with_the_uninterrupted_model(stack):
         assert a.tobytes() == b.tobytes()
     initial = leaves(create_train_state())
     assert not np.array_equal(initial[0], got[0])  # FedAdam moved the model
+
+
+def assert_streams_agree(stack, name: str) -> None:
+    """The notebook's batched metric stream (many events a message) and the one-event-a-message StreamMetrics
+    that older notebooks call give the same events, in the same order, snapshot and followed."""
+    request = fed_pb.StreamMetricsRequest(experiment_name=name, snapshot=True)
+    with grpc.insecure_channel(f"127.0.0.1:{stack.port}") as channel:
+        stub = fed_grpc.FederationServiceStub(channel)
+        single = [serde.metric_event_from_proto(m) for m in stub.StreamMetrics(request, timeout=30)]
+        batches = list(stub.StreamMetricBatches(request, timeout=30))
+    batched = [serde.metric_event_from_proto(m) for b in batches for m in b.events]
+    assert batched[:-1] == single[:-1]  # the 'done' events last, stamped when sent
+    assert batched[-1].experiment_done and single[-1].experiment_done and batched[-1].state == single[-1].state
+    assert len(batches) < len(single) / 10  # the events of a look travel together
+    followed = list(stack.federation().client.events(name))
+    assert [(e.round, e.envoy, e.stage, e.metrics) for e in followed] == [(e.round, e.envoy, e.stage, e.metrics)
+                                                                         for e in single]  # 'done' says when
 
 
 @pytest.fixture
