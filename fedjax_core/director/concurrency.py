@@ -119,13 +119,17 @@ class Flow:
         finally:
             self._waiting[budget] -= 1
 
-    async def poll(self, key: Any, look: Callable[[], T], ready: Callable[[T], bool], timeout: float) -> T:
+    async def poll(self, key: Any, look: Callable[[], T], ready: Callable[[T], bool], timeout: float,
+                   peek: Callable[[], T | None] | None = None) -> T:
         """``look()`` (on the short pool) until ``ready`` says yes or ``timeout`` passes; the last answer.
-        Between looks it sleeps until :class:`Changes` wakes ``key``."""
+        Between looks it sleeps until :class:`Changes` wakes ``key``. ``peek()``, tried first here on the loop,
+        may answer from memory without waiting for anything (None: it cannot tell, ``look`` does)."""
         deadline = self.loop.time() + timeout
         while True:
             changed = self.changes.watch(key)
-            answer = await self.short(look)
+            answer = peek() if peek is not None else None
+            if answer is None:
+                answer = await self.short(look)
             left = deadline - self.loop.time()
             if ready(answer) or left <= 0:
                 return answer
@@ -150,16 +154,18 @@ class Flow:
                 messages.close()  # a caller that went away: the generator's files close now
 
     async def receive(self, context: grpc.aio.ServicerContext, method: str, consume: Callable[[Iterator], T],
-                      submission: bool = False, admit: Callable[[Any], None] | None = None) -> T:
+                      submission: bool = False, admit: Callable[[Any], None] | None = None,
+                      admit_here: Callable[[Any], bool] | None = None) -> T:
         """Run ``consume(requests)`` on the transfer pool, where ``requests`` yields the call's messages as they
         arrive. The first message is read, and checked by ``admit(first)`` (on the short pool; it raises to
-        refuse the call), before an upload slot (a submission slot for submissions) is taken. A transfer that
+        refuse the call), before an upload slot (a submission slot for submissions) is taken; ``admit_here(first)``
+        is tried first on the loop, and True spares that trip (it admitted the call from memory). A transfer that
         makes no progress for ``idle_s`` ends the call. The slot is freed when ``consume`` has returned."""
         incoming = _Incoming(context, self.loop, self.idle_s)
         first = await incoming.next()
         if isinstance(first, Exception):
             await self._ended(context, method, incoming, first)
-        if admit is not None and first is not _END:
+        if admit is not None and first is not _END and not (admit_here is not None and admit_here(first)):
             await self.short(admit, first)
         slots = self._submissions if submission else self._uploads
         await slots.acquire()

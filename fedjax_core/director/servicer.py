@@ -28,6 +28,7 @@ from fedjax_proto import federation_service_pb2_grpc as fed_grpc
 log = logging.getLogger("fedjax.director")
 BUNDLE_CHUNK = 1 << 20
 MAX_LONG_POLL_S = 30.0
+NOTHING_YET = r.Task(kind=r.TaskKind.NONE)
 MAX_EVENT_BATCH_BYTES = 1 << 20  # a StreamMetricBatches message holds events up to this size (one at least)
 
 
@@ -233,10 +234,12 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
             raise InvalidRequestError(f"max_wait_s is NaN; give the seconds to wait (0 to {MAX_LONG_POLL_S:g})")
         wait = min(max(request.max_wait_s, 0.0), MAX_LONG_POLL_S)
         inline = request.inline_model
+        workers = self.director.workers
         async with self.flow.waiting(context):
             task, model = await self.flow.poll(
-                envoy, lambda: self.director.workers.task_with_model(envoy, experiment, inline),
-                lambda found: found[0].kind != r.TaskKind.NONE or self.director.closed, wait)
+                envoy, lambda: workers.task_with_model(envoy, experiment, inline),
+                lambda found: found[0].kind != r.TaskKind.NONE or self.director.closed, wait,
+                peek=lambda: (NOTHING_YET, None) if workers.nothing_to_do(envoy, experiment) else None)
         response = serde.task_to_proto(task)
         if model is not None:
             response.model.extend(serde.chunk_protos(model))
@@ -246,8 +249,8 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     @maps_errors
     async def GetRoundModel(self, request, context):
         self._check_identity(Caller.of(context), request.envoy_name)
-        chunks = self.director.workers.round_model(request.envoy_name, request.experiment_name, request.round)
-        await self.flow.send(context, "GetRoundModel", serde.chunk_messages(chunks))
+        messages = self.director.workers.round_model(request.envoy_name, request.experiment_name, request.round)
+        await self.flow.send(context, "GetRoundModel", messages)
 
     @maps_errors
     def ReportMetrics(self, request, context):
@@ -284,7 +287,15 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
                 self.director.workers.check_upload(h.envoy_name, h.experiment_name, h.round,
                                                    [serde.stage_report_from_proto(m) for m in h.reports])
 
-        received = await self.flow.receive(context, "UploadUpdate", consume, admit=admit)
+        def admit_here(first) -> bool:  # the same from memory, on the loop, when it can tell at once
+            if not first.HasField("header"):
+                return False
+            h = first.header
+            self._check_identity(caller, h.envoy_name)
+            return self.director.workers.admit_upload_in_memory(
+                h.envoy_name, h.experiment_name, h.round, [serde.stage_report_from_proto(m) for m in h.reports])
+
+        received = await self.flow.receive(context, "UploadUpdate", consume, admit=admit, admit_here=admit_here)
         return env_pb.UploadUpdateResponse(bytes_received=received)
 
     @maps_errors

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedjax_core import records as r
+from fedjax_core import serde
 from fedjax_core.director import limits, round_machine, transfers
+from fedjax_core.director.model_cache import RoundModelCache
 from fedjax_core.director.round_machine import CheckedIn, Dropped, Effect, Failed, Refused, UpdateStored, Validated
 from fedjax_core.director.rounds import Run
 from fedjax_core.secagg.protocol import MASKED_TENSOR
@@ -35,14 +36,17 @@ log = logging.getLogger("fedjax.director")
 # A round model up to this size rides inside each participant's task: a round opening for every envoy at once then
 # holds at most this much per waiting call (settings.max_waiting_calls) in answers not yet sent.
 INLINE_MODEL_BYTES = 16 << 10
-MAX_INLINE_MODELS = 64  # experiments whose inline round model is kept
+INLINE_CACHE_BYTES = 1 << 20  # inline models kept, over all experiments (64 at the largest)
+# A round model up to this size is read, packed and serialized once for all its participants' GetRoundModel (kept
+# while the round runs, within this bound over all experiments); a larger one is read from disk for each.
+DOWNLOAD_CACHE_BYTES = 64 << 20
 
 
 class WorkerCalls:
     def __init__(self, director: Director):
         self.director = director  # owns the lock and the runs, and carries out what the rounds decide
-        self._inline: dict[str, tuple[Path, list[r.TensorChunk] | None, int]] = {}  # experiment -> its round's
-        self._inline_lock = threading.Lock()
+        self._inline: RoundModelCache[tuple[list[r.TensorChunk] | None, int]] = RoundModelCache(INLINE_CACHE_BYTES)
+        self._downloads: RoundModelCache[tuple[list[bytes], int]] = RoundModelCache(DOWNLOAD_CACHE_BYTES)
 
     def _running(self, envoy: str, experiment: str) -> Run:
         """Under the lock: ``experiment``'s run, refused unless it runs and ``envoy`` works for it."""
@@ -80,8 +84,37 @@ class WorkerCalls:
             return r.Task(kind=r.TaskKind.FINISHED, message=f"experiment {experiment!r} is {row.state}")
         return r.Task(kind=r.TaskKind.NONE)
 
-    def round_model(self, envoy: str, experiment: str, round_: int) -> Iterator[r.TensorChunk]:
-        """Stream the model of ``round_`` to a worker: only the tensors its opt_treatment moves."""
+    def nothing_to_do(self, envoy: str, experiment: str) -> bool:
+        """From memory alone, on the event loop: True when ``envoy``'s worker has nothing to do in the running
+        ``experiment`` now (``current_task`` would say NONE); False when it has, or when this cannot tell at once
+        (the lock is busy, the experiment is not running: ``current_task`` tells then)."""
+        d = self.director
+        if not d.lock.acquire(blocking=False):
+            return False
+        try:
+            run = d.run(experiment)
+            return run is not None and run.task_for(envoy).kind == r.TaskKind.NONE
+        finally:
+            d.lock.release()
+
+    def round_model(self, envoy: str, experiment: str, round_: int) -> Iterator[bytes]:
+        """Stream the model of ``round_`` to a worker as serialized TensorChunk messages: only the tensors its
+        opt_treatment moves. Up to DOWNLOAD_CACHE_BYTES, made once for every participant of the round."""
+        run, path = self._open_round_model(envoy, experiment, round_)
+        model = ModelFile(path)
+        names = [n for n in model.names() if n in run.upload]
+        if sum(nbytes_of(model.spec(n)) for n in names) <= DOWNLOAD_CACHE_BYTES:
+            messages, sent = self._downloads.get(experiment, path, lambda _: _serialized(model, names))
+            yield from messages
+        else:
+            sent = 0
+            for message, nbytes in _messages(model, names):
+                sent += nbytes
+                yield message
+        self._count_download(run, envoy, sent)
+
+    def _open_round_model(self, envoy: str, experiment: str, round_: int) -> tuple[Run, Path]:
+        """The run and the file a worker's GetRoundModel reads, refused unless ``round_`` is open."""
         d = self.director
         with d.lock:
             run = self._running(envoy, experiment)
@@ -89,12 +122,10 @@ class WorkerCalls:
                 closing = " (closing)" if run.state.phase == round_machine.Phase.CLOSING else ""
                 raise PreconditionError(f"round {round_} is not open: the current round of {experiment!r} is "
                                         f"{run.round}{closing}")
-            path = d.files.model(experiment, round_)
-        model = ModelFile(transfers.download_path(d.files, run, path))
-        sent = 0
-        for chunk in model.iter_chunks([n for n in model.names() if n in run.upload]):
-            sent += len(chunk.data)
-            yield chunk
+            return run, transfers.download_path(d.files, run, d.files.model(experiment, round_))
+
+    def _count_download(self, run: Run, envoy: str, sent: int) -> None:
+        d = self.director
         with d.lock:
             if d.run(run.name) is run:
                 run.traffic.count(envoy, sent, upload=False)
@@ -120,26 +151,19 @@ class WorkerCalls:
             if round_ != run.round or not run.state.open:
                 return None  # the round moved on since the task was read: the worker asks again
             path = transfers.download_path(d.files, run, d.files.model(experiment, round_))
-        with self._inline_lock:
-            cached = self._inline.get(experiment)
-        if cached is None or cached[0] != path:
+
+        def read(path: Path) -> tuple[tuple[list[r.TensorChunk] | None, int], int]:
             model = ModelFile(path)
             names = [n for n in model.names() if n in run.upload]
             if sum(nbytes_of(model.spec(n)) for n in names) > INLINE_MODEL_BYTES:
-                chunks = None
-            else:
-                chunks = list(model.iter_chunks(names))
-            cached = (path, chunks, sum(len(c.data) for c in chunks or ()))
-            with self._inline_lock:
-                self._inline.pop(experiment, None)
-                self._inline[experiment] = cached
-                while len(self._inline) > MAX_INLINE_MODELS:
-                    self._inline.pop(next(iter(self._inline)))
-        _, chunks, size = cached
+                return (None, 0), 0
+            chunks = list(model.iter_chunks(names))
+            size = sum(len(c.data) for c in chunks)
+            return (chunks, size), size
+
+        chunks, size = self._inline.get(experiment, path, read)
         if chunks is not None:
-            with d.lock:
-                if d.run(run.name) is run:
-                    run.traffic.count(envoy, size, upload=False)
+            self._count_download(run, envoy, size)
         return chunks
 
     def report_metrics(self, envoy: str, experiment: str, round_: int, stage: str,
@@ -184,6 +208,22 @@ class WorkerCalls:
         limits.check_reports(envoy, reports)
         with d.lock:
             self._upload_run(envoy, experiment, round_)
+
+    def admit_upload_in_memory(self, envoy: str, experiment: str, round_: int,
+                               reports: Sequence[r.StageReport] = ()) -> bool:
+        """``check_upload`` from memory alone, on the event loop: True when it admits the upload, raising as it
+        does for what it refuses; False when only it can tell (the lock is busy, the experiment is not running)."""
+        limits.check_reports(envoy, reports)
+        d = self.director
+        if not d.lock.acquire(blocking=False):
+            return False
+        try:
+            if d.run(experiment) is None:
+                return False
+            self._upload_run(envoy, experiment, round_)
+            return True
+        finally:
+            d.lock.release()
 
     def _upload_run(self, envoy: str, experiment: str, round_: int) -> Run:
         """Under the lock: the run an upload goes to, refused unless the round asked this envoy for one."""
@@ -379,3 +419,17 @@ class WorkerCalls:
         except InvalidRequestError as exc:
             return f"{len(remaining)} envoys, too few for the rounds to come ({exc})"
         return ""
+
+
+def _messages(model: ModelFile, names: list[str]) -> Iterator[tuple[bytes, int]]:
+    """``names`` of ``model`` as the serialized messages GetRoundModel streams, each with the tensor bytes it
+    carries (what the traffic counts)."""
+    for group in serde.pack(model.iter_chunks(names)):
+        yield b"".join(serde.message_wire(group)), sum(len(c.data) for c in group)
+
+
+def _serialized(model: ModelFile, names: list[str]) -> tuple[tuple[list[bytes], int], int]:
+    """``_messages`` made whole for the download cache: (the messages, their tensor bytes), and their size."""
+    pairs = list(_messages(model, names))
+    messages = [message for message, _ in pairs]
+    return (messages, sum(n for _, n in pairs)), sum(len(m) for m in messages)

@@ -14,6 +14,7 @@ from fedjax_core.errors import InvalidRequestError, PreconditionError
 from fedjax_core.spec import from_flat
 from fedjax_core.tensors import assemble, iter_chunks, spec_of
 from fedjax_core.model_file import ModelFile
+from test_core import round_model
 
 RNG = np.random.default_rng(3)
 INITIAL = {"params/w": RNG.standard_normal((4, 3)).astype(np.float32), "params/b": np.zeros(3, np.float32)}
@@ -117,7 +118,7 @@ def test_an_upload_encoded_against_the_experiments_settings_is_refused(director,
 def test_compressed_downloads_travel_as_int8_and_bytes_are_counted_per_envoy(director):
     submit(director, compression="int8", compress_downloads=True)
     specs = {}
-    arrays = assemble(director.workers.round_model("a", "exp", 0), specs)
+    arrays = assemble(round_model(director, "a", "exp", 0), specs)
     assert {s.dtype for s in specs.values()} == {"int8"}
     for name, array in arrays.items():
         np.testing.assert_allclose(codecs.decode(array, specs[name].encoding), INITIAL[name],

@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 
 from fedjax_core import records as r
+from fedjax_core import serde
 from fedjax_core.director.core import Director
 from fedjax_core.director.round_machine import DeadlinePassed
 from fedjax_core.errors import AlreadyExistsError, InvalidRequestError, PreconditionError
 from fedjax_core.spec import ExperimentSpec, from_flat
 from fedjax_core.tensors import iter_chunks, spec_of
 from fedjax_core.model_file import ModelFile
+from fedjax_proto import tensors_pb2 as t_pb
 
 INITIAL = {"params/w": np.arange(6, dtype=np.float32).reshape(2, 3), "params/b": np.zeros(3, np.float32),
            "step": np.array(0, np.int32)}
@@ -32,6 +34,12 @@ def header(name="exp", **overrides) -> ExperimentSpec:
 
 def submit(d: Director, h: ExperimentSpec | None = None, chunks=None) -> int:
     return d.submit_experiment(h or header(), [b"abc"], chunks if chunks is not None else iter_chunks(INITIAL))
+
+
+def round_model(d: Director, envoy: str, experiment: str, round_: int) -> list[r.TensorChunk]:
+    """What GetRoundModel streams to ``envoy``'s worker, parsed back into chunks."""
+    return list(serde.chunk_stream(t_pb.TensorChunk.FromString(m)
+                                   for m in d.workers.round_model(envoy, experiment, round_)))
 
 
 def update(scale: float) -> dict[str, np.ndarray]:

@@ -10,11 +10,11 @@ from fedjax_core import records as r
 from fedjax_core.director import worker_calls
 from fedjax_core.director.memory_store import MemoryStore
 from fedjax_core.director.store import SqliteStore
-from fedjax_core.errors import InvalidRequestError
+from fedjax_core.errors import InvalidRequestError, PreconditionError
 from fedjax_core.model_file import ModelFile
 from fedjax_core.spec import SecureAggregation
 from fedjax_core.tensors import assemble, iter_chunks
-from test_core import INITIAL, header, make_director, submit, update
+from test_core import INITIAL, header, make_director, round_model, submit, update
 
 
 def reports(agg: float, train: float, local: float, valid: int = 5, n_train: int = 10) -> list[r.StageReport]:
@@ -100,7 +100,7 @@ def test_the_task_carries_the_rounds_model_as_get_round_model_streams_it(tmp_pat
     submit(d)
     task, chunks = d.workers.task_with_model("a", "exp", inline=True)
     assert task.kind == r.TaskKind.TRAIN and chunks is not None
-    streamed = assemble(d.workers.round_model("b", "exp", 0), {})
+    streamed = assemble(round_model(d, "b", "exp", 0), {})
     carried = assemble(iter(chunks), {})
     assert carried.keys() == streamed.keys() == set(INITIAL)
     for name in INITIAL:
@@ -149,3 +149,61 @@ def test_add_events_records_a_batch_and_skips_what_was_recorded(tmp_path, make_s
     rows = store.events("exp")
     assert [(e.stage, w) for _, e, w in rows] == [(r.Stage.TRAIN, 10.0), (r.Stage.LOCAL, 5.0)]
     assert rows[0][0] < rows[1][0]
+
+
+def test_answers_from_memory_agree_with_the_full_checks_or_defer_to_them(tmp_path):
+    """What the event loop answers without a thread (a worker with nothing to do, an admitted upload) is what
+    current_task and check_upload say; with the lock busy or the experiment not running it defers to them."""
+    import threading
+
+    d = make_director(tmp_path)
+    submit(d)
+    w = d.workers
+    assert not w.nothing_to_do("a", "exp") and w.current_task("a", "exp").kind == r.TaskKind.TRAIN
+    assert w.admit_upload_in_memory("a", "exp", 0, reports(0.1, 1.0, 0.2))
+    with pytest.raises(InvalidRequestError, match="finite"):
+        w.admit_upload_in_memory("a", "exp", 0, [r.StageReport(r.Stage.TRAIN, (r.Metric("t", "l", float("nan")),), 5)])
+    with pytest.raises(PreconditionError) as refused:
+        w.admit_upload_in_memory("a", "exp", 3)
+    with pytest.raises(PreconditionError) as full:
+        w.check_upload("a", "exp", 3)
+    assert str(refused.value) == str(full.value)
+    w.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))
+    assert w.nothing_to_do("a", "exp") and w.current_task("a", "exp").kind == r.TaskKind.NONE  # uploaded: waits
+    with pytest.raises(PreconditionError):
+        w.admit_upload_in_memory("a", "exp", 0)  # a second upload for the round
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with d.lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        held.wait(10)
+        assert not w.nothing_to_do("a", "exp")  # cannot tell at once: the full look (on a pool thread) will
+        assert not w.admit_upload_in_memory("b", "exp", 0)
+    finally:
+        release.set()
+        holder.join()
+    assert not w.nothing_to_do("a", "other") and not w.admit_upload_in_memory("a", "other", 0)  # not running
+    d.close()
+
+
+def test_get_round_model_is_made_once_per_round_and_streams_what_the_uncached_path_does(tmp_path, monkeypatch):
+    d = make_director(tmp_path)
+    submit(d)
+    made = []
+    serialized = worker_calls._serialized
+    monkeypatch.setattr(worker_calls, "_serialized", lambda *a: made.append(1) or serialized(*a))
+    cached = [list(d.workers.round_model(envoy, "exp", 0)) for envoy in ("a", "b")]
+    assert cached[0] == cached[1] and len(made) == 1  # one read for both participants
+    monkeypatch.setattr(worker_calls, "DOWNLOAD_CACHE_BYTES", 0)  # a model over the bound: read for each
+    assert list(d.workers.round_model("a", "exp", 0)) == cached[0] and len(made) == 1
+    run = d.run("exp")
+    tensor_bytes = sum(len(c.data) for c in round_model(d, "b", "exp", 0))
+    assert run.traffic.bytes_out == {"a": 2 * tensor_bytes, "b": 2 * tensor_bytes}  # tensor bytes, both paths
+    d.close()

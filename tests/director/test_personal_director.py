@@ -14,6 +14,7 @@ from fedjax_core.errors import InvalidRequestError
 from fedjax_core.model_file import ModelFile
 from fedjax_core.spec import ExperimentSpec
 from fedjax_core.tensors import iter_chunks, spec_of
+from test_core import round_model
 
 INITIAL = {"params/body/w": np.arange(6, dtype=np.float32).reshape(2, 3),
            "params/head/w": np.full((3, 2), 7.0, np.float32), "params/head/b": np.ones(2, np.float32)}
@@ -41,7 +42,7 @@ def test_tasks_carry_the_patterns_and_the_round_model_leaves_the_personal_tensor
     task = director.workers.current_task("a", "exp")
     assert task.kind == r.TaskKind.TRAIN and task.personal == PATTERNS
     assert task.upload_tensors == ("params/body/w",)
-    assert {chunk.name for chunk in director.workers.round_model("a", "exp", 0)} == {"params/body/w"}
+    assert {chunk.name for chunk in round_model(director, "a", "exp", 0)} == {"params/body/w"}
 
 
 def test_an_upload_with_a_personal_tensor_is_refused_and_the_aggregate_keeps_the_initial_head(director, tmp_path):

@@ -16,6 +16,7 @@ from fedjax_core.errors import InvalidRequestError, PreconditionError
 from fedjax_core.spec import ExperimentSpec, from_flat
 from fedjax_core.tensors import iter_chunks, spec_of
 from fedjax_core.model_file import ModelFile
+from test_core import round_model
 
 INITIAL = {"params/w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "params/b": np.zeros(4, np.float32),
            "step": np.array(0, np.int32)}
@@ -261,7 +262,7 @@ def test_a_round_model_asked_for_while_the_round_closes_is_refused_and_old_files
     try:
         assert in_close.wait(30)
         with pytest.raises(PreconditionError, match=r"round 0 is not open: the current round of 'exp' is 0 \(closing\)"):
-            list(d.workers.round_model("a", "exp", 0))
+            round_model(d, "a", "exp", 0)
         assert len(list(d.catalog.model_chunks("exp", "last"))) > 0  # the last model is still there to download
     finally:
         release.set()
@@ -269,7 +270,7 @@ def test_a_round_model_asked_for_while_the_round_closes_is_refused_and_old_files
     assert not in_close.timed_out
     exp = tmp_path / "state" / "experiments" / "exp"
     assert not (exp / "model_round_0000.fjm").exists() and (exp / "model_round_0001.fjm").exists()
-    assert len(list(d.workers.round_model("a", "exp", 1))) > 0
+    assert len(round_model(d, "a", "exp", 1)) > 0
     d.close()
 
 
