@@ -148,13 +148,15 @@ class MemoryStore:
             return str(found.others["bundle_sha256"]) if found is not None else ""
 
     # updates of the round in progress
-    def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int) -> None:
+    def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int,
+                   events: Sequence[tuple[r.MetricEvent, float]] = ()) -> list[bool]:
         with self._lock:
             kept = self._updates.setdefault((experiment, round_), {})
             if envoy in kept:
                 raise AlreadyExistsError(f"experiment {experiment!r} keeps an update of envoy {envoy!r} for round "
                                          f"{round_} already")
             kept[envoy] = (float(weight), Path(path), int(nbytes))
+        return self.add_events(experiment, events)
 
     def updates(self, experiment: str, round_: int) -> list[tuple[str, float, Path, int]]:
         with self._lock:

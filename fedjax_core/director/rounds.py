@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedjax_core import records as r
@@ -278,17 +278,20 @@ class RoundEngine:
         return float(sample_count)
 
     # ------------------------------------------------------------------ keeping
-    def keep(self, run: Run, envoy: str, spool: Path, weight: float, nbytes: int) -> None:
-        """Keep an envoy's spooled update for the round (checked now, read when the round closes). The caller
-        holds ``run.keep_lock``."""
+    def keep(self, run: Run, envoy: str, spool: Path, weight: float, nbytes: int,
+             events: Sequence[tuple[r.MetricEvent, float]] = ()) -> list[bool]:
+        """Keep an envoy's spooled update for the round (checked now, read when the round closes), with the
+        metric ``events`` it carried in the same write; which of them were added. The caller holds
+        ``run.keep_lock``."""
         path = self.files.keep_update(spool, run.name, run.round, envoy)
-        self.store.add_update(run.name, run.round, envoy, weight, path, nbytes)  # first: a restart keeps it again
+        added = self.store.add_update(run.name, run.round, envoy, weight, path, nbytes, events)  # first: a restart keeps it again
         try:
             run.updates.add(Upload(envoy, weight, ModelFile(path)))  # checks everything before keeping anything
         except FedError:
             self.store.drop_update(run.name, run.round, envoy)
             path.unlink(missing_ok=True)
             raise
+        return added
 
     # ------------------------------------------------------------------ closing
     def close(self, run: Run) -> Outcome | None:

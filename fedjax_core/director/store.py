@@ -250,10 +250,13 @@ class SqliteStore:
         return rows[0][0] if rows else ""
 
     # updates of the round in progress
-    def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int) -> None:
+    def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int,
+                   events: Sequence[tuple[r.MetricEvent, float]] = ()) -> list[bool]:
         try:
-            self._write("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?)",
-                        (experiment, round_, envoy, weight, str(path), nbytes))
+            with self._lock, self._db:  # one transaction, one disk sync, for the row and the events
+                self._db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?)",
+                                 (experiment, round_, envoy, weight, str(path), nbytes))
+                return [self._insert_event(experiment, event, weight) for event, weight in events]
         except sqlite3.IntegrityError:
             raise AlreadyExistsError(f"experiment {experiment!r} keeps an update of envoy {envoy!r} for round "
                                      f"{round_} already") from None
@@ -307,11 +310,14 @@ class SqliteStore:
     def add_events(self, experiment: str, events: Sequence[tuple[r.MetricEvent, float]]) -> list[bool]:
         """Record ``(event, weight)`` pairs in one transaction (one disk sync for them all)."""
         with self._lock, self._db:
-            return [self._db.execute(_INSERT_EVENT, (
-                experiment, event.round, event.envoy, event.stage,
-                json.dumps([[m.task, m.name, m.value] for m in event.metrics]), weight, event.timestamp,
-                event.round_time_s, json.dumps(list(event.participants)), event.note)).rowcount > 0
-                for event, weight in events]
+            return [self._insert_event(experiment, event, weight) for event, weight in events]
+
+    def _insert_event(self, experiment: str, event: r.MetricEvent, weight: float) -> bool:
+        """Within a transaction the caller holds: True when added (False: that report was recorded already)."""
+        return self._db.execute(_INSERT_EVENT, (
+            experiment, event.round, event.envoy, event.stage,
+            json.dumps([[m.task, m.name, m.value] for m in event.metrics]), weight, event.timestamp,
+            event.round_time_s, json.dumps(list(event.participants)), event.note)).rowcount > 0
 
     def events(self, experiment: str, after_id: int = 0, round_: int | None = None) -> list[tuple[int, r.MetricEvent, float]]:
         sql = ("SELECT id, round, envoy, stage, metrics, weight, ts, round_time_s, participants, note FROM events "

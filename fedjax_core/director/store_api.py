@@ -68,8 +68,11 @@ class Store(Protocol):
         """The hex SHA-256 of the experiment's bundle as submitted ('' if unknown)."""
 
     # updates of the round in progress
-    def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int) -> None:
-        """Keep an envoy's update of a round; a second one for the same round raises AlreadyExistsError."""
+    def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int,
+                   events: Sequence[tuple[r.MetricEvent, float]] = ()) -> list[bool]:
+        """Keep an envoy's update of a round, and ``events`` (the reports it carried) in the same transaction
+        (``add_events``' answer for them); a second update for the same round raises AlreadyExistsError and keeps
+        neither."""
 
     def updates(self, experiment: str, round_: int) -> list[tuple[str, float, Path, int]]:
         """``(envoy, weight, path, nbytes)`` of the round's kept updates, in the order they were kept."""

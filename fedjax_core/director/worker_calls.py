@@ -183,16 +183,26 @@ class WorkerCalls:
             raise PreconditionError(f"envoy {envoy!r} was not selected for round {round_} of {experiment!r}")
         return run
 
+    def _events(self, run: Run, envoy: str, round_: int,
+                reports: Sequence[r.StageReport]) -> list[tuple[r.MetricEvent, float]]:
+        """Checked ``reports`` of ``envoy`` as the ``(event, weight)`` pairs the store records."""
+        d = self.director
+        now = d.clock()
+        return [(r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage(rep.stage), metrics=rep.metrics,
+                               timestamp=now), d.engine.report_weight(run, envoy, rep.stage, rep.sample_count))
+                for rep in reports]
+
+    def _log(self, run: Run, events: Sequence[tuple[r.MetricEvent, float]], added: Sequence[bool]) -> None:
+        """Hand the recorded events that were new to the metric sinks."""
+        for (event, _), new in zip(events, added):
+            if new:
+                self.director.loggers.log(run.name, event)
+
     def _record(self, run: Run, envoy: str, round_: int, reports: Sequence[r.StageReport]) -> None:
         """Record checked ``reports`` of ``envoy`` in one write, log them, and tell the round of a validation."""
         d = self.director
-        now = d.clock()
-        events = [(r.MetricEvent(round=round_, envoy=envoy, stage=r.Stage(rep.stage), metrics=rep.metrics,
-                                 timestamp=now), d.engine.report_weight(run, envoy, rep.stage, rep.sample_count))
-                  for rep in reports]
-        for (event, _), added in zip(events, d.store.add_events(run.name, events)):
-            if added:
-                d.loggers.log(run.name, event)
+        events = self._events(run, envoy, round_, reports)
+        self._log(run, events, d.store.add_events(run.name, events))
         effects: tuple[Effect, ...] = ()
         with d.lock:
             validated = any(rep.stage == r.Stage.AGGREGATED for rep in reports)
@@ -259,12 +269,12 @@ class WorkerCalls:
             weight = d.engine.weight(run, envoy, sample_count)
             try:
                 spool, received = transfers.receive_update(d.files, run, envoy, round_, chunks)
+                events = self._events(run, envoy, round_, reports)
                 try:
-                    if reports:
-                        self._record(run, envoy, round_, reports)
-                    effects = self._keep(run, envoy, round_, spool, weight, received)
+                    effects, added = self._keep(run, envoy, round_, spool, weight, received, events)
                 finally:
                     spool.unlink(missing_ok=True)
+                self._log(run, events, added)  # before the round (its last update) closes and logs the aggregate
             except OSError as exc:
                 if not is_disk_full(exc):
                     raise
@@ -325,19 +335,21 @@ class WorkerCalls:
                 d.changed(envoy)
         d.after(run, effects)
 
-    def _keep(self, run: Run, envoy: str, round_: int, spool: Path, weight: float,
-              received: int) -> tuple[Effect, ...]:
-        """Keep a checked update under the run's keep_lock; the round learns of it once it is stored."""
+    def _keep(self, run: Run, envoy: str, round_: int, spool: Path, weight: float, received: int,
+              events: Sequence[tuple[r.MetricEvent, float]] = ()) -> tuple[tuple[Effect, ...], list[bool]]:
+        """Keep a checked update, and the metric events it carried in the same write, under the run's keep_lock;
+        the round learns of it once it is stored. The effects to carry out, and which events were new."""
         d = self.director
         failure = None
         effects: tuple[Effect, ...] = ()
+        added: list[bool] = []
         with run.keep_lock:
             with d.lock:
                 if d.run(run.name) is not run:
                     raise PreconditionError(f"round {round_} of {run.name!r} is not open for training updates")
                 round_machine.check_upload(run.state, envoy, round_)  # the round may have closed meanwhile
             try:
-                d.engine.keep(run, envoy, spool, weight, received)
+                added = d.engine.keep(run, envoy, spool, weight, received, events)
             except (FedError, OSError):
                 raise
             except Exception as exc:  # the round's updates can no longer be trusted: stop, and say why
@@ -354,7 +366,7 @@ class WorkerCalls:
             d.cleanup(run)
         if failure is not None:
             raise failure
-        return effects
+        return effects, added
 
     def check_in(self, envoy: str, experiment: str, round_: int, divergence: float) -> bool:
         """Periodic and dynamic averaging: ``envoy`` trained round ``round_`` and its model is ``divergence``

@@ -452,3 +452,18 @@ def test_the_audit_table_refuses_changes(path):
             store._write(sql)
     assert [e.actor for e in store.audit()] == ["alice"]
     store.close()
+
+
+def test_an_update_and_the_reports_it_carried_are_kept_together_or_not_at_all(store, tmp_path):
+    reports = [(_event(0, "env_one", r.Stage.AGGREGATED, 0.1), 5.0), (_event(0, "env_one", r.Stage.TRAIN, 0.2), 10.0)]
+    assert store.add_update("exp1", 0, "env_one", 1.0, tmp_path / "a", 1, reports) == [True, True]
+    assert [(e.stage, w) for _, e, w in store.events("exp1")] == [(r.Stage.AGGREGATED, 5.0), (r.Stage.TRAIN, 10.0)]
+    again = [(_event(0, "env_one", r.Stage.LOCAL, 0.3), 5.0)]
+    with pytest.raises(AlreadyExistsError):  # a second update for the round: neither it nor its reports kept
+        store.add_update("exp1", 0, "env_one", 2.0, tmp_path / "b", 2, again)
+    assert [e.stage for _, e, _ in store.events("exp1")] == [r.Stage.AGGREGATED, r.Stage.TRAIN]
+    assert store.updates("exp1", 0) == [("env_one", 1.0, tmp_path / "a", 1)]
+    recorded = [(_event(0, "env_two", r.Stage.TRAIN, 0.4), 10.0)]
+    store.add_events("exp1", recorded)  # reported by ReportMetrics before its upload failed and came again
+    assert store.add_update("exp1", 0, "env_two", 1.0, tmp_path / "c", 1, recorded) == [False]
+    assert store.add_update("exp1", 1, "env_two", 1.0, tmp_path / "d", 1) == []
