@@ -183,8 +183,9 @@ class ModelFileWriter:
                     f"tensor {self._current!r}: got {entry['received']} of {entry['nbytes']} bytes"
                 )
 
-    def commit(self) -> list[TensorSpec]:
-        """Check completeness, write the footer and move the file into place."""
+    def commit(self, sync_folder: bool = True) -> list[TensorSpec]:
+        """Check completeness, write the footer and move the file into place. ``sync_folder=False`` leaves the
+        new name's durability to the caller, who moves the file on and syncs the folder it ends up in."""
         self._close_current()
         if self._expected is not None:
             missing = sorted(set(self._expected) - set(self._entries))
@@ -200,7 +201,8 @@ class ModelFileWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._tmp, self.path)
-        fsync_dir(self.path.parent)
+        if sync_folder:
+            fsync_dir(self.path.parent)
         return [_spec_of_entry(e) for e in self._entries.values()]
 
     def abort(self) -> None:

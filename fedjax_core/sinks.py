@@ -24,6 +24,8 @@ import os
 import resource
 import queue
 import re
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from tensorboardX import summary as tb_summary
-from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.record_writer import masked_crc32c
 from tensorboardX.proto import event_pb2, summary_pb2
 
 from fedjax_core import records as r
@@ -97,14 +99,49 @@ def open_runs_limit() -> int:
     return 4096 if soft == resource.RLIM_INFINITY else max(128, min(4096, soft // 4))
 
 
+class EventFile:
+    """One TensorBoard event file (``events.out.tfevents.<seconds>.<host><suffix>`` in ``folder``, as
+    tensorboardX names them), appended to in TFRecord framing. ``flush`` hands what was written to the operating
+    system without an fsync; ``close`` syncs the file."""
+
+    def __init__(self, folder: Path, suffix: str):
+        self.path = folder / f"events.out.tfevents.{str(time.time())[:10]}.{socket.gethostname()}{suffix}"
+        self._lock = threading.Lock()
+        self._file = open(self.path, "wb")
+        self.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def write(self, event: event_pb2.Event) -> None:
+        data = event.SerializeToString()
+        header = _RECORD_LENGTH.pack(len(data))
+        with self._lock:
+            self._file.write(b"".join((header, _RECORD_CRC.pack(masked_crc32c(header)), data,
+                                       _RECORD_CRC.pack(masked_crc32c(data)))))
+
+    def flush(self) -> None:
+        with self._lock:
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file.closed:
+                return
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+_RECORD_LENGTH, _RECORD_CRC = struct.Struct("<Q"), struct.Struct("<I")
+
+
 class TensorBoardSink:
     """TensorBoard runs under ``log_dir``: ``aggregated`` and one per envoy.
 
-    Each run's event file is written as events come, on the caller's thread, with tensorboardX's
-    ``EventsWriter``. Its ``SummaryWriter`` would keep two threads and a multiprocessing queue per run
-    (512 threads in a director with 256 envoys), and its ``flush()`` does not wait for what is queued.
-    A run is flushed (an fsync) at its first event, then at most every FLUSH_S, and at ``close()``: the
-    director logs under a lock that every envoy's metric report takes. At most MAX_OPEN_RUNS event files
+    Each run's event file is written as events come, on the caller's thread (:class:`EventFile`).
+    tensorboardX's ``SummaryWriter`` would keep two threads and a multiprocessing queue per run (512 threads
+    in a director with 256 envoys), and its writers' ``flush()`` is an fsync, which a director logging
+    every envoy's reports as they arrive paid once per report. A run is flushed to the operating system
+    (where TensorBoard reads it) at its first event, then at most every FLUSH_S; its file is synced at
+    ``close()``: the metrics themselves are in the director's database. At most MAX_OPEN_RUNS event files
     are open at once (a simulation of 10,000 envoys would otherwise hold 10,000; by default a quarter of
     the process's open-files limit, within 128..4096, so that a director's envoys each keep theirs open):
     the run least recently written is closed, and a new event file in its folder continues it when it gets
@@ -116,7 +153,7 @@ class TensorBoardSink:
 
     def __init__(self, log_dir: str | Path):
         self.log_dir = Path(log_dir)
-        self._writers: OrderedDict[str, EventsWriter] = OrderedDict()  # least recently written first
+        self._writers: OrderedDict[str, EventFile] = OrderedDict()  # least recently written first
         self._flushed: dict[str, float] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -125,7 +162,7 @@ class TensorBoardSink:
         self._suffix = f".{os.getpid()}.{uuid.uuid4().hex[:8]}"
         self._files = 0
 
-    def _writer(self, run: str) -> EventsWriter:
+    def _writer(self, run: str) -> EventFile:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"the TensorBoard sink for {self.log_dir} is closed")
@@ -137,7 +174,7 @@ class TensorBoardSink:
                 oldest.close()
             (self.log_dir / run).mkdir(parents=True, exist_ok=True)
             self._files += 1
-            self._writers[run] = EventsWriter(str(self.log_dir / run / "events"), f"{self._suffix}.{self._files:08d}")
+            self._writers[run] = EventFile(self.log_dir / run, f"{self._suffix}.{self._files:08d}")
             self._flushed[run] = 0.0
             return self._writers[run]
 
@@ -147,7 +184,7 @@ class TensorBoardSink:
         walltime = event.timestamp or time.time()
 
         def write(summary) -> None:
-            writer.write_event(event_pb2.Event(summary=summary, step=event.round, wall_time=walltime))
+            writer.write(event_pb2.Event(summary=summary, step=event.round, wall_time=walltime))
 
         if event.metrics:  # one event for all of them, made directly (tensorboardX's scalar() is numpy work per value)
             write(summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=_tb_tag(scalar_tag(event, m)),

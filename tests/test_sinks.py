@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import struct
 import sys
 import threading
@@ -131,6 +132,22 @@ def test_tensorboard_sink_writes_on_the_callers_thread_and_each_event_is_on_disk
     assert threading.active_count() <= before  # none started (an earlier test's may have ended meanwhile)
     assert tensorboard_scalars(tmp_path / "exp" / "env7") == {"train/loss": [(0, 7.0)]}  # not closed yet
     sink.close()
+
+
+def test_tensorboard_files_are_synced_once_at_close_not_at_each_flush(tmp_path, monkeypatch):
+    """The database holds the metrics; an fsync per report (tensorboardX's flush) cost each upload a disk sync."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(TensorBoardSink, "FLUSH_S", 0.0)  # flush at every event
+    sink = TensorBoardSink(tmp_path / "exp")
+    for round_ in range(3):
+        for i in range(4):
+            sink.log(r.MetricEvent(round_, f"env{i}", r.Stage.TRAIN, (M("train", "loss", float(i)),), timestamp=1000.0))
+    assert synced == [] and tensorboard_scalars(tmp_path / "exp" / "env2") == {"train/loss": [(0, 2.0), (1, 2.0),
+                                                                                             (2, 2.0)]}
+    sink.close()
+    assert len(synced) == 4
 
 
 def test_two_tensorboard_sinks_on_one_folder_keep_both_files(tmp_path):

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -60,10 +61,10 @@ class ExperimentFiles:
         return Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.incoming))
 
     def spool_path(self, envoy: str) -> Path:
+        """A new name for a file being received (not made here: its writer makes it, under a name of its own
+        until it is whole)."""
         self.incoming.mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix=f".{envoy}-", suffix=".fjm", dir=self.incoming)
-        os.close(fd)
-        return Path(path)
+        return self.incoming / f".{envoy}-{uuid.uuid4().hex}.fjm"
 
     @staticmethod
     def drop_staging(staging: Path) -> None:

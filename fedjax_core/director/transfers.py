@@ -66,7 +66,7 @@ def receive_update(files: ExperimentFiles, run: Run, envoy: str, round_: int,
             for chunk in chunks:
                 check_not_personal(run.personal, envoy, chunk.name)
                 writer.add_chunk(chunk)
-            specs = writer.commit()
+            specs = writer.commit(sync_folder=False)  # kept by a rename into the round's folder, synced then
         return _decoded(files, run, envoy, spool, specs), writer.bytes_written
     except TensorError as exc:
         spool.unlink(missing_ok=True)

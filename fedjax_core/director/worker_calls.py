@@ -272,8 +272,9 @@ class WorkerCalls:
                 events = self._events(run, envoy, round_, reports)
                 try:
                     effects, added = self._keep(run, envoy, round_, spool, weight, received, events)
-                finally:
-                    spool.unlink(missing_ok=True)
+                except BaseException:
+                    spool.unlink(missing_ok=True)  # kept, it was moved into the round's folder
+                    raise
                 self._log(run, events, added)  # before the round (its last update) closes and logs the aggregate
             except OSError as exc:
                 if not is_disk_full(exc):

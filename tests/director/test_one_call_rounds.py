@@ -207,3 +207,25 @@ def test_get_round_model_is_made_once_per_round_and_streams_what_the_uncached_pa
     tensor_bytes = sum(len(c.data) for c in round_model(d, "b", "exp", 0))
     assert run.traffic.bytes_out == {"a": 2 * tensor_bytes, "b": 2 * tensor_bytes}  # tensor bytes, both paths
     d.close()
+
+
+def test_an_upload_costs_one_folder_sync_and_one_database_sync(tmp_path, monkeypatch):
+    """The spool's own name is never made durable (it is moved on at once); the kept name is. The update's row
+    and the reports it carried are one transaction."""
+    from fedjax_core import model_file
+    from fedjax_core.director import files
+
+    d = make_director(tmp_path)
+    submit(d)
+    folders, commits = [], []
+    monkeypatch.setattr(model_file, "fsync_dir", lambda path: folders.append(path))
+    monkeypatch.setattr(files, "fsync_dir", lambda path: folders.append(path))
+    add_update = d.store.add_update
+    monkeypatch.setattr(d.store, "add_update", lambda *a: commits.append(a[2]) or add_update(*a))
+    monkeypatch.setattr(d.store, "add_events", lambda *a: commits.append("events"))
+    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))
+    kept = d.store.updates("exp", 0)[0][2]
+    assert folders == [kept.parent] and commits == ["a"]
+    assert {stage for envoy, stage in round_events(d, 0) if envoy == "a"} == set(r.STAGES)
+    assert not list((tmp_path / "state").rglob(".a-*.fjm"))  # no spool left behind
+    d.close()
