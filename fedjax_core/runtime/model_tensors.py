@@ -32,10 +32,20 @@ def _is_empty(leaf: Any) -> bool:
 def _is_tensor(leaf: Any) -> bool:
     if _is_empty(leaf):
         return False
+    if isinstance(leaf, (jax.Array, np.ndarray)):  # its dtype, without copying its data to the host
+        return np.dtype(leaf.dtype).name in ALLOWED_DTYPES
     try:
         return np.asarray(leaf).dtype.name in ALLOWED_DTYPES
     except (TypeError, ValueError):
         return False
+
+
+def _held_as(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype JAX holds ``leaf`` in (a JAX array's own, without a copy to the host)."""
+    if isinstance(leaf, jax.Array):
+        return tuple(leaf.shape), np.dtype(leaf.dtype)
+    held = np.asarray(jax.device_get(jnp.asarray(leaf)))
+    return held.shape, held.dtype
 
 
 def _is_array_like(leaf: Any) -> bool:
@@ -53,7 +63,7 @@ def state_to_tensors(state: Any, only: Collection[str] | None = None) -> dict[st
     are not arrays (strings such as the seed tutorial's ``opt_vars``, bytes, None, other objects) stay
     with the template and never travel, as do static fields (``apply_fn``, ``tx``: ``pytree_node=False``).
     """
-    out = {}
+    leaves = {}
     for name, leaf in _flat(state).items():
         if _is_empty(leaf) or not _is_array_like(leaf) or (only is not None and name not in only):
             continue
@@ -63,8 +73,9 @@ def state_to_tensors(state: Any, only: Collection[str] | None = None) -> dict[st
                 f"state leaf {name!r} is {what}, which cannot cross the wire "
                 f"(allowed: {', '.join(sorted(ALLOWED_DTYPES))}): cast it, or make it a static field "
                 "(flax.struct.field(pytree_node=False))")
-        out[name] = np.asarray(jax.device_get(jnp.asarray(leaf)))
-    return out
+        leaves[name] = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+    fetched = jax.device_get(list(leaves.values()))  # one call: the copies to the host overlap
+    return {name: np.asarray(array) for name, array in zip(leaves, fetched)}
 
 
 def tensors_to_state(template: S, tensors: Mapping[str, np.ndarray]) -> S:
@@ -77,10 +88,10 @@ def tensors_to_state(template: S, tensors: Mapping[str, np.ndarray]) -> S:
         if name not in flat or not _is_tensor(flat[name]):
             raise TensorError(f"tensor {name!r} is not a leaf of the model state "
                               f"(leaves look like {next(iter(flat), '-')!r})")
-        want = np.asarray(jax.device_get(jnp.asarray(flat[name])))
-        if want.shape != array.shape or want.dtype != array.dtype:
+        shape, dtype = _held_as(flat[name])
+        if shape != array.shape or dtype != array.dtype:
             raise TensorError(f"tensor {name!r}: got {array.dtype}{list(array.shape)}, "
-                              f"the model has {want.dtype}{list(want.shape)}")
+                              f"the model has {dtype}{list(shape)}")
         flat[name] = _placed_like(flat[name], array, alias=True)
     return serialization.from_state_dict(template, traverse_util.unflatten_dict(flat, sep="/"))
 
