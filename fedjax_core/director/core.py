@@ -375,6 +375,7 @@ class Director:
         finally:
             run.keep_lock.release()
         self.loggers.close(run.name)
+        self.workers.forget(run.name)
         self._collect()
 
     def _collect(self) -> None:

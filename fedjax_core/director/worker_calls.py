@@ -48,6 +48,11 @@ class WorkerCalls:
         self._inline: RoundModelCache[tuple[list[r.TensorChunk] | None, int]] = RoundModelCache(INLINE_CACHE_BYTES)
         self._downloads: RoundModelCache[tuple[list[bytes], int]] = RoundModelCache(DOWNLOAD_CACHE_BYTES)
 
+    def forget(self, experiment: str) -> None:
+        """Drop what is kept of an ended experiment's round models."""
+        self._inline.drop(experiment)
+        self._downloads.drop(experiment)
+
     def _running(self, envoy: str, experiment: str) -> Run:
         """Under the lock: ``experiment``'s run, refused unless it runs and ``envoy`` works for it."""
         d = self.director

@@ -229,3 +229,14 @@ def test_an_upload_costs_one_folder_sync_and_one_database_sync(tmp_path, monkeyp
     assert {stage for envoy, stage in round_events(d, 0) if envoy == "a"} == set(r.STAGES)
     assert not list((tmp_path / "state").rglob(".a-*.fjm"))  # no spool left behind
     d.close()
+
+
+def test_an_ended_experiment_keeps_no_round_model(tmp_path):
+    d = make_director(tmp_path)
+    submit(d)
+    list(d.workers.round_model("a", "exp", 0))
+    assert d.workers.inline_model("a", "exp", 0) is not None
+    assert d.workers._downloads.nbytes > 0 and d.workers._inline.nbytes > 0
+    d.cancel_experiment("exp")
+    assert d.workers._downloads.nbytes == 0 and d.workers._inline.nbytes == 0
+    d.close()
