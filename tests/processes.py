@@ -1,15 +1,19 @@
 """Real director and envoy processes for tests: free loopback ports, readiness by log line, cleanup."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
+import grpc
 import yaml
 
 from fedjax_core.local import Process, free_port  # noqa: F401  (re-exported for tests)
@@ -17,6 +21,32 @@ from fedjax_core.local import Process, free_port  # noqa: F401  (re-exported for
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDJAX_CIFAR10_DIR", REPO.parent / "shared" / "data" / "cifar10-subset"))
 FEDJAX = [sys.executable, "-m", "fedjax_core"]
+
+
+@contextlib.contextmanager
+def fake_servers(add_to_server: Callable, connect: Callable[[int], Any]) -> Iterator[Callable[[Any], Any]]:
+    """Fake gRPC services on loopback: yields ``start(servicer)``, which serves it (``add_to_server``, a generated
+    ``add_..._to_server``) on a free port and returns ``connect(port)``, a client; every client is closed and
+    every server stopped at the end."""
+    started = []
+
+    def start(servicer):
+        server = grpc.server(futures.ThreadPoolExecutor(4))
+        add_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        started.append((server, None))
+        client = connect(port)
+        started[-1] = (server, client)
+        return client
+
+    try:
+        yield start
+    finally:
+        for server, client in started:
+            if client is not None:
+                client.close()
+            server.stop(None)
 
 
 def run_benchmark(script: str, *args: str, timeout_s: float) -> str:

@@ -2,8 +2,6 @@
 an event from one that has only StreamMetrics, the same events either way (fake directors on loopback)."""
 from __future__ import annotations
 
-from concurrent import futures
-
 import grpc
 import pytest
 
@@ -12,6 +10,7 @@ from fedjax_core import serde
 from fedjax_core.api.client import DirectorUnreachable, FederationClient
 from fedjax_proto import federation_service_pb2 as fed_pb
 from fedjax_proto import federation_service_pb2_grpc as fed_grpc
+from processes import fake_servers
 
 EVENTS = [r.MetricEvent(round=0, envoy=f"env{i}", stage=r.Stage.TRAIN, metrics=(r.Metric("train", "loss", i / 4),),
                         timestamp=100.0 + i) for i in range(5)]
@@ -45,21 +44,9 @@ class NewDirector(OldDirector):
 
 @pytest.fixture
 def serve():
-    servers = []
-
-    def start(director) -> FederationClient:
-        server = grpc.server(futures.ThreadPoolExecutor(2))
-        fed_grpc.add_FederationServiceServicer_to_server(director, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        client = FederationClient("127.0.0.1", port, None)
-        servers.append((server, client))
-        return client
-
-    yield start
-    for server, client in servers:
-        client.close()
-        server.stop(None)
+    with fake_servers(fed_grpc.add_FederationServiceServicer_to_server,
+                      lambda port: FederationClient("127.0.0.1", port, None)) as start:
+        yield start
 
 
 @pytest.mark.parametrize("follow", [True, False])

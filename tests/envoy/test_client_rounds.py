@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -17,6 +16,7 @@ from fedjax_core.errors import InvalidRequestError
 from fedjax_core.tensors import iter_chunks
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
+from processes import fake_servers
 
 MODEL = {"params/w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.array(3, np.int32)}
 
@@ -68,21 +68,9 @@ class FakeDirector(env_grpc.EnvoyServiceServicer):
 
 @pytest.fixture
 def serve():
-    servers = []
-
-    def start(director: FakeDirector) -> EnvoyClient:
-        server = grpc.server(futures.ThreadPoolExecutor(4))
-        env_grpc.add_EnvoyServiceServicer_to_server(director, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        client = EnvoyClient("env", f"127.0.0.1:{port}", None, retry_s=0)
-        servers.append((server, client))
-        return client
-
-    yield start
-    for server, client in servers:
-        client.close()
-        server.stop(None)
+    with fake_servers(env_grpc.add_EnvoyServiceServicer_to_server,
+                      lambda port: EnvoyClient("env", f"127.0.0.1:{port}", None, retry_s=0)) as start:
+        yield start
 
 
 def play_round(client: EnvoyClient) -> dict[str, np.ndarray]:
