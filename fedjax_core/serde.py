@@ -329,6 +329,22 @@ def metric_event_to_proto(e: r.MetricEvent) -> fed_pb.MetricEvent:
     )
 
 
+def metric_event_batches(events: Iterable[r.MetricEvent], max_bytes: int) -> Iterator[fed_pb.MetricEventBatch]:
+    """``events`` as MetricEventBatch messages of at most ``max_bytes`` of events each (one event at least, however
+    large), in order; none for no events."""
+    batch, size = fed_pb.MetricEventBatch(), 0
+    for event in events:
+        message = metric_event_to_proto(event)
+        nbytes = message.ByteSize()
+        if batch.events and size + nbytes > max_bytes:
+            yield batch
+            batch, size = fed_pb.MetricEventBatch(), 0
+        batch.events.append(message)
+        size += nbytes
+    if batch.events:
+        yield batch
+
+
 def _stage(text: str) -> r.Stage | str:
     return r.Stage(text) if text in r.Stage.__members__.values() else text
 

@@ -223,3 +223,19 @@ def test_varint_matches_protobuf(value):
 
     # an int64 field's wire bytes are its key (one byte here) and the varint
     assert t_pb.TensorChunk(offset=value).SerializeToString()[1:] == (serde.varint(value) if value else b"")
+
+
+def test_metric_event_batches_keep_order_and_stay_within_their_size():
+    events = [r.MetricEvent(round=i // 4, envoy=f"env{i}", stage=r.Stage.TRAIN,
+                            metrics=tuple(r.Metric("train", f"m{j}", float(j)) for j in range(i % 7 + 1)),
+                            note="x" * (i * 13 % 50)) for i in range(40)]
+    one = list(serde.metric_event_batches(events, 1 << 20))
+    assert len(one) == 1 and [serde.metric_event_from_proto(m) for m in one[0].events] == events
+    small = list(serde.metric_event_batches(events, 300))
+    assert len(small) > 5
+    assert [serde.metric_event_from_proto(m) for b in small for m in b.events] == events
+    for b in small:  # within the bound, unless a single event is larger than it
+        assert len(b.events) == 1 or sum(m.ByteSize() for m in b.events) <= 300
+    huge = r.MetricEvent(round=0, envoy="e", stage=r.Stage.TRAIN, note="y" * 1000)
+    assert [len(b.events) for b in serde.metric_event_batches([events[0], huge, events[1]], 300)] == [1, 1, 1]
+    assert list(serde.metric_event_batches([], 300)) == []

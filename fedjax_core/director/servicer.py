@@ -445,15 +445,8 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
         """StreamMetrics' events, those of each look together (up to MAX_EVENT_BATCH_BYTES a message): with
         hundreds of envoys reporting, one message a look instead of one an event."""
         async for events in self._event_lists(request, context):
-            batch, size = fed_pb.MetricEventBatch(), 0
-            for event in events:
-                message = serde.metric_event_to_proto(event)
-                if batch.events and size + message.ByteSize() > MAX_EVENT_BATCH_BYTES:
-                    yield batch
-                    batch, size = fed_pb.MetricEventBatch(), 0
-                batch.events.append(message)
-                size += message.ByteSize()
-            yield batch
+            for batch in serde.metric_event_batches(events, MAX_EVENT_BATCH_BYTES):
+                yield batch
 
     async def _event_lists(self, request, context) -> AsyncIterator[list[r.MetricEvent]]:
         """The metric streams' events as lists, one per look at the database (never empty), the last one
