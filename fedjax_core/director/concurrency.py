@@ -47,6 +47,7 @@ SEND_BATCH = 32  # messages of a sent stream made per trip to the transfer pool
 READ_AHEAD_BYTES = 256 << 10  # what a received call's first messages may hold before its consumer starts
 READ_AHEAD_MESSAGES = 2  # and how many reads after the first (the second may be the call's end)
 ENVOYS, NOTEBOOKS = "envoys", "notebooks"  # the two budgets of waiting calls
+MAX_LONG_POLL_S = 30.0  # the longest a long-poll waits before it answers (and a stream looks again)
 
 
 class Changes:

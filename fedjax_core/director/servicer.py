@@ -13,9 +13,9 @@ import grpc
 
 from fedjax_core import pki, serde
 from fedjax_core import records as r
-from fedjax_core.director import limits, paging
+from fedjax_core.director import limits, metric_stream, paging
 from fedjax_core.director.audit import AuditTrail
-from fedjax_core.director.concurrency import EVERYTHING, NOTEBOOKS, Flow
+from fedjax_core.director.concurrency import MAX_LONG_POLL_S, Flow
 from fedjax_core.director.core import Director
 from fedjax_core.director.gates import WrappedHandlers, guarded_handler
 from fedjax_core.errors import FedError, InvalidRequestError, PermissionDeniedError
@@ -27,7 +27,6 @@ from fedjax_proto import federation_service_pb2_grpc as fed_grpc
 
 log = logging.getLogger("fedjax.director")
 BUNDLE_CHUNK = 1 << 20
-MAX_LONG_POLL_S = 30.0
 NOTHING_YET = r.Task(kind=r.TaskKind.NONE)
 MAX_EVENT_BATCH_BYTES = 1 << 20  # a StreamMetricBatches message holds events up to this size (one at least)
 
@@ -449,36 +448,13 @@ class FederationServicer(fed_grpc.FederationServiceServicer):
                 yield batch
 
     async def _event_lists(self, request, context) -> AsyncIterator[list[r.MetricEvent]]:
-        """The metric streams' events as lists, one per look at the database (never empty), the last one
-        ending with the 'done' event once the experiment has ended (or, for a snapshot, the last one found)."""
+        """The experiment's events look by look (``metric_stream.event_lists``), once the caller may see it."""
         caller = Caller.of(context)
         self._check_submitter(caller)
         name = request.experiment_name
         await self.flow.short(self.director.catalog.experiment_status, name, caller.viewer)  # NOT_FOUND before anything
-        if request.snapshot:  # the events so far, then 'done' if it has ended, without waiting for more
-            last_id = 0
-            while True:
-                rows, done = await self.flow.short(self.director.catalog.events_after, name, last_id)
-                if rows:
-                    last_id = rows[-1][0]
-                    yield [event for _, event in rows]
-                else:
-                    if done is not None:
-                        yield [done]
-                    return
-        last_id = 0
-        async with self.flow.waiting(context, NOTEBOOKS):
-            while not self.director.closed:
-                rows, done = await self.flow.poll(EVERYTHING, lambda: self.director.catalog.events_after(name, last_id),
-                                                  lambda b: bool(b[0]) or b[1] is not None or self.director.closed,
-                                                  MAX_LONG_POLL_S)
-                events = [event for _, event in rows] + ([done] if done is not None else [])
-                if rows:
-                    last_id = rows[-1][0]
-                if events:
-                    yield events
-                if done is not None:
-                    return
+        async for events in metric_stream.event_lists(self.director, self.flow, name, request.snapshot, context):
+            yield events
 
     @maps_errors
     def CancelExperiment(self, request, context):
