@@ -7,12 +7,13 @@ rows only point at them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -155,8 +156,23 @@ class SqliteStore:
             self._db.close()
 
     def _write(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        with self._lock, self._db:
+        with self._lock:  # one statement: a transaction of its own (the connection autocommits)
             return self._db.execute(sql, args)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Several statements as one transaction: all kept or none, and one disk sync at the commit. Explicit,
+        since the connection autocommits each statement (``isolation_level=None``), where ``with connection:``
+        would commit nothing and leave every statement its own transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:  # some errors (a full disk) have SQLite roll back itself
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -253,7 +269,7 @@ class SqliteStore:
     def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int,
                    events: Sequence[tuple[r.MetricEvent, float]] = ()) -> list[bool]:
         try:
-            with self._lock, self._db:  # one transaction, one disk sync, for the row and the events
+            with self._transaction():  # one disk sync for the row and the events
                 self._db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?)",
                                  (experiment, round_, envoy, weight, str(path), nbytes))
                 return [self._insert_event(experiment, event, weight) for event, weight in events]
@@ -309,7 +325,7 @@ class SqliteStore:
 
     def add_events(self, experiment: str, events: Sequence[tuple[r.MetricEvent, float]]) -> list[bool]:
         """Record ``(event, weight)`` pairs in one transaction (one disk sync for them all)."""
-        with self._lock, self._db:
+        with self._transaction():
             return [self._insert_event(experiment, event, weight) for event, weight in events]
 
     def _insert_event(self, experiment: str, event: r.MetricEvent, weight: float) -> bool:

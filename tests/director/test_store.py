@@ -467,3 +467,24 @@ def test_an_update_and_the_reports_it_carried_are_kept_together_or_not_at_all(st
     store.add_events("exp1", recorded)  # reported by ReportMetrics before its upload failed and came again
     assert store.add_update("exp1", 0, "env_two", 1.0, tmp_path / "c", 1, recorded) == [False]
     assert store.add_update("exp1", 1, "env_two", 1.0, tmp_path / "d", 1) == []
+
+
+def test_sqlite_keeps_an_update_and_its_reports_in_one_transaction(path, tmp_path):
+    """The connection autocommits each statement, so a transaction must be explicit: a report that cannot be
+    written takes the update row and the reports before it back out, and add_events keeps all or none."""
+    s = SqliteStore(path)
+    broken = r.MetricEvent(round=0, envoy="env_one", stage=r.Stage.LOCAL, metrics=(r.Metric("t", "acc", object()),))
+    with pytest.raises(TypeError):
+        s.add_update("exp1", 0, "env_one", 1.0, tmp_path / "a", 1, [(_event(0, "env_one"), 1.0), (broken, 1.0)])
+    assert s.updates("exp1", 0) == [] and s.events("exp1") == []
+    with pytest.raises(TypeError):
+        s.add_events("exp1", [(_event(0, "env_two"), 1.0), (broken, 1.0)])
+    assert s.events("exp1") == []
+    statements: list[str] = []
+    s._db.set_trace_callback(statements.append)
+    assert s.add_update("exp1", 0, "env_one", 1.0, tmp_path / "a", 1, [(_event(0, "env_one"), 1.0)]) == [True]
+    assert [q.split()[0] for q in statements] == ["BEGIN", "INSERT", "INSERT", "COMMIT"]  # one commit, one sync
+    s.close()
+    reopened = SqliteStore(path)
+    assert reopened.updates("exp1", 0) == [("env_one", 1.0, tmp_path / "a", 1)] and len(reopened.events("exp1")) == 1
+    reopened.close()
