@@ -209,10 +209,13 @@ class Director:
         submission order; one that waits does not hold up the ones behind it."""
         if self._closed:
             return
+        queued = self.store.experiments(r.State.QUEUED)
+        if not queued:  # as each of a thousand envoys registers: reading every envoy's shard info for nothing
+            return
         online = self.registry.online()
         load = scheduler.load_of(run.state.envoys for run in self._runs.values())
         started = False
-        for row in self.store.experiments(r.State.QUEUED):
+        for row in queued:
             decision = scheduler.decide(row.spec.envoys, online, load)
             if decision.wait:
                 self._waiting.waits(row.name, decision.wait)

@@ -138,3 +138,22 @@ def test_hostile_headers_are_refused_and_the_director_keeps_working(tmp_path, ov
     submit(d)  # the next, valid experiment runs
     assert d.catalog.experiment_status("exp").state == "running"
     d.close()
+
+
+def test_envoys_registering_while_nothing_is_queued_read_no_registry(tmp_path, monkeypatch):
+    """Each registration looks for queued experiments to start; with none it must not read every envoy's shard
+    info (a thousand envoys registering would read it a million times)."""
+    d = make_director(tmp_path)
+    reads = []
+    original = d.store.envoys
+    monkeypatch.setattr(d.store, "envoys", lambda *a, **k: reads.append(a) or original(*a, **k))
+    for i in range(20):
+        d.register_envoy(f"e{i}", INFO)
+    assert reads == []
+    submit(d, header("first", envoys=("a", "b")))
+    submit(d, header("second", envoys=("a", "b")))  # queued behind the first
+    assert d.catalog.experiment_status("second").state == r.State.QUEUED
+    reads.clear()
+    d.register_envoy("late", INFO)  # queued work: an envoy coming online looks at who is online
+    assert reads
+    d.close()
