@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 IMAGE ?= fedjax-core:0.1.0
 PROTOS := $(wildcard protos/fedjax_proto/*.proto)
 
-.PHONY: install demo test test-slow bench bench-peers bench-scale bench-scale-1000 bench-simulation bench-privacy bench-strategies bench-research bench-tensors fuzz proto lint clean
+.PHONY: install demo test test-slow bench bench-peers bench-scale bench-scale-1000 bench-grpc-floor bench-simulation bench-privacy bench-strategies bench-research bench-tensors fuzz proto lint clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ bench-scale: install  # 256 simulated envoys on one director: rounds, heartbeats
 
 bench-scale-1000: install  # the same with 1,000 envoys (make bench-scale SCALE_ARGS="--envoys N ..." for others)
 	$(PY) -u benchmarks/scale.py --envoys 1000 --out bench-results/scale-1000.json $(SCALE_ARGS)
+
+bench-grpc-floor: install  # what one gRPC round trip costs a bare server here: the floor under bench-scale's CPU per envoy-round
+	$(PY) -u benchmarks/grpc_floor.py $(FLOOR_ARGS)
 
 bench-simulation: install  # 1,000 simulated envoys: this project (sequential, vectorised), Flower's engine, the floor
 	$(PY) -u benchmarks/simulation.py
