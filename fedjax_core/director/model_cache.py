@@ -30,13 +30,10 @@ class RoundModelCache(Generic[T]):
 
     def get(self, experiment: str, path: Path, make: Callable[[Path], tuple[T, int]]) -> T:
         """The value for ``experiment``'s ``path``: kept, or made now (outside the lock: it reads the file)."""
-        stat = os.stat(path)
-        file = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            kept = self._kept.get(experiment)
-            if kept is not None and kept[0] == file:
-                self._kept.move_to_end(experiment)
-                return kept[1]
+        file = _identity(path)
+        kept = self._lookup(experiment, file)
+        if kept is not None:
+            return kept[0]
         value, size = make(path)
         with self._lock:
             self._drop(experiment)
@@ -46,6 +43,21 @@ class RoundModelCache(Generic[T]):
                 while self._bytes > self.max_bytes:
                     self._drop(next(iter(self._kept)))
         return value
+
+    def kept(self, experiment: str, path: Path) -> tuple[T] | None:
+        """``(value,)`` when kept for ``experiment``'s ``path``; None when not (nothing is made: no file is read)."""
+        try:
+            return self._lookup(experiment, _identity(path))
+        except FileNotFoundError:  # the round moved on and its file went: not kept
+            return None
+
+    def _lookup(self, experiment: str, file: tuple) -> tuple[T] | None:
+        with self._lock:
+            kept = self._kept.get(experiment)
+            if kept is None or kept[0] != file:
+                return None
+            self._kept.move_to_end(experiment)
+            return (kept[1],)
 
     def drop(self, experiment: str) -> None:
         with self._lock:
@@ -59,3 +71,9 @@ class RoundModelCache(Generic[T]):
     @property
     def nbytes(self) -> int:
         return self._bytes
+
+
+def _identity(path: Path) -> tuple:
+    """A model file as the cache tells files apart: path, inode, size and modification time."""
+    stat = os.stat(path)
+    return path, stat.st_ino, stat.st_size, stat.st_mtime_ns

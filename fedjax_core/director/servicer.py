@@ -27,7 +27,6 @@ from fedjax_proto import federation_service_pb2_grpc as fed_grpc
 
 log = logging.getLogger("fedjax.director")
 BUNDLE_CHUNK = 1 << 20
-NOTHING_YET = r.Task(kind=r.TaskKind.NONE)
 MAX_EVENT_BATCH_BYTES = 1 << 20  # a StreamMetricBatches message holds events up to this size (one at least)
 
 
@@ -238,7 +237,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
             task, model = await self.flow.poll(
                 envoy, lambda: workers.task_with_model(envoy, experiment, inline),
                 lambda found: found[0].kind != r.TaskKind.NONE or self.director.closed, wait,
-                peek=lambda: (NOTHING_YET, None) if workers.nothing_to_do(envoy, experiment) else None)
+                peek=lambda: workers.task_in_memory(envoy, experiment, inline))
         response = serde.task_to_proto(task)
         if model is not None:
             response.model.extend(serde.chunk_protos(model))

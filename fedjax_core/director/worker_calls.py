@@ -89,16 +89,30 @@ class WorkerCalls:
             return r.Task(kind=r.TaskKind.FINISHED, message=f"experiment {experiment!r} is {row.state}")
         return r.Task(kind=r.TaskKind.NONE)
 
-    def nothing_to_do(self, envoy: str, experiment: str) -> bool:
-        """From memory alone, on the event loop: True when ``envoy``'s worker has nothing to do in the running
-        ``experiment`` now (``current_task`` would say NONE); False when it has, or when this cannot tell at once
-        (the lock is busy, the experiment is not running: ``current_task`` tells then)."""
+    def task_in_memory(self, envoy: str, experiment: str, inline: bool) -> tuple[r.Task, list[r.TensorChunk] | None] | None:
+        """``task_with_model`` from memory alone, on the event loop: nothing to do yet, or a task with the round's
+        model already made for another participant. None when it cannot tell at once (the lock is busy, the
+        experiment is not running, the model is not made yet or is encoded for download): ``task_with_model``
+        tells then, on a pool thread."""
         d = self.director
         if not d.lock.acquire(blocking=False):
-            return False
+            return None
         try:
             run = d.run(experiment)
-            return run is not None and run.task_for(envoy).kind == r.TaskKind.NONE
+            if run is None:
+                return None
+            task = run.task_for(envoy)
+            if not (inline and task.from_global and task.kind in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE)):
+                return task, None
+            if task.round != run.round or not run.state.open or run.spec.communication.compress_downloads:
+                return None
+            kept = self._inline.kept(experiment, d.files.model(experiment, task.round))
+            if kept is None:
+                return None
+            chunks, size = kept[0]
+            if chunks is not None:
+                run.traffic.count(envoy, size, upload=False)
+            return task, chunks
         finally:
             d.lock.release()
 

@@ -48,3 +48,17 @@ def test_bounded_in_bytes_least_recently_used_first_out(tmp_path):
     assert too_big.get("a", paths["a"], make) == b"a" and too_big.nbytes == 0  # returned, not kept
     cache.drop("a")
     assert cache.nbytes <= 20
+
+
+def test_kept_reads_nothing_and_tells_only_what_is_kept_for_that_file(tmp_path):
+    cache, path = RoundModelCache(1000), tmp_path / "model_round_0.fjm"
+    path.write_bytes(b"first")
+    assert cache.kept("exp", path) is None  # not made yet, and kept() makes nothing
+    cache.get("exp", path, lambda p: (p.read_bytes(), 5))
+    assert cache.kept("exp", path) == (b"first",) and cache.kept("other", path) is None
+    replacement = tmp_path / "new.fjm"
+    replacement.write_bytes(b"second")
+    os.replace(replacement, path)
+    assert cache.kept("exp", path) is None  # another file at the same path
+    path.unlink()
+    assert cache.kept("exp", path) is None  # the round moved on and its file went

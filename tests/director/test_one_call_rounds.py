@@ -152,14 +152,23 @@ def test_add_events_records_a_batch_and_skips_what_was_recorded(tmp_path, make_s
 
 
 def test_answers_from_memory_agree_with_the_full_checks_or_defer_to_them(tmp_path):
-    """What the event loop answers without a thread (a worker with nothing to do, an admitted upload) is what
-    current_task and check_upload say; with the lock busy or the experiment not running it defers to them."""
+    """What the event loop answers without a thread (a task, an admitted upload) is what task_with_model and
+    check_upload say; with the lock busy, the experiment not running or the round's model not read yet it defers
+    to them."""
     import threading
 
     d = make_director(tmp_path)
     submit(d)
     w = d.workers
-    assert not w.nothing_to_do("a", "exp") and w.current_task("a", "exp").kind == r.TaskKind.TRAIN
+    assert w.task_in_memory("a", "exp", inline=True) is None  # the round's model is not read yet
+    assert w.task_in_memory("a", "exp", inline=False) == (w.current_task("a", "exp"), None)
+    run = d.run("exp")
+    full = w.task_with_model("a", "exp", inline=True)  # reads the model: kept for the round's participants
+    assert full[0].kind == r.TaskKind.TRAIN and full[1]
+    sent = dict(run.traffic.bytes_out)
+    assert w.task_in_memory("b", "exp", inline=True) == w.task_with_model("b", "exp", inline=True)
+    tensor_bytes = sum(len(c.data) for c in full[1])
+    assert run.traffic.bytes_out["b"] - sent.get("b", 0) == 2 * tensor_bytes  # counted as the full path counts
     assert w.admit_upload_in_memory("a", "exp", 0, reports(0.1, 1.0, 0.2))
     with pytest.raises(InvalidRequestError, match="finite"):
         w.admit_upload_in_memory("a", "exp", 0, [r.StageReport(r.Stage.TRAIN, (r.Metric("t", "l", float("nan")),), 5)])
@@ -169,7 +178,8 @@ def test_answers_from_memory_agree_with_the_full_checks_or_defer_to_them(tmp_pat
         w.check_upload("a", "exp", 3)
     assert str(refused.value) == str(full.value)
     w.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))
-    assert w.nothing_to_do("a", "exp") and w.current_task("a", "exp").kind == r.TaskKind.NONE  # uploaded: waits
+    assert w.task_in_memory("a", "exp", True) == (w.current_task("a", "exp"), None)  # uploaded: waits
+    assert w.current_task("a", "exp").kind == r.TaskKind.NONE
     with pytest.raises(PreconditionError):
         w.admit_upload_in_memory("a", "exp", 0)  # a second upload for the round
 
@@ -184,12 +194,12 @@ def test_answers_from_memory_agree_with_the_full_checks_or_defer_to_them(tmp_pat
     holder.start()
     try:
         held.wait(10)
-        assert not w.nothing_to_do("a", "exp")  # cannot tell at once: the full look (on a pool thread) will
+        assert w.task_in_memory("a", "exp", True) is None  # cannot tell at once: the full look (on a pool thread) will
         assert not w.admit_upload_in_memory("b", "exp", 0)
     finally:
         release.set()
         holder.join()
-    assert not w.nothing_to_do("a", "other") and not w.admit_upload_in_memory("a", "other", 0)  # not running
+    assert w.task_in_memory("a", "other", True) is None and not w.admit_upload_in_memory("a", "other", 0)  # not running
     d.close()
 
 
