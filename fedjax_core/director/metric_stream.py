@@ -5,6 +5,7 @@ message) read it; the servicer checks who asks before.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,6 +13,11 @@ import grpc
 from fedjax_core import records as r
 from fedjax_core.director.concurrency import EVERYTHING, MAX_LONG_POLL_S, NOTEBOOKS, Flow
 from fedjax_core.director.core import Director
+
+# After a look that found events, a following stream lets more gather this long before it looks again: each
+# report and upload wakes it, so a round of hundreds of envoys is a few looks (database reads and messages) a
+# second instead of one per envoy. The first event of a burst still goes at once.
+SETTLE_S = 0.1
 
 
 async def event_lists(director: Director, flow: Flow, name: str, snapshot: bool,
@@ -43,3 +49,5 @@ async def event_lists(director: Director, flow: Flow, name: str, snapshot: bool,
                 yield events
             if done is not None:
                 return
+            if events:
+                await asyncio.sleep(SETTLE_S)
