@@ -284,7 +284,7 @@ class StageReport(_message.Message):
 class UploadUpdateRequest(_message.Message):
     __slots__ = ("header", "chunk")
     class Header(_message.Message):
-        __slots__ = ("envoy_name", "experiment_name", "round", "train_sample_count", "clip_norm", "noise_std", "reports")
+        __slots__ = ("envoy_name", "experiment_name", "round", "train_sample_count", "clip_norm", "noise_std", "reports", "next_task_wait_s", "inline_model")
         ENVOY_NAME_FIELD_NUMBER: _ClassVar[int]
         EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
         ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +292,8 @@ class UploadUpdateRequest(_message.Message):
         CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
         NOISE_STD_FIELD_NUMBER: _ClassVar[int]
         REPORTS_FIELD_NUMBER: _ClassVar[int]
+        NEXT_TASK_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+        INLINE_MODEL_FIELD_NUMBER: _ClassVar[int]
         envoy_name: str
         experiment_name: str
         round: int
@@ -299,7 +301,9 @@ class UploadUpdateRequest(_message.Message):
         clip_norm: float
         noise_std: float
         reports: _containers.RepeatedCompositeFieldContainer[StageReport]
-        def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., round: _Optional[int] = ..., train_sample_count: _Optional[int] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ..., reports: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ...) -> None: ...
+        next_task_wait_s: float
+        inline_model: bool
+        def __init__(self, envoy_name: _Optional[str] = ..., experiment_name: _Optional[str] = ..., round: _Optional[int] = ..., train_sample_count: _Optional[int] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ..., reports: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ..., next_task_wait_s: _Optional[float] = ..., inline_model: _Optional[bool] = ...) -> None: ...
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     header: UploadUpdateRequest.Header
@@ -307,10 +311,12 @@ class UploadUpdateRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadUpdateRequest.Header, _Mapping]] = ..., chunk: _Optional[_Union[_tensors_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class UploadUpdateResponse(_message.Message):
-    __slots__ = ("bytes_received",)
+    __slots__ = ("bytes_received", "next_task")
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TASK_FIELD_NUMBER: _ClassVar[int]
     bytes_received: int
-    def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
+    next_task: WaitTaskResponse
+    def __init__(self, bytes_received: _Optional[int] = ..., next_task: _Optional[_Union[WaitTaskResponse, _Mapping]] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
     __slots__ = ("envoy_name", "experiment_name", "error", "round", "worker_lost", "refused")

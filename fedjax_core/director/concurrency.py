@@ -105,11 +105,15 @@ class Flow:
         """``fn(*args)`` on the short-call pool (it takes the director's lock or reads the database)."""
         return await self.loop.run_in_executor(self.short_pool, fn, *args)
 
+    def has_room(self, budget: str = ENVOYS) -> bool:
+        """Whether one more long-poll of ``budget`` may wait now (checked and entered with no await between)."""
+        return self._waiting[budget] < self.max_waiting
+
     @contextlib.asynccontextmanager
-    async def waiting(self, context: grpc.aio.ServicerContext, budget: str = ENVOYS):
+    async def waiting(self, context: grpc.aio.ServicerContext | None = None, budget: str = ENVOYS):
         """Count a long-poll or stream against its ``budget``'s ``max_waiting`` (envoys' calls and notebooks'
-        streams have one each); refused with BUSY past it."""
-        if self._waiting[budget] >= self.max_waiting:
+        streams have one each); refused with BUSY past it (without a ``context``: check :meth:`has_room`)."""
+        if not self.has_room(budget):
             who = "envoy long-polls" if budget == ENVOYS else "notebook streams"
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{BUSY}: it holds its maximum of {self.max_waiting} {who} at once; "

@@ -231,13 +231,17 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         if math.isnan(request.max_wait_s):  # min/max pass NaN through, and a NaN timeout never expires
             raise InvalidRequestError(f"max_wait_s is NaN; give the seconds to wait (0 to {MAX_LONG_POLL_S:g})")
         wait = min(max(request.max_wait_s, 0.0), MAX_LONG_POLL_S)
-        inline = request.inline_model
-        workers = self.director.workers
         async with self.flow.waiting(context):
-            task, model = await self.flow.poll(
-                envoy, lambda: workers.task_with_model(envoy, experiment, inline),
-                lambda found: found[0].kind != r.TaskKind.NONE or self.director.closed, wait,
-                peek=lambda: workers.task_in_memory(envoy, experiment, inline))
+            return await self._next_task(envoy, experiment, wait, request.inline_model)
+
+    async def _next_task(self, envoy: str, experiment: str, wait: float, inline: bool) -> env_pb.WaitTaskResponse:
+        """``envoy``'s next task in ``experiment`` (with its round's model when ``inline`` and small), waiting up to
+        ``wait`` seconds for one; the caller holds a waiting slot."""
+        workers = self.director.workers
+        task, model = await self.flow.poll(
+            envoy, lambda: workers.task_with_model(envoy, experiment, inline),
+            lambda found: found[0].kind != r.TaskKind.NONE or self.director.closed, wait,
+            peek=lambda: workers.task_in_memory(envoy, experiment, inline))
         response = serde.task_to_proto(task)
         if model is not None:
             response.model.extend(serde.chunk_protos(model))
@@ -260,6 +264,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     @maps_errors
     async def UploadUpdate(self, request_iterator, context):
         caller = Caller.of(context)
+        stored = []  # the header of the update consume() stored
 
         def consume(requests: Iterator) -> int:
             first = next(requests, None)
@@ -267,6 +272,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
                 raise InvalidRequestError("an update stream must start with its header")
             h = first.header
             self._check_identity(caller, h.envoy_name)
+            stored.append(h)
 
             def chunks() -> Iterator:
                 for msg in requests:
@@ -294,7 +300,24 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
                 h.envoy_name, h.experiment_name, h.round, [serde.stage_report_from_proto(m) for m in h.reports])
 
         received = await self.flow.receive(context, "UploadUpdate", consume, admit=admit, admit_here=admit_here)
-        return env_pb.UploadUpdateResponse(bytes_received=received)
+        response = env_pb.UploadUpdateResponse(bytes_received=received)
+        if stored and stored[0].next_task_wait_s > 0:  # NaN is not: answered at once, as an older director would
+            response.next_task.CopyFrom(await self._task_after_upload(stored[0]))
+        return response
+
+    async def _task_after_upload(self, h) -> env_pb.WaitTaskResponse:
+        """The next task a stored upload's header asked for: never an error now that the update is kept (the
+        worker would retry an upload that succeeded), but NONE when it cannot wait or look, and it calls WaitTask."""
+        if not self.flow.has_room():
+            return env_pb.WaitTaskResponse()
+        try:
+            async with self.flow.waiting():
+                return await self._next_task(h.envoy_name, h.experiment_name, min(h.next_task_wait_s, MAX_LONG_POLL_S),
+                                             h.inline_model)
+        except Exception:
+            log.warning("the next task of %r after its upload could not be looked up; it will ask for it",
+                        h.envoy_name, exc_info=True)
+            return env_pb.WaitTaskResponse()
 
     @maps_errors
     def SecAgg(self, request, context):

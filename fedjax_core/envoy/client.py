@@ -35,6 +35,7 @@ def upload_chunk_messages(chunks: Iterable[r.TensorChunk]) -> Iterator[bytes]:
         yield b"".join((_CHUNK_KEY, serde.varint(size), *parts))
 
 
+NEXT_TASK_WAIT_S = 30.0  # an upload's answer waits up to this long for the worker's next task (sparing a WaitTask)
 TOKEN_KEY = "fedjax-worker-token"  # the metadata key of a worker's proxy token (proxy.py)
 
 
@@ -86,6 +87,7 @@ class EnvoyClient:
         self._stop = stop or threading.Event()
         self._retry_s = retry_s
         self._inline: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # (experiment, round) -> model its task carried
+        self._next: dict[str, env_pb.WaitTaskResponse] = {}  # experiment -> the next task its last upload brought
         self._reports = HeldReports(self._send_report)  # a round's metric reports, for its upload
 
     @property
@@ -130,9 +132,11 @@ class EnvoyClient:
     def wait_task(self, experiment: str, max_wait_s: float = 30.0) -> r.Task:
         """The next task. A small round model comes inside the answer (kept for :meth:`round_model`), and the
         director may ask for the round's metric reports inside its upload (kept by :meth:`report_metrics`)."""
-        req = env_pb.WaitTaskRequest(envoy_name=self.envoy_name, experiment_name=experiment, max_wait_s=max_wait_s,
-                                     inline_model=True)
-        response = self._retry(lambda: self._stub.WaitTask(req, timeout=max_wait_s + 30), "wait for a task")
+        response = self._next.pop(experiment, None)
+        if response is None or response.kind == env_pb.WaitTaskResponse.NONE:
+            req = env_pb.WaitTaskRequest(envoy_name=self.envoy_name, experiment_name=experiment,
+                                         max_wait_s=max_wait_s, inline_model=True)
+            response = self._retry(lambda: self._stub.WaitTask(req, timeout=max_wait_s + 30), "wait for a task")
         task = serde.task_from_proto(response)
         if task.kind == r.TaskKind.NONE:
             return task
@@ -183,13 +187,17 @@ class EnvoyClient:
             header = env_pb.UploadUpdateRequest.Header(envoy_name=self.envoy_name, experiment_name=experiment,
                                                        round=round_, train_sample_count=sample_count,
                                                        clip_norm=applied[0], noise_std=applied[1],
-                                                       reports=[serde.stage_report_to_proto(rep) for rep in held])
+                                                       reports=[serde.stage_report_to_proto(rep) for rep in held],
+                                                       next_task_wait_s=NEXT_TASK_WAIT_S, inline_model=True)
 
             def requests():  # serialized here: each chunk's data is copied once, straight from the arrays
                 yield env_pb.UploadUpdateRequest(header=header).SerializeToString()
                 yield from upload_chunk_messages(chunk_views(tensors, encodings=encodings))
 
-            return self._retry(lambda: self._upload(requests(), timeout=600).bytes_received, "upload the update")
+            response = self._retry(lambda: self._upload(requests(), timeout=600 + NEXT_TASK_WAIT_S), "upload the update")
+        if response.HasField("next_task"):  # kept for wait_task (an older director sends none)
+            self._next[experiment] = response.next_task
+        return response.bytes_received
 
     def secagg(self, experiment: str, round_: int, phase: str, keys: r.SecAggKeys | None = None,
                items: Mapping[str, bytes] | None = None) -> None:

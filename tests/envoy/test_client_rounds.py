@@ -24,8 +24,10 @@ MODEL = {"params/w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.a
 class FakeDirector(env_grpc.EnvoyServiceServicer):
     """Answers one TRAIN task for round 2 and records every call; ``offers``: a director with two-call rounds."""
 
-    def __init__(self, offers: bool, refuse_upload: bool = False):
+    def __init__(self, offers: bool, refuse_upload: bool = False, next_task: r.Task | None = None):
         self.offers, self.refuse_upload = offers, refuse_upload
+        self.next_task = next_task  # answered inside the upload when asked for (None: an older director)
+        self.asked_next: list[float] = []
         self.calls: list[str] = []
         self.reports: list[r.StageReport] = []
         self.uploaded_reports: list[r.StageReport] = []
@@ -63,7 +65,14 @@ class FakeDirector(env_grpc.EnvoyServiceServicer):
         if self.refuse_upload:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "update from 'env': NaN in params/w")
         self.uploaded_reports = [serde.stage_report_from_proto(m) for m in header.reports]
-        return env_pb.UploadUpdateResponse(bytes_received=received)
+        self.asked_next.append(header.next_task_wait_s)
+        response = env_pb.UploadUpdateResponse(bytes_received=received)
+        if self.next_task is not None and header.next_task_wait_s > 0:
+            response.next_task.CopyFrom(serde.task_to_proto(self.next_task))
+            if self.next_task.kind == r.TaskKind.TRAIN and header.inline_model:
+                response.next_task.model.extend(serde.chunk_protos(iter_chunks(MODEL)))
+                response.next_task.model_inline = True
+        return response
 
 
 @pytest.fixture
@@ -91,12 +100,39 @@ EXPECTED_REPORTS = [r.StageReport(r.Stage.AGGREGATED, (r.Metric("validate", "acc
 
 def test_a_director_that_offers_it_gets_the_round_in_two_calls(serve):
     director = FakeDirector(offers=True)
-    model = play_round(serve(director))
+    client = serve(director)
+    model = play_round(client)
     assert director.calls == ["WaitTask", "UploadUpdate"]
     assert director.uploaded_reports == EXPECTED_REPORTS and director.reports == []
+    assert director.asked_next[0] > 0  # asked for the next task; a director that sends none: WaitTask, as before
+    client.wait_task("exp")
+    assert director.calls == ["WaitTask", "UploadUpdate", "WaitTask"]
     for name, array in MODEL.items():
         np.testing.assert_array_equal(model[name], array)
         assert not model[name].flags.writeable  # as GetRoundModel's arrays: JAX may take them without a copy
+
+
+def test_the_next_task_inside_the_upload_spares_the_wait_task_call(serve):
+    director = FakeDirector(offers=True, next_task=r.Task(kind=r.TaskKind.TRAIN, round=3, upload_tensors=tuple(MODEL),
+                                                          reports_with_upload=True))
+    client = serve(director)
+    play_round(client)
+    assert client.wait_task("exp").round == 3  # the upload brought it
+    model = client.round_model("exp", 3)  # and its model
+    assert director.calls == ["WaitTask", "UploadUpdate"] and director.asked_next[0] > 0
+    for name, array in MODEL.items():
+        np.testing.assert_array_equal(model[name], array)
+    client.report_metrics("exp", 3, r.Stage.TRAIN, {"train": {"loss": 1.5}}, 10)
+    client.upload("exp", 3, 10, {name: model[name] for name in MODEL})
+    assert director.uploaded_reports == [EXPECTED_REPORTS[1]]  # the round's reports held for its upload, as ever
+
+
+def test_no_next_task_within_the_wait_means_asking_with_wait_task(serve):
+    director = FakeDirector(offers=True, next_task=r.Task(kind=r.TaskKind.NONE))
+    client = serve(director)
+    play_round(client)
+    assert client.wait_task("exp").round == 2  # WaitTask's answer
+    assert director.calls == ["WaitTask", "UploadUpdate", "WaitTask"]
 
 
 def test_a_director_before_it_gets_every_call_as_before(serve):
