@@ -16,7 +16,8 @@ from fedjax_core.director.concurrency import Flow
 from fedjax_core.director.core import Director
 from fedjax_core.director.memory import tune_allocator, tune_gc
 from fedjax_core.director.parsing import ParseGate
-from fedjax_core.director.servicer import EnvoyServicer, FederationServicer, Refusals, RoleGate
+from fedjax_core.director.callers import Refusals, RoleGate
+from fedjax_core.director.servicer import EnvoyServicer, FederationServicer
 from fedjax_core.sinks import factories_from_config
 from fedjax_core.transport import SERVER_OPTIONS, TLSFiles, server_credentials
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
