@@ -102,7 +102,7 @@ class WorkerCalls:
             if run is None:
                 return None
             task = run.task_for(envoy)
-            if not (inline and task.from_global and task.kind in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE)):
+            if not _carries_model(task, inline):
                 return task, None
             if task.round != run.round or not run.state.open or run.spec.communication.compress_downloads:
                 return None
@@ -153,7 +153,7 @@ class WorkerCalls:
         """``current_task``, and with ``inline`` the round's model to carry with it (``inline_model``) when the
         task starts from it; None: none to carry (the worker calls GetRoundModel if it needs it)."""
         task = self.current_task(envoy, experiment)
-        if not (inline and task.from_global and task.kind in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE)):
+        if not _carries_model(task, inline):
             return task, None
         try:
             return task, self.inline_model(envoy, experiment, task.round)
@@ -451,6 +451,11 @@ class WorkerCalls:
         except InvalidRequestError as exc:
             return f"{len(remaining)} envoys, too few for the rounds to come ({exc})"
         return ""
+
+
+def _carries_model(task: r.Task, inline: bool) -> bool:
+    """Whether a task answer asked ``inline`` carries its round's model: tasks that start from it."""
+    return inline and task.from_global and task.kind in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE)
 
 
 def _messages(model: ModelFile, names: list[str]) -> Iterator[tuple[bytes, int]]:
