@@ -183,9 +183,10 @@ class ModelFileWriter:
                     f"tensor {self._current!r}: got {entry['received']} of {entry['nbytes']} bytes"
                 )
 
-    def commit(self, sync_folder: bool = True) -> list[TensorSpec]:
+    def commit(self, sync_folder: bool = True, sync: bool = True) -> list[TensorSpec]:
         """Check completeness, write the footer and move the file into place. ``sync_folder=False`` leaves the
-        new name's durability to the caller, who moves the file on and syncs the folder it ends up in."""
+        new name's durability to the caller, who moves the file on and syncs the folder it ends up in;
+        ``sync=False`` leaves the data's too (the caller :func:`fsync_file` s it, with others at once)."""
         self._close_current()
         if self._expected is not None:
             missing = sorted(set(self._expected) - set(self._entries))
@@ -198,7 +199,8 @@ class ModelFileWriter:
         self._file.write(footer)
         self._file.write(_FOOTER_LEN.pack(len(footer)))
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if sync:
+            os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._tmp, self.path)
         if sync_folder:
@@ -216,6 +218,15 @@ class ModelFileWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def fsync_file(path: Path) -> None:
+    """Make a file's data durable (written by a writer told not to sync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -19,6 +19,10 @@
 - **Transfers must keep moving**: one that does not move at least ``PROGRESS_BYTES`` in
   ``idle_s`` seconds (empty messages are not progress) is ended with DEADLINE_EXCEEDED, so a
   stalled peer cannot hold a slot (or a round) forever.
+- **Small uploads, kept in batches**: an upload read whole with its first messages is checked and
+  spooled on the loop (no thread hop, no lock contention), and kept by :class:`Batches` on a
+  thread of its own together with the others that arrived meanwhile: one disk sync for the
+  batch instead of three per update.
 - **Few messages, made in batches**: small tensors travel packed several to a message
   (``serde.pack``), so a model of thousands of tiny tensors is a few dozen messages, and a sent
   stream's messages are made on the transfer pool ``SEND_BATCH`` at a time.
@@ -29,7 +33,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
 
@@ -76,6 +80,61 @@ class Changes:
         return self._events.setdefault(key, asyncio.Event())
 
 
+class Batches:
+    """Items handed in one at a time on the loop, handled by ``handle(batch)`` on a thread of its own: all those
+    that arrived while the last batch was handled go together (a group commit). ``handle`` answers each item
+    with its result, or the exception to raise for it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handle: Callable[[list], list], name: str,
+                 max_batch: int = 256):
+        self._loop, self._handle, self._max = loop, handle, max_batch
+        self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self._busy = False
+
+    async def run(self, item: Any) -> Any:
+        """Handle ``item`` with the next batch; its answer (raised when an exception). The item is handled even
+        if the caller is cancelled meanwhile."""
+        answer = self._loop.create_future()
+        self._queue.append((item, answer))
+        if not self._busy:
+            self._start()
+        return await answer
+
+    def _start(self) -> None:
+        batch, self._queue = self._queue[:self._max], self._queue[self._max:]
+        try:
+            done = self._loop.run_in_executor(self._pool, self._handle, [item for item, _ in batch])
+        except RuntimeError:  # closed: the server is shutting down
+            for _, answer in batch + self._queue:
+                if not answer.done():
+                    answer.set_exception(ConnectionError("the director is shutting down"))
+            self._queue = []
+            return
+        self._busy = True
+        done.add_done_callback(lambda finished: self._finished(batch, finished))
+
+    def _finished(self, batch: list[tuple[Any, asyncio.Future]], done: asyncio.Future) -> None:
+        self._busy = False
+        if done.cancelled() or done.exception() is not None:
+            error = done.exception() if not done.cancelled() else ConnectionError("the director is shutting down")
+            answers = [error] * len(batch)
+        else:
+            answers = done.result()
+        for (_, answer), result in zip(batch, answers):
+            if answer.done():  # its caller went away: the item was handled all the same
+                continue
+            if isinstance(result, BaseException):
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
+        if self._queue:
+            self._start()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Flow:
     """The director server's thread pools, wake-ups and limits (see the module docstring)."""
 
@@ -92,10 +151,27 @@ class Flow:
         self.transfer_pool = futures.ThreadPoolExecutor(max_uploads + max_submissions + 4,
                                                         thread_name_prefix="director-transfer")
         self.heartbeat_pool = futures.ThreadPoolExecutor(2, thread_name_prefix="director-heartbeat")
+        self._batches: list[Batches] = []
 
     def close(self) -> None:
         self.transfer_pool.shutdown(wait=False, cancel_futures=True)
         self.heartbeat_pool.shutdown(wait=False, cancel_futures=True)
+        for batches in self._batches:
+            batches.close()
+
+    def batches(self, handle: Callable[[list], list], name: str) -> Batches:
+        """A :class:`Batches` of this server's, closed with it."""
+        self._batches.append(Batches(self.loop, handle, name))
+        return self._batches[-1]
+
+    def spawn(self, what: str, fn: Callable[..., Any], *args) -> None:
+        """``fn(*args)`` on the transfer pool, nobody waiting for it: its failure is logged as ``what``."""
+        def logged() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("%s failed", what)
+        self.transfer_pool.submit(logged)
 
     async def heartbeat(self, fn: Callable[..., T], *args) -> T:
         """``fn(*args)`` on threads of their own: heartbeats never queue behind a burst of metric reports."""
@@ -160,12 +236,15 @@ class Flow:
 
     async def receive(self, context: grpc.aio.ServicerContext, method: str, consume: Callable[[Iterator], T],
                       submission: bool = False, admit: Callable[[Any], None] | None = None,
-                      admit_here: Callable[[Any], bool] | None = None) -> T:
+                      admit_here: Callable[[Any], bool] | None = None,
+                      here: Callable[[list], Awaitable[T] | None] | None = None) -> T:
         """Run ``consume(requests)`` on the transfer pool, where ``requests`` yields the call's messages as they
         arrive. The first message is read, and checked by ``admit(first)`` (on the short pool; it raises to
         refuse the call), before an upload slot (a submission slot for submissions) is taken; ``admit_here(first)``
-        is tried first on the loop, and True spares that trip (it admitted the call from memory). A transfer that
-        makes no progress for ``idle_s`` ends the call. The slot is freed when ``consume`` has returned."""
+        is tried first on the loop, and True spares that trip (it admitted the call from memory). A call read
+        whole with its first messages goes to ``here(messages)`` on the loop, which answers an awaitable of the
+        result, or None to leave it to ``consume``. A transfer that makes no progress for ``idle_s`` ends the
+        call. The slot is freed when ``consume`` (or ``here``'s awaitable) has returned."""
         incoming = _Incoming(context, self.loop, self.idle_s)
         first = await incoming.next()
         if isinstance(first, Exception):
@@ -180,9 +259,15 @@ class Flow:
             while (len(ahead) <= READ_AHEAD_MESSAGES and ahead[-1] is not _END and not isinstance(ahead[-1], Exception)
                    and incoming.total < READ_AHEAD_BYTES):
                 ahead.append(await incoming.next())
+            handled = here(ahead[:-1]) if here is not None and ahead[-1] is _END else None
         except BaseException:
             slots.release()
             raise
+        if handled is not None:
+            try:
+                return await handled
+            finally:
+                slots.release()
 
         def requests() -> Iterator:
             for message in ahead:

@@ -14,11 +14,11 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from fedjax_core.errors import InvalidRequestError
-from fedjax_core.model_file import fsync_dir
+from fedjax_core.model_file import fsync_dir, fsync_file
 
 MAX_BUNDLE_BYTES = 2 << 30
 _ROUND_FILE = re.compile(r"(?:(?:model|server_state)_)?round_(\d{4,})(?:\.fjm)?")
@@ -77,12 +77,19 @@ class ExperimentFiles:
         os.replace(staging, target)
         fsync_dir(target.parent)
 
-    def keep_update(self, spool: Path, name: str, round_: int, envoy: str) -> Path:
-        path = self.update(name, round_, envoy)
-        path.parent.mkdir(exist_ok=True)
-        os.replace(spool, path)
-        fsync_dir(path.parent)
-        return path
+    def keep_updates(self, name: str, round_: int, spools: Sequence[tuple[str, Path]]) -> list[Path]:
+        """Move spooled updates ``(envoy, spool)`` into the round's folder for good: each file's data synced,
+        then the folder once for all their new names."""
+        for _, spool in spools:
+            fsync_file(spool)
+        paths = [self.update(name, round_, envoy) for envoy, _ in spools]
+        if not paths:
+            return paths
+        paths[0].parent.mkdir(exist_ok=True)
+        for (_, spool), path in zip(spools, paths):
+            os.replace(spool, path)
+        fsync_dir(paths[0].parent)
+        return paths
 
     def copy_best(self, name: str, round_: int) -> None:
         """model_round_r -> model_best, atomically. A hard link: a model file is never changed once in place

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedjax_core import records as r
-from fedjax_core.director.store import ExperimentRow
+from fedjax_core.director.store import ExperimentRow, NewUpdate
 from fedjax_core.errors import AlreadyExistsError
 from fedjax_core.spec import ExperimentSpec
 
@@ -150,13 +150,24 @@ class MemoryStore:
     # updates of the round in progress
     def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int,
                    events: Sequence[tuple[r.MetricEvent, float]] = ()) -> list[bool]:
-        with self._lock:
-            kept = self._updates.setdefault((experiment, round_), {})
-            if envoy in kept:
-                raise AlreadyExistsError(f"experiment {experiment!r} keeps an update of envoy {envoy!r} for round "
-                                         f"{round_} already")
-            kept[envoy] = (float(weight), Path(path), int(nbytes))
-        return self.add_events(experiment, events)
+        added = self.add_updates(experiment, round_, [NewUpdate(envoy, weight, path, nbytes, events)])[0]
+        if isinstance(added, AlreadyExistsError):
+            raise added
+        return added
+
+    def add_updates(self, experiment: str, round_: int,
+                    updates: Sequence[NewUpdate]) -> list[list[bool] | AlreadyExistsError]:
+        answers: list[list[bool] | AlreadyExistsError] = []
+        for update in updates:
+            with self._lock:
+                kept = self._updates.setdefault((experiment, round_), {})
+                if update.envoy in kept:
+                    answers.append(AlreadyExistsError(f"experiment {experiment!r} keeps an update of envoy "
+                                                      f"{update.envoy!r} for round {round_} already"))
+                    continue
+                kept[update.envoy] = (float(update.weight), Path(update.path), int(update.nbytes))
+            answers.append(self.add_events(experiment, update.events))
+        return answers
 
     def updates(self, experiment: str, round_: int) -> list[tuple[str, float, Path, int]]:
         with self._lock:

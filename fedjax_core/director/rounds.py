@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from fedjax_core import records as r
 from fedjax_core.aggregation import RoundUpdates, Upload
@@ -31,7 +30,7 @@ from fedjax_core.director.files import ExperimentFiles
 from fedjax_core.director.round_machine import CheckedIn, Dropped, Phase, RoundState, Validated, restore
 from fedjax_core.director.memory import release_free_memory
 from fedjax_core.director.round_models import FileRoundModels, RoundModels
-from fedjax_core.director.store import ExperimentRow
+from fedjax_core.director.store import ExperimentRow, NewUpdate
 from fedjax_core.director.store_api import Store
 from fedjax_core.director.submission import RoundPlan, plan_rounds
 from fedjax_core.errors import FedError, InvalidRequestError
@@ -278,20 +277,23 @@ class RoundEngine:
         return float(sample_count)
 
     # ------------------------------------------------------------------ keeping
-    def keep(self, run: Run, envoy: str, spool: Path, weight: float, nbytes: int,
-             events: Sequence[tuple[r.MetricEvent, float]] = ()) -> list[bool]:
-        """Keep an envoy's spooled update for the round (checked now, read when the round closes), with the
-        metric ``events`` it carried in the same write; which of them were added. The caller holds
-        ``run.keep_lock``."""
-        path = self.files.keep_update(spool, run.name, run.round, envoy)
-        added = self.store.add_update(run.name, run.round, envoy, weight, path, nbytes, events)  # first: a restart keeps it again
-        try:
-            run.updates.add(Upload(envoy, weight, ModelFile(path)))  # checks everything before keeping anything
-        except FedError:
-            self.store.drop_update(run.name, run.round, envoy)
-            path.unlink(missing_ok=True)
-            raise
-        return added
+    def keep(self, run: Run, spooled: Sequence[NewUpdate]) -> list[list[bool] | FedError]:
+        """Keep envoys' spooled updates for the round (``path``: the spool; checked now, read when the round
+        closes), with the metric events each carried, in one write: for each, which of its events were added,
+        or the FedError that kept none of it. The caller holds ``run.keep_lock``."""
+        paths = self.files.keep_updates(run.name, run.round, [(update.envoy, update.path) for update in spooled])
+        kept = [update._replace(path=path) for update, path in zip(spooled, paths)]
+        answers: list[list[bool] | FedError] = []
+        for update, added in zip(kept, self.store.add_updates(run.name, run.round, kept)):  # first: a restart keeps it again
+            if not isinstance(added, FedError):
+                try:
+                    run.updates.add(Upload(update.envoy, update.weight, ModelFile(update.path)))  # checks it all first
+                except FedError as exc:
+                    self.store.drop_update(run.name, run.round, update.envoy)
+                    update.path.unlink(missing_ok=True)
+                    added = exc
+            answers.append(added)
+        return answers
 
     # ------------------------------------------------------------------ closing
     def close(self, run: Run) -> Outcome | None:

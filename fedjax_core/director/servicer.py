@@ -5,7 +5,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 
 from fedjax_core import pki, serde
 from fedjax_core import records as r
@@ -13,6 +13,7 @@ from fedjax_core.director import limits, metric_stream, paging
 from fedjax_core.director.callers import Caller, Refusals, check_envoy_identity
 from fedjax_core.director.concurrency import MAX_LONG_POLL_S, Flow
 from fedjax_core.director.core import Director
+from fedjax_core.director.worker_calls import Spooled
 from fedjax_core.errors import FedError, InvalidRequestError, PermissionDeniedError
 from fedjax_core.transport import maps_errors
 from fedjax_proto import envoy_service_pb2 as env_pb
@@ -25,6 +26,14 @@ BUNDLE_CHUNK = 1 << 20
 MAX_EVENT_BATCH_BYTES = 1 << 20  # a StreamMetricBatches message holds events up to this size (one at least)
 
 
+def _update_chunks(messages: Iterable) -> Iterator[r.TensorChunk]:
+    """The tensor chunks of an update's messages after its header."""
+    for msg in messages:
+        if not msg.HasField("chunk"):
+            raise InvalidRequestError("only tensor chunks may follow the update header")
+        yield from serde.unpacked_chunks(msg.chunk)
+
+
 class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     """Plain methods are short calls, run on the server's thread pool; coroutines wait or transfer through
     ``flow`` (see :mod:`fedjax_core.director.concurrency`)."""
@@ -33,6 +42,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         self.director = director
         self.flow = flow
         self.refusals = refusals or Refusals(director.audit)
+        self._keeps = flow.batches(self._keep, "director-keeper")  # small uploads' group commit
 
     def _check_identity(self, caller: Caller, envoy_name: str) -> None:
         check_envoy_identity(caller, envoy_name, self.refusals)
@@ -137,7 +147,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     @maps_errors
     async def UploadUpdate(self, request_iterator, context):
         caller = Caller.of(context)
-        stored = []  # the header of the update consume() stored
+        stored = []  # the header of the update consume() or here() stored
 
         def consume(requests: Iterator) -> int:
             first = next(requests, None)
@@ -146,16 +156,22 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
             h = first.header
             self._check_identity(caller, h.envoy_name)
             stored.append(h)
-
-            def chunks() -> Iterator:
-                for msg in requests:
-                    if not msg.HasField("chunk"):
-                        raise InvalidRequestError("only tensor chunks may follow the update header")
-                    yield from serde.unpacked_chunks(msg.chunk)
-
             return self.director.workers.accept_update(h.envoy_name, h.experiment_name, h.round, h.train_sample_count,
-                                                       chunks(), (h.clip_norm, h.noise_std),
+                                                       _update_chunks(requests), (h.clip_norm, h.noise_std),
                                                        [serde.stage_report_from_proto(m) for m in h.reports])
+
+        def here(messages: list) -> Awaitable[int] | None:  # read whole: spooled on the loop, kept with others
+            if not messages or not messages[0].HasField("header"):
+                return None  # consume says what is wrong
+            h = messages[0].header
+            self._check_identity(caller, h.envoy_name)
+            spooled = self.director.workers.spool_here(
+                h.envoy_name, h.experiment_name, h.round, h.train_sample_count, _update_chunks(messages[1:]),
+                (h.clip_norm, h.noise_std), [serde.stage_report_from_proto(m) for m in h.reports])
+            if spooled is None:
+                return None
+            stored.append(h)
+            return self._keeps.run(spooled)
 
         def admit(first) -> None:  # who and whether, before the upload takes a slot
             if first.HasField("header"):
@@ -172,11 +188,22 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
             return self.director.workers.admit_upload_in_memory(
                 h.envoy_name, h.experiment_name, h.round, [serde.stage_report_from_proto(m) for m in h.reports])
 
-        received = await self.flow.receive(context, "UploadUpdate", consume, admit=admit, admit_here=admit_here)
+        received = await self.flow.receive(context, "UploadUpdate", consume, admit=admit, admit_here=admit_here,
+                                           here=here)
         response = env_pb.UploadUpdateResponse(bytes_received=received)
         if stored and stored[0].next_task_wait_s > 0:  # NaN is not: answered at once, as an older director would
             response.next_task.CopyFrom(await self._task_after_upload(stored[0]))
         return response
+
+    def _keep(self, spooled: list[Spooled]) -> list[int | BaseException]:
+        """On the keeper thread: keep a batch of spooled uploads; a round one of them completes closes on the
+        transfer pool, so that the next batch need not wait for it."""
+        answers = self.director.workers.keep_spooled(spooled)
+        for item, answer in zip(spooled, answers):
+            if not isinstance(answer, BaseException) and answer[1]:
+                self.flow.spawn(f"closing round {item.round} of {item.run.name!r}", self.director.after,
+                                item.run, answer[1])
+        return [answer if isinstance(answer, BaseException) else answer[0] for answer in answers]
 
     async def _task_after_upload(self, h) -> env_pb.WaitTaskResponse:
         """The next task a stored upload's header asked for: never an error now that the update is kept (the

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 from fedjax_core import records as r
 from fedjax_core import spec as experiment_spec
@@ -82,6 +83,15 @@ def _shard_info_from_json(text: str) -> r.ShardInfo:
     for key in ("sample_shape", "target_shape", "devices", "label_counts"):
         d[key] = tuple(d.get(key, ()))
     return r.ShardInfo(**d)
+
+
+class NewUpdate(NamedTuple):
+    """An envoy's update of a round to keep, with the metric ``events`` (``(event, weight)``) it carried."""
+    envoy: str
+    weight: float
+    path: Path
+    nbytes: int
+    events: Sequence[tuple[r.MetricEvent, float]] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,14 +278,25 @@ class SqliteStore:
     # updates of the round in progress
     def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int,
                    events: Sequence[tuple[r.MetricEvent, float]] = ()) -> list[bool]:
+        added = self.add_updates(experiment, round_, [NewUpdate(envoy, weight, path, nbytes, events)])[0]
+        if isinstance(added, AlreadyExistsError):
+            raise added
+        return added
+
+    def add_updates(self, experiment: str, round_: int,
+                    updates: Sequence[NewUpdate]) -> list[list[bool] | AlreadyExistsError]:
+        with self._transaction():  # one disk sync for them all
+            return [self._insert_update(experiment, round_, update) for update in updates]
+
+    def _insert_update(self, experiment: str, round_: int, update: NewUpdate) -> list[bool] | AlreadyExistsError:
+        """Within a transaction the caller holds (a refused row leaves it open, with nothing of that update)."""
         try:
-            with self._transaction():  # one disk sync for the row and the events
-                self._db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?)",
-                                 (experiment, round_, envoy, weight, str(path), nbytes))
-                return [self._insert_event(experiment, event, weight) for event, weight in events]
+            self._db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?)",
+                             (experiment, round_, update.envoy, update.weight, str(update.path), update.nbytes))
         except sqlite3.IntegrityError:
-            raise AlreadyExistsError(f"experiment {experiment!r} keeps an update of envoy {envoy!r} for round "
-                                     f"{round_} already") from None
+            return AlreadyExistsError(f"experiment {experiment!r} keeps an update of envoy {update.envoy!r} for "
+                                      f"round {round_} already")
+        return [self._insert_event(experiment, event, weight) for event, weight in update.events]
 
     def updates(self, experiment: str, round_: int) -> list[tuple[str, float, Path, int]]:
         rows = self._read("SELECT envoy, weight, path, nbytes FROM updates WHERE experiment = ? AND round = ? "

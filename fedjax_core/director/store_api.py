@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Protocol
 
 from fedjax_core import records as r
-from fedjax_core.director.store import ExperimentRow
+from fedjax_core.director.store import ExperimentRow, NewUpdate
+from fedjax_core.errors import AlreadyExistsError
 from fedjax_core.spec import ExperimentSpec
 
 
@@ -73,6 +74,12 @@ class Store(Protocol):
         """Keep an envoy's update of a round, and ``events`` (the reports it carried) in the same transaction
         (``add_events``' answer for them); a second update for the same round raises AlreadyExistsError and keeps
         neither."""
+
+    def add_updates(self, experiment: str, round_: int,
+                    updates: Sequence[NewUpdate]) -> list[list[bool] | AlreadyExistsError]:
+        """``add_update`` for several updates of one round in one transaction (one disk sync for them all): for
+        each, ``add_events``' answer for its events, or the AlreadyExistsError that kept none of it; any other
+        error keeps none of them."""
 
     def updates(self, experiment: str, round_: int) -> list[tuple[str, float, Path, int]]:
         """``(envoy, weight, path, nbytes)`` of the round's kept updates, in the order they were kept."""

@@ -21,6 +21,7 @@ from fedjax_core.director import limits, round_machine, transfers
 from fedjax_core.director.model_cache import RoundModelCache
 from fedjax_core.director.round_machine import CheckedIn, Dropped, Effect, Failed, Refused, UpdateStored, Validated
 from fedjax_core.director.rounds import Run
+from fedjax_core.director.store import NewUpdate
 from fedjax_core.secagg.protocol import MASKED_TENSOR
 from fedjax_core.privacy.local import check_applied
 from fedjax_core.errors import FedError, InvalidRequestError, PreconditionError, StorageError, is_disk_full
@@ -269,45 +270,84 @@ class WorkerCalls:
         (clip_norm, noise_std) its header says the worker privatised it with; ``reports``: the round's metric
         reports it carried (recorded once the update is checked, before the round learns of it)."""
         d = self.director
-        if sample_count <= 0:
-            raise InvalidRequestError(
-                f"envoy {envoy!r} reported {sample_count} training samples; aggregation needs a positive count "
-                "(check DataInterface.get_train_data_size)")
-        limits.check_reports(envoy, reports)
+        _check_update_header(envoy, sample_count, reports)
         with d.lock:
             run = self._upload_run(envoy, experiment, round_)
-        if reports and run.secure is not None:  # a masked upload is summed, nothing else kept: they would be lost
-            raise InvalidRequestError(f"envoy {envoy!r} sent metric reports with the secure upload of round {round_}, "
-                                      "which takes them by ReportMetrics only (its task did not say reports_with_upload)")
-        check_applied(run.spec.privacy, envoy, *applied)
+        _check_run_takes(run, envoy, round_, reports, applied)
         if run.secure is not None:
             return self._accept_masked(run, envoy, round_, chunks)
         with d.lock:
             run.receiving.add(envoy)
-        try:
-            weight = d.engine.weight(run, envoy, sample_count)
-            try:
-                spool, received = transfers.receive_update(d.files, run, envoy, round_, chunks)
-                events = self._events(run, envoy, round_, reports)
-                try:
-                    effects, added = self._keep(run, envoy, round_, spool, weight, received, events)
-                except BaseException:
-                    spool.unlink(missing_ok=True)  # kept, it was moved into the round's folder
-                    raise
-                self._log(run, events, added)  # before the round (its last update) closes and logs the aggregate
-            except OSError as exc:
-                if not is_disk_full(exc):
-                    raise
-                d.fail(run, f"the director's disk is full ({exc.strerror}, under {d.state_dir}) while storing "
-                                f"the update of envoy {envoy!r} for round {round_}: free space there and submit the "
-                                "experiment again; its last model and metrics are kept")
-                raise StorageError(f"the director's disk is full: it could not store this update ({exc.strerror}); "
-                                   f"experiment {experiment!r} failed, its models so far and metrics are kept") from None
-        finally:
-            with d.lock:
-                run.receiving.discard(envoy)
+        kept = self.keep_spooled([self._spool(run, envoy, round_, sample_count, chunks, reports)])[0]
+        if isinstance(kept, BaseException):
+            raise kept
+        received, effects = kept
         d.after(run, effects)
         return received
+
+    def spool_here(self, envoy: str, experiment: str, round_: int, sample_count: int,
+                   chunks: Iterable[r.TensorChunk], applied: tuple[float, float] = (0.0, 0.0),
+                   reports: Sequence[r.StageReport] = ()) -> Spooled | None:
+        """``accept_update``'s first half on the event loop, for an update read whole: checked and spooled but
+        not synced (``keep_spooled`` keeps it, with others at once); refused as accept_update refuses it. None
+        when only accept_update can tell: the lock is busy, the experiment is not running or its rounds are
+        secure."""
+        d = self.director
+        _check_update_header(envoy, sample_count, reports)
+        if not d.lock.acquire(blocking=False):
+            return None
+        try:
+            run = d.run(experiment)
+            if run is None or run.secure is not None:
+                return None
+            self._upload_run(envoy, experiment, round_)
+            _check_run_takes(run, envoy, round_, reports, applied)
+            run.receiving.add(envoy)
+        finally:
+            d.lock.release()
+        return self._spool(run, envoy, round_, sample_count, chunks, reports)
+
+    def _spool(self, run: Run, envoy: str, round_: int, sample_count: int, chunks: Iterable[r.TensorChunk],
+               reports: Sequence[r.StageReport]) -> Spooled:
+        """Receive and check an update counted in ``run.receiving``, spooled but not synced (it leaves
+        ``receiving`` if that fails)."""
+        d = self.director
+        try:
+            weight = d.engine.weight(run, envoy, sample_count)
+            spool, received = transfers.receive_update(d.files, run, envoy, round_, chunks)
+            return Spooled(run, round_, NewUpdate(envoy, weight, spool, received,
+                                                  self._events(run, envoy, round_, reports)))
+        except BaseException as exc:
+            with d.lock:
+                run.receiving.discard(envoy)
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                raise self._disk_full(run, envoy, round_, exc) from None
+            raise
+
+    def keep_spooled(self, spooled: Sequence[Spooled]) -> list[tuple[int, tuple[Effect, ...]] | BaseException]:
+        """Keep spooled updates, each run's in one write (a group commit: one folder sync, one database sync);
+        for each, ``(bytes received, the effects for Director.after)`` or the error that refused it. They leave
+        their runs' ``receiving`` whatever happens. Blocks on the disk: call it off the event loop."""
+        by_run: dict[int, list[int]] = {}
+        for i, item in enumerate(spooled):
+            by_run.setdefault(id(item.run), []).append(i)
+        answers: dict[int, tuple[int, tuple[Effect, ...]] | BaseException] = {}
+        for indexes in by_run.values():
+            group = [spooled[i] for i in indexes]
+            try:
+                kept = self._keep(group)
+            except BaseException as exc:  # noqa: B036 -- each caller raises it again
+                kept = [exc] * len(group)
+            answers.update(zip(indexes, kept))
+        return [answers[i] for i in range(len(spooled))]
+
+    def _disk_full(self, run: Run, envoy: str, round_: int, exc: OSError) -> StorageError:
+        """Fail ``run`` for a full disk met while storing ``envoy``'s update; the error its caller gets."""
+        self.director.fail(run, f"the director's disk is full ({exc.strerror}, under {self.director.state_dir}) "
+                                f"while storing the update of envoy {envoy!r} for round {round_}: free space there "
+                                "and submit the experiment again; its last model and metrics are kept")
+        return StorageError(f"the director's disk is full: it could not store this update ({exc.strerror}); "
+                            f"experiment {run.name!r} failed, its models so far and metrics are kept")
 
     def _accept_masked(self, run: Run, envoy: str, round_: int, chunks: Iterable[r.TensorChunk]) -> int:
         """A secure round's masked vector: read whole into memory (it reveals nothing without the others'), added
@@ -355,38 +395,75 @@ class WorkerCalls:
                 d.changed(envoy)
         d.after(run, effects)
 
-    def _keep(self, run: Run, envoy: str, round_: int, spool: Path, weight: float, received: int,
-              events: Sequence[tuple[r.MetricEvent, float]] = ()) -> tuple[tuple[Effect, ...], list[bool]]:
-        """Keep a checked update, and the metric events it carried in the same write, under the run's keep_lock;
-        the round learns of it once it is stored. The effects to carry out, and which events were new."""
-        d = self.director
-        failure = None
-        effects: tuple[Effect, ...] = ()
-        added: list[bool] = []
-        with run.keep_lock:
+    def _keep(self, spooled: Sequence[Spooled]) -> list[tuple[int, tuple[Effect, ...]] | BaseException]:
+        """``keep_spooled`` for one run's updates, under its keep_lock: each checked again, the live ones kept in
+        one write, and only then told to the round; their reports go to the metric sinks after."""
+        d, run = self.director, spooled[0].run
+        answers: list[tuple[int, tuple[Effect, ...]] | BaseException | None] = [None] * len(spooled)
+        logged: list[tuple[Spooled, list[bool]]] = []
+        try:
+            with run.keep_lock:
+                live = []
+                with d.lock:
+                    for i, item in enumerate(spooled):
+                        try:
+                            if d.run(run.name) is not run:
+                                raise PreconditionError(f"round {item.round} of {run.name!r} is not open for "
+                                                        "training updates")
+                            round_machine.check_upload(run.state, item.update.envoy, item.round)  # it may have closed
+                            live.append(i)
+                        except FedError as exc:
+                            answers[i] = exc
+                kept = self._store(run, [spooled[i] for i in live])
+                with d.lock:
+                    for i, added in zip(live, kept):
+                        item = spooled[i]
+                        if isinstance(added, BaseException):
+                            answers[i] = added
+                            continue
+                        try:
+                            effects = d.act(run, UpdateStored(item.update.envoy))
+                        except FedError as exc:
+                            answers[i] = exc
+                            continue
+                        run.traffic.count(item.update.envoy, item.update.nbytes, upload=True)
+                        answers[i] = (item.update.nbytes, effects)
+                        logged.append((item, added))
+        finally:
             with d.lock:
-                if d.run(run.name) is not run:
-                    raise PreconditionError(f"round {round_} of {run.name!r} is not open for training updates")
-                round_machine.check_upload(run.state, envoy, round_)  # the round may have closed meanwhile
-            try:
-                added = d.engine.keep(run, envoy, spool, weight, received, events)
-            except (FedError, OSError):
-                raise
-            except Exception as exc:  # the round's updates can no longer be trusted: stop, and say why
-                log.exception("keeping the update of %r for round %d of %r failed", envoy, round_, run.name)
-                with d.lock:
-                    if d.run(run.name) is run:
-                        d.act(run, Failed(f"keeping the update of {envoy!r} for round {round_} failed: {exc}"))
-                failure = exc
-            else:
-                with d.lock:
-                    run.traffic.count(envoy, received, upload=True)
-                    effects = d.act(run, UpdateStored(envoy))
+                for item in spooled:
+                    run.receiving.discard(item.update.envoy)
+            for item in spooled:
+                item.update.path.unlink(missing_ok=True)  # a kept one was moved into the round's folder
         if run.ended:  # failed or cancelled meanwhile: clean up now that keep_lock is free
             d.cleanup(run)
-        if failure is not None:
-            raise failure
-        return effects, added
+        for item, added in logged:  # before the round (its last update) closes and logs the aggregate
+            self._log(run, item.update.events, added)
+        return answers
+
+    def _store(self, run: Run, spooled: Sequence[Spooled]) -> list[list[bool] | BaseException]:
+        """Under ``run.keep_lock``: keep the updates on disk in one write; for each, which of its events were
+        new, or why it was not kept. A full disk fails the experiment; an unexpected error fails it too, since
+        the round's updates can no longer be trusted."""
+        d = self.director
+        if not spooled:
+            return []
+        try:
+            return d.engine.keep(run, [item.update for item in spooled])
+        except FedError as exc:
+            return [exc] * len(spooled)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                return [exc] * len(spooled)
+            first = spooled[0]
+            return [self._disk_full(run, first.update.envoy, first.round, exc)] * len(spooled)
+        except Exception as exc:
+            envoys = ", ".join(repr(item.update.envoy) for item in spooled)
+            log.exception("keeping the updates of %s for round %d of %r failed", envoys, run.round, run.name)
+            with d.lock:
+                if d.run(run.name) is run:
+                    d.act(run, Failed(f"keeping the update of {envoys} for round {spooled[0].round} failed: {exc}"))
+            return [exc] * len(spooled)
 
     def check_in(self, envoy: str, experiment: str, round_: int, divergence: float) -> bool:
         """Periodic and dynamic averaging: ``envoy`` trained round ``round_`` and its model is ``divergence``
@@ -451,6 +528,31 @@ class WorkerCalls:
         except InvalidRequestError as exc:
             return f"{len(remaining)} envoys, too few for the rounds to come ({exc})"
         return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Spooled:
+    """An update received and checked, spooled (``update.path``) but neither synced nor known to its round."""
+    run: Run
+    round: int
+    update: NewUpdate
+
+
+def _check_update_header(envoy: str, sample_count: int, reports: Sequence[r.StageReport]) -> None:
+    if sample_count <= 0:
+        raise InvalidRequestError(
+            f"envoy {envoy!r} reported {sample_count} training samples; aggregation needs a positive count "
+            "(check DataInterface.get_train_data_size)")
+    limits.check_reports(envoy, reports)
+
+
+def _check_run_takes(run: Run, envoy: str, round_: int, reports: Sequence[r.StageReport],
+                     applied: tuple[float, float]) -> None:
+    """Refuse an update ``run`` cannot take as sent: reports with a masked upload, privacy not applied as asked."""
+    if reports and run.secure is not None:  # a masked upload is summed, nothing else kept: they would be lost
+        raise InvalidRequestError(f"envoy {envoy!r} sent metric reports with the secure upload of round {round_}, "
+                                  "which takes them by ReportMetrics only (its task did not say reports_with_upload)")
+    check_applied(run.spec.privacy, envoy, *applied)
 
 
 def _carries_model(task: r.Task, inline: bool) -> bool:

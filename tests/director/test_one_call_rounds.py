@@ -230,8 +230,8 @@ def test_an_upload_costs_one_folder_sync_and_one_database_sync(tmp_path, monkeyp
     folders, commits = [], []
     monkeypatch.setattr(model_file, "fsync_dir", lambda path: folders.append(path))
     monkeypatch.setattr(files, "fsync_dir", lambda path: folders.append(path))
-    add_update = d.store.add_update
-    monkeypatch.setattr(d.store, "add_update", lambda *a: commits.append(a[2]) or add_update(*a))
+    add_updates = d.store.add_updates
+    monkeypatch.setattr(d.store, "add_updates", lambda *a: commits.extend(u.envoy for u in a[2]) or add_updates(*a))
     monkeypatch.setattr(d.store, "add_events", lambda *a: commits.append("events"))
     d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))
     kept = d.store.updates("exp", 0)[0][2]

@@ -172,11 +172,11 @@ def test_a_paused_fold_blocks_neither_heartbeats_nor_registry_reads(tmp_path, mo
     in_fold, release = threading.Event(), threading.Event()
     keep = d.engine.keep
 
-    def paused_keep(run, envoy, *args):  # holds the round's keep_lock, as keeping a large update does
-        if envoy == "a":
+    def paused_keep(run, spooled):  # holds the round's keep_lock, as keeping a large update does
+        if "a" in [update.envoy for update in spooled]:
             in_fold.set()
             assert release.wait(30), "the test never released the fold"
-        return keep(run, envoy, *args)
+        return keep(run, spooled)
 
     monkeypatch.setattr(d.engine, "keep", paused_keep)
     uploader = threading.Thread(target=play_round, args=(d, 0, ("a",)))

@@ -12,7 +12,7 @@ import pytest
 from fedjax_core import records as r
 from fedjax_core.errors import AlreadyExistsError
 from fedjax_core.director.memory_store import MemoryStore
-from fedjax_core.director.store import SqliteStore
+from fedjax_core.director.store import NewUpdate, SqliteStore
 from fedjax_core.director.store_api import Store
 from fedjax_core.spec import ExperimentSpec, from_flat
 
@@ -487,4 +487,33 @@ def test_sqlite_keeps_an_update_and_its_reports_in_one_transaction(path, tmp_pat
     s.close()
     reopened = SqliteStore(path)
     assert reopened.updates("exp1", 0) == [("env_one", 1.0, tmp_path / "a", 1)] and len(reopened.events("exp1")) == 1
+    reopened.close()
+
+
+def test_add_updates_keeps_each_update_of_a_batch_but_a_second_one(store, tmp_path):
+    """A batch is one write: every update and its reports kept, but the one an envoy already has, which keeps
+    nothing of itself and leaves the others kept."""
+    store.add_update("exp1", 0, "env_two", 1.0, tmp_path / "first", 1)
+    answers = store.add_updates("exp1", 0, [
+        NewUpdate("env_one", 2.0, tmp_path / "a", 10, [(_event(0, "env_one"), 2.0)]),
+        NewUpdate("env_two", 3.0, tmp_path / "b", 20, [(_event(0, "env_two", value=0.9), 3.0)]),
+        NewUpdate("env_three", 4.0, tmp_path / "c", 30, [(_event(0, "env_three"), 4.0), (_event(0, "env_one"), 1.0)]),
+    ])
+    assert answers[0] == [True] and isinstance(answers[1], AlreadyExistsError) and answers[2] == [True, False]
+    assert "env_two" in str(answers[1])
+    assert store.updates("exp1", 0) == [("env_two", 1.0, tmp_path / "first", 1), ("env_one", 2.0, tmp_path / "a", 10),
+                                        ("env_three", 4.0, tmp_path / "c", 30)]
+    assert sorted(e.envoy for _, e, _ in store.events("exp1")) == ["env_one", "env_three"]  # env_two's report: not kept
+
+
+def test_sqlite_keeps_a_batch_of_updates_in_one_transaction(path, tmp_path):
+    s = SqliteStore(path)
+    statements: list[str] = []
+    s._db.set_trace_callback(statements.append)
+    batch = [NewUpdate(f"env_{i}", 1.0, tmp_path / str(i), 1, [(_event(0, f"env_{i}"), 1.0)]) for i in range(3)]
+    assert s.add_updates("exp1", 0, batch) == [[True]] * 3
+    assert [q.split()[0] for q in statements] == ["BEGIN"] + ["INSERT"] * 6 + ["COMMIT"]  # one commit, one sync
+    s.close()
+    reopened = SqliteStore(path)
+    assert [u[0] for u in reopened.updates("exp1", 0)] == ["env_0", "env_1", "env_2"]
     reopened.close()
