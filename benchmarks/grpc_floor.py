@@ -5,8 +5,8 @@ the director's CPU per envoy and round.
 A bare ``grpc.aio`` server (the director's event loop and server options, an echo handler that does
 nothing) in one process, and N client connections (each its own TCP connection, as envoys have) in
 another. Each connection makes one round trip every ``--period`` seconds, spread evenly, as envoys'
-heartbeats and tasks arrive; a round trip is either a unary call or one message each way on an open
-bidirectional stream. A last case drives 8 connections back to back, to show how much cheaper a call is
+heartbeats and tasks arrive; a round trip is a unary call, one message each way on an open
+bidirectional stream, or a client stream of two messages and its answer (an upload's shape: header, chunk). A last case drives 8 connections back to back, to show how much cheaper a call is
 on a busy server (its threads never go to sleep between calls).
 
 Measured: the server process's CPU seconds (user + system, all its threads) over the client's run,
@@ -41,7 +41,7 @@ from bench import table  # noqa: E402
 from scale import OWN_CONNECTION, cpu_seconds  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SERVICE, UNARY, STREAM = "floor.Echo", "Once", "Many"
+SERVICE, UNARY, STREAM, UPLOAD = "floor.Echo", "Once", "Many", "Upload"
 PAYLOAD = b"x" * 64  # about a heartbeat's size
 BUSY_CONNECTIONS = 8
 
@@ -51,6 +51,9 @@ def serve(port: int) -> None:
     async def once(request: bytes, context) -> bytes:
         return request
 
+    async def upload(requests, context) -> bytes:
+        return b"".join([request async for request in requests])[:len(PAYLOAD)]
+
     async def many(requests, context):
         async for request in requests:
             yield request
@@ -59,6 +62,7 @@ def serve(port: int) -> None:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
             UNARY: grpc.unary_unary_rpc_method_handler(once),
+            UPLOAD: grpc.stream_unary_rpc_method_handler(upload),
             STREAM: grpc.stream_stream_rpc_method_handler(many)}),))
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
@@ -80,6 +84,11 @@ async def drive(port: int, kind: str, connections: int, period: float, seconds: 
         async def trip(i: int) -> None:
             await calls[i].write(PAYLOAD)
             await calls[i].read()
+    elif kind == "upload":
+        uploads = [channel.stream_unary(f"/{SERVICE}/{UPLOAD}") for channel in channels]
+
+        async def trip(i: int) -> None:
+            await uploads[i](iter((PAYLOAD, PAYLOAD)))
     else:
         stubs = [channel.unary_unary(f"/{SERVICE}/{UNARY}") for channel in channels]
 
@@ -127,6 +136,8 @@ def cases(args: argparse.Namespace) -> list[tuple[str, str, int, float]]:
     n = args.connections
     return [(f"unary, {n} connections, 1 per {args.period:g} s each", "unary", n, args.period),
             (f"stream message, {n} connections, 1 per {args.period:g} s each", "stream", n, args.period),
+            (f"client stream of 2 messages (an upload's shape), {n} connections, 1 per {args.period:g} s each",
+             "upload", n, args.period),
             (f"unary, {BUSY_CONNECTIONS} connections back to back", "unary", BUSY_CONNECTIONS, 0.0)]
 
 

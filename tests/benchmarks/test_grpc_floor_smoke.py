@@ -13,7 +13,7 @@ def test_quick_floor_run_measures_every_case(tmp_path):
     assert "server CPU per round trip" in output
     results = json.loads(out.read_text())
     assert results["config"]["connections"] == 16 and results["config"]["repeats"] == 1
-    assert len(results["cases"]) == 3
+    assert len(results["cases"]) == 4
     for label, case in results["cases"].items():
         (run,) = case["runs"]
         assert run["round_trips"] > 0, label
