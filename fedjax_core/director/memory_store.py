@@ -142,6 +142,10 @@ class MemoryStore:
             found = self._experiments.get(name)
             return found.row if found is not None else None
 
+    def experiment_state(self, name: str) -> str | None:
+        row = self.experiment(name)
+        return row.state if row is not None else None
+
     def bundle_sha256(self, name: str) -> str:
         with self._lock:
             found = self._experiments.get(name)

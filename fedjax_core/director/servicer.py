@@ -20,9 +20,11 @@ from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 from fedjax_proto import federation_service_pb2 as fed_pb
 from fedjax_proto import federation_service_pb2_grpc as fed_grpc
+from fedjax_proto import tensors_pb2 as t_pb
 
 log = logging.getLogger("fedjax.director")
 BUNDLE_CHUNK = 1 << 20
+INLINE_MODELS_KEPT = 8  # round models whose inline messages are kept made (one a round per running experiment)
 MAX_EVENT_BATCH_BYTES = 1 << 20  # a StreamMetricBatches message holds events up to this size (one at least)
 
 
@@ -43,6 +45,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         self.flow = flow
         self.refusals = refusals or Refusals(director.audit)
         self._keeps = flow.batches(self._keep, "director-keeper")  # small uploads' group commit
+        self._inline_protos: dict[int, tuple[list[r.TensorChunk], list[t_pb.TensorChunk]]] = {}
 
     def _check_identity(self, caller: Caller, envoy_name: str) -> None:
         check_envoy_identity(caller, envoy_name, self.refusals)
@@ -127,9 +130,20 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
             peek=lambda: workers.task_in_memory(envoy, experiment, inline))
         response = serde.task_to_proto(task)
         if model is not None:
-            response.model.extend(serde.chunk_protos(model))
+            response.model.extend(self._model_protos(model))
             response.model_inline = True
         return response
+
+    def _model_protos(self, model: list[r.TensorChunk]) -> list[t_pb.TensorChunk]:
+        """The messages of a round's inline model, made once for all its participants: the model cache hands
+        each of them the same list."""
+        made = self._inline_protos.get(id(model))
+        if made is None or made[0] is not model:
+            made = (model, list(serde.chunk_protos(model)))
+            self._inline_protos[id(model)] = made  # holding ``model`` keeps its id from being reused
+            while len(self._inline_protos) > INLINE_MODELS_KEPT:
+                self._inline_protos.pop(next(iter(self._inline_protos)))
+        return made[1]
 
     @maps_errors
     async def GetRoundModel(self, request, context):

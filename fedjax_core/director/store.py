@@ -270,6 +270,10 @@ class SqliteStore:
         rows = self.experiments(name=name)
         return rows[0] if rows else None
 
+    def experiment_state(self, name: str) -> str | None:
+        rows = self._read("SELECT state FROM experiments WHERE name = ?", (name,))
+        return rows[0][0] if rows else None
+
     def bundle_sha256(self, name: str) -> str:
         """The hex SHA-256 of ``name``'s bundle as submitted ('' for experiments stored before it was kept)."""
         rows = self._read("SELECT bundle_sha256 FROM experiments WHERE name = ?", (name,))

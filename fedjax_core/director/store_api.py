@@ -65,6 +65,10 @@ class Store(Protocol):
     def experiment(self, name: str) -> ExperimentRow | None:
         """The experiment named ``name``, or None."""
 
+    def experiment_state(self, name: str) -> str | None:
+        """The state of the experiment named ``name``, or None: ``experiment(name).state`` without reading the
+        rest of its row."""
+
     def bundle_sha256(self, name: str) -> str:
         """The hex SHA-256 of the experiment's bundle as submitted ('' if unknown)."""
 

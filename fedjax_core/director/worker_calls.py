@@ -24,7 +24,8 @@ from fedjax_core.director.rounds import Run
 from fedjax_core.director.store import NewUpdate
 from fedjax_core.secagg.protocol import MASKED_TENSOR
 from fedjax_core.privacy.local import check_applied
-from fedjax_core.errors import FedError, InvalidRequestError, PreconditionError, StorageError, is_disk_full
+from fedjax_core.errors import (FedError, InvalidRequestError, NotFoundError, PreconditionError, StorageError,
+                                is_disk_full)
 from fedjax_core.model_file import ModelFile
 from fedjax_core.tensors import TensorError, nbytes_of
 
@@ -85,9 +86,11 @@ class WorkerCalls:
             run = d.run(experiment)
             if run is not None:
                 return run.task_for(envoy)
-        row = d.catalog.row(experiment)
-        if row.state in r.TERMINAL_STATES:
-            return r.Task(kind=r.TaskKind.FINISHED, message=f"experiment {experiment!r} is {row.state}")
+        state = d.store.experiment_state(experiment)  # every worker asks once its experiment ended: read no spec
+        if state is None:
+            raise NotFoundError(f"no experiment named {experiment!r}")
+        if state in r.TERMINAL_STATES:
+            return r.Task(kind=r.TaskKind.FINISHED, message=f"experiment {experiment!r} is {state}")
         return r.Task(kind=r.TaskKind.NONE)
 
     def task_in_memory(self, envoy: str, experiment: str, inline: bool) -> tuple[r.Task, list[r.TensorChunk] | None] | None:

@@ -121,6 +121,14 @@ def test_update_experiment(store):
                                         submitter=row.spec.submitter, started_at=12.5)
 
 
+def test_experiment_state_reads_the_state_alone(store):
+    assert store.experiment_state("exp1") is None
+    store.add_experiment(_header("exp1"))
+    assert store.experiment_state("exp1") == store.experiment("exp1").state
+    store.update_experiment("exp1", state="finished")
+    assert store.experiment_state("exp1") == "finished" and store.experiment_state("exp2") is None
+
+
 def test_status_without_best_value_is_nan(store):
     store.add_experiment(_header("exp1"))
     status = store.experiment("exp1").status()

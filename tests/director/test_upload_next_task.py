@@ -62,3 +62,24 @@ def test_an_upload_that_cannot_wait_for_its_next_task_still_succeeds(tmp_path):
         a.close()
         server.stop(0)
         d.close()
+
+
+def test_a_round_model_inline_is_made_into_messages_once_for_all_its_participants(tmp_path):
+    import types
+
+    from fedjax_core import serde
+    from fedjax_core.director.servicer import EnvoyServicer
+    from fedjax_core.tensors import iter_chunks
+
+    d = make_director(tmp_path)
+    servicer = EnvoyServicer(d, types.SimpleNamespace(batches=lambda handle, name: None))
+    round_one, round_two = list(iter_chunks(update(1.0))), list(iter_chunks(update(2.0)))
+    first = servicer._model_protos(round_one)
+    assert servicer._model_protos(round_one) is first  # every participant of the round: the same messages
+    second = servicer._model_protos(round_two)
+    assert [c for m in first for c in serde.unpacked_chunks(m)] == round_one
+    assert [c for m in second for c in serde.unpacked_chunks(m)] == round_two
+    for _ in range(20):  # a bounded number of rounds is kept
+        servicer._model_protos(list(iter_chunks(update(3.0))))
+    assert len(servicer._inline_protos) <= 8
+    d.close()
