@@ -22,6 +22,7 @@ from fedjax_core.errors import (AlreadyExistsError, FedError, InvalidRequestErro
                                 PermissionDeniedError, PreconditionError, StorageError)
 
 MAX_MESSAGE_BYTES = 8 << 20  # chunks are 1 MiB; nothing near gRPC's limits ever travels
+SMALL_UPDATE_BYTES = 256 << 10  # an update with up to this many tensor bytes goes in one UploadSmallUpdate call
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -310,6 +310,14 @@ class UploadUpdateRequest(_message.Message):
     chunk: _tensors_pb2.TensorChunk
     def __init__(self, header: _Optional[_Union[UploadUpdateRequest.Header, _Mapping]] = ..., chunk: _Optional[_Union[_tensors_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
+class SmallUpdateRequest(_message.Message):
+    __slots__ = ("header", "chunks")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    header: UploadUpdateRequest.Header
+    chunks: _containers.RepeatedCompositeFieldContainer[_tensors_pb2.TensorChunk]
+    def __init__(self, header: _Optional[_Union[UploadUpdateRequest.Header, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_tensors_pb2.TensorChunk, _Mapping]]] = ...) -> None: ...
+
 class UploadUpdateResponse(_message.Message):
     __slots__ = ("bytes_received", "next_task")
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]

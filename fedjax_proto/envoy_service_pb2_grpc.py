@@ -75,6 +75,11 @@ class EnvoyServiceStub:
                 request_serializer=fedjax__proto_dot_envoy__service__pb2.UploadUpdateRequest.SerializeToString,
                 response_deserializer=fedjax__proto_dot_envoy__service__pb2.UploadUpdateResponse.FromString,
                 _registered_method=True)
+        self.UploadSmallUpdate = channel.unary_unary(
+                '/fedjax.EnvoyService/UploadSmallUpdate',
+                request_serializer=fedjax__proto_dot_envoy__service__pb2.SmallUpdateRequest.SerializeToString,
+                response_deserializer=fedjax__proto_dot_envoy__service__pb2.UploadUpdateResponse.FromString,
+                _registered_method=True)
         self.ReportFailure = channel.unary_unary(
                 '/fedjax.EnvoyService/ReportFailure',
                 request_serializer=fedjax__proto_dot_envoy__service__pb2.ReportFailureRequest.SerializeToString,
@@ -145,6 +150,14 @@ class EnvoyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadSmallUpdate(self, request, context):
+        """An update that fits one message (SMALL_UPDATE_BYTES of chunks at most), in one call; answered as UploadUpdate.
+        An older director answers UNIMPLEMENTED: send the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportFailure(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -206,6 +219,11 @@ def add_EnvoyServiceServicer_to_server(servicer, server):
             'UploadUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadUpdate,
                     request_deserializer=fedjax__proto_dot_envoy__service__pb2.UploadUpdateRequest.FromString,
+                    response_serializer=fedjax__proto_dot_envoy__service__pb2.UploadUpdateResponse.SerializeToString,
+            ),
+            'UploadSmallUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadSmallUpdate,
+                    request_deserializer=fedjax__proto_dot_envoy__service__pb2.SmallUpdateRequest.FromString,
                     response_serializer=fedjax__proto_dot_envoy__service__pb2.UploadUpdateResponse.SerializeToString,
             ),
             'ReportFailure': grpc.unary_unary_rpc_method_handler(
@@ -439,6 +457,33 @@ class EnvoyService:
             target,
             '/fedjax.EnvoyService/UploadUpdate',
             fedjax__proto_dot_envoy__service__pb2.UploadUpdateRequest.SerializeToString,
+            fedjax__proto_dot_envoy__service__pb2.UploadUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadSmallUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedjax.EnvoyService/UploadSmallUpdate',
+            fedjax__proto_dot_envoy__service__pb2.SmallUpdateRequest.SerializeToString,
             fedjax__proto_dot_envoy__service__pb2.UploadUpdateResponse.FromString,
             options,
             channel_credentials,

@@ -177,6 +177,16 @@ class Flow:
         """``fn(*args)`` on threads of their own: heartbeats never queue behind a burst of metric reports."""
         return await self.loop.run_in_executor(self.heartbeat_pool, fn, *args)
 
+    @contextlib.asynccontextmanager
+    async def upload_slot(self):
+        """One of the ``max_uploads`` slots, for an upload that came whole in one message."""
+        async with self._uploads:
+            yield
+
+    async def transfer(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` on the transfer pool (it blocks on the disk)."""
+        return await self.loop.run_in_executor(self.transfer_pool, fn, *args)
+
     async def short(self, fn: Callable[..., T], *args) -> T:
         """``fn(*args)`` on the short-call pool (it takes the director's lock or reads the database)."""
         return await self.loop.run_in_executor(self.short_pool, fn, *args)

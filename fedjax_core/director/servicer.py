@@ -15,7 +15,7 @@ from fedjax_core.director.concurrency import MAX_LONG_POLL_S, Flow
 from fedjax_core.director.core import Director
 from fedjax_core.director.worker_calls import Spooled
 from fedjax_core.errors import FedError, InvalidRequestError, PermissionDeniedError
-from fedjax_core.transport import maps_errors
+from fedjax_core.transport import SMALL_UPDATE_BYTES, maps_errors
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 from fedjax_proto import federation_service_pb2 as fed_pb
@@ -207,6 +207,30 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         response = env_pb.UploadUpdateResponse(bytes_received=received)
         if stored and stored[0].next_task_wait_s > 0:  # NaN is not: answered at once, as an older director would
             response.next_task.CopyFrom(await self._task_after_upload(stored[0]))
+        return response
+
+    @maps_errors
+    async def UploadSmallUpdate(self, request, context):
+        h = request.header
+        self._check_identity(Caller.of(context), h.envoy_name)
+        unpacked = [c for m in request.chunks for c in serde.unpacked_chunks(m)]
+        size = sum(len(c.data) for c in unpacked)
+        if size > SMALL_UPDATE_BYTES:
+            raise InvalidRequestError(f"a small update holds at most {SMALL_UPDATE_BYTES >> 10} KiB of tensors, this "
+                                      f"one {size >> 10} KiB: send it with UploadUpdate's stream")
+        workers = self.director.workers
+        args = (h.envoy_name, h.experiment_name, h.round, h.train_sample_count)
+        chunks = lambda: iter(unpacked)  # noqa: E731
+        applied, reports = (h.clip_norm, h.noise_std), [serde.stage_report_from_proto(m) for m in h.reports]
+        async with self.flow.upload_slot():
+            spooled = workers.spool_here(*args, chunks(), applied, reports)
+            if spooled is not None:
+                received = await self._keeps.run(spooled)
+            else:  # only accept_update can tell: on a thread, as a streamed upload
+                received = await self.flow.transfer(workers.accept_update, *args, chunks(), applied, reports)
+        response = env_pb.UploadUpdateResponse(bytes_received=received)
+        if h.next_task_wait_s > 0:  # NaN is not
+            response.next_task.CopyFrom(await self._task_after_upload(h))
         return response
 
     def _keep(self, spooled: list[Spooled]) -> list[int | BaseException]:

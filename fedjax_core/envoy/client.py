@@ -18,7 +18,7 @@ from fedjax_core import records as r
 from fedjax_core import serde
 from fedjax_core.envoy.held_reports import HeldReports
 from fedjax_core.tensors import assemble, chunk_views
-from fedjax_core.transport import TLSFiles, call_with_retry, open_channel
+from fedjax_core.transport import SMALL_UPDATE_BYTES, TLSFiles, call_with_retry, open_channel
 from fedjax_proto import envoy_service_pb2 as env_pb
 from fedjax_proto import envoy_service_pb2_grpc as env_grpc
 
@@ -84,6 +84,10 @@ class EnvoyClient:
         self._upload = self._channel.stream_unary("/fedjax.EnvoyService/UploadUpdate", request_serializer=None,
                                                   response_deserializer=env_pb.UploadUpdateResponse.FromString,
                                                   _registered_method=True)
+        self._upload_small = self._channel.unary_unary("/fedjax.EnvoyService/UploadSmallUpdate", request_serializer=None,
+                                                       response_deserializer=env_pb.UploadUpdateResponse.FromString,
+                                                       _registered_method=True)
+        self._small_uploads = True  # until a director (or worker proxy) from before UploadSmallUpdate says UNIMPLEMENTED
         self._stop = stop or threading.Event()
         self._retry_s = retry_s
         self._inline: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # (experiment, round) -> model its task carried
@@ -194,7 +198,19 @@ class EnvoyClient:
                 yield env_pb.UploadUpdateRequest(header=header).SerializeToString()
                 yield from upload_chunk_messages(chunk_views(tensors, encodings=encodings))
 
-            response = self._retry(lambda: self._upload(requests(), timeout=600 + NEXT_TASK_WAIT_S), "upload the update")
+            small = sum(getattr(t, "nbytes", None) or np.asarray(t).nbytes for t in tensors.values()) <= SMALL_UPDATE_BYTES
+
+            def send() -> env_pb.UploadUpdateResponse:
+                if small and self._small_uploads:
+                    try:  # SmallUpdateRequest's wire bytes are the stream's messages one after another
+                        return self._upload_small(b"".join(requests()), timeout=600 + NEXT_TASK_WAIT_S)
+                    except grpc.RpcError as exc:
+                        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                            raise
+                        self._small_uploads = False  # an older director or worker proxy: the stream from now on
+                return self._upload(requests(), timeout=600 + NEXT_TASK_WAIT_S)
+
+            response = self._retry(send, "upload the update")
         if response.HasField("next_task"):  # kept for wait_task (an older director sends none)
             self._next[experiment] = response.next_task
         return response.bytes_received

@@ -25,7 +25,8 @@ from fedjax_proto import envoy_service_pb2 as env_pb
 log = logging.getLogger("fedjax.envoy")
 SERVICE = "fedjax.EnvoyService"
 # What a worker calls; registration, the experiment stream and the bundle stay with the daemon.
-WORKER_METHODS = ("WaitTask", "GetRoundModel", "ReportMetrics", "UploadUpdate", "ReportFailure", "CheckIn", "SecAgg")
+WORKER_METHODS = ("WaitTask", "GetRoundModel", "ReportMetrics", "UploadUpdate", "UploadSmallUpdate", "ReportFailure",
+                  "CheckIn", "SecAgg")
 _MAX_UNIX_PATH = 100  # sun_path holds 108 bytes
 
 
@@ -96,7 +97,7 @@ class WorkerProxy:
         if experiment is None:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           "the envoy's worker proxy forwards the calls of this envoy's current workers only")
-        target = request.header if method == "UploadUpdate" else request
+        target = request.header if method in ("UploadUpdate", "UploadSmallUpdate") else request
         if target.envoy_name != self.envoy_name or target.experiment_name != experiment:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"the envoy's worker proxy forwards calls of envoy {self.envoy_name!r} for its worker's "

@@ -83,3 +83,38 @@ def test_a_round_model_inline_is_made_into_messages_once_for_all_its_participant
         servicer._model_protos(list(iter_chunks(update(3.0))))
     assert len(servicer._inline_protos) <= 8
     d.close()
+
+
+def test_a_small_update_call_over_its_bound_is_refused_with_the_way_to_send_it(tmp_path):
+    import grpc
+
+    from fedjax_core import serde
+    from fedjax_core.tensors import iter_chunks
+    from fedjax_core.transport import SMALL_UPDATE_BYTES, open_channel
+    from fedjax_proto import envoy_service_pb2 as env_pb
+
+    d = make_director(tmp_path)
+    submit(d)
+    server, port = create_server(d, "127.0.0.1", 0, None)
+    channel = open_channel(f"127.0.0.1:{port}", None)
+    try:
+        server.start()
+        call = channel.unary_unary("/fedjax.EnvoyService/UploadSmallUpdate",
+                                   request_serializer=env_pb.SmallUpdateRequest.SerializeToString,
+                                   response_deserializer=env_pb.UploadUpdateResponse.FromString)
+        header = env_pb.UploadUpdateRequest.Header(envoy_name="a", experiment_name="exp", round=0, train_sample_count=10)
+        big = {"params/w": np.zeros(SMALL_UPDATE_BYTES // 4 + 1, np.float32)}
+        request = env_pb.SmallUpdateRequest(header=header, chunks=list(serde.chunk_protos(iter_chunks(big))))
+        try:
+            call(request, timeout=30)
+            raise AssertionError("an oversized small update was taken")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "UploadUpdate's stream" in exc.details()
+        assert d.run("exp").state.owes("a")  # nothing of it was kept
+        small = env_pb.SmallUpdateRequest(header=header, chunks=list(serde.chunk_protos(iter_chunks(update(1.0)))))
+        assert call(small, timeout=30).bytes_received == sum(a.nbytes for a in update(1.0).values())
+        assert not d.run("exp").state.owes("a")
+    finally:
+        channel.close()
+        server.stop(0)
+        d.close()

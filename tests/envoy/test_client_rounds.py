@@ -24,8 +24,12 @@ MODEL = {"params/w": np.arange(12, dtype=np.float32).reshape(3, 4), "step": np.a
 class FakeDirector(env_grpc.EnvoyServiceServicer):
     """Answers one TRAIN task for round 2 and records every call; ``offers``: a director with two-call rounds."""
 
-    def __init__(self, offers: bool, refuse_upload: bool = False, next_task: r.Task | None = None):
+    def __init__(self, offers: bool, refuse_upload: bool = False, next_task: r.Task | None = None,
+                 small: bool = False):
         self.offers, self.refuse_upload = offers, refuse_upload
+        self.small = small  # offers UploadSmallUpdate (False: a director from before it, which answers UNIMPLEMENTED)
+        self.small_refused = 0
+        self.received: list[int] = []
         self.next_task = next_task  # answered inside the upload when asked for (None: an older director)
         self.asked_next: list[float] = []
         self.calls: list[str] = []
@@ -61,7 +65,18 @@ class FakeDirector(env_grpc.EnvoyServiceServicer):
     def UploadUpdate(self, request_iterator, context):
         self._called("UploadUpdate")
         header = next(request_iterator).header
-        received = sum(len(c.data) for m in request_iterator for c in serde.unpacked_chunks(m.chunk))
+        return self._uploaded(header, [c for m in request_iterator for c in serde.unpacked_chunks(m.chunk)], context)
+
+    def UploadSmallUpdate(self, request, context):
+        if not self.small:
+            self.small_refused += 1
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        self._called("UploadSmallUpdate")
+        return self._uploaded(request.header, [c for m in request.chunks for c in serde.unpacked_chunks(m)], context)
+
+    def _uploaded(self, header, chunks: list[r.TensorChunk], context):
+        received = sum(len(c.data) for c in chunks)
+        self.received.append(received)
         if self.refuse_upload:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "update from 'env': NaN in params/w")
         self.uploaded_reports = [serde.stage_report_from_proto(m) for m in header.reports]
@@ -206,3 +221,24 @@ def test_the_upload_raises_the_failure_of_a_report_sent_on_its_own_and_does_not_
     with pytest.raises(InvalidRequestError, match="nan"):
         client.upload("exp", task.round, 10, {name: MODEL[name] for name in task.upload_tensors})
     assert "UploadUpdate" not in director.calls
+
+
+def test_a_small_update_goes_in_one_call_and_a_large_one_streams(serve, monkeypatch):
+    director = FakeDirector(offers=True, small=True)
+    client = serve(director)
+    play_round(client)
+    assert director.calls == ["WaitTask", "UploadSmallUpdate"]
+    assert director.uploaded_reports == EXPECTED_REPORTS and director.received == [sum(a.nbytes for a in MODEL.values())]
+    monkeypatch.setattr("fedjax_core.envoy.client.SMALL_UPDATE_BYTES", 16)  # this model is larger: the stream
+    client.upload("exp", 2, 10, MODEL)
+    assert director.calls[-1] == "UploadUpdate" and director.received[-1] == director.received[0]
+
+
+def test_a_director_before_small_updates_gets_the_stream_and_is_asked_once(serve):
+    director = FakeDirector(offers=True)
+    client = serve(director)
+    play_round(client)
+    client.upload("exp", 2, 10, MODEL)
+    assert director.small_refused == 1  # remembered: the second upload went straight to the stream
+    assert director.calls == ["WaitTask", "UploadUpdate", "UploadUpdate"]
+    assert director.uploaded_reports == [] and director.received == [sum(a.nbytes for a in MODEL.values())] * 2

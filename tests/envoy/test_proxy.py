@@ -52,3 +52,22 @@ def test_workers_of_experiments_side_by_side_each_get_through_for_their_own_only
     proxy.revoke(other)
     assert "current workers only" in str(call(proxy, other, experiment="second-experiment"))
     assert "current workers only" not in str(call(proxy, proxy.token))
+
+
+def test_a_small_update_is_checked_like_a_streamed_one(proxy):
+    import numpy as np
+
+    def upload(token: str | None, experiment: str = "secret-experiment") -> str:
+        client = EnvoyClient("env1", proxy.target, None, retry_s=0, token=token)
+        try:
+            with pytest.raises((grpc.RpcError, FedError, ConnectionError)) as caught:
+                client.upload(experiment, 0, 10, {"w": np.ones(3, np.float32)})
+            assert client._small_uploads  # the proxy took UploadSmallUpdate: the client never fell back
+            return str(caught.value)
+        finally:
+            client.close()
+
+    assert "current workers only" in upload("an-old-token")
+    assert "for its worker's experiment only" in upload(proxy.token, experiment="other")
+    forwarded = upload(proxy.token)
+    assert "UNAVAILABLE" in forwarded and "UNIMPLEMENTED" not in forwarded  # forwarded (and nothing upstream)
