@@ -66,6 +66,15 @@ def test_tensorboard_sink_writes_the_same_runs_and_tags_as_before(tmp_path):
         "aggregated_model_validation/acc": [(0, 0.1), (1, 1.1)], "train/loss": [(0, 2.0), (1, 1.0)]}
 
 
+@pytest.mark.parametrize("data", [b"", b"x", bytes(range(256)) * 3, b"\x18\x00\x00\x00\x00\x00\x00\x00"])
+def test_the_record_checksum_is_tensorboardx_masked_crc32c(data):
+    from tensorboardX.record_writer import masked_crc32c as reference
+
+    from fedjax_core.sinks import masked_crc32c
+
+    assert masked_crc32c(data) == reference(data)
+
+
 def test_tensorboard_sink_keeps_few_files_open_and_continues_a_closed_run_in_order(tmp_path, monkeypatch):
     """With thousands of envoys (a simulation) only MAX_OPEN_RUNS event files stay open; a run whose file was
     closed continues in a new one, and TensorBoard reads every value of every run, in order."""
