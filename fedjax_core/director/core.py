@@ -351,6 +351,8 @@ class Director:
         if outcome is None:  # the experiment ended meanwhile
             self.cleanup(run)
             return
+        if outcome.next_run is not None:
+            self.workers.prepare(outcome.next_run)
         with self.lock:
             if self._runs.get(run.name) is run and not run.ended:
                 if outcome.next_run is not None:

@@ -174,20 +174,23 @@ class WorkerCalls:
             if round_ != run.round or not run.state.open:
                 return None  # the round moved on since the task was read: the worker asks again
             path = transfers.download_path(d.files, run, d.files.model(experiment, round_))
-
-        def read(path: Path) -> tuple[tuple[list[r.TensorChunk] | None, int], int]:
-            model = ModelFile(path)
-            names = [n for n in model.names() if n in run.upload]
-            if sum(nbytes_of(model.spec(n)) for n in names) > INLINE_MODEL_BYTES:
-                return (None, 0), 0
-            chunks = list(model.iter_chunks(names))
-            size = sum(len(c.data) for c in chunks)
-            return (chunks, size), size
-
-        chunks, size = self._inline.get(experiment, path, read)
+        chunks, size = self._inline.get(experiment, path, lambda path: _inline_chunks(run, path))
         if chunks is not None:
             self._count_download(run, envoy, size)
         return chunks
+
+    def prepare(self, run: Run) -> None:
+        """Make a new round's inline model before its participants ask for it all at once (each would otherwise
+        miss the cache and ask again on a thread while the first makes it). Without the lock, before the round
+        is installed; a failure here leaves the making to the round's first task."""
+        if run.spec.communication.compress_downloads or run.state.kind not in (r.TaskKind.TRAIN, r.TaskKind.VALIDATE):
+            return
+        try:
+            self._inline.get(run.name, self.director.files.model(run.name, run.round),
+                             lambda path: _inline_chunks(run, path))
+        except (OSError, TensorError, FedError):
+            log.debug("the inline model of round %d of %r is made at its first task instead", run.round, run.name,
+                      exc_info=True)
 
     def report_metrics(self, envoy: str, experiment: str, round_: int, stage: str,
                        metrics: tuple[r.Metric, ...], sample_count: int) -> None:
@@ -556,6 +559,18 @@ def _check_run_takes(run: Run, envoy: str, round_: int, reports: Sequence[r.Stag
         raise InvalidRequestError(f"envoy {envoy!r} sent metric reports with the secure upload of round {round_}, "
                                   "which takes them by ReportMetrics only (its task did not say reports_with_upload)")
     check_applied(run.spec.privacy, envoy, *applied)
+
+
+def _inline_chunks(run: Run, path: Path) -> tuple[tuple[list[r.TensorChunk] | None, int], int]:
+    """For the inline cache: the chunks of the tensors ``run``'s workers take (None over INLINE_MODEL_BYTES) with
+    their bytes, and what they cost the cache."""
+    model = ModelFile(path)
+    names = [n for n in model.names() if n in run.upload]
+    if sum(nbytes_of(model.spec(n)) for n in names) > INLINE_MODEL_BYTES:
+        return (None, 0), 0
+    chunks = list(model.iter_chunks(names))
+    size = sum(len(c.data) for c in chunks)
+    return (chunks, size), size
 
 
 def _carries_model(task: r.Task, inline: bool) -> bool:

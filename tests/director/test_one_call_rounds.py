@@ -250,3 +250,18 @@ def test_an_ended_experiment_keeps_no_round_model(tmp_path):
     d.cancel_experiment("exp")
     assert d.workers._downloads.nbytes == 0 and d.workers._inline.nbytes == 0
     d.close()
+
+
+def test_a_new_rounds_inline_model_is_made_before_its_participants_ask(tmp_path):
+    """All of a round's participants ask for its task at once when it opens: made first, each answer comes from
+    memory on the event loop instead of every one of them missing the cache and asking again on a thread."""
+    d = make_director(tmp_path)
+    submit(d)
+    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
+    assert d.workers._inline.kept("exp", d.files.model("exp", 1)) is None
+    d.workers.accept_update("b", "exp", 0, 10, iter_chunks(update(3.0)))  # closes round 0
+    assert d.run("exp").round == 1 and d.workers._inline.kept("exp", d.files.model("exp", 1)) is not None
+    answered = d.workers.task_in_memory("a", "exp", True)
+    assert answered is not None and answered[0].round == 1
+    np.testing.assert_allclose(assemble(answered[1])["params/w"], INITIAL["params/w"] * 2.0)
+    d.close()
