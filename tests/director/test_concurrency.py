@@ -1,4 +1,5 @@
-"""Batches: items handed in one at a time on the loop, handled together on a thread of their own."""
+"""The director server's event-loop helpers: Batches, items handed in one at a time on the loop and handled
+together on a thread of their own."""
 from __future__ import annotations
 
 import asyncio
@@ -99,3 +100,4 @@ def test_a_closed_batches_refuses_new_items_with_a_message():
             await batches.run(1)
 
     _run(main())
+
