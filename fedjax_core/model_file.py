@@ -170,7 +170,7 @@ class ModelFileWriter:
         self._close_current()
         self._entries[spec.name] = {
             "name": spec.name, "dtype": spec.dtype, "shape": list(spec.shape),
-            "offset": self._file.tell(), "nbytes": nbytes_of(spec), "received": 0,
+            "offset": self._position, "nbytes": nbytes_of(spec), "received": 0,
             "encoding": dataclasses.asdict(spec.encoding) if spec.encoding is not None else None,
         }
         self._current = spec.name
