@@ -462,8 +462,16 @@ def message(desc: Descriptor, values: Values, depth: int = 0) -> st.SearchStrate
 
 
 def _set(msg: Message, field: FieldDescriptor, value) -> None:
-    if field.is_repeated:
-        del getattr(msg, field.name)[:]
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:  # drawn as entry messages
+        msg.ClearField(field.name)
+        container, by_message = getattr(msg, field.name), field.message_type.fields_by_name["value"].message_type
+        for entry in value:
+            if by_message is not None:
+                container[entry.key].CopyFrom(entry.value)
+            else:
+                container[entry.key] = entry.value
+    elif field.is_repeated:
+        msg.ClearField(field.name)  # (``del field[:]`` fails on a filled repeated message field under upb)
         getattr(msg, field.name).extend(value)
     elif field.type == FieldDescriptor.TYPE_MESSAGE:
         getattr(msg, field.name).CopyFrom(value)
@@ -670,6 +678,14 @@ def valid_requests(rpc: Rpc, known: dict) -> list[list[bytes]]:
     for envoy in FUZZ_ENVOYS:
         msg = rpc.request()
         _fill(msg, envoy, experiment, known["round"], experiment)
+        for field in desc.fields:  # a stream's header and chunks in one message (UploadSmallUpdate)
+            if field.message_type is None:
+                continue
+            if field.message_type.full_name == t_pb.TensorChunk.DESCRIPTOR.full_name and field.is_repeated:
+                getattr(msg, field.name).add().CopyFrom(t_pb.TensorChunk(spec=MODEL_SPEC, name=MODEL_SPEC.name,
+                                                                         data=MODEL_DATA))
+            elif "envoy_name" in field.message_type.fields_by_name and not field.is_repeated:
+                _fill(getattr(msg, field.name), envoy, experiment, known["round"], experiment)
         out.append([msg.SerializeToString()])
     return out
 
