@@ -231,11 +231,7 @@ def fsync_file(path: Path) -> None:
 
 def fsync_dir(path: Path) -> None:
     """Make a folder's new or renamed entries durable (a rename is only as safe as its folder)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)  # a folder opens read-only like a file, and syncs its entries
 
 
 def write_model_file(path: Path, tensors: Mapping[str, np.ndarray]) -> None:

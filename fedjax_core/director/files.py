@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from fedjax_core.errors import InvalidRequestError
-from fedjax_core.model_file import fsync_dir, fsync_file
+from fedjax_core.model_file import fsync_dir
 
 MAX_BUNDLE_BYTES = 2 << 30
 _ROUND_FILE = re.compile(r"(?:(?:model|server_state)_)?round_(\d{4,})(?:\.fjm)?")
@@ -78,10 +78,8 @@ class ExperimentFiles:
         fsync_dir(target.parent)
 
     def keep_updates(self, name: str, round_: int, spools: Sequence[tuple[str, Path]]) -> list[Path]:
-        """Move spooled updates ``(envoy, spool)`` into the round's folder for good: each file's data synced,
-        then the folder once for all their new names."""
-        for _, spool in spools:
-            fsync_file(spool)
+        """Move spooled updates ``(envoy, spool)``, their data synced, into the round's folder for good: the
+        folder synced once for all their new names."""
         paths = [self.update(name, round_, envoy) for envoy, _ in spools]
         if not paths:
             return paths

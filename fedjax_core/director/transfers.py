@@ -56,9 +56,10 @@ def store_submission(files: ExperimentFiles, spec: ExperimentSpec, bundle: Itera
 
 
 def receive_update(files: ExperimentFiles, run: Run, envoy: str, round_: int,
-                   chunks: Iterable[r.TensorChunk]) -> tuple[Path, int]:
+                   chunks: Iterable[r.TensorChunk], sync: bool = True) -> tuple[Path, int]:
     """Spool an envoy's streamed update and check it: ``(spool in the model's dtypes, bytes received)``.
-    The spool is not synced: the caller makes it durable as it keeps it, and removes it otherwise."""
+    ``sync=False`` leaves the spool's data unsynced (the caller syncs it before keeping it). The caller
+    removes the spool unless it keeps it."""
     expected = {t.name: t for t in run.spec.model_spec if t.name in run.upload}
     spool = files.spool_path(envoy)
     try:
@@ -66,7 +67,7 @@ def receive_update(files: ExperimentFiles, run: Run, envoy: str, round_: int,
             for chunk in chunks:
                 check_not_personal(run.personal, envoy, chunk.name)
                 writer.add_chunk(chunk)
-            specs = writer.commit(sync_folder=False, sync=False)  # synced as it is kept, with the updates beside it
+            specs = writer.commit(sync_folder=False, sync=sync)  # kept by a rename into the round's folder
         return _decoded(files, run, envoy, spool, specs), writer.bytes_written
     except TensorError as exc:
         spool.unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from fedjax_core.secagg.protocol import MASKED_TENSOR
 from fedjax_core.privacy.local import check_applied
 from fedjax_core.errors import (FedError, InvalidRequestError, NotFoundError, PreconditionError, StorageError,
                                 is_disk_full)
-from fedjax_core.model_file import ModelFile
+from fedjax_core.model_file import ModelFile, fsync_file
 from fedjax_core.tensors import TensorError, nbytes_of
 
 if TYPE_CHECKING:
@@ -284,7 +284,7 @@ class WorkerCalls:
             return self._accept_masked(run, envoy, round_, chunks)
         with d.lock:
             run.receiving.add(envoy)
-        kept = self.keep_spooled([self._spool(run, envoy, round_, sample_count, chunks, reports)])[0]
+        kept = self.keep_spooled([self._spool(run, envoy, round_, sample_count, chunks, reports, sync=True)])[0]
         if isinstance(kept, BaseException):
             raise kept
         received, effects = kept
@@ -311,18 +311,18 @@ class WorkerCalls:
             run.receiving.add(envoy)
         finally:
             d.lock.release()
-        return self._spool(run, envoy, round_, sample_count, chunks, reports)
+        return self._spool(run, envoy, round_, sample_count, chunks, reports, sync=False)
 
     def _spool(self, run: Run, envoy: str, round_: int, sample_count: int, chunks: Iterable[r.TensorChunk],
-               reports: Sequence[r.StageReport]) -> Spooled:
-        """Receive and check an update counted in ``run.receiving``, spooled but not synced (it leaves
-        ``receiving`` if that fails)."""
+               reports: Sequence[r.StageReport], sync: bool) -> Spooled:
+        """Receive and check an update counted in ``run.receiving``, spooled, its data synced with ``sync`` (else
+        ``keep_spooled`` syncs it); it leaves ``receiving`` if that fails."""
         d = self.director
         try:
             weight = d.engine.weight(run, envoy, sample_count)
-            spool, received = transfers.receive_update(d.files, run, envoy, round_, chunks)
+            spool, received = transfers.receive_update(d.files, run, envoy, round_, chunks, sync=sync)
             return Spooled(run, round_, NewUpdate(envoy, weight, spool, received,
-                                                  self._events(run, envoy, round_, reports)))
+                                                  self._events(run, envoy, round_, reports)), synced=sync)
         except BaseException as exc:
             with d.lock:
                 run.receiving.discard(envoy)
@@ -408,10 +408,15 @@ class WorkerCalls:
         answers: list[tuple[int, tuple[Effect, ...]] | BaseException | None] = [None] * len(spooled)
         logged: list[tuple[Spooled, list[bool]]] = []
         try:
+            for i, item in enumerate(spooled):  # the data first, outside the lock (a large file takes a while)
+                if not item.synced:
+                    answers[i] = self._sync(item)
             with run.keep_lock:
                 live = []
                 with d.lock:
                     for i, item in enumerate(spooled):
+                        if answers[i] is not None:
+                            continue
                         try:
                             if d.run(run.name) is not run:
                                 raise PreconditionError(f"round {item.round} of {run.name!r} is not open for "
@@ -446,6 +451,14 @@ class WorkerCalls:
         for item, added in logged:  # before the round (its last update) closes and logs the aggregate
             self._log(run, item.update.events, added)
         return answers
+
+    def _sync(self, item: Spooled) -> BaseException | None:
+        """Make a spooled update's data durable; the error that refuses it (a full disk fails its experiment)."""
+        try:
+            fsync_file(item.update.path)
+        except OSError as exc:
+            return self._disk_full(item.run, item.update.envoy, item.round, exc) if is_disk_full(exc) else exc
+        return None
 
     def _store(self, run: Run, spooled: Sequence[Spooled]) -> list[list[bool] | BaseException]:
         """Under ``run.keep_lock``: keep the updates on disk in one write; for each, which of its events were
@@ -538,10 +551,11 @@ class WorkerCalls:
 
 @dataclasses.dataclass(frozen=True)
 class Spooled:
-    """An update received and checked, spooled (``update.path``) but neither synced nor known to its round."""
+    """An update received and checked, spooled (``update.path``) but not yet known to its round."""
     run: Run
     round: int
     update: NewUpdate
+    synced: bool  # its data is durable (else keep_spooled syncs it first)
 
 
 def _check_update_header(envoy: str, sample_count: int, reports: Sequence[r.StageReport]) -> None:

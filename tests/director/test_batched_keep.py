@@ -3,20 +3,19 @@ sync and one database commit for a batch, the same checks and the same round as 
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 import numpy as np
 import pytest
 
 from fedjax_core import model_file
 from fedjax_core import records as r
-from fedjax_core.director import files
+from fedjax_core.director import files, worker_calls
 from fedjax_core.errors import InvalidRequestError, PreconditionError
 from fedjax_core.model_file import ModelFile
 from fedjax_core.spec import SecureAggregation
 from fedjax_core.tensors import iter_chunks
 from test_core import INITIAL, header, make_director, submit, update
-from test_one_call_rounds import reports, round_events
+from test_one_call_rounds import held_elsewhere, reports, round_events
 
 
 def spool(d, envoy: str, scale: float, round_: int = 0, **kwargs):
@@ -27,7 +26,7 @@ def test_a_batch_is_kept_with_one_folder_sync_and_one_commit_and_closes_the_roun
     d = make_director(tmp_path)
     submit(d)
     synced_files, folders, commits = [], [], []
-    monkeypatch.setattr(files, "fsync_file", lambda path: synced_files.append(path.name))
+    monkeypatch.setattr(worker_calls, "fsync_file", lambda path: synced_files.append(path.name))
     monkeypatch.setattr(files, "fsync_dir", lambda path: folders.append(path))
     add_updates = d.store.add_updates
     monkeypatch.setattr(d.store, "add_updates", lambda *a: commits.append([u.envoy for u in a[2]]) or add_updates(*a))
@@ -77,22 +76,8 @@ def test_spooling_leaves_to_accept_update_what_it_cannot_tell_at_once(tmp_path):
     d.close()
     d = make_director(tmp_path / "plain")
     submit(d)
-    held = threading.Event()
-    release = threading.Event()
-
-    def hold() -> None:
-        with d.lock:
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert held.wait(10)
+    with held_elsewhere(d.lock):
         assert spool(d, "a", 1.0) is None  # the lock is busy: the event loop does not wait for it
-    finally:
-        release.set()
-        holder.join()
     assert spool(d, "a", 1.0, round_=0) is not None
     assert d.workers.spool_here("a", "ghost", 0, 10, iter_chunks(update(1.0))) is None  # not running: it says why
     d.close()
@@ -119,7 +104,7 @@ def test_a_full_disk_while_keeping_fails_the_experiment_and_says_so(tmp_path, mo
     def full(path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(files, "fsync_file", full)
+    monkeypatch.setattr(worker_calls, "fsync_file", full)
     (answer,) = d.workers.keep_spooled([spooled])
     assert "disk is full" in str(answer)
     status = d.catalog.experiment_status("exp")
@@ -137,3 +122,18 @@ def test_model_file_writer_leaves_the_data_sync_to_its_caller_when_told(tmp_path
     assert synced == [] and ModelFile(tmp_path / "m.fjm")["w"].tolist() == [1.0, 1.0, 1.0]
     model_file.fsync_file(tmp_path / "m.fjm")
     assert len(synced) == 1
+
+
+def test_an_updates_data_is_synced_before_the_rounds_keep_lock_is_taken(tmp_path, monkeypatch):
+    """Syncing a large update takes a while: other updates of the round are kept meanwhile, as before."""
+    d = make_director(tmp_path)
+    submit(d)
+    run = d.run("exp")
+    held_while_syncing = []
+    sync = model_file.os.fsync
+    monkeypatch.setattr(model_file.os, "fsync", lambda fd: held_while_syncing.append(run.keep_lock.locked()) or sync(fd))
+    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))  # streamed: synced as it is spooled
+    d.workers.keep_spooled([spool(d, "b", 3.0)])  # spooled on the loop: synced by the keeper, first
+    assert held_while_syncing.count(False) >= 2  # each update's own data
+    assert held_while_syncing.count(True) == 2  # the round folder's sync, once per keep
+    d.close()

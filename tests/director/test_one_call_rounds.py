@@ -1,7 +1,10 @@
 """A round in two calls per envoy: the round's model inside the task, the metric reports inside the upload."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -21,6 +24,26 @@ def reports(agg: float, train: float, local: float, valid: int = 5, n_train: int
     return [r.StageReport(r.Stage.AGGREGATED, (r.Metric("validate", "acc", agg),), valid),
             r.StageReport(r.Stage.TRAIN, (r.Metric("train", "loss", train),), n_train),
             r.StageReport(r.Stage.LOCAL, (r.Metric("validate", "acc", local),), valid)]
+
+
+@contextlib.contextmanager
+def held_elsewhere(lock) -> Iterator[None]:
+    """``lock`` held by another thread meanwhile."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        yield
+    finally:
+        release.set()
+        holder.join()
 
 
 def round_events(d, round_: int) -> dict[tuple[str, str], r.MetricEvent]:
@@ -155,8 +178,6 @@ def test_answers_from_memory_agree_with_the_full_checks_or_defer_to_them(tmp_pat
     """What the event loop answers without a thread (a task, an admitted upload) is what task_with_model and
     check_upload say; with the lock busy, the experiment not running or the round's model not read yet it defers
     to them."""
-    import threading
-
     d = make_director(tmp_path)
     submit(d)
     w = d.workers
@@ -183,22 +204,9 @@ def test_answers_from_memory_agree_with_the_full_checks_or_defer_to_them(tmp_pat
     with pytest.raises(PreconditionError):
         w.admit_upload_in_memory("a", "exp", 0)  # a second upload for the round
 
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with d.lock:
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        held.wait(10)
+    with held_elsewhere(d.lock):
         assert w.task_in_memory("a", "exp", True) is None  # cannot tell at once: the full look (on a pool thread) will
         assert not w.admit_upload_in_memory("b", "exp", 0)
-    finally:
-        release.set()
-        holder.join()
     assert w.task_in_memory("a", "other", True) is None and not w.admit_upload_in_memory("a", "other", 0)  # not running
     d.close()
 
