@@ -15,11 +15,12 @@ from fedjax_core.model_file import ModelFile
 from fedjax_core.spec import SecureAggregation
 from fedjax_core.tensors import iter_chunks
 from test_core import INITIAL, header, make_director, submit, update
-from test_one_call_rounds import held_elsewhere, reports, round_events
+from test_one_call_rounds import from_memory, held_elsewhere, reports, round_events
 
 
 def spool(d, envoy: str, scale: float, round_: int = 0, **kwargs):
-    return d.workers.spool_here(envoy, "exp", round_, 10, iter_chunks(update(scale)), **kwargs)
+    """``spool_here`` of envoy's update, asked again while the lock is busy elsewhere."""
+    return from_memory(lambda: d.workers.spool_here(envoy, "exp", round_, 10, iter_chunks(update(scale)), **kwargs))
 
 
 def test_a_batch_is_kept_with_one_folder_sync_and_one_commit_and_closes_the_round(tmp_path, monkeypatch):
@@ -56,7 +57,7 @@ def test_spooling_refuses_what_accept_update_refuses(tmp_path):
     bad = update(1.0)
     bad["params/b"] = np.full(3, np.nan, np.float32)
     with pytest.raises(InvalidRequestError, match="params/b"):
-        d.workers.spool_here("a", "exp", 0, 10, iter_chunks(bad))
+        from_memory(d.workers.spool_here, "a", "exp", 0, 10, iter_chunks(bad))
     first = spool(d, "a", 1.0)
     with pytest.raises(PreconditionError, match="already in progress"):
         spool(d, "a", 1.0)
@@ -72,12 +73,12 @@ def test_spooling_leaves_to_accept_update_what_it_cannot_tell_at_once(tmp_path):
     d = make_director(tmp_path)
     submit(d, dataclasses.replace(header(rounds=1), opt_treatment=r.OptTreatment.RESET,
                                   secure=SecureAggregation(True, 0.5, 1.0, 32)))
-    assert spool(d, "a", 1.0) is None  # secure rounds: masked uploads, summed in memory
+    assert d.workers.spool_here("a", "exp", 0, 10, iter_chunks(update(1.0))) is None  # secure: summed in memory
     d.close()
     d = make_director(tmp_path / "plain")
     submit(d)
     with held_elsewhere(d.lock):
-        assert spool(d, "a", 1.0) is None  # the lock is busy: the event loop does not wait for it
+        assert d.workers.spool_here("a", "exp", 0, 10, iter_chunks(update(1.0))) is None  # the loop does not wait
     assert spool(d, "a", 1.0, round_=0) is not None
     assert d.workers.spool_here("a", "ghost", 0, 10, iter_chunks(update(1.0))) is None  # not running: it says why
     d.close()
@@ -137,3 +138,4 @@ def test_an_updates_data_is_synced_before_the_rounds_keep_lock_is_taken(tmp_path
     assert held_while_syncing.count(False) >= 2  # each update's own data
     assert held_while_syncing.count(True) == 2  # the round folder's sync, once per keep
     d.close()
+
