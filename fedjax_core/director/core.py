@@ -33,6 +33,7 @@ from fedjax_core.director.round_machine import (Cancelled, CloseRound, Completed
 from fedjax_core.director.rounds import Outcome, RoundEngine, Run
 from fedjax_core.director.store import ExperimentRow, SqliteStore
 from fedjax_core.director.store_api import Store
+from fedjax_core.director.uploads import Uploads
 from fedjax_core.director.worker_calls import WorkerCalls
 from fedjax_core.director.submission import check_submission
 from fedjax_core.errors import InvalidRequestError, PreconditionError, is_disk_full
@@ -76,6 +77,7 @@ class Director:
         self.catalog = Catalog(self.store, self.files, self.registry, frozenset(admins), self._working_on,
                                self.lock, clock, is_running=lambda name: name in self._runs)
         self.workers = WorkerCalls(self)
+        self.uploads = Uploads(self)
         self._listeners: list[Callable[[str | None], None]] = []
         self._runs: dict[str, Run] = {}  # running experiments by name
         self._closed = False

@@ -13,7 +13,7 @@ from fedjax_core.director import limits, metric_stream, paging
 from fedjax_core.director.callers import Caller, Refusals, check_envoy_identity
 from fedjax_core.director.concurrency import MAX_LONG_POLL_S, Flow
 from fedjax_core.director.core import Director
-from fedjax_core.director.worker_calls import Spooled
+from fedjax_core.director.uploads import Spooled
 from fedjax_core.errors import FedError, InvalidRequestError, PermissionDeniedError
 from fedjax_core.transport import SMALL_UPDATE_BYTES, maps_errors
 from fedjax_proto import envoy_service_pb2 as env_pb
@@ -170,7 +170,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
             h = first.header
             self._check_identity(caller, h.envoy_name)
             stored.append(h)
-            return self.director.workers.accept_update(h.envoy_name, h.experiment_name, h.round, h.train_sample_count,
+            return self.director.uploads.accept_update(h.envoy_name, h.experiment_name, h.round, h.train_sample_count,
                                                        _update_chunks(requests), (h.clip_norm, h.noise_std),
                                                        [serde.stage_report_from_proto(m) for m in h.reports])
 
@@ -179,7 +179,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
                 return None  # consume says what is wrong
             h = messages[0].header
             self._check_identity(caller, h.envoy_name)
-            spooled = self.director.workers.spool_here(
+            spooled = self.director.uploads.spool_here(
                 h.envoy_name, h.experiment_name, h.round, h.train_sample_count, _update_chunks(messages[1:]),
                 (h.clip_norm, h.noise_std), [serde.stage_report_from_proto(m) for m in h.reports])
             if spooled is None:
@@ -191,7 +191,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
             if first.HasField("header"):
                 h = first.header
                 self._check_identity(caller, h.envoy_name)
-                self.director.workers.check_upload(h.envoy_name, h.experiment_name, h.round,
+                self.director.uploads.check_upload(h.envoy_name, h.experiment_name, h.round,
                                                    [serde.stage_report_from_proto(m) for m in h.reports])
 
         def admit_here(first) -> bool:  # the same from memory, on the loop, when it can tell at once
@@ -199,7 +199,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
                 return False
             h = first.header
             self._check_identity(caller, h.envoy_name)
-            return self.director.workers.admit_upload_in_memory(
+            return self.director.uploads.admit_upload_in_memory(
                 h.envoy_name, h.experiment_name, h.round, [serde.stage_report_from_proto(m) for m in h.reports])
 
         received = await self.flow.receive(context, "UploadUpdate", consume, admit=admit, admit_here=admit_here,
@@ -218,16 +218,16 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
         if size > SMALL_UPDATE_BYTES:
             raise InvalidRequestError(f"a small update holds at most {SMALL_UPDATE_BYTES >> 10} KiB of tensors, this "
                                       f"one {size >> 10} KiB: send it with UploadUpdate's stream")
-        workers = self.director.workers
+        uploads = self.director.uploads
         args = (h.envoy_name, h.experiment_name, h.round, h.train_sample_count)
         chunks = lambda: iter(unpacked)  # noqa: E731
         applied, reports = (h.clip_norm, h.noise_std), [serde.stage_report_from_proto(m) for m in h.reports]
         async with self.flow.upload_slot():
-            spooled = workers.spool_here(*args, chunks(), applied, reports)
+            spooled = uploads.spool_here(*args, chunks(), applied, reports)
             if spooled is not None:
                 received = await self._keeps.run(spooled)
             else:  # only accept_update can tell: on a thread, as a streamed upload
-                received = await self.flow.transfer(workers.accept_update, *args, chunks(), applied, reports)
+                received = await self.flow.transfer(uploads.accept_update, *args, chunks(), applied, reports)
         response = env_pb.UploadUpdateResponse(bytes_received=received)
         if h.next_task_wait_s > 0:  # NaN is not
             response.next_task.CopyFrom(await self._task_after_upload(h))
@@ -236,7 +236,7 @@ class EnvoyServicer(env_grpc.EnvoyServiceServicer):
     def _keep(self, spooled: list[Spooled]) -> list[int | BaseException]:
         """On the keeper thread: keep a batch of spooled uploads; a round one of them completes closes on the
         transfer pool, so that the next batch need not wait for it."""
-        answers = self.director.workers.keep_spooled(spooled)
+        answers = self.director.uploads.keep_spooled(spooled)
         for item, answer in zip(spooled, answers):
             if not isinstance(answer, BaseException) and answer[1]:
                 self.flow.spawn(f"closing round {item.round} of {item.run.name!r}", self.director.after,

@@ -30,7 +30,7 @@ def test_a_full_disk_at_a_round_deadline_fails_that_experiment_and_deadlines_go_
         for envoy in ("a", "b"):
             d.register_envoy(envoy, INFO)
         submit(d, header(name="first", round_timeout_s=10, min_envoys=1))
-        d.workers.accept_update("a", "first", 0, 10, iter_chunks(update("a", 0)))  # b never uploads: the deadline closes it
+        d.uploads.accept_update("a", "first", 0, 10, iter_chunks(update("a", 0)))  # b never uploads: the deadline closes it
 
         def disk_full(*_args, **_kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -56,7 +56,7 @@ def test_a_full_disk_at_a_round_deadline_fails_that_experiment_and_deadlines_go_
         submit(d, header(name="second", round_timeout_s=10, min_envoys=1))
         wait_until(lambda: d.catalog.experiment_status("second").state == r.State.RUNNING, 30, "the next experiment")
         tick(d, timer, 12)
-        d.workers.accept_update("a", "second", 0, 10, iter_chunks(update("a", 0)))
+        d.uploads.accept_update("a", "second", 0, 10, iter_chunks(update("a", 0)))
         tick(d, timer, 30)  # past the second experiment's deadline: the same thread closes its round
         wait_until(lambda: d.catalog.experiment_status("second").current_round == 1, 30, "the deadline to close round 0")
     finally:

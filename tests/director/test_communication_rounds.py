@@ -56,7 +56,7 @@ def encoded(weights: dict, codec: str | None, reference: dict | None):
 
 def upload(d: Director, envoy: str, round_: int, weights: dict, codec=None, reference=None, samples=10) -> int:
     wire, encodings = encoded(weights, codec, reference)
-    return d.workers.accept_update(envoy, "exp", round_, samples, iter_chunks(wire, encodings=encodings))
+    return d.uploads.accept_update(envoy, "exp", round_, samples, iter_chunks(wire, encodings=encodings))
 
 
 def comm(d: Director, round_: int) -> dict[str, dict[str, float]]:

@@ -50,8 +50,8 @@ def update(scale: float) -> dict[str, np.ndarray]:
 def test_updates_are_averaged_by_sample_count(tmp_path):
     d = make_director(tmp_path)
     submit(d)
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
-    d.workers.accept_update("b", "exp", 0, 30, iter_chunks(update(5.0)))
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
+    d.uploads.accept_update("b", "exp", 0, 30, iter_chunks(update(5.0)))
     model = ModelFile(tmp_path / "state" / "experiments" / "exp" / "model_round_0001.fjm").arrays()
     np.testing.assert_allclose(model["params/w"], INITIAL["params/w"] * (10 * 1 + 30 * 5) / 40, rtol=1e-6)
     np.testing.assert_allclose(model["params/b"], np.full(3, 4.0), rtol=1e-6)
@@ -64,8 +64,8 @@ def test_restart_after_every_update_but_before_the_close_finishes_the_round(tmp_
     d = make_director(tmp_path)
     submit(d)
     monkeypatch.setattr(Director, "_close", lambda self, run: None)  # killed right here
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
-    d.workers.accept_update("b", "exp", 0, 10, iter_chunks(update(3.0)))
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
+    d.uploads.accept_update("b", "exp", 0, 10, iter_chunks(update(3.0)))
     d.close()
     monkeypatch.undo()
     restarted = Director(tmp_path / "state", tmp_path / "logs", ["32", "32", "3"], ["1"], health_check_period=60)
@@ -78,7 +78,7 @@ def test_restart_after_every_update_but_before_the_close_finishes_the_round(tmp_
 def test_a_straggler_whose_round_closed_meanwhile_is_told_so(tmp_path):
     d = make_director(tmp_path)
     submit(d, header(round_timeout_s=60, min_envoys=1))
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
 
     def straggling_chunks():
         chunks = list(iter_chunks(update(2.0), chunk_bytes=8))
@@ -90,7 +90,7 @@ def test_a_straggler_whose_round_closed_meanwhile_is_told_so(tmp_path):
         yield from chunks[1:]
 
     with pytest.raises(PreconditionError, match="round 0 of 'exp' is not open"):
-        d.workers.accept_update("b", "exp", 0, 10, straggling_chunks())
+        d.uploads.accept_update("b", "exp", 0, 10, straggling_chunks())
     assert d.catalog.experiment_status("exp").current_round == 1
     assert not list((tmp_path / "state" / "incoming").iterdir())  # the spooled upload is gone
     d.close()

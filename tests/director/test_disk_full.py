@@ -40,7 +40,7 @@ def submit(d: Director, name: str = "exp", rounds: int = 1) -> None:
 
 
 def finish(d: Director, name: str) -> None:
-    d.workers.accept_update("a", name, 0, 10, iter_chunks(INITIAL))
+    d.uploads.accept_update("a", name, 0, 10, iter_chunks(INITIAL))
     d.workers.report_metrics("a", name, 1, r.Stage.AGGREGATED, (r.Metric("v", "acc", 0.5),), 5)
     assert d.catalog.experiment_status(name).state == r.State.FINISHED
 
@@ -49,7 +49,7 @@ def test_full_disk_while_storing_an_update_fails_the_experiment_and_the_director
     submit(director)
     monkeypatch.setattr(ModelFileWriter, "add_chunk", no_space)
     with pytest.raises(StorageError, match="disk is full: it could not store this update"):
-        director.workers.accept_update("a", "exp", 0, 10, iter_chunks(INITIAL))
+        director.uploads.accept_update("a", "exp", 0, 10, iter_chunks(INITIAL))
     monkeypatch.undo()
     status = director.catalog.experiment_status("exp")
     assert status.state == r.State.FAILED and "disk is full (No space left on device" in status.error
@@ -63,7 +63,7 @@ def test_full_disk_while_storing_an_update_fails_the_experiment_and_the_director
 def test_full_disk_while_closing_a_round_fails_the_experiment_cleanly(director, monkeypatch):
     submit(director)
     monkeypatch.setattr(closer, "write_next_model", no_space)
-    director.workers.accept_update("a", "exp", 0, 10, iter_chunks(INITIAL))
+    director.uploads.accept_update("a", "exp", 0, 10, iter_chunks(INITIAL))
     monkeypatch.undo()
     status = director.catalog.experiment_status("exp")
     assert status.state == r.State.FAILED and "closing round 0 failed: the director's disk is full" in status.error

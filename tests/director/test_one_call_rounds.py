@@ -64,8 +64,8 @@ def test_a_plain_training_round_asks_for_reports_with_the_upload_and_others_do_n
     d = make_director(tmp_path / "plain")
     submit(d, header(rounds=1))
     assert d.workers.current_task("a", "exp").reports_with_upload
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))
-    d.workers.accept_update("b", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.3, 1.0, 0.4))
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))
+    d.uploads.accept_update("b", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.3, 1.0, 0.4))
     final = d.workers.current_task("a", "exp")
     assert final.kind == r.TaskKind.VALIDATE and not final.reports_with_upload  # validation only: ReportMetrics
     d.close()
@@ -79,12 +79,12 @@ def test_a_plain_training_round_asks_for_reports_with_the_upload_and_others_do_n
 def test_reports_in_uploads_are_recorded_and_averaged_like_report_calls(tmp_path):
     d = make_director(tmp_path)
     submit(d)
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.2, 1.5, 0.3, valid=5))
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.2, 1.5, 0.3, valid=5))
     assert d.catalog.experiment_status("exp").current_round == 0
     events = round_events(d, 0)
     assert {stage for envoy, stage in events if envoy == "a"} == set(r.STAGES)  # kept before the round closes
     assert events[("a", r.Stage.TRAIN)].metrics == (r.Metric("train", "loss", 1.5),)
-    d.workers.accept_update("b", "exp", 0, 30, iter_chunks(update(5.0)), reports=reports(0.6, 0.5, 0.9, valid=5))
+    d.uploads.accept_update("b", "exp", 0, 30, iter_chunks(update(5.0)), reports=reports(0.6, 0.5, 0.9, valid=5))
     assert d.catalog.experiment_status("exp").current_round == 1
     aggregated = round_events(d, 0)[("", r.Stage.AGGREGATED)].metrics
     # weighted by the validation counts the reports carried (5 and 5; INFO registers 5 validation samples)
@@ -104,12 +104,12 @@ def test_bad_reports_refuse_the_upload_before_anything_is_kept(tmp_path, bad, me
     d = make_director(tmp_path)
     submit(d)
     with pytest.raises(InvalidRequestError, match=message):
-        d.workers.check_upload("a", "exp", 0, bad)
+        d.uploads.check_upload("a", "exp", 0, bad)
     with pytest.raises(InvalidRequestError, match=message):
-        d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=bad)
+        d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=bad)
     assert round_events(d, 0) == {}
     assert d.store.updates("exp", 0) == []
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))  # still open
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))  # still open
     d.close()
 
 
@@ -123,7 +123,7 @@ def test_a_secure_round_takes_reports_by_call_and_refuses_them_in_an_upload(tmp_
     task = d.workers.current_task("a", "exp")
     assert task.secagg is not None and not task.reports_with_upload
     with pytest.raises(InvalidRequestError, match="ReportMetrics only"):
-        d.workers.accept_update("a", "exp", 0, 10, iter([]), reports=reports(0.1, 1.0, 0.2))
+        d.uploads.accept_update("a", "exp", 0, 10, iter([]), reports=reports(0.1, 1.0, 0.2))
     assert round_events(d, 0) == {}
     d.close()
 
@@ -158,8 +158,8 @@ def test_each_round_carries_its_own_model(tmp_path):
     d = make_director(tmp_path)
     submit(d)
     d.workers.task_with_model("a", "exp", inline=True)  # round 0's model kept
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
-    d.workers.accept_update("b", "exp", 0, 10, iter_chunks(update(3.0)))
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
+    d.uploads.accept_update("b", "exp", 0, 10, iter_chunks(update(3.0)))
     task, chunks = d.workers.task_with_model("a", "exp", inline=True)
     assert task.round == 1
     expected = ModelFile(tmp_path / "state" / "experiments" / "exp" / "model_round_0001.fjm").arrays()
@@ -200,24 +200,24 @@ def test_answers_from_memory_agree_with_the_full_checks_or_defer_to_them(tmp_pat
     assert from_memory(w.task_in_memory, "b", "exp", inline=True) == w.task_with_model("b", "exp", inline=True)
     tensor_bytes = sum(len(c.data) for c in full[1])
     assert run.traffic.bytes_out["b"] - sent.get("b", 0) == 2 * tensor_bytes  # counted as the full path counts
-    assert from_memory(w.admit_upload_in_memory, "a", "exp", 0, reports(0.1, 1.0, 0.2))
+    assert from_memory(d.uploads.admit_upload_in_memory, "a", "exp", 0, reports(0.1, 1.0, 0.2))
     with pytest.raises(InvalidRequestError, match="finite"):
-        from_memory(w.admit_upload_in_memory, "a", "exp", 0, [r.StageReport(r.Stage.TRAIN, (r.Metric("t", "l", float("nan")),), 5)])
+        from_memory(d.uploads.admit_upload_in_memory, "a", "exp", 0, [r.StageReport(r.Stage.TRAIN, (r.Metric("t", "l", float("nan")),), 5)])
     with pytest.raises(PreconditionError) as refused:
-        from_memory(w.admit_upload_in_memory, "a", "exp", 3)
+        from_memory(d.uploads.admit_upload_in_memory, "a", "exp", 3)
     with pytest.raises(PreconditionError) as full:
-        w.check_upload("a", "exp", 3)
+        d.uploads.check_upload("a", "exp", 3)
     assert str(refused.value) == str(full.value)
-    w.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))
     assert from_memory(w.task_in_memory, "a", "exp", True) == (w.current_task("a", "exp"), None)  # uploaded: waits
     assert w.current_task("a", "exp").kind == r.TaskKind.NONE
     with pytest.raises(PreconditionError):
-        from_memory(w.admit_upload_in_memory, "a", "exp", 0)  # a second upload for the round
+        from_memory(d.uploads.admit_upload_in_memory, "a", "exp", 0)  # a second upload for the round
 
     with held_elsewhere(d.lock):
         assert w.task_in_memory("a", "exp", True) is None  # cannot tell at once: the full look (on a pool thread) will
-        assert not w.admit_upload_in_memory("b", "exp", 0)
-    assert w.task_in_memory("a", "other", True) is None and not w.admit_upload_in_memory("a", "other", 0)  # not running
+        assert not d.uploads.admit_upload_in_memory("b", "exp", 0)
+    assert w.task_in_memory("a", "other", True) is None and not d.uploads.admit_upload_in_memory("a", "other", 0)  # not running
     d.close()
 
 
@@ -251,7 +251,7 @@ def test_an_upload_costs_one_folder_sync_and_one_database_sync(tmp_path, monkeyp
     add_updates = d.store.add_updates
     monkeypatch.setattr(d.store, "add_updates", lambda *a: commits.extend(u.envoy for u in a[2]) or add_updates(*a))
     monkeypatch.setattr(d.store, "add_events", lambda *a: commits.append("events"))
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)), reports=reports(0.1, 1.0, 0.2))
     kept = d.store.updates("exp", 0)[0][2]
     assert folders == [kept.parent] and commits == ["a"]
     assert {stage for envoy, stage in round_events(d, 0) if envoy == "a"} == set(r.STAGES)
@@ -275,9 +275,9 @@ def test_a_new_rounds_inline_model_is_made_before_its_participants_ask(tmp_path)
     memory on the event loop instead of every one of them missing the cache and asking again on a thread."""
     d = make_director(tmp_path)
     submit(d)
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))
     assert d.workers._inline.kept("exp", d.files.model("exp", 1)) is None
-    d.workers.accept_update("b", "exp", 0, 10, iter_chunks(update(3.0)))  # closes round 0
+    d.uploads.accept_update("b", "exp", 0, 10, iter_chunks(update(3.0)))  # closes round 0
     assert d.run("exp").round == 1 and d.workers._inline.kept("exp", d.files.model("exp", 1)) is not None
     answered = from_memory(d.workers.task_in_memory, "a", "exp", True)
     assert answered is not None and answered[0].round == 1

@@ -48,9 +48,9 @@ def test_tasks_carry_the_patterns_and_the_round_model_leaves_the_personal_tensor
 def test_an_upload_with_a_personal_tensor_is_refused_and_the_aggregate_keeps_the_initial_head(director, tmp_path):
     leaky = {**body(1.0), "params/head/w": INITIAL["params/head/w"] * 2}
     with pytest.raises(InvalidRequestError, match="protocol violation.*'a'.*personal tensor 'params/head/w'"):
-        director.workers.accept_update("a", "exp", 0, 10, iter_chunks(leaky))
-    director.workers.accept_update("a", "exp", 0, 10, iter_chunks(body(1.0)))  # the same envoy, now as it should
-    director.workers.accept_update("b", "exp", 0, 30, iter_chunks(body(5.0)))
+        director.uploads.accept_update("a", "exp", 0, 10, iter_chunks(leaky))
+    director.uploads.accept_update("a", "exp", 0, 10, iter_chunks(body(1.0)))  # the same envoy, now as it should
+    director.uploads.accept_update("b", "exp", 0, 30, iter_chunks(body(5.0)))
     model = ModelFile(tmp_path / "state" / "experiments" / "exp" / "model_round_0001.fjm").arrays()
     np.testing.assert_allclose(model["params/body/w"], INITIAL["params/body/w"] * (10 * 1 + 30 * 5) / 40, rtol=1e-6)
     for name in ("params/head/w", "params/head/b"):
@@ -66,8 +66,8 @@ def test_status_reports_each_envoys_latest_personalised_validation(director):
     validated("a", 0, 0.9)
     validated("b", 0, 0.8)
     director.workers.report_metrics("a", "exp", 0, r.Stage.LOCAL, (r.Metric("validate", "loss", 0.1),), 5)
-    director.workers.accept_update("a", "exp", 0, 10, iter_chunks(body(1.0)))
-    director.workers.accept_update("b", "exp", 0, 10, iter_chunks(body(1.0)))
+    director.uploads.accept_update("a", "exp", 0, 10, iter_chunks(body(1.0)))
+    director.uploads.accept_update("b", "exp", 0, 10, iter_chunks(body(1.0)))
     validated("b", 1, 0.5)
     status = director.catalog.experiment_status("exp")
     assert status.personal_validation == (

@@ -44,7 +44,7 @@ def submit(d: Director, h: ExperimentSpec) -> None:
 def play_round(d: Director, round_: int, envoys: tuple[str, ...]) -> None:
     for envoy in envoys:
         weights = {"params/w": np.full((3, 4), ord(envoy[0]) + round_, np.float32), "step": np.array(1, np.int32)}
-        d.workers.accept_update(envoy, "exp", round_, 10, iter_chunks(weights))
+        d.uploads.accept_update(envoy, "exp", round_, 10, iter_chunks(weights))
 
 
 def dropouts(d: Director, name: str = "exp") -> list[r.MetricEvent]:

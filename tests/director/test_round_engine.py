@@ -59,7 +59,7 @@ def model_file(tmp_path, round_: int, name="exp") -> dict[str, np.ndarray]:
 
 def play_round(d: Director, round_: int, envoys=("a", "b"), name="exp") -> None:
     for envoy in envoys:
-        d.workers.accept_update(envoy, name, round_, 10 + ord(envoy[0]), iter_chunks(update(envoy, round_)))
+        d.uploads.accept_update(envoy, name, round_, 10 + ord(envoy[0]), iter_chunks(update(envoy, round_)))
 
 
 @pytest.mark.parametrize("strategy", [s.FedAdam(eta=0.05), s.FedYogi(), s.FedAvgM(), s.FedMedian()], ids=repr)
@@ -134,7 +134,7 @@ def test_sampling_selects_what_the_seed_says_and_records_it(tmp_path):
         left_out = sorted(set(envoys) - set(chosen))
         assert d.workers.current_task(left_out[0], "exp").kind == r.TaskKind.NONE  # sits the round out
         with pytest.raises(PreconditionError, match=f"was not selected for round {t}"):
-            d.workers.accept_update(left_out[0], "exp", t, 10, iter_chunks(update(left_out[0], t)))
+            d.uploads.accept_update(left_out[0], "exp", t, 10, iter_chunks(update(left_out[0], t)))
         assert d.workers.current_task(chosen[0], "exp").kind == r.TaskKind.TRAIN
         play_round(d, t, envoys=chosen)
     status = d.catalog.experiment_status("exp")
@@ -385,8 +385,8 @@ def test_a_second_daemon_under_an_online_name_is_refused_and_a_silent_ones_name_
 def test_an_update_weighs_at_most_the_train_size_its_envoy_registered(tmp_path):
     d = make_director(tmp_path)  # a and b registered 10 training samples each
     submit(d, header())
-    d.workers.accept_update("a", "exp", 0, 2**62, iter_chunks({**update("a", 0), "params/b": np.zeros(4, np.float32)}))
-    d.workers.accept_update("b", "exp", 0, 10, iter_chunks({**update("b", 0), "params/b": np.ones(4, np.float32)}))
+    d.uploads.accept_update("a", "exp", 0, 2**62, iter_chunks({**update("a", 0), "params/b": np.zeros(4, np.float32)}))
+    d.uploads.accept_update("b", "exp", 0, 10, iter_chunks({**update("b", 0), "params/b": np.ones(4, np.float32)}))
     np.testing.assert_allclose(model_file(tmp_path, 1)["params/b"], 0.5)  # 10 : 10, not 2**62 : 10
     d.close()
 
@@ -396,7 +396,7 @@ def test_a_non_finite_update_is_refused_naming_the_tensor(tmp_path):
     submit(d, header())
     bad = {**update("a", 0), "params/w": np.full((3, 4), np.nan, np.float32)}
     with pytest.raises(InvalidRequestError, match="non-finite values in 'params/w'"):
-        d.workers.accept_update("a", "exp", 0, 10, iter_chunks(bad))
+        d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(bad))
     play_round(d, 0)  # nothing of it was kept: the round goes on with good updates
     assert np.isfinite(model_file(tmp_path, 1)["params/w"]).all()
     d.close()
@@ -411,12 +411,12 @@ def test_one_upload_at_a_time_per_envoy_and_round(tmp_path):
         chunks = list(iter_chunks(update("a", 0)))
         yield chunks[0]
         try:
-            d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update("a", 0)))
+            d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update("a", 0)))
         except PreconditionError as exc:
             second_result["error"] = str(exc)
         yield from chunks[1:]
 
-    d.workers.accept_update("a", "exp", 0, 10, chunks_with_a_second_upload())
+    d.uploads.accept_update("a", "exp", 0, 10, chunks_with_a_second_upload())
     assert second_result["error"] == "an upload from envoy 'a' for round 0 is already in progress"
     d.close()
 
@@ -485,7 +485,7 @@ def test_a_dropout_survives_a_restart_and_the_round_closes_with_the_others(tmp_p
     d.workers.report_failure("c", "exp", "ValueError: bad batch", round_=0)
     assert d.workers.current_task("c", "exp").kind == r.TaskKind.NONE  # out of this round
     with pytest.raises(PreconditionError, match="dropped out of round 0"):
-        d.workers.accept_update("c", "exp", 0, 10, iter_chunks(update("c", 0)))
+        d.uploads.accept_update("c", "exp", 0, 10, iter_chunks(update("c", 0)))
     with pytest.raises(PreconditionError, match="has gone on without envoy 'c'"):
         d.workers.report_failure("c", "exp", "again", round_=0)
     play_round(d, 0, envoys=("a",))

@@ -202,7 +202,7 @@ def test_the_director_drops_at_the_deadline_only_those_behind_and_sums_the_other
     for e in "abc":
         step = d.workers.current_task(e, "exp").secagg
         masked = clients[e][0].mask(clients[e][1], step.ciphertexts)
-        d.workers.accept_update(e, "exp", 0, 1, iter_chunks({"secagg/masked": masked}))
+        d.uploads.accept_update(e, "exp", 0, 1, iter_chunks({"secagg/masked": masked}))
     for e in "abc":
         step = d.workers.current_task(e, "exp").secagg
         d.workers.secure_step(e, "exp", 0, "reveal", items=clients[e][0].reveal(step.survivors, step.dropped))

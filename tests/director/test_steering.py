@@ -19,9 +19,9 @@ from test_round_engine import INFO, header, make_director, model_file, submit, u
 def test_registering_again_with_a_huge_shard_mid_experiment_does_not_change_its_weight(tmp_path):
     d = make_director(tmp_path)
     submit(d, header())
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update("a", 0)))
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update("a", 0)))
     d.register_envoy("b", dataclasses.replace(INFO, train_size=10**15))  # the same daemon, a "bigger" shard
-    d.workers.accept_update("b", "exp", 0, 10**15, iter_chunks(update("b", 0)))
+    d.uploads.accept_update("b", "exp", 0, 10**15, iter_chunks(update("b", 0)))
     got = model_file(tmp_path, 1)
     for name in ("params/w", "params/b"):  # both weighted by the 10 samples they had when the experiment started
         np.testing.assert_allclose(got[name], (update("a", 0)[name] + update("b", 0)[name]) / 2, rtol=1e-6)
@@ -38,7 +38,7 @@ def test_a_reports_sample_count_weighs_at_most_the_registered_validation_size(tm
     d.workers.report_metrics("a", "exp", 0, r.Stage.AGGREGATED, (r.Metric("validate", "accuracy", 0.0),), 5)
     d.workers.report_metrics("b", "exp", 0, r.Stage.AGGREGATED, (r.Metric("validate", "accuracy", 1.0),), 2**62)
     for envoy in ("a", "b"):
-        d.workers.accept_update(envoy, "exp", 0, 10, iter_chunks(update(envoy, 0)))
+        d.uploads.accept_update(envoy, "exp", 0, 10, iter_chunks(update(envoy, 0)))
     assert aggregated(d, 0)["accuracy"] == pytest.approx(0.5)
 
 
@@ -62,7 +62,7 @@ def test_a_metric_only_one_envoy_reports_cannot_pick_the_best_model(tmp_path):
         d.workers.report_metrics("a", "exp", round_, r.Stage.AGGREGATED, (r.Metric("validate", "accuracy", honest[round_]),), 5)
         if round_ < 2:
             for envoy in ("a", "b"):
-                d.workers.accept_update(envoy, "exp", round_, 10, iter_chunks(update(envoy, round_)))
+                d.uploads.accept_update(envoy, "exp", round_, 10, iter_chunks(update(envoy, round_)))
     status = d.catalog.experiment_status("exp")
     assert status.state == "finished"
     assert (status.best_metric, status.best_round, status.best_value) == ("accuracy", 1, pytest.approx(0.6))
@@ -94,7 +94,7 @@ def test_krum_rounds_never_close_with_fewer_uploads_than_krum_needs_after_dropou
     fails saying so rather than 'aggregate' what one envoy sent."""
     d = make_director(tmp_path, envoys=("a", "b", "c", "d"))
     submit(d, header(strategy=s.Krum(num_malicious_clients=0), min_envoys=1))
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update("a", 0)))
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update("a", 0)))
     d.workers.report_failure("b", "exp", "out of memory", round_=0)  # 3 can still report: the round goes on
     assert d.catalog.experiment_status("exp").state == r.State.RUNNING
     d.workers.report_failure("c", "exp", "out of memory", round_=0)
@@ -108,7 +108,7 @@ def test_a_final_validation_needs_no_more_than_min_envoys_under_krum(tmp_path):
     d = make_director(tmp_path, envoys=("a", "b", "c"))
     submit(d, header(strategy=s.Krum(num_malicious_clients=0), min_envoys=1, rounds=1))
     for envoy in ("a", "b", "c"):
-        d.workers.accept_update(envoy, "exp", 0, 10, iter_chunks(update(envoy, 0)))
+        d.uploads.accept_update(envoy, "exp", 0, 10, iter_chunks(update(envoy, 0)))
     d.workers.report_failure("c", "exp", "validation crashed", round_=1)  # the final validation is not aggregated by Krum
     assert d.catalog.experiment_status("exp").state == r.State.RUNNING
     d.close()

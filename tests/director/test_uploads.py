@@ -1,5 +1,5 @@
-"""Small uploads spooled on the event loop (``spool_here``) and kept in batches (``keep_spooled``): one folder
-sync and one database commit for a batch, the same checks and the same round as ``accept_update``."""
+"""Uploads: small ones spooled on the event loop (``spool_here``) and kept in batches (``keep_spooled``), with
+one folder sync and one database commit a batch, the same checks and the same round as ``accept_update``."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +9,7 @@ import pytest
 
 from fedjax_core import model_file
 from fedjax_core import records as r
-from fedjax_core.director import files, worker_calls
+from fedjax_core.director import files, uploads
 from fedjax_core.errors import InvalidRequestError, PreconditionError
 from fedjax_core.model_file import ModelFile
 from fedjax_core.spec import SecureAggregation
@@ -20,21 +20,21 @@ from test_one_call_rounds import from_memory, held_elsewhere, reports, round_eve
 
 def spool(d, envoy: str, scale: float, round_: int = 0, **kwargs):
     """``spool_here`` of envoy's update, asked again while the lock is busy elsewhere."""
-    return from_memory(lambda: d.workers.spool_here(envoy, "exp", round_, 10, iter_chunks(update(scale)), **kwargs))
+    return from_memory(lambda: d.uploads.spool_here(envoy, "exp", round_, 10, iter_chunks(update(scale)), **kwargs))
 
 
 def test_a_batch_is_kept_with_one_folder_sync_and_one_commit_and_closes_the_round(tmp_path, monkeypatch):
     d = make_director(tmp_path)
     submit(d)
     synced_files, folders, commits = [], [], []
-    monkeypatch.setattr(worker_calls, "fsync_file", lambda path: synced_files.append(path.name))
+    monkeypatch.setattr(uploads, "fsync_file", lambda path: synced_files.append(path.name))
     monkeypatch.setattr(files, "fsync_dir", lambda path: folders.append(path))
     add_updates = d.store.add_updates
     monkeypatch.setattr(d.store, "add_updates", lambda *a: commits.append([u.envoy for u in a[2]]) or add_updates(*a))
     spooled = [spool(d, "a", 1.0, reports=reports(0.1, 1.0, 0.2)), spool(d, "b", 3.0, reports=reports(0.3, 2.0, 0.4))]
     assert not synced_files and not commits  # spooled, not yet durable, not yet known to the round
     assert d.catalog.experiment_status("exp").current_round == 0
-    answers = d.workers.keep_spooled(spooled)
+    answers = d.uploads.keep_spooled(spooled)
     received = sum(np.asarray(a).nbytes for a in update(1.0).values())
     assert [answer[0] for answer in answers] == [received, received]
     assert answers[0][1] == () and answers[1][1]  # the second completes the round: the caller closes it
@@ -51,20 +51,20 @@ def test_spooling_refuses_what_accept_update_refuses(tmp_path):
     d = make_director(tmp_path)
     submit(d)
     with pytest.raises(InvalidRequestError, match="positive count"):
-        d.workers.spool_here("a", "exp", 0, 0, iter_chunks(update(1.0)))
+        d.uploads.spool_here("a", "exp", 0, 0, iter_chunks(update(1.0)))
     with pytest.raises(PreconditionError, match="round 1 of 'exp' is not open"):
         spool(d, "a", 1.0, round_=1)
     bad = update(1.0)
     bad["params/b"] = np.full(3, np.nan, np.float32)
     with pytest.raises(InvalidRequestError, match="params/b"):
-        from_memory(d.workers.spool_here, "a", "exp", 0, 10, iter_chunks(bad))
+        from_memory(d.uploads.spool_here, "a", "exp", 0, 10, iter_chunks(bad))
     first = spool(d, "a", 1.0)
     with pytest.raises(PreconditionError, match="already in progress"):
         spool(d, "a", 1.0)
-    d.workers.keep_spooled([first])
+    d.uploads.keep_spooled([first])
     with pytest.raises(PreconditionError, match="already sent its update"):
         spool(d, "a", 1.0)
-    assert not d.workers._running("a", "exp").receiving  # every refusal left it
+    assert not d.workers.running("a", "exp").receiving  # every refusal left it
     assert not list((tmp_path / "state" / "incoming").iterdir())
     d.close()
 
@@ -73,14 +73,14 @@ def test_spooling_leaves_to_accept_update_what_it_cannot_tell_at_once(tmp_path):
     d = make_director(tmp_path)
     submit(d, dataclasses.replace(header(rounds=1), opt_treatment=r.OptTreatment.RESET,
                                   secure=SecureAggregation(True, 0.5, 1.0, 32)))
-    assert d.workers.spool_here("a", "exp", 0, 10, iter_chunks(update(1.0))) is None  # secure: summed in memory
+    assert d.uploads.spool_here("a", "exp", 0, 10, iter_chunks(update(1.0))) is None  # secure: summed in memory
     d.close()
     d = make_director(tmp_path / "plain")
     submit(d)
     with held_elsewhere(d.lock):
-        assert d.workers.spool_here("a", "exp", 0, 10, iter_chunks(update(1.0))) is None  # the loop does not wait
+        assert d.uploads.spool_here("a", "exp", 0, 10, iter_chunks(update(1.0))) is None  # the loop does not wait
     assert spool(d, "a", 1.0, round_=0) is not None
-    assert d.workers.spool_here("a", "ghost", 0, 10, iter_chunks(update(1.0))) is None  # not running: it says why
+    assert d.uploads.spool_here("a", "ghost", 0, 10, iter_chunks(update(1.0))) is None  # not running: it says why
     d.close()
 
 
@@ -89,7 +89,7 @@ def test_an_upload_the_round_stopped_taking_while_it_waited_is_refused_and_its_s
     submit(d)
     late = spool(d, "a", 1.0)
     d.cancel_experiment("exp")
-    (answer,) = d.workers.keep_spooled([late])
+    (answer,) = d.uploads.keep_spooled([late])
     assert isinstance(answer, PreconditionError) and "not open" in str(answer)
     assert not late.update.path.exists() and d.store.updates("exp", 0) == []
     d.close()
@@ -105,8 +105,8 @@ def test_a_full_disk_while_keeping_fails_the_experiment_and_says_so(tmp_path, mo
     def full(path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(worker_calls, "fsync_file", full)
-    (answer,) = d.workers.keep_spooled([spooled])
+    monkeypatch.setattr(uploads, "fsync_file", full)
+    (answer,) = d.uploads.keep_spooled([spooled])
     assert "disk is full" in str(answer)
     status = d.catalog.experiment_status("exp")
     assert status.state == r.State.FAILED and "free space" in status.error
@@ -133,8 +133,8 @@ def test_an_updates_data_is_synced_before_the_rounds_keep_lock_is_taken(tmp_path
     held_while_syncing = []
     sync = model_file.os.fsync
     monkeypatch.setattr(model_file.os, "fsync", lambda fd: held_while_syncing.append(run.keep_lock.locked()) or sync(fd))
-    d.workers.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))  # streamed: synced as it is spooled
-    d.workers.keep_spooled([spool(d, "b", 3.0)])  # spooled on the loop: synced by the keeper, first
+    d.uploads.accept_update("a", "exp", 0, 10, iter_chunks(update(1.0)))  # streamed: synced as it is spooled
+    d.uploads.keep_spooled([spool(d, "b", 3.0)])  # spooled on the loop: synced by the keeper, first
     assert held_while_syncing.count(False) >= 2  # each update's own data
     assert held_while_syncing.count(True) == 2  # the round folder's sync, once per keep
     d.close()
