@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedjax_core import records as r
-from fedjax_core.director.store import ExperimentRow, NewUpdate, only_answer
+from fedjax_core.director.store import ExperimentRow, NewUpdate
 from fedjax_core.errors import AlreadyExistsError
 from fedjax_core.spec import ExperimentSpec
 
@@ -152,10 +152,6 @@ class MemoryStore:
             return str(found.others["bundle_sha256"]) if found is not None else ""
 
     # updates of the round in progress
-    def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int,
-                   events: Sequence[tuple[r.MetricEvent, float]] = ()) -> list[bool]:
-        return only_answer(self.add_updates(experiment, round_, [NewUpdate(envoy, weight, path, nbytes, events)]))
-
     def add_updates(self, experiment: str, round_: int,
                     updates: Sequence[NewUpdate]) -> list[list[bool] | AlreadyExistsError]:
         answers: list[list[bool] | AlreadyExistsError] = []

@@ -94,13 +94,6 @@ class NewUpdate(NamedTuple):
     events: Sequence[tuple[r.MetricEvent, float]] = ()
 
 
-def only_answer(answers: list[list[bool] | AlreadyExistsError]) -> list[bool]:
-    """``add_updates``' answer for a batch of one, raised when it refuses the update."""
-    if isinstance(answers[0], AlreadyExistsError):
-        raise answers[0]
-    return answers[0]
-
-
 @dataclasses.dataclass(frozen=True)
 class ExperimentRow:
     name: str
@@ -287,10 +280,6 @@ class SqliteStore:
         return rows[0][0] if rows else ""
 
     # updates of the round in progress
-    def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int,
-                   events: Sequence[tuple[r.MetricEvent, float]] = ()) -> list[bool]:
-        return only_answer(self.add_updates(experiment, round_, [NewUpdate(envoy, weight, path, nbytes, events)]))
-
     def add_updates(self, experiment: str, round_: int,
                     updates: Sequence[NewUpdate]) -> list[list[bool] | AlreadyExistsError]:
         with self._transaction():  # one disk sync for them all

@@ -73,17 +73,12 @@ class Store(Protocol):
         """The hex SHA-256 of the experiment's bundle as submitted ('' if unknown)."""
 
     # updates of the round in progress
-    def add_update(self, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int,
-                   events: Sequence[tuple[r.MetricEvent, float]] = ()) -> list[bool]:
-        """Keep an envoy's update of a round, and ``events`` (the reports it carried) in the same transaction
-        (``add_events``' answer for them); a second update for the same round raises AlreadyExistsError and keeps
-        neither."""
-
     def add_updates(self, experiment: str, round_: int,
                     updates: Sequence[NewUpdate]) -> list[list[bool] | AlreadyExistsError]:
-        """``add_update`` for several updates of one round in one transaction (one disk sync for them all): for
-        each, ``add_events``' answer for its events, or the AlreadyExistsError that kept none of it; any other
-        error keeps none of them."""
+        """Keep envoys' updates of a round, each with the ``events`` it carried (its reports), in one transaction
+        (one disk sync for them all): for each, ``add_events``' answer for its events, or the AlreadyExistsError
+        of a second update for the same envoy and round, which keeps nothing of it; any other error keeps none
+        of them."""
 
     def updates(self, experiment: str, round_: int) -> list[tuple[str, float, Path, int]]:
         """``(envoy, weight, path, nbytes)`` of the round's kept updates, in the order they were kept."""

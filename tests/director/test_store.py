@@ -37,6 +37,15 @@ def _event(round_: int, envoy: str, stage: str = r.Stage.TRAIN, value: float = 0
                          timestamp=1_700_000_000.25 + round_, round_time_s=0.125 * (round_ + 1))
 
 
+def add_update(store: Store, experiment: str, round_: int, envoy: str, weight: float, path: Path, nbytes: int,
+               events=()) -> list[bool]:
+    """One update through ``add_updates``: its events' answer, raised when the store refuses it."""
+    (answer,) = store.add_updates(experiment, round_, [NewUpdate(envoy, weight, path, nbytes, events)])
+    if isinstance(answer, AlreadyExistsError):
+        raise answer
+    return answer
+
+
 @pytest.fixture
 def path(tmp_path) -> Path:
     return tmp_path / "state" / "director.sqlite"
@@ -170,10 +179,10 @@ def test_status_participants_are_the_latest_rounds_only(store):
 
 # --------------------------------------------------------------------- updates
 def test_updates_add_list_drop(store, tmp_path):
-    store.add_update("exp1", 0, "env_one", 2585.0, tmp_path / "u1.fjm", 1000)
-    store.add_update("exp1", 0, "env_two", 2586.0, tmp_path / "u2.fjm", 2000)
-    store.add_update("exp1", 1, "env_one", 10.0, tmp_path / "u3.fjm", 3000)
-    store.add_update("exp2", 0, "env_one", 11.0, tmp_path / "u4.fjm", 4000)
+    add_update(store, "exp1", 0, "env_one", 2585.0, tmp_path / "u1.fjm", 1000)
+    add_update(store, "exp1", 0, "env_two", 2586.0, tmp_path / "u2.fjm", 2000)
+    add_update(store, "exp1", 1, "env_one", 10.0, tmp_path / "u3.fjm", 3000)
+    add_update(store, "exp2", 0, "env_one", 11.0, tmp_path / "u4.fjm", 4000)
     got = sorted(store.updates("exp1", 0))
     assert got == [("env_one", 2585.0, tmp_path / "u1.fjm", 1000), ("env_two", 2586.0, tmp_path / "u2.fjm", 2000)]
     assert all(isinstance(p, Path) for _, _, p, _ in got)
@@ -185,9 +194,9 @@ def test_updates_add_list_drop(store, tmp_path):
 
 
 def test_an_envoy_has_one_update_per_round(store, tmp_path):
-    store.add_update("exp1", 0, "env_one", 1.0, tmp_path / "a", 1)
+    add_update(store, "exp1", 0, "env_one", 1.0, tmp_path / "a", 1)
     with pytest.raises(AlreadyExistsError, match="keeps an update of envoy 'env_one' for round 0 already"):
-        store.add_update("exp1", 0, "env_one", 2.0, tmp_path / "b", 2)
+        add_update(store, "exp1", 0, "env_one", 2.0, tmp_path / "b", 2)
     assert store.updates("exp1", 0) == [("env_one", 1.0, tmp_path / "a", 1)]
 
 
@@ -236,7 +245,7 @@ def test_data_survives_close_and_reopen(path, tmp_path):
     s.add_experiment(_header("exp2"))
     s.update_experiment("exp1", state="running", envoys=("env_one",), current_round=3, best_round=2,
                         best_value=0.75, error="")
-    s.add_update("exp1", 3, "env_one", 2585.0, tmp_path / "u.fjm", 4096)
+    add_update(s, "exp1", 3, "env_one", 2585.0, tmp_path / "u.fjm", 4096)
     e = _event(2, "", r.Stage.ROUND, 0.75)
     s.add_event("exp1", e, weight=3)
     s.close()
@@ -351,11 +360,11 @@ def test_update_experiment_keeps_every_column(store):
 
 def test_updates_come_back_in_the_order_they_were_kept(store, tmp_path):
     for envoy in ("zed", "amy", "kim"):
-        store.add_update("exp1", 0, envoy, 1.5, tmp_path / envoy, 7)
+        add_update(store, "exp1", 0, envoy, 1.5, tmp_path / envoy, 7)
     assert [envoy for envoy, *_ in store.updates("exp1", 0)] == ["zed", "amy", "kim"]
     store.drop_update("exp1", 0, "zed")
     store.drop_update("exp1", 0, "ghost")  # nothing to drop
-    store.add_update("exp1", 0, "zed", 2.5, tmp_path / "zed2", 8)  # kept again: now the last
+    add_update(store, "exp1", 0, "zed", 2.5, tmp_path / "zed2", 8)  # kept again: now the last
     assert store.updates("exp1", 0) == [("amy", 1.5, tmp_path / "amy", 7), ("kim", 1.5, tmp_path / "kim", 7),
                                         ("zed", 2.5, tmp_path / "zed2", 8)]
     assert store.updates("exp1", 1) == [] and store.updates("exp2", 0) == []
@@ -464,17 +473,17 @@ def test_the_audit_table_refuses_changes(path):
 
 def test_an_update_and_the_reports_it_carried_are_kept_together_or_not_at_all(store, tmp_path):
     reports = [(_event(0, "env_one", r.Stage.AGGREGATED, 0.1), 5.0), (_event(0, "env_one", r.Stage.TRAIN, 0.2), 10.0)]
-    assert store.add_update("exp1", 0, "env_one", 1.0, tmp_path / "a", 1, reports) == [True, True]
+    assert add_update(store, "exp1", 0, "env_one", 1.0, tmp_path / "a", 1, reports) == [True, True]
     assert [(e.stage, w) for _, e, w in store.events("exp1")] == [(r.Stage.AGGREGATED, 5.0), (r.Stage.TRAIN, 10.0)]
     again = [(_event(0, "env_one", r.Stage.LOCAL, 0.3), 5.0)]
     with pytest.raises(AlreadyExistsError):  # a second update for the round: neither it nor its reports kept
-        store.add_update("exp1", 0, "env_one", 2.0, tmp_path / "b", 2, again)
+        add_update(store, "exp1", 0, "env_one", 2.0, tmp_path / "b", 2, again)
     assert [e.stage for _, e, _ in store.events("exp1")] == [r.Stage.AGGREGATED, r.Stage.TRAIN]
     assert store.updates("exp1", 0) == [("env_one", 1.0, tmp_path / "a", 1)]
     recorded = [(_event(0, "env_two", r.Stage.TRAIN, 0.4), 10.0)]
     store.add_events("exp1", recorded)  # reported by ReportMetrics before its upload failed and came again
-    assert store.add_update("exp1", 0, "env_two", 1.0, tmp_path / "c", 1, recorded) == [False]
-    assert store.add_update("exp1", 1, "env_two", 1.0, tmp_path / "d", 1) == []
+    assert add_update(store, "exp1", 0, "env_two", 1.0, tmp_path / "c", 1, recorded) == [False]
+    assert add_update(store, "exp1", 1, "env_two", 1.0, tmp_path / "d", 1) == []
 
 
 def test_sqlite_keeps_an_update_and_its_reports_in_one_transaction(path, tmp_path):
@@ -483,14 +492,14 @@ def test_sqlite_keeps_an_update_and_its_reports_in_one_transaction(path, tmp_pat
     s = SqliteStore(path)
     broken = r.MetricEvent(round=0, envoy="env_one", stage=r.Stage.LOCAL, metrics=(r.Metric("t", "acc", object()),))
     with pytest.raises(TypeError):
-        s.add_update("exp1", 0, "env_one", 1.0, tmp_path / "a", 1, [(_event(0, "env_one"), 1.0), (broken, 1.0)])
+        add_update(s, "exp1", 0, "env_one", 1.0, tmp_path / "a", 1, [(_event(0, "env_one"), 1.0), (broken, 1.0)])
     assert s.updates("exp1", 0) == [] and s.events("exp1") == []
     with pytest.raises(TypeError):
         s.add_events("exp1", [(_event(0, "env_two"), 1.0), (broken, 1.0)])
     assert s.events("exp1") == []
     statements: list[str] = []
     s._db.set_trace_callback(statements.append)
-    assert s.add_update("exp1", 0, "env_one", 1.0, tmp_path / "a", 1, [(_event(0, "env_one"), 1.0)]) == [True]
+    assert add_update(s, "exp1", 0, "env_one", 1.0, tmp_path / "a", 1, [(_event(0, "env_one"), 1.0)]) == [True]
     assert [q.split()[0] for q in statements] == ["BEGIN", "INSERT", "INSERT", "COMMIT"]  # one commit, one sync
     s.close()
     reopened = SqliteStore(path)
@@ -501,7 +510,7 @@ def test_sqlite_keeps_an_update_and_its_reports_in_one_transaction(path, tmp_pat
 def test_add_updates_keeps_each_update_of_a_batch_but_a_second_one(store, tmp_path):
     """A batch is one write: every update and its reports kept, but the one an envoy already has, which keeps
     nothing of itself and leaves the others kept."""
-    store.add_update("exp1", 0, "env_two", 1.0, tmp_path / "first", 1)
+    add_update(store, "exp1", 0, "env_two", 1.0, tmp_path / "first", 1)
     answers = store.add_updates("exp1", 0, [
         NewUpdate("env_one", 2.0, tmp_path / "a", 10, [(_event(0, "env_one"), 2.0)]),
         NewUpdate("env_two", 3.0, tmp_path / "b", 20, [(_event(0, "env_two", value=0.9), 3.0)]),
