@@ -343,7 +343,7 @@ class _Incoming:
             return message.error
         if message is grpc.aio.EOF:
             return _END
-        size = message.ByteSize()
+        message, size = message  # parsing.Received
         self.moved += size
         self.total += size
         self.messages += 1

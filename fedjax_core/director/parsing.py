@@ -3,12 +3,16 @@
 Requests that do not parse end INVALID_ARGUMENT, naming the message type and the reason. grpc.aio
 would answer them UNKNOWN with a traceback in the log; :class:`ParseGate` makes the request
 deserializer return an :class:`Unparseable` instead of raising, and the handler refuse it. Streams
-get the marker as a message, which :mod:`fedjax_core.director.concurrency` refuses likewise.
+get the marker as a message, which :mod:`fedjax_core.director.concurrency` refuses likewise. A stream's
+messages arrive as :class:`Received`, with the size they had on the wire: asking a parsed message its size
+(``ByteSize``) serializes it again, a quarter of the director's busy time when 32 envoys upload 4 MiB each.
 
 A streamed response that is ``bytes`` already (tensor chunks, serde.chunk_messages) goes out as it is;
 any other is serialized by the method's own serializer.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -23,7 +27,13 @@ class Unparseable:
                                          "client and director may run different versions of fedjax_proto")
 
 
-def _safe(deserializer):
+class Received(NamedTuple):
+    """A streamed request and the bytes it took on the wire."""
+    message: object
+    nbytes: int
+
+
+def _safe(deserializer, streaming: bool = False):
     type_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
     type_name = type_name.full_name if type_name is not None else "request"
 
@@ -32,7 +42,11 @@ def _safe(deserializer):
             return deserializer(data)
         except (DecodeError, ValueError, UnicodeDecodeError) as exc:
             return Unparseable(type_name, exc)
-    return parse
+
+    def parse_received(data: bytes):
+        message = parse(data)
+        return message if isinstance(message, Unparseable) else Received(message, len(data))
+    return parse_received if streaming else parse
 
 
 class ParseGate(grpc.aio.ServerInterceptor):
@@ -49,7 +63,7 @@ class ParseGate(grpc.aio.ServerInterceptor):
 def _parse_checked(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     # a stream's messages are checked where the stream is read; a single request here
     return guarded_handler(handler, None if handler.request_streaming else _refuse_unparseable,
-                           request_deserializer=_safe(handler.request_deserializer),
+                           request_deserializer=_safe(handler.request_deserializer, handler.request_streaming),
                            response_serializer=_serialized_passes(handler.response_serializer)
                            if handler.response_streaming else None)
 

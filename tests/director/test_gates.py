@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import grpc
 
 from fedjax_core.director import gates
-from fedjax_core.director.parsing import ParseGate, Unparseable
+from fedjax_core.director.parsing import ParseGate, Received, Unparseable
 from fedjax_proto import envoy_service_pb2 as env_pb
 
 
@@ -58,3 +58,20 @@ def test_parse_gate_reuses_its_handler_and_still_refuses_each_bad_request():
         pass
     assert aborted == [grpc.StatusCode.INVALID_ARGUMENT]
     assert first.unary_unary(good, context) is good
+
+
+def test_a_streams_messages_arrive_with_their_size_on_the_wire():
+    """The stream's reader counts bytes from the wire, not by serializing each message again (ByteSize)."""
+    gate, details = ParseGate(), SimpleNamespace(method="/fedjax.EnvoyService/UploadUpdate")
+    handler = grpc.stream_unary_rpc_method_handler(lambda requests, context: None,
+                                                   request_deserializer=env_pb.HeartbeatRequest.FromString)
+
+    async def continuation(_):
+        return handler
+
+    wrapped = asyncio.run(gate.intercept_service(continuation, details))
+    data = env_pb.HeartbeatRequest(envoy_name="x" * 1000).SerializeToString()
+    received = wrapped.request_deserializer(data)
+    assert isinstance(received, Received) and received.nbytes == len(data) > 1000
+    assert received.message.envoy_name == "x" * 1000
+    assert isinstance(wrapped.request_deserializer(b"\xff\xff\xff"), Unparseable)  # refused, not sized
