@@ -15,7 +15,7 @@ import errno
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,25 @@ def _writeback_starter():
 
 
 _start_writeback = _writeback_starter()
+
+
+def _filesystem_syncer():
+    """``sync(fd)``: write back everything the filesystem holding ``fd`` has not yet made durable, in one journal
+    commit (Linux ``syncfs``), raising OSError as fsync does; None where there is no such call."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int]
+
+    def sync(fd: int) -> None:
+        if call(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    return sync
+
+
+_sync_filesystem = _filesystem_syncer()
 
 
 class ModelFileWriter:
@@ -227,6 +246,35 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_files(paths: Sequence[Path]) -> list[OSError | None]:
+    """Make several files' data durable at once; for each, None or the error that kept it from the disk.
+
+    One ``syncfs`` of each folder's filesystem instead of a journal commit per file: 32 small files took 2 ms of
+    CPU and 7 ms to sync one by one, 0.2 and 0.7 ms at once, on the 2-core VM of benchmarks/README.md. It also
+    writes back whatever else that filesystem holds unsynced, so it waits on other writers' backlog (a large
+    upload spooled meanwhile starts its writeback as it goes, which bounds it). Where there is no syncfs, or it
+    fails, each file is synced on its own, so that an error names the file it kept from the disk."""
+    if len(paths) > 1 and _sync_filesystem is not None:
+        try:
+            for folder in dict.fromkeys(path.parent for path in paths):
+                fd = os.open(folder, os.O_RDONLY)
+                try:
+                    _sync_filesystem(fd)
+                finally:
+                    os.close(fd)
+            return [None] * len(paths)
+        except OSError:
+            pass  # an error of this filesystem, perhaps another file's: each file's own sync tells
+    errors: list[OSError | None] = []
+    for path in paths:
+        try:
+            fsync_file(path)
+            errors.append(None)
+        except OSError as exc:
+            errors.append(exc)
+    return errors
 
 
 def fsync_dir(path: Path) -> None:

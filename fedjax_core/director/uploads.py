@@ -2,7 +2,7 @@
 
 An update read whole with its first messages (a small model's, or an UploadSmallUpdate) is checked and spooled on
 the event loop (``spool_here``), without a disk sync; one thread keeps every update that arrived meanwhile
-together (``keep_spooled``: each file's data synced, the round's folder once, their rows and reports in one
+together (``keep_spooled``: their data synced at once, the round's folder once, their rows and reports in one
 transaction), and only then tells the round. Larger updates are received on a transfer thread
 (``accept_update``) and kept the same way. A secure round's masked vector is summed in memory instead.
 """
@@ -21,7 +21,7 @@ from fedjax_core.director.round_machine import Effect, Failed, UpdateStored
 from fedjax_core.director.rounds import Run
 from fedjax_core.director.store import NewUpdate
 from fedjax_core.errors import FedError, InvalidRequestError, PreconditionError, StorageError, is_disk_full
-from fedjax_core.model_file import fsync_file
+from fedjax_core.model_file import fsync_files
 from fedjax_core.privacy.local import check_applied
 from fedjax_core.secagg.protocol import MASKED_TENSOR
 
@@ -188,9 +188,10 @@ class Uploads:
         answers: list[tuple[int, tuple[Effect, ...]] | BaseException | None] = [None] * len(spooled)
         logged: list[tuple[Spooled, list[bool]]] = []
         try:
-            for i, item in enumerate(spooled):  # the data first, outside the lock (a large file takes a while)
-                if not item.synced:
-                    answers[i] = self._sync(item)
+            unsynced = [i for i, item in enumerate(spooled) if not item.synced]  # outside the lock: it takes a while
+            for i, error in zip(unsynced, fsync_files([spooled[i].update.path for i in unsynced])):
+                if error is not None:
+                    answers[i] = self._unsynced(spooled[i], error)
             with run.keep_lock:
                 live = []
                 with d.lock:
@@ -232,13 +233,9 @@ class Uploads:
             self.director.workers.log_events(run, item.update.events, added)
         return answers
 
-    def _sync(self, item: Spooled) -> BaseException | None:
-        """Make a spooled update's data durable; the error that refuses it (a full disk fails its experiment)."""
-        try:
-            fsync_file(item.update.path)
-        except OSError as exc:
-            return self._disk_full(item.run, item.update.envoy, item.round, exc) if is_disk_full(exc) else exc
-        return None
+    def _unsynced(self, item: Spooled, exc: OSError) -> BaseException:
+        """What refuses an update whose data did not reach the disk (a full disk fails its experiment)."""
+        return self._disk_full(item.run, item.update.envoy, item.round, exc) if is_disk_full(exc) else exc
 
     def _store(self, run: Run, spooled: Sequence[Spooled]) -> list[list[bool] | BaseException]:
         """Under ``run.keep_lock``: keep the updates on disk in one write; for each, which of its events were

@@ -1,5 +1,5 @@
 """Uploads: small ones spooled on the event loop (``spool_here``) and kept in batches (``keep_spooled``), with
-one folder sync and one database commit a batch, the same checks and the same round as ``accept_update``."""
+one data sync, one folder sync and one database commit a batch, the same checks and the same round as ``accept_update``."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +27,8 @@ def test_a_batch_is_kept_with_one_folder_sync_and_one_commit_and_closes_the_roun
     d = make_director(tmp_path)
     submit(d)
     synced_files, folders, commits = [], [], []
-    monkeypatch.setattr(uploads, "fsync_file", lambda path: synced_files.append(path.name))
+    monkeypatch.setattr(uploads, "fsync_files", lambda paths: synced_files.append([p.name for p in paths])
+                        or [None] * len(paths))
     monkeypatch.setattr(files, "fsync_dir", lambda path: folders.append(path))
     add_updates = d.store.add_updates
     monkeypatch.setattr(d.store, "add_updates", lambda *a: commits.append([u.envoy for u in a[2]]) or add_updates(*a))
@@ -38,7 +39,8 @@ def test_a_batch_is_kept_with_one_folder_sync_and_one_commit_and_closes_the_roun
     received = sum(np.asarray(a).nbytes for a in update(1.0).values())
     assert [answer[0] for answer in answers] == [received, received]
     assert answers[0][1] == () and answers[1][1]  # the second completes the round: the caller closes it
-    assert len(synced_files) == 2 and len(folders) == 1 and commits == [["a", "b"]]
+    assert len(synced_files) == 1 and len(synced_files[0]) == 2  # their data synced at once
+    assert len(folders) == 1 and commits == [["a", "b"]]
     assert {e for e, _ in round_events(d, 0)} == {"a", "b"}  # the reports, recorded with the updates
     d.after(spooled[1].run, answers[1][1])
     assert d.catalog.experiment_status("exp").current_round == 1
@@ -105,7 +107,7 @@ def test_a_full_disk_while_keeping_fails_the_experiment_and_says_so(tmp_path, mo
     def full(path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(uploads, "fsync_file", full)
+    monkeypatch.setattr(model_file, "fsync_file", full)
     (answer,) = d.uploads.keep_spooled([spooled])
     assert "disk is full" in str(answer)
     status = d.catalog.experiment_status("exp")
