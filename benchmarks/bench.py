@@ -220,6 +220,84 @@ class BenchStack:
         return "\n".join(f"----- {p.name} -----\n" + "\n".join(p.lines[-tail:]) for p in self.processes)
 
 
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """Every process now: pid -> (parent pid, CPU seconds so far)."""
+    tick, table = os.sysconf("SC_CLK_TCK"), {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return table
+
+
+class TreeCpuSampler:
+    """CPU seconds of process trees, sampled from /proc every ``period`` s on a thread of its own. ``roots()``
+    answers ``{pid: (label, label of its descendants)}`` (asked at every sample, so processes started later
+    count); ``between(t0, t1)`` says what each label used between two wall-clock moments: the director and an
+    envoy's workers apart from its daemon, which is what shows where a round's CPU goes (benchmarks/README.md)."""
+
+    def __init__(self, roots, period: float = 0.25):
+        self.roots, self.period = roots, period
+        self.samples: list[tuple[float, dict[int, float]]] = []  # (time, pid -> CPU s) of labelled pids
+        self.labels: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tree-cpu-sampler")
+
+    def _label(self, pid: int, table: dict[int, tuple[int, float]], roots: dict) -> str | None:
+        if pid in roots:
+            return roots[pid][0]
+        seen, parent = 0, table.get(pid, (0, 0.0))[0]
+        while parent > 1 and seen < 16:
+            if parent in roots:
+                return roots[parent][1]
+            parent, seen = table.get(parent, (0, 0.0))[0], seen + 1
+        return None
+
+    def sample(self) -> None:
+        roots, table = self.roots(), _proc_table()
+        cpu = {}
+        for pid, (_, seconds) in table.items():
+            if pid not in self.labels:
+                label = self._label(pid, table, roots)
+                if label is None:
+                    continue
+                self.labels[pid] = label
+            cpu[pid] = seconds
+        self.samples.append((time.time(), cpu))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.sample()
+
+    def between(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU seconds of each label from the sample nearest ``t0`` to the one nearest ``t1`` (a process that
+        ended in between counts up to its last sample)."""
+        if not self.samples:
+            return {}
+        first = min(range(len(self.samples)), key=lambda i: abs(self.samples[i][0] - t0))
+        last = min(range(len(self.samples)), key=lambda i: abs(self.samples[i][0] - t1))
+        start, latest = self.samples[first][1], {}
+        for _, cpu in self.samples[first:last + 1]:
+            latest.update(cpu)
+        spent: dict[str, float] = {}
+        for pid, seconds in latest.items():
+            label = self.labels[pid]
+            spent[label] = spent.get(label, 0.0) + seconds - start.get(pid, 0.0)
+        return spent
+
+    def start(self) -> TreeCpuSampler:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
 # ----------------------------------------------------------------------------- one experiment
 def follow_experiment(stack: BenchStack, name: str, state, tasks, data, rounds: int, timeout_s: float,
                       client_id: str = "bench"):

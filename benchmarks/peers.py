@@ -109,12 +109,15 @@ def task_seconds(reports: list[tuple], rounds: int) -> list[float]:
 
 
 def summarize(round_times: list[float], wall_s: float, accuracy: list, reports: list, memory: dict,
-              model_bytes: int) -> dict:
-    """One system's figures for one case. ``reports``: (participant, round, traces, task_s) per task. The
+              model_bytes: int, cpu: dict[str, float] | None = None) -> dict:
+    """One system's figures for one case. ``reports``: (participant, round, traces, task_s) per task; ``cpu``: the
+    CPU seconds each kind of process used from round 0's end to the last round's (:func:`settled_cpu`). The
     overhead needs the floor, measured after both systems ran (:func:`with_overhead`)."""
     rounds = len(round_times)
     tasks = task_seconds(reports, rounds)
+    per_round = {k: v / (rounds - 1) for k, v in cpu.items()} if cpu and rounds > 1 else None
     return {"rounds": rounds, "round_times_s": round_times, "steady_round_s": steady(round_times), "wall_s": wall_s,
+            "settled_cpu_s_per_round": per_round,
             "overhead_s": None, "accuracy": accuracy,
             "recompiles": recompiles([(w, r, n) for w, r, n, _ in reports]), "task_s": tasks,
             "steady_outside_tasks_s": steady([t - c for t, c in zip(round_times, tasks)]),
@@ -159,17 +162,25 @@ def run_project(case: int, workdir: Path, rounds: int, data_dir: Path, timeout_s
 
     model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state.params))
     stack = project_stack(workdir, case, data_dir, sandbox)
+    sampler = None
     try:
         stack.start()
+        roots = {p.proc.pid: ("director", "director") if p is stack.director else ("envoy daemons", "workers")
+                 for p in stack.processes}
+        sampler = bench.TreeCpuSampler(lambda: roots).start()
         exp, _, wall_s = bench.follow_experiment(stack, f"peers-case{case}", state, tasks, data, rounds, timeout_s,
                                                  client_id="peers")
         memory = bench.proc_status(stack.director.proc.pid)  # finished, not yet stopped
+        sampler.sample()
     except BaseException:
         print(stack.logs(), file=sys.stderr)
         raise
     finally:
+        if sampler is not None:
+            sampler.stop()
         stack.stop()
     events = exp.history
+    ends = {e.round: e.timestamp for e in events if e.stage == "round" and not e.envoy and e.round < rounds}
     times = {e.round: e.round_time_s for e in events if e.stage == "round" and not e.envoy and e.round < rounds}
     accuracy = {e.round: {m.name: m.value for m in e.metrics}.get("validation_accuracy")
                 for e in events if e.stage == STAGE_AGG and not e.envoy}
@@ -178,7 +189,13 @@ def run_project(case: int, workdir: Path, rounds: int, data_dir: Path, timeout_s
     return summarize([times[r] for r in sorted(times)], wall_s,
                      [accuracy.get(r) for r in range(1, rounds + 1)] if case == 1 else [], reports,
                      {"peak_rss_bytes": memory["VmHWM"], "baseline_rss_bytes": stack.baseline["VmRSS"]},
-                     model_bytes)
+                     model_bytes, settled_cpu(sampler, [ends[r] for r in sorted(ends)]))
+
+
+def settled_cpu(sampler: bench.TreeCpuSampler, round_ends: list[float]) -> dict[str, float] | None:
+    """CPU seconds of each kind of process from the end of round 0 to the end of the last round (wall-clock
+    times); None with fewer than two rounds."""
+    return sampler.between(round_ends[0], round_ends[-1]) if len(round_ends) > 1 else None
 
 
 # ----------------------------------------------------------------------------- Flower
@@ -202,6 +219,8 @@ def run_flower(case: int, python: Path, rounds: int, data_dir: Path, timeout_s: 
     model = ["--case", "cnn", "--data-dir", str(data_dir)] if case == 1 else \
         ["--case", "nudge", "--model-mb", str(CASES[case]["model_mb"])]
     processes: list[Process] = []
+    sampler = bench.TreeCpuSampler(lambda: {p.proc.pid: ("server", "server") if p.name == "flower-server"
+                                            else ("clients", "clients") for p in processes}).start()
     try:
         t0 = time.perf_counter()
         server = Process([*script, "server", "--port", str(port), "--clients", str(n), "--rounds", str(rounds),
@@ -213,11 +232,13 @@ def run_flower(case: int, python: Path, rounds: int, data_dir: Path, timeout_s: 
                                       *model], env=env, name=f"flower-client{rank}"))
         result = json.loads(server.wait_for(r"^FLOWER RESULT (.*)$", timeout=timeout_s).group(1))
         wall_s = time.perf_counter() - t0
+        sampler.sample()
     except BaseException:
         for p in processes:
             print(f"----- {p.name} -----\n{p.output()[-3000:]}", file=sys.stderr)
         raise
     finally:
+        sampler.stop()
         for p in reversed(processes):
             p.stop()
     rows = result["rounds"]
@@ -229,7 +250,7 @@ def run_flower(case: int, python: Path, rounds: int, data_dir: Path, timeout_s: 
     return summarize([r["end"] - r["start"] for r in rows], wall_s,
                      [r.get("accuracy") for r in rows] if case == 1 else [], reports,
                      {"peak_rss_bytes": result["peak_rss_bytes"], "baseline_rss_bytes": result["baseline_rss_bytes"]},
-                     model_bytes)
+                     model_bytes, settled_cpu(sampler, [r["end"] for r in rows]))
 
 
 def _model_bytes(case: int) -> int:
@@ -427,7 +448,8 @@ def report(results: dict) -> str:
                        + f"; end to end {s['wall_s']:.1f} s; server peak {s['peak_rss_bytes'] / MiB:.0f} MiB "
                        f"(baseline {s['baseline_rss_bytes'] / MiB:.0f}); recompilations {s['recompiles']}"
                        + (" (zero)" if s["recompiles"] == 0 else " (NOT zero)")
-                       + ("; accuracy " + " ".join(_cell(a, ".4f") for a in s["accuracy"]) if s["accuracy"] else ""))
+                       + ("; accuracy " + " ".join(_cell(a, ".4f") for a in s["accuracy"]) if s["accuracy"] else "")
+                       + _cpu_text(s.get("settled_cpu_s_per_round")))
         if "floor" in c:
             floor = c["floor"]
             out.append(f"case {key} floor  : {floor['floor_s']:.3f} s per round (2 plain processes: validate, train "
@@ -435,6 +457,12 @@ def report(results: dict) -> str:
                        f"runs, {_cell(floor.get('after_s'), '.3f')} after): an epoch "
                        f"{_cell(floor.get('epoch_s'), '.3f')} s, a validation pass {floor['validation_s']:.3f} s")
     return "\n".join(out)
+
+
+def _cpu_text(cpu: dict[str, float] | None) -> str:
+    if not cpu:
+        return ""
+    return "; CPU s per settled round: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
 
 
 def plot(results: dict, path: Path) -> bool:
