@@ -5,7 +5,7 @@ would answer them UNKNOWN with a traceback in the log; :class:`ParseGate` makes 
 deserializer return an :class:`Unparseable` instead of raising, and the handler refuse it. Streams
 get the marker as a message, which :mod:`fedjax_core.director.concurrency` refuses likewise. A stream's
 messages arrive as :class:`Received`, with the size they had on the wire: asking a parsed message its size
-(``ByteSize``) serializes it again, a quarter of the director's busy time when 32 envoys upload 4 MiB each.
+(``ByteSize``) serializes it again (178 us for a 1 MiB chunk, over twice what parsing it takes).
 
 A streamed response that is ``bytes`` already (tensor chunks, serde.chunk_messages) goes out as it is;
 any other is serialized by the method's own serializer.
