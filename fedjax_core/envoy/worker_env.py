@@ -1,8 +1,8 @@
 """The worker's environment: an allow-list of the daemon's, then the device and memory settings.
 
 Built before JAX starts in the worker (XLA reads these once): which devices it sees, whether it
-preallocates and what share of the GPU it may take, and nothing that opens a compilation cache
-other experiments share.
+preallocates and what share of the GPU it may take, whether malloc keeps freed memory for reuse,
+and nothing that opens a compilation cache other experiments share.
 """
 from __future__ import annotations
 
@@ -21,13 +21,17 @@ _HOST_DEVICE_COUNT = "--xla_force_host_platform_device_count"
 _CACHE_PREFIXES = ("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_", "JAX_ENABLE_COMPILATION_CACHE")
 _SHARED_CACHE_FLAGS = ("--xla_gpu_kernel_cache_file", "--xla_gpu_per_fusion_autotune_cache_dir",
                        "--xla_gpu_load_autotune_results_from")
+# glibc malloc: no fresh mapping for a large block and no trimming of the heap, so what a round frees serves
+# the next round's buffers without new pages (each fresh page costs a fault and the kernel's zeroing).
+MALLOC_REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 62)}
 
 
 def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Path,
                        home: str | None = None) -> dict[str, str]:
     """The worker's environment: the allow-listed variables of ``base`` (WORKER_ENV_NAMES, and names
     starting with WORKER_ENV_PREFIXES: locale, JAX/XLA/CUDA/TF settings, FEDJAX_* test hooks), then
-    the device choice and JAX/TF memory settings, before JAX starts. ``home``: the worker account's.
+    the device choice, JAX/TF memory settings and malloc's reuse of freed memory (params.worker_reuses_memory),
+    before JAX starts. ``home``: the worker account's.
     Nothing opens a compilation cache that experiments share: params.jax_compilation_cache gives each
     worker its submitter's folder in the spec instead."""
     env = {k: v for k, v in base.items()
@@ -53,6 +57,8 @@ def worker_environment(params: EnvoyParams, base: dict[str, str], extra_path: Pa
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{params.jax_memory_fraction:.3f}"
     else:
         env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+    if params.worker_reuses_memory:
+        env.update(MALLOC_REUSE_ENV)
     env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"  # tensorflow-datasets must not grab the GPU beside JAX
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(extra_path), env.get("PYTHONPATH", "")) if p)
     return env

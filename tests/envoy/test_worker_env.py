@@ -1,5 +1,10 @@
 """The worker's environment: device choice and JAX/TF memory settings from the envoy config."""
 import os
+import platform
+import subprocess
+import sys
+
+import pytest
 
 from fedjax_core.config import EnvoyParams
 from fedjax_core.envoy.worker_env import worker_environment
@@ -49,3 +54,35 @@ def test_no_compilation_cache_reaches_the_worker_from_the_daemons_environment(tm
         assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"  # the operator's other flags stay
     assert "XLA_FLAGS" not in worker_environment(EnvoyParams(), {"XLA_FLAGS": "--xla_gpu_kernel_cache_file=/k"},
                                                  tmp_path)
+
+
+def test_the_worker_reuses_freed_memory_unless_told_not_to(tmp_path):
+    assert env_for(tmp_path)["MALLOC_MMAP_MAX_"] == "0" and "MALLOC_TRIM_THRESHOLD_" in env_for(tmp_path)
+    off = env_for(tmp_path, worker_reuses_memory=False)
+    assert not [k for k in off if k.startswith("MALLOC_")]
+    assert not [k for k in worker_environment(EnvoyParams(worker_reuses_memory=False), {"MALLOC_MMAP_MAX_": "0"},
+                                              tmp_path) if k.startswith("MALLOC_")]  # nor the daemon's own
+
+
+# A fresh 64 MiB buffer, filled, freed, then another: the second one's page faults show whether the freed memory
+# was reused (a few) or mapped afresh (as many as the first's).
+_FAULTS = """
+import resource, numpy as np
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.empty(64 << 20, np.uint8); a.fill(1); del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(faults(), faults())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc malloc's")
+def test_with_those_settings_a_process_reuses_what_it_freed(tmp_path):
+    def second_over_first(env):
+        out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
+        first, second = map(int, out.stdout.split())
+        return second / first
+
+    base = {"PATH": os.environ.get("PATH", "/usr/bin")}
+    assert second_over_first(base) > 0.5  # glibc's defaults: mapped afresh, faulted in again
+    assert second_over_first(worker_environment(EnvoyParams(), base, tmp_path)) < 0.1
