@@ -70,14 +70,21 @@ class ModelFileWriter:
     Chunks are checked against ``expected`` specs when given: unknown names, wrong dtype or
     shape, out-of-order offsets, overlong data and missing tensors all raise TensorError.
     ``finite_only``: float values must be finite, checked as they arrive (no second pass over
-    the file); one NaN or infinity raises TensorError naming the tensor.
+    the file); one NaN or infinity raises TensorError naming the tensor. ``reuse``: a file nothing else
+    reads or links to (see ExperimentFiles.take_spare), written over instead of a new one: its pages in
+    the page cache are reused, where a new file's are allocated afresh.
     """
 
-    def __init__(self, path: Path, expected: Mapping[str, TensorSpec] | None = None, finite_only: bool = False):
+    def __init__(self, path: Path, expected: Mapping[str, TensorSpec] | None = None, finite_only: bool = False,
+                 reuse: Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + ".partial")
-        self._file = open(self._tmp, "wb")
+        if reuse is None:
+            self._file = open(self._tmp, "wb")
+        else:  # written over from the start and cut to length at commit: its cached pages serve again
+            os.replace(reuse, self._tmp)
+            self._file = open(self._tmp, "r+b")
         self._file.write(_MAGIC)
         self._position = self._written_back = len(_MAGIC)
         self._expected = dict(expected) if expected is not None else None
@@ -217,6 +224,7 @@ class ModelFileWriter:
         ).encode()
         self._file.write(footer)
         self._file.write(_FOOTER_LEN.pack(len(footer)))
+        self._file.truncate()  # a reused file may have been longer
         self._file.flush()
         if sync:
             os.fsync(self._file.fileno())

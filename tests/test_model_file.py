@@ -1,4 +1,5 @@
-"""fsync_files: several files' data made durable with one filesystem sync, each file's own error where that fails."""
+"""fsync_files: several files' data made durable with one filesystem sync, each file's own error where that fails;
+a writer that reuses a file."""
 from __future__ import annotations
 
 import errno
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedjax_core import model_file
-from fedjax_core.model_file import ModelFile, fsync_files
+from fedjax_core.model_file import ModelFile, ModelFileWriter, fsync_files, write_model_file
 
 
 def _written(folder, names):
@@ -75,3 +76,22 @@ def test_the_real_syncfs_reports_a_bad_descriptor():
     with pytest.raises(OSError) as caught:
         model_file._sync_filesystem(-1)
     assert caught.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize("old_elements", [1 << 20, 10])  # a longer file and a shorter one
+def test_a_writer_reusing_a_file_writes_over_it_and_cuts_it_to_length(tmp_path, old_elements):
+    old = tmp_path / "old.fjm"
+    write_model_file(old, {"params/old": np.full(old_elements, 7.0, np.float32)})
+    inode = old.stat().st_ino
+    new = {"params/w": np.arange(1000, dtype=np.float32), "params/b": np.ones(3, np.float64)}
+    with ModelFileWriter(tmp_path / "new.fjm", reuse=old) as writer:
+        for name, array in new.items():
+            writer.add_array(name, array)
+        writer.commit()
+    assert not old.exists() and (tmp_path / "new.fjm").stat().st_ino == inode  # the same file, its pages reused
+    fresh = tmp_path / "fresh.fjm"
+    write_model_file(fresh, new)
+    assert (tmp_path / "new.fjm").read_bytes() == fresh.read_bytes()  # byte for byte what a new file holds
+    model = ModelFile(tmp_path / "new.fjm")
+    assert model.names() == ["params/w", "params/b"]
+    np.testing.assert_array_equal(model.read("params/w"), new["params/w"])

@@ -365,7 +365,7 @@ class Director:
         if outcome.next_run is None or run.ended:  # finished, failed, or cancelled while it closed
             self.cleanup(run)
         else:  # nobody can ask for round r's files now: the current run is round r + 1
-            self.files.drop_round(run.name, run.round)
+            self.files.retire_round(run.name, run.round)
             self.engine.models.drop(run.name, run.round)
 
     def cleanup(self, run: Run) -> None:
@@ -379,6 +379,7 @@ class Director:
         try:
             self.store.drop_updates(run.name, run.round)
             self.files.drop_round(run.name, run.round)
+            self.files.drop_spares(run.name)
         finally:
             run.keep_lock.release()
         self.loggers.close(run.name)

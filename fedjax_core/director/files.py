@@ -4,7 +4,8 @@ Layout under ``state_dir``:
 ``experiments/<name>/bundle.bin`` (the opaque code bundle), ``model_round_NNNN.fjm`` (the
 global model a round starts from), ``server_state_round_NNNN.fjm`` (the strategy's state
 beside it), ``model_best.fjm``, ``round_NNNN/<envoy>.fjm`` (spooled updates of the round in
-progress); ``incoming/`` holds partial uploads and submissions.
+progress), ``spare/`` (the last round's large update files, for the next round's spools to write over);
+``incoming/`` holds partial uploads and submissions.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,12 +23,14 @@ from fedjax_core.errors import InvalidRequestError
 from fedjax_core.model_file import fsync_dir
 
 MAX_BUNDLE_BYTES = 2 << 30
+SPARE_MIN_BYTES = 1 << 20  # a smaller update file is deleted, not kept as a spare: too few pages to matter
 _ROUND_FILE = re.compile(r"(?:(?:model|server_state)_)?round_(\d{4,})(?:\.fjm)?")
 
 
 class ExperimentFiles:
     def __init__(self, state_dir: Path, sweep_incoming: bool = True):
         self.state_dir = Path(state_dir)
+        self._spares_lock = threading.Lock()
         if sweep_incoming:  # partial uploads of a director that stopped (never while one runs)
             shutil.rmtree(self.incoming, ignore_errors=True)
 
@@ -141,10 +145,59 @@ class ExperimentFiles:
         """The spooled updates of a round that closed or was abandoned."""
         shutil.rmtree(self.round_dir(name, round_), ignore_errors=True)
 
+    def spare_dir(self, name: str) -> Path:
+        return self.exp_dir(name) / "spare"
+
+    def retire_round(self, name: str, round_: int) -> None:
+        """Drop a closed round's spooled updates, keeping those of SPARE_MIN_BYTES or more as spares that the next
+        round's streamed updates write over (:meth:`take_spare`). A new file takes fresh pages in the page cache
+        (each allocated, and where a VM hands freed memory back to its host, faulted in from the host again), and
+        deleting one gives them up: a 256 MiB update is 65,536 pages a round. Spares the last round left unused
+        are deleted, so they never hold more than one round's updates."""
+        spare = self.spare_dir(name)
+        with self._spares_lock:
+            shutil.rmtree(spare, ignore_errors=True)
+            try:
+                kept = [e for e in os.scandir(self.round_dir(name, round_)) if _spare_worthy(e)]
+            except FileNotFoundError:
+                kept = []
+            if kept:
+                spare.mkdir(exist_ok=True)
+            for i, entry in enumerate(kept):
+                os.replace(entry.path, spare / f"{i}.fjm")
+        self.drop_round(name, round_)
+
+    def take_spare(self, name: str) -> Path | None:
+        """A spare of experiment ``name``, moved to a name of its own in incoming/ (only the caller has it), or None."""
+        with self._spares_lock:
+            try:
+                entry = next(os.scandir(self.spare_dir(name)), None)
+            except FileNotFoundError:
+                return None
+            if entry is None:
+                return None
+            taken = self.spool_path("spare")
+            os.replace(entry.path, taken)
+            return taken
+
+    def drop_spares(self, name: str) -> None:
+        """An ended experiment's spares."""
+        with self._spares_lock:
+            shutil.rmtree(self.spare_dir(name), ignore_errors=True)
+
     def drop_superseded(self, name: str, round_: int) -> None:
         """The model and server state a closed round started from (model_best.fjm holds a copy if needed)."""
         self.model(name, round_).unlink(missing_ok=True)
         self.server_state(name, round_).unlink(missing_ok=True)
+
+
+def _spare_worthy(entry: os.DirEntry) -> bool:
+    """An update file to keep as a spare: large enough, and its one name (a file with another name, as
+    model_best has, must never be written over)."""
+    if entry.name.startswith(".") or not entry.name.endswith(".fjm") or not entry.is_file(follow_symlinks=False):
+        return False
+    st = entry.stat(follow_symlinks=False)
+    return st.st_size >= SPARE_MIN_BYTES and st.st_nlink == 1
 
 
 def write_bundle(path: Path, pieces: Iterable[bytes]) -> int:

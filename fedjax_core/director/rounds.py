@@ -300,8 +300,9 @@ class RoundEngine:
         """Close ``run``'s round; None if the experiment ended meanwhile (cancelled, failed).
 
         The caller holds ``run.keep_lock`` and the round is CLOSING; once the next run is
-        installed it drops the round's files (:meth:`ExperimentFiles.drop_round`, ``drop_superseded``),
-        which workers and notebooks may still be opening until then.
+        installed it drops the round's files (:meth:`ExperimentFiles.retire_round`, which keeps large updates as
+        spares for the next round's spools; ``drop_superseded``), which workers and notebooks may still be
+        opening until then.
         """
         name = run.name
         round_events = self.store.events(name, round_=run.round)

@@ -62,19 +62,26 @@ def receive_update(files: ExperimentFiles, run: Run, envoy: str, round_: int,
     removes the spool unless it keeps it."""
     expected = {t.name: t for t in run.spec.model_spec if t.name in run.upload}
     spool = files.spool_path(envoy)
+    spare = files.take_spare(run.name) if sync else None  # a streamed update, large enough to reuse a file's pages
     try:
-        with ModelFileWriter(spool, expected=expected, finite_only=True) as writer:  # one NaN would poison it
+        with ModelFileWriter(spool, expected=expected, finite_only=True, reuse=spare) as writer:  # one NaN poisons it
             for chunk in chunks:
                 check_not_personal(run.personal, envoy, chunk.name)
                 writer.add_chunk(chunk)
             specs = writer.commit(sync_folder=False, sync=sync)  # kept by a rename into the round's folder
         return _decoded(files, run, envoy, spool, specs), writer.bytes_written
     except TensorError as exc:
-        spool.unlink(missing_ok=True)
+        _discard(spool, spare)
         raise InvalidRequestError(f"update from {envoy!r} for round {round_}: {exc}") from None
     except BaseException:
-        spool.unlink(missing_ok=True)
+        _discard(spool, spare)
         raise
+
+
+def _discard(spool: Path, spare: Path | None) -> None:
+    spool.unlink(missing_ok=True)
+    if spare is not None:  # still there if its writer never took it
+        spare.unlink(missing_ok=True)
 
 
 def _decoded(files: ExperimentFiles, run: Run, envoy: str, spool: Path, specs: list[r.TensorSpec]) -> Path:

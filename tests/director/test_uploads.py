@@ -3,6 +3,7 @@ one data sync, one folder sync and one database commit a batch, the same checks 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -141,3 +142,31 @@ def test_an_updates_data_is_synced_before_the_rounds_keep_lock_is_taken(tmp_path
     assert held_while_syncing.count(True) == 2  # the round folder's sync, once per keep
     d.close()
 
+
+
+def test_large_updates_write_over_the_last_rounds_files_and_average_as_before(tmp_path):
+    big = {"params/w": np.linspace(-1, 1, 1 << 19, dtype=np.float32), "params/b": np.zeros(3, np.float32),
+           "step": np.array(0, np.int32)}  # 2 MiB: its update files are kept as spares
+    d = make_director(tmp_path)
+    submit(d, header(rounds=3, model_spec=tuple(model_file.spec_of(n, a) for n, a in big.items())), iter_chunks(big))
+    rng = np.random.default_rng(0)
+    spares = set()
+    for round_ in range(3):
+        sent = {e: {**big, "params/w": rng.standard_normal(1 << 19).astype(np.float32)} for e in ("a", "b")}
+        d.uploads.accept_update("a", "exp", round_, 10, iter_chunks(sent["a"]))
+        if round_:  # the round's first update took one of the files the round before left
+            assert os.stat(d.files.update("exp", round_, "a")).st_ino in spares
+        spare_dir = d.files.spare_dir("exp")
+        d.uploads.accept_update("b", "exp", round_, 30, iter_chunks(sent["b"]))  # closes the round
+        a, b = (sent[e]["params/w"].astype(np.float64) for e in ("a", "b"))
+        expected = (10 * a + 30 * b) / 40
+        got = ModelFile(d.files.model("exp", round_ + 1))["params/w"]
+        np.testing.assert_array_equal(got, expected.astype(np.float32))
+        if round_ < 2:
+            spares = {os.stat(p).st_ino for p in spare_dir.iterdir()}
+            assert len(spares) == 2
+    for envoy in ("a", "b"):  # the final model's validation ends the experiment
+        d.workers.report_metrics(envoy, "exp", 3, r.Stage.AGGREGATED, (r.Metric("v", "acc", 0.5),), 5)
+    assert d.catalog.experiment_status("exp").state == r.State.FINISHED
+    assert not d.files.spare_dir("exp").exists()  # the ended experiment's spares went with it
+    d.close()
