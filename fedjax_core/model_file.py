@@ -80,11 +80,15 @@ class ModelFileWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + ".partial")
-        if reuse is None:
+        self._file = None
+        if reuse is not None:  # written over from the start and cut to length at commit: its cached pages serve again
+            try:
+                os.replace(reuse, self._tmp)
+                self._file = open(self._tmp, "r+b")
+            except OSError:  # gone or unusable: a new file, as without it
+                pass
+        if self._file is None:
             self._file = open(self._tmp, "wb")
-        else:  # written over from the start and cut to length at commit: its cached pages serve again
-            os.replace(reuse, self._tmp)
-            self._file = open(self._tmp, "r+b")
         self._file.write(_MAGIC)
         self._position = self._written_back = len(_MAGIC)
         self._expected = dict(expected) if expected is not None else None

@@ -95,3 +95,10 @@ def test_a_writer_reusing_a_file_writes_over_it_and_cuts_it_to_length(tmp_path, 
     model = ModelFile(tmp_path / "new.fjm")
     assert model.names() == ["params/w", "params/b"]
     np.testing.assert_array_equal(model.read("params/w"), new["params/w"])
+
+
+def test_a_writer_whose_file_to_reuse_is_gone_writes_a_new_one(tmp_path):
+    with ModelFileWriter(tmp_path / "new.fjm", reuse=tmp_path / "gone.fjm") as writer:
+        writer.add_array("params/w", np.ones(4, np.float32))
+        writer.commit()
+    np.testing.assert_array_equal(ModelFile(tmp_path / "new.fjm").read("params/w"), np.ones(4, np.float32))

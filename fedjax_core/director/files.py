@@ -157,14 +157,14 @@ class ExperimentFiles:
         spare = self.spare_dir(name)
         with self._spares_lock:
             shutil.rmtree(spare, ignore_errors=True)
-            try:
+            try:  # spares only save work: whatever fails here leaves the files to be deleted, as without them
                 kept = [e for e in os.scandir(self.round_dir(name, round_)) if _spare_worthy(e)]
-            except FileNotFoundError:
-                kept = []
-            if kept:
-                spare.mkdir(exist_ok=True)
-            for i, entry in enumerate(kept):
-                os.replace(entry.path, spare / f"{i}.fjm")
+                if kept:
+                    spare.mkdir(exist_ok=True)
+                for i, entry in enumerate(kept):
+                    os.replace(entry.path, spare / f"{i}.fjm")
+            except OSError:
+                pass
         self.drop_round(name, round_)
 
     def take_spare(self, name: str) -> Path | None:
@@ -177,7 +177,10 @@ class ExperimentFiles:
             if entry is None:
                 return None
             taken = self.spool_path("spare")
-            os.replace(entry.path, taken)
+            try:
+                os.replace(entry.path, taken)
+            except OSError:  # a new file instead
+                return None
             return taken
 
     def drop_spares(self, name: str) -> None:

@@ -83,3 +83,13 @@ def test_concurrent_spools_never_take_the_same_spare(files):
         taken = list(pool.map(lambda _: files.take_spare("exp"), range(40)))
     got = [p for p in taken if p is not None]
     assert len(got) == 32 and len({p.stat().st_ino for p in got}) == 32
+
+
+def test_spares_that_cannot_be_kept_are_deleted_and_the_round_closes_as_before(files, monkeypatch):
+    _update(files, 6, "a", 1 << 20)
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    files.retire_round("exp", 6)  # no error: the files are deleted instead
+    assert not files.round_dir("exp", 6).exists()
+    monkeypatch.setattr(os, "replace", real)
+    assert files.take_spare("exp") is None
