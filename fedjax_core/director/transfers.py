@@ -62,7 +62,8 @@ def receive_update(files: ExperimentFiles, run: Run, envoy: str, round_: int,
     removes the spool unless it keeps it."""
     expected = {t.name: t for t in run.spec.model_spec if t.name in run.upload}
     spool = files.spool_path(envoy)
-    spare = files.take_spare(run.name) if sync else None  # a streamed update, large enough to reuse a file's pages
+    # a spare for a streamed update (sync): never on the event loop's path, whose small updates gain nothing from one
+    spare = files.take_spare(run.name) if sync else None
     try:
         with ModelFileWriter(spool, expected=expected, finite_only=True, reuse=spare) as writer:  # one NaN poisons it
             for chunk in chunks:
